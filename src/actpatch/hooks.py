@@ -1,0 +1,178 @@
+"""Read and write activations at typed :class:`~actpatch.Site` s.
+
+:func:`capture` records activations; :func:`intervene` replaces them. Both are context managers
+over torch hooks (and the ``actpatch`` attention function for q / k / v / pattern) and always
+remove what they added, also when the forward pass raises.
+
+Writes run before reads at the same point, so a capture sees what the model actually used.
+
+Example:
+    >>> import torch, actpatch as ap
+    >>> from actpatch.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> with ap.capture(model, [ap.Site("resid_pre", 1)]) as acts:
+    ...     _ = model.logits(ids)
+    >>> acts[ap.Site("resid_pre", 1)].shape
+    torch.Size([1, 4, 64])
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Union
+
+import torch
+from torch import nn
+
+from .models.attention import HookFn, attention_hooks
+from .sites import ATTENTION_FN_KINDS, Site, SiteKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["capture", "intervene", "Value"]
+
+Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
+"""A replacement: a tensor (broadcast to the site's slice), a number, or a function of the
+current slice returning its replacement."""
+
+WRITE, READ = 0, 1
+
+
+def _first(x: object) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x  # type: ignore[return-value]
+
+
+def _module_hook(module: nn.Module, where: str, fn: HookFn, priority: int, reshape_heads: int | None) -> object:
+    """Attach ``fn`` to a module's first input or (first) output. ``reshape_heads`` views a
+    (B, T, H*D) tensor as (B, T, H, D) for z."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor | None:
+        if reshape_heads is None:
+            return fn(x)
+        out = fn(x.view(*x.shape[:-1], reshape_heads, -1))
+        return None if out is None else out.reshape(x.shape)
+
+    prepend = priority == WRITE
+    if where == "input":
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if args:
+                new = apply(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = apply(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+    def post(mod: nn.Module, args: tuple, output: object) -> object:
+        new = apply(_first(output))
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(post, prepend=prepend)
+
+
+@contextmanager
+def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[None]:
+    """Attach ``(full site, fn, priority)`` entries for the duration of the context."""
+    adapter = model.adapter
+    handles: list = []
+    attn_entries = []
+    with ExitStack() as stack:
+        try:
+            for site, fn, prio in entries:
+                if site.kind in ATTENTION_FN_KINDS:
+                    module = adapter.block_module(site.layer, adapter.spec.attn)  # type: ignore[arg-type]
+                    attn_entries.append((module, site.kind, prio, fn))
+                elif site.kind == SiteKind.RESID_MID and prio == WRITE:
+                    handles.extend(_resid_mid_write(model, site, fn))
+                else:
+                    module, where = adapter.hook_point(site)
+                    heads = model.n_heads if site.kind == SiteKind.Z else None
+                    handles.append(_module_hook(module, where, fn, prio, heads))
+            stack.enter_context(attention_hooks(model.hf, attn_entries))
+            yield
+        finally:
+            for h in handles:
+                h.remove()  # type: ignore[attr-defined]
+
+
+def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list:
+    """resid_mid is read at the MLP's input norm, but the block also adds it to the MLP output
+    through a separate variable: write the norm's input and add the same change to the block's
+    output."""
+    delta: list[torch.Tensor] = []
+
+    def at_norm(x: torch.Tensor) -> torch.Tensor | None:
+        new = fn(x)
+        delta.clear()
+        if new is not None:
+            delta.append(new - x)
+        return new
+
+    def at_block(x: torch.Tensor) -> torch.Tensor | None:
+        return x + delta.pop() if delta else None
+
+    norm, where = model.adapter.hook_point(site)
+    block = model.adapter.blocks[site.layer]  # type: ignore[index]
+    return [_module_hook(norm, where, at_norm, WRITE, None), _module_hook(block, "output", at_block, WRITE, None)]
+
+
+@contextmanager
+def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
+    """Record the activations at ``sites`` during forward passes run inside the context.
+
+    Returns a dict filled as the model runs: ``acts[site]`` is the site's slice (e.g.
+    ``Site("z", 3, head=1)`` gives ``(batch, pos, d_head)``). A later forward overwrites it.
+    Set ``detach=False`` to keep the autograd graph.
+    """
+    for s in sites:
+        s.check(model)
+    acts: dict[Site, torch.Tensor] = {}
+    by_full: dict[Site, list[Site]] = {}
+    for s in sites:
+        by_full.setdefault(s.full(), []).append(s)
+
+    def reader(wanted: list[Site]) -> HookFn:
+        def fn(x: torch.Tensor) -> None:
+            for s in wanted:
+                y = x[s.selector()]
+                acts[s] = y.detach() if detach else y
+            return None
+
+        return fn
+
+    with _hooks(model, [(full, reader(w), READ) for full, w in by_full.items()]):
+        yield acts
+
+
+def _writer(site: Site, value: Value) -> HookFn:
+    sel = site.selector()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        new = value(x[sel]) if callable(value) else value
+        out = x.clone()
+        out[sel] = new if not isinstance(new, torch.Tensor) else new.to(out.dtype)
+        return out
+
+    return fn
+
+
+@contextmanager
+def intervene(model: "Model", patches: Mapping[Site, Value]) -> Iterator[None]:
+    """Replace activations at sites during forward passes run inside the context.
+
+    ``patches`` maps a site to a tensor broadcast onto its slice, a number, or a function of the
+    current slice. Example: ``intervene(model, {Site("z", 2, head=0): 0.0})`` zero-ablates head
+    2.0 at every position.
+    """
+    # resid_mid last: its block-output correction is prepended, so it must run before any
+    # resid_post write on the same block.
+    for site in patches:
+        site.check(model)
+    items = sorted(patches.items(), key=lambda kv: kv[0].kind == SiteKind.RESID_MID)
+    with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in items]):
+        yield

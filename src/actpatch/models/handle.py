@@ -1,0 +1,114 @@
+"""The :class:`Model` handle: an HF causal LM, its tokenizer and its adapter, in one object."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+
+__all__ = ["Model"]
+
+
+class Model:
+    """A loaded model ready for patching.
+
+    Attributes:
+        hf: the Hugging Face ``*ForCausalLM`` module (eval mode).
+        tokenizer: its tokenizer (``None`` for tiny test models built from ids).
+        adapter: the family adapter, the only object that knows module paths.
+        name: a human-readable id (hub id, path or bundled name).
+
+    Example:
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("gpt2")
+        >>> (m.n_layers, m.n_heads, m.d_head)
+        (2, 4, 16)
+    """
+
+    def __init__(self, hf: nn.Module, tokenizer: Any = None, name: str | None = None) -> None:
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.adapter: Adapter = adapter_for(hf)
+        self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+
+    # -- shapes ----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.adapter.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.adapter.n_kv_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    @property
+    def d_head(self) -> int:
+        return self.adapter.d_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.adapter.d_mlp
+
+    @property
+    def family(self) -> str:
+        return self.adapter.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) over parameter names, shapes and bytes: provenance."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.hf.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # -- running ---------------------------------------------------------------------------
+    def logits(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits for token ids ``(batch, pos)``: ``(batch, pos, vocab)``, or ``(batch, vocab)``
+        for the last position when ``last_only``. No gradients, no cache."""
+        with torch.inference_mode():
+            kwargs: dict[str, Any] = {"use_cache": False}
+            if last_only:
+                kwargs["logits_to_keep"] = 1
+            out = self.hf(input_ids=ids.to(self.device), **kwargs).logits
+        return out[:, -1] if last_only else out
+
+    # -- tokens ----------------------------------------------------------------------------
+    def to_tokens(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer; pass token ids instead of text.")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_str(self, token_id: int) -> str:
+        """Readable text of one token (``"#17"`` when there is no tokenizer)."""
+        if self.tokenizer is None:
+            return f"#{int(token_id)}"
+        return self.tokenizer.decode([int(token_id)])
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, family={self.family}, n_layers={self.n_layers}, n_heads={self.n_heads}, "
+            f"n_kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head})"
+        )

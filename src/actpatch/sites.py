@@ -1,0 +1,215 @@
+"""Typed sites: *where* in the model an activation lives.
+
+A :class:`Site` names one activation tensor (``kind`` at ``layer``) and optionally a slice of
+it (``head``, ``pos``, ``index``). Sites are frozen, hashable and validated on construction;
+range checks against a particular model happen in :meth:`Site.check`.
+
+Layouts of the full (unsliced) activation, batch first::
+
+    embed, resid_pre, resid_mid, resid_post,
+    attn_out, mlp_out, resid_final          (batch, pos, d_model)
+    z, q                                    (batch, pos, n_heads, d_head)
+    k, v                                    (batch, pos, n_kv_heads, d_head)
+    pattern                                 (batch, n_heads, query_pos, key_pos)
+    mlp_post                                (batch, pos, d_mlp)
+
+``head`` selects a head (a KV head for k / v), ``pos`` a position (the query position for
+``pattern``), ``index`` a neuron (``mlp_post``), a model dimension (residual kinds), a head
+dimension (z / q / k / v) or a key position (``pattern``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import SiteError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["SiteKind", "Site"]
+
+
+class SiteKind(str, enum.Enum):
+    """The kinds of activation a :class:`Site` can name."""
+
+    EMBED = "embed"
+    """Token embedding output (before any model-specific scaling or position embedding)."""
+    RESID_PRE = "resid_pre"
+    """Residual stream entering block ``layer``."""
+    RESID_MID = "resid_mid"
+    """Residual stream after attention, before the MLP (absent in parallel-residual models)."""
+    RESID_POST = "resid_post"
+    """Residual stream leaving block ``layer`` (equals ``resid_pre`` of ``layer + 1``)."""
+    ATTN_OUT = "attn_out"
+    """What the attention sub-layer adds to the residual stream."""
+    MLP_OUT = "mlp_out"
+    """What the MLP sub-layer adds to the residual stream."""
+    Z = "z"
+    """Per-head attention output, before the output projection."""
+    Q = "q"
+    """Per-head queries as attention sees them (after any rotary embedding)."""
+    K = "k"
+    """Per-KV-head keys as attention sees them (after any rotary embedding)."""
+    V = "v"
+    """Per-KV-head values."""
+    PATTERN = "pattern"
+    """Attention probabilities, per head, query position x key position."""
+    MLP_POST = "mlp_post"
+    """MLP neurons: the input of the MLP's output projection."""
+    RESID_FINAL = "resid_final"
+    """Residual stream entering the final norm (the logits are the model's output)."""
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the kind needs a ``layer`` (all but embed and resid_final)."""
+        return self not in (SiteKind.EMBED, SiteKind.RESID_FINAL)
+
+    @property
+    def has_heads(self) -> bool:
+        """Whether ``head`` may be given."""
+        return self in HEAD_KINDS
+
+    @property
+    def layout(self) -> tuple[str, ...]:
+        """Axis names of the full activation tensor."""
+        return _LAYOUTS[self]
+
+
+HEAD_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
+KV_KINDS = frozenset({SiteKind.K, SiteKind.V})
+ATTENTION_FN_KINDS = frozenset({SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
+
+_RESID = ("batch", "pos", "d_model")
+_LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
+    SiteKind.EMBED: _RESID,
+    SiteKind.RESID_PRE: _RESID,
+    SiteKind.RESID_MID: _RESID,
+    SiteKind.RESID_POST: _RESID,
+    SiteKind.ATTN_OUT: _RESID,
+    SiteKind.MLP_OUT: _RESID,
+    SiteKind.RESID_FINAL: _RESID,
+    SiteKind.Z: ("batch", "pos", "head", "d_head"),
+    SiteKind.Q: ("batch", "pos", "head", "d_head"),
+    SiteKind.K: ("batch", "pos", "kv_head", "d_head"),
+    SiteKind.V: ("batch", "pos", "kv_head", "d_head"),
+    SiteKind.PATTERN: ("batch", "head", "query_pos", "key_pos"),
+    SiteKind.MLP_POST: ("batch", "pos", "d_mlp"),
+}
+
+_KINDS_LIST = ", ".join(k.value for k in SiteKind)
+
+
+def _check_index(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SiteError(f"Site {name}={value!r} must be an int or None.")
+    if value < 0:
+        raise SiteError(
+            f"Site {name}={value} is negative; use a non-negative index "
+            f"(positions count from the start of the prompt)."
+        )
+
+
+@dataclass(frozen=True)
+class Site:
+    """One activation (or a slice of it) in a model.
+
+    Example:
+        >>> from actpatch import Site
+        >>> Site("z", 3, head=2)
+        Site(kind=<SiteKind.Z: 'z'>, layer=3, head=2, pos=None, index=None)
+        >>> Site("resid_pre", 0, pos=4).full()
+        Site(kind=<SiteKind.RESID_PRE: 'resid_pre'>, layer=0, head=None, pos=None, index=None)
+    """
+
+    kind: SiteKind
+    layer: int | None = None
+    head: int | None = None
+    pos: int | None = None
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            kind = SiteKind(self.kind)
+        except ValueError:
+            raise SiteError(
+                f"Unknown site kind {self.kind!r}. Use one of: {_KINDS_LIST}."
+            ) from None
+        object.__setattr__(self, "kind", kind)
+        if kind.per_layer and self.layer is None:
+            raise SiteError(f"Site kind {kind.value!r} needs a layer, e.g. Site({kind.value!r}, 0).")
+        if not kind.per_layer and self.layer is not None:
+            raise SiteError(f"Site kind {kind.value!r} has no layer; drop layer={self.layer!r}.")
+        if self.head is not None and not kind.has_heads:
+            raise SiteError(
+                f"Site kind {kind.value!r} has no heads; head={self.head!r} is only valid for "
+                f"{', '.join(sorted(k.value for k in HEAD_KINDS))}."
+            )
+        for name in ("layer", "head", "pos", "index"):
+            _check_index(name, getattr(self, name))
+
+    def full(self) -> "Site":
+        """The whole activation this site slices (same kind and layer, no head/pos/index)."""
+        return Site(self.kind, self.layer)
+
+    @property
+    def is_full(self) -> bool:
+        """True when the site names a whole activation tensor."""
+        return self.head is None and self.pos is None and self.index is None
+
+    def selector(self) -> tuple[Any, ...]:
+        """Index tuple that picks this site's slice out of the full activation tensor."""
+        sel: list[Any] = [slice(None)] * len(self.kind.layout)
+        layout = self.kind.layout
+        if self.head is not None:
+            sel[layout.index("kv_head" if self.kind in KV_KINDS else "head")] = self.head
+        if self.pos is not None:
+            sel[layout.index("query_pos" if self.kind == SiteKind.PATTERN else "pos")] = self.pos
+        if self.index is not None:
+            sel[len(layout) - 1] = self.index
+        return tuple(sel)
+
+    def check(self, model: "Model", seq_len: int | None = None) -> None:
+        """Raise :class:`SiteError` if the site is out of range for ``model`` (and ``seq_len``)."""
+        model.adapter.check_site(self)
+        if self.layer is not None and not 0 <= self.layer < model.n_layers:
+            raise SiteError(
+                f"{self}: layer {self.layer} is out of range; this model has layers "
+                f"0..{model.n_layers - 1}."
+            )
+        if self.head is not None:
+            n = model.n_kv_heads if self.kind in KV_KINDS else model.n_heads
+            what = "KV heads" if self.kind in KV_KINDS else "heads"
+            if self.head >= n:
+                raise SiteError(f"{self}: head {self.head} is out of range; this model has {n} {what} (0..{n - 1}).")
+        if self.pos is not None and seq_len is not None and self.pos >= seq_len:
+            raise SiteError(
+                f"{self}: position {self.pos} is out of range for prompts of {seq_len} tokens "
+                f"(valid: 0..{seq_len - 1})."
+            )
+        if self.index is not None:
+            last = self.kind.layout[-1]
+            size = {
+                "d_model": model.d_model,
+                "d_head": model.d_head,
+                "d_mlp": model.d_mlp,
+                "key_pos": seq_len,
+            }[last]
+            if size is not None and self.index >= size:
+                raise SiteError(f"{self}: index {self.index} is out of range for {last} of size {size}.")
+
+    def __str__(self) -> str:
+        parts = [self.kind.value]
+        if self.layer is not None:
+            parts.append(f"L{self.layer}")
+        if self.head is not None:
+            parts.append(f"H{self.head}")
+        if self.pos is not None:
+            parts.append(f"pos{self.pos}")
+        if self.index is not None:
+            parts.append(f"[{self.index}]")
+        return ".".join(parts)

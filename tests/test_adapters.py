@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.models.adapters import supported_families
+from actpatch.testing import TINY_FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize(
+    "family, shape",
+    [
+        ("gpt2", (3, 4, 4, 64, 16, 256)),
+        ("llama", (3, 4, 4, 64, 16, 128)),
+        ("llama_gqa", (3, 4, 2, 64, 16, 128)),
+        ("qwen2", (3, 4, 2, 64, 16, 128)),
+        ("gpt_neox", (3, 4, 4, 64, 16, 128)),
+        ("gemma2", (3, 4, 2, 64, 16, 128)),
+    ],
+)
+def test_shapes_per_family(family, shape):
+    m = tiny_model(family, n_layers=3)
+    assert (m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.d_head, m.d_mlp) == shape
+
+
+def test_unknown_architecture_lists_families():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    hf = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32))
+    with pytest.raises(ap.UnsupportedArchitectureError, match="model_type='opt'") as e:
+        ap.Model(hf)
+    for fam in ("gpt2", "llama", "gpt_neox", "gemma2"):
+        assert fam in str(e.value)
+
+
+def test_unhandled_config_attribute_is_refused():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    hf = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2,
+                                                     reorder_and_upcast_attn=True, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ap.UnsupportedArchitectureError, match="reorder_and_upcast_attn=True"):
+        ap.Model(hf)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ap.ModelNotFoundError, match="No model directory at './no/such/model'"):
+        ap.load_model("./no/such/model")
+
+
+def test_supported_families_text():
+    text = supported_families()
+    assert "SmolLM2" in text and "Pythia" in text and "Gemma 2" in text
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_logits_last_only_matches_full(family):
+    m = tiny_model(family)
+    ids = torch.tensor([[2, 5, 9, 11, 3]])
+    torch.testing.assert_close(m.logits(ids, last_only=True), m.logits(ids)[:, -1], atol=1e-6, rtol=0)
