@@ -181,3 +181,26 @@ def test_intervention_inside_attention_leaves_user_impl(tiny, ids):
             pass
         assert tiny.hf.config._attn_implementation == "actpatch"
     assert tiny.hf.config._attn_implementation == impl
+
+
+def test_nested_writes_apply_outer_then_inner_and_reads_see_result(tiny, ids):
+    s = Site("resid_pre", 1)
+    with ap.capture(tiny, [s]) as seen:
+        with ap.intervene(tiny, {s: lambda x: x + 1.0}):
+            with ap.intervene(tiny, {s: lambda x: x * 0.0 + 5.0}):
+                tiny.logits(ids)
+    assert torch.all(seen[s] == 5.0)  # inner write last, capture (outer) still after both
+    with ap.intervene(tiny, {s: 5.0}):
+        with ap.intervene(tiny, {s: lambda x: x + 1.0}):
+            with ap.capture(tiny, [s]) as seen2:
+                tiny.logits(ids)
+    assert torch.all(seen2[s] == 6.0)
+
+
+def test_resid_mid_and_resid_post_writes_on_one_block(ids):
+    m = tiny_model("llama", n_layers=3)
+    with ap.intervene(m, {Site("resid_post", 0): 2.0, Site("resid_mid", 0): 1.0}), ap.capture(
+        m, [Site("resid_pre", 1)]
+    ) as a:
+        m.logits(ids)
+    assert torch.all(a[Site("resid_pre", 1)] == 2.0)  # the later site in the block wins

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Union
 
@@ -37,49 +38,83 @@ Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
 """A replacement: a tensor (broadcast to the site's slice), a number, or a function of the
 current slice returning its replacement."""
 
-WRITE, READ = 0, 1
+# Order at one hook point: resid_mid's block-output correction, then writes (outer context
+# first), then reads. One torch hook per (module, side) dispatches to all entries in that order.
+FIX, WRITE, READ = -1, 0, 1
+_seq = itertools.count()
 
 
 def _first(x: object) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x  # type: ignore[return-value]
 
 
-def _module_hook(module: nn.Module, where: str, fn: HookFn, priority: int, reshape_heads: int | None) -> object:
-    """Attach ``fn`` to a module's first input or (first) output. ``reshape_heads`` views a
-    (B, T, H*D) tensor as (B, T, H, D) for z."""
+class _Point:
+    """All entries on one module's first input or (first) output, behind a single torch hook."""
 
-    def apply(x: torch.Tensor) -> torch.Tensor | None:
-        if reshape_heads is None:
-            return fn(x)
-        out = fn(x.view(*x.shape[:-1], reshape_heads, -1))
-        return None if out is None else out.reshape(x.shape)
+    def __init__(self, module: nn.Module, where: str) -> None:
+        self.entries: list[tuple[int, int, HookFn]] = []
+        if where == "input":
+            self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        else:
+            self.handle = module.register_forward_hook(self._post)
 
-    prepend = priority == WRITE
-    if where == "input":
+    def _apply(self, x: torch.Tensor) -> torch.Tensor | None:
+        changed = False
+        for _, _, fn in sorted(self.entries, key=lambda e: (e[0], e[1])):
+            out = fn(x)
+            if out is not None:
+                x, changed = out, True
+        return x if changed else None
 
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if args:
-                new = apply(args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = apply(kwargs["hidden_states"])
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
+    def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            new = self._apply(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = self._apply(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
-
-    def post(mod: nn.Module, args: tuple, output: object) -> object:
-        new = apply(_first(output))
+    def _post(self, mod: nn.Module, args: tuple, output: object) -> object:
+        new = self._apply(_first(output))
         if new is None:
             return None
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return (new, *output[1:]) if isinstance(output, tuple) else new  # type: ignore[index]
 
-    return module.register_forward_hook(post, prepend=prepend)
+
+_POINTS: dict[tuple[int, str], _Point] = {}
+
+
+def _add(module: nn.Module, where: str, fn: HookFn, priority: int) -> Callable[[], None]:
+    key = (id(module), where)
+    point = _POINTS.get(key)
+    if point is None:
+        point = _POINTS[key] = _Point(module, where)
+    entry = (priority, next(_seq), fn)
+    point.entries.append(entry)
+
+    def remove() -> None:
+        point.entries.remove(entry)
+        if not point.entries:
+            point.handle.remove()
+            del _POINTS[key]
+
+    return remove
+
+
+def _heads_view(fn: HookFn, n_heads: int) -> HookFn:
+    """Present a (B, T, H*D) tensor to ``fn`` as (B, T, H, D) (z at the output projection)."""
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor | None:
+        out = fn(x.view(*x.shape[:-1], n_heads, -1))
+        return None if out is None else out.reshape(x.shape)
+
+    return wrapped
 
 
 @contextmanager
 def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[None]:
     """Attach ``(full site, fn, priority)`` entries for the duration of the context."""
     adapter = model.adapter
-    handles: list = []
+    removers: list[Callable[[], None]] = []
     attn_entries = []
     with ExitStack() as stack:
         try:
@@ -88,22 +123,23 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[
                     module = adapter.block_module(site.layer, adapter.spec.attn)  # type: ignore[arg-type]
                     attn_entries.append((module, site.kind, prio, fn))
                 elif site.kind == SiteKind.RESID_MID and prio == WRITE:
-                    handles.extend(_resid_mid_write(model, site, fn))
+                    removers.extend(_resid_mid_write(model, site, fn))
                 else:
                     module, where = adapter.hook_point(site)
-                    heads = model.n_heads if site.kind == SiteKind.Z else None
-                    handles.append(_module_hook(module, where, fn, prio, heads))
+                    if site.kind == SiteKind.Z:
+                        fn = _heads_view(fn, model.n_heads)
+                    removers.append(_add(module, where, fn, prio))
             stack.enter_context(attention_hooks(model.hf, attn_entries))
             yield
         finally:
-            for h in handles:
-                h.remove()  # type: ignore[attr-defined]
+            for remove in reversed(removers):
+                remove()
 
 
-def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list:
+def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list[Callable[[], None]]:
     """resid_mid is read at the MLP's input norm, but the block also adds it to the MLP output
     through a separate variable: write the norm's input and add the same change to the block's
-    output."""
+    output (before any resid_post write on that block)."""
     delta: list[torch.Tensor] = []
 
     def at_norm(x: torch.Tensor) -> torch.Tensor | None:
@@ -118,7 +154,7 @@ def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list:
 
     norm, where = model.adapter.hook_point(site)
     block = model.adapter.blocks[site.layer]  # type: ignore[index]
-    return [_module_hook(norm, where, at_norm, WRITE, None), _module_hook(block, "output", at_block, WRITE, None)]
+    return [_add(norm, where, at_norm, WRITE), _add(block, "output", at_block, FIX)]
 
 
 @contextmanager
@@ -169,10 +205,7 @@ def intervene(model: "Model", patches: Mapping[Site, Value]) -> Iterator[None]:
     current slice. Example: ``intervene(model, {Site("z", 2, head=0): 0.0})`` zero-ablates head
     2.0 at every position.
     """
-    # resid_mid last: its block-output correction is prepended, so it must run before any
-    # resid_post write on the same block.
     for site in patches:
         site.check(model)
-    items = sorted(patches.items(), key=lambda kv: kv[0].kind == SiteKind.RESID_MID)
-    with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in items]):
+    with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in patches.items()]):
         yield

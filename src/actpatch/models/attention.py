@@ -12,6 +12,7 @@ It computes plain eager attention (with Gemma-2 soft-capping when the model pass
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -26,8 +27,10 @@ __all__ = ["ATTN_IMPL", "attention_hooks"]
 ATTN_IMPL = "actpatch"
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
-# id(attention module) -> kind -> [(priority, fn)]; lower priority runs first (writes before reads).
-_ACTIVE: dict[int, dict[SiteKind, list[tuple[int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
+# id(attention module) -> kind -> [(priority, seq, fn)]: run in that order (writes, outer
+# context first, then reads).
+_ACTIVE: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
+_seq = itertools.count()
 _registered = False
 
 
@@ -35,7 +38,7 @@ def _run(module: nn.Module, kind: SiteKind, x: torch.Tensor) -> torch.Tensor:
     per_module = _ACTIVE.get(id(module))
     if not per_module:
         return x
-    for _, fn in sorted(per_module.get(kind, ()), key=lambda t: t[0]):
+    for _, _, fn in sorted(per_module.get(kind, ()), key=lambda t: (t[0], t[1])):
         out = fn(x)
         if out is not None:
             x = out
@@ -102,10 +105,10 @@ def attention_hooks(
         hf_model._actpatch_attn_saved = config._attn_implementation  # type: ignore[attr-defined]
         config._attn_implementation = ATTN_IMPL
     hf_model._actpatch_attn_depth = depth + 1  # type: ignore[attr-defined]
-    added: list[tuple[int, SiteKind, tuple[int, HookFn]]] = []
+    added: list[tuple[int, SiteKind, tuple[int, int, HookFn]]] = []
     try:
         for module, kind, prio, fn in entries:
-            item = (prio, fn)
+            item = (prio, next(_seq), fn)
             _ACTIVE[id(module)][kind].append(item)
             added.append((id(module), kind, item))
         yield
