@@ -2,13 +2,18 @@
 
 Example:
     >>> import actpatch as ap
-    >>> model = ap.load_model()  # doctest: +SKIP
-    >>> prompts = ap.prompts.ioi(model, n=8, seed=0)  # doctest: +SKIP
-    >>> res = ap.sweep(model, prompts, target="resid_pre")  # doctest: +SKIP
+    >>> model = ap.load_model()                      # the bundled SmolLM2-135M-Instruct
+    >>> prompts = ap.prompts.ioi(model, n=4, seed=0, templates=[0])
+    >>> res = ap.sweep(model, prompts, target="resid_pre", layers=[0, 29], progress=False)
+    >>> res.dims, tuple(res.values.shape)
+    (('layer', 'pos'), (2, 14))
+    >>> round(float(res.values[0, 9]), 3)            # S2 at layer 0 carries everything
+    1.0
 """
 
 from .errors import (
     ActpatchError,
+    CorruptionError,
     MetricError,
     ModelNotFoundError,
     PromptError,
@@ -17,7 +22,14 @@ from .errors import (
     UnsupportedArchitectureError,
     UnsupportedSiteError,
 )
+from . import prompts
+from .checks import Finding, Level
+from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
 from .hooks import capture, intervene
+from .metrics import Metric
+from .patching import Direction, patch, sweep
+from .prompts import PromptSet
+from .results import PatchResult
 from .models import DEFAULT_MODEL, Model, load_model, supported_families
 from .sites import Site, SiteKind
 
@@ -25,6 +37,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActpatchError",
+    "CorruptionError",
+    "prompts",
+    "Finding",
+    "Level",
+    "Corruption",
+    "GaussianNoise",
+    "MeanAblation",
+    "Resample",
+    "SymmetricReplacement",
+    "ZeroAblation",
+    "Metric",
+    "Direction",
+    "patch",
+    "sweep",
+    "PromptSet",
+    "PatchResult",
     "MetricError",
     "ModelNotFoundError",
     "PromptError",

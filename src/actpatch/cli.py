@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
@@ -23,11 +25,14 @@ def models() -> None:
 
 
 @app.command()
-def demo(n_prompts: int = typer.Option(8, help="IOI prompts to use.")) -> None:
+def demo(
+    n_prompts: int = typer.Option(8, help="IOI prompts to use."),
+    out: Path = typer.Option(Path("out/demo"), help="Where to save the results."),
+) -> None:
     """IOI on the bundled model: baselines and a residual-stream denoising sweep."""
     from .demo import run_demo
 
-    run_demo(console, n_prompts=n_prompts)
+    run_demo(console, n_prompts=n_prompts, out=out)
 
 
 if __name__ == "__main__":  # pragma: no cover

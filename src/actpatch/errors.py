@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedSiteError",
     "PromptError",
     "MetricError",
+    "CorruptionError",
     "ResultError",
 ]
 
@@ -47,3 +48,7 @@ class MetricError(ActpatchError):
 
 class ResultError(ActpatchError):
     """A saved result is missing, corrupt, or of an incompatible format version."""
+
+
+class CorruptionError(ActpatchError):
+    """A corruption cannot be applied to these prompts or in this direction."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..sites import SiteKind
 
-__all__ = ["ATTN_IMPL", "attention_hooks"]
+__all__ = ["ATTN_IMPL", "attention_hooks", "actpatch_attention"]
 
 ATTN_IMPL = "actpatch"
 
@@ -90,14 +90,10 @@ def _ensure_registered() -> None:
 
 
 @contextmanager
-def attention_hooks(
-    hf_model: nn.Module, entries: list[tuple[nn.Module, SiteKind, int, HookFn]]
-) -> Iterator[None]:
-    """Attach ``(attention module, kind, priority, fn)`` hooks and route attention through
-    :func:`_actpatch_attention` while the context is open."""
-    if not entries:
-        yield
-        return
+def actpatch_attention(hf_model: nn.Module) -> Iterator[None]:
+    """Route the model's attention through the hookable eager function while open (nestable),
+    then restore the user's implementation. Runs that are compared with each other should use
+    the same attention path: sdpa and eager differ in the last float bits."""
     _ensure_registered()
     config = hf_model.config
     depth = getattr(hf_model, "_actpatch_attn_depth", 0)
@@ -105,21 +101,36 @@ def attention_hooks(
         hf_model._actpatch_attn_saved = config._attn_implementation  # type: ignore[attr-defined]
         config._attn_implementation = ATTN_IMPL
     hf_model._actpatch_attn_depth = depth + 1  # type: ignore[attr-defined]
-    added: list[tuple[int, SiteKind, tuple[int, int, HookFn]]] = []
     try:
-        for module, kind, prio, fn in entries:
-            item = (prio, next(_seq), fn)
-            _ACTIVE[id(module)][kind].append(item)
-            added.append((id(module), kind, item))
         yield
     finally:
-        for mid, kind, item in added:
-            lst = _ACTIVE[mid][kind]
-            lst.remove(item)
-            if not lst:
-                del _ACTIVE[mid][kind]
-            if not _ACTIVE[mid]:
-                del _ACTIVE[mid]
         hf_model._actpatch_attn_depth -= 1  # type: ignore[attr-defined]
         if hf_model._actpatch_attn_depth == 0:
             config._attn_implementation = hf_model._actpatch_attn_saved  # type: ignore[attr-defined]
+
+
+@contextmanager
+def attention_hooks(
+    hf_model: nn.Module, entries: list[tuple[nn.Module, SiteKind, int, HookFn]]
+) -> Iterator[None]:
+    """Attach ``(attention module, kind, priority, fn)`` hooks, run in (priority, order of
+    attachment), while the context is open."""
+    if not entries:
+        yield
+        return
+    added: list[tuple[int, SiteKind, tuple[int, int, HookFn]]] = []
+    with actpatch_attention(hf_model):
+        try:
+            for module, kind, prio, fn in entries:
+                item = (prio, next(_seq), fn)
+                _ACTIVE[id(module)][kind].append(item)
+                added.append((id(module), kind, item))
+            yield
+        finally:
+            for mid, kind, item in added:
+                lst = _ACTIVE[mid][kind]
+                lst.remove(item)
+                if not lst:
+                    del _ACTIVE[mid][kind]
+                if not _ACTIVE[mid]:
+                    del _ACTIVE[mid]

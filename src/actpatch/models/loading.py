@@ -116,8 +116,8 @@ def load_model(
 
     Example:
         >>> import actpatch as ap
-        >>> model = ap.load_model()  # doctest: +SKIP
-        >>> model.n_layers, model.n_heads, model.n_kv_heads  # doctest: +SKIP
+        >>> model = ap.load_model()
+        >>> model.n_layers, model.n_heads, model.n_kv_heads
         (30, 9, 3)
     """
     if name_or_path.lower() in BUNDLED:

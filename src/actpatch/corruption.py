@@ -1,0 +1,218 @@
+"""Corruptions: how the corrupted run (or the corrupted activations) are made.
+
+Input-level corruptions produce a corrupted :class:`Run` (token ids, optionally noise added to
+the token embeddings); activation-level ones (mean, zero) replace the activations at the
+patched sites and only make sense for noising.
+
+===========  =========================================================  ==================
+name         corrupted run / activation                                  GLOSSARY
+===========  =========================================================  ==================
+str          the pair's corrupted prompt (symmetric token replacement)    recommended (Z&N)
+resample     another prompt's clean run (seeded derangement per length)   resample ablation
+gaussian     clean ids + N(0, (3 sigma)^2) on the subject embeddings,     ROME causal tracing
+             averaged over ``n_draws`` seeded draws
+mean         mean clean activation over the prompts (noising only)        mean ablation
+zero         zeros (noising only)                                         zero ablation
+===========  =========================================================  ==================
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence
+
+import torch
+
+from .errors import CorruptionError
+from .hooks import intervene
+from .sites import Site
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+    from .prompts.promptset import LengthGroup, PromptSet
+
+__all__ = [
+    "Run", "Corruption", "SymmetricReplacement", "Resample", "GaussianNoise", "MeanAblation", "ZeroAblation",
+    "parse_corruption", "CORRUPTIONS",
+]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One batched forward pass: token ids ``(B, T)`` and optional noise ``(B, T, d_model)``
+    added to the token embeddings."""
+
+    ids: torch.Tensor
+    embed_noise: torch.Tensor | None = None
+
+    def context(self, model: "Model") -> ContextManager[None]:
+        """Hooks this run needs (the embedding noise), as a context manager."""
+        if self.embed_noise is None:
+            return nullcontext()
+        noise = self.embed_noise
+        return intervene(model, {Site("embed"): lambda x: x + noise.to(x.dtype)})
+
+    def logits(self, model: "Model") -> torch.Tensor:
+        """Last-position logits of this run: ``(B, vocab)``."""
+        with self.context(model):
+            return model.logits(self.ids, last_only=True)
+
+
+class Corruption:
+    """Base class. ``draws`` runs per prompt; the batch is prompt-major (``g * draws + r``)."""
+
+    name: str = "base"
+    activation_level: bool = False
+    draws: int = 1
+
+    def prepare(self, model: "Model", prompts: "PromptSet") -> None:
+        """Set-level statistics (e.g. the embedding sigma); called once per sweep."""
+
+    def clean_run(self, group: "LengthGroup") -> Run:
+        return Run(group.clean.repeat_interleave(self.draws, 0))
+
+    def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
+        raise NotImplementedError
+
+    def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
+        """Activation-level corruptions: the corrupted activation given clean ones ``(B, ...)``."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class SymmetricReplacement(Corruption):
+    """The corrupted prompts of the pairs (symmetric token replacement)."""
+
+    name = "str"
+
+    def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
+        return Run(group.corrupted)
+
+
+def _derangement(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation with no fixed point (n >= 2)."""
+    while True:
+        p = torch.randperm(n, generator=gen)
+        if not (p == torch.arange(n)).any():
+            return p
+
+
+class Resample(Corruption):
+    """Each prompt's corrupted run is another prompt's clean run (same token length), chosen by
+    a seeded derangement, so answers keep their meaning while the context changes."""
+
+    name = "resample"
+
+    def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
+        if len(group.indices) < 2:
+            raise CorruptionError(
+                f"Resample needs at least two prompts of each token length; length {group.seq_len} has "
+                f"{len(group.indices)}. Add prompts or use corruption='str'."
+            )
+        gen = torch.Generator().manual_seed(seed * 1000003 + group.seq_len)
+        return Run(group.clean[_derangement(len(group.indices), gen)])
+
+
+@dataclass
+class GaussianNoise(Corruption):
+    """ROME-style noise: N(0, (scale * sigma)^2) added to the token embeddings at ``positions``
+    (default: where each pair's clean and corrupted prompts differ, i.e. the subject tokens),
+    sigma = std of the token embeddings at those positions over the whole set, averaged over
+    ``n_draws`` seeded draws. Off-distribution: prefer symmetric token replacement."""
+
+    scale: float = 3.0
+    n_draws: int = 10
+    positions: Sequence[int] | None = None
+    sigma: float | None = field(default=None)
+    name = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.n_draws < 1:
+            raise CorruptionError(f"n_draws={self.n_draws}: need at least one draw.")
+        if self.scale < 0:
+            raise CorruptionError(f"scale={self.scale}: the noise scale cannot be negative.")
+        self.draws = self.n_draws
+
+    def _mask(self, prompts: "PromptSet", i: int) -> torch.Tensor:
+        T = prompts.clean[i].numel()
+        if self.positions is not None:
+            m = torch.zeros(T, dtype=torch.bool)
+            bad = [p for p in self.positions if not -T <= p < T]
+            if bad:
+                raise CorruptionError(f"Noise positions {bad} are out of range for a prompt of {T} tokens.")
+            m[list(self.positions)] = True
+            return m
+        m = prompts.diff_mask(i)
+        if not m.any():
+            raise CorruptionError(
+                f"Prompt {i}: clean and corrupted are identical, so there are no subject tokens to noise. "
+                f"Pass GaussianNoise(positions=[...])."
+            )
+        return m
+
+    def prepare(self, model: "Model", prompts: "PromptSet") -> None:
+        with torch.inference_mode():
+            emb = model.adapter.embed_module()
+            rows = [emb(prompts.clean[i][self._mask(prompts, i)]) for i in range(len(prompts))]
+        self.sigma = float(torch.cat(rows).float().std())
+
+    def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
+        if self.sigma is None:
+            self.prepare(model, prompts)
+        R, (G, T) = self.n_draws, group.clean.shape
+        gen = torch.Generator().manual_seed(seed * 1000003 + T)
+        noise = torch.randn(G * R, T, model.d_model, generator=gen) * (self.scale * float(self.sigma))  # type: ignore[arg-type]
+        mask = torch.stack([self._mask(prompts, int(i)) for i in group.indices]).repeat_interleave(R, 0)
+        return Run(group.clean.repeat_interleave(R, 0), noise * mask[..., None])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale, "n_draws": self.n_draws, "sigma": self.sigma,
+                "positions": list(self.positions) if self.positions is not None else "diff"}
+
+
+class MeanAblation(Corruption):
+    """Replace activations by their mean over the prompts of the same length (clean runs).
+    Noising only; the corrupted baseline (0) is the pairs' corrupted prompts."""
+
+    name = "mean"
+    activation_level = True
+
+    def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
+        return Run(group.corrupted)
+
+    def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
+        return clean_acts.mean(0, keepdim=True).expand_as(clean_acts)
+
+
+class ZeroAblation(MeanAblation):
+    """Replace activations by zeros (off-distribution; offered for comparison). Noising only."""
+
+    name = "zero"
+
+    def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(clean_acts)
+
+
+CORRUPTIONS: dict[str, type[Corruption]] = {
+    "str": SymmetricReplacement,
+    "resample": Resample,
+    "gaussian": GaussianNoise,
+    "mean": MeanAblation,
+    "zero": ZeroAblation,
+}
+
+
+def parse_corruption(corruption: "str | Corruption") -> Corruption:
+    """A :class:`Corruption` from its name (``str``, ``resample``, ``gaussian``, ``mean``, ``zero``)
+    or an instance (returned as is)."""
+    if isinstance(corruption, Corruption):
+        return corruption
+    try:
+        return CORRUPTIONS[corruption]()
+    except KeyError:
+        raise CorruptionError(
+            f"Unknown corruption {corruption!r}; use one of {', '.join(CORRUPTIONS)} or a Corruption instance."
+        ) from None

@@ -1,0 +1,42 @@
+"""The reference engine: one forward pass per patch. Short and obviously right; the oracle
+that every faster engine is tested against."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from ..hooks import intervene
+from ..metrics import Metric
+from ..sites import Site
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..corruption import Run
+    from ..models.handle import Model
+    from ..plan import Patch
+
+Measure = Callable[[torch.Tensor], dict[Metric, torch.Tensor]]
+"""Last-position logits (B, vocab) -> raw metric values per metric, each (B,)."""
+
+
+def run_reference(
+    model: "Model",
+    base: "Run",
+    source: dict[Site, torch.Tensor],
+    patches: Sequence["Patch"],
+    measure: Measure,
+    advance: Callable[[int], None] | None = None,
+) -> dict[Metric, torch.Tensor]:
+    """Run ``base`` once per patch with the patch's sites overwritten by ``source`` (full-site
+    activations of the source run, batch-aligned with ``base``). Returns ``{metric: (n_patches,
+    B)}``."""
+    rows: list[dict[Metric, torch.Tensor]] = []
+    for patch in patches:
+        values = {site: source[site.full()][site.selector()] for site in patch}
+        with base.context(model), intervene(model, values):
+            logits = model.logits(base.ids, last_only=True)
+        rows.append(measure(logits))
+        if advance is not None:
+            advance(1)
+    return {m: torch.stack([r[m] for r in rows]) for m in rows[0]}

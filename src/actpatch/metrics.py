@@ -1,0 +1,121 @@
+"""Metrics on last-position logits, per prompt and vectorised, and their normalisation.
+
+Conventions (GLOSSARY, "Metrics"): r = correct answer, r' = alternative.
+
+=============  ========================================  ==========================
+name           raw value per prompt                      notes
+=============  ========================================  ==========================
+logit_diff     logit(r) - logit(r')                      recommended; ~linear
+logprob        log P(r)                                  saturates once r is top
+prob           P(r)                                      floor at 0: hides negatives
+kl             -KL(P_clean || P)                         clean = 0; tracks everything
+rank           rank of r (0 = top)                       discrete; lower is better
+accuracy       1 if r is the top token else 0            discrete
+top5_accuracy  1 if r is among the top 5 else 0          discrete
+=============  ========================================  ==========================
+
+Normalised: ``(M_patched - M_corrupted) / (M_clean - M_corrupted)``: 1 = clean, 0 = corrupted.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import MetricError
+
+__all__ = ["Metric", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP"]
+
+
+class Metric(str, enum.Enum):
+    """A metric of the model's last-position output."""
+
+    LOGIT_DIFF = "logit_diff"
+    """logit(answer) - logit(alternative). Recommended (Z&N): continuous, linear in the residual."""
+    LOGPROB = "logprob"
+    """log P(answer). Saturates once the answer is the top guess."""
+    PROB = "prob"
+    """P(answer). Non-linear; cannot go below 0, so it hides negative components."""
+    KL = "kl"
+    """-KL(P_clean || P_patched): 0 at the clean run, tracks all changes of the distribution."""
+    RANK = "rank"
+    """Rank of the answer among all tokens (0 = top). Discrete; lower is better."""
+    ACCURACY = "accuracy"
+    """1 when the answer is the top token. Discrete."""
+    TOP5_ACCURACY = "top5_accuracy"
+    """1 when the answer is among the five top tokens. Discrete."""
+
+    @property
+    def needs_clean_distribution(self) -> bool:
+        return self is Metric.KL
+
+
+_NAMES = ", ".join(m.value for m in Metric)
+
+
+def parse_metrics(metric: str | Metric | Sequence[str | Metric]) -> list[Metric]:
+    """One metric or several, validated; duplicates removed, order kept."""
+    items = [metric] if isinstance(metric, (str, Metric)) else list(metric)
+    if not items:
+        raise MetricError(f"No metric given; use one or more of: {_NAMES}.")
+    out: list[Metric] = []
+    for m in items:
+        try:
+            mm = Metric(m)
+        except ValueError:
+            raise MetricError(f"Unknown metric {m!r}; use one of: {_NAMES}.") from None
+        if mm not in out:
+            out.append(mm)
+    return out
+
+
+def _rank(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    own = logits.gather(1, answers[:, None])
+    return (logits > own).sum(1).to(logits.dtype)
+
+
+_FNS: dict[Metric, Callable[..., torch.Tensor]] = {
+    Metric.LOGIT_DIFF: lambda lg, lp, a, b: lg.gather(1, a[:, None])[:, 0] - lg.gather(1, b[:, None])[:, 0],
+    Metric.LOGPROB: lambda lg, lp, a, b: lp.gather(1, a[:, None])[:, 0],
+    Metric.PROB: lambda lg, lp, a, b: lp.gather(1, a[:, None])[:, 0].exp(),
+    Metric.RANK: lambda lg, lp, a, b: _rank(lg, a),
+    Metric.ACCURACY: lambda lg, lp, a, b: (_rank(lg, a) < 1).to(lg.dtype),
+    Metric.TOP5_ACCURACY: lambda lg, lp, a, b: (_rank(lg, a) < 5).to(lg.dtype),
+}
+
+
+def compute_metrics(
+    metrics: Sequence[Metric],
+    logits: torch.Tensor,  # (B, vocab), last position
+    answers: torch.Tensor,  # (B,)
+    alternatives: torch.Tensor,  # (B,)
+    clean_logprobs: torch.Tensor | None = None,  # (B, vocab), for KL
+) -> dict[Metric, torch.Tensor]:
+    """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32)."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out: dict[Metric, torch.Tensor] = {}
+    for m in metrics:
+        if m is Metric.KL:
+            if clean_logprobs is None:
+                raise MetricError("The kl metric needs the clean run's distribution (internal call without it).")
+            out[m] = -(clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+        else:
+            out[m] = _FNS[m](logits, logprobs, answers, alternatives)
+    return out
+
+
+UNDEFINED_GAP = 1e-6
+"""|M_clean - M_corrupted| at or below this makes the normalised metric undefined (NaN)."""
+
+
+def normalise(value: torch.Tensor, clean: float | torch.Tensor, corrupted: float | torch.Tensor) -> torch.Tensor:
+    """``(value - corrupted) / (clean - corrupted)``; NaN where the gap is at most
+    :data:`UNDEFINED_GAP` (never a silent huge number)."""
+    clean_t = torch.as_tensor(clean, dtype=torch.float64)
+    corr_t = torch.as_tensor(corrupted, dtype=torch.float64)
+    gap = clean_t - corr_t
+    safe = torch.where(gap.abs() > UNDEFINED_GAP, gap, torch.full_like(gap, float("nan")))
+    return ((value.double() - corr_t) / safe).float()

@@ -1,0 +1,270 @@
+"""``sweep`` and ``patch``: the high-level API that turns (model, prompts, target, direction,
+corruption, metrics) into a labelled :class:`~actpatch.PatchResult`."""
+
+from __future__ import annotations
+
+import enum
+from contextlib import ExitStack, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+
+from .checks import Finding, Level
+from .corruption import Corruption, Run, parse_corruption
+from .engine import run_reference
+from .errors import ActpatchError, CorruptionError
+from .hooks import capture
+from .metrics import UNDEFINED_GAP, Metric, compute_metrics, parse_metrics
+from .models.attention import actpatch_attention
+from .plan import Plan, default_per_position, make_plan, parse_target
+from .prompts.promptset import LengthGroup, PromptSet
+from .results import PatchResult
+from .sites import Site, SiteKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["Direction", "sweep", "patch", "ENGINES"]
+
+
+class Direction(str, enum.Enum):
+    """Which run is patched with which."""
+
+    DENOISE = "denoise"
+    """Run the corrupted prompt, write clean activations: is the site *sufficient*?"""
+    NOISE = "noise"
+    """Run the clean prompt, write corrupted activations: is the site *necessary*?"""
+
+
+ENGINES = ("reference",)
+
+
+def _direction(direction: str | Direction) -> Direction:
+    try:
+        return Direction(direction)
+    except ValueError:
+        raise ActpatchError(f"Unknown direction {direction!r}; use 'denoise' or 'noise'.") from None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"actpatch": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _group_runs(
+    model: "Model", prompts: PromptSet, group: LengthGroup, corruption: Corruption, seed: int
+) -> tuple[Run, Run]:
+    return corruption.clean_run(group), corruption.corrupted_run(model, group, prompts, seed)
+
+
+def _mean_draws(x: torch.Tensor, draws: int) -> torch.Tensor:
+    """(..., G * draws) prompt-major -> (..., G)."""
+    return x.reshape(*x.shape[:-1], -1, draws).mean(-1)
+
+
+def execute(
+    model: "Model",
+    prompts: PromptSet,
+    plan: Plan,
+    *,
+    direction: str | Direction = Direction.DENOISE,
+    corruption: str | Corruption = "str",
+    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    seed: int = 0,
+    engine: str = "reference",
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> PatchResult:
+    """Run every patch of ``plan`` over ``prompts`` and label the outcome (see :func:`sweep`)."""
+    d = _direction(direction)
+    corr = parse_corruption(corruption)
+    metrics = parse_metrics(metric)
+    if engine not in ENGINES:
+        raise ActpatchError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
+    if corr.activation_level and d is Direction.DENOISE:
+        raise CorruptionError(
+            f"Corruption {corr.name!r} replaces activations, so there is no corrupted run to denoise. "
+            f"Use direction='noise', or corruption='str' / 'resample' / 'gaussian' for denoising."
+        )
+    groups = prompts.groups()
+    for g in groups:
+        for p in plan.patches:
+            for s in p:
+                s.check(model, seq_len=g.seq_len)
+    corr.prepare(model, prompts)
+    n, P, R = len(prompts), len(plan.patches), corr.draws
+    raw = {m: torch.empty(n, P) for m in metrics}
+    clean_b = {m: torch.empty(n) for m in metrics}
+    corr_b = {m: torch.empty(n) for m in metrics}
+    with ExitStack() as stack:
+        if plan.uses_attention_fn:  # all runs on one attention path, so that equal inputs give equal bits
+            stack.enter_context(actpatch_attention(model.hf))
+        advance = stack.enter_context(_progress(progress and P * len(groups) > 1, P * len(groups), plan))
+        for g in groups:
+            clean_run, corr_run = _group_runs(model, prompts, g, corr, seed)
+            answers = g.answers.repeat_interleave(R)
+            alts = g.alternatives.repeat_interleave(R)
+            clean_logits = clean_run.logits(model)
+            clean_lp = torch.log_softmax(clean_logits.float(), -1)
+
+            def measure(logits: torch.Tensor) -> dict[Metric, torch.Tensor]:
+                return compute_metrics(metrics, logits, answers, alts, clean_lp)
+
+            base_c, base_k = measure(clean_logits), measure(corr_run.logits(model))
+            for m in metrics:
+                clean_b[m][g.indices] = _mean_draws(base_c[m], R)
+                corr_b[m][g.indices] = _mean_draws(base_k[m], R)
+            base, src_run = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
+            if corr.activation_level:
+                src_run = clean_run
+            with src_run.context(model), capture(model, plan.full_sites()) as source:
+                model.logits(src_run.ids, last_only=True)
+            if corr.activation_level:
+                source = {s: corr.source(a) for s, a in source.items()}
+            out = run_reference(model, base, source, plan.patches, measure, advance)
+            for m in metrics:
+                raw[m][g.indices] = _mean_draws(out[m], R).T
+    shape = plan.shape
+    result = PatchResult(
+        dims=plan.dims,
+        coords=plan.coords,
+        raw={m.value: raw[m].reshape(n, *shape) for m in metrics},
+        clean={m.value: clean_b[m] for m in metrics},
+        corrupted={m.value: corr_b[m] for m in metrics},
+        meta={
+            "target": plan.target.value,
+            "direction": d.value,
+            "corruption": corr.describe(),
+            "metrics": [m.value for m in metrics],
+            "seed": seed,
+            "engine": engine,
+            "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
+            "prompts": prompts.describe(),
+            "versions": _versions(),
+            **(extra_meta or {}),
+        },
+    )
+    result.findings.extend(_normalisation_findings(result))
+    return result
+
+
+def _normalisation_findings(res: PatchResult) -> list[Finding]:
+    out = []
+    for m, b in res.baselines.items():
+        if abs(b["clean"] - b["corrupted"]) <= UNDEFINED_GAP:
+            out.append(
+                Finding(
+                    Level.ERROR,
+                    "normalisation_undefined",
+                    f"{m}: clean ({b['clean']:.4g}) and corrupted ({b['corrupted']:.4g}) baselines are equal, so "
+                    f"the normalised effect is undefined and reported as NaN.",
+                    "Check that the corruption changes the behaviour (different corrupted prompts or answers), "
+                    "or read the raw metric (res.raw).",
+                )
+            )
+    return out
+
+
+def _progress(enabled: bool, total: int, plan: Plan) -> Any:
+    if not enabled:
+        return nullcontext(None)
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bar() -> Iterator[Callable[[int], None]]:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as prog:
+            task = prog.add_task(f"patching {plan.target.value}", total=total)
+            yield lambda k: prog.advance(task, k)
+
+    return bar()
+
+
+def sweep(
+    model: "Model",
+    prompts: PromptSet,
+    target: str | SiteKind = "resid_pre",
+    *,
+    direction: str | Direction = "denoise",
+    corruption: str | Corruption = "str",
+    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    per_position: bool | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    window: int = 1,
+    seed: int = 0,
+    engine: str = "reference",
+    progress: bool = True,
+) -> PatchResult:
+    """Patch every cell of a target and measure the effect.
+
+    Args:
+        target: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (per
+            layer x position), ``z``, ``q``, ``k``, ``v``, ``pattern`` (per layer x head, all
+            positions), ``mlp_post`` (per layer x neuron), ``embed``, ``resid_final``.
+        direction: ``"denoise"`` (clean into corrupted: sufficiency) or ``"noise"`` (corrupted
+            into clean: necessity).
+        corruption: ``"str"`` (the pairs), ``"resample"``, ``"gaussian"``, ``"mean"``, ``"zero"``
+            or a :class:`~actpatch.corruption.Corruption`.
+        metric: one metric name or several (all computed from the same patched runs).
+        per_position: add / drop the position axis (default: on for residual-like targets).
+        layers, positions, heads, neurons: restrict an axis. window: patch ``window``
+            consecutive layers together (joint effect).
+
+    Returns:
+        A :class:`PatchResult`; ``res.values`` is the normalised effect (1 = clean, 0 = corrupted).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("llama")
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> res = ap.sweep(m, ps, "resid_pre", progress=False)
+        >>> res.dims, tuple(res.values.shape)
+        (('layer', 'pos'), (2, 4))
+        >>> float(res.values[0, 1])  # the corrupted position restores everything at layer 0
+        1.0
+    """
+    kind = parse_target(target)
+    wants_pos = per_position if per_position is not None else default_per_position(kind)
+    seq_len = prompts.seq_len if wants_pos else None
+    labels = prompts.position_labels(model) if wants_pos else None
+    plan = make_plan(model, target, seq_len=seq_len, pos_labels=labels, per_position=wants_pos, layers=layers,
+                     positions=positions, heads=heads, neurons=neurons, window=window)
+    return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                   engine=engine, progress=progress, extra_meta={"window": window})
+
+
+def patch(
+    model: "Model",
+    prompts: PromptSet,
+    sites: Sequence[Site],
+    *,
+    direction: str | Direction = "denoise",
+    corruption: str | Corruption = "str",
+    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    seed: int = 0,
+) -> PatchResult:
+    """One patch: write all ``sites`` together. The result has no dims (``res.values`` is a
+    0-d tensor).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("gpt2")
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> float(ap.patch(m, ps, [ap.Site("resid_pre", 0)]).values)
+        1.0
+    """
+    if not sites:
+        raise ActpatchError("patch() needs at least one Site.")
+    plan = Plan(target=sites[0].kind, dims=(), coords={}, patches=(tuple(sites),))
+    return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                   progress=False, extra_meta={"sites": [str(s) for s in sites]})

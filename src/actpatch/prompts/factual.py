@@ -1,0 +1,121 @@
+"""Factual recall prompts (ROME-style), paired by subject swaps of equal token length."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import PromptError
+from .promptset import PromptSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["factual", "FACTS", "RELATIONS"]
+
+RELATIONS: dict[str, str] = {
+    "located_in": "The {} is located in the city of",
+    "capital_of": "{} is the capital city of",
+    "language_of": "The official language of {} is",
+}
+
+# (relation, subject, answer). Answers carry their leading space; the builder keeps facts whose
+# answer is one token for the model's tokenizer.
+FACTS: tuple[tuple[str, str, str], ...] = (
+    ("located_in", "Eiffel Tower", " Paris"),
+    ("located_in", "Colosseum", " Rome"),
+    ("located_in", "Big Ben", " London"),
+    ("located_in", "Brandenburg Gate", " Berlin"),
+    ("located_in", "Sagrada Familia", " Barcelona"),
+    ("located_in", "Acropolis", " Athens"),
+    ("located_in", "Kremlin", " Moscow"),
+    ("located_in", "Sydney Opera House", " Sydney"),
+    ("located_in", "Louvre", " Paris"),
+    ("located_in", "Tower Bridge", " London"),
+    ("located_in", "Parthenon", " Athens"),
+    ("located_in", "Prado Museum", " Madrid"),
+    ("located_in", "Space Needle", " Seattle"),
+    ("located_in", "Forbidden City", " Beijing"),
+    ("located_in", "Burj Khalifa", " Dubai"),
+    ("located_in", "Hagia Sophia", " Istanbul"),
+    ("located_in", "CN Tower", " Toronto"),
+    ("located_in", "Rijksmuseum", " Amsterdam"),
+    ("located_in", "Trevi Fountain", " Rome"),
+    ("located_in", "Buckingham Palace", " London"),
+    ("located_in", "Arc de Triomphe", " Paris"),
+    ("located_in", "Reichstag building", " Berlin"),
+    ("capital_of", "Paris", " France"),
+    ("capital_of", "Rome", " Italy"),
+    ("capital_of", "Berlin", " Germany"),
+    ("capital_of", "Madrid", " Spain"),
+    ("capital_of", "Tokyo", " Japan"),
+    ("capital_of", "Ottawa", " Canada"),
+    ("capital_of", "Cairo", " Egypt"),
+    ("capital_of", "Moscow", " Russia"),
+    ("capital_of", "Beijing", " China"),
+    ("capital_of", "Athens", " Greece"),
+    ("capital_of", "Lisbon", " Portugal"),
+    ("capital_of", "Vienna", " Austria"),
+    ("capital_of", "Dublin", " Ireland"),
+    ("capital_of", "Oslo", " Norway"),
+    ("capital_of", "Stockholm", " Sweden"),
+    ("capital_of", "Warsaw", " Poland"),
+    ("capital_of", "Canberra", " Australia"),
+    ("capital_of", "Nairobi", " Kenya"),
+    ("capital_of", "Lima", " Peru"),
+    ("capital_of", "Budapest", " Hungary"),
+    ("capital_of", "Helsinki", " Finland"),
+    ("capital_of", "Bangkok", " Thailand"),
+    ("capital_of", "Havana", " Cuba"),
+    ("language_of", "France", " French"),
+    ("language_of", "Germany", " German"),
+    ("language_of", "Spain", " Spanish"),
+    ("language_of", "Italy", " Italian"),
+    ("language_of", "Japan", " Japanese"),
+    ("language_of", "China", " Chinese"),
+    ("language_of", "Russia", " Russian"),
+    ("language_of", "Portugal", " Portuguese"),
+    ("language_of", "Greece", " Greek"),
+    ("language_of", "Poland", " Polish"),
+    ("language_of", "Sweden", " Swedish"),
+    ("language_of", "Turkey", " Turkish"),
+    ("language_of", "the Netherlands", " Dutch"),
+    ("language_of", "Brazil", " Portuguese"),
+    ("language_of", "Mexico", " Spanish"),
+)
+
+
+def factual(
+    model: "Model", n: int = 32, *, seed: int = 0, relations: Sequence[str] | None = None
+) -> PromptSet:
+    """Factual-recall pairs: clean "The Eiffel Tower is located in the city of" -> " Paris",
+    corrupted by a subject of the same relation and token length ("The Colosseum ...") whose
+    answer (" Rome") is the alternative.
+
+    Pairs are drawn (seeded) from all valid (fact, other fact) combinations; if fewer exist than
+    ``n``, all are returned.
+    """
+    rels = list(RELATIONS) if relations is None else list(relations)
+    unknown = [r for r in rels if r not in RELATIONS]
+    if unknown:
+        raise PromptError(f"Unknown relation(s) {unknown}; choose from {list(RELATIONS)}.")
+    usable = []
+    for rel, subj, ans in FACTS:
+        if rel in rels and len(model.to_tokens(ans)) == 1:
+            prompt = RELATIONS[rel].format(subj)
+            usable.append((rel, subj, ans, prompt, len(model.tokenizer(prompt)["input_ids"])))
+    candidates = [
+        (f, g)
+        for f in usable
+        for g in usable
+        if f[0] == g[0] and f[4] == g[4] and f[2] != g[2]
+    ]
+    if not candidates:
+        raise PromptError("No factual pairs of equal token length with distinct one-token answers for this tokenizer.")
+    rng = random.Random(seed)
+    rng.shuffle(candidates)
+    chosen = candidates[:n]
+    pairs = [(f[3], g[3], f[2], g[2]) for f, g in chosen]
+    attrs = [{"relation": f[0], "subject": f[1], "corrupt_subject": g[1]} for f, g in chosen]
+    return PromptSet.from_pairs(model, pairs, name="factual", attributes=attrs,
+                                meta={"builder": "factual", "seed": seed, "relations": rels})

@@ -1,0 +1,48 @@
+"""Greater-than prompts (Hanna et al. 2023): "The war lasted from the year 1732 to the year 17"."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from ..errors import PromptError
+from .promptset import PromptSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["greater_than", "GT_TEMPLATES"]
+
+GT_TEMPLATES: tuple[str, ...] = (
+    "The war lasted from the year {c}{yy} to the year {c}",
+    "The expedition lasted from the year {c}{yy} to the year {c}",
+    "The drought lasted from the year {c}{yy} to the year {c}",
+    "The reign lasted from the year {c}{yy} to the year {c}",
+)
+NOUNS_NOTE = "answers are the first digit of the end year's last two digits"
+
+
+def greater_than(model: "Model", n: int = 32, *, seed: int = 0, century: int = 17) -> PromptSet:
+    """Greater-than pairs. The clean start year ends in ``YY`` (20..89); the corrupted one in
+    ``01``. The continuation is the tens digit of the end year (digits are single tokens in
+    most tokenizers). Answer: the digit one above YY's tens digit (a year surely later);
+    alternative: the digit one below (surely earlier). Logit difference answer - alternative
+    then measures "end year > start year".
+
+    Needs a tokenizer that splits the year's digits so that clean and corrupted align.
+    """
+    rng = random.Random(seed)
+    pairs, attrs = [], []
+    for i in range(n):
+        yy = rng.randint(20, 89)
+        tpl = GT_TEMPLATES[i % len(GT_TEMPLATES)]
+        clean = tpl.format(c=century, yy=f"{yy:02d}")
+        corrupted = tpl.format(c=century, yy="01")
+        tens = yy // 10
+        pairs.append((clean, corrupted, str(tens + 1), str(tens - 1)))
+        attrs.append({"yy": yy, "template": i % len(GT_TEMPLATES)})
+    ps = PromptSet.from_pairs(model, pairs, name="greater_than", attributes=attrs,
+                              meta={"builder": "greater_than", "seed": seed, "century": century})
+    if len(set(ps.lengths.tolist())) > len(GT_TEMPLATES):
+        raise PromptError("Year tokenisation varies between prompts; this tokenizer does not split digits.")
+    return ps

@@ -1,0 +1,254 @@
+"""PromptSet: aligned clean / corrupted token ids with the answer tokens, validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+
+from ..errors import PromptError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["PromptSet", "LengthGroup"]
+
+
+@dataclass(frozen=True)
+class LengthGroup:
+    """Prompts of one token length, stacked: what one batched forward pass can take."""
+
+    indices: torch.Tensor  # (G,) positions in the PromptSet
+    clean: torch.Tensor  # (G, T)
+    corrupted: torch.Tensor  # (G, T)
+    answers: torch.Tensor  # (G,)
+    alternatives: torch.Tensor  # (G,)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.clean.shape[1])
+
+
+def _show(model: "Model | None", ids: Sequence[int]) -> str:
+    if model is None or model.tokenizer is None:
+        return str(list(ids))
+    return " | ".join(repr(model.token_str(i)) for i in ids)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Clean and corrupted prompts (token ids) plus the correct and alternative answer token.
+
+    Clean and corrupted prompts of a pair have the same length (symmetric token replacement);
+    different pairs may differ in length. Build with :meth:`from_pairs` (text) or
+    :meth:`from_ids`, or with a builder such as :func:`actpatch.prompts.ioi`.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("gpt2")
+        >>> ps = ap.PromptSet.from_pairs(m, [("When Mary and John went to the store , John gave a drink to",
+        ...                                   "When Mary and John went to the store , Mary gave a drink to",
+        ...                                   " Mary", " John")])
+        >>> len(ps), ps.first_diff.tolist()
+        (1, [9])
+    """
+
+    clean: tuple[torch.Tensor, ...]
+    corrupted: tuple[torch.Tensor, ...]
+    answers: torch.Tensor
+    alternatives: torch.Tensor
+    name: str = "custom"
+    attributes: tuple[dict[str, Any], ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.clean)
+        if n == 0:
+            raise PromptError("The prompt set is empty; give at least one (clean, corrupted, answer, alternative).")
+        if len(self.corrupted) != n or len(self.answers) != n or len(self.alternatives) != n:
+            raise PromptError(
+                f"Prompt set parts differ in length: {n} clean, {len(self.corrupted)} corrupted, "
+                f"{len(self.answers)} answers, {len(self.alternatives)} alternatives."
+            )
+        for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
+            if c.ndim != 1 or c.numel() == 0:
+                raise PromptError(f"Prompt {i}: clean ids must be a non-empty 1-D tensor, got shape {tuple(c.shape)}.")
+            if c.shape != k.shape:
+                raise PromptError(
+                    f"Prompt {i}: clean has {c.numel()} tokens but corrupted has {k.numel()}; patching needs "
+                    f"equal lengths (symmetric token replacement)."
+                )
+        same = (self.answers == self.alternatives).nonzero().flatten().tolist()
+        if same:
+            raise PromptError(
+                f"Prompt(s) {same}: answer and alternative are the same token {int(self.answers[same[0]])}; "
+                f"the logit difference would be 0. Pick an alternative answer that differs."
+            )
+        if not self.attributes:
+            object.__setattr__(self, "attributes", tuple({} for _ in range(n)))
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_ids(
+        cls,
+        clean: Iterable[Sequence[int] | torch.Tensor],
+        corrupted: Iterable[Sequence[int] | torch.Tensor],
+        answers: Sequence[int] | torch.Tensor,
+        alternatives: Sequence[int] | torch.Tensor,
+        *,
+        name: str = "custom",
+        attributes: Sequence[dict[str, Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> "PromptSet":
+        """Build from token ids (a tensor of shape (N, T), or lists of per-prompt ids)."""
+        as_t = lambda x: torch.as_tensor(x, dtype=torch.long).flatten()  # noqa: E731
+        return cls(
+            clean=tuple(as_t(c) for c in clean),
+            corrupted=tuple(as_t(c) for c in corrupted),
+            answers=torch.as_tensor(answers, dtype=torch.long).flatten(),
+            alternatives=torch.as_tensor(alternatives, dtype=torch.long).flatten(),
+            name=name,
+            attributes=tuple(dict(a) for a in attributes) if attributes else (),
+            meta=dict(meta or {}),
+        )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: "Model",
+        pairs: Sequence[tuple[str, str, str, str]],
+        *,
+        name: str = "custom",
+        attributes: Sequence[dict[str, Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> "PromptSet":
+        """Tokenise ``(clean, corrupted, answer, alternative)`` texts with the model's tokenizer.
+
+        Raises :class:`PromptError` showing both tokenisations side by side when clean and
+        corrupted differ in token length, and the tokens of any answer that is not one token.
+        """
+        if model.tokenizer is None:
+            raise PromptError("This model has no tokenizer; use PromptSet.from_ids with token ids.")
+        if not pairs:
+            raise PromptError("No prompt pairs given; pass a non-empty list of (clean, corrupted, answer, alternative).")
+        clean, corrupted, answers, alts = [], [], [], []
+        for i, pair in enumerate(pairs):
+            if len(pair) != 4:
+                raise PromptError(f"Pair {i} has {len(pair)} fields; expected (clean, corrupted, answer, alternative).")
+            c_txt, k_txt, a_txt, b_txt = pair
+            if not c_txt or not k_txt:
+                raise PromptError(f"Pair {i}: empty prompt text.")
+            c = model.tokenizer(c_txt)["input_ids"]
+            k = model.tokenizer(k_txt)["input_ids"]
+            if len(c) != len(k):
+                raise PromptError(
+                    f"Pair {i}: clean and corrupted tokenise to different lengths ({len(c)} vs {len(k)}):\n"
+                    f"  clean:     {_show(model, c)}\n  corrupted: {_show(model, k)}\n"
+                    f"Use replacements of equal token length (e.g. names that are one token each)."
+                )
+            ans = []
+            for label, txt in (("answer", a_txt), ("alternative", b_txt)):
+                toks = model.to_tokens(txt)
+                if len(toks) != 1:
+                    raise PromptError(
+                        f"Pair {i}: {label} {txt!r} is {len(toks)} tokens ({_show(model, toks)}); answers must be "
+                        f"single tokens. Try a leading space (' Paris') or another word."
+                    )
+                ans.append(toks[0])
+            clean.append(c)
+            corrupted.append(k)
+            answers.append(ans[0])
+            alts.append(ans[1])
+        meta = {"texts": [list(p) for p in pairs], **(meta or {})}
+        return cls.from_ids(clean, corrupted, answers, alts, name=name, attributes=attributes, meta=meta)
+
+    # -- views -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([c.numel() for c in self.clean])
+
+    @property
+    def first_diff(self) -> torch.Tensor:
+        """Per prompt, the first position where clean and corrupted differ (the length if none)."""
+        out = []
+        for c, k in zip(self.clean, self.corrupted):
+            d = (c != k).nonzero()
+            out.append(int(d[0]) if len(d) else c.numel())
+        return torch.tensor(out)
+
+    def diff_mask(self, index: int) -> torch.Tensor:
+        """Boolean (T,) mask of positions where prompt ``index``'s clean and corrupted differ."""
+        return self.clean[index] != self.corrupted[index]
+
+    @property
+    def seq_len(self) -> int:
+        """The common token length; raises when prompts differ in length."""
+        lengths = sorted(set(self.lengths.tolist()))
+        if len(lengths) != 1:
+            raise PromptError(
+                f"Prompts have different token lengths {lengths}; position-resolved results need one length. "
+                f"Use prompts.split_by_length() and sweep each part, or build prompts from templates of one "
+                f"length (e.g. ap.prompts.ioi(model, templates=[0, 1]))."
+            )
+        return lengths[0]
+
+    def groups(self) -> list[LengthGroup]:
+        """Prompts grouped by token length, in order of first appearance."""
+        by_len: dict[int, list[int]] = {}
+        for i, c in enumerate(self.clean):
+            by_len.setdefault(c.numel(), []).append(i)
+        out = []
+        for idx in by_len.values():
+            ix = torch.tensor(idx)
+            out.append(
+                LengthGroup(
+                    indices=ix,
+                    clean=torch.stack([self.clean[i] for i in idx]),
+                    corrupted=torch.stack([self.corrupted[i] for i in idx]),
+                    answers=self.answers[ix],
+                    alternatives=self.alternatives[ix],
+                )
+            )
+        return out
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> "PromptSet":
+        """The prompts at ``indices`` (same order)."""
+        idx = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+        meta = dict(self.meta)
+        if "texts" in meta:
+            meta["texts"] = [meta["texts"][i] for i in idx]
+        return PromptSet(
+            clean=tuple(self.clean[i] for i in idx),
+            corrupted=tuple(self.corrupted[i] for i in idx),
+            answers=self.answers[idx],
+            alternatives=self.alternatives[idx],
+            name=self.name,
+            attributes=tuple(self.attributes[i] for i in idx),
+            meta=meta,
+        )
+
+    def split_by_length(self) -> list["PromptSet"]:
+        """One PromptSet per token length."""
+        return [self.subset(g.indices) for g in self.groups()]
+
+    def position_labels(self, model: "Model") -> list[str]:
+        """Labels for the position axis: ``"i:token"`` from the first prompt, with ``*`` where
+        clean prompts of the set differ at that position."""
+        T = self.seq_len
+        stacked = torch.stack(list(self.clean))
+        varies = (stacked != stacked[0]).any(0)
+        return [f"{i}:{model.token_str(int(stacked[0, i]))}{'*' if varies[i] else ''}" for i in range(T)]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary for provenance."""
+        return {
+            "name": self.name,
+            "n_prompts": len(self),
+            "lengths": sorted(set(self.lengths.tolist())),
+            **{k: v for k, v in self.meta.items() if k != "texts"},
+        }

@@ -1,0 +1,108 @@
+"""PromptSet validation and the builders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def m():
+    return tiny_model("gpt2")
+
+
+def test_from_pairs_records_first_diff(m):
+    ps = ap.PromptSet.from_pairs(m, [
+        ("When Mary and John went to the store , John gave a drink to",
+         "When Mary and John went to the store , Mary gave a drink to", " Mary", " John"),
+        ("When Tom and Anna went to the park , Tom gave a ball to",
+         "When Bob and Lucy went to the park , Paul gave a ball to", " Anna", " Tom"),
+    ])
+    assert ps.first_diff.tolist() == [9, 1]
+    assert ps.answers.tolist() == [m.to_tokens("Mary")[0], m.to_tokens("Anna")[0]]
+    assert ps.seq_len == 14
+
+
+def test_mismatched_lengths_show_both_tokenisations(m):
+    with pytest.raises(ap.PromptError) as e:
+        ap.PromptSet.from_pairs(m, [("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
+    msg = str(e.value)
+    assert "different lengths (6 vs 8)" in msg
+    assert "clean:     'When' | 'Mary' | 'went'" in msg and "corrupted: 'When' | 'Mary' | 'and' | 'John'" in msg
+
+
+def test_multi_token_answer_shows_tokens(m):
+    with pytest.raises(ap.PromptError, match=r"answer ' Mary John' is 2 tokens \('Mary' \| 'John'\)"):
+        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John")])
+
+
+def test_equal_answers_and_empty_sets(m):
+    with pytest.raises(ap.PromptError, match="answer and alternative are the same token"):
+        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary", " Mary")])
+    with pytest.raises(ap.PromptError, match="No prompt pairs given"):
+        ap.PromptSet.from_pairs(m, [])
+    with pytest.raises(ap.PromptError, match="empty"):
+        ap.PromptSet.from_ids([], [], [], [])
+    with pytest.raises(ap.PromptError, match="clean has 3 tokens but corrupted has 2"):
+        ap.PromptSet.from_ids([[1, 2, 3]], [[1, 2]], [4], [5])
+
+
+def test_groups_and_subset():
+    ps = ap.PromptSet.from_ids([[1, 2, 3], [4, 5], [6, 7, 8]], [[1, 9, 3], [4, 6], [6, 7, 9]], [1, 2, 3], [4, 5, 6],
+                               attributes=[{"t": 0}, {"t": 1}, {"t": 0}])
+    groups = ps.groups()
+    assert [g.indices.tolist() for g in groups] == [[0, 2], [1]]
+    assert groups[0].clean.tolist() == [[1, 2, 3], [6, 7, 8]]
+    sub = ps.subset([2, 0])
+    assert sub.answers.tolist() == [3, 1] and sub.attributes == ({"t": 0}, {"t": 0})
+    assert [len(p) for p in ps.split_by_length()] == [2, 1]
+
+
+# -- builders on the bundled model's tokenizer -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corruption, n_diff", [("s2", 1), ("io_s1", 3), ("abc", 3)])
+def test_ioi_builder(bundled, corruption, n_diff):
+    ps = ap.prompts.ioi(bundled, n=24, seed=1, corruption=corruption)
+    assert len(ps) == 24
+    assert {a["order"] for a in ps.attributes} == {"ABBA", "BABA"}
+    assert len({a["template"] for a in ps.attributes}) == 12
+    for i in range(len(ps)):
+        assert int(ps.diff_mask(i).sum()) == n_diff
+    again = ap.prompts.ioi(bundled, n=24, seed=1, corruption=corruption)
+    assert all(torch.equal(a, b) for a, b in zip(ps.clean, again.clean))
+    assert not all(torch.equal(a, b) for a, b in zip(ps.clean, ap.prompts.ioi(bundled, n=24, seed=2).clean))
+
+
+@pytest.mark.slow
+def test_builders_produce_valid_sets_the_model_mostly_solves(bundled):
+    from actpatch.metrics import Metric
+
+    from actpatch.prompts import correct_mask, keep_correct
+
+    sets = {
+        "ioi": ap.prompts.ioi(bundled, n=16, templates=[0]),
+        "factual": ap.prompts.factual(bundled, n=40),
+        "greater_than": ap.prompts.greater_than(bundled, n=16),
+        "induction": ap.prompts.induction(bundled, n=8),
+    }
+    assert len(ap.prompts.factual(bundled, n=1000)) >= 50
+    assert len({a["subject"] for a in sets["factual"].attributes}) >= 20
+    for name, ps in sets.items():
+        share = float(correct_mask(bundled, ps).float().mean())
+        print(f"\n{name}: {len(ps)} prompts, model right on {share:.0%}")
+        assert share >= 0.6, name
+        kept, s2 = keep_correct(bundled, ps)
+        assert s2 == share and len(kept) == round(share * len(ps))
+    assert Metric.LOGIT_DIFF.value == "logit_diff"
+
+
+@pytest.mark.slow
+def test_greater_than_answers(bundled):
+    ps = ap.prompts.greater_than(bundled, n=4, seed=0)
+    for a, (clean, corrupted, ans, alt) in zip(ps.attributes, ps.meta["texts"]):
+        assert clean.endswith("to the year 17") and f"17{a['yy']:02d}" in clean and "1701" in corrupted
+        assert int(ans) == a["yy"] // 10 + 1 and int(alt) == a["yy"] // 10 - 1
