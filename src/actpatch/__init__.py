@@ -23,7 +23,8 @@ from .errors import (
     UnsupportedSiteError,
 )
 from . import prompts
-from .checks import Finding, Level
+from .checks import Finding, Level, check
+from .compare import Comparison, Role, compare
 from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
 from .hooks import capture, intervene
 from .metrics import Metric
@@ -41,6 +42,10 @@ __all__ = [
     "prompts",
     "Finding",
     "Level",
+    "check",
+    "Comparison",
+    "Role",
+    "compare",
     "Corruption",
     "GaussianNoise",
     "MeanAblation",

@@ -10,7 +10,9 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Level", "Finding"]
+import torch
+
+__all__ = ["Level", "Finding", "check"]
 
 
 class Level(str, enum.Enum):
@@ -45,3 +47,182 @@ class Finding:
 
     def __str__(self) -> str:
         return f"[{self.level.value}] {self.code}: {self.message}" + (f" -> {self.advice}" if self.advice else "")
+
+
+# -- checks ------------------------------------------------------------------------------------
+# Each check reads a PatchResult (values, baselines, per-prompt data, meta) and returns Findings.
+# ``execute`` records in ``meta`` what only a model run can tell: the null-patch error and which
+# clean prompts the model gets right.
+
+CLOSE_BASELINES_RATIO = 1.0
+"""Warn when |M_clean - M_corrupted| < this x the pooled per-prompt std of the baselines."""
+PROB_FLOOR = 0.1
+"""Warn about the probability floor when the corrupted P(answer) is below this."""
+SATURATION = 0.9
+"""Warn about saturation when the clean P(answer) is above this."""
+RANGE = (-0.2, 1.2)
+"""Normalised values outside this range are reported."""
+NULL_PATCH_TOL = 1e-4
+"""Largest |metric change| allowed when patching a run's own activations back into it."""
+
+
+def _f(level: Level, code: str, message: str, advice: str = "") -> Finding:
+    return Finding(level, code, message, advice)
+
+
+def _baselines_close(res: Any) -> list[Finding]:
+    out = []
+    for m, b in res.baselines.items():
+        gap = abs(b["clean"] - b["corrupted"])
+        if gap <= 1e-6:
+            out.append(_f(Level.ERROR, "normalisation_undefined",
+                          f"{m}: clean ({b['clean']:.4g}) and corrupted ({b['corrupted']:.4g}) baselines are equal, "
+                          f"so the normalised effect is undefined and reported as NaN.",
+                          "Check that the corruption changes the behaviour, or read the raw metric (res.raw)."))
+            continue
+        c, k = res.clean[m], res.corrupted[m]
+        if len(c) < 2:
+            continue
+        spread = float(((c - c.mean()).pow(2).sum() + (k - k.mean()).pow(2).sum()).div(2 * len(c) - 2).sqrt())
+        if gap < CLOSE_BASELINES_RATIO * spread:
+            out.append(_f(Level.WARNING, "baselines_close",
+                          f"{m}: clean - corrupted = {b['clean'] - b['corrupted']:.3g} is small against the per-prompt "
+                          f"spread ({spread:.3g}); normalised values are noisy and can be far outside [0, 1].",
+                          "Use a corruption that removes the behaviour more clearly, more prompts, or logit_diff."))
+    return out
+
+
+def _task_failure(res: Any) -> list[Finding]:
+    correct = res.meta.get("clean_correct")
+    if not correct:
+        return []
+    wrong = [i for i, ok in enumerate(correct) if not ok]
+    if not wrong:
+        return []
+    share = 1 - len(wrong) / len(correct)
+    return [_f(Level.WARNING, "task_failure",
+               f"The model prefers the alternative over the answer on {len(wrong)} of {len(correct)} clean prompts "
+               f"(right on {share:.0%}); first ones: {wrong[:8]}.",
+               "Keep only solved prompts: prompts, share = ap.prompts.keep_correct(model, prompts).")]
+
+
+def _prob_floor(res: Any) -> list[Finding]:
+    if "prob" not in res.raw:
+        return []
+    b = res.baselines["prob"]
+    if b["corrupted"] >= PROB_FLOOR or b["clean"] - b["corrupted"] <= 1e-6:
+        return []
+    floor = -b["corrupted"] / (b["clean"] - b["corrupted"])
+    return [_f(Level.WARNING, "probability_floor",
+               f"prob: corrupted P(answer) = {b['corrupted']:.3f}, so no patch can score below {floor:.3f} normalised; "
+               f"components that hurt the answer (negative heads) are invisible in this metric (Zhang & Nanda 2023).",
+               "Read logit_diff alongside it; use probability only as a secondary metric.")]
+
+
+def _saturation(res: Any) -> list[Finding]:
+    if "prob" in res.clean:
+        p = float(res.clean["prob"].mean())
+    elif "logprob" in res.clean:
+        p = float(res.clean["logprob"].exp().mean())
+    else:
+        return []
+    if p <= SATURATION:
+        return []
+    return [_f(Level.WARNING, "saturation",
+               f"Clean P(answer) = {p:.3f} > {SATURATION}: probability and log-prob saturate, so patches that make the "
+               f"model even more confident barely register and several components can each look complete.",
+               "Prefer logit_diff, which does not saturate.")]
+
+
+def _corruption_notes(res: Any) -> list[Finding]:
+    name = (res.meta.get("corruption") or {}).get("name")
+    if name == "gaussian":
+        return [_f(Level.WARNING, "gaussian_noise",
+                   "Gaussian-noise corruption pushes the embeddings off the training distribution; it can create "
+                   "misleading peaks (Zhang & Nanda 2023).",
+                   "Confirm with symmetric token replacement (corruption='str') on paired prompts.")]
+    if name in ("zero", "mean"):
+        return [_f(Level.INFO, f"{name}_ablation",
+                   f"{name.capitalize()} ablation replaces activations by values the model may never see together; "
+                   f"effects include the damage of going off-distribution.",
+                   "Compare with resample ablation or symmetric token replacement.")]
+    return []
+
+
+def _window(res: Any) -> list[Finding]:
+    w = res.meta.get("window", 1)
+    if w and w > 1:
+        return [_f(Level.INFO, "layer_window",
+                   f"Each cell patches a window of {w} consecutive layers: a joint effect of the window, not of one layer.",
+                   "Try single layers first (window=1) and read windows as joint effects.")]
+    return []
+
+
+def _out_of_range(res: Any) -> list[Finding]:
+    out = []
+    lo, hi = RANGE
+    for m in res.metrics:
+        v = res.normalised(m)
+        finite = torch.isfinite(v)
+        bad = finite & ((v < lo) | (v > hi))
+        if not bad.any():
+            continue
+        n = int(bad.sum())
+        idx = torch.nonzero(bad)[:5].tolist() if v.dim() else [[]]
+        where = ", ".join(_cell_label(res, ix) + f" ({float(v[tuple(ix)]):+.2f})" for ix in idx)
+        out.append(_f(Level.WARNING, "out_of_range",
+                      f"{m}: {n} normalised value(s) outside [{lo}, {hi}], e.g. {where}: negative components "
+                      f"(pushing against the answer) or overshoot.",
+                      "Negative components can make partial circuits look like >100% recovery; inspect both signs."))
+    return out
+
+
+def _null_patch(res: Any) -> list[Finding]:
+    err = res.meta.get("null_patch_max_abs")
+    if err is None or err <= NULL_PATCH_TOL:
+        return []
+    return [_f(Level.ERROR, "null_patch_failed",
+               f"Patching the base run's own activations back into it changed the metric by {err:.3g} "
+               f"(> {NULL_PATCH_TOL}); every effect in this result is suspect.",
+               "The model is not deterministic (dropout in train mode? call model.hf.eval()) or hooks are "
+               "mis-attached; report this with the model id.")]
+
+
+def _single_direction(res: Any) -> list[Finding]:
+    if res.meta.get("compared"):
+        return []
+    d = res.meta.get("direction")
+    if d not in ("denoise", "noise"):
+        return []
+    other = "noise" if d == "denoise" else "denoise"
+    what = "sufficiency (denoising)" if d == "denoise" else "necessity (noising)"
+    return [_f(Level.INFO, "single_direction",
+               f"Only {what} was measured; the two directions are not mirror images (Heimersheim & Nanda 2024).",
+               f"Run direction='{other}' too and read both with ap.compare(denoise_result, noise_result).")]
+
+
+CHECKS = (_baselines_close, _task_failure, _prob_floor, _saturation, _corruption_notes, _window, _out_of_range,
+          _null_patch, _single_direction)
+
+
+def check(result: Any) -> list[Finding]:
+    """Every best-practice check on a :class:`~actpatch.PatchResult`; errors first.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import micro_model
+        >>> model, prompts = micro_model("and")
+        >>> res = ap.sweep(model, prompts, "mlp_out", metric=["logit_diff", "prob"], progress=False)
+        >>> [f.code for f in ap.check(res)]
+        ['single_direction']
+        >>> res = ap.sweep(model, prompts, "mlp_out", corruption=ap.GaussianNoise(), progress=False)
+        >>> [f.code for f in ap.check(res)]
+        ['gaussian_noise', 'single_direction']
+    """
+    found = [f for c in CHECKS for f in c(result)]
+    order = {Level.ERROR: 0, Level.WARNING: 1, Level.INFO: 2}
+    return sorted(found, key=lambda f: order[f.level])
+
+
+def _cell_label(res: Any, ix: list[int]) -> str:
+    return ", ".join(f"{d}={res.coords[d][i]}" for d, i in zip(res.dims, ix)) or "the patch"

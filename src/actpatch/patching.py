@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .checks import Finding, Level
+from .checks import check
 from .corruption import Corruption, Run, parse_corruption
 from .engine import run_reference
 from .errors import ActpatchError, CorruptionError
 from .hooks import capture
-from .metrics import UNDEFINED_GAP, Metric, compute_metrics, parse_metrics
+from .metrics import Metric, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention
 from .plan import Plan, default_per_position, make_plan, parse_target
 from .prompts.promptset import LengthGroup, PromptSet
@@ -98,6 +98,8 @@ def execute(
     n, P, R = len(prompts), len(plan.patches), corr.draws
     raw = {m: torch.empty(n, P) for m in metrics}
     clean_b = {m: torch.empty(n) for m in metrics}
+    clean_correct = torch.zeros(n, dtype=torch.bool)
+    null_err = 0.0
     corr_b = {m: torch.empty(n) for m in metrics}
     with ExitStack() as stack:
         if plan.uses_attention_fn:  # all runs on one attention path, so that equal inputs give equal bits
@@ -113,11 +115,21 @@ def execute(
             def measure(logits: torch.Tensor) -> dict[Metric, torch.Tensor]:
                 return compute_metrics(metrics, logits, answers, alts, clean_lp)
 
-            base_c, base_k = measure(clean_logits), measure(corr_run.logits(model))
+            idx = torch.arange(len(answers))
+            right = clean_logits[idx, answers] > clean_logits[idx, alts]
+            clean_correct[g.indices] = right.reshape(-1, R).all(1)
+            base, src_run = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
+            # Null patch: the base run's own activations written back must change nothing.
+            with base.context(model), capture(model, [s.full() for s in plan.patches[0]]) as own:
+                base_logits = model.logits(base.ids, last_only=True)
+            null = run_reference(model, base, own, plan.patches[:1], measure)
+            base_b = measure(base_logits)
+            null_err = max(null_err, max(float((null[m][0] - base_b[m]).abs().max()) for m in metrics))
+            base_c = measure(clean_logits) if base is not clean_run else base_b
+            base_k = measure(corr_run.logits(model)) if base is not corr_run else base_b
             for m in metrics:
                 clean_b[m][g.indices] = _mean_draws(base_c[m], R)
                 corr_b[m][g.indices] = _mean_draws(base_k[m], R)
-            base, src_run = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
             if corr.activation_level:
                 src_run = clean_run
             with src_run.context(model), capture(model, plan.full_sites()) as source:
@@ -144,28 +156,14 @@ def execute(
             "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
             "prompts": prompts.describe(),
             "versions": _versions(),
+            "prompt_attributes": [dict(a) for a in prompts.attributes],
+            "clean_correct": clean_correct.tolist(),
+            "null_patch_max_abs": null_err,
             **(extra_meta or {}),
         },
     )
-    result.findings.extend(_normalisation_findings(result))
+    result.findings.extend(check(result))
     return result
-
-
-def _normalisation_findings(res: PatchResult) -> list[Finding]:
-    out = []
-    for m, b in res.baselines.items():
-        if abs(b["clean"] - b["corrupted"]) <= UNDEFINED_GAP:
-            out.append(
-                Finding(
-                    Level.ERROR,
-                    "normalisation_undefined",
-                    f"{m}: clean ({b['clean']:.4g}) and corrupted ({b['corrupted']:.4g}) baselines are equal, so "
-                    f"the normalised effect is undefined and reported as NaN.",
-                    "Check that the corruption changes the behaviour (different corrupted prompts or answers), "
-                    "or read the raw metric (res.raw).",
-                )
-            )
-    return out
 
 
 def _progress(enabled: bool, total: int, plan: Plan) -> Any:

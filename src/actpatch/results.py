@@ -19,6 +19,8 @@ from .metrics import normalise
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from .stats import Interval
+
 __all__ = ["PatchResult"]
 
 FORMAT_VERSION = 1
@@ -103,6 +105,18 @@ class PatchResult:
     def per_prompt(self) -> torch.Tensor:
         """:meth:`per_prompt_normalised` of the primary metric, leading dim ``prompt``."""
         return self.per_prompt_normalised()
+
+    def ci(self, metric: str | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> "Interval":
+        """Bootstrap confidence interval of the normalised effect (see :func:`actpatch.stats.bootstrap_ci`)."""
+        from .stats import bootstrap_ci
+
+        return bootstrap_ci(self, metric, n_boot=n_boot, level=level, seed=seed)
+
+    def split_by(self, attribute: str) -> dict[Any, "PatchResult"]:
+        """One result per value of a prompt attribute (see :func:`actpatch.stats.split_by`)."""
+        from .stats import split_by
+
+        return split_by(self, attribute)
 
     def _check_metric(self, metric: str | None) -> str:
         m = metric or self.metric

@@ -77,3 +77,70 @@ def tiny_model(family: str = "llama", *, n_layers: int = 2, seed: int = 0, attn_
             if p.dim() >= 2:
                 p.mul_(4.0)
     return Model(hf, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
+    """A 2-layer GPT-2 with hand-set weights computing ``C = A AND B`` (or ``A OR B``), and its
+    prompt pair. Every number it produces can be derived on paper.
+
+    Tokens 0-3 encode two input bits (a, b) = (id >> 1, id & 1); the clean prompt is token 3
+    (a = b = 1), the corrupted one token 0 (a = b = 0); answer token 4, alternative 5.
+
+    Residual stream (12 dims) holds one-hot pairs (x, 1 - x) for a, b, A, B, C (dims 0-9) and
+    two zeros, so its mean (5/12) and standard deviation (sigma = sqrt(35)/12) are the same in
+    every run and each LayerNorm is an exact affine map. Attention is zeroed.
+
+    * layer 0 MLP (ReLU): neuron 0 computes A = a, neuron 1 B = b, neuron 2 is a constant 1 that
+      writes nothing (a component involved in neither direction); A and B are written into
+      their pairs.
+    * layer 1 MLP: AND: C = relu(A + B - 1); OR: C = relu(A + B) - relu(A + B - 1) = min(A + B, 1);
+      C is written into its pair.
+    * the unembedding reads the C pair so that logit(4) - logit(5) = 2C - 1: +1 clean, -1 corrupted.
+
+    Sites: A = ``Site("mlp_post", 0, index=0)``, B = ``index=1``, the dummy ``index=2``,
+    C = ``Site("mlp_out", 1)``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .prompts.promptset import PromptSet
+
+    if gate not in ("and", "or"):
+        raise ValueError(f"gate={gate!r}: use 'and' or 'or'")
+    cfg = GPT2Config(vocab_size=6, n_embd=12, n_layer=2, n_head=1, n_inner=4, n_positions=4,
+                     activation_function="relu", layer_norm_epsilon=1e-12, tie_word_embeddings=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg)
+    sigma = 35**0.5 / 12
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for ln in [hf.transformer.ln_f] + [m for b in hf.transformer.h for m in (b.ln_1, b.ln_2)]:
+            ln.weight.fill_(1.0)
+        for t in range(4):
+            a, b = t >> 1, t & 1
+            hf.transformer.wte.weight[t] = torch.tensor([a, 1 - a, b, 1 - b, 0, 1, 0, 1, 0, 1, 0, 0], dtype=torch.float)
+        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
+        read = lambda w, on, off, neuron: (w.__setitem__((on, neuron), sigma / 2), w.__setitem__((off, neuron), -sigma / 2))  # noqa: E731
+        read(m0.c_fc.weight, 0, 1, 0)
+        read(m0.c_fc.weight, 2, 3, 1)
+        m0.c_fc.bias[:3] = torch.tensor([0.5, 0.5, 1.0])
+        m0.c_fc.bias[3] = -1.0
+        m0.c_proj.weight[0, 4], m0.c_proj.weight[0, 5] = 1.0, -1.0
+        m0.c_proj.weight[1, 6], m0.c_proj.weight[1, 7] = 1.0, -1.0
+        for neuron in (0, 1):
+            read(m1.c_fc.weight, 4, 5, neuron)
+            read(m1.c_fc.weight, 6, 7, neuron)
+        if gate == "and":  # C = relu(A + B - 1)
+            m1.c_fc.bias[0] = 0.0
+            m1.c_fc.bias[1:] = -1.0
+            m1.c_proj.weight[0, 8], m1.c_proj.weight[0, 9] = 1.0, -1.0
+        else:  # C = relu(A + B) - relu(A + B - 1)
+            m1.c_fc.bias[0], m1.c_fc.bias[1] = 1.0, 0.0
+            m1.c_fc.bias[2:] = -1.0
+            m1.c_proj.weight[0, 8], m1.c_proj.weight[0, 9] = 1.0, -1.0
+            m1.c_proj.weight[1, 8], m1.c_proj.weight[1, 9] = -1.0, 1.0
+        hf.lm_head.weight[4, 8] = sigma
+        hf.lm_head.weight[5, 9] = sigma
+    model = Model(hf, None, name=f"micro-{gate}")
+    prompts = PromptSet.from_ids([[3]], [[0]], [4], [5], name=f"micro-{gate}")
+    return model, prompts

@@ -1,0 +1,104 @@
+"""Every Finding: one case where it fires and one where it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch import Level
+from actpatch.testing import micro_model, tiny_model
+
+
+def result(raw=((0.5, 0.2),), clean=(1.0,), corrupted=(0.0,), metric="logit_diff", **meta):
+    """A hand-made PatchResult: raw is (n_prompts, cells)."""
+    raw_t = torch.tensor(raw, dtype=torch.float)
+    res = ap.PatchResult(
+        dims=("layer",), coords={"layer": list(range(raw_t.shape[1]))},
+        raw={metric: raw_t}, clean={metric: torch.tensor(clean)}, corrupted={metric: torch.tensor(corrupted)},
+        meta={"direction": "denoise", "corruption": {"name": "str"}, "window": 1, "clean_correct": [True] * raw_t.shape[0],
+              "null_patch_max_abs": 0.0, **meta},
+    )
+    return res
+
+
+def codes(res):
+    return [f.code for f in ap.check(res)]
+
+
+def test_quiet_result_has_only_the_direction_note():
+    assert codes(result()) == ["single_direction"]
+
+
+@pytest.mark.parametrize("fires, quiet, code, level", [
+    (result(clean=(1.0,), corrupted=(1.0,)), result(), "normalisation_undefined", Level.ERROR),
+    (result(raw=((0.5,),) * 4, clean=(3.0, -2.0, 2.5, -3.0), corrupted=(-2.5, 3.0, -3.0, 2.0)),
+     result(raw=((0.5,),) * 4, clean=(1.0, 1.1, 0.9, 1.0), corrupted=(0.0, 0.1, -0.1, 0.0)),
+     "baselines_close", Level.WARNING),
+    (result(clean_correct=[True, False]), result(clean_correct=[True, True]), "task_failure", Level.WARNING),
+    (result(metric="prob", clean=(0.6,), corrupted=(0.02,)), result(metric="prob", clean=(0.6,), corrupted=(0.3,)),
+     "probability_floor", Level.WARNING),
+    (result(metric="prob", clean=(0.95,), corrupted=(0.3,)), result(metric="prob", clean=(0.8,), corrupted=(0.3,)),
+     "saturation", Level.WARNING),
+    (result(metric="logprob", clean=(-0.02,), corrupted=(-3.0,)), result(metric="logprob", clean=(-0.5,), corrupted=(-3.0,)),
+     "saturation", Level.WARNING),
+    (result(corruption={"name": "gaussian"}), result(corruption={"name": "str"}), "gaussian_noise", Level.WARNING),
+    (result(corruption={"name": "zero"}), result(corruption={"name": "resample"}), "zero_ablation", Level.INFO),
+    (result(corruption={"name": "mean"}), result(), "mean_ablation", Level.INFO),
+    (result(window=3), result(window=1), "layer_window", Level.INFO),
+    (result(raw=((1.5, 0.2),)), result(raw=((1.1, -0.1),)), "out_of_range", Level.WARNING),
+    (result(null_patch_max_abs=0.3), result(null_patch_max_abs=1e-7), "null_patch_failed", Level.ERROR),
+    (result(direction="noise"), result(direction="noise", compared=True), "single_direction", Level.INFO),
+])
+def test_each_finding_fires_and_stays_quiet(fires, quiet, code, level):
+    found = {f.code: f for f in ap.check(fires)}
+    assert code in found, codes(fires)
+    assert found[code].level is level and found[code].message and found[code].advice
+    assert code not in codes(quiet)
+
+
+def test_messages_carry_numbers():
+    f = {x.code: x for x in ap.check(result(metric="prob", clean=(0.6,), corrupted=(0.02,)))}["probability_floor"]
+    assert "0.020" in f.message and "-0.034" in f.message  # floor = -0.02 / 0.58
+    f = {x.code: x for x in ap.check(result(clean_correct=[True, False, False, True]))}["task_failure"]
+    assert "2 of 4" in f.message and "[1, 2]" in f.message
+    f = {x.code: x for x in ap.check(result(raw=((1.5, 0.2),)))}["out_of_range"]
+    assert "layer=0 (+1.50)" in f.message
+
+
+def test_errors_come_first():
+    found = ap.check(result(clean=(1.0,), corrupted=(1.0,), corruption={"name": "gaussian"}))
+    assert [f.level for f in found] == sorted((f.level for f in found), key=[Level.ERROR, Level.WARNING, Level.INFO].index)
+
+
+# -- the checks that need a model run ------------------------------------------------------------
+
+def test_null_patch_fails_loudly_on_a_nondeterministic_model():
+    m = tiny_model("gpt2")
+    ps = ap.PromptSet.from_ids([[2, 3, 4, 5], [3, 4, 5, 6]], [[2, 9, 4, 5], [3, 8, 5, 6]], [7, 7], [8, 8])
+    ok = ap.sweep(m, ps, "resid_pre", progress=False)
+    assert "null_patch_failed" not in [f.code for f in ok.findings] and ok.meta["null_patch_max_abs"] < 1e-5
+    for mod in m.hf.modules():  # dropout on, as if someone forgot model.eval()
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.5
+    m.hf.train()
+    try:
+        bad = ap.sweep(m, ps, "resid_pre", progress=False)
+    finally:
+        m.hf.eval()
+    assert bad.findings[0].code == "null_patch_failed" and bad.findings[0].level is Level.ERROR
+
+
+def test_task_failure_from_a_real_run():
+    model, _ = micro_model("and")
+    swapped = ap.PromptSet.from_ids([[3], [3]], [[0], [0]], [4, 5], [5, 4])  # second prompt: answer is wrong
+    res = ap.sweep(model, swapped, "mlp_out", progress=False)
+    assert res.meta["clean_correct"] == [True, False]
+    assert "task_failure" in [f.code for f in res.findings]
+
+
+def test_findings_survive_save_load(tmp_path):
+    res = result(corruption={"name": "gaussian"})
+    res.findings = ap.check(res)
+    back = ap.PatchResult.load(res.save(tmp_path / "r"))
+    assert back.findings == res.findings

@@ -1,0 +1,83 @@
+"""AND / OR micro-models with hand-set weights: the direction comparison must label each
+component as derived on paper (see actpatch.testing.micro_model for the weights).
+
+Clean prompt a = b = 1, corrupted a = b = 0; logit difference LD = 2C - 1 (clean +1,
+corrupted -1), so normalised = (LD + 1) / 2 = C after patching.
+
+AND, C = relu(A + B - 1):
+  denoise A alone: A=1, B=0 -> C = 0 -> sufficiency 0;  noise A alone: A=0, B=1 -> C = 0 -> necessity 1
+  => A, B: necessary_not_sufficient (AND-like). C itself: denoise -> 1, noise -> 0: both.
+OR, C = min(A + B, 1):
+  denoise A alone: C = 1 -> sufficiency 1;  noise A alone: C = 1 -> necessity 0
+  => A, B: sufficient_not_necessary (OR-like). C: both.
+The constant neuron (index 2) is the same in every run: neither, in both models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch import Role, Site
+from actpatch.testing import micro_model
+
+EXPECTED = {
+    "and": {"A": (0.0, 1.0, Role.NECESSARY_NOT_SUFFICIENT), "B": (0.0, 1.0, Role.NECESSARY_NOT_SUFFICIENT)},
+    "or": {"A": (1.0, 0.0, Role.SUFFICIENT_NOT_NECESSARY), "B": (1.0, 0.0, Role.SUFFICIENT_NOT_NECESSARY)},
+}
+
+
+@pytest.mark.parametrize("gate", ["and", "or"])
+def test_micro_model_truth_table(gate):
+    model, _ = micro_model(gate)
+    for t in range(4):
+        a, b = t >> 1, t & 1
+        c = (a and b) if gate == "and" else (a or b)
+        lg = model.logits(torch.tensor([[t]]), last_only=True)[0]
+        assert abs((lg[4] - lg[5]).item() - (2 * c - 1)) < 1e-5
+
+
+@pytest.mark.parametrize("gate", ["and", "or"])
+def test_compare_labels_and_or_components(gate):
+    model, prompts = micro_model(gate)
+    kw = dict(target="mlp_post", layers=[0], neurons=[0, 1, 2], progress=False)
+    den = ap.sweep(model, prompts, direction="denoise", **kw)
+    noi = ap.sweep(model, prompts, direction="noise", **kw)
+    cmp = ap.compare(den, noi)
+    for name, neuron in (("A", 0), ("B", 1)):
+        suff, nec, role = EXPECTED[gate][name]
+        assert abs(float(cmp.sufficiency[0, neuron]) - suff) < 1e-5
+        assert abs(float(cmp.necessity[0, neuron]) - nec) < 1e-5
+        assert cmp.role_at(0, neuron) is role
+    assert cmp.role_at(0, 2) is Role.NEITHER
+    assert abs(float(cmp.sufficiency[0, 2])) < 1e-6 and abs(float(cmp.necessity[0, 2])) < 1e-6
+    # C is a bottleneck in both gates
+    cd = ap.patch(model, prompts, [Site("mlp_out", 1)], direction="denoise")
+    cn = ap.patch(model, prompts, [Site("mlp_out", 1)], direction="noise")
+    c_cmp = ap.compare(cd, cn)
+    assert c_cmp.roles == [Role.SUFFICIENT_AND_NECESSARY]
+    # comparing removes the single-direction advice
+    assert "single_direction" not in [f.code for f in den.findings + noi.findings]
+    df = cmp.to_pandas()
+    assert list(df.role) == [EXPECTED[gate]["A"][2].value, EXPECTED[gate]["B"][2].value, "neither"]
+    scatter = cmp.scatter_data()
+    assert scatter["x"][0] == pytest.approx(EXPECTED[gate]["A"][0], abs=1e-5) and len(scatter["label"]) == 3
+
+
+def test_thresholds_are_configurable():
+    model, prompts = micro_model("or")
+    kw = dict(target="mlp_post", layers=[0], neurons=[0], progress=False)
+    den, noi = (ap.sweep(model, prompts, direction=d, **kw) for d in ("denoise", "noise"))
+    assert ap.compare(den, noi, sufficient=1.5).roles == [Role.NEITHER]
+    assert ap.compare(den, noi, necessary=-0.5).roles == [Role.SUFFICIENT_AND_NECESSARY]
+
+
+def test_compare_refuses_mismatched_inputs():
+    model, prompts = micro_model("and")
+    den = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0, 1], progress=False)
+    noi = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0], direction="noise", progress=False)
+    with pytest.raises(ap.ResultError, match="different grids"):
+        ap.compare(den, noi)
+    with pytest.raises(ap.ResultError, match="pass the denoising result first"):
+        ap.compare(noi, den)
