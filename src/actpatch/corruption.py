@@ -59,6 +59,17 @@ class Run:
             return model.logits(self.ids, last_only=True)
 
 
+def first_difference(a: Run, b: Run) -> int:
+    """First position where two runs' inputs (ids or embedding noise) differ in any row; the
+    sequence length if they never do. Before it, causal models compute identical activations."""
+    diff = (a.ids != b.ids).any(0)
+    for noise in (a.embed_noise, b.embed_noise):
+        if noise is not None:
+            diff = diff | (noise != 0).any(-1).any(0)
+    where = diff.nonzero()
+    return int(where[0]) if len(where) else int(a.ids.shape[1])
+
+
 class Corruption:
     """Base class. ``draws`` runs per prompt; the batch is prompt-major (``g * draws + r``)."""
 

@@ -95,7 +95,8 @@ def compute_metrics(
 ) -> dict[Metric, torch.Tensor]:
     """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32)."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    needs_lp = any(m in (Metric.LOGPROB, Metric.PROB, Metric.KL) for m in metrics)
+    logprobs = torch.log_softmax(logits, dim=-1) if needs_lp else logits  # unused when not needed
     out: dict[Metric, torch.Tensor] = {}
     for m in metrics:
         if m is Metric.KL:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .checks import check
-from .corruption import Corruption, Run, parse_corruption
-from .engine import run_reference
+from .corruption import Corruption, Run, first_difference, parse_corruption
+from .engine import BATCHED_KINDS, run_batched, run_reference
 from .errors import ActpatchError, CorruptionError
 from .hooks import capture
 from .metrics import Metric, compute_metrics, parse_metrics
@@ -36,7 +36,8 @@ class Direction(str, enum.Enum):
     """Run the clean prompt, write corrupted activations: is the site *necessary*?"""
 
 
-ENGINES = ("reference",)
+ENGINES = ("auto", "batched", "reference")
+"""``auto``: batched where it supports the target (all but embed / resid_final), else reference."""
 
 
 def _direction(direction: str | Direction) -> Direction:
@@ -74,7 +75,8 @@ def execute(
     corruption: str | Corruption = "str",
     metric: str | Metric | Sequence[str | Metric] = "logit_diff",
     seed: int = 0,
-    engine: str = "reference",
+    engine: str = "auto",
+    chunk_size: int | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> PatchResult:
@@ -84,6 +86,10 @@ def execute(
     metrics = parse_metrics(metric)
     if engine not in ENGINES:
         raise ActpatchError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
+    batchable = all(s.kind in BATCHED_KINDS for p in plan.patches for s in p)
+    if engine == "batched" and not batchable:
+        raise ActpatchError(f"The batched engine does not patch {plan.target.value!r}; use engine='reference' or 'auto'.")
+    engine = ("batched" if batchable else "reference") if engine == "auto" else engine
     if corr.activation_level and d is Direction.DENOISE:
         raise CorruptionError(
             f"Corruption {corr.name!r} replaces activations, so there is no corrupted run to denoise. "
@@ -102,7 +108,7 @@ def execute(
     null_err = 0.0
     corr_b = {m: torch.empty(n) for m in metrics}
     with ExitStack() as stack:
-        if plan.uses_attention_fn:  # all runs on one attention path, so that equal inputs give equal bits
+        if plan.uses_attention_fn or engine == "batched":  # one attention path for all runs: equal inputs, equal bits
             stack.enter_context(actpatch_attention(model.hf))
         advance = stack.enter_context(_progress(progress and P * len(groups) > 1, P * len(groups), plan))
         for g in groups:
@@ -110,10 +116,10 @@ def execute(
             answers = g.answers.repeat_interleave(R)
             alts = g.alternatives.repeat_interleave(R)
             clean_logits = clean_run.logits(model)
-            clean_lp = torch.log_softmax(clean_logits.float(), -1)
+            clean_lp = torch.log_softmax(clean_logits.float(), -1) if Metric.KL in metrics else clean_logits
 
-            def measure(logits: torch.Tensor) -> dict[Metric, torch.Tensor]:
-                return compute_metrics(metrics, logits, answers, alts, clean_lp)
+            def measure(logits: torch.Tensor, rows: torch.Tensor) -> dict[Metric, torch.Tensor]:
+                return compute_metrics(metrics, logits, answers[rows], alts[rows], clean_lp[rows])
 
             idx = torch.arange(len(answers))
             right = clean_logits[idx, answers] > clean_logits[idx, alts]
@@ -123,10 +129,10 @@ def execute(
             with base.context(model), capture(model, [s.full() for s in plan.patches[0]]) as own:
                 base_logits = model.logits(base.ids, last_only=True)
             null = run_reference(model, base, own, plan.patches[:1], measure)
-            base_b = measure(base_logits)
+            base_b = measure(base_logits, idx)
             null_err = max(null_err, max(float((null[m][0] - base_b[m]).abs().max()) for m in metrics))
-            base_c = measure(clean_logits) if base is not clean_run else base_b
-            base_k = measure(corr_run.logits(model)) if base is not corr_run else base_b
+            base_c = measure(clean_logits, idx) if base is not clean_run else base_b
+            base_k = measure(corr_run.logits(model), idx) if base is not corr_run else base_b
             for m in metrics:
                 clean_b[m][g.indices] = _mean_draws(base_c[m], R)
                 corr_b[m][g.indices] = _mean_draws(base_k[m], R)
@@ -136,7 +142,12 @@ def execute(
                 model.logits(src_run.ids, last_only=True)
             if corr.activation_level:
                 source = {s: corr.source(a) for s, a in source.items()}
-            out = run_reference(model, base, source, plan.patches, measure, advance)
+            if engine == "batched":
+                start = 0 if corr.activation_level else first_difference(base, src_run)
+                out = run_batched(model, base, source, plan.patches, measure, advance, diff_start=start,
+                                  chunk_size=chunk_size)
+            else:
+                out = run_reference(model, base, source, plan.patches, measure, advance)
             for m in metrics:
                 raw[m][g.indices] = _mean_draws(out[m], R).T
     shape = plan.shape
@@ -198,7 +209,8 @@ def sweep(
     neurons: Sequence[int] | None = None,
     window: int = 1,
     seed: int = 0,
-    engine: str = "reference",
+    engine: str = "auto",
+    chunk_size: int | None = None,
     progress: bool = True,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
@@ -215,6 +227,9 @@ def sweep(
         per_position: add / drop the position axis (default: on for residual-like targets).
         layers, positions, heads, neurons: restrict an axis. window: patch ``window``
             consecutive layers together (joint effect).
+        engine: ``"auto"`` (batched where supported), ``"batched"`` or ``"reference"`` (one
+            forward pass per patch: the slow, obviously right oracle). chunk_size: patches per
+            batched forward pass (default: from the memory available).
 
     Returns:
         A :class:`PatchResult`; ``res.values`` is the normalised effect (1 = clean, 0 = corrupted).
@@ -227,7 +242,7 @@ def sweep(
         >>> res = ap.sweep(m, ps, "resid_pre", progress=False)
         >>> res.dims, tuple(res.values.shape)
         (('layer', 'pos'), (2, 4))
-        >>> float(res.values[0, 1])  # the corrupted position restores everything at layer 0
+        >>> round(float(res.values[0, 1]), 5)  # the corrupted position restores everything at layer 0
         1.0
     """
     kind = parse_target(target)
@@ -237,7 +252,7 @@ def sweep(
     plan = make_plan(model, target, seq_len=seq_len, pos_labels=labels, per_position=wants_pos, layers=layers,
                      positions=positions, heads=heads, neurons=neurons, window=window)
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                   engine=engine, progress=progress, extra_meta={"window": window})
+                   engine=engine, chunk_size=chunk_size, progress=progress, extra_meta={"window": window})
 
 
 def patch(
@@ -249,6 +264,7 @@ def patch(
     corruption: str | Corruption = "str",
     metric: str | Metric | Sequence[str | Metric] = "logit_diff",
     seed: int = 0,
+    engine: str = "auto",
 ) -> PatchResult:
     """One patch: write all ``sites`` together. The result has no dims (``res.values`` is a
     0-d tensor).
@@ -265,4 +281,4 @@ def patch(
         raise ActpatchError("patch() needs at least one Site.")
     plan = Plan(target=sites[0].kind, dims=(), coords={}, patches=(tuple(sites),))
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                   progress=False, extra_meta={"sites": [str(s) for s in sites]})
+                   engine=engine, progress=False, extra_meta={"sites": [str(s) for s in sites]})

@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..plan import Patch
 
-Measure = Callable[[torch.Tensor], dict[Metric, torch.Tensor]]
-"""Last-position logits (B, vocab) -> raw metric values per metric, each (B,)."""
+Measure = Callable[[torch.Tensor, torch.Tensor], dict[Metric, torch.Tensor]]
+"""(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}."""
 
 
 def run_reference(
@@ -32,11 +32,12 @@ def run_reference(
     activations of the source run, batch-aligned with ``base``). Returns ``{metric: (n_patches,
     B)}``."""
     rows: list[dict[Metric, torch.Tensor]] = []
+    all_rows = torch.arange(base.ids.shape[0])
     for patch in patches:
         values = {site: source[site.full()][site.selector()] for site in patch}
         with base.context(model), intervene(model, values):
             logits = model.logits(base.ids, last_only=True)
-        rows.append(measure(logits))
+        rows.append(measure(logits, all_rows))
         if advance is not None:
             advance(1)
     return {m: torch.stack([r[m] for r in rows]) for m in rows[0]}

@@ -47,6 +47,9 @@ class FamilySpec:
     """The MLP's output projection; its input are the neurons (mlp_post)."""
     mlp_in_norm: str | None
     """Norm whose input is resid_mid; None when attention and MLP run in parallel."""
+    rotary: str | None = None
+    """Rotary position embedding module (model-level path); None when positions are added to
+    the embeddings (GPT-2)."""
     parallel_flag: str | None = None
     """Config attribute that, when true, makes attention and MLP parallel (GPT-NeoX)."""
     n_heads_attr: str = "num_attention_heads"
@@ -99,6 +102,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_out="mlp",
         mlp_down="mlp.down_proj",
         mlp_in_norm="post_attention_layernorm",
+        rotary="model.rotary_emb",
         refuse=_LLAMA_REFUSE,
     ),
     FamilySpec(
@@ -114,6 +118,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_out="mlp",
         mlp_down="mlp.dense_4h_to_h",
         mlp_in_norm="post_attention_layernorm",
+        rotary="gpt_neox.rotary_emb",
         parallel_flag="use_parallel_residual",
         n_kv_heads_attr=None,
     ),
@@ -130,6 +135,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_out="post_feedforward_layernorm",
         mlp_down="mlp.down_proj",
         mlp_in_norm="pre_feedforward_layernorm",
+        rotary="model.rotary_emb",
     ),
 )
 
@@ -213,6 +219,34 @@ class Adapter:
 
     def unembed_weight(self) -> torch.Tensor:
         return self.hf_model.get_output_embeddings().weight
+
+    # -- running parts of the model (the batched engine) ------------------------------------
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """What the blocks need for positions ``position_ids`` (1, T): rotary (cos, sin), or None."""
+        if self.spec.rotary is None:
+            return None
+        return _get(self.hf_model, self.spec.rotary)(hidden, position_ids=position_ids)
+
+    def run_block(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+        """Block ``layer`` on ``hidden`` (B, T, d_model) with no mask (the actpatch attention
+        function then applies a causal mask, offset by any key/value prefix)."""
+        kwargs: dict[str, Any] = {"attention_mask": None}
+        if self.spec.rotary is not None:
+            kwargs.update(position_ids=position_ids, position_embeddings=position_embeddings)
+        out = self.blocks[layer](hidden, **kwargs)
+        return _first_tensor(out)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final residual states (..., d_model): final norm, unembedding, soft-capping."""
+        logits = self.hf_model.get_output_embeddings()(_get(self.hf_model, self.spec.final_norm)(hidden))
+        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def adapter_for(hf_model: nn.Module) -> Adapter:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..sites import SiteKind
 
-__all__ = ["ATTN_IMPL", "attention_hooks", "actpatch_attention"]
+__all__ = ["ATTN_IMPL", "attention_hooks", "actpatch_attention", "key_value_prefix"]
 
 ATTN_IMPL = "actpatch"
 
@@ -32,6 +32,9 @@ HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 _ACTIVE: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
 _seq = itertools.count()
 _registered = False
+# id(attention module) -> (keys, values) of earlier positions, (B, KVH, prefix, D), prepended to
+# the keys / values of the positions being computed (suffix runs of the batched engine).
+_PREFIX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _run(module: nn.Module, kind: SiteKind, x: torch.Tensor) -> torch.Tensor:
@@ -60,21 +63,50 @@ def _actpatch_attention(
     q = _run(module, SiteKind.Q, query.transpose(1, 2)).transpose(1, 2)
     k = _run(module, SiteKind.K, key.transpose(1, 2)).transpose(1, 2)
     v = _run(module, SiteKind.V, value.transpose(1, 2)).transpose(1, 2)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    prefix = _PREFIX.get(id(module))
+    if prefix is not None:
+        k = torch.cat([prefix[0].to(k.dtype), k], dim=2)
+        v = torch.cat([prefix[1].to(v.dtype), v], dim=2)
+    B, H, Tq, D = q.shape
+    kvh, Tk = k.shape[1], k.shape[2]
+    g = H // kvh  # grouped-query attention: query head h reads KV head h // g (no copies)
     if scaling is None:
-        scaling = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
+        scaling = D**-0.5
+    scores = torch.matmul(q.reshape(B, kvh, g, Tq, D), k.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+        scores = scores + attention_mask[:, :, :, :Tk]
+    else:  # suffix runs pass no mask: causal, queries are the last Tq of Tk positions
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        scores = scores.masked_fill(~_causal(Tq, Tk, window, scores.device), float("-inf"))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     pattern = _run(module, SiteKind.PATTERN, pattern)
-    out = torch.matmul(pattern, v).transpose(1, 2).contiguous()  # (B, Tq, H, D)
+    out = torch.matmul(pattern.reshape(B, kvh, g, Tq, Tk), v.unsqueeze(2)).reshape(B, H, Tq, -1)
+    out = out.transpose(1, 2).contiguous()  # (B, Tq, H, D)
     return out, pattern
+
+
+def _causal(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) mask of allowed keys: query i sits at absolute position tk - tq + i."""
+    qpos = torch.arange(tk - tq, tk, device=device)[:, None]
+    kpos = torch.arange(tk, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed = allowed & (qpos - kpos < window)
+    return allowed
+
+
+@contextmanager
+def key_value_prefix(prefixes: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Prepend cached keys / values (B, KVH, prefix, D) per attention module while open."""
+    for module, kv in prefixes.items():
+        _PREFIX[id(module)] = kv
+    try:
+        yield
+    finally:
+        for module in prefixes:
+            _PREFIX.pop(id(module), None)
 
 
 def _ensure_registered() -> None:
