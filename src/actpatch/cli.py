@@ -1,39 +1,121 @@
-"""The ``actpatch`` command line (typer)."""
+"""The ``actpatch`` command line: ``demo``, ``run CONFIG.yaml``, ``report DIR``, ``models``.
+
+Errors print one line and exit with status 1; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import functools
+import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(help="Activation patching on Hugging Face causal LMs.", no_args_is_help=True, add_completion=False)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors into one line and exit status 1 (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import ActpatchError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ActpatchError, OSError) as e:
+            if _state["debug"]:
+                raise
+            msg = str(e).strip().splitlines()
+            err_console.print(f"[bold red]error:[/bold red] {msg[0] if msg else type(e).__name__}", markup=True, highlight=False)
+            for line in msg[1:]:
+                err_console.print(f"  {line}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
 
 
 @app.command()
+@_friendly
 def models() -> None:
     """List the supported model families and the bundled model."""
     from .models.adapters import supported_families
     from .models.loading import BUNDLED
 
     console.print("[bold]Supported families[/bold]")
-    console.print(supported_families())
+    console.print(supported_families(), markup=False)
     console.print("[bold]Bundled[/bold]")
     for name, desc in BUNDLED.items():
-        console.print(f"  {name}: {desc}")
+        console.print(f"  {name}: {desc}", markup=False)
+
+
+def _finish(results: dict, out: Path, title: str, t0: float) -> None:
+    from .report import write_report
+
+    path = write_report(results, out, title=title)
+    n_find = sum(len(r.findings) for r in results.values())
+    console.print(f"{len(results)} results and {n_find} findings in {time.perf_counter() - t0:.1f} s")
+    console.print(f"Report: [bold]{path.resolve()}[/bold]  (figures as SVG in {(out / 'figures').resolve()})")
 
 
 @app.command()
+@_friendly
 def demo(
+    out: Path = typer.Option(Path("out/demo"), help="Output directory (results, report.html, figures/)."),
     n_prompts: int = typer.Option(8, help="IOI prompts to use."),
-    out: Path = typer.Option(Path("out/demo"), help="Where to save the results."),
 ) -> None:
-    """IOI on the bundled model: baselines and a residual-stream denoising sweep."""
+    """IOI on the bundled model: residual stream, attention and MLP outputs per (layer, position)
+    and every head, both directions, logit difference and probability, findings, report."""
     from .demo import run_demo
 
-    run_demo(console, n_prompts=n_prompts, out=out)
+    t0 = time.perf_counter()
+    results = run_demo(console, n_prompts=n_prompts, out=out)
+    _finish(results, out, "actpatch demo: IOI on SmolLM2-135M-Instruct", t0)
+
+
+@app.command()
+@_friendly
+def run(
+    config: Path = typer.Argument(..., help="Experiment YAML (see examples/)."),
+    out: Path = typer.Option(None, help="Output directory (default: out/<config name>)."),
+) -> None:
+    """Run an experiment from a config; resumes an interrupted run in the same directory."""
+    from .config import load_config
+    from .runner import run_experiment
+
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    out = out or Path("out") / config.stem
+    results = run_experiment(cfg, out, log=lambda s: console.print(s, markup=False))
+    _finish(results, out, f"actpatch: {config.name}", t0)
+
+
+@app.command()
+@_friendly
+def report(directory: Path = typer.Argument(..., help="A run directory with saved results.")) -> None:
+    """Rebuild report.html and figures from saved results."""
+    from .report import write_report
+    from .runner import load_run
+
+    _, results = load_run(directory)
+    path = write_report(results, directory, title=f"actpatch: {directory.name}")
+    console.print(f"Report: [bold]{path.resolve()}[/bold]")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    sys.exit(app())

@@ -15,7 +15,8 @@ class                          reading               typical cause
 sufficient_and_necessary       both high             a bottleneck on the path
 sufficient_not_necessary       denoise only (OR)     redundant / backup components, OR gates
 necessary_not_sufficient       noise only (AND)      one input of an AND, needs its partners
-neither                        both low              not involved in the clean/corrupted difference
+negative                       both clearly < 0      pushes against the answer (negative heads)
+neither                        otherwise             not involved in the clean/corrupted difference
 =============================  ====================  =====================================
 """
 
@@ -46,6 +47,9 @@ class Role(str, enum.Enum):
     """Restores the behaviour alone, but the model copes without it: OR-like, redundant, backup."""
     NECESSARY_NOT_SUFFICIENT = "necessary_not_sufficient"
     """Its corruption breaks the behaviour, but it cannot restore it alone: AND-like."""
+    NEGATIVE = "negative"
+    """Both readings are clearly negative: restoring it hurts, corrupting it helps. A component
+    that pushes against the answer (e.g. IOI's negative name movers)."""
     NEITHER = "neither"
     """Neither reading crosses its threshold."""
 
@@ -92,7 +96,9 @@ class Comparison:
         return {"x": df.sufficiency.tolist(), "y": df.necessity.tolist(), "label": labels, "role": df.role.tolist()}
 
     def counts(self) -> dict[str, int]:
-        return {r.value: sum(1 for x in self.roles if x is r) for r in Role}
+        """How many components have each role (roles with none left out)."""
+        out = {r.value: sum(1 for x in self.roles if x is r) for r in Role}
+        return {k: v for k, v in out.items() if v}
 
 
 def compare(
@@ -102,12 +108,14 @@ def compare(
     metric: str | None = None,
     sufficient: float = 0.5,
     necessary: float = 0.5,
+    negative: float = 0.1,
 ) -> Comparison:
     """Classify every component from a denoising and a noising result over the same grid.
 
     Args:
         sufficient: sufficiency at or above this counts as sufficient (default 0.5).
         necessary: necessity (1 - noised value) at or above this counts as necessary (0.5).
+        negative: both readings at or below minus this count as negative (0.1).
 
     Example:
         >>> import actpatch as ap
@@ -139,6 +147,7 @@ def compare(
             Role.SUFFICIENT_AND_NECESSARY if is_s and is_n
             else Role.SUFFICIENT_NOT_NECESSARY if is_s
             else Role.NECESSARY_NOT_SUFFICIENT if is_n
+            else Role.NEGATIVE if s <= -negative and n <= -negative
             else Role.NEITHER
         )
     for r in (denoise, noise):

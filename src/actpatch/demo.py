@@ -1,4 +1,4 @@
-"""The demo job: IOI on the bundled model, both directions, compared, with intervals and findings."""
+"""The demo job: IOI on the bundled model through the same machinery as ``actpatch run``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,27 @@ from rich.console import Console
 from rich.table import Table
 
 from .compare import Comparison, compare
+from .config import ExperimentConfig, PromptsConfig, TargetConfig
 from .results import PatchResult
+
+DEMO_TEMPLATES = [0, 2, 6]
+"""IOI templates of one token length (14 with the bundled tokenizer), so positions align."""
+
+
+def demo_config(n_prompts: int = 8) -> ExperimentConfig:
+    return ExperimentConfig(
+        model="smollm2-135m",
+        prompts=PromptsConfig(builder="ioi", n=n_prompts, seed=0, templates=DEMO_TEMPLATES),
+        targets=[TargetConfig(target=t) for t in ("resid_pre", "attn_out", "mlp_out", "z")],
+        directions=["denoise", "noise"],
+        metrics=["logit_diff", "prob"],
+    )
 
 
 def grid_table(res: PatchResult, title: str, metric: str | None = None) -> Table:
     """A 2-D table of normalised effects (rows: first dim, columns: second), coloured by size."""
     values = res.normalised(metric)
-    rows, cols = res.dims
+    rows, cols = res.dims[:2]
     table = Table(title=title, pad_edge=False)
     table.add_column(rows, justify="right")
     for label in res.coords[cols]:
@@ -28,50 +42,40 @@ def grid_table(res: PatchResult, title: str, metric: str | None = None) -> Table
     return table
 
 
-def top_components_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int = 12) -> Table:
-    """The components with the largest max(sufficiency, necessity), with 95% bootstrap CIs."""
+def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int = 10) -> Table:
+    """Heads with the largest sufficiency or necessity, with 95% bootstrap CIs."""
     ci_d, ci_n = den.ci(n_boot=1000), noi.ci(n_boot=1000)
     df = cmp.to_pandas()
     df["ci_d"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(ci_d.low.flatten().tolist(), ci_d.high.flatten().tolist())]
-    # necessity = 1 - noised value: its interval is 1 - (high, low)
     df["ci_n"] = [f"[{1 - hi:+.2f}, {1 - lo:+.2f}]" for lo, hi in zip(ci_n.low.flatten().tolist(), ci_n.high.flatten().tolist())]
     df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
-    table = Table(title=f"Top {k} heads: denoising (sufficiency) vs noising (necessity), 95% bootstrap CIs")
+    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), 95% bootstrap CIs")
     for col in (*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI ", "role"):
-        table.add_column(col, justify="right" if col != "role" else "left")
+        table.add_column(col, justify="left" if col == "role" else "right")
     for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
         table.add_row(*(str(r[d]) for d in cmp.dims), f"{r.sufficiency:+.2f}", r.ci_d, f"{r.necessity:+.2f}", r.ci_n, r.role)
     return table
 
 
-def run_demo(console: Console, n_prompts: int = 8, out: Path | None = None) -> dict[str, PatchResult]:
-    """IOI on the bundled model: residual stream and per-head sweeps in both directions,
-    compared, with confidence intervals and findings; results saved under ``out``."""
-    from .models.loading import load_model
-    from .patching import sweep
-    from .prompts import ioi, keep_correct
+def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo")) -> dict[str, PatchResult]:
+    """Run the demo experiment into ``out`` and print the highlights."""
+    from .runner import resolve_model, run_experiment
 
+    cfg = demo_config(n_prompts)
     with console.status("Loading the bundled model (first time: ~20 s to dequantise, then cached)"):
-        model = load_model()
-    console.print(repr(model))
-    prompts = ioi(model, n=n_prompts, seed=0, templates=[0, 2, 6])  # three templates of one token length
-    prompts, share = keep_correct(model, prompts)
-    console.print(f"IOI: {len(prompts)} prompts (model right on {share:.0%}), corruption: S2 -> IO name")
-    for clean, corrupted, a, b in prompts.meta["texts"][:2]:
+        model = resolve_model(cfg.model)
+    console.print(repr(model), markup=False)
+    results = run_experiment(cfg, out, model=model, log=lambda s: console.print(s, markup=False))
+    den = results["resid_pre_denoise"]
+    texts = den.meta.get("prompt_texts") or []
+    for clean, corrupted, a, b in texts[:2]:
         console.print(f"  clean:     {clean!r} -> {a!r}\n  corrupted: {corrupted!r} -> {b!r}", markup=False)
-    results: dict[str, PatchResult] = {}
-    for target in ("resid_pre", "z"):
-        for direction in ("denoise", "noise"):
-            results[f"{target}_{direction}"] = sweep(model, prompts, target, direction=direction,
-                                                     metric=["logit_diff", "prob"])
-    base = results["resid_pre_denoise"]
-    for m, b in base.baselines.items():
+    for m, b in den.baselines.items():
         console.print(f"  {m:>10}: clean {b['clean']:+.3f}   corrupted {b['corrupted']:+.3f}")
-    compare(results["resid_pre_denoise"], results["resid_pre_noise"])
-    console.print(grid_table(results["resid_pre_denoise"], "resid_pre denoising (sufficiency), logit difference"))
-    console.print(grid_table(results["resid_pre_noise"], "resid_pre noising (1 = no damage), logit difference"))
+    console.print(grid_table(den, "resid_pre denoising (sufficiency), logit difference, 1 = clean"))
+    console.print(grid_table(results["resid_pre_noise"], "resid_pre noising, logit difference (1 = no damage, 0 = broken)"))
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
-    console.print(top_components_table(heads, results["z_denoise"], results["z_noise"]))
+    console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))
     console.print(f"Head roles (thresholds 0.1): {heads.counts()}")
     seen = set()
     for name, res in results.items():
@@ -79,8 +83,4 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path | None = None) -> d
             if (f.code, f.message) not in seen:
                 seen.add((f.code, f.message))
                 console.print(f"{name}: {f}", markup=False)
-    if out is not None:
-        for name, res in results.items():
-            res.save(out / name)
-        console.print(f"Saved {len(results)} results under {out}/")
     return results

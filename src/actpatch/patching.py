@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from .checkpoint import UnitStore
 from .checks import check
 from .corruption import Corruption, Run, first_difference, parse_corruption
 from .engine import BATCHED_KINDS, run_batched, run_reference
@@ -16,7 +17,7 @@ from .errors import ActpatchError, CorruptionError
 from .hooks import capture
 from .metrics import Metric, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention
-from .plan import Plan, default_per_position, make_plan, parse_target
+from .plan import Patch, Plan, default_per_position, make_plan, parse_target
 from .prompts.promptset import LengthGroup, PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
@@ -79,6 +80,8 @@ def execute(
     chunk_size: int | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    store: UnitStore | None = None,
+    unit_size: int = 64,
 ) -> PatchResult:
     """Run every patch of ``plan`` over ``prompts`` and label the outcome (see :func:`sweep`)."""
     d = _direction(direction)
@@ -111,7 +114,7 @@ def execute(
         if plan.uses_attention_fn or engine == "batched":  # one attention path for all runs: equal inputs, equal bits
             stack.enter_context(actpatch_attention(model.hf))
         advance = stack.enter_context(_progress(progress and P * len(groups) > 1, P * len(groups), plan))
-        for g in groups:
+        for gi, g in enumerate(groups):
             clean_run, corr_run = _group_runs(model, prompts, g, corr, seed)
             answers = g.answers.repeat_interleave(R)
             alts = g.alternatives.repeat_interleave(R)
@@ -142,12 +145,15 @@ def execute(
                 model.logits(src_run.ids, last_only=True)
             if corr.activation_level:
                 source = {s: corr.source(a) for s, a in source.items()}
-            if engine == "batched":
-                start = 0 if corr.activation_level else first_difference(base, src_run)
-                out = run_batched(model, base, source, plan.patches, measure, advance, diff_start=start,
-                                  chunk_size=chunk_size)
-            else:
-                out = run_reference(model, base, source, plan.patches, measure, advance)
+            start = 0 if corr.activation_level else first_difference(base, src_run)
+
+            def run(patches: Sequence[Patch]) -> dict[Metric, torch.Tensor]:
+                if engine == "batched":
+                    return run_batched(model, base, source, patches, measure, advance, diff_start=start,
+                                       chunk_size=chunk_size)
+                return run_reference(model, base, source, patches, measure, advance)
+
+            out = run(plan.patches) if store is None else _run_units(run, plan.patches, store, gi, unit_size, metrics, advance)
             for m in metrics:
                 raw[m][g.indices] = _mean_draws(out[m], R).T
     shape = plan.shape
@@ -175,6 +181,32 @@ def execute(
     )
     result.findings.extend(check(result))
     return result
+
+
+def _run_units(
+    run: Callable[[Sequence[Patch]], dict[Metric, torch.Tensor]],
+    patches: Sequence[Patch],
+    store: UnitStore,
+    group: int,
+    unit_size: int,
+    metrics: list[Metric],
+    advance: Callable[[int], None] | None,
+) -> dict[Metric, torch.Tensor]:
+    """Run patches in units of ``unit_size``, reusing units already in ``store`` and saving each
+    new one as soon as it is done."""
+    parts: list[dict[Metric, torch.Tensor]] = []
+    for u, i in enumerate(range(0, len(patches), unit_size)):
+        key = f"g{group}_u{u}"
+        saved = store.get(key)
+        if saved is not None:
+            parts.append({m: saved[m.value] for m in metrics})
+            if advance is not None:
+                advance(len(patches[i : i + unit_size]))
+            continue
+        res = run(patches[i : i + unit_size])
+        store.put(key, {m.value: v for m, v in res.items()})
+        parts.append(res)
+    return {m: torch.cat([p[m] for p in parts]) for m in metrics}
 
 
 def _progress(enabled: bool, total: int, plan: Plan) -> Any:
@@ -212,6 +244,8 @@ def sweep(
     engine: str = "auto",
     chunk_size: int | None = None,
     progress: bool = True,
+    store: UnitStore | None = None,
+    unit_size: int = 64,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
 
@@ -230,6 +264,8 @@ def sweep(
         engine: ``"auto"`` (batched where supported), ``"batched"`` or ``"reference"`` (one
             forward pass per patch: the slow, obviously right oracle). chunk_size: patches per
             batched forward pass (default: from the memory available).
+        store, unit_size: save finished units of ``unit_size`` patches in a
+            :class:`~actpatch.checkpoint.UnitStore` and reuse those already there (resumable runs).
 
     Returns:
         A :class:`PatchResult`; ``res.values`` is the normalised effect (1 = clean, 0 = corrupted).
@@ -252,7 +288,8 @@ def sweep(
     plan = make_plan(model, target, seq_len=seq_len, pos_labels=labels, per_position=wants_pos, layers=layers,
                      positions=positions, heads=heads, neurons=neurons, window=window)
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                   engine=engine, chunk_size=chunk_size, progress=progress, extra_meta={"window": window})
+                   engine=engine, chunk_size=chunk_size, progress=progress, extra_meta={"window": window},
+                   store=store, unit_size=unit_size)
 
 
 def patch(

@@ -1,0 +1,189 @@
+"""Declarative experiments: a YAML (or dict) validated by pydantic. Unknown keys and wrong types
+are errors that name the field.
+
+Example (``examples/ioi.yaml``)::
+
+    model: smollm2-135m
+    prompts: {builder: ioi, n: 16, templates: [0, 2, 6]}
+    corruption: {name: str}
+    targets:
+      - {target: resid_pre}
+      - {target: z}
+    directions: [denoise, noise]
+    metrics: [logit_diff, prob]
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ActpatchError, PromptError
+from .metrics import Metric
+from .plan import TARGETS
+
+__all__ = ["ExperimentConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(ActpatchError):
+    """An experiment config is malformed: bad YAML, unknown key, wrong type, missing file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromptsConfig(_Strict):
+    """Either a builder with its arguments, or a file of prompt pairs (JSONL or CSV with
+    columns clean, corrupted, answer, alternative)."""
+
+    builder: Literal["ioi", "factual", "greater_than", "induction"] | None = None
+    file: str | None = None
+    n: int = Field(16, ge=1)
+    seed: int = 0
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Extra builder arguments, e.g. {templates: [0, 2], corruption: abc} for ioi."""
+    templates: list[int] | None = None
+    keep_correct: bool = True
+    """Drop prompts the model gets wrong before patching (the share is reported)."""
+
+    @field_validator("file")
+    @classmethod
+    def _file_or_builder(cls, v: str | None, info: Any) -> str | None:
+        if v is not None and info.data.get("builder") is not None:
+            raise ValueError("give either 'builder' or 'file', not both")
+        return v
+
+
+class CorruptionConfig(_Strict):
+    name: Literal["str", "resample", "gaussian", "mean", "zero"] = "str"
+    scale: float = Field(3.0, ge=0)
+    n_draws: int = Field(10, ge=1)
+    positions: list[int] | None = None
+
+
+class TargetConfig(_Strict):
+    target: str
+    per_position: bool | None = None
+    layers: list[int] | None = None
+    positions: list[int] | None = None
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+    window: int = Field(1, ge=1)
+
+    @field_validator("target")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TARGETS:
+            raise ValueError(f"unknown target {v!r}; use one of {', '.join(TARGETS)}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.target + (f"_w{self.window}" if self.window > 1 else "")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: a model, prompts, a corruption, targets x directions, metrics."""
+
+    model: str = "smollm2-135m"
+    prompts: PromptsConfig = PromptsConfig(builder="ioi")
+    corruption: CorruptionConfig = CorruptionConfig()
+    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(target="resid_pre")], min_length=1)
+    directions: list[Literal["denoise", "noise"]] = Field(default_factory=lambda: ["denoise", "noise"], min_length=1)
+    metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "prob"], min_length=1)
+    seed: int = 0
+    engine: Literal["auto", "batched", "reference"] = "auto"
+    unit_size: int = Field(64, ge=1)
+    """Patches per saved unit of progress (a killed run resumes from the last saved unit)."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Patches per batched forward pass; fixed so that a resumed run repeats the same arithmetic."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        known = [m.value for m in Metric]
+        bad = [m for m in v if m not in known]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; use {', '.join(known)}")
+        return v
+
+    def digest(self) -> str:
+        """Hash of the canonical config: a changed config cannot resume another's run."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see examples/*.yaml)"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config.
+
+    Raises:
+        ConfigError: missing file, malformed YAML, unknown keys or wrong types (one line,
+            naming the field).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {str(p)!r} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings (model:, prompts:, ...), got {type(data).__name__}.")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, str(p))) from None
+    if cfg.prompts.file is not None:
+        f = Path(cfg.prompts.file)
+        if not f.is_absolute():
+            f = p.parent / f
+        if not f.is_file():
+            raise ConfigError(f"{p}: prompts.file {cfg.prompts.file!r} does not exist (looked at {f}).")
+        cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"file": str(f)})})
+    return cfg
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str, str, str]]:
+    """Prompt pairs from JSONL (objects with clean, corrupted, answer, alternative) or CSV
+    (a header with those columns)."""
+    p = Path(path)
+    keys = ("clean", "corrupted", "answer", "alternative")
+    rows: list[dict[str, Any]]
+    if p.suffix == ".csv":
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{p}, line {i + 1}: not valid JSON ({e.msg}).") from None
+    out = []
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise PromptError(f"{p}, record {i + 1}: missing {missing}; each needs {', '.join(keys)}.")
+        out.append(tuple(str(r[k]) for k in keys))
+    return out  # type: ignore[return-value]

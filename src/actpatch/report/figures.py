@@ -1,0 +1,86 @@
+"""Plotly figures of results and comparisons. All user text (tokens, prompts) is HTML-escaped
+before it reaches plotly, which would otherwise interpret tags in labels."""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..compare import Comparison
+    from ..results import PatchResult
+
+__all__ = ["grid", "result_figure", "comparison_figure", "ROLE_COLOURS"]
+
+ROLE_COLOURS = {
+    "sufficient_and_necessary": "#1b7837",
+    "sufficient_not_necessary": "#2166ac",
+    "necessary_not_sufficient": "#b2182b",
+    "negative": "#e08214",
+    "neither": "#9e9e9e",
+}
+
+
+def _labels(values: list) -> list[str]:
+    return [html.escape(str(v)) for v in values]
+
+
+def grid(res: "PatchResult", metric: str | None = None) -> tuple[torch.Tensor, list[str], list[str], str, str]:
+    """A 2-D view of a result: (values, row labels, column labels, row dim, column dim).
+    1-D results become one row; extra dims beyond two are averaged (named in the title)."""
+    v = res.normalised(metric)
+    dims = list(res.dims)
+    if v.dim() == 0:
+        return v.reshape(1, 1), ["all"], ["patch"], "", ""
+    if v.dim() == 1:
+        return v[None], [""], _labels(res.coords[dims[0]]), "", dims[0]
+    while v.dim() > 2:
+        v = v.nanmean(-1)
+        dims = dims[:-1]
+    return v, _labels(res.coords[dims[0]]), _labels(res.coords[dims[1]]), dims[0], dims[1]
+
+
+def result_figure(res: "PatchResult", title: str, metric: str | None = None) -> go.Figure:
+    """Heatmap of normalised effects (diverging, 0 white), hover shows the 95% CI."""
+    values, rows, cols, rdim, cdim = grid(res, metric)
+    hover = None
+    if res.n_prompts > 1 and values.numel() == res.normalised(metric).numel():
+        ci = res.ci(metric, n_boot=500)
+        lo, hi = ci.low.reshape(values.shape), ci.high.reshape(values.shape)
+        hover = [[f"{values[i, j]:+.3f}<br>95% CI [{lo[i, j]:+.2f}, {hi[i, j]:+.2f}]" for j in range(values.shape[1])]
+                 for i in range(values.shape[0])]
+    z = values.nan_to_num(nan=0.0).tolist()
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{j}|{c}" for j, c in enumerate(cols)], y=[f"{i}|{r}" for i, r in enumerate(rows)],
+        colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0, text=hover,
+        hovertemplate="%{y} / %{x}<br>%{text}<extra></extra>" if hover else "%{y} / %{x}: %{z:+.3f}<extra></extra>",
+        colorbar={"title": "normalised"},
+    ))
+    fig.update_layout(title=html.escape(title), xaxis_title=cdim, yaxis_title=rdim, height=max(320, 18 * len(rows) + 140),
+                      margin={"l": 60, "r": 20, "t": 50, "b": 80})
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=[f"{i}|{r}" for i, r in enumerate(rows)], ticktext=rows)
+    fig.update_xaxes(tickmode="array", tickvals=[f"{j}|{c}" for j, c in enumerate(cols)], ticktext=cols)
+    return fig
+
+
+def comparison_figure(cmp: "Comparison", title: str) -> go.Figure:
+    """Sufficiency (denoising) against necessity (noising damage), coloured by role."""
+    data = cmp.scatter_data()
+    fig = go.Figure()
+    for role, colour in ROLE_COLOURS.items():
+        idx = [i for i, r in enumerate(data["role"]) if r == role]
+        if not idx:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[data["x"][i] for i in idx], y=[data["y"][i] for i in idx], mode="markers", name=role.replace("_", " "),
+            text=[html.escape(data["label"][i]) for i in idx], marker={"color": colour, "size": 8},
+            hovertemplate="%{text}<br>sufficiency %{x:+.3f}<br>necessity %{y:+.3f}<extra></extra>",
+        ))
+    fig.add_vline(x=cmp.sufficient_threshold, line_dash="dot", line_color="#888")
+    fig.add_hline(y=cmp.necessary_threshold, line_dash="dot", line_color="#888")
+    fig.update_layout(title=html.escape(title), xaxis_title="sufficiency (denoising effect)",
+                      yaxis_title="necessity (noising damage)", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig

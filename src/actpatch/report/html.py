@@ -1,0 +1,156 @@
+"""One self-contained HTML report (plotly.js inlined from the installed package: works offline),
+plus a static SVG of every figure under ``figures/``.
+
+Every piece of user text (prompts, tokens, findings, provenance) is escaped; figure data is
+embedded as JSON with ``<``, ``>`` and ``&`` written as unicode escapes, so no prompt can close
+a script tag.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..compare import Comparison, compare
+from .figures import comparison_figure, result_figure
+from .svg import heatmap_svg, scatter_svg
+
+if TYPE_CHECKING:  # pragma: no cover
+    import plotly.graph_objects as go
+
+    from ..results import PatchResult
+
+__all__ = ["write_report"]
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1500px;color:#222;padding:0 16px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;font-size:.9em}
+th{background:#f5f5f5}.pair{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:12px}.pair>div{min-width:0}
+.finding{padding:6px 10px;margin:6px 0;border-left:4px solid #999;background:#fafafa}
+.error{border-color:#b2182b}.warning{border-color:#e08214}.info{border-color:#2166ac}
+.advice{color:#555}code,pre{background:#f5f5f5;font-size:.85em}pre{padding:8px;overflow:auto}
+"""
+
+
+def _figure_html(fig: "go.Figure", div_id: str) -> str:
+    import plotly.io as pio
+
+    payload = pio.to_json(fig, validate=False)
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return (f'<div id="{div_id}" class="plot"></div>\n<script>(function(){{var f={payload};'
+            f'Plotly.newPlot("{div_id}",f.data,f.layout,{{responsive:true,displaylogo:false}});}})();</script>')
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pairs(results: dict[str, "PatchResult"]) -> list[tuple[str, "PatchResult | None", "PatchResult | None"]]:
+    names: dict[str, dict[str, PatchResult]] = {}
+    for name, res in results.items():
+        base, _, direction = name.rpartition("_")
+        if direction in ("denoise", "noise") and base:
+            names.setdefault(base, {})[direction] = res
+        else:
+            names.setdefault(name, {})["denoise"] = res
+    return [(k, v.get("denoise"), v.get("noise")) for k, v in names.items()]
+
+
+def write_report(results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report") -> Path:
+    """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``)."""
+    import plotly.offline
+
+    out = Path(out)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(results.values()))
+    parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    # baselines
+    rows: dict[tuple, list[str]] = {}
+    for name, res in results.items():  # results of one run share baselines: show each once
+        for m, b in res.baselines.items():
+            key = (m, round(b["clean"], 6), round(b["corrupted"], 6))
+            rows.setdefault(key, [m, f"{b['clean']:+.4f}", f"{b['corrupted']:+.4f}", f"{b['clean'] - b['corrupted']:+.4f}", []])[4].append(name)
+    table = [[*r[:4], ", ".join(r[4])] for r in rows.values()]
+    parts.append(f"<p>{first.n_prompts} prompts; model {html.escape(str(first.meta.get('model', {}).get('name', '?')))}; "
+                 f"corruption {html.escape(str((first.meta.get('corruption') or {}).get('name', '?')))}.</p>")
+    parts.append("<h2>Baselines</h2>" + _table(["metric", "clean", "corrupted", "gap", "results"], table))
+
+    # figures
+    n = 0
+    comparisons: list[tuple[str, Comparison, PatchResult, PatchResult]] = []
+    for base, den, noi in _pairs(results):
+        parts.append(f"<h2>{html.escape(base)}</h2><div class='pair'>")
+        for label, res in (("denoising: sufficiency (1 = restores clean)", den), ("noising: 1 = no damage, 0 = broken", noi)):
+            if res is None:
+                continue
+            for metric in res.metrics:
+                n += 1
+                t = f"{base} {label} [{metric}]"
+                parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{n}") + "</div>")
+                (figdir / f"{base}_{res.meta.get('direction', 'x')}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
+        parts.append("</div>")
+        if den is not None and noi is not None and den.dims == noi.dims and den.coords == noi.coords:
+            comparisons.append((base, compare(den, noi), den, noi))
+
+    if comparisons:
+        parts.append("<h2>Both directions compared</h2><p>Sufficiency = denoising effect; necessity = 1 - noised "
+                     "value (Heimersheim &amp; Nanda 2024). Dotted lines: the thresholds.</p><div class='pair'>")
+        for base, cmp, den, noi in comparisons:
+            n += 1
+            parts.append("<div>" + _figure_html(comparison_figure(cmp, f"{base}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())), f"fig{n}") + "</div>")
+            (figdir / f"{base}_compare.svg").write_text(scatter_svg(cmp, f"{base}: sufficiency vs necessity"))
+        parts.append("</div>")
+        for base, cmp, den, noi in comparisons:
+            parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp, den, noi))
+
+    # findings
+    parts.append("<h2>Findings</h2>")
+    seen = set()
+    for name, res in results.items():
+        for f in res.findings:
+            key = (f.code, f.message)
+            if key in seen:
+                continue
+            seen.add(key)
+            parts.append(f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
+                         f"<code>{html.escape(f.code)}</code> ({html.escape(name)}): {html.escape(f.message)}"
+                         f"<div class='advice'>{html.escape(f.advice)}</div></div>")
+    if not seen:
+        parts.append("<p>No findings.</p>")
+
+    # prompts and provenance
+    texts = first.meta.get("prompt_texts") or []
+    if texts:
+        parts.append("<h2>Prompts</h2>" + _table(["clean", "corrupted", "answer", "alternative"], texts[:50]))
+    prov = {k: v for k, v in first.meta.items() if k not in ("prompt_texts", "prompt_attributes", "clean_correct")}
+    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>")
+
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _top_table(cmp: Comparison, den: "PatchResult", noi: "PatchResult", k: int = 15) -> str:
+    if den.n_prompts < 2:
+        return "<p>(one prompt: no intervals)</p>"
+    ci_d, ci_n = den.ci(n_boot=1000), noi.ci(n_boot=1000)
+    df = cmp.to_pandas()
+    df["d_lo"], df["d_hi"] = ci_d.low.flatten().tolist(), ci_d.high.flatten().tolist()
+    df["n_lo"], df["n_hi"] = (1 - ci_n.high).flatten().tolist(), (1 - ci_n.low).flatten().tolist()
+    df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
+    rows = []
+    for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
+        zero_d = r.d_lo <= 0 <= r.d_hi
+        rows.append([*(r[d] for d in cmp.dims), f"{r.sufficiency:+.3f}", f"[{r.d_lo:+.2f}, {r.d_hi:+.2f}]" + (" (contains 0)" if zero_d else ""),
+                     f"{r.necessity:+.3f}", f"[{r.n_lo:+.2f}, {r.n_hi:+.2f}]", r.role])
+    return _table([*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI", "role"], rows)

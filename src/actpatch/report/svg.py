@@ -1,0 +1,76 @@
+"""Static SVG renderings of the report's figures, written without a browser or network."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from xml.sax.saxutils import escape
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..compare import Comparison
+    from ..results import PatchResult
+
+from .figures import ROLE_COLOURS, grid
+
+__all__ = ["heatmap_svg", "scatter_svg"]
+
+
+def _colour(v: float) -> str:
+    """Diverging blue (positive) / red (negative) on white, clipped to [-1, 1]."""
+    if v != v:  # NaN
+        return "#dddddd"
+    t = max(-1.0, min(1.0, v))
+    target = (33, 102, 172) if t > 0 else (178, 24, 43)
+    a = abs(t)
+    r, g, b = (round(255 + (c - 255) * a) for c in target)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap_svg(res: "PatchResult", title: str, metric: str | None = None) -> str:
+    """An SVG heatmap of normalised effects with row and column labels."""
+    import html as _html
+
+    values, rows, cols, rdim, cdim = grid(res, metric)
+    rows = [_html.unescape(r) for r in rows]
+    cols = [_html.unescape(c) for c in cols]
+    cell, left, top = 22, 110, 40
+    width = left + cell * len(cols) + 20
+    height = top + cell * len(rows) + 110
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
+           f'<text x="{left}" y="20" font-size="13">{escape(title)}</text>']
+    for i, r in enumerate(rows):
+        y = top + i * cell
+        out.append(f'<text x="{left - 4}" y="{y + 15}" text-anchor="end">{escape(r)}</text>')
+        for j in range(len(cols)):
+            v = float(values[i, j])
+            out.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{_colour(v)}">'
+                       f'<title>{escape(r)} / {escape(cols[j])}: {v:+.3f}</title></rect>')
+    yb = top + len(rows) * cell + 6
+    for j, c in enumerate(cols):
+        x = left + j * cell + 15
+        out.append(f'<text x="{x}" y="{yb}" transform="rotate(60 {x} {yb})">{escape(c)}</text>')
+    out.append(f'<text x="8" y="{top - 6}">{escape(rdim)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def scatter_svg(cmp: "Comparison", title: str) -> str:
+    """An SVG scatter of sufficiency against necessity, coloured by role."""
+    data = cmp.scatter_data()
+    size, pad = 360, 50
+    xs, ys = data["x"], data["y"]
+    lo = min([0.0, *xs, *ys]) - 0.05
+    hi = max([1.0, *xs, *ys]) + 0.05
+    sx = lambda v: pad + (v - lo) / (hi - lo) * size  # noqa: E731
+    sy = lambda v: pad + size - (v - lo) / (hi - lo) * size  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 2 * pad}" height="{size + 2 * pad}" font-family="sans-serif" font-size="11">',
+           f'<text x="{pad}" y="20" font-size="13">{escape(title)}</text>',
+           f'<rect x="{pad}" y="{pad}" width="{size}" height="{size}" fill="none" stroke="#999"/>',
+           f'<line x1="{sx(cmp.sufficient_threshold)}" y1="{pad}" x2="{sx(cmp.sufficient_threshold)}" y2="{pad + size}" stroke="#bbb" stroke-dasharray="3"/>',
+           f'<line x1="{pad}" y1="{sy(cmp.necessary_threshold)}" x2="{pad + size}" y2="{sy(cmp.necessary_threshold)}" stroke="#bbb" stroke-dasharray="3"/>',
+           f'<text x="{pad + size / 2}" y="{pad + size + 30}" text-anchor="middle">sufficiency (denoising)</text>',
+           f'<text x="15" y="{pad + size / 2}" transform="rotate(-90 15 {pad + size / 2})" text-anchor="middle">necessity (noising damage)</text>']
+    for x, y, label, role in zip(xs, ys, data["label"], data["role"]):
+        if x == x and y == y:
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{ROLE_COLOURS[role]}"><title>{escape(label)}</title></circle>')
+    out.append("</svg>")
+    return "\n".join(out)

@@ -1,0 +1,171 @@
+"""Run a declarative experiment into an output directory, resumably.
+
+Layout of ``out/``::
+
+    run.json                 the canonical config and its digest (a changed config is refused)
+    <target>_<direction>/    one saved PatchResult per target and direction
+        units/               finished units while the sweep runs (removed when it completes)
+    report.html, figures/    written by actpatch.report
+
+Killed at any moment and started again with the same config and directory, the run skips
+finished results, reuses finished units, and ends with tensors bit-identical to an
+uninterrupted run (units and chunk sizes are fixed by the config, so the arithmetic repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import UnitStore
+from .compare import compare
+from .config import ConfigError, ExperimentConfig, read_pairs
+from .corruption import Corruption, GaussianNoise, parse_corruption
+from .errors import ActpatchError
+from .models.handle import Model
+from .patching import sweep
+from .prompts import PromptSet, keep_correct
+from .results import PatchResult
+
+__all__ = ["run_experiment", "load_run", "resolve_model", "RunError"]
+
+DEFAULT_CHUNK = 32
+"""Patches per batched forward pass in config runs (fixed, so resumed runs repeat the arithmetic)."""
+
+
+class RunError(ActpatchError):
+    """An output directory cannot be used for this run."""
+
+
+def resolve_model(name: str) -> Model:
+    """``tiny:<family>`` gives a tiny random test model (see :mod:`actpatch.testing`); anything
+    else goes to :func:`actpatch.load_model`."""
+    if name.startswith("tiny:"):
+        from .testing import TINY_FAMILIES, tiny_model
+
+        fam = name.split(":", 1)[1]
+        if fam not in TINY_FAMILIES:
+            raise ConfigError(f"model {name!r}: tiny families are {', '.join(TINY_FAMILIES)}.")
+        return tiny_model(fam)
+    from .models.loading import load_model
+
+    return load_model(name)
+
+
+def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float | None]:
+    """The prompt set of a config (kept to the prompts the model solves when asked)."""
+    from . import prompts as P
+
+    pc = cfg.prompts
+    if pc.file is not None:
+        ps = PromptSet.from_pairs(model, read_pairs(pc.file), name=Path(pc.file).stem)
+    else:
+        builder = getattr(P, pc.builder or "ioi")
+        kwargs: dict[str, Any] = dict(pc.args)
+        if pc.templates is not None:
+            kwargs["templates"] = pc.templates
+        try:
+            ps = builder(model, n=pc.n, seed=pc.seed, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"prompts.args: {e}") from None
+    share = None
+    if pc.keep_correct:
+        ps, share = keep_correct(model, ps)
+    return ps, share
+
+
+def build_corruption(cfg: ExperimentConfig) -> Corruption:
+    c = cfg.corruption
+    if c.name == "gaussian":
+        return GaussianNoise(scale=c.scale, n_draws=c.n_draws, positions=c.positions)
+    return parse_corruption(c.name)
+
+
+def _prepare_dir(out: Path, cfg: ExperimentConfig) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"Output directory {str(out)!r} is not writable ({e.strerror}); choose another with --out.") from None
+    state = out / "run.json"
+    digest = cfg.digest()
+    if state.is_file():
+        old = json.loads(state.read_text())
+        if old.get("digest") != digest:
+            raise RunError(
+                f"{out} holds a run of a different config (digest {old.get('digest')} vs {digest}); "
+                f"use another --out directory, or delete {out} to start over."
+            )
+        return
+    if any((p / "meta.json").is_file() for p in out.iterdir()):
+        raise RunError(f"{out} already holds results that no run.json describes; use another --out directory.")
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps({"digest": digest, "config": cfg.model_dump(mode="json")}, indent=2))
+    os.replace(tmp, state)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    model: Model | None = None,
+) -> dict[str, PatchResult]:
+    """Run every (target, direction) of ``cfg`` into ``out``; returns the results by name."""
+    out = Path(out)
+    _prepare_dir(out, cfg)
+    model = model or resolve_model(cfg.model)
+    prompts, share = build_prompts(model, cfg)
+    if share is not None:
+        log(f"{prompts.name}: {len(prompts)} prompts kept (model right on {share:.0%} of them)")
+    corruption = build_corruption(cfg)
+    results: dict[str, PatchResult] = {}
+    for t in cfg.targets:
+        for direction in cfg.directions:
+            name = f"{t.name}_{direction}"
+            target_dir = out / name
+            if (target_dir / "meta.json").is_file():
+                results[name] = PatchResult.load(target_dir)
+                log(f"{name}: already done, loaded")
+                continue
+            store = UnitStore(target_dir / "units")
+            if len(store):
+                log(f"{name}: resuming from {len(store)} saved unit(s)")
+            res = sweep(
+                model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
+                per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
+                neurons=t.neurons, window=t.window, seed=cfg.seed, engine=cfg.engine,
+                chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress, store=store, unit_size=cfg.unit_size,
+            )
+            res.meta["config_digest"] = cfg.digest()
+            if share is not None:
+                res.meta["kept_share"] = share
+            res.meta["prompt_texts"] = [list(x) for x in prompts.meta.get("texts", [])]
+            res.save(target_dir)
+            shutil.rmtree(target_dir / "units", ignore_errors=True)
+            results[name] = res
+            log(f"{name}: done")
+    for t in cfg.targets:
+        d, n = results.get(f"{t.name}_denoise"), results.get(f"{t.name}_noise")
+        if d is not None and n is not None and d.dims == n.dims and d.coords == n.coords:
+            compare(d, n)  # marks both as compared: re-save their findings
+            d.save(out / f"{t.name}_denoise")
+            n.save(out / f"{t.name}_noise")
+    return results
+
+
+def load_run(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
+    """The config (as saved) and the finished results of a run directory."""
+    out = Path(out)
+    state = out / "run.json"
+    results = {p.name: PatchResult.load(p) for p in sorted(out.iterdir()) if (p / "meta.json").is_file()} if out.is_dir() else {}
+    if not results:
+        raise RunError(f"{out} holds no finished results (expected subdirectories with meta.json).")
+    cfg = json.loads(state.read_text())["config"] if state.is_file() else {}
+    return cfg, results

@@ -1,0 +1,157 @@
+"""The command line: configs, one-line errors, resumable runs (with a real SIGKILL), reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import actpatch as ap
+from actpatch.cli import app
+
+PAIRS = [
+    {"clean": "When Mary and John went to the store , John gave a drink to",
+     "corrupted": "When Mary and John went to the store , Mary gave a drink to", "answer": " Mary", "alternative": " John"},
+    {"clean": "When Alice and Bob went to the park , Bob gave a ball to",
+     "corrupted": "When Alice and Bob went to the park , Alice gave a ball to", "answer": " Alice", "alternative": " Bob"},
+    {"clean": "When Tom and Anna went to the school , Tom gave a book to",
+     "corrupted": "When Tom and Anna went to the school , Anna gave a book to", "answer": " Anna", "alternative": " Tom"},
+]
+
+
+def write_config(tmp_path: Path, body: str, pairs=PAIRS) -> Path:
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(body)
+    return cfg
+
+
+TINY = """model: tiny:llama
+prompts: {file: pairs.jsonl, keep_correct: false}
+targets:
+  - {target: resid_pre}
+  - {target: z}
+directions: [denoise, noise]
+metrics: [logit_diff, prob]
+"""
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_models_command():
+    r = invoke("models")
+    assert r.exit_code == 0 and "gpt_neox" in r.stdout and "smollm2-135m" in r.stdout
+
+
+def test_run_writes_results_and_report(tmp_path):
+    cfg = write_config(tmp_path, TINY)
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.stdout
+    assert "Report:" in r.stdout
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
+    assert names == ["resid_pre_denoise", "resid_pre_noise", "z_denoise", "z_noise"]
+    res = ap.PatchResult.load(out / "z_noise")
+    assert res.dims == ("layer", "head") and res.metrics == ["logit_diff", "prob"]
+    assert "single_direction" not in [f.code for f in res.findings]  # compared with its pair
+    assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+    svgs = sorted(p.name for p in (out / "figures").glob("*.svg"))
+    assert "resid_pre_compare.svg" in svgs and "z_denoise_logit_diff.svg" in svgs
+    assert not (out / "resid_pre_denoise" / "units").exists()
+    # rebuild the report from saved results
+    (out / "report.html").unlink()
+    r = invoke("report", str(out))
+    assert r.exit_code == 0 and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("model: [unclosed", "malformed YAML at line 1"),
+    ("model: tiny:llama\ntargetz: []\n", "targetz: unknown key"),
+    ("model: tiny:llama\nseed: many\n", "seed: Input should be a valid integer"),
+    ("model: tiny:llama\nprompts: {file: nowhere.jsonl}\n", "prompts.file 'nowhere.jsonl' does not exist"),
+    ("model: tiny:llama\ntargets: [{target: resid_prez}]\n", "unknown target 'resid_prez'"),
+    ("model: tiny:llama\nmetrics: [f1]\n", "unknown metric(s) ['f1']"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, body, fragment):
+    cfg = write_config(tmp_path, body)
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1
+    assert fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_and_unwritable_out(tmp_path):
+    r = invoke("run", str(tmp_path / "none.yaml"))
+    assert r.exit_code == 1 and "does not exist" in r.stderr
+    cfg = write_config(tmp_path, TINY)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = invoke("run", str(cfg), "--out", str(blocker / "sub"))
+    assert r.exit_code == 1 and "not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = invoke("--debug", "run", str(tmp_path / "none.yaml"))
+    assert r.exit_code != 0 and isinstance(r.exception, ap.ActpatchError)
+
+
+def test_changed_config_is_refused(tmp_path):
+    cfg = write_config(tmp_path, TINY)
+    assert invoke("run", str(cfg), "--out", str(tmp_path / "out")).exit_code == 0
+    cfg.write_text(TINY.replace("metrics: [logit_diff, prob]", "metrics: [logit_diff]"))
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1 and "holds a run of a different config" in r.stderr
+
+
+SLOW = """model: tiny:llama
+prompts: {file: pairs.jsonl, keep_correct: false}
+targets:
+  - {target: mlp_post, per_position: true, layers: [0, 1], neurons: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]}
+directions: [noise]
+metrics: [logit_diff, kl]
+engine: reference
+unit_size: 16
+"""
+
+
+def _run_cli(cfg: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "actpatch.cli", "run", str(cfg), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    cfg = write_config(tmp_path, SLOW)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = _run_cli(cfg, killed)
+    units = killed / "mlp_post_noise" / "units"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not units.is_dir() or len(list(units.glob("*.safetensors"))) < 3):
+        time.sleep(0.02)
+    n_before = len(list(units.glob("*.safetensors")))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert 3 <= n_before and not (killed / "mlp_post_noise" / "meta.json").exists()
+    resumed = _run_cli(cfg, killed)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert "resuming from" in log
+    full = _run_cli(cfg, clean)
+    full.communicate(timeout=300)
+    assert full.returncode == 0
+    a, b = ap.PatchResult.load(killed / "mlp_post_noise"), ap.PatchResult.load(clean / "mlp_post_noise")
+    for m in a.metrics:
+        assert torch.equal(a.raw[m], b.raw[m]) and torch.equal(a.clean[m], b.clean[m])
+        assert torch.equal(a.corrupted[m], b.corrupted[m])
+    assert a.shape == (2, 32, 14)
