@@ -86,14 +86,15 @@ FACTS: tuple[tuple[str, str, str], ...] = (
 
 
 def factual(
-    model: "Model", n: int = 32, *, seed: int = 0, relations: Sequence[str] | None = None
+    model: "Model", n: int = 32, *, seed: int = 0, relations: Sequence[str] | None = None, same_length: bool = False
 ) -> PromptSet:
     """Factual-recall pairs: clean "The Eiffel Tower is located in the city of" -> " Paris",
     corrupted by a subject of the same relation and token length ("The Colosseum ...") whose
     answer (" Rome") is the alternative.
 
     Pairs are drawn (seeded) from all valid (fact, other fact) combinations; if fewer exist than
-    ``n``, all are returned.
+    ``n``, all are returned. ``same_length=True`` keeps only pairs of the most common token
+    length, so that position-resolved sweeps can run on the whole set.
     """
     rels = list(RELATIONS) if relations is None else list(relations)
     unknown = [r for r in rels if r not in RELATIONS]
@@ -110,6 +111,11 @@ def factual(
         for g in usable
         if f[0] == g[0] and f[4] == g[4] and f[2] != g[2]
     ]
+    if same_length and candidates:
+        from collections import Counter
+
+        common = Counter(f[4] for f, _ in candidates).most_common(1)[0][0]
+        candidates = [(f, g) for f, g in candidates if f[4] == common]
     if not candidates:
         raise PromptError("No factual pairs of equal token length with distinct one-token answers for this tokenizer.")
     rng = random.Random(seed)
@@ -118,4 +124,4 @@ def factual(
     pairs = [(f[3], g[3], f[2], g[2]) for f, g in chosen]
     attrs = [{"relation": f[0], "subject": f[1], "corrupt_subject": g[1]} for f, g in chosen]
     return PromptSet.from_pairs(model, pairs, name="factual", attributes=attrs,
-                                meta={"builder": "factual", "seed": seed, "relations": rels})
+                                meta={"builder": "factual", "seed": seed, "relations": rels, "same_length": same_length})
