@@ -23,12 +23,14 @@ from .errors import (
     UnsupportedSiteError,
 )
 from . import prompts
+from .attribution import Validation, attribute, validate_attribution
 from .checks import Finding, Level, check
 from .compare import Comparison, Role, compare
 from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
 from .hooks import capture, intervene
 from .metrics import Metric
 from .patching import Direction, patch, sweep
+from .path import path_patch, path_sweep
 from .prompts import PromptSet
 from .results import PatchResult
 from .models import DEFAULT_MODEL, Model, load_model, supported_families
@@ -56,6 +58,11 @@ __all__ = [
     "Direction",
     "patch",
     "sweep",
+    "attribute",
+    "validate_attribution",
+    "Validation",
+    "path_patch",
+    "path_sweep",
     "PromptSet",
     "PatchResult",
     "MetricError",

@@ -1,0 +1,291 @@
+"""Attribution patching (AtP, Nanda 2023): a first-order estimate of every patch at once.
+
+For a patch writing source activations ``a_src`` into the base run at activation ``a``::
+
+    m(patched) ~ m(base) + sum over the patched elements of (a_src - a_base) * dm/da |base
+
+with the gradient taken on the base run: the clean run for noising, the corrupted run for
+denoising (where ``a_src - a_base = a_clean - a_corr``, the sign-flipped noising delta). Per
+length group it costs one forward pass of the source run, one forward and one backward pass of
+the base run, whatever the number of patches (the two forward passes also give the baselines).
+
+The gradient is read by adding a zero tensor that requires grad at every patched activation
+(``a + 0``), which leaves the forward values unchanged and keeps the paths through later layers.
+
+Known failure cases (Kramár et al. 2024): the residual stream and the first-layer MLP (large,
+non-linear changes), and queries / keys of heads whose attention is saturated; always check with
+:func:`validate_attribution`.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .checks import Finding, Level, check
+from .corruption import Corruption, parse_corruption
+from .errors import ActpatchError, MetricError
+from .hooks import capture, intervene
+from .metrics import Metric, compute_metrics, parse_metrics
+from .models.attention import actpatch_attention
+from .patching import Direction, _direction, _mean_draws, _versions, execute
+from .plan import Plan, default_per_position, make_plan, parse_target
+from .prompts.promptset import PromptSet
+from .results import PatchResult
+from .sites import SiteKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
+
+DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
+
+
+def _plan_kwargs(model: "Model", prompts: PromptSet, target: str, kw: dict[str, Any]) -> dict[str, Any]:
+    kind = parse_target(target)
+    per_pos = kw.get("per_position")
+    wants_pos = per_pos if per_pos is not None else default_per_position(kind)
+    return dict(seq_len=prompts.seq_len if wants_pos else None,
+                pos_labels=prompts.position_labels(model) if wants_pos else None, per_position=wants_pos,
+                **{k: kw.get(k) for k in ("layers", "positions", "heads", "neurons")}, window=kw.get("window", 1))
+
+
+def attribute(
+    model: "Model",
+    prompts: PromptSet,
+    target: str = "z",
+    *,
+    direction: str | Direction = "noise",
+    corruption: str | Corruption = "str",
+    metric: str | Sequence[str] = "logit_diff",
+    per_position: bool | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    window: int = 1,
+    seed: int = 0,
+) -> PatchResult:
+    """AtP estimates for every cell of a target, as a :class:`PatchResult` (``meta["method"]
+    == "atp"``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("llama")
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> est = ap.attribute(m, ps, "z", direction="noise")
+        >>> est.dims, est.meta["method"]
+        (('layer', 'head'), 'atp')
+        >>> exact = ap.sweep(m, ps, "z", direction="noise", progress=False)  # what it estimates
+    """
+    d = _direction(direction)
+    corr = parse_corruption(corruption)
+    metrics = parse_metrics(metric)
+    bad = [m.value for m in metrics if m not in DIFFERENTIABLE]
+    if bad:
+        raise MetricError(f"Attribution needs differentiable metrics; {bad} are discrete. Use logit_diff, logprob, prob or kl.")
+    if corr.activation_level and d is Direction.DENOISE:
+        raise ActpatchError(f"Corruption {corr.name!r} has no corrupted run to denoise; use direction='noise'.")
+    kw = dict(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons, window=window)
+    plan = make_plan(model, target, **_plan_kwargs(model, prompts, target, kw))
+    full = plan.full_sites()
+    corr.prepare(model, prompts)
+    n, P, R = len(prompts), len(plan.patches), corr.draws
+    raw = {m: torch.empty(n, P) for m in metrics}
+    clean_b = {m: torch.empty(n) for m in metrics}
+    corr_b = {m: torch.empty(n) for m in metrics}
+    with ExitStack() as stack:
+        if plan.uses_attention_fn:
+            stack.enter_context(actpatch_attention(model.hf))
+        for g in prompts.groups():
+            clean_run, corr_run = corr.clean_run(g), corr.corrupted_run(model, g, prompts, seed)
+            answers, alts = g.answers.repeat_interleave(R), g.alternatives.repeat_interleave(R)
+            base, src = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
+            if corr.activation_level:  # source: transformed clean activations; "src" logits: the pairs' corrupted run
+                with capture(model, full) as clean_acts:
+                    model.logits(clean_run.ids, last_only=True)
+                source = {s: corr.source(a) for s, a in clean_acts.items()}
+                src_logits = corr_run.logits(model)
+            else:
+                with src.context(model), capture(model, full) as source:
+                    src_logits = model.logits(src.ids, last_only=True)
+            # one forward and one backward pass of the base run with a zero at every site
+            zeros: dict = {}
+
+            def tap(site: Any) -> Any:
+                def fn(x: torch.Tensor) -> torch.Tensor:
+                    z = torch.zeros_like(x, requires_grad=True)
+                    zeros[site] = (z, x.detach())
+                    return x + z
+
+                return fn
+
+            with torch.enable_grad(), base.context(model), intervene(model, {s: tap(s) for s in full}):
+                logits = model.hf(input_ids=base.ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+                clean_logits = logits.detach() if base is clean_run else src_logits
+                clean_lp = torch.log_softmax(clean_logits.float(), -1)
+                values = compute_metrics(metrics, logits, answers, alts, clean_lp)
+                grads = {}
+                for i, m in enumerate(metrics):
+                    gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
+                                             retain_graph=i < len(metrics) - 1, allow_unused=True)
+                    grads[m] = dict(zip(full, gs))
+            base_vals = {m: v.detach() for m, v in values.items()}
+            other = compute_metrics(metrics, src_logits, answers, alts, clean_lp)
+            for m in metrics:
+                cb, kb = (base_vals[m], other[m]) if base is clean_run else (other[m], base_vals[m])
+                clean_b[m][g.indices] = _mean_draws(cb, R)
+                corr_b[m][g.indices] = _mean_draws(kb, R)
+                prod = {s: (source[s] - zeros[s][1]) * (grads[m][s] if grads[m][s] is not None else 0.0) for s in full}
+                per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
+                est = torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])  # (P, G*R)
+                raw[m][g.indices] = _mean_draws(est + base_vals[m], R).T
+    res = PatchResult(
+        dims=plan.dims, coords=plan.coords,
+        raw={m.value: raw[m].reshape(n, *plan.shape) for m in metrics},
+        clean={m.value: clean_b[m] for m in metrics}, corrupted={m.value: corr_b[m] for m in metrics},
+        meta={"target": plan.target.value, "direction": d.value, "corruption": corr.describe(),
+              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": "atp",
+              "plan": {k: (list(v) if isinstance(v, range) else v) for k, v in kw.items()},
+              "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
+              "prompts": prompts.describe(), "versions": _versions(),
+              "prompt_attributes": [dict(a) for a in prompts.attributes], "window": window},
+    )
+    res.findings = check(res) + _atp_findings(plan)
+    return res
+
+
+def _site_sums(prod: dict, sites: list) -> dict:
+    """``prod[site.full()][site.selector()]`` summed over everything but the batch, for many
+    sites at once: sites sharing a full activation and indexed axes take one gather."""
+    groups: dict = {}
+    for s in dict.fromkeys(sites):
+        sel = s.selector()[1:]
+        axes = tuple(i for i, v in enumerate(sel) if isinstance(v, int))
+        groups.setdefault((s.full(), axes), []).append(s)
+    out = {}
+    for (full, axes), members in groups.items():
+        x = prod[full]
+        rest = [1 + i for i in range(x.dim() - 1) if i not in axes]
+        x = x.sum(dim=rest) if rest else x  # (B, *indexed axes)
+        idx = tuple(torch.tensor([s.selector()[1 + a] for s in members]) for a in axes)
+        vals = x[(slice(None), *idx)] if idx else x[:, None].expand(-1, len(members))  # (B, n)
+        out.update({s: vals[:, k] for k, s in enumerate(members)})
+    return out
+
+
+def _atp_findings(plan: Plan) -> list[Finding]:
+    out = [Finding(Level.INFO, "attribution_estimate",
+                   "Values are first-order (AtP) estimates of patching, not exact patches.",
+                   "Check the largest ones with ap.validate_attribution(model, prompts, result).")]
+    if plan.target in (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.EMBED):
+        out.append(Finding(Level.WARNING, "attribution_residual",
+                           "AtP on the residual stream linearises large changes through every later layer; it is "
+                           "known to be unreliable there (Kramár et al. 2024).",
+                           "Use exact patching (ap.sweep) for the residual stream."))
+    if plan.target in (SiteKind.MLP_OUT, SiteKind.MLP_POST) and any(s.layer == 0 for p in plan.patches for s in p):
+        out.append(Finding(Level.WARNING, "attribution_mlp0",
+                           "The first-layer MLP often acts as an extended embedding with large, non-linear effects; "
+                           "AtP estimates there are unreliable (Kramár et al. 2024).",
+                           "Patch MLP 0 exactly."))
+    return out
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Exact patching of a subset of an attribution result's cells."""
+
+    cells: list[tuple[int, ...]]
+    estimate: torch.Tensor
+    exact: torch.Tensor
+    rank_correlation: float
+    findings: list[Finding]
+
+    def disagreements(self, k: int = 5) -> list[tuple[tuple[int, ...], float, float]]:
+        """The ``k`` cells where estimate and exact value differ most: (cell, estimate, exact)."""
+        order = (self.estimate - self.exact).abs().argsort(descending=True)[:k]
+        return [(self.cells[i], float(self.estimate[i]), float(self.exact[i])) for i in order.tolist()]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (no ties correction needed for floats)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def validate_attribution(
+    model: "Model", prompts: PromptSet, result: PatchResult, *, k: int = 10, n_random: int = 10, seed: int = 0,
+    saturation: float = 0.99,
+) -> Validation:
+    """Patch exactly the ``k`` cells with the largest |estimated effect| and ``n_random`` others,
+    and compare: rank correlation, largest disagreements, and Findings for the known failure
+    cases (residual stream, MLP 0, q / k of heads with saturated attention)."""
+    if result.meta.get("method") != "atp":
+        raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
+    kw = result.meta["plan"]
+    plan = make_plan(model, result.meta["target"], **_plan_kwargs(model, prompts, result.meta["target"], kw))
+    est = result.values.flatten()
+    order = (est - 1.0).abs().argsort(descending=True) if result.meta["direction"] == "noise" else est.abs().argsort(descending=True)
+    top = order[:k].tolist()
+    rest = order[k:]
+    gen = torch.Generator().manual_seed(seed)
+    rand = rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
+    chosen = top + rand
+    sub = Plan(target=plan.target, dims=("cell",), coords={"cell": chosen}, patches=tuple(plan.patches[i] for i in chosen))
+    exact = execute(model, prompts, sub, direction=result.meta["direction"], corruption=_corruption_of(result),
+                    metric=result.metric, seed=result.meta.get("seed", 0), progress=False)
+    e, x = est[chosen], exact.values
+    rho = spearman(e, x) if len(chosen) > 2 else float("nan")
+    cells = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), result.shape)) for i in chosen]
+    findings = [f for f in result.findings if f.code.startswith("attribution_") and f.code != "attribution_estimate"]
+    findings.append(Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "attribution_agreement",
+                            f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
+                            f"({k} largest, {len(rand)} random): {rho:.3f}.",
+                            "Below ~0.7, trust exact patching and read the estimates only as a screen."))
+    if plan.target in (SiteKind.Q, SiteKind.K):
+        findings.extend(_saturated(model, prompts, plan, chosen, saturation))
+    return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)
+
+
+def _corruption_of(result: PatchResult) -> Corruption:
+    c = dict(result.meta.get("corruption") or {"name": "str"})
+    if c.get("name") == "gaussian":
+        from .corruption import GaussianNoise
+
+        pos = c.get("positions")
+        return GaussianNoise(scale=c["scale"], n_draws=c["n_draws"], positions=None if pos == "diff" else pos)
+    return parse_corruption(c.get("name", "str"))
+
+
+def _saturated(model: "Model", prompts: PromptSet, plan: Plan, chosen: list[int], threshold: float) -> list[Finding]:
+    """Heads among the validated q / k cells whose attention (last position, clean run) puts
+    more than ``threshold`` on one key: softmax saturation makes AtP on q / k unreliable."""
+    from .sites import Site
+
+    layers = sorted({s.layer for i in chosen for s in plan.patches[i]})
+    sat = []
+    for g in prompts.groups():
+        with capture(model, [Site("pattern", l) for l in layers]) as acts:  # type: ignore[arg-type]
+            model.logits(g.clean, last_only=True)
+        for l in layers:
+            peak = acts[Site("pattern", l)][:, :, -1].amax(-1).mean(0)  # (H,)
+            sat += [(l, h, float(p)) for h, p in enumerate(peak.tolist()) if p > threshold]
+    if not sat:
+        return []
+    heads = ", ".join(f"L{l}H{h} ({p:.3f})" for l, h, p in sorted(set(sat))[:8])
+    return [Finding(Level.WARNING, "attribution_saturated_attention",
+                    f"Heads with saturated attention at the last position: {heads}; AtP on their queries / keys "
+                    f"misses the softmax's non-linearity (Kramár et al. 2024).",
+                    "Patch these heads' q / k exactly.")]
