@@ -131,3 +131,27 @@ def test_bundled_ioi_head_atp_rank_correlation(bundled):
     rho_top = ap.attribution.spearman(est.values.flatten()[top], exact.values.flatten()[top])
     print(f"\nIOI head-output AtP vs exact (noising, 270 heads): Spearman {rho:.3f}; top-20 heads {rho_top:.3f}")
     assert rho >= 0.7
+
+
+@pytest.mark.parametrize("kind, pos", [("q", 5), ("k", 2), ("k", 4)])
+def test_qk_fix_equals_exact_for_a_single_query_or_key_patch(kind, pos):
+    """Parallel GPT-NeoX without its final norm: the last layer's attention output reaches the
+    logits linearly, so an exactly recomputed pattern change gives exact patching."""
+    m = _linear_head("gpt_neox")
+    ps = _pairs(diff=(1, 2, 4))
+    last = m.n_layers - 1
+    for direction in ("noise", "denoise"):
+        kw = dict(layers=[last], positions=[pos], per_position=True)
+        star = ap.attribute(m, ps, kind, direction=direction, qk_fix=True, **kw)
+        plain = ap.attribute(m, ps, kind, direction=direction, **kw)
+        exact = ap.sweep(m, ps, kind, direction=direction, progress=False, **kw)
+        err = (star.raw["logit_diff"] - exact.raw["logit_diff"]).abs().max().item()
+        assert err < 1e-4, err
+        assert star.meta["engine"] == "atp*"
+        # plain AtP linearises the softmax and is measurably off on this random model
+        assert (plain.raw["logit_diff"] - exact.raw["logit_diff"]).abs().max().item() > 10 * max(err, 1e-6)
+
+
+def test_qk_fix_only_for_queries_and_keys():
+    with pytest.raises(ap.ActpatchError, match="qk_fix applies to q and k"):
+        ap.attribute(tiny_model("gpt2"), _pairs(), "z", qk_fix=True)

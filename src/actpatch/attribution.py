@@ -30,12 +30,12 @@ from .corruption import Corruption, parse_corruption
 from .errors import ActpatchError, MetricError
 from .hooks import capture, intervene
 from .metrics import Metric, compute_metrics, parse_metrics
-from .models.attention import actpatch_attention
+from .models.attention import actpatch_attention, recompute_pattern
 from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, default_per_position, make_plan, parse_target
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .sites import SiteKind
+from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
@@ -69,9 +69,16 @@ def attribute(
     neurons: Sequence[int] | None = None,
     window: int = 1,
     seed: int = 0,
+    qk_fix: bool = False,
 ) -> PatchResult:
     """AtP estimates for every cell of a target, as a :class:`PatchResult` (``meta["method"]
     == "atp"``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
+
+    ``qk_fix=True`` (AtP*'s first change, Kramár et al. 2024) estimates query and key patches
+    by recomputing the attention softmax exactly with the patched side, then taking the
+    first-order effect of the pattern change: ``sum (A_patched - A_base) * dm/dA``. This
+    removes the false negatives of saturated attention; everything downstream of the pattern is
+    still linearised. (AtP*'s GradDrop is not implemented.)
 
     Example:
         >>> import actpatch as ap
@@ -93,7 +100,13 @@ def attribute(
         raise ActpatchError(f"Corruption {corr.name!r} has no corrupted run to denoise; use direction='noise'.")
     kw = dict(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons, window=window)
     plan = make_plan(model, target, **_plan_kwargs(model, prompts, target, kw))
+    qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
+    if qk_fix and not qk:
+        raise ActpatchError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
     full = plan.full_sites()
+    if qk:  # base queries and keys, and the gradient at the pattern, of every patched layer
+        layers = sorted({s.layer for s in full})
+        full = list(dict.fromkeys(full + [Site(k, l) for l in layers for k in ("q", "k", "pattern")]))
     corr.prepare(model, prompts)
     n, P, R = len(prompts), len(plan.patches), corr.draws
     raw = {m: torch.empty(n, P) for m in metrics}
@@ -141,16 +154,19 @@ def attribute(
                 cb, kb = (base_vals[m], other[m]) if base is clean_run else (other[m], base_vals[m])
                 clean_b[m][g.indices] = _mean_draws(cb, R)
                 corr_b[m][g.indices] = _mean_draws(kb, R)
-                prod = {s: (source[s] - zeros[s][1]) * (grads[m][s] if grads[m][s] is not None else 0.0) for s in full}
-                per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
-                est = torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])  # (P, G*R)
+                if qk:
+                    est = torch.stack([_qk_effect(model, patch, zeros, source, grads[m]) for patch in plan.patches])
+                else:
+                    prod = {s: (source[s] - zeros[s][1]) * (grads[m][s] if grads[m][s] is not None else 0.0) for s in full}
+                    per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
+                    est = torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])  # (P, G*R)
                 raw[m][g.indices] = _mean_draws(est + base_vals[m], R).T
     res = PatchResult(
         dims=plan.dims, coords=plan.coords,
         raw={m.value: raw[m].reshape(n, *plan.shape) for m in metrics},
         clean={m.value: clean_b[m] for m in metrics}, corrupted={m.value: corr_b[m] for m in metrics},
         meta={"target": plan.target.value, "direction": d.value, "corruption": corr.describe(),
-              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": "atp",
+              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": "atp*" if qk else "atp",
               "plan": {k: (list(v) if isinstance(v, range) else v) for k, v in kw.items()},
               "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
               "prompts": prompts.describe(), "versions": _versions(),
@@ -158,6 +174,26 @@ def attribute(
     )
     res.findings = check(res) + _atp_findings(plan)
     return res
+
+
+def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: dict) -> torch.Tensor:
+    """AtP* QK fix for one patch of q / k sites: exact pattern change, times dm/dA."""
+    total = 0.0
+    g = model.n_heads // model.n_kv_heads
+    for site in patch:
+        l = site.layer
+        q, k = zeros[Site("q", l)][1], zeros[Site("k", l)][1]  # base values, (B, T, heads, D)
+        base_pattern = zeros[Site("pattern", l)][1]
+        new_q, new_k = q.clone(), k.clone()
+        target = new_q if site.kind == SiteKind.Q else new_k
+        target[site.selector()] = source[site.full()][site.selector()]
+        heads = [site.head] if site.kind == SiteKind.Q and site.head is not None else (
+            list(range(site.head * g, (site.head + 1) * g)) if site.head is not None else list(range(model.n_heads)))
+        module = model.adapter.block_module(l, model.adapter.spec.attn)
+        new_pattern = recompute_pattern(module, new_q, new_k)
+        delta = (new_pattern - base_pattern)[:, heads]
+        total = total + (delta * grads[Site("pattern", l)][:, heads]).flatten(1).sum(1)
+    return total  # type: ignore[return-value]
 
 
 def _site_sums(prod: dict, sites: list) -> dict:

@@ -87,6 +87,22 @@ def _actpatch_attention(
     return out, pattern
 
 
+def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention pattern ``(B, H, Tq, Tk)`` this module computes from queries ``(B, Tq, H, D)``
+    and keys ``(B, Tk, KVH, D)`` (the sites' layout): scaling, soft-capping, causal mask and
+    sliding window as in :func:`_actpatch_attention`. Used by AtP*'s exact softmax recomputation."""
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    B, H, Tq, D = qh.shape
+    kvh, Tk = kh.shape[1], kh.shape[2]
+    scores = torch.matmul(qh.reshape(B, kvh, H // kvh, Tq, D), kh.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk)
+    scores = scores * getattr(module, "scaling", D**-0.5)
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~_causal(Tq, Tk, getattr(module, "sliding_window", None), scores.device), float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
 def _causal(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
     """(Tq, Tk) mask of allowed keys: query i sits at absolute position tk - tq + i."""
     qpos = torch.arange(tk - tq, tk, device=device)[:, None]
