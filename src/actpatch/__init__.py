@@ -26,6 +26,7 @@ from . import prompts
 from .attribution import Validation, attribute, validate_attribution
 from .checks import Finding, Level, check
 from .compare import Comparison, Role, compare
+from .eap import EdgeScores, edge_attribution
 from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
 from .hooks import capture, intervene
 from .metrics import Metric
@@ -48,6 +49,8 @@ __all__ = [
     "Comparison",
     "Role",
     "compare",
+    "EdgeScores",
+    "edge_attribution",
     "Corruption",
     "GaussianNoise",
     "MeanAblation",

@@ -1,0 +1,83 @@
+"""Edge attribution (EAP, EAP-IG): edges into a node add up to that node's attribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.testing import tiny_model
+
+
+def _pairs(n=3, T=6, diff=(1, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(2, 60, (n, T), generator=g)
+    corr = clean.clone()
+    for p in diff:
+        corr[:, p] = 2 + (clean[:, p] - 2 + 1 + torch.randint(0, 30, (n,), generator=g)) % 58
+    return ap.PromptSet.from_ids(clean, corr, torch.randint(2, 60, (n,), generator=g), torch.full((n,), 61))
+
+
+def _no_input_norms(family):
+    """Attention inputs become linear in the residual stream (norms before attention removed),
+    so the edges into a head's q / k / v add up to that head's exact AtP score."""
+    m = tiny_model(family, n_layers=3, seed=1)
+    name = {"gpt2": "ln_1", "gpt_neox": "input_layernorm"}.get(family, "input_layernorm")
+    for block in m.adapter.blocks:
+        setattr(block, name, torch.nn.Identity())
+    return m
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial", "qwen2"])
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_edges_into_a_node_add_up_to_its_attribution(family, direction):
+    m = _no_input_norms(family)
+    ps = _pairs()
+    edges = ap.edge_attribution(m, ps, direction=direction)
+    base = "clean" if direction == "noise" else "corrupted"
+    # logits: the edges into the output add up to AtP of the final residual stream
+    atp = ap.attribute(m, ps, "resid_final", direction=direction, per_position=False)
+    expected = atp.raw["logit_diff"] - getattr(atp, base)["logit_diff"]
+    got = edges.per_prompt[:, :, edges.downstream.index("logits")].nansum(1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # heads' query / key / value inputs
+    for kind, n, label in (("q", m.n_heads, "H{}.q"), ("k", m.n_kv_heads, "KV{}.k"), ("v", m.n_kv_heads, "KV{}.v")):
+        atp = ap.attribute(m, ps, kind, direction=direction)
+        for l in range(m.n_layers):
+            for h in range(n):
+                node = f"L{l}." + label.format(h)
+                got = edges.per_prompt[:, :, edges.downstream.index(node)].nansum(1)
+                want = atp.raw["logit_diff"][:, l, h] - getattr(atp, base)["logit_diff"]
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=node)
+
+
+def test_reachability_and_naming():
+    m = tiny_model("llama", n_layers=2)
+    e = ap.edge_attribution(m, _pairs())
+    assert e.upstream[:3] == ["embed", "L0.H0", "L0.H1"] and "L1.MLP" in e.upstream
+    assert torch.isnan(e.into("L0.H0.q")[1:]).all() and not torch.isnan(e.into("L0.H0.q")[0])  # only embed reaches L0
+    assert not torch.isnan(e.into("L0.MLP")[1:5]).any() and torch.isnan(e.into("L0.MLP")[5])  # L0 heads feed L0 MLP (serial)
+    assert not torch.isnan(e.into("logits")).any()
+    top = e.top(5)
+    assert len(top) == 5 and abs(top[0][2]) >= abs(top[-1][2])
+    assert len(e.to_pandas()) == int((~torch.isnan(e.scores)).sum())
+    par = ap.edge_attribution(tiny_model("gpt_neox", n_layers=2), _pairs())
+    assert torch.isnan(par.into("L0.MLP")[1:]).all()  # parallel: heads of a layer do not feed its MLP
+
+
+def test_eap_ig():
+    m = tiny_model("gpt2", n_layers=2)
+    ps = _pairs()
+    eap = ap.edge_attribution(m, ps)
+    one = ap.edge_attribution(m, ps, ig_steps=1)  # the single point is the base run itself
+    torch.testing.assert_close(one.per_prompt, eap.per_prompt, equal_nan=True)
+    ig = ap.edge_attribution(m, ps, ig_steps=5)
+    assert ig.meta["method"] == "eap-ig"
+    assert not torch.allclose(ig.scores.nan_to_num(), eap.scores.nan_to_num())
+
+
+def test_eap_refusals():
+    with pytest.raises(ap.ActpatchError, match="normalises the attention output"):
+        ap.edge_attribution(tiny_model("gemma2"), _pairs())
+    with pytest.raises(ap.MetricError, match="differentiable"):
+        ap.edge_attribution(tiny_model("gpt2"), _pairs(), metric="rank")
