@@ -81,3 +81,42 @@ def test_eap_refusals():
         ap.edge_attribution(tiny_model("gemma2"), _pairs())
     with pytest.raises(ap.MetricError, match="differentiable"):
         ap.edge_attribution(tiny_model("gpt2"), _pairs(), metric="rank")
+
+
+# -- circuits ---------------------------------------------------------------------------------------
+
+def _keep_all_but(edges, node):
+    keep = torch.ones_like(edges.scores, dtype=torch.bool)
+    keep[:, edges.downstream.index(node)] = False
+    return keep
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial"])
+def test_circuit_runs_match_exact_patching(family):
+    m = tiny_model(family, n_layers=3, seed=2)
+    ps = _pairs()
+    edges = ap.edge_attribution(m, ps)
+    clean = ap.patch(m, ps, [ap.Site("resid_pre", 0)], direction="noise")  # for the baselines
+    none = torch.zeros_like(edges.scores, dtype=torch.bool)
+    full = torch.ones_like(none)
+    torch.testing.assert_close(ap.run_circuit(m, ps, full), clean.clean["logit_diff"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ap.run_circuit(m, ps, none), clean.corrupted["logit_diff"], atol=1e-4, rtol=0)
+    # cutting every edge into one head's query = noising that query exactly
+    q = ap.patch(m, ps, [ap.Site("q", 1, head=2)], direction="noise")
+    torch.testing.assert_close(ap.run_circuit(m, ps, _keep_all_but(edges, "L1.H2.q")), q.raw["logit_diff"], atol=1e-4, rtol=0)
+    kv = ap.patch(m, ps, [ap.Site("v", 2, head=1)], direction="noise")
+    torch.testing.assert_close(ap.run_circuit(m, ps, _keep_all_but(edges, "L2.KV1.v")), kv.raw["logit_diff"], atol=1e-4, rtol=0)
+    # cutting every edge into an MLP = noising its output
+    mlp = ap.patch(m, ps, [ap.Site("mlp_out", 1)], direction="noise")
+    torch.testing.assert_close(ap.run_circuit(m, ps, _keep_all_but(edges, "L1.MLP")), mlp.raw["logit_diff"], atol=1e-4, rtol=0)
+
+
+def test_faithfulness_curve():
+    m = tiny_model("llama", n_layers=2)
+    ps = _pairs()
+    edges = ap.edge_attribution(m, ps)
+    n_edges = int((~torch.isnan(edges.scores)).sum())
+    curve = ap.faithfulness(m, ps, edges, sizes=[0, 5, 20, n_edges])
+    assert abs(float(curve.values[0])) < 1e-4 and abs(float(curve.values[-1]) - 1.0) < 1e-4
+    assert curve.plot_data()["x"] == [0, 5, 20, n_edges]
+    assert int(ap.top_edges(edges, 5).sum()) == 5

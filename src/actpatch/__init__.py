@@ -25,6 +25,7 @@ from .errors import (
 from . import prompts
 from .attribution import Validation, attribute, validate_attribution
 from .checks import Finding, Level, check
+from .circuit import Faithfulness, faithfulness, run_circuit, top_edges
 from .compare import Comparison, Role, compare
 from .eap import EdgeScores, edge_attribution
 from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
@@ -50,6 +51,10 @@ __all__ = [
     "Role",
     "compare",
     "EdgeScores",
+    "Faithfulness",
+    "faithfulness",
+    "run_circuit",
+    "top_edges",
     "edge_attribution",
     "Corruption",
     "GaussianNoise",

@@ -111,7 +111,8 @@ def _head_writes(model: "Model", layer: int, dz: torch.Tensor) -> torch.Tensor:
     B, T, H, D = dz.shape
     eye = torch.eye(H, dtype=dz.dtype)[:, None, None, :, None]  # (H, 1, 1, H, 1)
     masked = (dz[None] * eye).reshape(H, B, T, H * D)
-    return o_proj(masked) - o_proj(torch.zeros_like(masked[:1]))
+    # .forward, not __call__: no hooks, so this may run inside captures on the same module
+    return o_proj.forward(masked) - o_proj.forward(torch.zeros_like(masked[:1]))
 
 
 def _input_grads(model: "Model", resid: dict[Site, torch.Tensor], grads: dict) -> list[torch.Tensor]:

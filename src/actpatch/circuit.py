@@ -1,0 +1,191 @@
+"""Circuits from edge scores, and their faithfulness.
+
+A circuit is a set of edges of the head / MLP graph of :mod:`actpatch.eap`. Running a circuit
+means running the clean prompt while every edge *outside* it carries the corrupted run instead:
+each node's input is rebuilt as
+
+    input_v = residual stream - sum over edges u -> v not in the circuit of (write_u(now) - write_u(corrupted))
+
+so that v reads circuit edges from the running (patched) model and all others from the
+corrupted run. The empty circuit reproduces the corrupted run, the full graph the clean run.
+Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (M_clean - M_corrupted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .corruption import Corruption, parse_corruption
+from .eap import EdgeScores, _graph, _head_writes, _reachable
+from .errors import ActpatchError
+from .hooks import READ, WRITE, _add, capture, intervene
+from .metrics import compute_metrics, normalise, parse_metrics
+from .models.attention import actpatch_attention
+from .prompts.promptset import PromptSet
+from .sites import Site
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness"]
+
+
+def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
+    """Boolean (U, V) mask of the ``n`` reachable edges with the largest |score|."""
+    scores = edges.scores.nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0).abs()
+    scores[torch.isnan(edges.scores)] = -1.0
+    n_ok = int((~torch.isnan(edges.scores)).sum())
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    idx = scores.flatten().argsort(descending=True)[: min(n, n_ok)]
+    mask.view(-1)[idx] = True
+    return mask
+
+
+def _circuit_forward(model: "Model", clean: torch.Tensor, corr_w: list[torch.Tensor], keep: torch.Tensor,
+                     up: list, down: list) -> torch.Tensor:
+    """Last-position logits of the clean run with every edge outside ``keep`` (U, V) carrying
+    the corrupted writes ``corr_w`` (per upstream node, (B, T, d))."""
+    adapter = model.adapter
+    L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
+    up_index = {u: i for i, u in enumerate(up)}
+    down_index = {d: j for j, d in enumerate(down)}
+    T = clean.shape[1]
+    pos = torch.arange(T)[None]
+    with capture(model, [Site("resid_pre", 0)]) as emb:
+        model.logits(clean, last_only=True)
+    h = emb[Site("resid_pre", 0)]
+    cur_w: list[torch.Tensor | None] = [h] + [None] * (len(up) - 1)  # writes of the running model
+
+    def correction(j: int, upto: int) -> torch.Tensor | float:
+        """sum over excluded edges u -> down[j] (u < upto) of (write now - write corrupted)."""
+        total: torch.Tensor | float = 0.0
+        for i in (~keep[:upto, j]).nonzero().flatten().tolist():
+            if cur_w[i] is not None:
+                total = total + (cur_w[i] - corr_w[i])
+        return total
+
+    for l in range(L):
+        n_up = up_index[(l, 0)]  # upstream nodes before this layer's heads
+        pe = adapter.position_embeddings(h, pos)
+        qkv: dict[str, torch.Tensor] = {}
+        for kind, n in (("q", H), ("k", KV), ("v", KV)):
+            parts = []
+            for i in range(n):
+                j = down_index[(kind, l, i)]
+                fix = correction(j, n_up)
+                if isinstance(fix, float):
+                    parts.append(None)
+                    continue
+                with capture(model, [Site(kind, l)]) as a:
+                    adapter.run_block(l, h - fix, pos, pe)
+                parts.append(a[Site(kind, l)][:, :, i])
+            qkv[kind] = parts  # type: ignore[assignment]
+        writes = {}
+        for kind in "qkv":
+            for i, part in enumerate(qkv[kind]):  # type: ignore[arg-type]
+                if part is not None:
+                    writes[Site(kind, l, head=i)] = part
+        j_mlp = down_index[("mlp", l, -1)]
+        head_cols = [up_index[(l, hh)] for hh in range(H)]
+        layer_z: dict[str, torch.Tensor] = {}
+
+        def grab_z(x: torch.Tensor) -> None:
+            layer_z["z"] = x.detach()
+
+        def mlp_in(x: torch.Tensor, l=l, j_mlp=j_mlp, head_cols=head_cols) -> torch.Tensor:  # noqa: ANN001
+            if not adapter.parallel:  # this layer's heads feed its MLP: their writes exist by now
+                for k, w in zip(head_cols, _head_writes(model, l, layer_z["z"])):
+                    cur_w[k] = w
+            fix = correction(j_mlp, up_index[(l, -2)])
+            return x - fix if not isinstance(fix, float) else x
+
+        o_proj = adapter.block_module(l, adapter.spec.o_proj)
+        norm = adapter.block_module(l, adapter.spec.mlp_in_norm)  # type: ignore[arg-type]
+        removers = [_add(norm, "input", mlp_in, WRITE)]
+        try:
+            with intervene(model, writes), capture(model, [Site("z", l), Site("mlp_out", l)]) as acts:
+                removers.append(_add(o_proj, "input", lambda x: grab_z(x.view(*x.shape[:-1], H, -1)), READ))
+                h = adapter.run_block(l, h, pos, pe)
+        finally:
+            for r in removers:
+                r()
+        for k, w in enumerate(_head_writes(model, l, acts[Site("z", l)])):
+            cur_w[up_index[(l, k)]] = w
+        cur_w[up_index[(l, -2)]] = acts[Site("mlp_out", l)]
+    fix = correction(down_index[("logits", L, -1)], len(up))
+    final = h - fix if not isinstance(fix, float) else h
+    return adapter.unembed(final[:, -1])
+
+
+def run_circuit(
+    model: "Model", prompts: PromptSet, keep: torch.Tensor, *, corruption: str | Corruption = "str",
+    metric: str = "logit_diff", seed: int = 0,
+) -> torch.Tensor:
+    """Per-prompt metric of the clean run with every edge outside ``keep`` (a (U, V) mask over
+    :func:`actpatch.edge_attribution`'s nodes) taken from the corrupted run."""
+    corr = parse_corruption(corruption)
+    if corr.activation_level or corr.draws != 1:
+        raise ActpatchError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
+    if model.adapter.spec.attn_out != model.adapter.spec.attn:
+        raise ActpatchError(f"Circuits need per-head writes; the {model.family} family normalises attention outputs.")
+    m = parse_metrics(metric)[0]
+    up_names, up, down_names, down = _graph(model)
+    if tuple(keep.shape) != (len(up), len(down)):
+        raise ActpatchError(f"keep has shape {tuple(keep.shape)}; expected {(len(up), len(down))} (upstream x downstream).")
+    keep = keep | ~_reachable(model, up, down)  # unreachable pairs are not edges
+    out = torch.empty(len(prompts))
+    with torch.inference_mode(), actpatch_attention(model.hf):
+        for g in prompts.groups():
+            corr_run = corr.corrupted_run(model, g, prompts, seed)
+            with capture(model, [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]) as a:
+                model.logits(corr_run.ids, last_only=True)
+            corr_w = [a[Site("resid_pre", 0)]]
+            for l in range(model.n_layers):
+                corr_w += list(_head_writes(model, l, a[Site("z", l)])) + [a[Site("mlp_out", l)]]
+            logits = _circuit_forward(model, g.clean, corr_w, keep, up, down)
+            clean_lp = torch.log_softmax(model.logits(g.clean, last_only=True).float(), -1)
+            out[g.indices] = compute_metrics([m], logits, g.answers, g.alternatives, clean_lp)[m]
+    return out
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Normalised metric of circuits of growing size: ``values[i]`` for the top ``sizes[i]`` edges."""
+
+    sizes: list[int]
+    values: torch.Tensor
+    raw: torch.Tensor  # (len(sizes), n_prompts)
+    clean: float
+    corrupted: float
+
+    def plot_data(self) -> dict[str, list]:
+        return {"x": list(self.sizes), "y": self.values.tolist()}
+
+
+def faithfulness(
+    model: "Model", prompts: PromptSet, edges: EdgeScores, sizes: Sequence[int], *, corruption: str | Corruption = "str",
+    metric: str = "logit_diff", seed: int = 0,
+) -> Faithfulness:
+    """The faithfulness curve: for each size n, run the circuit of the top-n edges by |score|
+    with everything else from the corrupted run, normalised (1 = clean, 0 = corrupted).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("llama", n_layers=2)
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> curve = ap.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 10_000])
+        >>> [round(v, 3) + 0.0 for v in curve.values.tolist()][::2]  # no edges: corrupted; all: clean
+        [0.0, 1.0]
+    """
+    raws = torch.stack([run_circuit(model, prompts, top_edges(edges, n), corruption=corruption, metric=metric, seed=seed)
+                        for n in sizes])
+    empty = run_circuit(model, prompts, torch.zeros_like(edges.scores, dtype=torch.bool), corruption=corruption,
+                        metric=metric, seed=seed)
+    full = run_circuit(model, prompts, torch.ones_like(edges.scores, dtype=torch.bool), corruption=corruption,
+                       metric=metric, seed=seed)
+    c, k = float(full.mean()), float(empty.mean())
+    return Faithfulness(sizes=list(sizes), values=normalise(raws.mean(1), c, k), raw=raws, clean=c, corrupted=k)
