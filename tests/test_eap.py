@@ -6,16 +6,11 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import tiny_model
+from actpatch.testing import random_pairs, tiny_model
 
 
 def _pairs(n=3, T=6, diff=(1, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(2, 60, (n, T), generator=g)
-    corr = clean.clone()
-    for p in diff:
-        corr[:, p] = 2 + (clean[:, p] - 2 + 1 + torch.randint(0, 30, (n,), generator=g)) % 58
-    return ap.PromptSet.from_ids(clean, corr, torch.randint(2, 60, (n,), generator=g), torch.full((n,), 61))
+    return random_pairs(n=n, T=T, diff=diff, seed=seed)
 
 
 def _no_input_norms(family):

@@ -144,3 +144,16 @@ def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
     model = Model(hf, None, name=f"micro-{gate}")
     prompts = PromptSet.from_ids([[3]], [[0]], [4], [5], name=f"micro-{gate}")
     return model, prompts
+
+
+def random_pairs(n: int = 3, T: int = 6, diff: tuple[int, ...] = (2, 4), seed: int = 0, vocab: int = 60):  # noqa: ANN201
+    """A PromptSet of ``n`` random token sequences whose corrupted copies differ at positions
+    ``diff``; random answers, alternative token 61 (for the tiny models' 72-token vocabulary)."""
+    from .prompts.promptset import PromptSet
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(2, vocab, (n, T), generator=g)
+    corr = clean.clone()
+    for p in diff:
+        corr[:, p] = 2 + (clean[:, p] - 2 + 1 + torch.randint(0, 30, (n,), generator=g)) % (vocab - 2)
+    return PromptSet.from_ids(clean, corr, torch.randint(2, vocab, (n,), generator=g), torch.full((n,), vocab + 1))

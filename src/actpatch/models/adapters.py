@@ -201,7 +201,8 @@ class Adapter:
             return _get(self.hf_model, s.embed), "output"
         if k == SiteKind.RESID_FINAL:
             return _get(self.hf_model, s.final_norm), "input"
-        assert l is not None  # internal: Site validation guarantees a layer here
+        if l is None:  # pragma: no cover - Site validation guarantees a layer for these kinds
+            raise UnsupportedSiteError(f"{site}: needs a layer.")
         table: dict[SiteKind, tuple[nn.Module, Where]] = {
             SiteKind.RESID_PRE: (self.blocks[l], "input"),
             SiteKind.RESID_POST: (self.blocks[l], "output"),
@@ -210,8 +211,7 @@ class Adapter:
             SiteKind.Z: (self.block_module(l, s.o_proj), "input"),
             SiteKind.MLP_POST: (self.block_module(l, s.mlp_down), "input"),
         }
-        if k == SiteKind.RESID_MID:
-            assert s.mlp_in_norm is not None
+        if k == SiteKind.RESID_MID and s.mlp_in_norm is not None:
             return self.block_module(l, s.mlp_in_norm), "input"
         if k not in table:
             raise UnsupportedSiteError(f"{site}: no module hook for kind {k.value!r} (internal routing error).")
