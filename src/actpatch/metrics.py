@@ -26,7 +26,7 @@ import torch
 
 from .errors import MetricError
 
-__all__ = ["Metric", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP"]
+__all__ = ["Metric", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
 
 
 class Metric(str, enum.Enum):
@@ -106,6 +106,31 @@ def compute_metrics(
         else:
             out[m] = _FNS[m](logits, logprobs, answers, alternatives)
     return out
+
+
+class Measurer:
+    """Metrics of a batch of runs whose row ``i`` belongs to base-run row ``rows[i]``.
+
+    When only the logit difference is asked for, ``tokens`` lists the answer and alternative
+    ids: an engine may then compute just those logits (``compact=True``), skipping the full
+    unembedding.
+    """
+
+    def __init__(self, metrics: Sequence[Metric], answers: torch.Tensor, alternatives: torch.Tensor,
+                 clean_logprobs: torch.Tensor | None) -> None:
+        self.metrics = list(metrics)
+        self.answers, self.alternatives, self.clean_logprobs = answers, alternatives, clean_logprobs
+        only_ld = set(self.metrics) <= {Metric.LOGIT_DIFF}
+        self.tokens = torch.unique(torch.cat([answers, alternatives])) if only_ld else None
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, compact: bool = False) -> dict[Metric, torch.Tensor]:
+        a, b = self.answers[rows], self.alternatives[rows]
+        if compact:
+            if self.tokens is None:
+                raise MetricError("compact logits need Measurer.tokens (only logit_diff allows them).")
+            a, b = torch.searchsorted(self.tokens, a), torch.searchsorted(self.tokens, b)
+        lp = self.clean_logprobs[rows] if self.clean_logprobs is not None else None
+        return compute_metrics(self.metrics, logits, a, b, lp)
 
 
 UNDEFINED_GAP = 1e-6

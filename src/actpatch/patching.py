@@ -13,9 +13,10 @@ from .checkpoint import UnitStore
 from .checks import check
 from .corruption import Corruption, Run, first_difference, parse_corruption
 from .engine import BATCHED_KINDS, run_batched, run_reference
+from .engine.batched import base_sites
 from .errors import ActpatchError, CorruptionError
 from .hooks import capture
-from .metrics import Metric, compute_metrics, parse_metrics
+from .metrics import Measurer, Metric, parse_metrics
 from .models.attention import actpatch_attention
 from .plan import Patch, Plan, default_per_position, make_plan, parse_target
 from .prompts.promptset import LengthGroup, PromptSet
@@ -54,12 +55,6 @@ def _versions() -> dict[str, str]:
     from . import __version__
 
     return {"actpatch": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def _group_runs(
-    model: "Model", prompts: PromptSet, group: LengthGroup, corruption: Corruption, seed: int
-) -> tuple[Run, Run]:
-    return corruption.clean_run(group), corruption.corrupted_run(model, group, prompts, seed)
 
 
 def _mean_draws(x: torch.Tensor, draws: int) -> torch.Tensor:
@@ -115,42 +110,40 @@ def execute(
             stack.enter_context(actpatch_attention(model.hf))
         advance = stack.enter_context(_progress(progress and P * len(groups) > 1, P * len(groups), plan))
         for gi, g in enumerate(groups):
-            clean_run, corr_run = _group_runs(model, prompts, g, corr, seed)
-            answers = g.answers.repeat_interleave(R)
-            alts = g.alternatives.repeat_interleave(R)
-            clean_logits = clean_run.logits(model)
-            clean_lp = torch.log_softmax(clean_logits.float(), -1) if Metric.KL in metrics else clean_logits
-
-            def measure(logits: torch.Tensor, rows: torch.Tensor) -> dict[Metric, torch.Tensor]:
-                return compute_metrics(metrics, logits, answers[rows], alts[rows], clean_lp[rows])
-
+            clean_run, corr_run = corr.clean_run(g), corr.corrupted_run(model, g, prompts, seed)
+            answers, alts = g.answers.repeat_interleave(R), g.alternatives.repeat_interleave(R)
+            base, src_run = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
+            # One forward pass of each run gives both baselines and every activation needed: the
+            # source activations, the null patch's own activations, the batched engine's state.
+            wanted = plan.full_sites()
+            with src_run.context(model), capture(model, [] if corr.activation_level else wanted) as source:
+                src_logits = model.logits(src_run.ids, last_only=True)
+            own = [s.full() for s in plan.patches[0]] + (wanted if corr.activation_level else [])
+            own += base_sites(model) if engine == "batched" else []
+            with base.context(model), capture(model, list(dict.fromkeys(own))) as base_acts:
+                base_logits = model.logits(base.ids, last_only=True)
+            if corr.activation_level:  # noising only: base is the clean run
+                source = {s: corr.source(base_acts[s]) for s in wanted}
+            clean_logits = base_logits if base is clean_run else src_logits
+            clean_lp = torch.log_softmax(clean_logits.float(), -1) if Metric.KL in metrics else None
+            measure = Measurer(metrics, answers, alts, clean_lp)
             idx = torch.arange(len(answers))
             right = clean_logits[idx, answers] > clean_logits[idx, alts]
             clean_correct[g.indices] = right.reshape(-1, R).all(1)
-            base, src_run = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
-            # Null patch: the base run's own activations written back must change nothing.
-            with base.context(model), capture(model, [s.full() for s in plan.patches[0]]) as own:
-                base_logits = model.logits(base.ids, last_only=True)
-            null = run_reference(model, base, own, plan.patches[:1], measure)
-            base_b = measure(base_logits, idx)
-            null_err = max(null_err, max(float((null[m][0] - base_b[m]).abs().max()) for m in metrics))
-            base_c = measure(clean_logits, idx) if base is not clean_run else base_b
-            base_k = measure(corr_run.logits(model), idx) if base is not corr_run else base_b
+            base_b, src_b = measure(base_logits, idx), measure(src_logits, idx)
             for m in metrics:
-                clean_b[m][g.indices] = _mean_draws(base_c[m], R)
-                corr_b[m][g.indices] = _mean_draws(base_k[m], R)
-            if corr.activation_level:
-                src_run = clean_run
-            with src_run.context(model), capture(model, plan.full_sites()) as source:
-                model.logits(src_run.ids, last_only=True)
-            if corr.activation_level:
-                source = {s: corr.source(a) for s, a in source.items()}
+                c, k = (base_b[m], src_b[m]) if base is clean_run else (src_b[m], base_b[m])
+                clean_b[m][g.indices] = _mean_draws(c, R)
+                corr_b[m][g.indices] = _mean_draws(k, R)
+            # Null patch: the base run's own activations written back must change nothing.
+            null = run_reference(model, base, base_acts, plan.patches[:1], measure)
+            null_err = max(null_err, max(float((null[m][0] - base_b[m]).abs().max()) for m in metrics))
             start = 0 if corr.activation_level else first_difference(base, src_run)
 
             def run(patches: Sequence[Patch]) -> dict[Metric, torch.Tensor]:
                 if engine == "batched":
                     return run_batched(model, base, source, patches, measure, advance, diff_start=start,
-                                       chunk_size=chunk_size)
+                                       chunk_size=chunk_size, base_acts=base_acts, base_metrics=base_b)
                 return run_reference(model, base, source, patches, measure, advance)
 
             out = run(plan.patches) if store is None else _run_units(run, plan.patches, store, gi, unit_size, metrics, advance)
@@ -311,7 +304,7 @@ def patch(
         >>> from actpatch.testing import tiny_model
         >>> m = tiny_model("gpt2")
         >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
-        >>> float(ap.patch(m, ps, [ap.Site("resid_pre", 0)]).values)
+        >>> round(float(ap.patch(m, ps, [ap.Site("resid_pre", 0)]).values), 5)
         1.0
     """
     if not sites:

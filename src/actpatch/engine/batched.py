@@ -36,10 +36,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..plan import Patch
 
-__all__ = ["run_batched", "SUPPORTED", "memory_budget"]
+__all__ = ["run_batched", "SUPPORTED", "memory_budget", "base_sites"]
 
-Measure = Callable[[torch.Tensor, torch.Tensor], dict[Metric, torch.Tensor]]
-"""(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}."""
+Measure = Callable[..., dict[Metric, torch.Tensor]]
+"""(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}; a
+:class:`~actpatch.metrics.Measurer` also takes compact logits over its ``tokens``."""
+
+
+def base_sites(model: "Model") -> list[Site]:
+    """What the batched engine reads from the base run: residual stream, keys and values of every layer."""
+    return [Site(k, l) for l in range(model.n_layers) for k in ("resid_pre", "k", "v")]
 
 SUPPORTED = frozenset(SiteKind) - {SiteKind.EMBED, SiteKind.RESID_FINAL}
 """Kinds the batched engine patches (the others run on the reference engine)."""
@@ -113,21 +119,23 @@ def run_batched(
     *,
     diff_start: int = 0,
     chunk_size: int | None = None,
+    base_acts: dict[Site, torch.Tensor] | None = None,
+    base_metrics: dict[Metric, torch.Tensor] | None = None,
 ) -> dict[Metric, torch.Tensor]:
     """Same contract as :func:`~actpatch.engine.reference.run_reference` (``{metric: (n_patches,
     B)}``), plus ``diff_start``: the first position where base and source inputs may differ (0
     when unsure, e.g. for mean / zero ablation). ``chunk_size`` caps patches per forward pass
-    (default: from :func:`memory_budget`)."""
+    (default: from :func:`memory_budget`). ``base_acts`` (at least :func:`base_sites`) and
+    ``base_metrics`` spare a forward pass when the caller already ran the base run."""
     B, T = base.ids.shape
     L = model.n_layers
     adapter = model.adapter
     attn = [adapter.block_module(l, adapter.spec.attn) for l in range(L)]
     with torch.inference_mode(), actpatch_attention(model.hf):
-        keep = [Site(k, l) for l in range(L) for k in ("resid_pre", "k", "v")]
-        with base.context(model), capture(model, keep) as acts:
-            base_logits = model.logits(base.ids, last_only=True)
-        all_rows = torch.arange(B)
-        base_metrics = measure(base_logits, all_rows)
+        if base_acts is None or base_metrics is None:
+            with base.context(model), capture(model, base_sites(model)) as base_acts:
+                base_metrics = measure(model.logits(base.ids, last_only=True), torch.arange(B))
+        acts = base_acts
         out = {m: v.new_empty(len(patches), B) for m, v in base_metrics.items()}
 
         by_start: dict[int, list[tuple[int, int, list[Site]]]] = {}
@@ -199,5 +207,6 @@ def _run_chunk(
                 prefix = {attn[layer]: (k_, v_)}
             with key_value_prefix(prefix):
                 hidden = adapter.run_block(layer, hidden, position_ids, pos_emb)
-    logits = adapter.unembed(hidden[:, -1])  # type: ignore[index]
-    return measure(logits, base_row)
+    tokens = getattr(measure, "tokens", None)
+    logits = adapter.unembed(hidden[:, -1], tokens)  # type: ignore[index]
+    return measure(logits, base_row, compact=True) if tokens is not None else measure(logits, base_row)

@@ -236,9 +236,16 @@ class Adapter:
         out = self.blocks[layer](hidden, **kwargs)
         return _first_tensor(out)
 
-    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from final residual states (..., d_model): final norm, unembedding, soft-capping."""
-        logits = self.hf_model.get_output_embeddings()(_get(self.hf_model, self.spec.final_norm)(hidden))
+    def unembed(self, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from final residual states (..., d_model): final norm, unembedding, soft-capping;
+        only for the vocabulary ids ``tokens`` when given."""
+        normed = _get(self.hf_model, self.spec.final_norm)(hidden)
+        head = self.hf_model.get_output_embeddings()
+        if tokens is None:
+            logits = head(normed)
+        else:
+            bias = head.bias[tokens] if getattr(head, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(normed, head.weight[tokens], bias)
         cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
