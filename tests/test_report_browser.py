@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import actpatch as ap
 from actpatch.report import write_report

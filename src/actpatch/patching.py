@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import UnitStore
 from .checks import check
-from .corruption import Corruption, Run, first_difference, parse_corruption
+from .corruption import Corruption, first_difference, parse_corruption
 from .engine import BATCHED_KINDS, run_batched, run_reference
 from .engine.batched import base_sites
 from .errors import ActpatchError, CorruptionError
@@ -19,7 +19,7 @@ from .hooks import capture
 from .metrics import Measurer, Metric, parse_metrics
 from .models.attention import actpatch_attention
 from .plan import Patch, Plan, default_per_position, make_plan, parse_target
-from .prompts.promptset import LengthGroup, PromptSet
+from .prompts.promptset import PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
 
