@@ -32,7 +32,7 @@ from .hooks import capture, intervene
 from .metrics import Metric, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention, recompute_pattern
 from .patching import Direction, _direction, _mean_draws, _versions, execute
-from .plan import Plan, default_per_position, make_plan, parse_target
+from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
@@ -43,15 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
 
 DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
-
-
-def _plan_kwargs(model: "Model", prompts: PromptSet, target: str, kw: dict[str, Any]) -> dict[str, Any]:
-    kind = parse_target(target)
-    per_pos = kw.get("per_position")
-    wants_pos = per_pos if per_pos is not None else default_per_position(kind)
-    return dict(seq_len=prompts.seq_len if wants_pos else None,
-                pos_labels=prompts.position_labels(model) if wants_pos else None, per_position=wants_pos,
-                **{k: kw.get(k) for k in ("layers", "positions", "heads", "neurons")}, window=kw.get("window", 1))
 
 
 def attribute(
@@ -99,7 +90,7 @@ def attribute(
     if corr.activation_level and d is Direction.DENOISE:
         raise ActpatchError(f"Corruption {corr.name!r} has no corrupted run to denoise; use direction='noise'.")
     kw = dict(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons, window=window)
-    plan = make_plan(model, target, **_plan_kwargs(model, prompts, target, kw))
+    plan = plan_for(model, prompts, target, **kw)
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:
         raise ActpatchError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
@@ -271,7 +262,7 @@ def validate_attribution(
     if result.meta.get("method") != "atp":
         raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
     kw = result.meta["plan"]
-    plan = make_plan(model, result.meta["target"], **_plan_kwargs(model, prompts, result.meta["target"], kw))
+    plan = plan_for(model, prompts, result.meta["target"], **kw)
     est = result.values.flatten()
     order = (est - 1.0).abs().argsort(descending=True) if result.meta["direction"] == "noise" else est.abs().argsort(descending=True)
     top = order[:k].tolist()

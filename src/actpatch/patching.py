@@ -18,7 +18,7 @@ from .errors import ActpatchError, CorruptionError
 from .hooks import capture
 from .metrics import Measurer, Metric, parse_metrics
 from .models.attention import actpatch_attention
-from .plan import Patch, Plan, default_per_position, make_plan, parse_target
+from .plan import Patch, Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
@@ -274,12 +274,8 @@ def sweep(
         >>> round(float(res.values[0, 1]), 5)  # the corrupted position restores everything at layer 0
         1.0
     """
-    kind = parse_target(target)
-    wants_pos = per_position if per_position is not None else default_per_position(kind)
-    seq_len = prompts.seq_len if wants_pos else None
-    labels = prompts.position_labels(model) if wants_pos else None
-    plan = make_plan(model, target, seq_len=seq_len, pos_labels=labels, per_position=wants_pos, layers=layers,
-                     positions=positions, heads=heads, neurons=neurons, window=window)
+    plan = plan_for(model, prompts, target, per_position=per_position, layers=layers, positions=positions,
+                    heads=heads, neurons=neurons, window=window)
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
                    engine=engine, chunk_size=chunk_size, progress=progress, extra_meta={"window": window},
                    store=store, unit_size=unit_size)

@@ -12,8 +12,9 @@ from .sites import ATTENTION_FN_KINDS, HEAD_KINDS, KV_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
+    from .prompts.promptset import PromptSet
 
-__all__ = ["Patch", "Plan", "make_plan", "parse_target", "default_per_position", "TARGETS"]
+__all__ = ["Patch", "Plan", "make_plan", "plan_for", "parse_target", "default_per_position", "TARGETS"]
 
 Patch = tuple[Site, ...]
 """Sites written together in one patched forward pass."""
@@ -144,3 +145,23 @@ def make_plan(
         else:
             patches.append((Site(kind, head=head, pos=pos, index=index),))
     return Plan(target=kind, dims=tuple(dims), coords=coords, patches=tuple(patches))
+
+
+def plan_for(
+    model: "Model",
+    prompts: "PromptSet",
+    target: str | SiteKind,
+    *,
+    per_position: bool | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    window: int = 1,
+) -> Plan:
+    """:func:`make_plan` for a prompt set: a position axis takes the set's (single) token
+    length and its token labels."""
+    wants_pos = per_position if per_position is not None else default_per_position(parse_target(target))
+    return make_plan(model, target, seq_len=prompts.seq_len if wants_pos else None,
+                     pos_labels=prompts.position_labels(model) if wants_pos else None, per_position=wants_pos,
+                     layers=layers, positions=positions, heads=heads, neurons=neurons, window=window)
