@@ -33,7 +33,8 @@ def report(tmp_path_factory) -> Path:
             if "pos" in res.coords:
                 res.coords["pos"] = [EVIL if i == 1 else c for i, c in enumerate(res.coords["pos"])]
             results[f"{target}_{d}"] = res
-    return write_report(results, tmp_path_factory.mktemp("report"), title=f"report {EVIL}")
+    curve = ap.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 100])
+    return write_report(results, tmp_path_factory.mktemp("report"), title=f"report {EVIL}", curves={"EAP": curve})
 
 
 def test_report_is_self_contained_and_escaped(report):
@@ -65,7 +66,7 @@ def test_report_renders_in_headless_chromium(report):
             body = page.inner_text("body")
         finally:
             browser.close()
-    assert n_plots == 10 and n_svg == n_plots  # 2 targets x 2 directions x 2 metrics + 2 comparisons
+    assert n_plots == 11 and n_svg == n_plots  # 2 targets x 2 directions x 2 metrics + 2 comparisons + 1 curve
     assert not errors, errors
     assert not dialogs
     assert EVIL in body  # shown as text

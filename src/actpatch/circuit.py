@@ -13,7 +13,9 @@ Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -30,7 +32,7 @@ from .sites import Site
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness"]
+__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves"]
 
 
 def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
@@ -163,6 +165,26 @@ class Faithfulness:
 
     def plot_data(self) -> dict[str, list]:
         return {"x": list(self.sizes), "y": self.values.tolist()}
+
+    def to_dict(self) -> dict:
+        return {"sizes": self.sizes, "values": self.values.tolist(), "raw": self.raw.tolist(),
+                "clean": self.clean, "corrupted": self.corrupted}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Faithfulness":
+        return cls(sizes=list(d["sizes"]), values=torch.tensor(d["values"]), raw=torch.tensor(d["raw"]),
+                   clean=float(d["clean"]), corrupted=float(d["corrupted"]))
+
+
+def save_curves(curves: dict[str, Faithfulness], path: str | Path) -> None:
+    """Write faithfulness curves (by method) as JSON."""
+    Path(path).write_text(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))
+
+
+def load_curves(path: str | Path) -> dict[str, Faithfulness]:
+    """Read curves written by :func:`save_curves` ({} when the file does not exist)."""
+    p = Path(path)
+    return {k: Faithfulness.from_dict(v) for k, v in json.loads(p.read_text()).items()} if p.is_file() else {}
 
 
 def faithfulness(

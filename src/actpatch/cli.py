@@ -61,9 +61,10 @@ def models() -> None:
 
 
 def _finish(results: dict, out: Path, title: str, t0: float) -> None:
+    from .circuit import load_curves
     from .report import write_report
 
-    path = write_report(results, out, title=title)
+    path = write_report(results, out, title=title, curves=load_curves(out / "circuits.json"))
     n_find = sum(len(r.findings) for r in results.values())
     console.print(f"{len(results)} results and {n_find} findings in {time.perf_counter() - t0:.1f} s")
     console.print(f"Report: [bold]{path.resolve()}[/bold]  (figures as SVG in {(out / 'figures').resolve()})")
@@ -108,8 +109,11 @@ def report(directory: Path = typer.Argument(..., help="A run directory with save
     from .report import write_report
     from .runner import load_run
 
+    from .circuit import load_curves
+
     _, results = load_run(directory)
-    path = write_report(results, directory, title=f"actpatch: {directory.name}")
+    path = write_report(results, directory, title=f"actpatch: {directory.name}",
+                        curves=load_curves(directory / "circuits.json"))
     console.print(f"Report: [bold]{path.resolve()}[/bold]")
 
 

@@ -58,7 +58,8 @@ def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int 
 
 
 def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo")) -> dict[str, PatchResult]:
-    """Run the demo experiment into ``out`` and print the highlights."""
+    """Run the demo experiment into ``out`` and print the highlights; circuits found by EAP and
+    EAP-IG and their faithfulness go to ``out/circuits.json`` (the report plots them)."""
     from .runner import resolve_model, run_experiment
 
     cfg = demo_config(n_prompts)
@@ -77,6 +78,7 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
     console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))
     console.print(f"Head roles (thresholds 0.1): {heads.counts()}")
+    _circuits(console, model, cfg, out)
     seen = set()
     for name, res in results.items():
         for f in res.findings:
@@ -84,3 +86,29 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
                 seen.add((f.code, f.message))
                 console.print(f"{name}: {f}", markup=False)
     return results
+
+
+CIRCUIT_SIZES = [10, 100, 1000, 10000]
+
+
+def _circuits(console: Console, model, cfg: ExperimentConfig, out: Path) -> None:  # noqa: ANN001
+    """Edge attribution (EAP, EAP-IG) and the faithfulness of the top-n-edge circuits."""
+    from .circuit import faithfulness, load_curves, save_curves
+    from .eap import edge_attribution
+    from .runner import build_prompts
+
+    path = out / "circuits.json"
+    curves = load_curves(path)
+    if not curves:
+        prompts, _ = build_prompts(model, cfg)
+        with console.status("Edge attribution (EAP, EAP-IG) and circuit faithfulness"):
+            for name, steps in (("EAP", 0), ("EAP-IG (5 steps)", 5)):
+                edges = edge_attribution(model, prompts, ig_steps=steps)
+                curves[name] = faithfulness(model, prompts, edges, sizes=CIRCUIT_SIZES)
+                if name == "EAP-IG (5 steps)":
+                    top = edges.top(5)
+        save_curves(curves, path)
+        console.print("Top edges (EAP-IG): " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in top), markup=False)
+    for name, c in curves.items():
+        console.print(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, c.values.tolist())),
+                      markup=False)

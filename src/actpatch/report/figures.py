@@ -10,10 +10,11 @@ import plotly.graph_objects as go
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..circuit import Faithfulness
     from ..compare import Comparison
     from ..results import PatchResult
 
-__all__ = ["grid", "result_figure", "comparison_figure", "ROLE_COLOURS"]
+__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "ROLE_COLOURS"]
 
 ROLE_COLOURS = {
     "sufficient_and_necessary": "#1b7837",
@@ -83,4 +84,18 @@ def comparison_figure(cmp: "Comparison", title: str) -> go.Figure:
     fig.add_hline(y=cmp.necessary_threshold, line_dash="dot", line_color="#888")
     fig.update_layout(title=html.escape(title), xaxis_title="sufficiency (denoising effect)",
                       yaxis_title="necessity (noising damage)", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
+def faithfulness_figure(curves: dict[str, "Faithfulness"], title: str = "Circuit faithfulness") -> go.Figure:
+    """Normalised metric of the top-n-edge circuit against n (log axis), one line per method."""
+    fig = go.Figure()
+    for name, curve in curves.items():
+        data = curve.plot_data()
+        fig.add_trace(go.Scatter(x=[max(1, x) for x in data["x"]], y=data["y"], mode="lines+markers", name=html.escape(name),
+                                 hovertemplate="%{x} edges: %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#888")
+    fig.add_hline(y=0.0, line_dash="dot", line_color="#888")
+    fig.update_layout(title=html.escape(title), xaxis_title="edges in the circuit", yaxis_title="faithfulness (1 = clean)",
+                      xaxis_type="log", height=380, margin={"l": 60, "r": 20, "t": 50, "b": 60})
     return fig

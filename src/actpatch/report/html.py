@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, compare
-from .figures import comparison_figure, result_figure
+from .figures import comparison_figure, faithfulness_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
+    from ..circuit import Faithfulness
     from ..results import PatchResult
 
 __all__ = ["write_report"]
@@ -61,8 +62,12 @@ def _pairs(results: dict[str, "PatchResult"]) -> list[tuple[str, "PatchResult | 
     return [(k, v.get("denoise"), v.get("noise")) for k, v in names.items()]
 
 
-def write_report(results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report") -> Path:
-    """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``)."""
+def write_report(
+    results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report",
+    curves: "dict[str, Faithfulness] | None" = None,
+) -> Path:
+    """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``),
+    plus circuit faithfulness ``curves`` (by method name) when given."""
     import plotly.offline
 
     out = Path(out)
@@ -109,6 +114,14 @@ def write_report(results: dict[str, "PatchResult"], out: str | Path, *, title: s
         parts.append("</div>")
         for base, cmp, den, noi in comparisons:
             parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp, den, noi))
+
+    if curves:
+        n += 1
+        parts.append("<h2>Circuits</h2><p>Clean run with every edge outside the top-n circuit taken from the "
+                     "corrupted run (1 = clean, 0 = corrupted).</p>" + _figure_html(faithfulness_figure(curves), f"fig{n}"))
+        rows = [[name, *(f"{v:+.3f}" for v in c.values.tolist())] for name, c in curves.items()]
+        sizes = next(iter(curves.values())).sizes
+        parts.append(_table(["method", *(f"{s} edges" for s in sizes)], rows))
 
     # findings
     parts.append("<h2>Findings</h2>")
