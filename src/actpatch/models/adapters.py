@@ -169,15 +169,10 @@ class Adapter:
         head_dim = getattr(cfg, "head_dim", None)
         self.d_head = int(head_dim) if head_dim else self.d_model // self.n_heads
         self.d_mlp = int(self.block_module(0, spec.mlp_down).weight.shape[1 if spec.name != "gpt2" else 0])
-        self._attn_layer = {id(self.block_module(l, spec.attn)): l for l in range(self.n_layers)}
 
     # -- module lookup ---------------------------------------------------------------------
     def block_module(self, layer: int, path: str) -> nn.Module:
         return _get(self.blocks[layer], path)
-
-    def attention_layer(self, attn_module: nn.Module) -> int | None:
-        """Layer index of an attention module (used by the attention function), else None."""
-        return self._attn_layer.get(id(attn_module))
 
     def embed_module(self) -> nn.Module:
         return _get(self.hf_model, self.spec.embed)
@@ -216,9 +211,6 @@ class Adapter:
         if k not in table:
             raise UnsupportedSiteError(f"{site}: no module hook for kind {k.value!r} (internal routing error).")
         return table[k]
-
-    def unembed_weight(self) -> torch.Tensor:
-        return self.hf_model.get_output_embeddings().weight
 
     # -- running parts of the model (the batched engine) ------------------------------------
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:

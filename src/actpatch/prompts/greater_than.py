@@ -19,7 +19,6 @@ GT_TEMPLATES: tuple[str, ...] = (
     "The drought lasted from the year {c}{yy} to the year {c}",
     "The reign lasted from the year {c}{yy} to the year {c}",
 )
-NOUNS_NOTE = "answers are the first digit of the end year's last two digits"
 
 
 def greater_than(model: "Model", n: int = 32, *, seed: int = 0, century: int = 17) -> PromptSet:
