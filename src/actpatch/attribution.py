@@ -13,8 +13,9 @@ The gradient is read by adding a zero tensor that requires grad at every patched
 (``a + 0``), which leaves the forward values unchanged and keeps the paths through later layers.
 
 Known failure cases (Kramár et al. 2024): the residual stream and the first-layer MLP (large,
-non-linear changes), and queries / keys of heads whose attention is saturated; always check with
-:func:`validate_attribution`.
+non-linear changes), queries / keys of heads whose attention is saturated (``qk_fix``), and
+components whose direct and indirect effects cancel (``grad_drop``, :mod:`actpatch.graddrop`);
+always check with :func:`validate_attribution`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from . import graddrop
 from .checks import Finding, Level, check
 from .corruption import Corruption, parse_corruption
 from .errors import ActpatchError, MetricError
+from .graddrop import drop_gradients
 from .hooks import capture, intervene
 from .metrics import Metric, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention, recompute_pattern
@@ -36,6 +39,8 @@ from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
+
+RESIDUAL_KINDS = (SiteKind.EMBED, SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.RESID_FINAL)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
@@ -61,6 +66,7 @@ def attribute(
     window: int = 1,
     seed: int = 0,
     qk_fix: bool = False,
+    grad_drop: bool = False,
 ) -> PatchResult:
     """AtP estimates for every cell of a target, as a :class:`PatchResult` (``meta["method"]
     == "atp"``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
@@ -69,7 +75,17 @@ def attribute(
     by recomputing the attention softmax exactly with the patched side, then taking the
     first-order effect of the pattern change: ``sum (A_patched - A_base) * dm/dA``. This
     removes the false negatives of saturated attention; everything downstream of the pattern is
-    still linearised. (AtP*'s GradDrop is not implemented.)
+    still linearised.
+
+    ``grad_drop=True`` (AtP*'s second change) repeats the estimate once per layer with the
+    gradient through that layer's residual contribution dropped and scores each cell by
+    ``1 / (L - 1) * sum_l |estimate_l|`` (see :mod:`actpatch.graddrop`), which exposes
+    components whose direct and indirect effects cancel. The score is a magnitude
+    (``meta["estimate"] == "magnitude"``); it is stored as an effect in the behaviour's
+    direction (noising: ``1 - score``, denoising: ``score``, normalised), so negative components
+    show as positive ones. Both options together are AtP*. GradDrop costs one backward pass per
+    layer and applies to components (heads, attention / MLP outputs, neurons), not to the
+    residual stream.
 
     Example:
         >>> import actpatch as ap
@@ -94,6 +110,8 @@ def attribute(
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:
         raise ActpatchError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
+    if grad_drop:
+        _check_grad_drop(model, plan, window)
     full = plan.full_sites()
     if qk:  # base queries and keys, and the gradient at the pattern, of every patched layer
         layers = sorted({s.layer for s in full})
@@ -101,6 +119,7 @@ def attribute(
     corr.prepare(model, prompts)
     n, P, R = len(prompts), len(plan.patches), corr.draws
     raw = {m: torch.empty(n, P) for m in metrics}
+    base_b = {m: torch.empty(n) for m in metrics}  # grad_drop: the base run's metric, per prompt
     clean_b = {m: torch.empty(n) for m in metrics}
     corr_b = {m: torch.empty(n) for m in metrics}
     with ExitStack() as stack:
@@ -129,42 +148,81 @@ def attribute(
 
                 return fn
 
-            with torch.enable_grad(), base.context(model), intervene(model, {s: tap(s) for s in full}):
+            with ExitStack() as run:
+                run.enter_context(torch.enable_grad())
+                run.enter_context(base.context(model))
+                drop = run.enter_context(drop_gradients(model)) if grad_drop else None
+                run.enter_context(intervene(model, {s: tap(s) for s in full}))
                 logits = model.hf(input_ids=base.ids, use_cache=False, logits_to_keep=1).logits[:, -1]
                 clean_logits = logits.detach() if base is clean_run else src_logits
                 clean_lp = torch.log_softmax(clean_logits.float(), -1)
                 values = compute_metrics(metrics, logits, answers, alts, clean_lp)
-                grads = {}
-                for i, m in enumerate(metrics):
-                    gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
-                                             retain_graph=i < len(metrics) - 1, allow_unused=True)
-                    grads[m] = dict(zip(full, gs))
+            # one backward pass per metric (GradDrop: per metric and dropped layer)
+            passes = [(m, layer) for m in metrics for layer in (range(model.n_layers) if grad_drop else [None])]
+            est: dict = {}
+            for i, (m, layer) in enumerate(passes):
+                if drop is not None:
+                    drop.layer = layer
+                gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
+                                         retain_graph=i < len(passes) - 1, allow_unused=True)
+                with torch.no_grad():
+                    e = _estimate(model, plan, full, zeros, source, dict(zip(full, gs)), qk)  # (P, G*R)
+                est[m] = e if layer is None else est.get(m, 0.0) + e.abs()
             base_vals = {m: v.detach() for m, v in values.items()}
             other = compute_metrics(metrics, src_logits, answers, alts, clean_lp)
             for m in metrics:
                 cb, kb = (base_vals[m], other[m]) if base is clean_run else (other[m], base_vals[m])
                 clean_b[m][g.indices] = _mean_draws(cb, R)
                 corr_b[m][g.indices] = _mean_draws(kb, R)
-                if qk:
-                    est = torch.stack([_qk_effect(model, patch, zeros, source, grads[m]) for patch in plan.patches])
+                if grad_drop:
+                    raw[m][g.indices] = _mean_draws(graddrop.combine(est[m], model.n_layers), R).T
+                    base_b[m][g.indices] = _mean_draws(base_vals[m], R)
                 else:
-                    prod = {s: (source[s] - zeros[s][1]) * (grads[m][s] if grads[m][s] is not None else 0.0) for s in full}
-                    per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
-                    est = torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])  # (P, G*R)
-                raw[m][g.indices] = _mean_draws(est + base_vals[m], R).T
+                    raw[m][g.indices] = _mean_draws(est[m] + base_vals[m], R).T
+    if grad_drop:  # magnitudes, laid out as effects in the direction clean -> corrupted (noising) or back
+        for m in metrics:
+            towards = torch.sign(clean_b[m].mean() - corr_b[m].mean())
+            if d is Direction.NOISE:
+                towards = -towards
+            raw[m] = base_b[m][:, None] + towards * raw[m]
     res = PatchResult(
         dims=plan.dims, coords=plan.coords,
         raw={m.value: raw[m].reshape(n, *plan.shape) for m in metrics},
         clean={m.value: clean_b[m] for m in metrics}, corrupted={m.value: corr_b[m] for m in metrics},
         meta={"target": plan.target.value, "direction": d.value, "corruption": corr.describe(),
-              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": "atp*" if qk else "atp",
+              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": _engine(qk, grad_drop),
+              "estimate": "magnitude" if grad_drop else "signed",
               "plan": {k: (list(v) if isinstance(v, range) else v) for k, v in kw.items()},
               "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
               "prompts": prompts.describe(), "versions": _versions(),
               "prompt_attributes": [dict(a) for a in prompts.attributes], "window": window},
     )
-    res.findings = check(res) + _atp_findings(plan)
+    res.findings = check(res) + _atp_findings(plan, grad_drop)
     return res
+
+
+def _engine(qk: bool, grad_drop: bool) -> str:
+    return "atp*" if qk and grad_drop else "atp+qk_fix" if qk else "atp+graddrop" if grad_drop else "atp"
+
+
+def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
+    if plan.target in RESIDUAL_KINDS:
+        raise ActpatchError(f"grad_drop scores components (heads, attn_out, mlp_out, neurons, q / k / v, pattern), "
+                            f"not {plan.target.value!r}: every gradient path of the residual stream passes its own "
+                            f"layer's skip connection. Use exact patching for the residual stream.")
+    if window != 1:
+        raise ActpatchError(f"grad_drop is defined for single-layer components; window={window} spans layers. Use window=1.")
+    if model.n_layers < 2:
+        raise ActpatchError("grad_drop needs a model with at least two layers (it averages over L - 1 dropped layers).")
+
+
+def _estimate(model: "Model", plan: Plan, full: list, zeros: dict, source: dict, grads: dict, qk: bool) -> torch.Tensor:
+    """First-order effect of every patch of the plan, (P, batch), from one set of gradients."""
+    if qk:
+        return torch.stack([_qk_effect(model, patch, zeros, source, grads) for patch in plan.patches])
+    prod = {s: (source[s] - zeros[s][1]) * (grads[s] if grads[s] is not None else 0.0) for s in full}
+    per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
+    return torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])
 
 
 def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: dict) -> torch.Tensor:
@@ -182,8 +240,12 @@ def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: d
             list(range(site.head * g, (site.head + 1) * g)) if site.head is not None else list(range(model.n_heads)))
         module = model.adapter.block_module(l, model.adapter.spec.attn)
         new_pattern = recompute_pattern(module, new_q, new_k)
+        grad = grads[Site("pattern", l)]
+        if grad is None:  # no path from this layer's pattern to the metric (GradDrop of its own layer)
+            total = total + torch.zeros(new_pattern.shape[0])
+            continue
         delta = (new_pattern - base_pattern)[:, heads]
-        total = total + (delta * grads[Site("pattern", l)][:, heads]).flatten(1).sum(1)
+        total = total + (delta * grad[:, heads]).flatten(1).sum(1)
     return total  # type: ignore[return-value]
 
 
@@ -206,11 +268,16 @@ def _site_sums(prod: dict, sites: list) -> dict:
     return out
 
 
-def _atp_findings(plan: Plan) -> list[Finding]:
+def _atp_findings(plan: Plan, grad_drop: bool = False) -> list[Finding]:
     out = [Finding(Level.INFO, "attribution_estimate",
                    "Values are first-order (AtP) estimates of patching, not exact patches.",
                    "Check the largest ones with ap.validate_attribution(model, prompts, result).")]
-    if plan.target in (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.EMBED):
+    if grad_drop:
+        out.append(Finding(Level.INFO, "attribution_magnitude",
+                           "GradDrop scores are magnitudes, shown as effects in the behaviour's direction: a "
+                           "component that works against the behaviour looks like one that supports it.",
+                           "Read signs from plain AtP (grad_drop=False) or exact patching."))
+    if plan.target in RESIDUAL_KINDS:
         out.append(Finding(Level.WARNING, "attribution_residual",
                            "AtP on the residual stream linearises large changes through every later layer; it is "
                            "known to be unreliable there (Kramár et al. 2024).",
@@ -258,7 +325,10 @@ def validate_attribution(
 ) -> Validation:
     """Patch exactly the ``k`` cells with the largest |estimated effect| and ``n_random`` others,
     and compare: rank correlation, largest disagreements, and Findings for the known failure
-    cases (residual stream, MLP 0, q / k of heads with saturated attention)."""
+    cases (residual stream, MLP 0, q / k of heads with saturated attention).
+
+    For a GradDrop result (magnitudes) ``estimate`` and ``exact`` hold |effect| (normalised),
+    and the rank correlation compares those."""
     if result.meta.get("method") != "atp":
         raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
     kw = result.meta["plan"]
@@ -274,6 +344,9 @@ def validate_attribution(
     exact = execute(model, prompts, sub, direction=result.meta["direction"], corruption=_corruption_of(result),
                     metric=result.metric, seed=result.meta.get("seed", 0), progress=False)
     e, x = est[chosen], exact.values
+    if result.meta.get("estimate") == "magnitude":  # GradDrop ranks |effect|: compare magnitudes
+        ref = 1.0 if result.meta["direction"] == "noise" else 0.0
+        e, x = (e - ref).abs(), (x - ref).abs()
     rho = spearman(e, x) if len(chosen) > 2 else float("nan")
     cells = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), result.shape)) for i in chosen]
     findings = [f for f in result.findings if f.code.startswith("attribution_") and f.code != "attribution_estimate"]

@@ -132,6 +132,11 @@ def compare(
         raise ResultError(
             f"compare(denoise, noise) got directions ({d_dir!r}, {n_dir!r}); pass the denoising result first."
         )
+    if "magnitude" in (denoise.meta.get("estimate"), noise.meta.get("estimate")):
+        raise ResultError(
+            "compare() needs signed effects, and a GradDrop result (grad_drop=True) holds magnitudes; "
+            "compare exact sweeps, or plain AtP results."
+        )
     if denoise.dims != noise.dims or denoise.coords != noise.coords or denoise.meta.get("target") != noise.meta.get("target"):
         raise ResultError(
             f"The results cover different grids ({denoise.meta.get('target')} {denoise.dims} vs "

@@ -146,6 +146,50 @@ def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
     return model, prompts
 
 
+def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
+    """A 2-layer GPT-2 with hand-set weights in which a neuron's direct and indirect effects cancel
+    to first order (Kramár et al. 2024's cancellation failure of AtP), and its prompt pair.
+
+    The LayerNorms have a huge epsilon (1e8) and weight 1e4, so each is ``x - mean(x)`` to
+    within 1e-8, and every read vector sums to zero: the model is linear but for its ReLUs.
+    Residual dims: 0 the input bit a, 1 a copy of A, 2 the output, 3 always zero. The clean
+    prompt is token 1 (a = 1), the corrupted one token 0 (a = 0); answer token 2, alternative 3,
+    and logit(2) - logit(3) = 2 * x_2.
+
+    * layer 0 neuron A = relu(a) writes 1 to dim 1 and c = 2 to dim 2 (direct effect);
+    * layer 1 neuron N = relu(2 A - 1) writes -1 to dim 2 (indirect effect of A, through N).
+
+    Clean: A = N = 1, LD = 2 (2 - 1 in dim 2); corrupted: LD = 0. At the clean run dLD/dA =
+    2 (c - 2) = 0, so AtP scores A as irrelevant, but patching A to 0 turns N off too: LD = 0.
+    Sites: A = ``Site("mlp_post", 0, index=0)``, N = ``Site("mlp_post", 1, index=0)``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .prompts.promptset import PromptSet
+
+    cfg = GPT2Config(vocab_size=4, n_embd=4, n_layer=2, n_head=1, n_inner=2, n_positions=4,
+                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for ln in [hf.transformer.ln_f] + [m for b in hf.transformer.h for m in (b.ln_1, b.ln_2)]:
+            ln.weight.fill_(1e4)
+        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
+        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
+        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
+        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 2.0
+        m1.c_fc.weight[1, 0], m1.c_fc.weight[3, 0] = 2.0, -2.0  # N = relu(2 A - 1)
+        m1.c_fc.bias[0] = -1.0
+        m1.c_proj.weight[0, 2] = -1.0
+        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
+        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
+    model = Model(hf, None, name="micro-cancel")
+    prompts = PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-cancel")
+    return model, prompts
+
+
 def random_pairs(n: int = 3, T: int = 6, diff: tuple[int, ...] = (2, 4), seed: int = 0, vocab: int = 60):  # noqa: ANN201
     """A PromptSet of ``n`` random token sequences whose corrupted copies differ at positions
     ``diff``; random answers, alternative token 61 (for the tiny models' 72-token vocabulary)."""
