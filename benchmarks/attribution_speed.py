@@ -49,7 +49,7 @@ def main() -> None:
         rho_gd = spearman((gd.values - 1).abs().flatten(), (exact.values - 1).abs().flatten())
         print(f"\nz, {grid}: {est.values.numel()} cells")
         print(f"  AtP            {t_atp:7.2f} s = {t_atp / fwd:5.1f} forward passes")
-        print(f"  AtP+GradDrop   {t_gd:7.2f} s = {t_gd / fwd:5.1f} forward passes ({model.n_layers} backward passes)")
+        print(f"  AtP+GradDrop   {t_gd:7.2f} s = {t_gd / fwd:5.1f} forward passes (1 + {model.n_layers - 1} partial backward passes)")
         print(f"  exact batched  {t_exact:7.2f} s = {t_exact / fwd:5.0f} forward passes ({t_exact / t_atp:.0f}x AtP)")
         print(f"  Spearman(AtP, exact) = {rho:.3f}; Spearman(GradDrop, |exact effect|) = {rho_gd:.3f}")
 

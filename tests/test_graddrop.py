@@ -55,7 +55,7 @@ def test_graddrop_equals_the_per_layer_reference(family, direction):
     m = tiny_model(family, n_layers=3, seed=1)
     ps = random_pairs(n=3, T=6, diff=(2, 4), seed=1)
     for target, kw in (("z", {}), ("mlp_out", {"per_position": True}), ("mlp_post", {"neurons": range(0, 64, 7)}),
-                       ("v", {"per_position": True, "layers": [0, 2]})):
+                       ("v", {"per_position": True, "layers": [0, 2]}), ("attn_out", {"layers": [1, 2]})):
         gd = ap.attribute(m, ps, target, direction=direction, grad_drop=True, **kw)
         ref = _reference(m, ps, target, direction=direction, **kw)
         mag = _effects(gd).abs()

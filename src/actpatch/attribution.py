@@ -30,7 +30,7 @@ from . import graddrop
 from .checks import Finding, Level, check
 from .corruption import Corruption, parse_corruption
 from .errors import ActpatchError, MetricError
-from .graddrop import drop_gradients
+from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
 from .metrics import Metric, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention, recompute_pattern
@@ -83,8 +83,8 @@ def attribute(
     components whose direct and indirect effects cancel. The score is a magnitude
     (``meta["estimate"] == "magnitude"``); it is stored as an effect in the behaviour's
     direction (noising: ``1 - score``, denoising: ``score``, normalised), so negative components
-    show as positive ones. Both options together are AtP*. GradDrop costs one backward pass per
-    layer and applies to components (heads, attention / MLP outputs, neurons), not to the
+    show as positive ones. Both options together are AtP*. GradDrop costs about
+    ``1 + (L - 1) / 2`` backward passes and applies to components (heads, attention / MLP outputs, neurons), not to the
     residual stream.
 
     Example:
@@ -151,23 +151,22 @@ def attribute(
             with ExitStack() as run:
                 run.enter_context(torch.enable_grad())
                 run.enter_context(base.context(model))
-                drop = run.enter_context(drop_gradients(model)) if grad_drop else None
+                boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
                 run.enter_context(intervene(model, {s: tap(s) for s in full}))
                 logits = model.hf(input_ids=base.ids, use_cache=False, logits_to_keep=1).logits[:, -1]
                 clean_logits = logits.detach() if base is clean_run else src_logits
                 clean_lp = torch.log_softmax(clean_logits.float(), -1)
                 values = compute_metrics(metrics, logits, answers, alts, clean_lp)
-            # one backward pass per metric (GradDrop: per metric and dropped layer)
-            passes = [(m, layer) for m in metrics for layer in (range(model.n_layers) if grad_drop else [None])]
+            # one backward pass per metric (GradDrop: and a partial one per dropped layer)
             est: dict = {}
-            for i, (m, layer) in enumerate(passes):
-                if drop is not None:
-                    drop.layer = layer
+            for i, m in enumerate(metrics):
+                if grad_drop:
+                    est[m] = _grad_drop_sum(model, plan.patches, values[m].sum(), zeros, source, boundary, qk)
+                    continue
                 gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
-                                         retain_graph=i < len(passes) - 1, allow_unused=True)
+                                         retain_graph=i < len(metrics) - 1, allow_unused=True)
                 with torch.no_grad():
-                    e = _estimate(model, plan, full, zeros, source, dict(zip(full, gs)), qk)  # (P, G*R)
-                est[m] = e if layer is None else est.get(m, 0.0) + e.abs()
+                    est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk)  # (P, G*R)
             base_vals = {m: v.detach() for m, v in values.items()}
             other = compute_metrics(metrics, src_logits, answers, alts, clean_lp)
             for m in metrics:
@@ -216,13 +215,34 @@ def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
         raise ActpatchError("grad_drop needs a model with at least two layers (it averages over L - 1 dropped layers).")
 
 
-def _estimate(model: "Model", plan: Plan, full: list, zeros: dict, source: dict, grads: dict, qk: bool) -> torch.Tensor:
-    """First-order effect of every patch of the plan, (P, batch), from one set of gradients."""
+def _estimate(model: "Model", patches: Sequence[tuple], zeros: dict, source: dict, grads: dict, qk: bool) -> torch.Tensor:
+    """First-order effect of each patch, (P, batch), from one set of gradients at the taps."""
     if qk:
-        return torch.stack([_qk_effect(model, patch, zeros, source, grads) for patch in plan.patches])
+        return torch.stack([_qk_effect(model, patch, zeros, source, grads) for patch in patches])
+    full = dict.fromkeys(s.full() for patch in patches for s in patch)
     prod = {s: (source[s] - zeros[s][1]) * (grads[s] if grads[s] is not None else 0.0) for s in full}
-    per_site = _site_sums(prod, [s for patch in plan.patches for s in patch])
-    return torch.stack([sum(per_site[s] for s in patch) for patch in plan.patches])
+    per_site = _site_sums(prod, [s for patch in patches for s in patch])
+    return torch.stack([sum(per_site[s] for s in patch) for patch in patches])
+
+
+def _grad_drop_sum(model: "Model", patches: Sequence[tuple], metric: torch.Tensor, zeros: dict, source: dict,
+                   boundary: list, qk: bool) -> torch.Tensor:
+    """sum over dropped layers l of |estimate with l dropped|, (P, batch). A patch in layer j
+    scores plain AtP for the j layers below it and 0 for its own, so only layers above it need
+    the dropped gradients."""
+    layer_of = torch.tensor([patch[0].layer for patch in patches])
+    taps = {s: z for s, (z, _) in zeros.items()}
+    passes = dropped_gradients(metric, taps, boundary)
+    with torch.no_grad():
+        plain = _estimate(model, patches, zeros, source, next(passes), qk)
+        total = layer_of[:, None] * plain.abs()
+    for layer, grads in enumerate(passes, start=1):
+        idx = (layer_of < layer).nonzero().flatten().tolist()
+        if not idx:
+            continue
+        with torch.no_grad():
+            total[idx] += _estimate(model, [patches[i] for i in idx], zeros, source, grads, qk).abs()
+    return total
 
 
 def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: dict) -> torch.Tensor:
