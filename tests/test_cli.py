@@ -90,6 +90,57 @@ def test_bad_configs_are_one_line_errors(tmp_path, body, fragment):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+ATP = """model: tiny:llama
+prompts: {file: pairs.jsonl, keep_correct: false}
+targets:
+  - {target: z}
+  - {target: z, method: atp}
+  - {target: k, method: atp, qk_fix: true, grad_drop: true}
+directions: [denoise, noise]
+metrics: [logit_diff, kl]
+"""
+
+
+def test_run_with_attribution_targets(tmp_path):
+    """method: atp runs ap.attribute with the target's axes; the estimates sit next to the exact
+    sweep (same values as calling the API), GradDrop magnitudes are not compared across
+    directions, and the report labels estimates."""
+    cfg = write_config(tmp_path, ATP)
+    out = tmp_path / "out"
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0, r.stdout
+    names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
+    assert names == ["k_atp_qk_gd_denoise", "k_atp_qk_gd_noise", "z_atp_denoise", "z_atp_noise", "z_denoise", "z_noise"]
+    est = ap.PatchResult.load(out / "z_atp_noise")
+    assert est.meta["method"] == "atp" and est.metrics == ["logit_diff", "kl"]
+    assert "single_direction" not in [f.code for f in est.findings]  # compared with its pair
+    star = ap.PatchResult.load(out / "k_atp_qk_gd_noise")
+    assert star.meta["engine"] == "atp*" and "single_direction" in [f.code for f in star.findings]
+    from actpatch.runner import build_corruption, build_prompts, resolve_model
+    from actpatch.config import load_config
+
+    c = load_config(cfg)
+    model = resolve_model(c.model)
+    prompts, _ = build_prompts(model, c)
+    again = ap.attribute(model, prompts, "z", direction="noise", corruption=build_corruption(c), metric=c.metrics)
+    torch.testing.assert_close(est.raw["logit_diff"], again.raw["logit_diff"])
+    assert "atp* estimate" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("model: tiny:llama\ntargets: [{target: z, grad_drop: true}]\n", "set method: atp"),
+    ("model: tiny:llama\ntargets: [{target: z, method: atp, qk_fix: true}]\n", "qk_fix applies to q and k targets"),
+    ("model: tiny:llama\ntargets: [{target: z, method: atp}]\nmetrics: [logit_diff, rank]\n",
+     "needs differentiable metrics; remove ['rank']"),
+    ("model: tiny:llama\ntargets: [{target: z, method: atpstar}]\n", "targets.0.method: Input should be 'exact' or 'atp'"),
+])
+def test_bad_attribution_configs(tmp_path, body, fragment):
+    cfg = write_config(tmp_path, body)
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1 and fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_missing_config_and_unwritable_out(tmp_path):
     r = invoke("run", str(tmp_path / "none.yaml"))
     assert r.exit_code == 1 and "does not exist" in r.stderr

@@ -32,7 +32,7 @@ from .corruption import Corruption, parse_corruption
 from .errors import ActpatchError, MetricError
 from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
-from .metrics import Metric, compute_metrics, parse_metrics
+from .metrics import DIFFERENTIABLE, compute_metrics, parse_metrics
 from .models.attention import actpatch_attention, recompute_pattern
 from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, plan_for
@@ -47,7 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
 
-DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
 
 
 def attribute(

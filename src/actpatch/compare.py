@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .results import PatchResult
 
-__all__ = ["Role", "Comparison", "compare"]
+__all__ = ["Role", "Comparison", "compare", "comparable"]
 
 
 class Role(str, enum.Enum):
@@ -99,6 +99,12 @@ class Comparison:
         """How many components have each role (roles with none left out)."""
         out = {r.value: sum(1 for x in self.roles if x is r) for r in Role}
         return {k: v for k, v in out.items() if v}
+
+
+def comparable(denoise: "PatchResult", noise: "PatchResult") -> bool:
+    """Whether :func:`compare` accepts the pair: same grid, signed effects (not GradDrop's magnitudes)."""
+    return (denoise.dims == noise.dims and denoise.coords == noise.coords
+            and "magnitude" not in (denoise.meta.get("estimate"), noise.meta.get("estimate")))
 
 
 def compare(

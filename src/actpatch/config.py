@@ -21,10 +21,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ActpatchError, PromptError
-from .metrics import Metric
+from .metrics import DIFFERENTIABLE, Metric
 from .plan import TARGETS
 
 __all__ = ["ExperimentConfig", "ConfigError", "load_config"]
@@ -75,6 +75,12 @@ class TargetConfig(_Strict):
     heads: list[int] | None = None
     neurons: list[int] | None = None
     window: int = Field(1, ge=1)
+    method: Literal["exact", "atp"] = "exact"
+    """exact: activation patching (ap.sweep); atp: attribution patching estimates (ap.attribute)."""
+    qk_fix: bool = False
+    """atp only: AtP*'s exact softmax for q / k targets."""
+    grad_drop: bool = False
+    """atp only: AtP*'s GradDrop (magnitudes; components only)."""
 
     @field_validator("target")
     @classmethod
@@ -83,9 +89,20 @@ class TargetConfig(_Strict):
             raise ValueError(f"unknown target {v!r}; use one of {', '.join(TARGETS)}")
         return v
 
+    @model_validator(mode="after")
+    def _atp_options(self) -> "TargetConfig":
+        if self.method != "atp" and (self.qk_fix or self.grad_drop):
+            raise ValueError("qk_fix and grad_drop refine attribution patching: set method: atp")
+        if self.qk_fix and self.target not in ("q", "k"):
+            raise ValueError(f"qk_fix applies to q and k targets, not {self.target!r}")
+        return self
+
     @property
     def name(self) -> str:
-        return self.target + (f"_w{self.window}" if self.window > 1 else "")
+        suffix = ""
+        if self.method == "atp":
+            suffix = "_atp" + ("_qk" if self.qk_fix else "") + ("_gd" if self.grad_drop else "")
+        return self.target + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
 class ExperimentConfig(_Strict):
@@ -112,6 +129,15 @@ class ExperimentConfig(_Strict):
         if bad:
             raise ValueError(f"unknown metric(s) {bad}; use {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _atp_metrics(self) -> "ExperimentConfig":
+        discrete = [m for m in self.metrics if m not in {x.value for x in DIFFERENTIABLE}]
+        atp = [t.name for t in self.targets if t.method == "atp"]
+        if atp and discrete:
+            raise ValueError(f"targets {atp} use method atp, which needs differentiable metrics; "
+                             f"remove {discrete} from metrics or run those targets with method: exact")
+        return self
 
     def digest(self) -> str:
         """Hash of the canonical config: a changed config cannot resume another's run."""

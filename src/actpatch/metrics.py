@@ -26,7 +26,7 @@ import torch
 
 from .errors import MetricError
 
-__all__ = ["Metric", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
+__all__ = ["Metric", "DIFFERENTIABLE", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
 
 
 class Metric(str, enum.Enum):
@@ -50,6 +50,10 @@ class Metric(str, enum.Enum):
     @property
     def needs_clean_distribution(self) -> bool:
         return self is Metric.KL
+
+
+DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
+"""Metrics with a gradient (attribution patching needs one); rank, accuracy and top5 are discrete."""
 
 
 _NAMES = ", ".join(m.value for m in Metric)

@@ -3,7 +3,8 @@
 Layout of ``out/``::
 
     run.json                 the canonical config and its digest (a changed config is refused)
-    <target>_<direction>/    one saved PatchResult per target and direction
+    <name>_<direction>/      one saved PatchResult per target and direction (name: the target,
+                             _w<n> for windows, _atp[_qk][_gd] for attribution estimates)
         units/               finished units while the sweep runs (removed when it completes)
     report.html, figures/    written by actpatch.report
 
@@ -20,8 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .attribution import attribute
 from .checkpoint import UnitStore
-from .compare import compare
+from .compare import comparable, compare
 from .config import ConfigError, ExperimentConfig, read_pairs
 from .corruption import Corruption, GaussianNoise, parse_corruption
 from .errors import ActpatchError
@@ -134,15 +136,20 @@ def run_experiment(
                 results[name] = PatchResult.load(target_dir)
                 log(f"{name}: already done, loaded")
                 continue
-            store = UnitStore(target_dir / "units")
-            if len(store):
-                log(f"{name}: resuming from {len(store)} saved unit(s)")
-            res = sweep(
-                model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
-                per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
-                neurons=t.neurons, window=t.window, seed=cfg.seed, engine=cfg.engine,
-                chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress, store=store, unit_size=cfg.unit_size,
-            )
+            axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
+                        neurons=t.neurons, window=t.window)
+            if t.method == "atp":  # a few passes: nothing to resume
+                res = attribute(model, prompts, t.target, direction=direction, corruption=corruption,
+                                metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
+            else:
+                store = UnitStore(target_dir / "units")
+                if len(store):
+                    log(f"{name}: resuming from {len(store)} saved unit(s)")
+                res = sweep(
+                    model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
+                    seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
+                    store=store, unit_size=cfg.unit_size, **axes,
+                )
             res.meta["config_digest"] = cfg.digest()
             if share is not None:
                 res.meta["kept_share"] = share
@@ -153,7 +160,7 @@ def run_experiment(
             log(f"{name}: done")
     for t in cfg.targets:
         d, n = results.get(f"{t.name}_denoise"), results.get(f"{t.name}_noise")
-        if d is not None and n is not None and d.dims == n.dims and d.coords == n.coords:
+        if d is not None and n is not None and comparable(d, n):
             compare(d, n)  # marks both as compared: re-save their findings
             d.save(out / f"{t.name}_denoise")
             n.save(out / f"{t.name}_noise")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..compare import Comparison, compare
+from ..compare import Comparison, comparable, compare
 from .figures import comparison_figure, faithfulness_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
 
@@ -95,13 +95,15 @@ def write_report(
         for label, res in (("denoising: sufficiency (1 = restores clean)", den), ("noising: 1 = no damage, 0 = broken", noi)):
             if res is None:
                 continue
+            if res.meta.get("method") == "atp":
+                label += f", {res.meta.get('engine', 'atp')} estimate"
             for metric in res.metrics:
                 n += 1
                 t = f"{base} {label} [{metric}]"
                 parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{n}") + "</div>")
                 (figdir / f"{base}_{res.meta.get('direction', 'x')}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
         parts.append("</div>")
-        if den is not None and noi is not None and den.dims == noi.dims and den.coords == noi.coords:
+        if den is not None and noi is not None and comparable(den, noi):
             comparisons.append((base, compare(den, noi), den, noi))
 
     if comparisons:
