@@ -115,3 +115,51 @@ def test_faithfulness_curve():
     assert abs(float(curve.values[0])) < 1e-4 and abs(float(curve.values[-1]) - 1.0) < 1e-4
     assert curve.plot_data()["x"] == [0, 5, 20, n_edges]
     assert int(ap.top_edges(edges, 5).sum()) == 5
+
+
+def _linear_head(family):
+    """Final norm removed: the logit difference is linear in every write into the logits."""
+    m = tiny_model(family, n_layers=3, seed=3)
+    parent, name = m.adapter.spec.final_norm.rsplit(".", 1)
+    setattr(m.hf.get_submodule(parent), name, torch.nn.Identity())
+    return m
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])
+def test_validate_edges_is_exact_for_edges_into_linear_logits(family):
+    """Cutting u -> logits changes the final residual by u's corrupted - clean write, to which
+    the metric is linear here: EAP's score is the exact effect."""
+    import dataclasses
+
+    m = _linear_head(family)
+    ps = _pairs()
+    edges = ap.edge_attribution(m, ps)
+    only_logits = edges.scores.clone()
+    only_logits[:, :-1] = float("nan")
+    assert edges.downstream[-1] == "logits"
+    check = ap.validate_edges(m, ps, dataclasses.replace(edges, scores=only_logits), k=4, n_random=4)
+    assert len(check.edges) == 8 and all(v == "logits" for _, v in check.edges)
+    assert check.exact.abs().max() > 1e-3
+    torch.testing.assert_close(check.estimate, check.exact, atol=1e-4, rtol=1e-4)
+    assert check.rank_correlation > 0.99 and check.findings[0].code == "edge_agreement"
+    # edges into heads go through attention and norms: scores and exact effects differ, and are reported
+    full = ap.validate_edges(m, ps, edges, k=5, n_random=5)
+    assert (full.estimate - full.exact).abs().max() > 1e-4
+    assert len(full.disagreements(3)) == 3
+
+
+def test_validate_edges_refuses_denoising_scores():
+    m = tiny_model("llama", n_layers=2)
+    ps = _pairs()
+    with pytest.raises(ap.ActpatchError, match="checks noising scores"):
+        ap.validate_edges(m, ps, ap.edge_attribution(m, ps, direction="denoise"))
+
+
+@pytest.mark.slow
+def test_bundled_ioi_edge_scores_against_cutting_edges(bundled):
+    ps = ap.prompts.ioi(bundled, n=8, templates=[0, 2, 6])
+    for steps in (0, 5):
+        check = ap.validate_edges(bundled, ps, ap.edge_attribution(bundled, ps, ig_steps=steps), k=10, n_random=10)
+        print(f"\nIOI edges, {'EAP-IG' if steps else 'EAP'} vs cutting each edge exactly (10 top + 10 random): "
+              f"Spearman {check.rank_correlation:.3f}; worst {check.disagreements(1)}")
+        assert check.rank_correlation >= 0.5

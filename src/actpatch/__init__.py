@@ -25,7 +25,7 @@ from .errors import (
 from . import prompts
 from .attribution import Validation, attribute, validate_attribution
 from .checks import Finding, Level, check
-from .circuit import Faithfulness, faithfulness, run_circuit, top_edges
+from .circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
 from .compare import Comparison, Role, compare
 from .eap import EdgeScores, edge_attribution
 from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
@@ -54,6 +54,8 @@ __all__ = [
     "Faithfulness",
     "faithfulness",
     "run_circuit",
+    "validate_edges",
+    "EdgeValidation",
     "top_edges",
     "edge_attribution",
     "Corruption",

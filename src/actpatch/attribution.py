@@ -28,7 +28,7 @@ import torch
 
 from . import graddrop
 from .checks import Finding, Level, check
-from .corruption import Corruption, parse_corruption
+from .corruption import Corruption, from_description, parse_corruption
 from .errors import ActpatchError, MetricError
 from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
@@ -39,6 +39,7 @@ from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 from .sites import Site, SiteKind
+from .stats import spearman
 
 RESIDUAL_KINDS = (SiteKind.EMBED, SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.RESID_FINAL)
 
@@ -325,19 +326,6 @@ class Validation:
         return [(self.cells[i], float(self.estimate[i]), float(self.exact[i])) for i in order.tolist()]
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    r = torch.empty_like(x)
-    r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
-    return r
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (no ties correction needed for floats)."""
-    ra, rb = _ranks(a.double()), _ranks(b.double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 def validate_attribution(
     model: "Model", prompts: PromptSet, result: PatchResult, *, k: int = 10, n_random: int = 10, seed: int = 0,
     saturation: float = 0.99,
@@ -360,7 +348,7 @@ def validate_attribution(
     rand = rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
     chosen = top + rand
     sub = Plan(target=plan.target, dims=("cell",), coords={"cell": chosen}, patches=tuple(plan.patches[i] for i in chosen))
-    exact = execute(model, prompts, sub, direction=result.meta["direction"], corruption=_corruption_of(result),
+    exact = execute(model, prompts, sub, direction=result.meta["direction"], corruption=from_description(result.meta.get("corruption")),
                     metric=result.metric, seed=result.meta.get("seed", 0), progress=False)
     e, x = est[chosen], exact.values
     if result.meta.get("estimate") == "magnitude":  # GradDrop ranks |effect|: compare magnitudes
@@ -376,16 +364,6 @@ def validate_attribution(
     if plan.target in (SiteKind.Q, SiteKind.K):
         findings.extend(_saturated(model, prompts, plan, chosen, saturation))
     return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)
-
-
-def _corruption_of(result: PatchResult) -> Corruption:
-    c = dict(result.meta.get("corruption") or {"name": "str"})
-    if c.get("name") == "gaussian":
-        from .corruption import GaussianNoise
-
-        pos = c.get("positions")
-        return GaussianNoise(scale=c["scale"], n_draws=c["n_draws"], positions=None if pos == "diff" else pos)
-    return parse_corruption(c.get("name", "str"))
 
 
 def _saturated(model: "Model", prompts: PromptSet, plan: Plan, chosen: list[int], threshold: float) -> list[Finding]:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .corruption import Corruption, parse_corruption
+from .checks import Finding, Level
+from .corruption import Corruption, from_description, parse_corruption
 from .eap import EdgeScores, _graph, _head_writes, _reachable
 from .errors import ActpatchError
 from .hooks import READ, WRITE, _add, capture, intervene
@@ -28,11 +29,13 @@ from .metrics import compute_metrics, normalise, parse_metrics
 from .models.attention import actpatch_attention
 from .prompts.promptset import PromptSet
 from .sites import Site
+from .stats import spearman
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves"]
+__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
+           "EdgeValidation"]
 
 
 def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
@@ -122,35 +125,54 @@ def _circuit_forward(model: "Model", clean: torch.Tensor, corr_w: list[torch.Ten
     return adapter.unembed(final[:, -1])
 
 
+class _Circuits:
+    """Runs circuits over one prompt set: the corrupted writes and the clean log-probs of each
+    length group are computed once and reused for every circuit."""
+
+    def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int) -> None:
+        corr = parse_corruption(corruption)
+        if corr.activation_level or corr.draws != 1:
+            raise ActpatchError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
+        if model.adapter.spec.attn_out != model.adapter.spec.attn:
+            raise ActpatchError(f"Circuits need per-head writes; the {model.family} family normalises attention outputs.")
+        self.model, self.n = model, len(prompts)
+        self.metric = parse_metrics(metric)[0]
+        _, self.up, _, self.down = _graph(model)
+        self.unreachable = ~_reachable(model, self.up, self.down)
+        self.groups = []
+        sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
+        with torch.inference_mode():
+            for g in prompts.groups():
+                corr_run = corr.corrupted_run(model, g, prompts, seed)
+                with capture(model, sites) as a:
+                    model.logits(corr_run.ids, last_only=True)
+                corr_w = [a[Site("resid_pre", 0)]]
+                for l in range(model.n_layers):
+                    corr_w += list(_head_writes(model, l, a[Site("z", l)])) + [a[Site("mlp_out", l)]]
+                clean_lp = torch.log_softmax(model.logits(g.clean, last_only=True).float(), -1)
+                self.groups.append((g, corr_w, clean_lp))
+
+    def run(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per-prompt metric with every edge outside ``keep`` taken from the corrupted run."""
+        shape = (len(self.up), len(self.down))
+        if tuple(keep.shape) != shape:
+            raise ActpatchError(f"keep has shape {tuple(keep.shape)}; expected {shape} (upstream x downstream).")
+        keep = keep | self.unreachable  # unreachable pairs are not edges
+        out = torch.empty(self.n)
+        with torch.inference_mode(), actpatch_attention(self.model.hf):
+            for g, corr_w, clean_lp in self.groups:
+                logits = _circuit_forward(self.model, g.clean, corr_w, keep, self.up, self.down)
+                out[g.indices] = compute_metrics([self.metric], logits, g.answers, g.alternatives, clean_lp)[self.metric]
+        return out
+
+
 def run_circuit(
     model: "Model", prompts: PromptSet, keep: torch.Tensor, *, corruption: str | Corruption = "str",
     metric: str = "logit_diff", seed: int = 0,
 ) -> torch.Tensor:
     """Per-prompt metric of the clean run with every edge outside ``keep`` (a (U, V) mask over
     :func:`actpatch.edge_attribution`'s nodes) taken from the corrupted run."""
-    corr = parse_corruption(corruption)
-    if corr.activation_level or corr.draws != 1:
-        raise ActpatchError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
-    if model.adapter.spec.attn_out != model.adapter.spec.attn:
-        raise ActpatchError(f"Circuits need per-head writes; the {model.family} family normalises attention outputs.")
-    m = parse_metrics(metric)[0]
-    up_names, up, down_names, down = _graph(model)
-    if tuple(keep.shape) != (len(up), len(down)):
-        raise ActpatchError(f"keep has shape {tuple(keep.shape)}; expected {(len(up), len(down))} (upstream x downstream).")
-    keep = keep | ~_reachable(model, up, down)  # unreachable pairs are not edges
-    out = torch.empty(len(prompts))
-    with torch.inference_mode(), actpatch_attention(model.hf):
-        for g in prompts.groups():
-            corr_run = corr.corrupted_run(model, g, prompts, seed)
-            with capture(model, [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]) as a:
-                model.logits(corr_run.ids, last_only=True)
-            corr_w = [a[Site("resid_pre", 0)]]
-            for l in range(model.n_layers):
-                corr_w += list(_head_writes(model, l, a[Site("z", l)])) + [a[Site("mlp_out", l)]]
-            logits = _circuit_forward(model, g.clean, corr_w, keep, up, down)
-            clean_lp = torch.log_softmax(model.logits(g.clean, last_only=True).float(), -1)
-            out[g.indices] = compute_metrics([m], logits, g.answers, g.alternatives, clean_lp)[m]
-    return out
+    return _Circuits(model, prompts, corruption, metric, seed).run(keep)
 
 
 @dataclass(frozen=True)
@@ -203,11 +225,72 @@ def faithfulness(
         >>> [round(v, 3) + 0.0 for v in curve.values.tolist()][::2]  # no edges: corrupted; all: clean
         [0.0, 1.0]
     """
-    raws = torch.stack([run_circuit(model, prompts, top_edges(edges, n), corruption=corruption, metric=metric, seed=seed)
-                        for n in sizes])
-    empty = run_circuit(model, prompts, torch.zeros_like(edges.scores, dtype=torch.bool), corruption=corruption,
-                        metric=metric, seed=seed)
-    full = run_circuit(model, prompts, torch.ones_like(edges.scores, dtype=torch.bool), corruption=corruption,
-                       metric=metric, seed=seed)
+    circuits = _Circuits(model, prompts, corruption, metric, seed)
+    raws = torch.stack([circuits.run(top_edges(edges, n)) for n in sizes])
+    empty = circuits.run(torch.zeros_like(edges.scores, dtype=torch.bool))
+    full = circuits.run(torch.ones_like(edges.scores, dtype=torch.bool))
     c, k = float(full.mean()), float(empty.mean())
     return Faithfulness(sizes=list(sizes), values=normalise(raws.mean(1), c, k), raw=raws, clean=c, corrupted=k)
+
+
+@dataclass(frozen=True)
+class EdgeValidation:
+    """Edge scores next to the exact effect of cutting each edge alone (metric units, mean over
+    prompts: the clean run with that one edge taken from the corrupted run, minus the clean run)."""
+
+    edges: list[tuple[str, str]]
+    estimate: torch.Tensor
+    exact: torch.Tensor
+    rank_correlation: float
+    findings: list[Finding]
+
+    def disagreements(self, k: int = 5) -> list[tuple[tuple[str, str], float, float]]:
+        """The ``k`` edges where score and exact effect differ most: (edge, score, exact)."""
+        order = (self.estimate - self.exact).abs().argsort(descending=True)[:k]
+        return [(self.edges[i], float(self.estimate[i]), float(self.exact[i])) for i in order.tolist()]
+
+
+def validate_edges(
+    model: "Model", prompts: PromptSet, edges: EdgeScores, *, k: int = 10, n_random: int = 10, seed: int = 0,
+) -> EdgeValidation:
+    """Cut exactly, one at a time, the ``k`` edges with the largest |score| and ``n_random``
+    other reachable edges, and compare with the EAP / EAP-IG scores: rank correlation, largest
+    disagreements, and a Finding. Needs noising scores (``direction="noise"``, the default):
+    cutting an edge from the clean run is what they estimate.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("llama", n_layers=2)
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> check = ap.validate_edges(m, ps, ap.edge_attribution(m, ps), k=3, n_random=2)
+        >>> len(check.edges), check.exact.shape
+        (5, torch.Size([5]))
+    """
+    if edges.meta.get("direction") != "noise":
+        raise ActpatchError("validate_edges() checks noising scores (edges cut from the clean run); "
+                            "score the edges with direction='noise'.")
+    circuits = _Circuits(model, prompts, from_description(edges.meta.get("corruption")), edges.meta["metric"],
+                         edges.meta.get("seed", 0))
+    ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
+    order = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)]
+    gen = torch.Generator().manual_seed(seed)
+    rest = order[k:]
+    chosen = order[:k].tolist() + rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
+    full = torch.ones_like(edges.scores, dtype=torch.bool)
+    clean = circuits.run(full).mean()
+    V = len(edges.downstream)
+    exact = []
+    for i in chosen:
+        keep = full.clone()
+        keep.view(-1)[i] = False
+        exact.append(circuits.run(keep).mean() - clean)
+    est, x = edges.scores.flatten()[chosen], torch.stack(exact)
+    rho = spearman(est, x) if len(chosen) > 2 else float("nan")
+    method = str(edges.meta.get("method", "eap")).upper()
+    findings = [Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "edge_agreement",
+                        f"Rank correlation of {method} scores with cutting each edge exactly, on {len(chosen)} edges "
+                        f"({min(k, len(order))} largest, {len(chosen) - min(k, len(order))} random): {rho:.3f}.",
+                        "Below ~0.7, judge circuits by faithfulness and exact patching, not by the scores.")]
+    names = [(edges.upstream[i // V], edges.downstream[i % V]) for i in chosen]
+    return EdgeValidation(edges=names, estimate=est, exact=x, rank_correlation=rho, findings=findings)

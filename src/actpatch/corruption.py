@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Run", "Corruption", "SymmetricReplacement", "Resample", "GaussianNoise", "MeanAblation", "ZeroAblation",
-    "parse_corruption", "CORRUPTIONS",
+    "parse_corruption", "from_description", "CORRUPTIONS",
 ]
 
 
@@ -227,3 +227,13 @@ def parse_corruption(corruption: "str | Corruption") -> Corruption:
         raise CorruptionError(
             f"Unknown corruption {corruption!r}; use one of {', '.join(CORRUPTIONS)} or a Corruption instance."
         ) from None
+
+
+def from_description(description: dict[str, Any] | None) -> Corruption:
+    """The corruption a result's ``meta["corruption"]`` (:meth:`Corruption.describe`) records;
+    ``str`` when absent."""
+    c = dict(description or {"name": "str"})
+    if c.get("name") == "gaussian":
+        pos = c.get("positions")
+        return GaussianNoise(scale=c["scale"], n_draws=c["n_draws"], positions=None if pos == "diff" else pos)
+    return parse_corruption(c.get("name", "str"))

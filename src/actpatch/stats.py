@@ -14,7 +14,7 @@ from .metrics import normalise
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["Interval", "bootstrap_ci", "split_by"]
+__all__ = ["Interval", "bootstrap_ci", "split_by", "spearman"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,16 @@ def split_by(res: "PatchResult", attribute: str) -> dict[Any, "PatchResult"]:
         part.findings = check(part)
         out[value] = part
     return out
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x)
+    r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (no ties correction needed for floats)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
