@@ -127,6 +127,17 @@ def test_run_with_attribution_targets(tmp_path):
     assert "atp* estimate" in (out / "report.html").read_text()
 
 
+def test_run_with_named_positions(tmp_path):
+    body = TINY.replace("  - {target: resid_pre}\n  - {target: z}\n",
+                        "  - {target: resid_pre, positions: [first_diff, end]}\n"
+                        "  - {target: mlp_out, method: atp, positions: [end]}\n")
+    r = invoke("run", str(write_config(tmp_path, body)), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.stdout
+    res = ap.PatchResult.load(tmp_path / "out" / "resid_pre_noise")
+    assert res.coords["pos"] == ["first_diff", "end"] and res.values.shape == (2, 2)
+    assert ap.PatchResult.load(tmp_path / "out" / "mlp_out_atp_denoise").coords["pos"] == ["end"]
+
+
 @pytest.mark.parametrize("body, fragment", [
     ("model: tiny:llama\ntargets: [{target: z, grad_drop: true}]\n", "set method: atp"),
     ("model: tiny:llama\ntargets: [{target: z, method: atp, qk_fix: true}]\n", "qk_fix applies to q and k targets"),

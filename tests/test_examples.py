@@ -1,5 +1,5 @@
 """Every example config validates, and its prompts build on the bundled model with one token
-length wherever a target has a position axis."""
+length wherever a target has an indexed position axis (or with every named position)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from actpatch.config import load_config
 from actpatch.plan import default_per_position, parse_target
+from actpatch.roles import is_named, role_positions
 from actpatch.runner import build_prompts
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
@@ -27,5 +28,8 @@ def test_example_prompts_build(bundled, path):
     assert len(prompts) >= 3 and share is not None and share >= 0.6
     for t in cfg.targets:
         per_pos = t.per_position if t.per_position is not None else default_per_position(parse_target(t.target))
-        if per_pos:
+        if per_pos and not is_named(t.positions):
             assert prompts.seq_len > 0  # raises when lengths differ
+        if is_named(t.positions):
+            for i in range(len(prompts)):
+                assert set(t.positions) <= set(role_positions(prompts, i))

@@ -29,7 +29,7 @@ import torch
 from . import graddrop
 from .checks import Finding, Level, check
 from .corruption import Corruption, from_description, parse_corruption
-from .errors import ActpatchError, MetricError
+from .errors import ActpatchError, MetricError, SiteError
 from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
 from .metrics import DIFFERENTIABLE, compute_metrics, parse_metrics
@@ -38,6 +38,7 @@ from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
+from .roles import by_role, is_named
 from .sites import Site, SiteKind
 from .stats import spearman
 
@@ -60,7 +61,7 @@ def attribute(
     metric: str | Sequence[str] = "logit_diff",
     per_position: bool | None = None,
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int | str] | None = None,
     heads: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
     window: int = 1,
@@ -97,6 +98,16 @@ def attribute(
         (('layer', 'head'), 'atp')
         >>> exact = ap.sweep(m, ps, "z", direction="noise", progress=False)  # what it estimates
     """
+    if is_named(positions):
+        if per_position is False:
+            raise SiteError("Named positions need the position axis; drop per_position=False.")
+
+        def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
+            return attribute(model, sub, target, direction=direction, corruption=corruption, metric=metric,
+                             per_position=True, layers=layers, positions=pos, heads=heads, neurons=neurons,
+                             window=window, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
+
+        return by_role(run, prompts, positions)  # type: ignore[arg-type]
     d = _direction(direction)
     corr = parse_corruption(corruption)
     metrics = parse_metrics(metric)
@@ -339,6 +350,10 @@ def validate_attribution(
     if result.meta.get("method") != "atp":
         raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
     kw = result.meta["plan"]
+    if is_named(kw.get("positions")):
+        raise ActpatchError("validate_attribution() needs integer positions; this result's position axis is named "
+                            f"({kw['positions']}). Validate on prompts of one layout with positions=[...] indices, "
+                            "or compare with ap.sweep(..., positions=<the same roles>).")
     plan = plan_for(model, prompts, result.meta["target"], **kw)
     est = result.values.flatten()
     order = (est - 1.0).abs().argsort(descending=True) if result.meta["direction"] == "noise" else est.abs().argsort(descending=True)

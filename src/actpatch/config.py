@@ -71,7 +71,8 @@ class TargetConfig(_Strict):
     target: str
     per_position: bool | None = None
     layers: list[int] | None = None
-    positions: list[int] | None = None
+    positions: list[int] | list[str] | None = None
+    """Indices, or role names ([IO, S1, S2, end]; see actpatch.roles) for prompts of any lengths."""
     heads: list[int] | None = None
     neurons: list[int] | None = None
     window: int = Field(1, ge=1)

@@ -14,13 +14,14 @@ from .checks import check
 from .corruption import Corruption, first_difference, parse_corruption
 from .engine import BATCHED_KINDS, run_batched, run_reference
 from .engine.batched import base_sites
-from .errors import ActpatchError, CorruptionError
+from .errors import ActpatchError, CorruptionError, SiteError
 from .hooks import capture
 from .metrics import Measurer, Metric, parse_metrics
 from .models.attention import actpatch_attention
 from .plan import Patch, Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
+from .roles import by_role, is_named
 from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,7 +230,7 @@ def sweep(
     metric: str | Metric | Sequence[str | Metric] = "logit_diff",
     per_position: bool | None = None,
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int | str] | None = None,
     heads: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
     window: int = 1,
@@ -252,7 +253,9 @@ def sweep(
             or a :class:`~actpatch.corruption.Corruption`.
         metric: one metric name or several (all computed from the same patched runs).
         per_position: add / drop the position axis (default: on for residual-like targets).
-        layers, positions, heads, neurons: restrict an axis. window: patch ``window``
+        layers, positions, heads, neurons: restrict an axis. ``positions`` may also name roles
+            (``["S1", "S2", "end"]``, see :mod:`actpatch.roles`): the position axis is then
+            aligned by role across prompts of any lengths. window: patch ``window``
             consecutive layers together (joint effect).
         engine: ``"auto"`` (batched where supported), ``"batched"`` or ``"reference"`` (one
             forward pass per patch: the slow, obviously right oracle). chunk_size: patches per
@@ -274,6 +277,17 @@ def sweep(
         >>> round(float(res.values[0, 1]), 5)  # the corrupted position restores everything at layer 0
         1.0
     """
+    if is_named(positions):
+        if per_position is False:
+            raise SiteError("Named positions need the position axis; drop per_position=False.")
+
+        def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
+            return sweep(model, sub, target, direction=direction, corruption=corruption, metric=metric,
+                         per_position=True, layers=layers, positions=pos, heads=heads, neurons=neurons, window=window,
+                         seed=seed, engine=engine, chunk_size=chunk_size, progress=progress, unit_size=unit_size,
+                         store=None if store is None else UnitStore(store.root / f"group{number}"))
+
+        return by_role(run, prompts, positions)  # type: ignore[arg-type]
     plan = plan_for(model, prompts, target, per_position=per_position, layers=layers, positions=positions,
                     heads=heads, neurons=neurons, window=window)
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,

@@ -6,6 +6,8 @@ IO) over " John" (the subject, S). ABBA templates name IO first, BABA templates 
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -110,7 +112,20 @@ def ioi(
             corrupted = _fill(IOI_TEMPLATES[t], c1, c2, rng.choice([n_ for n_ in names if n_ not in (io, s, c1, c2)]), p, o)
         pairs.append((clean, corrupted, " " + io, " " + s))
         attrs.append({"template": t, "order": "ABBA" if abba else "BABA", "io": io, "s": s})
-    return PromptSet.from_pairs(
+    ps = PromptSet.from_pairs(
         model, pairs, name="ioi", attributes=attrs,
         meta={"builder": "ioi", "seed": seed, "corruption": corruption, "templates": tids, "order": order},
     )
+    for a, ids in zip(attrs, ps.clean):  # named positions (actpatch.roles): IO, S1, S1+1, S2
+        a["positions"] = _name_positions(model, ids.tolist(), a["io"], a["s"])
+    return dataclasses.replace(ps, attributes=tuple(attrs))
+
+
+def _name_positions(model: "Model", ids: list[int], io: str, s: str) -> dict[str, int]:
+    io_id, s_id = model.to_tokens(" " + io)[0], model.to_tokens(" " + s)[0]
+    io_at = [i for i, t in enumerate(ids) if t == io_id]
+    s_at = [i for i, t in enumerate(ids) if t == s_id]
+    out = {"IO": io_at[0]} if len(io_at) == 1 else {}
+    if len(s_at) == 2:
+        out.update({"S1": s_at[0], "S1+1": s_at[0] + 1, "S2": s_at[1]})
+    return out

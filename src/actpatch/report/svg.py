@@ -33,7 +33,7 @@ def heatmap_svg(res: "PatchResult", title: str, metric: str | None = None) -> st
     rows = [_html.unescape(r) for r in rows]
     cols = [_html.unescape(c) for c in cols]
     cell, left, top = 22, 110, 40
-    width = left + cell * len(cols) + 20
+    width = max(left + cell * len(cols) + 20, left + 8 * len(title))  # room for the title (13 px font)
     height = top + cell * len(rows) + 110
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
            f'<text x="{left}" y="20" font-size="13">{escape(title)}</text>']

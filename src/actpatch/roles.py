@@ -1,0 +1,108 @@
+"""Named positions: a position axis by role ("S1", "S2", "end", ...) instead of by index, so that
+position-resolved sweeps run over prompts of different lengths and layouts (e.g. every IOI
+template, ABBA and BABA together).
+
+A role names one token position per prompt. Every prompt pair has the built-in roles
+
+* ``end``: the last position (where the answer is predicted);
+* ``first_diff`` / ``last_diff``: the first / last position where clean and corrupted differ
+  (for a subject swap, ``last_diff`` is the subject's last token, ROME's key position);
+
+and builders add their own in the prompt attributes, ``attributes[i]["positions"]``: the IOI
+builder records ``IO``, ``S1``, ``S1+1`` and ``S2``. Prompts are grouped by where their roles
+fall; each group is swept with ordinary integer positions and the groups are put back together
+in prompt order, with the position axis labelled by the role names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .checks import check
+from .errors import PromptError, SiteError
+from .prompts.promptset import PromptSet
+from .results import PatchResult
+
+__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "by_role"]
+
+BUILTIN_ROLES = ("end", "first_diff", "last_diff")
+
+
+def is_named(positions: Sequence[Any] | None) -> bool:
+    """Whether ``positions`` names roles (strings) rather than indices; mixing is an error."""
+    if positions is None or isinstance(positions, (str, bytes)):
+        if isinstance(positions, (str, bytes)):
+            raise SiteError(f"positions={positions!r}: give a list, e.g. [{positions!r}].")
+        return False
+    kinds = {isinstance(p, str) for p in positions}
+    if kinds == {True, False}:
+        raise SiteError(f"positions={list(positions)}: use either indices or role names, not both.")
+    return kinds == {True}
+
+
+def role_positions(prompts: PromptSet, i: int) -> dict[str, int]:
+    """Every role of prompt ``i`` and its token position."""
+    clean, corrupted = prompts.clean[i], prompts.corrupted[i]
+    diff = (clean != corrupted).nonzero().flatten().tolist()
+    out = {"end": clean.numel() - 1}
+    if diff:
+        out["first_diff"], out["last_diff"] = diff[0], diff[-1]
+    out.update({str(k): int(v) for k, v in (prompts.attributes[i].get("positions") or {}).items()})
+    return out
+
+
+def _groups(prompts: PromptSet, roles: Sequence[str]) -> dict[tuple[int, ...], list[int]]:
+    """Prompt indices by (length, position of each role)."""
+    if len(set(roles)) != len(roles):
+        raise SiteError(f"positions={list(roles)} names a role twice.")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(prompts)):
+        have = role_positions(prompts, i)
+        missing = [r for r in roles if r not in have]
+        if missing:
+            raise PromptError(
+                f"Prompt {i} has no position named {missing[0]!r}; it has {sorted(have)}. Built-in roles: "
+                f"{', '.join(BUILTIN_ROLES)}; builders add others (ioi: IO, S1, S1+1, S2), or set "
+                f"attributes[i]['positions'] = {{name: index}}."
+            )
+        groups.setdefault((prompts.clean[i].numel(), *(have[r] for r in roles)), []).append(i)
+    return groups
+
+
+def by_role(run: Callable[[PromptSet, list[int], int], PatchResult], prompts: PromptSet, roles: Sequence[str]) -> PatchResult:
+    """Run ``run(sub_prompts, positions, group_number)`` (a position-resolved sweep) on each group
+    of prompts whose roles share positions, and merge the results into one whose ``pos`` axis is
+    ``roles``."""
+    roles = [str(r) for r in roles]
+    parts = []
+    for number, (key, idx) in enumerate(_groups(prompts, roles).items()):
+        where = list(key[1:])
+        uniq = sorted(set(where))
+        res = run(prompts.subset(idx), uniq, number)
+        if "pos" not in res.dims:
+            raise SiteError("Named positions need a position axis (per_position=True).")
+        parts.append((idx, [uniq.index(p) for p in where], res))
+    first = parts[0][2]
+    axis = 1 + first.dims.index("pos")  # raw tensors lead with the prompt dim
+    n = len(prompts)
+    raw = {m: torch.empty(n, *first.shape[: axis - 1], len(roles), *first.shape[axis:]) for m in first.raw}
+    clean = {m: torch.empty(n) for m in first.raw}
+    corrupted = {m: torch.empty(n) for m in first.raw}
+    for idx, cols, res in parts:
+        ix = torch.tensor(idx)
+        for m in res.raw:
+            raw[m][ix] = res.raw[m].index_select(axis, torch.tensor(cols))
+            clean[m][ix], corrupted[m][ix] = res.clean[m], res.corrupted[m]
+    meta = dict(first.meta)
+    meta["plan"] = {**meta.get("plan", {}), "positions": roles}
+    meta["prompts"] = prompts.describe()
+    meta["prompt_attributes"] = [dict(a) for a in prompts.attributes]
+    meta["role_groups"] = len(parts)
+    merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": roles}, raw=raw, clean=clean,
+                         corrupted=corrupted, meta=meta)
+    # check() findings are recomputed on the whole set; the method's own ones (AtP) are kept once
+    extra = {(f.code, f.message): f for _, _, r in parts for f in r.findings if f.code.startswith("attribution_")}
+    merged.findings = check(merged) + list(extra.values())
+    return merged
