@@ -107,3 +107,13 @@ def test_bundled_ioi_roles_across_all_templates(bundled):
     v = res.values
     print(f"\nIOI, all templates, resid_pre denoising: S2 at layer 0 {v[0, 2]:.3f}, end at layer 29 {v[1, 3]:.3f}")
     assert v[0, 2] > 0.9 and v[1, 3] > 0.8 and abs(v[1, 2]) < 0.1
+
+
+@pytest.mark.slow
+def test_bundled_factual_subject_roles(bundled):
+    ps = ap.prompts.factual(bundled, n=12, same_length=False)
+    for a, ids in zip(ps.attributes, ps.clean):
+        p = a["positions"]
+        assert bundled.tokenizer.decode(ids[p["subject_first"]: p["subject_last"] + 1]).strip() == a["subject"]
+    res = ap.sweep(bundled, ps, "resid_pre", positions=["subject_last", "end"], layers=[0], progress=False)
+    assert res.coords["pos"] == ["subject_last", "end"] and res.values.shape == (1, 2)

@@ -9,7 +9,8 @@ A role names one token position per prompt. Every prompt pair has the built-in r
   (for a subject swap, ``last_diff`` is the subject's last token, ROME's key position);
 
 and builders add their own in the prompt attributes, ``attributes[i]["positions"]``: the IOI
-builder records ``IO``, ``S1``, ``S1+1`` and ``S2``. Prompts are grouped by where their roles
+builder records ``IO``, ``S1``, ``S1+1`` and ``S2``, the factual builder ``subject_first`` and
+``subject_last``. Prompts are grouped by where their roles
 fall; each group is swept with ordinary integer positions and the groups are put back together
 in prompt order, with the position axis labelled by the role names.
 """
@@ -64,7 +65,7 @@ def _groups(prompts: PromptSet, roles: Sequence[str]) -> dict[tuple[int, ...], l
         if missing:
             raise PromptError(
                 f"Prompt {i} has no position named {missing[0]!r}; it has {sorted(have)}. Built-in roles: "
-                f"{', '.join(BUILTIN_ROLES)}; builders add others (ioi: IO, S1, S1+1, S2), or set "
+                f"{', '.join(BUILTIN_ROLES)}; builders add others (ioi: IO, S1, S1+1, S2; factual: subject_first, subject_last), or set "
                 f"attributes[i]['positions'] = {{name: index}}."
             )
         groups.setdefault((prompts.clean[i].numel(), *(have[r] for r in roles)), []).append(i)

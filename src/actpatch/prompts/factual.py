@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import PromptError
 from .promptset import PromptSet
+from .vocab import token_span
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -123,5 +124,9 @@ def factual(
     chosen = candidates[:n]
     pairs = [(f[3], g[3], f[2], g[2]) for f, g in chosen]
     attrs = [{"relation": f[0], "subject": f[1], "corrupt_subject": g[1]} for f, g in chosen]
+    for a, (f, _) in zip(attrs, chosen):  # named positions (actpatch.roles)
+        span = token_span(model, f[3], f[1])
+        if span is not None:
+            a["positions"] = {"subject_first": span[0], "subject_last": span[1]}
     return PromptSet.from_pairs(model, pairs, name="factual", attributes=attrs,
                                 meta={"builder": "factual", "seed": seed, "relations": rels, "same_length": same_length})

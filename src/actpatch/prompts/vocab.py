@@ -26,3 +26,19 @@ def single_tokens(model: "Model", words: Sequence[str], *, min_count: int, what:
             f"pass your own prompt pairs with PromptSet.from_pairs."
         )
     return out
+
+
+def token_span(model: "Model", text: str, part: str) -> tuple[int, int] | None:
+    """First and last token positions of the first occurrence of ``part`` in ``text``, as the
+    model's tokenizer splits ``text`` (with its special tokens, like :meth:`PromptSet.from_pairs`);
+    None when the tokenizer gives no character offsets or ``part`` is absent."""
+    start = text.find(part)
+    if start < 0 or model.tokenizer is None:
+        return None
+    try:
+        offsets = model.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return None
+    end = start + len(part)
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
+    return (inside[0], inside[-1]) if inside else None
