@@ -127,6 +127,28 @@ def test_run_with_attribution_targets(tmp_path):
     assert "atp* estimate" in (out / "report.html").read_text()
 
 
+def test_run_with_circuits(tmp_path):
+    """circuits: edge scores (CSV, largest |score| first) and faithfulness curves in the report;
+    the full circuit gives the clean run, the empty one the corrupted run."""
+    import pandas as pd
+
+    body = TINY.replace("  - {target: z}\n", "") + "circuits: {methods: [eap, eap-ig], ig_steps: 2, sizes: [0, 5, 100000]}\n"
+    out = tmp_path / "out"
+    r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
+    assert r.exit_code == 0, r.stdout
+    assert "Faithfulness, EAP-IG (2 steps)" in r.stdout
+    curves = json.loads((out / "circuits.json").read_text())
+    assert set(curves) == {"EAP", "EAP-IG (2 steps)"}
+    for c in curves.values():
+        assert abs(c["values"][0]) < 1e-4 and abs(c["values"][-1] - 1) < 1e-4
+    edges = pd.read_csv(out / "edges_eap.csv")
+    assert list(edges.columns) == ["upstream", "downstream", "score"]
+    assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50
+    assert "Circuits" in (out / "report.html").read_text()
+    r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))  # resumes: nothing to redo
+    assert r.exit_code == 0 and "circuits: already done, loaded" in r.stdout
+
+
 def test_run_with_named_positions(tmp_path):
     body = TINY.replace("  - {target: resid_pre}\n  - {target: z}\n",
                         "  - {target: resid_pre, positions: [first_diff, end]}\n"
@@ -144,6 +166,9 @@ def test_run_with_named_positions(tmp_path):
     ("model: tiny:llama\ntargets: [{target: z, method: atp}]\nmetrics: [logit_diff, rank]\n",
      "needs differentiable metrics; remove ['rank']"),
     ("model: tiny:llama\ntargets: [{target: z, method: atpstar}]\n", "targets.0.method: Input should be 'exact' or 'atp'"),
+    ("model: tiny:llama\ncircuits: {}\nmetrics: [rank]\n", "first metric, 'rank', which is discrete"),
+    ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
+    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: Input should be 'eap' or 'eap-ig'"),
 ])
 def test_bad_attribution_configs(tmp_path, body, fragment):
     cfg = write_config(tmp_path, body)

@@ -22,3 +22,11 @@ def test_demo_end_to_end(tmp_path, bundled):
     assert set(curves) == {"EAP", "EAP-IG (5 steps)"} and curves["EAP"]["values"][-1] > 0.8
     page = (out / "report.html").read_text()
     assert "Both directions compared" in page and "Circuits" in page and "Provenance" in page
+    assert (out / "edges_eap-ig.csv").is_file()
+    # a later version's demo over this directory starts over instead of refusing it
+    state = json.loads((out / "run.json").read_text())
+    state["digest"] = "0" * 16
+    (out / "run.json").write_text(json.dumps(state))
+    (out / "stale").mkdir()
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-prompts", "4"])
+    assert r.exit_code == 0 and "starting over" in r.stdout and not (out / "stale").exists()

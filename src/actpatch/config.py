@@ -11,6 +11,7 @@ Example (``examples/ioi.yaml``)::
       - {target: z}
     directions: [denoise, noise]
     metrics: [logit_diff, prob]
+    circuits: {methods: [eap, eap-ig], sizes: [10, 100, 1000]}   # optional
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .errors import ActpatchError, PromptError
 from .metrics import DIFFERENTIABLE, Metric
 from .plan import TARGETS
 
-__all__ = ["ExperimentConfig", "ConfigError", "load_config"]
+__all__ = ["ExperimentConfig", "CircuitsConfig", "ConfigError", "load_config"]
 
 
 class ConfigError(ActpatchError):
@@ -106,6 +107,24 @@ class TargetConfig(_Strict):
         return self.target + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
+class CircuitsConfig(_Strict):
+    """Edge attribution and the faithfulness of the top-n-edge circuits (noising, the run's
+    corruption and first metric)."""
+
+    methods: list[Literal["eap", "eap-ig"]] = Field(default_factory=lambda: ["eap", "eap-ig"], min_length=1)
+    ig_steps: int = Field(5, ge=1)
+    """Interpolation steps of EAP-IG."""
+    sizes: list[int] = Field(default_factory=lambda: [10, 100, 1000, 10000], min_length=1)
+    """Circuit sizes (numbers of edges) of the faithfulness curve."""
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 0 for n in v):
+            raise ValueError(f"circuit sizes must be >= 0, got {v}")
+        return v
+
+
 class ExperimentConfig(_Strict):
     """One experiment: a model, prompts, a corruption, targets x directions, metrics."""
 
@@ -115,6 +134,8 @@ class ExperimentConfig(_Strict):
     targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(target="resid_pre")], min_length=1)
     directions: list[Literal["denoise", "noise"]] = Field(default_factory=lambda: ["denoise", "noise"], min_length=1)
     metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "prob"], min_length=1)
+    circuits: CircuitsConfig | None = None
+    """Also find circuits: edge scores (EAP / EAP-IG) and faithfulness curves."""
     seed: int = 0
     engine: Literal["auto", "batched", "reference"] = "auto"
     unit_size: int = Field(64, ge=1)
@@ -138,6 +159,12 @@ class ExperimentConfig(_Strict):
         if atp and discrete:
             raise ValueError(f"targets {atp} use method atp, which needs differentiable metrics; "
                              f"remove {discrete} from metrics or run those targets with method: exact")
+        if self.circuits is not None and self.metrics[0] in discrete:
+            raise ValueError(f"circuits score edges with the first metric, {self.metrics[0]!r}, which is discrete; "
+                             f"put a differentiable one (logit_diff) first")
+        if self.circuits is not None and self.corruption.name not in ("str", "resample"):
+            raise ValueError(f"circuits need a corrupted run per prompt (corruption str or resample), "
+                             f"not {self.corruption.name!r}")
         return self
 
     def digest(self) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .compare import Comparison, compare
-from .config import ExperimentConfig, PromptsConfig, TargetConfig
+from .config import CircuitsConfig, ExperimentConfig, PromptsConfig, TargetConfig
 from .results import PatchResult
 
 DEMO_TEMPLATES = [0, 2, 6]
@@ -22,6 +24,7 @@ def demo_config(n_prompts: int = 8) -> ExperimentConfig:
         targets=[TargetConfig(target=t) for t in ("resid_pre", "attn_out", "mlp_out", "z")],
         directions=["denoise", "noise"],
         metrics=["logit_diff", "prob"],
+        circuits=CircuitsConfig(methods=["eap", "eap-ig"], ig_steps=5, sizes=[10, 100, 1000, 10000]),
     )
 
 
@@ -59,10 +62,18 @@ def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int 
 
 def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo")) -> dict[str, PatchResult]:
     """Run the demo experiment into ``out`` and print the highlights; circuits found by EAP and
-    EAP-IG and their faithfulness go to ``out/circuits.json`` (the report plots them)."""
+    EAP-IG and their faithfulness go to ``out/circuits.json`` (the report plots them) and
+    ``out/edges_*.csv``."""
     from .runner import resolve_model, run_experiment
 
     cfg = demo_config(n_prompts)
+    state = out / "run.json"
+    if state.is_file():  # an earlier demo (another version or prompt count) is redone; anything else is kept
+        old = json.loads(state.read_text())
+        prompts = old.get("config", {}).get("prompts", {})
+        if old.get("digest") != cfg.digest() and prompts.get("builder") == "ioi" and prompts.get("templates") == DEMO_TEMPLATES:
+            console.print(f"{out} holds a demo run of another version or prompt count: starting over.", markup=False)
+            shutil.rmtree(out)
     with console.status("Loading the bundled model (first time: ~20 s to dequantise, then cached)"):
         model = resolve_model(cfg.model)
     console.print(repr(model), markup=False)
@@ -78,7 +89,6 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
     console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))
     console.print(f"Head roles (thresholds 0.1): {heads.counts()}")
-    _circuits(console, model, cfg, out)
     seen = set()
     for name, res in results.items():
         for f in res.findings:
@@ -86,29 +96,3 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
                 seen.add((f.code, f.message))
                 console.print(f"{name}: {f}", markup=False)
     return results
-
-
-CIRCUIT_SIZES = [10, 100, 1000, 10000]
-
-
-def _circuits(console: Console, model, cfg: ExperimentConfig, out: Path) -> None:  # noqa: ANN001
-    """Edge attribution (EAP, EAP-IG) and the faithfulness of the top-n-edge circuits."""
-    from .circuit import faithfulness, load_curves, save_curves
-    from .eap import edge_attribution
-    from .runner import build_prompts
-
-    path = out / "circuits.json"
-    curves = load_curves(path)
-    if not curves:
-        prompts, _ = build_prompts(model, cfg)
-        with console.status("Edge attribution (EAP, EAP-IG) and circuit faithfulness"):
-            for name, steps in (("EAP", 0), ("EAP-IG (5 steps)", 5)):
-                edges = edge_attribution(model, prompts, ig_steps=steps)
-                curves[name] = faithfulness(model, prompts, edges, sizes=CIRCUIT_SIZES)
-                if name == "EAP-IG (5 steps)":
-                    top = edges.top(5)
-        save_curves(curves, path)
-        console.print("Top edges (EAP-IG): " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in top), markup=False)
-    for name, c in curves.items():
-        console.print(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, c.values.tolist())),
-                      markup=False)

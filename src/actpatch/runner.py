@@ -6,6 +6,8 @@ Layout of ``out/``::
     <name>_<direction>/      one saved PatchResult per target and direction (name: the target,
                              _w<n> for windows, _atp[_qk][_gd] for attribution estimates)
         units/               finished units while the sweep runs (removed when it completes)
+    circuits.json            faithfulness curves, when the config asks for circuits
+    edges_<method>.csv       every edge's score, largest |score| first
     report.html, figures/    written by actpatch.report
 
 Killed at any moment and started again with the same config and directory, the run skips
@@ -23,9 +25,11 @@ from typing import Any, Callable
 
 from .attribution import attribute
 from .checkpoint import UnitStore
+from .circuit import Faithfulness, faithfulness, load_curves, save_curves
 from .compare import comparable, compare
 from .config import ConfigError, ExperimentConfig, read_pairs
 from .corruption import Corruption, GaussianNoise, parse_corruption
+from .eap import edge_attribution
 from .errors import ActpatchError
 from .models.handle import Model
 from .patching import sweep
@@ -158,6 +162,8 @@ def run_experiment(
             shutil.rmtree(target_dir / "units", ignore_errors=True)
             results[name] = res
             log(f"{name}: done")
+    if cfg.circuits is not None:
+        find_circuits(model, prompts, cfg, out, log)
     for t in cfg.targets:
         d, n = results.get(f"{t.name}_denoise"), results.get(f"{t.name}_noise")
         if d is not None and n is not None and comparable(d, n):
@@ -165,6 +171,33 @@ def run_experiment(
             d.save(out / f"{t.name}_denoise")
             n.save(out / f"{t.name}_noise")
     return results
+
+
+def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: Path,
+                  log: Callable[[str], None] = print) -> dict[str, Faithfulness]:
+    """Edge scores of each method of ``cfg.circuits`` (saved as ``edges_<method>.csv``, sorted by
+    |score|) and their faithfulness curves (``circuits.json``, which the report plots). A run
+    that already has ``circuits.json`` loads it."""
+    c = cfg.circuits
+    assert c is not None
+    path = out / "circuits.json"
+    curves = load_curves(path)
+    if curves:
+        log("circuits: already done, loaded")
+        return curves
+    corruption = build_corruption(cfg)
+    for method in c.methods:
+        steps = c.ig_steps if method == "eap-ig" else 0
+        name = f"EAP-IG ({steps} steps)" if steps else "EAP"
+        edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0], ig_steps=steps, seed=cfg.seed)
+        table = edges.to_pandas()
+        table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
+        curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0],
+                                    seed=cfg.seed)
+        log(f"Top edges, {name}: " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in edges.top(5)))
+        log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
+    save_curves(curves, path)
+    return curves
 
 
 def load_run(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
