@@ -64,8 +64,11 @@ def test_role_attribution_equals_each_prompt_alone():
     torch.testing.assert_close(res.raw["logit_diff"], ref, atol=1e-5, rtol=1e-5)
     codes = [f.code for f in res.findings]
     assert codes.count("attribution_estimate") == 1
-    with pytest.raises(ap.ActpatchError, match="needs integer positions"):
-        ap.validate_attribution(m, ps, res)
+    # validation patches the chosen cells exactly, group by group: the role sweep's values
+    check = ap.validate_attribution(m, ps, res, k=2, n_random=2)
+    exact = ap.sweep(m, ps, "mlp_out", positions=["first_diff", "end"], direction="noise", progress=False)
+    assert len(check.cells) == 4
+    torch.testing.assert_close(check.exact, torch.stack([exact.values[c] for c in check.cells]), atol=1e-5, rtol=1e-5)
 
 
 def test_role_sweep_resumes_from_its_groups_units(tmp_path):

@@ -32,13 +32,13 @@ from .corruption import Corruption, from_description, parse_corruption
 from .errors import ActpatchError, MetricError, SiteError
 from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
-from .metrics import DIFFERENTIABLE, compute_metrics, parse_metrics
+from .metrics import DIFFERENTIABLE, compute_metrics, normalise, parse_metrics
 from .models.attention import actpatch_attention, recompute_pattern
 from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .roles import by_role, is_named
+from .roles import by_role, is_named, role_groups
 from .sites import Site, SiteKind
 from .stats import spearman
 
@@ -349,12 +349,6 @@ def validate_attribution(
     and the rank correlation compares those."""
     if result.meta.get("method") != "atp":
         raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
-    kw = result.meta["plan"]
-    if is_named(kw.get("positions")):
-        raise ActpatchError("validate_attribution() needs integer positions; this result's position axis is named "
-                            f"({kw['positions']}). Validate on prompts of one layout with positions=[...] indices, "
-                            "or compare with ap.sweep(..., positions=<the same roles>).")
-    plan = plan_for(model, prompts, result.meta["target"], **kw)
     est = result.values.flatten()
     order = (est - 1.0).abs().argsort(descending=True) if result.meta["direction"] == "noise" else est.abs().argsort(descending=True)
     top = order[:k].tolist()
@@ -362,31 +356,69 @@ def validate_attribution(
     gen = torch.Generator().manual_seed(seed)
     rand = rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
     chosen = top + rand
-    sub = Plan(target=plan.target, dims=("cell",), coords={"cell": chosen}, patches=tuple(plan.patches[i] for i in chosen))
-    exact = execute(model, prompts, sub, direction=result.meta["direction"], corruption=from_description(result.meta.get("corruption")),
-                    metric=result.metric, seed=result.meta.get("seed", 0), progress=False)
-    e, x = est[chosen], exact.values
+    e, x = est[chosen], _exact_cells(model, prompts, result, chosen)
     if result.meta.get("estimate") == "magnitude":  # GradDrop ranks |effect|: compare magnitudes
         ref = 1.0 if result.meta["direction"] == "noise" else 0.0
         e, x = (e - ref).abs(), (x - ref).abs()
     rho = spearman(e, x) if len(chosen) > 2 else float("nan")
-    cells = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), result.shape)) for i in chosen]
+    cells = [_unravel(i, result.shape) for i in chosen]
     findings = [f for f in result.findings if f.code.startswith("attribution_") and f.code != "attribution_estimate"]
     findings.append(Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "attribution_agreement",
                             f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
                             f"({k} largest, {len(rand)} random): {rho:.3f}.",
                             "Below ~0.7, trust exact patching and read the estimates only as a screen."))
-    if plan.target in (SiteKind.Q, SiteKind.K):
-        findings.extend(_saturated(model, prompts, plan, chosen, saturation))
+    if result.meta["target"] in ("q", "k"):
+        layers = sorted({result.coords["layer"][c[result.dims.index("layer")]] for c in cells})
+        findings.extend(_saturated(model, prompts, layers, saturation))
     return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)
 
 
-def _saturated(model: "Model", prompts: PromptSet, plan: Plan, chosen: list[int], threshold: float) -> list[Finding]:
-    """Heads among the validated q / k cells whose attention (last position, clean run) puts
-    more than ``threshold`` on one key: softmax saturation makes AtP on q / k unreliable."""
-    from .sites import Site
+def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(v) for v in torch.unravel_index(torch.tensor(i), shape))
 
-    layers = sorted({s.layer for i in chosen for s in plan.patches[i]})
+
+def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen: list[int]) -> torch.Tensor:
+    """Normalised exact patching of the result's cells ``chosen`` (flat indices), over the same
+    prompts, corruption and seed; with named positions, per group of prompts whose roles share
+    token positions (:mod:`actpatch.roles`)."""
+    kw, target, m = dict(result.meta["plan"]), result.meta["target"], result.metric
+    run = dict(direction=result.meta["direction"], corruption=from_description(result.meta.get("corruption")),
+               metric=m, seed=result.meta.get("seed", 0), progress=False)
+
+    def cells_of(plan: Plan, cells: list[int]) -> Plan:
+        return Plan(target=plan.target, dims=("cell",), coords={"cell": chosen}, patches=tuple(plan.patches[c] for c in cells))
+
+    roles = kw.get("positions")
+    if not is_named(roles):
+        return execute(model, prompts, cells_of(plan_for(model, prompts, target, **kw), chosen), **run).values
+    axis = result.dims.index("pos")
+    raw, clean, corrupted = torch.empty(len(prompts), len(chosen)), torch.empty(len(prompts)), torch.empty(len(prompts))
+    for idx, where in role_groups(prompts, roles):
+        uniq = sorted(set(where))
+        sub = prompts.subset(idx)
+        plan = plan_for(model, sub, target, **{**kw, "positions": uniq, "per_position": True})
+        cells = []
+        for i in chosen:
+            cell = list(_unravel(i, result.shape))
+            cell[axis] = uniq.index(where[cell[axis]])
+            cells.append(int(torch.tensor(cell) @ torch.tensor(_strides(plan.shape))))
+        part = execute(model, sub, cells_of(plan, cells), **run)
+        ix = torch.tensor(idx)
+        raw[ix], clean[ix], corrupted[ix] = part.raw[m], part.clean[m], part.corrupted[m]
+    return normalise(raw.mean(0), float(clean.mean()), float(corrupted.mean()))
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
+
+
+def _saturated(model: "Model", prompts: PromptSet, layers: list[int], threshold: float) -> list[Finding]:
+    """Heads in the validated q / k cells' ``layers`` whose attention (last position, clean run)
+    puts more than ``threshold`` on one key: softmax saturation makes AtP on q / k unreliable."""
     sat = []
     for g in prompts.groups():
         with capture(model, [Site("pattern", l) for l in layers]) as acts:  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from .errors import PromptError, SiteError
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 
-__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "by_role"]
+__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "role_groups", "by_role"]
 
 BUILTIN_ROLES = ("end", "first_diff", "last_diff")
 
@@ -72,14 +72,19 @@ def _groups(prompts: PromptSet, roles: Sequence[str]) -> dict[tuple[int, ...], l
     return groups
 
 
+def role_groups(prompts: PromptSet, roles: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt indices, token position of each role) for each group of prompts that share
+    their length and role positions."""
+    return [(idx, list(key[1:])) for key, idx in _groups(prompts, [str(r) for r in roles]).items()]
+
+
 def by_role(run: Callable[[PromptSet, list[int], int], PatchResult], prompts: PromptSet, roles: Sequence[str]) -> PatchResult:
     """Run ``run(sub_prompts, positions, group_number)`` (a position-resolved sweep) on each group
     of prompts whose roles share positions, and merge the results into one whose ``pos`` axis is
     ``roles``."""
     roles = [str(r) for r in roles]
     parts = []
-    for number, (key, idx) in enumerate(_groups(prompts, roles).items()):
-        where = list(key[1:])
+    for number, (idx, where) in enumerate(role_groups(prompts, roles)):
         uniq = sorted(set(where))
         res = run(prompts.subset(idx), uniq, number)
         if "pos" not in res.dims:
