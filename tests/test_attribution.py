@@ -7,7 +7,7 @@ import torch
 
 import actpatch as ap
 from actpatch import Site
-from actpatch.testing import random_pairs, tiny_model
+from actpatch.testing import random_pairs, tiny_model, without_final_norm
 
 
 def _pairs(n=3, T=6, diff=(2, 4), seed=0):
@@ -15,12 +15,9 @@ def _pairs(n=3, T=6, diff=(2, 4), seed=0):
 
 
 def _linear_head(family):
-    """A tiny model whose final norm is removed, so the logit difference is linear in the final
-    residual stream, in the last layer's MLP output and in its neurons."""
-    m = tiny_model(family, n_layers=2, seed=3)
-    parent, name = m.adapter.spec.final_norm.rsplit(".", 1)
-    setattr(m.hf.get_submodule(parent), name, torch.nn.Identity())
-    return m
+    """A tiny model whose logit difference is linear in the final residual stream, in the last
+    layer's MLP output and neurons, and in every write into the logits."""
+    return without_final_norm(tiny_model(family, n_layers=2, seed=3))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])

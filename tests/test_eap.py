@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import random_pairs, tiny_model
+from actpatch.testing import random_pairs, tiny_model, without_final_norm
 
 
 def _pairs(n=3, T=6, diff=(1, 4), seed=0):
@@ -118,11 +118,9 @@ def test_faithfulness_curve():
 
 
 def _linear_head(family):
-    """Final norm removed: the logit difference is linear in every write into the logits."""
-    m = tiny_model(family, n_layers=3, seed=3)
-    parent, name = m.adapter.spec.final_norm.rsplit(".", 1)
-    setattr(m.hf.get_submodule(parent), name, torch.nn.Identity())
-    return m
+    """A tiny model whose logit difference is linear in the final residual stream, in the last
+    layer's MLP output and neurons, and in every write into the logits."""
+    return without_final_norm(tiny_model(family, n_layers=3, seed=3))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])

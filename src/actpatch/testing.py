@@ -79,6 +79,15 @@ def tiny_model(family: str = "llama", *, n_layers: int = 2, seed: int = 0, attn_
     return Model(hf, tiny_tokenizer(), name=f"tiny-{family}")
 
 
+def without_final_norm(model: Model) -> Model:
+    """``model`` with its final norm replaced by the identity (in place): the logits, and so the
+    logit difference, become linear in the final residual stream and in everything written to it
+    last. Exactness tests of linear estimates use it."""
+    parent, name = model.adapter.spec.final_norm.rsplit(".", 1)
+    setattr(model.hf.get_submodule(parent), name, torch.nn.Identity())
+    return model
+
+
 def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
     """A 2-layer GPT-2 with hand-set weights computing ``C = A AND B`` (or ``A OR B``), and its
     prompt pair. Every number it produces can be derived on paper.
