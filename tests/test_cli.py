@@ -89,6 +89,8 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ncircuits: {}\nmetrics: [rank]\n", "first metric, 'rank', which is discrete"),
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
     ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: Input should be 'eap' or 'eap-ig'"),
+    ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
+    ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths or circuits"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, body, fragment):
     cfg = write_config(tmp_path, body)
@@ -155,6 +157,27 @@ def test_run_with_circuits(tmp_path):
     assert "Circuits" in (out / "report.html").read_text()
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))  # resumes: nothing to redo
     assert r.exit_code == 0 and "circuits: already done, loaded" in r.stdout
+
+
+def test_run_with_path_patching(tmp_path):
+    body = TINY.replace("targets:\n  - {target: resid_pre}\n  - {target: z}\n", "targets: []\n") + (
+        "paths:\n  - {receivers: [resid_final]}\n  - {receivers: [q.L1.H2, k.L1.H1], layers: [0]}\n")
+    out = tmp_path / "out"
+    r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
+    assert r.exit_code == 0, r.stdout
+    names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
+    assert names == sorted(f"{b}_{d}" for b in ("path_z_to_resid_final", "path_z_to_q.L1.H2+k.L1.H1")
+                           for d in ("denoise", "noise"))
+    res = ap.PatchResult.load(out / "path_z_to_q.L1.H2+k.L1.H1_noise")
+    assert res.dims == ("layer", "head") and res.coords["layer"] == [0]
+    from actpatch.config import load_config
+    from actpatch.runner import build_prompts, resolve_model
+
+    c = load_config(tmp_path / "exp.yaml")
+    model = resolve_model(c.model)
+    again = ap.path_sweep(model, build_prompts(model, c)[0], [ap.Site("q", 1, head=2), ap.Site("k", 1, head=1)],
+                          layers=[0], direction="noise", metric=c.metrics)
+    torch.testing.assert_close(res.raw["logit_diff"], again.raw["logit_diff"])
 
 
 def test_run_with_named_positions(tmp_path):

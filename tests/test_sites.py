@@ -57,3 +57,16 @@ def test_selector_layouts():
     assert Site("pattern", 0, head=1, pos=2, index=0).selector() == (slice(None), 1, 2, 0)
     assert Site("k", 0, head=1, pos=3).selector() == (slice(None), 3, 1, slice(None))
     assert Site("mlp_post", 0, index=7).selector() == (slice(None), slice(None), 7)
+
+
+@pytest.mark.parametrize("site", [Site("q", 23, head=3), Site("resid_final"), Site("z", 9, head=1, pos=4),
+                                  Site("mlp_post", 3, index=7), Site("embed"), Site("resid_pre", 0, pos=2)])
+def test_site_parse_reads_what_str_writes(site):
+    assert Site.parse(str(site)) == site
+
+
+@pytest.mark.parametrize("text, fragment", [("q.L1.X3", "'X3' is not L<layer>"), ("q.L1.L2", "'L2' is not"),
+                                            ("zz.L1", "Unknown site kind 'zz'"), ("q.H2", "needs a layer")])
+def test_site_parse_errors(text, fragment):
+    with pytest.raises(SiteError, match=fragment):
+        Site.parse(text)

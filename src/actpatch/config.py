@@ -11,7 +11,8 @@ Example (``examples/ioi.yaml``)::
       - {target: z}
     directions: [denoise, noise]
     metrics: [logit_diff, prob]
-    circuits: {methods: [eap, eap-ig], sizes: [10, 100, 1000]}   # optional
+    paths: [{receivers: [resid_final]}]                          # optional: path patching
+    circuits: {methods: [eap, eap-ig], sizes: [10, 100, 1000]}   # optional: edges, faithfulness
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ActpatchError, PromptError
+from .errors import ActpatchError, PromptError, SiteError
 from .metrics import DIFFERENTIABLE, Metric
 from .plan import TARGETS
+from .sites import Site
 
-__all__ = ["ExperimentConfig", "CircuitsConfig", "ConfigError", "load_config"]
+__all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "ConfigError", "load_config"]
 
 
 class ConfigError(ActpatchError):
@@ -107,6 +109,30 @@ class TargetConfig(_Strict):
         return self.target + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
+class PathConfig(_Strict):
+    """Path patching (Wang et al. 2022): every sender head (or MLP) into a set of receivers,
+    written as sites: ``resid_final`` (the logits), ``q.L23.H3``, ``k.L23.H1``, ``v.L20.H0``."""
+
+    receivers: list[str] = Field(min_length=1)
+    sender: Literal["z", "mlp_out"] = "z"
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+
+    @field_validator("receivers")
+    @classmethod
+    def _sites(cls, v: list[str]) -> list[str]:
+        for text in v:
+            try:
+                Site.parse(text)
+            except SiteError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def name(self) -> str:
+        return f"path_{self.sender}_to_" + "+".join(self.receivers)
+
+
 class CircuitsConfig(_Strict):
     """Edge attribution and the faithfulness of the top-n-edge circuits (noising, the run's
     corruption and first metric)."""
@@ -131,9 +157,11 @@ class ExperimentConfig(_Strict):
     model: str = "smollm2-135m"
     prompts: PromptsConfig = PromptsConfig(builder="ioi")
     corruption: CorruptionConfig = CorruptionConfig()
-    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(target="resid_pre")], min_length=1)
+    targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(target="resid_pre")])
     directions: list[Literal["denoise", "noise"]] = Field(default_factory=lambda: ["denoise", "noise"], min_length=1)
     metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "prob"], min_length=1)
+    paths: list[PathConfig] = Field(default_factory=list)
+    """Path patching sweeps, one result per entry and direction."""
     circuits: CircuitsConfig | None = None
     """Also find circuits: edge scores (EAP / EAP-IG) and faithfulness curves."""
     seed: int = 0
@@ -154,6 +182,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":
+        if not (self.targets or self.paths or self.circuits):
+            raise ValueError("nothing to run: give targets, paths or circuits")
         discrete = [m for m in self.metrics if m not in {x.value for x in DIFFERENTIABLE}]
         atp = [t.name for t in self.targets if t.method == "atp"]
         if atp and discrete:

@@ -27,14 +27,16 @@ from .attribution import attribute
 from .checkpoint import UnitStore
 from .circuit import Faithfulness, faithfulness, load_curves, save_curves
 from .compare import comparable, compare
-from .config import ConfigError, ExperimentConfig, read_pairs
+from .config import ConfigError, ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .corruption import Corruption, GaussianNoise, parse_corruption
 from .eap import edge_attribution
 from .errors import ActpatchError
 from .models.handle import Model
 from .patching import sweep
+from .path import path_sweep
 from .prompts import PromptSet, keep_correct
 from .results import PatchResult
+from .sites import Site
 
 __all__ = ["run_experiment", "load_run", "resolve_model", "RunError"]
 
@@ -123,7 +125,8 @@ def run_experiment(
     log: Callable[[str], None] = print,
     model: Model | None = None,
 ) -> dict[str, PatchResult]:
-    """Run every (target, direction) of ``cfg`` into ``out``; returns the results by name."""
+    """Run every (target or path, direction) of ``cfg`` into ``out``, then its circuits; returns
+    the results by name."""
     out = Path(out)
     _prepare_dir(out, cfg)
     model = model or resolve_model(cfg.model)
@@ -132,28 +135,17 @@ def run_experiment(
         log(f"{prompts.name}: {len(prompts)} prompts kept (model right on {share:.0%} of them)")
     corruption = build_corruption(cfg)
     results: dict[str, PatchResult] = {}
-    for t in cfg.targets:
+    jobs = [(t.name, _target_job(model, prompts, cfg, corruption, t, progress, log)) for t in cfg.targets]
+    jobs += [(p.name, _path_job(model, prompts, cfg, corruption, p)) for p in cfg.paths]
+    for base, job in jobs:
         for direction in cfg.directions:
-            name = f"{t.name}_{direction}"
+            name = f"{base}_{direction}"
             target_dir = out / name
             if (target_dir / "meta.json").is_file():
                 results[name] = PatchResult.load(target_dir)
                 log(f"{name}: already done, loaded")
                 continue
-            axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
-                        neurons=t.neurons, window=t.window)
-            if t.method == "atp":  # a few passes: nothing to resume
-                res = attribute(model, prompts, t.target, direction=direction, corruption=corruption,
-                                metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
-            else:
-                store = UnitStore(target_dir / "units")
-                if len(store):
-                    log(f"{name}: resuming from {len(store)} saved unit(s)")
-                res = sweep(
-                    model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
-                    seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
-                    store=store, unit_size=cfg.unit_size, **axes,
-                )
+            res = job(direction, target_dir)
             res.meta["config_digest"] = cfg.digest()
             if share is not None:
                 res.meta["kept_share"] = share
@@ -164,13 +156,44 @@ def run_experiment(
             log(f"{name}: done")
     if cfg.circuits is not None:
         find_circuits(model, prompts, cfg, out, log)
-    for t in cfg.targets:
-        d, n = results.get(f"{t.name}_denoise"), results.get(f"{t.name}_noise")
+    for base, _ in jobs:
+        d, n = results.get(f"{base}_denoise"), results.get(f"{base}_noise")
         if d is not None and n is not None and comparable(d, n):
             compare(d, n)  # marks both as compared: re-save their findings
-            d.save(out / f"{t.name}_denoise")
-            n.save(out / f"{t.name}_noise")
+            d.save(out / f"{base}_denoise")
+            n.save(out / f"{base}_noise")
     return results
+
+
+Job = Callable[[str, Path], PatchResult]
+"""One result of a run: (direction, its directory) -> the result."""
+
+
+def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, t: TargetConfig,
+                progress: bool, log: Callable[[str], None]) -> Job:
+    axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
+                neurons=t.neurons, window=t.window)
+
+    def job(direction: str, target_dir: Path) -> PatchResult:
+        if t.method == "atp":  # a few passes: nothing to resume
+            return attribute(model, prompts, t.target, direction=direction, corruption=corruption,
+                             metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
+        store = UnitStore(target_dir / "units")
+        if len(store):
+            log(f"{target_dir.name}: resuming from {len(store)} saved unit(s)")
+        return sweep(model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
+                     seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
+                     store=store, unit_size=cfg.unit_size, **axes)
+
+    return job
+
+
+def _path_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, p: PathConfig) -> Job:
+    def job(direction: str, target_dir: Path) -> PatchResult:
+        return path_sweep(model, prompts, [Site.parse(r) for r in p.receivers], sender=p.sender, layers=p.layers,
+                          heads=p.heads, direction=direction, corruption=corruption, metric=cfg.metrics, seed=cfg.seed)
+
+    return job
 
 
 def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: Path,

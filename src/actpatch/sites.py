@@ -202,6 +202,30 @@ class Site:
             if size is not None and self.index >= size:
                 raise SiteError(f"{self}: index {self.index} is out of range for {last} of size {size}.")
 
+    @classmethod
+    def parse(cls, text: str) -> "Site":
+        """The site :meth:`__str__` writes: ``"q.L23.H3"``, ``"resid_final"``, ``"z.L9.H1.pos4"``,
+        ``"mlp_post.L3.[7]"``.
+
+        Example:
+            >>> from actpatch import Site
+            >>> Site.parse("q.L23.H3") == Site("q", 23, head=3)
+            True
+        """
+        kind, *rest = str(text).strip().split(".")
+        fields: dict[str, int] = {}
+        names = {"L": "layer", "H": "head", "pos": "pos"}
+        for part in rest:
+            key = next((k for k in ("pos", "L", "H") if part.startswith(k) and part[len(k):].isdigit()), None)
+            if key is not None and names[key] not in fields:
+                fields[names[key]] = int(part[len(key):])
+            elif part.startswith("[") and part.endswith("]") and part[1:-1].isdigit() and "index" not in fields:
+                fields["index"] = int(part[1:-1])
+            else:
+                raise SiteError(f"Cannot read site {text!r}: {part!r} is not L<layer>, H<head>, pos<position> or "
+                                f"[<index>]. Examples: 'resid_final', 'q.L23.H3', 'z.L9.H1.pos4'.")
+        return cls(kind, **fields)  # type: ignore[arg-type]
+
     def __str__(self) -> str:
         parts = [self.kind.value]
         if self.layer is not None:
