@@ -120,3 +120,22 @@ def test_bundled_factual_subject_roles(bundled):
         assert bundled.tokenizer.decode(ids[p["subject_first"]: p["subject_last"] + 1]).strip() == a["subject"]
     res = ap.sweep(bundled, ps, "resid_pre", positions=["subject_last", "end"], layers=[0], progress=False)
     assert res.coords["pos"] == ["subject_last", "end"] and res.values.shape == (1, 2)
+
+
+def test_role_corruptions_do_not_depend_on_the_grouping():
+    """Gaussian noise keeps the whole set's sigma; resample and mean (which draw on the other
+    prompts) are refused; per-prompt diagnostics come back in prompt order."""
+    m = tiny_model("llama", n_layers=2)
+    ps = _mixed()
+    noise = ap.GaussianNoise(n_draws=2)
+    noise.prepare(m, ps)
+    res = ap.sweep(m, ps, "resid_pre", positions=["first_diff", "end"], corruption=ap.GaussianNoise(n_draws=2),
+                   direction="noise", progress=False)
+    assert res.meta["corruption"]["sigma"] == pytest.approx(noise.sigma)
+    for name in ("resample", "mean"):
+        with pytest.raises(ap.CorruptionError, match=f"corruption '{name}' draws on the other prompts"):
+            ap.sweep(m, ps, "resid_pre", positions=["end"], corruption=name, direction="noise", progress=False)
+    plain = ap.sweep(m, ps, "z", progress=False)  # no position axis: every prompt in one call
+    by_role = ap.sweep(m, ps, "resid_pre", positions=["end"], progress=False)
+    assert by_role.meta["clean_correct"] == plain.meta["clean_correct"]
+    assert by_role.meta["null_patch_max_abs"] <= 1e-4

@@ -38,7 +38,7 @@ from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .roles import by_role, is_named, role_groups
+from .roles import by_role, for_roles, is_named, role_groups
 from .sites import Site, SiteKind
 from .stats import spearman
 
@@ -101,6 +101,7 @@ def attribute(
     if is_named(positions):
         if per_position is False:
             raise SiteError("Named positions need the position axis; drop per_position=False.")
+        corruption = for_roles(corruption, model, prompts)
 
         def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
             return attribute(model, sub, target, direction=direction, corruption=corruption, metric=metric,
@@ -391,6 +392,7 @@ def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen
     roles = kw.get("positions")
     if not is_named(roles):
         return execute(model, prompts, cells_of(plan_for(model, prompts, target, **kw), chosen), **run).values
+    run["corruption"] = for_roles(run["corruption"], model, prompts)
     axis = result.dims.index("pos")
     raw, clean, corrupted = torch.empty(len(prompts), len(chosen)), torch.empty(len(prompts)), torch.empty(len(prompts))
     for idx, where in role_groups(prompts, roles):

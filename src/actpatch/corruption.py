@@ -138,6 +138,8 @@ class GaussianNoise(Corruption):
     n_draws: int = 10
     positions: Sequence[int] | None = None
     sigma: float | None = field(default=None)
+    keep_sigma: bool = field(default=False, repr=False)
+    """Keep ``sigma`` when run on another prompt set (see :meth:`fixed`)."""
     name = "gaussian"
 
     def __post_init__(self) -> None:
@@ -164,7 +166,16 @@ class GaussianNoise(Corruption):
             )
         return m
 
+    def fixed(self, model: "Model", prompts: "PromptSet") -> "GaussianNoise":
+        """A copy whose sigma is measured on ``prompts`` and kept when it runs on subsets of them."""
+        out = GaussianNoise(scale=self.scale, n_draws=self.n_draws, positions=self.positions)
+        out.prepare(model, prompts)
+        out.keep_sigma = True
+        return out
+
     def prepare(self, model: "Model", prompts: "PromptSet") -> None:
+        if self.keep_sigma and self.sigma is not None:
+            return
         with torch.inference_mode():
             emb = model.adapter.embed_module()
             rows = [emb(prompts.clean[i][self._mask(prompts, i)]) for i in range(len(prompts))]

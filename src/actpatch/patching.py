@@ -21,7 +21,7 @@ from .models.attention import actpatch_attention
 from .plan import Patch, Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .roles import by_role, is_named
+from .roles import by_role, for_roles, is_named
 from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -280,6 +280,7 @@ def sweep(
     if is_named(positions):
         if per_position is False:
             raise SiteError("Named positions need the position axis; drop per_position=False.")
+        corruption = for_roles(corruption, model, prompts)
 
         def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
             return sweep(model, sub, target, direction=direction, corruption=corruption, metric=metric,

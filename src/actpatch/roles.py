@@ -12,21 +12,27 @@ and builders add their own in the prompt attributes, ``attributes[i]["positions"
 builder records ``IO``, ``S1``, ``S1+1`` and ``S2``, the factual builder ``subject_first`` and
 ``subject_last``. Prompts are grouped by where their roles
 fall; each group is swept with ordinary integer positions and the groups are put back together
-in prompt order, with the position axis labelled by the role names.
+in prompt order, with the position axis labelled by the role names. Corruptions must not depend
+on which prompts share a batch: ``str`` and ``zero`` do not, Gaussian noise keeps the sigma of
+the whole set, and ``resample`` / ``mean`` (which draw on the other prompts) are refused.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .checks import check
-from .errors import PromptError, SiteError
+from .corruption import Corruption, GaussianNoise, parse_corruption
+from .errors import CorruptionError, PromptError, SiteError
 from .prompts.promptset import PromptSet
 from .results import PatchResult
 
-__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "role_groups", "by_role"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.handle import Model
+
+__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "role_groups", "by_role", "for_roles"]
 
 BUILTIN_ROLES = ("end", "first_diff", "last_diff")
 
@@ -78,6 +84,21 @@ def role_groups(prompts: PromptSet, roles: Sequence[str]) -> list[tuple[list[int
     return [(idx, list(key[1:])) for key, idx in _groups(prompts, [str(r) for r in roles]).items()]
 
 
+def for_roles(corruption: "str | Corruption", model: "Model", prompts: PromptSet) -> Corruption:
+    """The corruption to run on the role groups: one that does not depend on which prompts share
+    a batch. Gaussian noise keeps the sigma of the whole set; resample and mean ablation draw on
+    the other prompts of the set, which the groups would change, and are refused."""
+    corr = parse_corruption(corruption)
+    if isinstance(corr, GaussianNoise):
+        return corr.fixed(model, prompts)
+    if corr.name in ("resample", "mean"):
+        raise CorruptionError(
+            f"Named positions split the prompts by layout, and corruption {corr.name!r} draws on the other "
+            f"prompts of the set; use 'str', 'gaussian' or 'zero', or integer positions on prompts of one layout."
+        )
+    return corr
+
+
 def by_role(run: Callable[[PromptSet, list[int], int], PatchResult], prompts: PromptSet, roles: Sequence[str]) -> PatchResult:
     """Run ``run(sub_prompts, positions, group_number)`` (a position-resolved sweep) on each group
     of prompts whose roles share positions, and merge the results into one whose ``pos`` axis is
@@ -106,6 +127,15 @@ def by_role(run: Callable[[PromptSet, list[int], int], PatchResult], prompts: Pr
     meta["prompts"] = prompts.describe()
     meta["prompt_attributes"] = [dict(a) for a in prompts.attributes]
     meta["role_groups"] = len(parts)
+    if "clean_correct" in meta:  # per prompt: back in prompt order
+        correct = [False] * n
+        for idx, _, r in parts:
+            for i, c in zip(idx, r.meta.get("clean_correct", [])):
+                correct[i] = c
+        meta["clean_correct"] = correct
+    errs = [r.meta["null_patch_max_abs"] for _, _, r in parts if r.meta.get("null_patch_max_abs") is not None]
+    if errs:
+        meta["null_patch_max_abs"] = max(errs)
     merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": roles}, raw=raw, clean=clean,
                          corrupted=corrupted, meta=meta)
     # check() findings are recomputed on the whole set; the method's own ones (AtP) are kept once
