@@ -24,12 +24,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 
 from . import graddrop
 from .checks import Finding, Level, check
 from .corruption import Corruption, from_description, parse_corruption
-from .errors import ActpatchError, MetricError, SiteError
+from .errors import ActpatchError, MetricError
 from .graddrop import dropped_gradients, trace_blocks
 from .hooks import capture, intervene
 from .metrics import DIFFERENTIABLE, compute_metrics, normalise, parse_metrics
@@ -38,7 +39,7 @@ from .patching import Direction, _direction, _mean_draws, _versions, execute
 from .plan import Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .roles import by_role, for_roles, is_named, role_groups
+from .roles import for_roles, is_named, role_groups, run_named
 from .sites import Site, SiteKind
 from .stats import spearman
 
@@ -99,16 +100,9 @@ def attribute(
         >>> exact = ap.sweep(m, ps, "z", direction="noise", progress=False)  # what it estimates
     """
     if is_named(positions):
-        if per_position is False:
-            raise SiteError("Named positions need the position axis; drop per_position=False.")
-        corruption = for_roles(corruption, model, prompts)
-
-        def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
-            return attribute(model, sub, target, direction=direction, corruption=corruption, metric=metric,
-                             per_position=True, layers=layers, positions=pos, heads=heads, neurons=neurons,
-                             window=window, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
-
-        return by_role(run, prompts, positions)  # type: ignore[arg-type]
+        return run_named(attribute, model, prompts, positions, per_position=per_position, corruption=corruption,  # type: ignore[arg-type]
+                         target=target, direction=direction, metric=metric, layers=layers, heads=heads,
+                         neurons=neurons, window=window, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
     d = _direction(direction)
     corr = parse_corruption(corruption)
     metrics = parse_metrics(metric)
@@ -375,7 +369,7 @@ def validate_attribution(
 
 
 def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(int(v) for v in torch.unravel_index(torch.tensor(i), shape))
+    return tuple(int(v) for v in np.unravel_index(i, shape))
 
 
 def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen: list[int]) -> torch.Tensor:
@@ -403,19 +397,11 @@ def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen
         for i in chosen:
             cell = list(_unravel(i, result.shape))
             cell[axis] = uniq.index(where[cell[axis]])
-            cells.append(int(torch.tensor(cell) @ torch.tensor(_strides(plan.shape))))
+            cells.append(int(np.ravel_multi_index(cell, plan.shape)))
         part = execute(model, sub, cells_of(plan, cells), **run)
         ix = torch.tensor(idx)
         raw[ix], clean[ix], corrupted[ix] = part.raw[m], part.clean[m], part.corrupted[m]
     return normalise(raw.mean(0), float(clean.mean()), float(corrupted.mean()))
-
-
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= n
-    return out[::-1]
 
 
 def _saturated(model: "Model", prompts: PromptSet, layers: list[int], threshold: float) -> list[Finding]:

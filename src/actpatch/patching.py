@@ -14,14 +14,14 @@ from .checks import check
 from .corruption import Corruption, first_difference, parse_corruption
 from .engine import BATCHED_KINDS, run_batched, run_reference
 from .engine.batched import base_sites
-from .errors import ActpatchError, CorruptionError, SiteError
+from .errors import ActpatchError, CorruptionError
 from .hooks import capture
 from .metrics import Measurer, Metric, parse_metrics
 from .models.attention import actpatch_attention
 from .plan import Patch, Plan, plan_for
 from .prompts.promptset import PromptSet
 from .results import PatchResult
-from .roles import by_role, for_roles, is_named
+from .roles import is_named, run_named
 from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,17 +278,10 @@ def sweep(
         1.0
     """
     if is_named(positions):
-        if per_position is False:
-            raise SiteError("Named positions need the position axis; drop per_position=False.")
-        corruption = for_roles(corruption, model, prompts)
-
-        def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
-            return sweep(model, sub, target, direction=direction, corruption=corruption, metric=metric,
-                         per_position=True, layers=layers, positions=pos, heads=heads, neurons=neurons, window=window,
-                         seed=seed, engine=engine, chunk_size=chunk_size, progress=progress, unit_size=unit_size,
-                         store=None if store is None else UnitStore(store.root / f"group{number}"))
-
-        return by_role(run, prompts, positions)  # type: ignore[arg-type]
+        return run_named(sweep, model, prompts, positions, per_position=per_position, corruption=corruption,  # type: ignore[arg-type]
+                         store=store, target=target, direction=direction, metric=metric, layers=layers, heads=heads,
+                         neurons=neurons, window=window, seed=seed, engine=engine, chunk_size=chunk_size,
+                         progress=progress, unit_size=unit_size)
     plan = plan_for(model, prompts, target, per_position=per_position, layers=layers, positions=positions,
                     heads=heads, neurons=neurons, window=window)
     return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,

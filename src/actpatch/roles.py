@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from .checkpoint import UnitStore
 from .checks import check
 from .corruption import Corruption, GaussianNoise, parse_corruption
 from .errors import CorruptionError, PromptError, SiteError
@@ -32,7 +33,7 @@ from .results import PatchResult
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "role_groups", "by_role", "for_roles"]
+__all__ = ["BUILTIN_ROLES", "is_named", "role_positions", "role_groups", "by_role", "for_roles", "run_named"]
 
 BUILTIN_ROLES = ("end", "first_diff", "last_diff")
 
@@ -97,6 +98,23 @@ def for_roles(corruption: "str | Corruption", model: "Model", prompts: PromptSet
             f"prompts of the set; use 'str', 'gaussian' or 'zero', or integer positions on prompts of one layout."
         )
     return corr
+
+
+def run_named(fn: Callable[..., PatchResult], model: "Model", prompts: PromptSet, positions: Sequence[str], *,
+              per_position: bool | None, corruption: "str | Corruption", store: UnitStore | None = None,
+              **kw: Any) -> PatchResult:
+    """``fn(model, sub_prompts, positions=[indices], per_position=True, corruption=..., **kw)``
+    (:func:`actpatch.sweep` or :func:`actpatch.attribute`) on each role group, merged by
+    :func:`by_role`; a ``store`` gets one sub-store per group, so each resumes on its own."""
+    if per_position is False:
+        raise SiteError("Named positions need the position axis; drop per_position=False.")
+    corr = for_roles(corruption, model, prompts)
+
+    def run(sub: PromptSet, pos: list[int], number: int) -> PatchResult:
+        extra = {} if store is None else {"store": UnitStore(store.root / f"group{number}")}
+        return fn(model, sub, positions=pos, per_position=True, corruption=corr, **extra, **kw)
+
+    return by_role(run, prompts, positions)
 
 
 def by_role(run: Callable[[PromptSet, list[int], int], PatchResult], prompts: PromptSet, roles: Sequence[str]) -> PatchResult:

@@ -202,7 +202,8 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     |score|) and their faithfulness curves (``circuits.json``, which the report plots). A run
     that already has ``circuits.json`` loads it."""
     c = cfg.circuits
-    assert c is not None
+    if c is None:
+        raise ConfigError("find_circuits() needs a config with a circuits section (circuits: {methods: [eap]}).")
     path = out / "circuits.json"
     curves = load_curves(path)
     if curves:
