@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import actpatch as ap  # noqa: E402
-from actpatch.attribution import spearman  # noqa: E402
+from actpatch.stats import spearman  # noqa: E402
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def test_qk_fix_equals_exact_for_a_single_query_or_key_patch(kind, pos):
         exact = ap.sweep(m, ps, kind, direction=direction, progress=False, **kw)
         err = (star.raw["logit_diff"] - exact.raw["logit_diff"]).abs().max().item()
         assert err < 1e-4, err
-        assert star.meta["engine"] == "atp+qk_fix"
+        assert star.info.label == "atp+qk_fix"
         # plain AtP linearises the softmax and is measurably off on this random model
         assert (plain.raw["logit_diff"] - exact.raw["logit_diff"]).abs().max().item() > 10 * max(err, 1e-6)
 

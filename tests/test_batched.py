@@ -41,7 +41,7 @@ def _same(model, prompts, target, tol=TOL, **kw):
         assert err <= tol, (target, m, err)
         torch.testing.assert_close(fast.clean[m], ref.clean[m], atol=tol, rtol=0)
         torch.testing.assert_close(fast.corrupted[m], ref.corrupted[m], atol=tol, rtol=0)
-    assert fast.meta["engine"] == "batched" and ref.meta["engine"] == "reference"
+    assert fast.info.label == "batched" and ref.info.label == "reference"
     return ref, fast
 
 
@@ -85,19 +85,30 @@ def test_windows_small_chunks_and_subsets():
 
 
 def test_known_noops_are_not_run_and_score_the_base(monkeypatch):
-    """Patches before the first differing position must equal the base metric."""
+    """Patches before the first differing position are never run, and score the base metric."""
+    from actpatch.engine import batched
+
     m = tiny_model("llama", n_layers=2)
     ps = _set(lengths=(6,), n_per=2, diffs=((4,),))
-    fast = ap.sweep(m, ps, "resid_pre", engine="batched", progress=False)
+    ran = []
+    real = batched._run_chunk
+
+    def spy(model, acts, source, chunk, *args):
+        ran.extend(s for _, _, sites in chunk for s in sites)
+        return real(model, acts, source, chunk, *args)
+
+    monkeypatch.setattr(batched, "_run_chunk", spy)
+    fast = ap.sweep(m, ps, "resid_pre", direction="denoise", engine="batched", progress=False)
     base = fast.corrupted["logit_diff"][:, None, None]
     assert torch.equal(fast.raw["logit_diff"][:, :, :4], base.expand(-1, 2, 4))
+    assert {s.pos for s in ran} == {4, 5}  # only the patches at or after the first difference ran
 
 
 def test_auto_engine_choice():
     m = tiny_model("gpt2")
     ps = _set(lengths=(6,), n_per=2, diffs=((2,),))
-    assert ap.sweep(m, ps, "resid_pre", progress=False).meta["engine"] == "batched"
-    assert ap.sweep(m, ps, "embed", progress=False).meta["engine"] == "reference"
+    assert ap.sweep(m, ps, "resid_pre", progress=False).info.label == "batched"
+    assert ap.sweep(m, ps, "embed", progress=False).info.label == "reference"
     with pytest.raises(ap.ActpatchError, match="batched engine does not patch 'resid_final'"):
         ap.sweep(m, ps, "resid_final", engine="batched", progress=False)
 

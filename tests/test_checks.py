@@ -10,16 +10,21 @@ from actpatch import Level
 from actpatch.testing import micro_model, tiny_model
 
 
-def result(raw=((0.5, 0.2),), clean=(1.0,), corrupted=(0.0,), metric="logit_diff", **meta):
+def result(raw=((0.5, 0.2),), clean=(1.0,), corrupted=(0.0,), metric="logit_diff", direction="denoise",
+           corruption=None, window=1, clean_correct=None, null_patch_max_abs=0.0, compared=False):
     """A hand-made PatchResult: raw is (n_prompts, cells)."""
     raw_t = torch.tensor(raw, dtype=torch.float)
-    res = ap.PatchResult(
+    cc = tuple(clean_correct) if clean_correct is not None else (True,) * raw_t.shape[0]
+    info = ap.ResultInfo(target="mlp_out", direction=ap.Direction(direction), method=ap.Method.EXACT,
+                         metrics=(metric,), corruption=corruption or {"name": "str"}, seed=0,
+                         provenance=ap.Provenance(model="hand-made", family="none", weight_hash="-"), window=window,
+                         diagnostics=ap.Diagnostics(clean_correct=cc, null_patch_max_abs=null_patch_max_abs),
+                         compared=compared)
+    return ap.PatchResult(
         dims=("layer",), coords={"layer": list(range(raw_t.shape[1]))},
         raw={metric: raw_t}, clean={metric: torch.tensor(clean)}, corrupted={metric: torch.tensor(corrupted)},
-        meta={"direction": "denoise", "corruption": {"name": "str"}, "window": 1, "clean_correct": [True] * raw_t.shape[0],
-              "null_patch_max_abs": 0.0, **meta},
+        info=info,
     )
-    return res
 
 
 def codes(res):
@@ -77,7 +82,7 @@ def test_null_patch_fails_loudly_on_a_nondeterministic_model():
     m = tiny_model("gpt2")
     ps = ap.PromptSet.from_ids([[2, 3, 4, 5], [3, 4, 5, 6]], [[2, 9, 4, 5], [3, 8, 5, 6]], [7, 7], [8, 8])
     ok = ap.sweep(m, ps, "resid_pre", progress=False)
-    assert "null_patch_failed" not in [f.code for f in ok.findings] and ok.meta["null_patch_max_abs"] < 1e-5
+    assert "null_patch_failed" not in [f.code for f in ok.findings] and ok.info.diagnostics.null_patch_max_abs < 1e-5
     for mod in m.hf.modules():  # dropout on, as if someone forgot model.eval()
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.5
@@ -93,7 +98,7 @@ def test_task_failure_from_a_real_run():
     model, _ = micro_model("and")
     swapped = ap.PromptSet.from_ids([[3], [3]], [[0], [0]], [4, 5], [5, 4])  # second prompt: answer is wrong
     res = ap.sweep(model, swapped, "mlp_out", progress=False)
-    assert res.meta["clean_correct"] == [True, False]
+    assert res.info.diagnostics.clean_correct == (True, False)
     assert "task_failure" in [f.code for f in res.findings]
 
 

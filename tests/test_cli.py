@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 import actpatch as ap
-from actpatch.cli import app
+from actpatch.app.cli import app
 
 PAIRS = [
     {"clean": "When Mary and John went to the store , John gave a drink to",
@@ -122,12 +122,12 @@ def test_run_with_attribution_targets(tmp_path):
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
     assert names == ["k_atp_qk_gd_denoise", "k_atp_qk_gd_noise", "z_atp_denoise", "z_atp_noise", "z_denoise", "z_noise"]
     est = ap.PatchResult.load(out / "z_atp_noise")
-    assert est.meta["method"] == "atp" and est.metrics == ["logit_diff", "kl"]
+    assert est.info.method is ap.Method.ATP and est.metrics == ["logit_diff", "kl"]
     assert "single_direction" not in [f.code for f in est.findings]  # compared with its pair
     star = ap.PatchResult.load(out / "k_atp_qk_gd_noise")
-    assert star.meta["engine"] == "atp*" and "single_direction" in [f.code for f in star.findings]
-    from actpatch.runner import build_corruption, build_prompts, resolve_model
-    from actpatch.config import load_config
+    assert star.info.label == "atp*" and "single_direction" in [f.code for f in star.findings]
+    from actpatch.app.runner import build_corruption, build_prompts, resolve_model
+    from actpatch.app.config import load_config
 
     c = load_config(cfg)
     model = resolve_model(c.model)
@@ -170,8 +170,8 @@ def test_run_with_path_patching(tmp_path):
                            for d in ("denoise", "noise"))
     res = ap.PatchResult.load(out / "path_z_to_q.L1.H2+k.L1.H1_noise")
     assert res.dims == ("layer", "head") and res.coords["layer"] == [0]
-    from actpatch.config import load_config
-    from actpatch.runner import build_prompts, resolve_model
+    from actpatch.app.config import load_config
+    from actpatch.app.runner import build_prompts, resolve_model
 
     c = load_config(tmp_path / "exp.yaml")
     model = resolve_model(c.model)
@@ -227,7 +227,7 @@ unit_size: 16
 
 def _run_cli(cfg: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "actpatch.cli", "run", str(cfg), "--out", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "actpatch.app.cli", "run", str(cfg), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from actpatch.cli import app
+from actpatch.app.cli import app
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_eap_ig():
     one = ap.edge_attribution(m, ps, ig_steps=1)  # the single point is the base run itself
     torch.testing.assert_close(one.per_prompt, eap.per_prompt, equal_nan=True)
     ig = ap.edge_attribution(m, ps, ig_steps=5)
-    assert ig.meta["method"] == "eap-ig"
+    assert ig.method == "eap-ig"
     assert not torch.allclose(ig.scores.nan_to_num(), eap.scores.nan_to_num())
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from actpatch.config import load_config
-from actpatch.plan import default_per_position, parse_target
-from actpatch.roles import is_named, role_positions
-from actpatch.runner import build_prompts
+from actpatch.app.config import load_config
+from actpatch.experiment.plan import default_per_position, parse_target
+from actpatch.techniques.positions import is_named, named_positions as role_positions
+from actpatch.app.runner import build_prompts
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

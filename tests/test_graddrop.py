@@ -36,7 +36,7 @@ def _detach_layer(model, layer):
 
 def _effects(res):
     """Per-prompt estimated change of the metric, (n, *grid)."""
-    base = (res.clean if res.meta["direction"] == "noise" else res.corrupted)["logit_diff"]
+    base = (res.clean if res.info.direction is ap.Direction.NOISE else res.corrupted)["logit_diff"]
     return res.raw["logit_diff"] - base.view(-1, *[1] * len(res.dims))
 
 
@@ -59,7 +59,7 @@ def test_graddrop_equals_the_per_layer_reference(family, direction):
         gd = ap.attribute(m, ps, target, direction=direction, grad_drop=True, **kw)
         ref = _reference(m, ps, target, direction=direction, **kw)
         mag = _effects(gd).abs()
-        assert gd.meta["engine"] == "atp+graddrop" and gd.meta["estimate"] == "magnitude"
+        assert gd.info.label == "atp+graddrop" and gd.info.estimate is ap.Estimate.MAGNITUDE
         assert ref.abs().max() > 1e-3  # not trivial
         err = (mag - ref).abs().max().item()
         assert err < 1e-4 * (1 + ref.abs().max().item()), (target, err)
@@ -99,13 +99,13 @@ def test_atp_star_combines_qk_fix_and_graddrop():
     ps = random_pairs(n=2, seed=4)
     kw = dict(layers=[0, 1], per_position=True, positions=[2, 4, 5])
     star = ap.attribute(m, ps, "k", qk_fix=True, grad_drop=True, **kw)
-    assert star.meta["engine"] == "atp*"
+    assert star.info.label == "atp*"
     total = 0.0
     for layer in range(m.n_layers):
         with _detach_layer(m, layer):
             total = total + _effects(ap.attribute(m, ps, "k", qk_fix=True, **kw)).abs()
     torch.testing.assert_close(_effects(star).abs(), total / (m.n_layers - 1), atol=1e-5, rtol=1e-4)
-    assert ap.attribute(m, ps, "k", qk_fix=True, **kw).meta["engine"] == "atp+qk_fix"
+    assert ap.attribute(m, ps, "k", qk_fix=True, **kw).info.label == "atp+qk_fix"
 
 
 def test_graddrop_bad_input():
@@ -124,7 +124,7 @@ def test_graddrop_bad_input():
 def test_bundled_ioi_head_graddrop_against_exact(bundled):
     """GradDrop magnitudes rank IOI heads like exact patching's |effect|; the printed numbers go
     into the closing note next to plain AtP's."""
-    from actpatch.attribution import spearman
+    from actpatch.stats import spearman
 
     ps = ap.prompts.ioi(bundled, n=8, templates=[0, 2, 6])
     exact = (ap.sweep(bundled, ps, "z", direction="noise", progress=False).values - 1).flatten().abs()

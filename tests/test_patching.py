@@ -92,7 +92,7 @@ def test_gaussian_noise_sigma_zero_is_no_corruption_and_seeds_reproduce(llama):
     c = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=6, progress=False)
     assert torch.equal(a.raw["logit_diff"], b.raw["logit_diff"])
     assert not torch.equal(a.raw["logit_diff"], c.raw["logit_diff"])
-    assert a.meta["corruption"]["sigma"] > 0
+    assert a.info.corruption["sigma"] > 0
     # denoising the noised (diff) position at layer 0 restores clean exactly
     assert abs(float(a.values[0, 1]) - 1.0) < 1e-5
 
@@ -179,7 +179,7 @@ def test_save_load_roundtrip_and_pandas(llama, tmp_path):
     for m in res.metrics:
         assert torch.equal(back.raw[m], res.raw[m])
         assert torch.equal(back.clean[m], res.clean[m]) and torch.equal(back.corrupted[m], res.corrupted[m])
-    assert back.dims == res.dims and back.coords == res.coords and back.meta["model"] == res.meta["model"]
+    assert back.dims == res.dims and back.coords == res.coords and back.info == res.info
     df = res.to_pandas()
     assert len(df) == 3 * 6 * 3  # layers x positions x metrics
     assert set(df.columns) >= {"layer", "pos", "metric", "normalised", "raw", "clean", "corrupted"}

@@ -28,7 +28,7 @@ def report(tmp_path_factory) -> Path:
     for target in ("resid_pre", "z"):
         for d in ("denoise", "noise"):
             res = ap.sweep(m, ps, target, direction=d, metric=["logit_diff", "prob"], progress=False)
-            res.meta["prompt_texts"] = ps.meta["texts"]
+            res = res.replace(info=res.info.replace(extra={"prompt_texts": ps.meta["texts"]}))
             res.coords = {**res.coords}
             if "pos" in res.coords:
                 res.coords["pos"] = [EVIL if i == 1 else c for i, c in enumerate(res.coords["pos"])]

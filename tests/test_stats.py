@@ -55,6 +55,6 @@ def test_split_by_attribute():
     parts = res.split_by("template")
     assert sorted(parts) == [0, 1]
     assert float(parts[0].values[0]) == pytest.approx(0.75) and float(parts[1].values[0]) == 0.0
-    assert parts[0].meta["split"] == {"template": 0} and parts[0].n_prompts == 2
+    assert parts[0].info.split == {"template": 0} and parts[0].n_prompts == 2
     with pytest.raises(ap.ResultError, match="No prompt attribute 'order'"):
         res.split_by("order")

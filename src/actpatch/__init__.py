@@ -4,7 +4,7 @@ Example:
     >>> import actpatch as ap
     >>> model = ap.load_model()                      # the bundled SmolLM2-135M-Instruct
     >>> prompts = ap.prompts.ioi(model, n=4, seed=0, templates=[0])
-    >>> res = ap.sweep(model, prompts, target="resid_pre", layers=[0, 29], progress=False)
+    >>> res = ap.sweep(model, prompts, target="resid_pre", direction="denoise", layers=[0, 29], progress=False)
     >>> res.dims, tuple(res.values.shape)
     (('layer', 'pos'), (2, 14))
     >>> round(float(res.values[0, 9]), 3)            # S2 at layer 0 carries everything
@@ -13,9 +13,15 @@ Example:
 
 from .errors import (
     ActpatchError,
+    ConfigError,
+    ContextLengthError,
     CorruptionError,
+    DirectionError,
+    EngineError,
+    MethodError,
     MetricError,
     ModelNotFoundError,
+    OutputDirError,
     PromptError,
     ResultError,
     SiteError,
@@ -23,72 +29,50 @@ from .errors import (
     UnsupportedSiteError,
 )
 from . import prompts
-from .attribution import Validation, attribute, validate_attribution
-from .checks import Finding, Level, check
-from .circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
-from .compare import Comparison, Role, compare
-from .eap import EdgeScores, edge_attribution
-from .corruption import Corruption, GaussianNoise, MeanAblation, Resample, SymmetricReplacement, ZeroAblation
+from .checks import check
+from .compare import Comparison, Role, compare, mark_compared
+from .corruption import (
+    Corruption,
+    CorruptionKind,
+    GaussianNoise,
+    MeanAblation,
+    Resample,
+    SymmetricReplacement,
+    ZeroAblation,
+)
+from .experiment.plan import Grid
+from .findings import Finding, Level
 from .hooks import capture, intervene
 from .metrics import Metric
-from .patching import Direction, patch, sweep
-from .path import path_patch, path_sweep
-from .prompts import PromptSet
-from .results import PatchResult
 from .models import DEFAULT_MODEL, Model, load_model, supported_families
+from .prompts import PromptSet
+from .results import PatchResult, ResultInfo
 from .sites import Site, SiteKind
+from .techniques.attribution import Validation, attribute, validate_attribution
+from .techniques.circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
+from .techniques.eap import EdgeScores, edge_attribution
+from .techniques.graph import Edge, Graph, Node, NodeKind, Port, PortKind
+from .techniques.patching import patch, sweep
+from .techniques.path import path_patch, path_sweep
+from .types import DEFAULT_DIRECTION, Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ActpatchError",
-    "CorruptionError",
-    "prompts",
-    "Finding",
-    "Level",
-    "check",
-    "Comparison",
-    "Role",
-    "compare",
-    "EdgeScores",
-    "Faithfulness",
-    "faithfulness",
-    "run_circuit",
-    "validate_edges",
-    "EdgeValidation",
-    "top_edges",
-    "edge_attribution",
-    "Corruption",
-    "GaussianNoise",
-    "MeanAblation",
-    "Resample",
-    "SymmetricReplacement",
-    "ZeroAblation",
-    "Metric",
-    "Direction",
-    "patch",
-    "sweep",
-    "attribute",
-    "validate_attribution",
-    "Validation",
-    "path_patch",
-    "path_sweep",
-    "PromptSet",
-    "PatchResult",
-    "MetricError",
-    "ModelNotFoundError",
-    "PromptError",
-    "ResultError",
-    "SiteError",
-    "UnsupportedArchitectureError",
-    "UnsupportedSiteError",
-    "capture",
-    "intervene",
-    "DEFAULT_MODEL",
-    "Model",
-    "load_model",
-    "supported_families",
-    "Site",
-    "SiteKind",
+    # errors
+    "ActpatchError", "ConfigError", "ContextLengthError", "CorruptionError", "DirectionError", "EngineError",
+    "MethodError", "MetricError", "ModelNotFoundError", "OutputDirError", "PromptError", "ResultError", "SiteError",
+    "UnsupportedArchitectureError", "UnsupportedSiteError",
+    # models and sites
+    "DEFAULT_MODEL", "Model", "load_model", "supported_families", "Site", "SiteKind", "capture", "intervene",
+    # experiments
+    "prompts", "PromptSet", "Corruption", "CorruptionKind", "GaussianNoise", "MeanAblation", "Resample",
+    "SymmetricReplacement", "ZeroAblation", "Metric", "Direction", "DEFAULT_DIRECTION", "Engine", "Method", "Estimate",
+    "Grid", "sweep", "patch", "attribute", "validate_attribution", "Validation", "path_patch", "path_sweep",
+    "edge_attribution", "EdgeScores", "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge", "top_edges",
+    "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation",
+    # results and reading them
+    "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
+    "compare", "mark_compared",
     "__version__",
 ]

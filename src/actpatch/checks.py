@@ -6,52 +6,34 @@ report render them. Codes are stable identifiers that tests and users can filter
 
 from __future__ import annotations
 
-import enum
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["Level", "Finding", "check"]
+from .findings import Finding, Level, sort_findings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import PatchResult
+
+__all__ = ["Level", "Finding", "check", "method_findings", "METHOD_PREFIXES"]
+
+METHOD_PREFIXES = ("attribution_",)
+"""Codes of findings a technique adds about itself (not recomputable from the result alone)."""
 
 
-class Level(str, enum.Enum):
-    """How much a finding matters."""
-
-    INFO = "info"
-    """Context worth knowing; nothing is wrong."""
-    WARNING = "warning"
-    """The result may mislead; read the advice."""
-    ERROR = "error"
-    """Part of the result is undefined or the experiment is broken."""
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One observation about an experiment: ``level``, stable ``code``, what was seen
-    (``message``, with numbers) and what to do (``advice``)."""
-
-    level: Level
-    code: str
-    message: str
-    advice: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["level"] = self.level.value
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Finding":
-        return cls(Level(d["level"]), d["code"], d["message"], d.get("advice", ""))
-
-    def __str__(self) -> str:
-        return f"[{self.level.value}] {self.code}: {self.message}" + (f" -> {self.advice}" if self.advice else "")
+def method_findings(findings: list[Finding]) -> list[Finding]:
+    """The technique's own findings among ``findings`` (kept when a result is split or merged,
+    each once)."""
+    seen: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        if f.code.startswith(METHOD_PREFIXES):
+            seen.setdefault((f.code, f.message), f)
+    return list(seen.values())
 
 
 # -- checks ------------------------------------------------------------------------------------
-# Each check reads a PatchResult (values, baselines, per-prompt data, meta) and returns Findings.
-# ``execute`` records in ``meta`` what only a model run can tell: the null-patch error and which
+# Each check reads a PatchResult (values, baselines, per-prompt data, info) and returns Findings.
+# The experiment core records in ``info.diagnostics`` what only a model run can tell: the null-patch error and which
 # clean prompts the model gets right.
 
 CLOSE_BASELINES_RATIO = 1.0
@@ -70,7 +52,7 @@ def _f(level: Level, code: str, message: str, advice: str = "") -> Finding:
     return Finding(level, code, message, advice)
 
 
-def _baselines_close(res: Any) -> list[Finding]:
+def _baselines_close(res: "PatchResult") -> list[Finding]:
     out = []
     for m, b in res.baselines.items():
         gap = abs(b["clean"] - b["corrupted"])
@@ -92,8 +74,8 @@ def _baselines_close(res: Any) -> list[Finding]:
     return out
 
 
-def _task_failure(res: Any) -> list[Finding]:
-    correct = res.meta.get("clean_correct")
+def _task_failure(res: "PatchResult") -> list[Finding]:
+    correct = res.info.diagnostics.clean_correct
     if not correct:
         return []
     wrong = [i for i, ok in enumerate(correct) if not ok]
@@ -106,7 +88,7 @@ def _task_failure(res: Any) -> list[Finding]:
                "Keep only solved prompts: prompts, share = ap.prompts.keep_correct(model, prompts).")]
 
 
-def _prob_floor(res: Any) -> list[Finding]:
+def _prob_floor(res: "PatchResult") -> list[Finding]:
     if "prob" not in res.raw:
         return []
     b = res.baselines["prob"]
@@ -119,7 +101,7 @@ def _prob_floor(res: Any) -> list[Finding]:
                "Read logit_diff alongside it; use probability only as a secondary metric.")]
 
 
-def _saturation(res: Any) -> list[Finding]:
+def _saturation(res: "PatchResult") -> list[Finding]:
     if "prob" in res.clean:
         p = float(res.clean["prob"].mean())
     elif "logprob" in res.clean:
@@ -134,8 +116,8 @@ def _saturation(res: Any) -> list[Finding]:
                "Prefer logit_diff, which does not saturate.")]
 
 
-def _corruption_notes(res: Any) -> list[Finding]:
-    name = (res.meta.get("corruption") or {}).get("name")
+def _corruption_notes(res: "PatchResult") -> list[Finding]:
+    name = res.info.corruption.get("name")
     if name == "gaussian":
         return [_f(Level.WARNING, "gaussian_noise",
                    "Gaussian-noise corruption pushes the embeddings off the training distribution; it can create "
@@ -149,8 +131,8 @@ def _corruption_notes(res: Any) -> list[Finding]:
     return []
 
 
-def _window(res: Any) -> list[Finding]:
-    w = res.meta.get("window", 1)
+def _window(res: "PatchResult") -> list[Finding]:
+    w = res.info.window
     if w and w > 1:
         return [_f(Level.INFO, "layer_window",
                    f"Each cell patches a window of {w} consecutive layers: a joint effect of the window, not of one layer.",
@@ -158,7 +140,7 @@ def _window(res: Any) -> list[Finding]:
     return []
 
 
-def _out_of_range(res: Any) -> list[Finding]:
+def _out_of_range(res: "PatchResult") -> list[Finding]:
     out = []
     lo, hi = RANGE
     for m in res.metrics:
@@ -177,8 +159,8 @@ def _out_of_range(res: Any) -> list[Finding]:
     return out
 
 
-def _null_patch(res: Any) -> list[Finding]:
-    err = res.meta.get("null_patch_max_abs")
+def _null_patch(res: "PatchResult") -> list[Finding]:
+    err = res.info.diagnostics.null_patch_max_abs
     if err is None or err <= NULL_PATCH_TOL:
         return []
     return [_f(Level.ERROR, "null_patch_failed",
@@ -188,12 +170,10 @@ def _null_patch(res: Any) -> list[Finding]:
                "mis-attached; report this with the model id.")]
 
 
-def _single_direction(res: Any) -> list[Finding]:
-    if res.meta.get("compared"):
+def _single_direction(res: "PatchResult") -> list[Finding]:
+    if res.info.compared:
         return []
-    d = res.meta.get("direction")
-    if d not in ("denoise", "noise"):
-        return []
+    d = res.info.direction.value
     other = "noise" if d == "denoise" else "denoise"
     what = "sufficiency (denoising)" if d == "denoise" else "necessity (noising)"
     return [_f(Level.INFO, "single_direction",
@@ -205,7 +185,7 @@ CHECKS = (_baselines_close, _task_failure, _prob_floor, _saturation, _corruption
           _null_patch, _single_direction)
 
 
-def check(result: Any) -> list[Finding]:
+def check(result: "PatchResult") -> list[Finding]:
     """Every best-practice check on a :class:`~actpatch.PatchResult`; errors first.
 
     Example:
@@ -219,10 +199,8 @@ def check(result: Any) -> list[Finding]:
         >>> [f.code for f in ap.check(res)]
         ['gaussian_noise', 'single_direction']
     """
-    found = [f for c in CHECKS for f in c(result)]
-    order = {Level.ERROR: 0, Level.WARNING: 1, Level.INFO: 2}
-    return sorted(found, key=lambda f: order[f.level])
+    return sort_findings([f for c in CHECKS for f in c(result)])
 
 
-def _cell_label(res: Any, ix: list[int]) -> str:
+def _cell_label(res: "PatchResult", ix: list[int]) -> str:
     return ", ".join(f"{d}={res.coords[d][i]}" for d, i in zip(res.dims, ix)) or "the patch"

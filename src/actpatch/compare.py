@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ResultError
+from .types import Direction, Estimate
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from .results import PatchResult
 
-__all__ = ["Role", "Comparison", "compare", "comparable"]
+__all__ = ["Role", "Comparison", "compare", "comparable", "mark_compared"]
 
 
 class Role(str, enum.Enum):
@@ -104,7 +105,14 @@ class Comparison:
 def comparable(denoise: "PatchResult", noise: "PatchResult") -> bool:
     """Whether :func:`compare` accepts the pair: same grid, signed effects (not GradDrop's magnitudes)."""
     return (denoise.dims == noise.dims and denoise.coords == noise.coords
-            and "magnitude" not in (denoise.meta.get("estimate"), noise.meta.get("estimate")))
+            and Estimate.MAGNITUDE not in (denoise.info.estimate, noise.info.estimate))
+
+
+def mark_compared(res: "PatchResult") -> "PatchResult":
+    """A copy of ``res`` recorded as read together with the other direction: ``info.compared``
+    set and the ``single_direction`` finding dropped. The input is not changed."""
+    return res.replace(info=res.info.replace(compared=True),
+                       findings=[f for f in res.findings if f.code != "single_direction"])
 
 
 def compare(
@@ -117,6 +125,7 @@ def compare(
     negative: float = 0.1,
 ) -> Comparison:
     """Classify every component from a denoising and a noising result over the same grid.
+    Neither input is changed (:func:`mark_compared` records that they were read together).
 
     Args:
         sufficient: sufficiency at or above this counts as sufficient (default 0.5).
@@ -133,20 +142,24 @@ def compare(
         >>> [r.value for r in cmp.roles]
         ['necessary_not_sufficient', 'necessary_not_sufficient']
     """
-    d_dir, n_dir = denoise.meta.get("direction"), noise.meta.get("direction")
-    if d_dir != "denoise" or n_dir != "noise":
+    from .results import PatchResult
+
+    if not isinstance(denoise, PatchResult) or not isinstance(noise, PatchResult):
+        raise ResultError("compare(denoise, noise) takes two PatchResults (e.g. from ap.sweep).")
+    d_dir, n_dir = denoise.info.direction, noise.info.direction
+    if d_dir is not Direction.DENOISE or n_dir is not Direction.NOISE:
         raise ResultError(
-            f"compare(denoise, noise) got directions ({d_dir!r}, {n_dir!r}); pass the denoising result first."
+            f"compare(denoise, noise) got directions ({d_dir.value!r}, {n_dir.value!r}); pass the denoising result first."
         )
-    if "magnitude" in (denoise.meta.get("estimate"), noise.meta.get("estimate")):
+    if Estimate.MAGNITUDE in (denoise.info.estimate, noise.info.estimate):
         raise ResultError(
             "compare() needs signed effects, and a GradDrop result (grad_drop=True) holds magnitudes; "
             "compare exact sweeps, or plain AtP results."
         )
-    if denoise.dims != noise.dims or denoise.coords != noise.coords or denoise.meta.get("target") != noise.meta.get("target"):
+    if denoise.dims != noise.dims or denoise.coords != noise.coords or denoise.info.target != noise.info.target:
         raise ResultError(
-            f"The results cover different grids ({denoise.meta.get('target')} {denoise.dims} vs "
-            f"{noise.meta.get('target')} {noise.dims}); run both sweeps with the same target and axes."
+            f"The results cover different grids ({denoise.info.target} {denoise.dims} vs "
+            f"{noise.info.target} {noise.dims}); run both sweeps with the same target and axes."
         )
     m = metric or denoise.metric
     suff = denoise.normalised(m)
@@ -161,8 +174,5 @@ def compare(
             else Role.NEGATIVE if s <= -negative and n <= -negative
             else Role.NEITHER
         )
-    for r in (denoise, noise):
-        r.meta["compared"] = True
-        r.findings = [f for f in r.findings if f.code != "single_direction"]
     return Comparison(dims=denoise.dims, coords=denoise.coords, sufficiency=suff, necessity=nec, roles=roles,
                       sufficient_threshold=sufficient, necessary_threshold=necessary, metric=m)

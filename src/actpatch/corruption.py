@@ -18,6 +18,8 @@ zero         zeros (noising only)                                         zero a
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
@@ -33,9 +35,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from .prompts.promptset import LengthGroup, PromptSet
 
 __all__ = [
-    "Run", "Corruption", "SymmetricReplacement", "Resample", "GaussianNoise", "MeanAblation", "ZeroAblation",
+    "CorruptionKind", "Run", "Corruption", "SymmetricReplacement", "Resample", "GaussianNoise", "MeanAblation", "ZeroAblation",
     "parse_corruption", "from_description", "CORRUPTIONS",
 ]
+
+
+class CorruptionKind(str, enum.Enum):
+    """The kinds of corruption (the ``name`` of each :class:`Corruption`)."""
+
+    STR = "str"
+    """Symmetric token replacement: the pairs' corrupted prompts."""
+    RESAMPLE = "resample"
+    """Another prompt's clean run (seeded derangement within each length)."""
+    GAUSSIAN = "gaussian"
+    """ROME noise on the subject token embeddings."""
+    MEAN = "mean"
+    """Mean clean activation over the prompts (noising only)."""
+    ZERO = "zero"
+    """Zeros (noising only)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +88,24 @@ def first_difference(a: Run, b: Run) -> int:
 
 
 class Corruption:
-    """Base class. ``draws`` runs per prompt; the batch is prompt-major (``g * draws + r``)."""
+    """Base class. ``draws`` runs per prompt; the batch is prompt-major (``g * draws + r``).
 
-    name: str = "base"
+    Corruptions are values: :meth:`prepared` returns a copy with set-level statistics filled
+    in and never changes the caller's object."""
+
+    kind: CorruptionKind = CorruptionKind.STR
     activation_level: bool = False
     draws: int = 1
 
-    def prepare(self, model: "Model", prompts: "PromptSet") -> None:
-        """Set-level statistics (e.g. the embedding sigma); called once per sweep."""
+    @property
+    def name(self) -> str:
+        """The kind's value (``"str"``, ``"gaussian"``...)."""
+        return self.kind.value
+
+    def prepared(self, model: "Model", prompts: "PromptSet") -> "Corruption":
+        """This corruption ready for ``prompts`` (set-level statistics, e.g. the embedding sigma,
+        measured); ``self`` when there is nothing to measure. Called once per experiment."""
+        return self
 
     def clean_run(self, group: "LengthGroup") -> Run:
         return Run(group.clean.repeat_interleave(self.draws, 0))
@@ -97,7 +124,7 @@ class Corruption:
 class SymmetricReplacement(Corruption):
     """The corrupted prompts of the pairs (symmetric token replacement)."""
 
-    name = "str"
+    kind = CorruptionKind.STR
 
     def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
         return Run(group.corrupted)
@@ -115,7 +142,7 @@ class Resample(Corruption):
     """Each prompt's corrupted run is another prompt's clean run (same token length), chosen by
     a seeded derangement, so answers keep their meaning while the context changes."""
 
-    name = "resample"
+    kind = CorruptionKind.RESAMPLE
 
     def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
         if len(group.indices) < 2:
@@ -140,7 +167,7 @@ class GaussianNoise(Corruption):
     sigma: float | None = field(default=None)
     keep_sigma: bool = field(default=False, repr=False)
     """Keep ``sigma`` when run on another prompt set (see :meth:`fixed`)."""
-    name = "gaussian"
+    kind = CorruptionKind.GAUSSIAN
 
     def __post_init__(self) -> None:
         if self.n_draws < 1:
@@ -168,22 +195,24 @@ class GaussianNoise(Corruption):
 
     def fixed(self, model: "Model", prompts: "PromptSet") -> "GaussianNoise":
         """A copy whose sigma is measured on ``prompts`` and kept when it runs on subsets of them."""
-        out = GaussianNoise(scale=self.scale, n_draws=self.n_draws, positions=self.positions)
-        out.prepare(model, prompts)
-        out.keep_sigma = True
-        return out
+        return dataclasses.replace(self, sigma=self._sigma(model, prompts), keep_sigma=True)
 
-    def prepare(self, model: "Model", prompts: "PromptSet") -> None:
+    def prepared(self, model: "Model", prompts: "PromptSet") -> "GaussianNoise":
+        """A copy with sigma measured on ``prompts`` (kept when :meth:`fixed` set it)."""
         if self.keep_sigma and self.sigma is not None:
-            return
+            return self
+        return dataclasses.replace(self, sigma=self._sigma(model, prompts))
+
+    def _sigma(self, model: "Model", prompts: "PromptSet") -> float:
         with torch.inference_mode():
             emb = model.adapter.embed_module()
             rows = [emb(prompts.clean[i][self._mask(prompts, i)]) for i in range(len(prompts))]
-        self.sigma = float(torch.cat(rows).float().std())
+        return float(torch.cat(rows).float().std())
 
     def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
         if self.sigma is None:
-            self.prepare(model, prompts)
+            raise CorruptionError("GaussianNoise has no sigma yet; use corruption.prepared(model, prompts) first "
+                                  "(every entry point does).")
         R, (G, T) = self.n_draws, group.clean.shape
         gen = torch.Generator().manual_seed(seed * 1000003 + T)
         noise = torch.randn(G * R, T, model.d_model, generator=gen) * (self.scale * float(self.sigma))  # type: ignore[arg-type]
@@ -199,7 +228,7 @@ class MeanAblation(Corruption):
     """Replace activations by their mean over the prompts of the same length (clean runs).
     Noising only; the corrupted baseline (0) is the pairs' corrupted prompts."""
 
-    name = "mean"
+    kind = CorruptionKind.MEAN
     activation_level = True
 
     def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
@@ -212,31 +241,32 @@ class MeanAblation(Corruption):
 class ZeroAblation(MeanAblation):
     """Replace activations by zeros (off-distribution; offered for comparison). Noising only."""
 
-    name = "zero"
+    kind = CorruptionKind.ZERO
 
     def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(clean_acts)
 
 
-CORRUPTIONS: dict[str, type[Corruption]] = {
-    "str": SymmetricReplacement,
-    "resample": Resample,
-    "gaussian": GaussianNoise,
-    "mean": MeanAblation,
-    "zero": ZeroAblation,
+CORRUPTIONS: dict[CorruptionKind, type[Corruption]] = {
+    CorruptionKind.STR: SymmetricReplacement,
+    CorruptionKind.RESAMPLE: Resample,
+    CorruptionKind.GAUSSIAN: GaussianNoise,
+    CorruptionKind.MEAN: MeanAblation,
+    CorruptionKind.ZERO: ZeroAblation,
 }
 
 
-def parse_corruption(corruption: "str | Corruption") -> Corruption:
-    """A :class:`Corruption` from its name (``str``, ``resample``, ``gaussian``, ``mean``, ``zero``)
-    or an instance (returned as is)."""
+def parse_corruption(corruption: "str | CorruptionKind | Corruption") -> Corruption:
+    """A :class:`Corruption` from its kind or name (``str``, ``resample``, ``gaussian``, ``mean``,
+    ``zero``) or an instance (returned as is)."""
     if isinstance(corruption, Corruption):
         return corruption
     try:
-        return CORRUPTIONS[corruption]()
-    except KeyError:
+        return CORRUPTIONS[CorruptionKind(corruption)]()
+    except ValueError:
         raise CorruptionError(
-            f"Unknown corruption {corruption!r}; use one of {', '.join(CORRUPTIONS)} or a Corruption instance."
+            f"Unknown corruption {corruption!r}; use one of {', '.join(k.value for k in CorruptionKind)} or a "
+            f"Corruption instance."
         ) from None
 
 
@@ -244,7 +274,7 @@ def from_description(description: dict[str, Any] | None) -> Corruption:
     """The corruption a result's ``meta["corruption"]`` (:meth:`Corruption.describe`) records;
     ``str`` when absent."""
     c = dict(description or {"name": "str"})
-    if c.get("name") == "gaussian":
+    if c.get("name") == CorruptionKind.GAUSSIAN.value:
         pos = c.get("positions")
         return GaussianNoise(scale=c["scale"], n_draws=c["n_draws"], positions=None if pos == "diff" else pos)
     return parse_corruption(c.get("name", "str"))

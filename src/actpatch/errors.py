@@ -1,6 +1,8 @@
 """One root exception, :class:`ActpatchError`, and a subclass per kind of mistake.
 
-Every message names the offending value, what was expected, and how to fix it.
+Every message names the offending value, what was expected, and how to fix it. Nothing else
+(``ValueError``, ``KeyError``, JSON or safetensors errors) reaches the user from the public API
+or the CLI for bad input: catch :class:`ActpatchError` to catch them all.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ __all__ = [
     "SiteError",
     "UnsupportedSiteError",
     "PromptError",
+    "ContextLengthError",
     "MetricError",
     "CorruptionError",
+    "DirectionError",
+    "EngineError",
+    "MethodError",
     "ResultError",
+    "ConfigError",
+    "OutputDirError",
 ]
 
 
@@ -31,7 +39,8 @@ class UnsupportedArchitectureError(ActpatchError):
 
 
 class SiteError(ActpatchError):
-    """A :class:`~actpatch.Site` is malformed or out of range for the model (layer, head, position...)."""
+    """A :class:`~actpatch.Site` (or an axis of a sweep) is malformed or out of range for the model:
+    layer, head, position, neuron index."""
 
 
 class UnsupportedSiteError(SiteError):
@@ -39,16 +48,42 @@ class UnsupportedSiteError(SiteError):
 
 
 class PromptError(ActpatchError):
-    """A prompt set is invalid: empty, mismatched lengths, multi-token or equal answers."""
+    """A prompt set is invalid: empty, not text, mismatched lengths, multi-token or equal answers."""
+
+
+class ContextLengthError(PromptError):
+    """A prompt is longer than the model's context window."""
 
 
 class MetricError(ActpatchError):
     """An unknown metric, or a metric that cannot be computed on these inputs."""
 
 
-class ResultError(ActpatchError):
-    """A saved result is missing, corrupt, or of an incompatible format version."""
-
-
 class CorruptionError(ActpatchError):
     """A corruption cannot be applied to these prompts or in this direction."""
+
+
+class DirectionError(ActpatchError):
+    """An unknown patching direction (use ``"denoise"`` or ``"noise"``)."""
+
+
+class EngineError(ActpatchError):
+    """An unknown engine, or an engine that cannot patch this target."""
+
+
+class MethodError(ActpatchError):
+    """A technique's option does not apply here (e.g. ``qk_fix`` on an MLP target, GradDrop on
+    the residual stream, edge attribution on a family whose heads' writes do not add up)."""
+
+
+class ResultError(ActpatchError):
+    """A saved result is missing, incomplete, corrupt, foreign or of an incompatible format; or a
+    result cannot be used the way it was asked (unknown metric, mismatched grids)."""
+
+
+class ConfigError(ActpatchError):
+    """An experiment config is malformed: bad YAML, unknown key, wrong type, missing file."""
+
+
+class OutputDirError(ActpatchError):
+    """An output directory cannot be used for this experiment (not writable, another config's)."""

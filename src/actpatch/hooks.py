@@ -19,14 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Union
 
 import torch
 from torch import nn
 
-from .models.attention import HookFn, attention_hooks
+from .models.attention import HookFn
 from .sites import ATTENTION_FN_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +40,6 @@ current slice returning its replacement."""
 # Order at one hook point: resid_mid's block-output correction, then writes (outer context
 # first), then reads. One torch hook per (module, side) dispatches to all entries in that order.
 FIX, WRITE, READ = -1, 0, 1
-_seq = itertools.count()
 
 
 def _first(x: object) -> torch.Tensor:
@@ -80,22 +78,22 @@ class _Point:
         return (new, *output[1:]) if isinstance(output, tuple) else new  # type: ignore[index]
 
 
-_POINTS: dict[tuple[int, str], _Point] = {}
-
-
-def _add(module: nn.Module, where: str, fn: HookFn, priority: int) -> Callable[[], None]:
+def _add(model: "Model", module: nn.Module, where: str, fn: HookFn, priority: int) -> Callable[[], None]:
+    """Attach ``fn`` at one module side of ``model``; returns its remover. The points live in
+    the model handle's registry (``model.hook_points``), one torch hook per module side."""
+    points = model.hook_points
     key = (id(module), where)
-    point = _POINTS.get(key)
+    point = points.get(key)
     if point is None:
-        point = _POINTS[key] = _Point(module, where)
-    entry = (priority, next(_seq), fn)
+        point = points[key] = _Point(module, where)
+    entry = (priority, model.next_hook_seq(), fn)
     point.entries.append(entry)
 
     def remove() -> None:
         point.entries.remove(entry)
         if not point.entries:
             point.handle.remove()
-            del _POINTS[key]
+            del points[key]
 
     return remove
 
@@ -120,16 +118,15 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[
         try:
             for site, fn, prio in entries:
                 if site.kind in ATTENTION_FN_KINDS:
-                    module = adapter.block_module(site.layer, adapter.spec.attn)  # type: ignore[arg-type]
-                    attn_entries.append((module, site.kind, prio, fn))
+                    attn_entries.append((adapter.attention(site.layer), site.kind, prio, fn))  # type: ignore[arg-type]
                 elif site.kind == SiteKind.RESID_MID and prio == WRITE:
                     removers.extend(_resid_mid_write(model, site, fn))
                 else:
                     module, where = adapter.hook_point(site)
                     if site.kind == SiteKind.Z:
                         fn = _heads_view(fn, model.n_heads)
-                    removers.append(_add(module, where, fn, prio))
-            stack.enter_context(attention_hooks(model.hf, attn_entries))
+                    removers.append(_add(model, module, where, fn, prio))
+            stack.enter_context(model.attention_state.hooked(attn_entries))
             yield
         finally:
             for remove in reversed(removers):
@@ -153,8 +150,8 @@ def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list[Callable[[]
         return x + delta.pop() if delta else None
 
     norm, where = model.adapter.hook_point(site)
-    block = model.adapter.blocks[site.layer]  # type: ignore[index]
-    return [_add(norm, where, at_norm, WRITE), _add(block, "output", at_block, FIX)]
+    block, side = model.adapter.hook_point(Site(SiteKind.RESID_POST, site.layer))
+    return [_add(model, norm, where, at_norm, WRITE), _add(model, block, side, at_block, FIX)]
 
 
 @contextmanager
@@ -175,7 +172,7 @@ def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: boo
     def reader(wanted: list[Site]) -> HookFn:
         def fn(x: torch.Tensor) -> None:
             for s in wanted:
-                y = x[s.selector()]
+                y = x if s.is_full else x[s.selector()]  # the tensor itself when whole (autograd reaches it)
                 acts[s] = y.detach() if detach else y
             return None
 

@@ -1,29 +1,154 @@
-"""PatchResult: labelled patching results with baselines, per-prompt values and provenance.
+"""PatchResult: labelled patching results with baselines, per-prompt values and typed metadata.
 
-Saved as a directory holding ``tensors.safetensors`` and ``meta.json`` (no pickle).
+Saved as a directory holding ``tensors.safetensors`` and ``meta.json`` (no pickle). Format 2
+stores :class:`ResultInfo` as JSON; results saved by actpatch 0.1.0 (format 1, a free-form
+``meta`` dict) still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .checks import Finding
 from .errors import ResultError
+from .findings import Finding
 from .metrics import normalise
+from .types import Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from .stats import Interval
 
-__all__ = ["PatchResult"]
+__all__ = ["PatchResult", "ResultInfo", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Format of saved results: 2 since actpatch 0.2 (typed info); 1 (0.1.0) is still read."""
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """Everything a result records about how it was made. Typed fields, not string keys.
+
+    ``target`` is the swept site kind (``"resid_pre"``, ``"z"``...) or, for path patching,
+    ``"path"`` (one sender set) / ``"path:z"`` / ``"path:mlp_out"`` (sweeps over senders).
+    """
+
+    target: str
+    direction: Direction
+    method: Method
+    metrics: tuple[str, ...]
+    corruption: dict[str, Any]
+    """:meth:`actpatch.corruption.Corruption.describe` of the corruption used."""
+    seed: int
+    provenance: Provenance
+    engine: Engine | None = None
+    """The exact engine that ran (batched or reference); None for estimates and path patching."""
+    estimate: Estimate | None = None
+    """Attribution results: signed estimates, or GradDrop's magnitudes."""
+    qk_fix: bool = False
+    grad_drop: bool = False
+    axes: dict[str, Any] = field(default_factory=dict)
+    """The grid as asked for: per_position, layers, positions (indices or role names), heads,
+    neurons, window."""
+    window: int = 1
+    sites: tuple[str, ...] = ()
+    """:func:`actpatch.patch`: the sites written together."""
+    senders: tuple[str, ...] = ()
+    receivers: tuple[str, ...] = ()
+    diagnostics: Diagnostics = Diagnostics()
+    prompt_attributes: tuple[dict[str, Any], ...] = ()
+    role_groups: int | None = None
+    """Named positions: how many groups of prompts shared role positions."""
+    split: dict[str, Any] | None = None
+    """:meth:`PatchResult.split_by`: the attribute value this part holds."""
+    compared: bool = False
+    """Both directions were run and read together (:func:`actpatch.compare`)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Notes added by the app (config digest, kept share, prompt texts); free-form JSON."""
+
+    @property
+    def label(self) -> str:
+        """How the numbers were computed, in one word: ``batched``, ``reference``, ``atp``,
+        ``atp+qk_fix``, ``atp+graddrop``, ``atp*`` or ``path``."""
+        if self.method is Method.ATP:
+            return ("atp*" if self.qk_fix and self.grad_drop else "atp+qk_fix" if self.qk_fix
+                    else "atp+graddrop" if self.grad_drop else "atp")
+        if self.method is Method.PATH:
+            return "path"
+        return self.engine.value if self.engine is not None else "exact"
+
+    def replace(self, **changes: Any) -> "ResultInfo":
+        """A copy with ``changes`` applied (the info is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (enums as their values)."""
+        d = dataclasses.asdict(self)
+        for k in ("direction", "method", "engine", "estimate"):
+            v = getattr(self, k)
+            d[k] = v.value if v is not None else None
+        d["diagnostics"]["clean_correct"] = (list(self.diagnostics.clean_correct)
+                                             if self.diagnostics.clean_correct is not None else None)
+        for k in ("metrics", "sites", "senders", "receivers", "prompt_attributes"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResultInfo":
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        diag = dict(d.pop("diagnostics", None) or {})
+        cc = diag.get("clean_correct")
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("direction", "method", "engine", "estimate", "provenance",
+                                                     "metrics", "sites", "senders", "receivers",
+                                                     "prompt_attributes")},
+            direction=Direction(d["direction"]), method=Method(d["method"]),
+            engine=Engine(d["engine"]) if d.get("engine") else None,
+            estimate=Estimate(d["estimate"]) if d.get("estimate") else None,
+            provenance=Provenance(**d["provenance"]),
+            metrics=tuple(d["metrics"]), sites=tuple(d.get("sites", ())), senders=tuple(d.get("senders", ())),
+            receivers=tuple(d.get("receivers", ())), prompt_attributes=tuple(d.get("prompt_attributes", ())),
+            diagnostics=Diagnostics(clean_correct=tuple(cc) if cc is not None else None,
+                                    null_patch_max_abs=diag.get("null_patch_max_abs")),
+        )
+
+    @classmethod
+    def from_legacy(cls, meta: dict[str, Any], metrics: Sequence[str]) -> "ResultInfo":
+        """The info of a result saved by actpatch 0.1.0, whose ``meta`` was a free-form dict."""
+        meta = dict(meta)
+        pop = meta.pop
+        model = pop("model", {}) or {}
+        method = pop("method", "exact")
+        engine = pop("engine", None)
+        plan = pop("plan", {}) or {}
+        known = cls(
+            target=str(pop("target", "?")), direction=Direction(pop("direction")),
+            method=Method.PATH if method == "path_patching" else Method(method),
+            metrics=tuple(pop("metrics", metrics)), corruption=dict(pop("corruption", None) or {"name": "str"}),
+            seed=int(pop("seed", 0)),
+            provenance=Provenance(model=str(model.get("name", "?")), family=str(model.get("family", "?")),
+                                  weight_hash=str(model.get("weight_hash", "?")), prompts=pop("prompts", {}) or {},
+                                  versions=pop("versions", {}) or {}),
+            engine=Engine(engine) if engine in ("batched", "reference") else None,
+            estimate=Estimate(est) if (est := pop("estimate", None)) else None,
+            qk_fix=engine in ("atp+qk_fix", "atp*"), grad_drop=engine in ("atp+graddrop", "atp*"),
+            axes=dict(plan), window=int(pop("window", 1) or 1), sites=tuple(pop("sites", ())),
+            senders=tuple(pop("senders", ())), receivers=tuple(pop("receivers", ())),
+            diagnostics=Diagnostics(
+                clean_correct=tuple(pop("clean_correct")) if meta.get("clean_correct") is not None else None,
+                null_patch_max_abs=pop("null_patch_max_abs", None)),
+            prompt_attributes=tuple(pop("prompt_attributes", ())), role_groups=pop("role_groups", None),
+            split=pop("split", None), compared=bool(pop("compared", False)),
+        )
+        meta.pop("clean_correct", None)
+        return known.replace(extra=meta)  # config_digest, kept_share, prompt_texts, anything else
 
 
 @dataclass
@@ -35,9 +160,9 @@ class PatchResult:
         coords: labels per dim (token strings label positions).
         raw: per metric, the patched metric per prompt, shape ``(n_prompts, *grid)``.
         clean, corrupted: per metric, the baselines per prompt, shape ``(n_prompts,)``.
-        meta: provenance (model and weight hash, prompt set, target, direction, corruption,
-            seed, engine, package versions).
-        findings: :class:`~actpatch.checks.Finding` s about this result.
+        info: :class:`ResultInfo`: target, direction, method, corruption, seed, engine,
+            provenance (model and weight hash, prompt set, versions), diagnostics.
+        findings: :class:`~actpatch.Finding` s about this result.
 
     Example:
         >>> import actpatch as ap
@@ -45,8 +170,8 @@ class PatchResult:
         >>> model = tiny_model("gpt2")
         >>> prompts = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
         >>> res = ap.sweep(model, prompts, "resid_pre", metric=["logit_diff", "prob"], progress=False)
-        >>> res.values.shape, res.dims, res.metrics
-        (torch.Size([2, 4]), ('layer', 'pos'), ['logit_diff', 'prob'])
+        >>> res.values.shape, res.dims, res.metrics, res.info.direction.value
+        (torch.Size([2, 4]), ('layer', 'pos'), ['logit_diff', 'prob'], 'noise')
         >>> len(res.to_pandas())  # a row per patch and metric
         16
     """
@@ -56,7 +181,7 @@ class PatchResult:
     raw: dict[str, torch.Tensor]
     clean: dict[str, torch.Tensor]
     corrupted: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
+    info: ResultInfo
     findings: list[Finding] = field(default_factory=list)
 
     # -- views -------------------------------------------------------------------------------
@@ -124,6 +249,64 @@ class PatchResult:
             raise ResultError(f"Metric {m!r} is not in this result; it has {self.metrics}.")
         return m
 
+    # -- new results from this one -----------------------------------------------------------
+    def replace(self, **changes: Any) -> "PatchResult":
+        """A copy with ``changes`` applied to its fields (tensors are shared, not copied)."""
+        return dataclasses.replace(self, **changes)
+
+    def subset(self, prompts: Sequence[int] | torch.Tensor) -> "PatchResult":
+        """The result over the prompts at indices ``prompts`` (in that order), with per-prompt
+        diagnostics and attributes to match and its findings recomputed.
+
+        Example:
+            >>> import actpatch as ap
+            >>> from actpatch.testing import tiny_model, random_pairs
+            >>> res = ap.sweep(tiny_model("gpt2"), random_pairs(n=3), "resid_pre", progress=False)
+            >>> res.subset([2, 0]).n_prompts
+            2
+        """
+        idx = torch.as_tensor(prompts, dtype=torch.long).flatten()
+        bad = [int(i) for i in idx if not 0 <= int(i) < self.n_prompts]
+        if bad:
+            raise ResultError(f"Prompt indices {bad} are out of range for a result of {self.n_prompts} prompts.")
+        pick = idx.tolist()
+        diag = self.info.diagnostics
+        cc = tuple(diag.clean_correct[i] for i in pick) if diag.clean_correct is not None else None
+        attrs = tuple(self.info.prompt_attributes[i] for i in pick) if self.info.prompt_attributes else ()
+        info = self.info.replace(diagnostics=dataclasses.replace(diag, clean_correct=cc), prompt_attributes=attrs)
+        return self._with_prompts(info, {m: v[idx] for m, v in self.raw.items()},
+                                  {m: v[idx] for m, v in self.clean.items()}, {m: v[idx] for m, v in self.corrupted.items()})
+
+    @classmethod
+    def concat(cls, parts: Sequence["PatchResult"]) -> "PatchResult":
+        """One result over the prompts of ``parts`` (in order): same grid, metrics, target,
+        direction and method; diagnostics merged, findings recomputed."""
+        if not parts:
+            raise ResultError("concat() needs at least one result.")
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.dims == first.dims and p.coords == first.coords and p.metrics == first.metrics
+                    and (p.info.target, p.info.direction, p.info.method) == (first.info.target, first.info.direction,
+                                                                           first.info.method))
+            if not same:
+                raise ResultError(f"Cannot concatenate {first!r} and {p!r}: grids, metrics, target, direction and "
+                                  f"method must match.")
+        ccs = [p.info.diagnostics.clean_correct for p in parts]
+        nulls = [p.info.diagnostics.null_patch_max_abs for p in parts if p.info.diagnostics.null_patch_max_abs is not None]
+        diag = Diagnostics(clean_correct=tuple(c for cc in ccs for c in cc) if all(c is not None for c in ccs) else None,
+                           null_patch_max_abs=max(nulls) if nulls else None)
+        attrs = tuple(a for p in parts for a in p.info.prompt_attributes) if all(p.info.prompt_attributes for p in parts) else ()
+        cat = lambda get: {m: torch.cat([get(p)[m] for p in parts]) for m in first.metrics}  # noqa: E731
+        info = first.info.replace(diagnostics=diag, prompt_attributes=attrs)
+        return first._with_prompts(info, cat(lambda p: p.raw), cat(lambda p: p.clean), cat(lambda p: p.corrupted))
+
+    def _with_prompts(self, info: ResultInfo, raw: dict, clean: dict, corrupted: dict) -> "PatchResult":
+        from .checks import check, method_findings
+
+        out = PatchResult(dims=self.dims, coords=self.coords, raw=raw, clean=clean, corrupted=corrupted, info=info)
+        out.findings = check(out) + method_findings(self.findings)
+        return out
+
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``path/tensors.safetensors`` and ``path/meta.json``; returns the directory."""
@@ -142,7 +325,7 @@ class PatchResult:
             "dims": list(self.dims),
             "coords": self.coords,
             "metrics": self.metrics,
-            "meta": self.meta,
+            "info": self.info.to_dict(),
             "findings": [f.to_dict() for f in self.findings],
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -150,29 +333,15 @@ class PatchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "PatchResult":
-        """Read a result written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Read a result written by :meth:`save` (this version's format, or 0.1.0's).
 
-        p = Path(path)
-        if not (p / "meta.json").is_file() or not (p / "tensors.safetensors").is_file():
-            raise ResultError(f"{p} is not a saved PatchResult (needs meta.json and tensors.safetensors).")
-        meta = json.loads((p / "meta.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ResultError(
-                f"{p}: format version {meta.get('format_version')!r}, this actpatch reads {FORMAT_VERSION}. "
-                f"Re-run the sweep with this version."
-            )
-        t = load_file(str(p / "tensors.safetensors"))
-        ms = meta["metrics"]
-        return cls(
-            dims=tuple(meta["dims"]),
-            coords=meta["coords"],
-            raw={m: t[f"raw/{m}"] for m in ms},
-            clean={m: t[f"clean/{m}"] for m in ms},
-            corrupted={m: t[f"corrupted/{m}"] for m in ms},
-            meta=meta["meta"],
-            findings=[Finding.from_dict(f) for f in meta["findings"]],
-        )
+        Raises:
+            ResultError: the directory is missing or incomplete, a file is truncated, hand-edited
+                into an inconsistent state, or of a foreign format. Nothing is unpickled.
+        """
+        from ._io import read_result
+
+        return read_result(cls, Path(path))
 
     def to_pandas(self) -> "pd.DataFrame":
         """A long table: one row per patch and metric, with the coordinates, the normalised
@@ -195,7 +364,7 @@ class PatchResult:
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
         return (
-            f"PatchResult({self.meta.get('target')}, {self.meta.get('direction')}, dims=({dims}), "
+            f"PatchResult({self.info.target}, {self.info.direction.value}, {self.info.label}, dims=({dims}), "
             f"metrics={self.metrics}, n_prompts={self.n_prompts}, findings={len(self.findings)})"
         )
 

@@ -7,7 +7,7 @@ range checks against a particular model happen in :meth:`Site.check`.
 Layouts of the full (unsliced) activation, batch first::
 
     embed, resid_pre, resid_mid, resid_post,
-    attn_out, mlp_out, resid_final          (batch, pos, d_model)
+    attn_out, mlp_out, resid_final, mlp_in  (batch, pos, d_model)
     z, q                                    (batch, pos, n_heads, d_head)
     k, v                                    (batch, pos, n_kv_heads, d_head)
     pattern                                 (batch, n_heads, query_pos, key_pos)
@@ -61,6 +61,10 @@ class SiteKind(str, enum.Enum):
     """MLP neurons: the input of the MLP's output projection."""
     RESID_FINAL = "resid_final"
     """Residual stream entering the final norm (the logits are the model's output)."""
+    MLP_IN = "mlp_in"
+    """What the MLP reads from the residual stream, before its norm: resid_mid in serial blocks,
+    resid_pre in parallel ones. Writing it changes the MLP's input only (not the skip path);
+    edge attribution and circuits use it."""
 
     @property
     def per_layer(self) -> bool:
@@ -91,6 +95,7 @@ _LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
     SiteKind.ATTN_OUT: _RESID,
     SiteKind.MLP_OUT: _RESID,
     SiteKind.RESID_FINAL: _RESID,
+    SiteKind.MLP_IN: _RESID,
     SiteKind.Z: ("batch", "pos", "head", "d_head"),
     SiteKind.Q: ("batch", "pos", "head", "d_head"),
     SiteKind.K: ("batch", "pos", "kv_head", "d_head"),

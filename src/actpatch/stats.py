@@ -71,9 +71,7 @@ def bootstrap_ci(
 
 def split_by(res: "PatchResult", attribute: str) -> dict[Any, "PatchResult"]:
     """One result per value of a prompt attribute (e.g. ``"template"`` or ``"order"`` for IOI)."""
-    from .results import PatchResult
-
-    attrs = res.meta.get("prompt_attributes") or []
+    attrs = res.info.prompt_attributes
     if not attrs or not any(attribute in a for a in attrs):
         known = sorted({k for a in attrs for k in a})
         raise ResultError(f"No prompt attribute {attribute!r} in this result; known: {known or 'none'}.")
@@ -82,21 +80,8 @@ def split_by(res: "PatchResult", attribute: str) -> dict[Any, "PatchResult"]:
         groups.setdefault(a.get(attribute), []).append(i)
     out = {}
     for value, ix in groups.items():
-        t = torch.tensor(ix)
-        meta = {**res.meta, "prompt_attributes": [attrs[i] for i in ix], "split": {attribute: value}}
-        if "clean_correct" in meta:
-            meta["clean_correct"] = [res.meta["clean_correct"][i] for i in ix]
-        part = PatchResult(
-            dims=res.dims, coords=res.coords,
-            raw={m: v[t] for m, v in res.raw.items()},
-            clean={m: v[t] for m, v in res.clean.items()},
-            corrupted={m: v[t] for m, v in res.corrupted.items()},
-            meta=meta,
-        )
-        from .checks import check
-
-        part.findings = check(part)
-        out[value] = part
+        part = res.subset(ix)
+        out[value] = part.replace(info=part.info.replace(split={attribute: value}))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError, UnsupportedArchitectureError
 from .models.handle import Model
 
 __all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS"]
@@ -46,7 +47,7 @@ def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformer
         return Gemma2Config(**common, num_key_value_heads=2, head_dim=16, intermediate_size=128,
                             max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=16,
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
-    raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    raise UnsupportedArchitectureError(f"Unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}.")
 
 
 def tiny_tokenizer():  # noqa: ANN201 - returns a transformers tokenizer
@@ -83,8 +84,7 @@ def without_final_norm(model: Model) -> Model:
     """``model`` with its final norm replaced by the identity (in place): the logits, and so the
     logit difference, become linear in the final residual stream and in everything written to it
     last. Exactness tests of linear estimates use it."""
-    parent, name = model.adapter.spec.final_norm.rsplit(".", 1)
-    setattr(model.hf.get_submodule(parent), name, torch.nn.Identity())
+    model.adapter.replace_final_norm(torch.nn.Identity())
     return model
 
 
@@ -114,7 +114,7 @@ def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
     from .prompts.promptset import PromptSet
 
     if gate not in ("and", "or"):
-        raise ValueError(f"gate={gate!r}: use 'and' or 'or'")
+        raise ConfigError(f"gate={gate!r}: use 'and' or 'or'.")
     cfg = GPT2Config(vocab_size=6, n_embd=12, n_layer=2, n_head=1, n_inner=4, n_positions=4,
                      activation_function="relu", layer_norm_epsilon=1e-12, tie_word_embeddings=False,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)

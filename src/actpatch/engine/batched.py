@@ -28,7 +28,6 @@ import torch
 
 from ..hooks import WRITE, HookFn, _hooks, capture
 from ..metrics import Metric
-from ..models.attention import actpatch_attention, key_value_prefix
 from ..sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..plan import Patch
 
-__all__ = ["run_batched", "SUPPORTED", "memory_budget", "base_sites"]
+__all__ = ["run_batched", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
 
 Measure = Callable[..., dict[Metric, torch.Tensor]]
 """(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}; a
@@ -51,9 +50,14 @@ SUPPORTED = frozenset(SiteKind) - {SiteKind.EMBED, SiteKind.RESID_FINAL}
 """Kinds the batched engine patches (the others run on the reference engine)."""
 
 
-def memory_budget() -> int:
-    """Bytes the engine may use for activations: a quarter of the free memory, at most 2 GiB
-    (free GPU memory when the model is on a GPU)."""
+def free_memory(device: torch.device | str = "cpu") -> int:
+    """Free bytes where activations will live: the accelerator's free memory (CUDA, from the
+    driver) when ``device`` is one, else the host's available memory (``/proc/meminfo``; 8 GiB
+    when it cannot be read)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
     free = 8 << 30
     try:
         with open("/proc/meminfo") as f:
@@ -62,8 +66,18 @@ def memory_budget() -> int:
                     free = int(line.split()[1]) * 1024
     except OSError:  # pragma: no cover - not Linux
         pass
+    return free
+
+
+def memory_budget(device: torch.device | str = "cpu") -> int:
+    """Bytes the engine may use for activations: a quarter of the free memory of ``device`` (see
+    :func:`free_memory`), at most 2 GiB on the host and 16 GiB on an accelerator;
+    ``$ACTPATCH_MEMORY_BUDGET`` (bytes) overrides."""
     env = os.environ.get("ACTPATCH_MEMORY_BUDGET")
-    return int(env) if env else min(free // 4, 2 << 30)
+    if env:
+        return int(env)
+    cap = (16 << 30) if torch.device(device).type == "cuda" else (2 << 30)
+    return min(free_memory(device) // 4, cap)
 
 
 def _row_bytes(model: "Model", q: int, T: int) -> int:
@@ -129,9 +143,8 @@ def run_batched(
     ``base_metrics`` spare a forward pass when the caller already ran the base run."""
     B, T = base.ids.shape
     L = model.n_layers
-    adapter = model.adapter
-    attn = [adapter.block_module(l, adapter.spec.attn) for l in range(L)]
-    with torch.inference_mode(), actpatch_attention(model.hf):
+    attn = [model.adapter.attention(l) for l in range(L)]
+    with torch.inference_mode(), model.attention_fn():
         if base_acts is None or base_metrics is None:
             with base.context(model), capture(model, base_sites(model)) as base_acts:
                 base_metrics = measure(model.logits(base.ids, last_only=True), torch.arange(B))
@@ -150,9 +163,10 @@ def run_batched(
         if advance is not None and len(patches) > sum(map(len, by_start.values())):
             advance(len(patches) - sum(map(len, by_start.values())))
 
+        budget = memory_budget(model.device) if chunk_size is None else 0
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
-            per_chunk = chunk_size or max(1, memory_budget() // max(1, _row_bytes(model, q, T) * B))
+            per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T) * B))
             for c in range(0, len(items), per_chunk):
                 chunk = items[c : c + per_chunk]
                 metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure)
@@ -205,7 +219,7 @@ def _run_chunk(
                 k_ = acts[Site("k", layer)][rows, :q].transpose(1, 2)
                 v_ = acts[Site("v", layer)][rows, :q].transpose(1, 2)
                 prefix = {attn[layer]: (k_, v_)}
-            with key_value_prefix(prefix):
+            with model.attention_state.key_value_prefix(prefix):
                 hidden = adapter.run_block(layer, hidden, position_ids, pos_emb)
     tokens = getattr(measure, "tokens", None)
     logits = adapter.unembed(hidden[:, -1], tokens)  # type: ignore[index]

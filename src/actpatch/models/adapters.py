@@ -1,8 +1,15 @@
 """Adapters: the only code that knows where things live inside a model family.
 
-Each family is one declarative :class:`FamilySpec` (module paths, which config attributes it
-refuses). :class:`Adapter` turns a spec plus a loaded HF model into hook points:
-``(module, "input" | "output")`` pairs that :mod:`actpatch.hooks` attaches to.
+Each family is one declarative :class:`FamilySpec`: module paths, capabilities, and the config
+attributes it handles. :class:`Adapter` binds a spec to a loaded HF model and answers every
+family question the rest of actpatch asks: hook points (the one site -> ``(module, "input" |
+"output")`` table), accessor methods (attention module, heads' writes, running a block,
+unembedding) and :class:`Capabilities`. Nothing outside ``models/`` reads a module path.
+
+Config attributes are checked against an allow-list (Penzai-style): an attribute the family's
+adapter does not know of is refused by name, because it may change the computation in a way
+actpatch's own code paths (the attention function, the batched engine, the unembedding) would
+not reproduce; attributes it knows with values it has not verified are refused too.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError, UnsupportedSiteError
 from ..sites import Site, SiteKind
+from .attention import recompute_pattern
 
-__all__ = ["FamilySpec", "Adapter", "FAMILIES", "adapter_for", "supported_families"]
+__all__ = ["FamilySpec", "Capabilities", "Adapter", "FAMILIES", "adapter_for", "supported_families"]
 
 Where = Literal["input", "output"]
 
@@ -54,8 +62,15 @@ class FamilySpec:
     """Config attribute that, when true, makes attention and MLP parallel (GPT-NeoX)."""
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
+    context_attr: str = "max_position_embeddings"
+    """Config attribute holding the longest input the model reads."""
+    post_norms: bool = False
+    """Norms after the attention and MLP outputs (Gemma 2): heads' writes do not add up."""
+    handled: frozenset[str] = frozenset()
+    """Config attributes this adapter knows of (beyond every config's generic ones)."""
     refuse: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
-    """Config attributes this adapter does not handle, with a predicate for refused values."""
+    """Known config attributes with values the adapter has not verified: a predicate that is
+    true for a refused value."""
 
 
 def _truthy(v: Any) -> bool:
@@ -66,9 +81,36 @@ def _not_none(v: Any) -> bool:
     return v is not None
 
 
+def _rope_unverified(v: Any) -> bool:
+    """Rotary scalings that depend only on the position are computed by the model's own rotary
+    module, which the batched engine calls; others are refused until verified."""
+    params = v.values() if isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) else [v]
+    return any(isinstance(p, dict) and p.get("rope_type", "default") not in ("default", "linear", "llama3") for p in params)
+
+
+_GENERIC = frozenset({
+    "_name_or_path", "_model_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype",
+    "id2label", "label2id", "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states",
+    "problem_type", "return_dict", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+    "unk_token_id", "sep_token_id", "decoder_start_token_id", "initializer_range", "use_cache",
+    "tie_word_embeddings", "vocab_size", "is_decoder", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "tf_legacy_loss", "use_bfloat16", "pruned_heads", "torchscript", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "max_length", "_attn_implementation_autoset",
+})
+"""Attributes every HF config may carry that do not change a decoder's forward pass."""
+
+_DECODER = frozenset({
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_act", "max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
+    "attention_dropout", "attention_bias", "rms_norm_eps",
+})
+"""Attributes of Llama-style decoders that the HF modules actpatch runs apply themselves."""
+
 _LLAMA_REFUSE = {
     "pretraining_tp": lambda v: v not in (None, 1),
     "mlp_bias": _truthy,
+    "rope_parameters": _rope_unverified,
+    "rope_scaling": _rope_unverified,
 }
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -87,6 +129,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_in_norm="ln_2",
         n_heads_attr="n_head",
         n_kv_heads_attr=None,
+        context_attr="n_positions",
+        handled=frozenset({"activation_function", "attn_pdrop", "embd_pdrop", "resid_pdrop", "layer_norm_epsilon",
+                           "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx", "reorder_and_upcast_attn",
+                           "scale_attn_by_inverse_layer_idx", "scale_attn_weights", "summary_activation",
+                           "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj"}),
         refuse={"add_cross_attention": _truthy, "reorder_and_upcast_attn": _truthy},
     ),
     FamilySpec(
@@ -103,7 +150,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_down="mlp.down_proj",
         mlp_in_norm="post_attention_layernorm",
         rotary="model.rotary_emb",
-        refuse=_LLAMA_REFUSE,
+        handled=_DECODER | {"pretraining_tp", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+                            "layer_types", "use_qkv_bias"},
+        refuse={**_LLAMA_REFUSE, "use_sliding_window": _truthy},
     ),
     FamilySpec(
         name="gpt_neox",
@@ -121,6 +170,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         rotary="gpt_neox.rotary_emb",
         parallel_flag="use_parallel_residual",
         n_kv_heads_attr=None,
+        handled=_DECODER | {"use_parallel_residual", "hidden_dropout", "classifier_dropout", "layer_norm_eps",
+                            "rotary_pct", "rotary_emb_base", "partial_rotary_factor"},
+        refuse={"rope_parameters": _rope_unverified, "rope_scaling": _rope_unverified},
     ),
     FamilySpec(
         name="gemma2",
@@ -136,6 +188,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_down="mlp.down_proj",
         mlp_in_norm="pre_feedforward_layernorm",
         rotary="model.rotary_emb",
+        post_norms=True,
+        handled=_DECODER | {"hidden_activation", "attn_logit_softcapping", "final_logit_softcapping",
+                            "query_pre_attn_scalar", "sliding_window", "layer_types", "use_bidirectional_attention",
+                            "cache_implementation"},
+        refuse={"use_bidirectional_attention": _truthy, "rope_parameters": _rope_unverified},
     ),
 )
 
@@ -150,6 +207,23 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         mod = getattr(mod, part)
     return mod
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded model's blocks do, as flags techniques can branch on (never module paths)."""
+
+    parallel_residual: bool
+    """Attention and MLP both read the block input (GPT-NeoX with use_parallel_residual)."""
+    post_norms: bool
+    """Norms after the attention / MLP outputs (Gemma 2)."""
+    heads_write_additively: bool
+    """The attention output is the sum of each head's write through the output projection (no
+    norm after it): per-head edges (EAP, circuits) are defined."""
+    rotary: bool
+    """Positions enter through rotary embeddings of q and k (False: added to the embeddings)."""
+    attn_softcap: float | None
+    final_softcap: float | None
 
 
 class Adapter:
@@ -168,14 +242,39 @@ class Adapter:
         self.d_model = int(cfg.hidden_size)
         head_dim = getattr(cfg, "head_dim", None)
         self.d_head = int(head_dim) if head_dim else self.d_model // self.n_heads
-        self.d_mlp = int(self.block_module(0, spec.mlp_down).weight.shape[1 if spec.name != "gpt2" else 0])
+        down = self.block_module(0, spec.mlp_down)
+        # nn.Linear reads in_features; GPT-2's Conv1D (weight (in, out)) reads nx
+        self.d_mlp = int(getattr(down, "in_features", None) or getattr(down, "nx"))
+        ctx = getattr(cfg, spec.context_attr, None)
+        self.context_length: int | None = int(ctx) if ctx else None
+        self.capabilities = Capabilities(
+            parallel_residual=self.parallel, post_norms=spec.post_norms,
+            heads_write_additively=spec.attn_out == spec.attn and not spec.post_norms,
+            rotary=spec.rotary is not None,
+            attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
+            final_softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+        )
 
-    # -- module lookup ---------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.name
+
+    # -- module lookup (models/ only) --------------------------------------------------------
     def block_module(self, layer: int, path: str) -> nn.Module:
         return _get(self.blocks[layer], path)
 
     def embed_module(self) -> nn.Module:
+        """The token embedding (its output is the ``embed`` site)."""
         return _get(self.hf_model, self.spec.embed)
+
+    def attention(self, layer: int) -> nn.Module:
+        """Layer ``layer``'s attention module (its attention function sees q, k, v, pattern)."""
+        return self.block_module(layer, self.spec.attn)
+
+    def replace_final_norm(self, module: nn.Module) -> None:
+        """Put ``module`` in place of the final norm (e.g. ``nn.Identity()`` for linear-logit tests)."""
+        parent, name = self.spec.final_norm.rsplit(".", 1)
+        setattr(self.hf_model.get_submodule(parent), name, module)
 
     # -- sites -----------------------------------------------------------------------------
     def check_site(self, site: Site) -> None:
@@ -187,9 +286,10 @@ class Adapter:
             )
 
     def hook_point(self, site: Site) -> tuple[nn.Module, Where]:
-        """The module and side whose tensor is this site's activation (not for attention-function
-        kinds q / k / v / pattern, nor for resid_mid, which :mod:`actpatch.hooks` builds from two
-        points)."""
+        """The module and side whose tensor is this site's activation: the one site -> hook
+        point table (not for attention-function kinds q / k / v / pattern, which
+        :meth:`attention` serves; a resid_mid *write* also corrects the block output, see
+        :mod:`actpatch.hooks`)."""
         self.check_site(site)
         s, k, l = self.spec, site.kind, site.layer
         if k == SiteKind.EMBED:
@@ -198,21 +298,38 @@ class Adapter:
             return _get(self.hf_model, s.final_norm), "input"
         if l is None:  # pragma: no cover - Site validation guarantees a layer for these kinds
             raise UnsupportedSiteError(f"{site}: needs a layer.")
-        table: dict[SiteKind, tuple[nn.Module, Where]] = {
-            SiteKind.RESID_PRE: (self.blocks[l], "input"),
-            SiteKind.RESID_POST: (self.blocks[l], "output"),
-            SiteKind.ATTN_OUT: (self.block_module(l, s.attn_out), "output"),
-            SiteKind.MLP_OUT: (self.block_module(l, s.mlp_out), "output"),
-            SiteKind.Z: (self.block_module(l, s.o_proj), "input"),
-            SiteKind.MLP_POST: (self.block_module(l, s.mlp_down), "input"),
+        table: dict[SiteKind, tuple[str | None, Where]] = {
+            SiteKind.RESID_PRE: (None, "input"),
+            SiteKind.RESID_POST: (None, "output"),
+            SiteKind.RESID_MID: (s.mlp_in_norm, "input"),
+            SiteKind.MLP_IN: (s.mlp_in_norm, "input"),
+            SiteKind.ATTN_OUT: (s.attn_out, "output"),
+            SiteKind.MLP_OUT: (s.mlp_out, "output"),
+            SiteKind.Z: (s.o_proj, "input"),
+            SiteKind.MLP_POST: (s.mlp_down, "input"),
         }
-        if k == SiteKind.RESID_MID and s.mlp_in_norm is not None:
-            return self.block_module(l, s.mlp_in_norm), "input"
-        if k not in table:
-            raise UnsupportedSiteError(f"{site}: no module hook for kind {k.value!r} (internal routing error).")
-        return table[k]
+        if k not in table or (k in (SiteKind.RESID_MID, SiteKind.MLP_IN) and s.mlp_in_norm is None):
+            raise UnsupportedSiteError(f"{site}: no module hook for kind {k.value!r} in {s.name}.")
+        path, where = table[k]
+        return (self.blocks[l] if path is None else self.block_module(l, path)), where
 
-    # -- running parts of the model (the batched engine) ------------------------------------
+    # -- computing with parts of the model ----------------------------------------------------
+    def head_writes(self, layer: int, dz: torch.Tensor) -> torch.Tensor:
+        """(H, B, T, d_model): each head's write into the residual stream for z changes ``dz``
+        (B, T, H, D), through the output projection without its bias."""
+        o_proj = self.block_module(layer, self.spec.o_proj)
+        B, T, H, D = dz.shape
+        eye = torch.eye(H, dtype=dz.dtype, device=dz.device)[:, None, None, :, None]  # (H, 1, 1, H, 1)
+        masked = (dz[None] * eye).reshape(H, B, T, H * D)
+        # .forward, not __call__: no hooks, so this may run inside captures on the same module
+        return o_proj.forward(masked) - o_proj.forward(torch.zeros_like(masked[:1]))
+
+    def recompute_pattern(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The attention pattern ``(B, H, Tq, Tk)`` layer ``layer`` computes from queries
+        ``(B, Tq, H, D)`` and keys ``(B, Tk, KVH, D)`` (scaling, soft-capping, causal mask,
+        sliding window as in the attention function)."""
+        return recompute_pattern(self.attention(layer), q, k)
+
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """What the blocks need for positions ``position_ids`` (1, T): rotary (cos, sin), or None."""
         if self.spec.rotary is None:
@@ -238,7 +355,7 @@ class Adapter:
         else:
             bias = head.bias[tokens] if getattr(head, "bias", None) is not None else None
             logits = torch.nn.functional.linear(normed, head.weight[tokens], bias)
-        cap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        cap = self.capabilities.final_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -259,10 +376,13 @@ def adapter_for(hf_model: nn.Module) -> Adapter:
     mt = getattr(cfg, "model_type", None)
     for spec in FAMILIES:
         if mt in spec.model_types:
-            bad = [f"{a}={getattr(cfg, a)!r}" for a, pred in spec.refuse.items() if pred(getattr(cfg, a, None))]
+            present = cfg.to_dict()
+            unknown = sorted(a for a in present if a not in _GENERIC and a not in spec.handled and a not in spec.refuse)
+            bad = [f"{a}={present[a]!r}" for a in unknown]
+            bad += [f"{a}={getattr(cfg, a)!r}" for a, pred in spec.refuse.items() if pred(getattr(cfg, a, None))]
             if bad:
                 raise UnsupportedArchitectureError(
-                    f"The {spec.name} adapter does not handle config {', '.join(bad)}; results would be "
+                    f"The {spec.name} adapter does not handle config {', '.join(bad)}; results could be "
                     f"silently wrong, so actpatch refuses. Supported families:\n{supported_families()}"
                 )
             return Adapter(spec, hf_model)

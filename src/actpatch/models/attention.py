@@ -1,10 +1,16 @@
-"""An attention function with hook points for q, k, v and the pattern.
+"""An attention function with hook points for q, k, v and the pattern, and per-model state.
 
-Registered with ``transformers.AttentionInterface`` under the name ``"actpatch"`` (and with the
-eager mask builder under the same name) the first time it is needed. :func:`attention_hooks`
-switches a model to it only while hooks on q / k / v / pattern are active, then restores the
-user's implementation (sdpa, eager...), so a model loaded with any implementation can be read
-and written at these sites.
+The function is registered with ``transformers.AttentionInterface`` under the name
+``"actpatch"`` (and the eager mask builder under the same name) the first time it is needed;
+registering is idempotent. :meth:`AttentionState.enabled` switches one model to it while open,
+then restores the user's implementation (sdpa, eager...) exactly, so a model loaded with any
+implementation can be read and written at these sites.
+
+Everything that varies (hooks on q / k / v / pattern, key / value prefixes of the batched
+engine, the saved implementation) lives in the :class:`AttentionState` of one
+:class:`~actpatch.Model` handle. The shared function finds the state of the model whose forward
+pass is running through a context variable that only holds states while their model is in
+attention mode; nothing is written onto the user's modules.
 
 It computes plain eager attention (with Gemma-2 soft-capping when the model passes
 ``softcap``), which is what every supported family's eager path computes.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 import torch
@@ -22,30 +29,103 @@ from torch import nn
 
 from ..sites import SiteKind
 
-__all__ = ["ATTN_IMPL", "attention_hooks", "actpatch_attention", "key_value_prefix"]
+__all__ = ["ATTN_IMPL", "AttentionState", "recompute_pattern", "HookFn"]
 
 ATTN_IMPL = "actpatch"
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
-# id(attention module) -> kind -> [(priority, seq, fn)]: run in that order (writes, outer
-# context first, then reads).
-_ACTIVE: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
-_seq = itertools.count()
-_registered = False
-# id(attention module) -> (keys, values) of earlier positions, (B, KVH, prefix, D), prepended to
-# the keys / values of the positions being computed (suffix runs of the batched engine).
-_PREFIX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _run(module: nn.Module, kind: SiteKind, x: torch.Tensor) -> torch.Tensor:
-    per_module = _ACTIVE.get(id(module))
-    if not per_module:
+class AttentionState:
+    """One model's attention hooks and key / value prefixes, keyed by attention module."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        self.hf_model = hf_model
+        # id(attention module) -> kind -> [(priority, seq, fn)], run in that order
+        self.hooks: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
+        # id(attention module) -> (keys, values) of earlier positions, (B, KVH, prefix, D)
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seq = itertools.count()
+        self._depth = 0
+        self._saved: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the model currently runs the actpatch attention function."""
+        return self._depth > 0
+
+    def run(self, module: nn.Module, kind: SiteKind, x: torch.Tensor) -> torch.Tensor:
+        for _, _, fn in sorted(self.hooks.get(id(module), {}).get(kind, ()), key=lambda t: (t[0], t[1])):
+            out = fn(x)
+            if out is not None:
+                x = out
         return x
-    for _, _, fn in sorted(per_module.get(kind, ()), key=lambda t: (t[0], t[1])):
-        out = fn(x)
-        if out is not None:
-            x = out
-    return x
+
+    @contextmanager
+    def enabled(self) -> Iterator[None]:
+        """Route the model's attention through the hookable eager function while open
+        (nestable), then restore the user's implementation. Runs that are compared with each
+        other should use the same attention path: sdpa and eager differ in the last float bits."""
+        _ensure_registered()
+        config = self.hf_model.config
+        if self._depth == 0:
+            self._saved = config._attn_implementation
+            config._attn_implementation = ATTN_IMPL
+        self._depth += 1
+        token = _ACTIVE.set(_ACTIVE.get() + (self,))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+            self._depth -= 1
+            if self._depth == 0:
+                config._attn_implementation = self._saved
+
+    @contextmanager
+    def hooked(self, entries: list[tuple[nn.Module, SiteKind, int, HookFn]]) -> Iterator[None]:
+        """Attach ``(attention module, kind, priority, fn)`` hooks, run in (priority, order of
+        attachment), while the context is open."""
+        if not entries:
+            yield
+            return
+        added: list[tuple[int, SiteKind, tuple[int, int, HookFn]]] = []
+        with self.enabled():
+            try:
+                for module, kind, prio, fn in entries:
+                    item = (prio, next(self._seq), fn)
+                    self.hooks[id(module)][kind].append(item)
+                    added.append((id(module), kind, item))
+                yield
+            finally:
+                for mid, kind, item in added:
+                    lst = self.hooks[mid][kind]
+                    lst.remove(item)
+                    if not lst:
+                        del self.hooks[mid][kind]
+                    if not self.hooks[mid]:
+                        del self.hooks[mid]
+
+    @contextmanager
+    def key_value_prefix(self, prefixes: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Prepend cached keys / values (B, KVH, prefix, D) per attention module while open."""
+        for module, kv in prefixes.items():
+            self.prefix[id(module)] = kv
+        try:
+            yield
+        finally:
+            for module in prefixes:
+                self.prefix.pop(id(module), None)
+
+
+_ACTIVE: ContextVar[tuple[AttentionState, ...]] = ContextVar("actpatch_attention_states", default=())
+"""The states of the models now in attention mode (innermost last); empty outside contexts."""
+
+
+def _state_of(module: nn.Module) -> AttentionState | None:
+    for state in reversed(_ACTIVE.get()):
+        if id(module) in state.hooks or id(module) in state.prefix:
+            return state
+    return None
 
 
 def _actpatch_attention(
@@ -59,11 +139,14 @@ def _actpatch_attention(
     softcap: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    state = _state_of(module)
     # Hook functions see (B, T, heads, D), the layout of z; transpose back afterwards.
-    q = _run(module, SiteKind.Q, query.transpose(1, 2)).transpose(1, 2)
-    k = _run(module, SiteKind.K, key.transpose(1, 2)).transpose(1, 2)
-    v = _run(module, SiteKind.V, value.transpose(1, 2)).transpose(1, 2)
-    prefix = _PREFIX.get(id(module))
+    q, k, v = query, key, value
+    if state is not None:
+        q = state.run(module, SiteKind.Q, query.transpose(1, 2)).transpose(1, 2)
+        k = state.run(module, SiteKind.K, key.transpose(1, 2)).transpose(1, 2)
+        v = state.run(module, SiteKind.V, value.transpose(1, 2)).transpose(1, 2)
+    prefix = state.prefix.get(id(module)) if state is not None else None
     if prefix is not None:
         k = torch.cat([prefix[0].to(k.dtype), k], dim=2)
         v = torch.cat([prefix[1].to(v.dtype), v], dim=2)
@@ -81,7 +164,8 @@ def _actpatch_attention(
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         scores = scores.masked_fill(~_causal(Tq, Tk, window, scores.device), float("-inf"))
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    pattern = _run(module, SiteKind.PATTERN, pattern)
+    if state is not None:
+        pattern = state.run(module, SiteKind.PATTERN, pattern)
     out = torch.matmul(pattern.reshape(B, kvh, g, Tq, Tk), v.unsqueeze(2)).reshape(B, H, Tq, -1)
     out = out.transpose(1, 2).contiguous()  # (B, Tq, H, D)
     return out, pattern
@@ -113,72 +197,11 @@ def _causal(tq: int, tk: int, window: int | None, device: torch.device) -> torch
     return allowed
 
 
-@contextmanager
-def key_value_prefix(prefixes: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """Prepend cached keys / values (B, KVH, prefix, D) per attention module while open."""
-    for module, kv in prefixes.items():
-        _PREFIX[id(module)] = kv
-    try:
-        yield
-    finally:
-        for module in prefixes:
-            _PREFIX.pop(id(module), None)
-
-
 def _ensure_registered() -> None:
-    global _registered
-    if _registered:
-        return
+    """Register the function and its mask builder with transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(ATTN_IMPL, _actpatch_attention)
-    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
-    _registered = True
-
-
-@contextmanager
-def actpatch_attention(hf_model: nn.Module) -> Iterator[None]:
-    """Route the model's attention through the hookable eager function while open (nestable),
-    then restore the user's implementation. Runs that are compared with each other should use
-    the same attention path: sdpa and eager differ in the last float bits."""
-    _ensure_registered()
-    config = hf_model.config
-    depth = getattr(hf_model, "_actpatch_attn_depth", 0)
-    if depth == 0:
-        hf_model._actpatch_attn_saved = config._attn_implementation  # type: ignore[attr-defined]
-        config._attn_implementation = ATTN_IMPL
-    hf_model._actpatch_attn_depth = depth + 1  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        hf_model._actpatch_attn_depth -= 1  # type: ignore[attr-defined]
-        if hf_model._actpatch_attn_depth == 0:
-            config._attn_implementation = hf_model._actpatch_attn_saved  # type: ignore[attr-defined]
-
-
-@contextmanager
-def attention_hooks(
-    hf_model: nn.Module, entries: list[tuple[nn.Module, SiteKind, int, HookFn]]
-) -> Iterator[None]:
-    """Attach ``(attention module, kind, priority, fn)`` hooks, run in (priority, order of
-    attachment), while the context is open."""
-    if not entries:
-        yield
-        return
-    added: list[tuple[int, SiteKind, tuple[int, int, HookFn]]] = []
-    with actpatch_attention(hf_model):
-        try:
-            for module, kind, prio, fn in entries:
-                item = (prio, next(_seq), fn)
-                _ACTIVE[id(module)][kind].append(item)
-                added.append((id(module), kind, item))
-            yield
-        finally:
-            for mid, kind, item in added:
-                lst = _ACTIVE[mid][kind]
-                lst.remove(item)
-                if not lst:
-                    del _ACTIVE[mid][kind]
-                if not _ACTIVE[mid]:
-                    del _ACTIVE[mid]
+    if AttentionInterface._global_mapping.get(ATTN_IMPL) is not _actpatch_attention:
+        AttentionInterface.register(ATTN_IMPL, _actpatch_attention)
+        AttentionMaskInterface.register(ATTN_IMPL, eager_mask)

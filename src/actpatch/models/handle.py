@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import PromptError
 from .adapters import Adapter, adapter_for
+from .attention import AttentionState
 
 __all__ = ["Model"]
 
@@ -35,6 +39,25 @@ class Model:
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(hf)
         self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+        # Hook bookkeeping of this model only (see actpatch.hooks): one torch hook per module
+        # side, and the attention function's hooks and key / value prefixes.
+        self.hook_points: dict[tuple[int, str], Any] = {}
+        self._hook_seq = itertools.count()
+        self.attention_state = AttentionState(self.hf)
+
+    def next_hook_seq(self) -> int:
+        """Order of attachment, so entries of equal priority run in the order they were added."""
+        return next(self._hook_seq)
+
+    def attention_fn(self) -> AbstractContextManager[None]:
+        """While open, the model runs actpatch's hookable eager attention (then the user's
+        implementation is restored exactly); nestable."""
+        return self.attention_state.enabled()
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest input the model reads (its position limit), when the config states one."""
+        return self.adapter.context_length
 
     # -- shapes ----------------------------------------------------------------------------
     @property
@@ -63,7 +86,7 @@ class Model:
 
     @property
     def family(self) -> str:
-        return self.adapter.spec.name
+        return self.adapter.family
 
     @property
     def device(self) -> torch.device:
@@ -94,11 +117,16 @@ class Model:
             out = self.hf(input_ids=ids.to(self.device), **kwargs).logits
         return out[:, -1] if last_only else out
 
+    def last_logits_with_grad(self, ids: torch.Tensor) -> torch.Tensor:
+        """Last-position logits ``(batch, vocab)`` with autograd on (gradient-based techniques)."""
+        with torch.enable_grad():
+            return self.hf(input_ids=ids.to(self.device), use_cache=False, logits_to_keep=1).logits[:, -1]
+
     # -- tokens ----------------------------------------------------------------------------
     def to_tokens(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
         if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer; pass token ids instead of text.")
+            raise PromptError("This model has no tokenizer; pass token ids instead of text (PromptSet.from_ids).")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def token_str(self, token_id: int) -> str:

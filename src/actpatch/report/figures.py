@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..circuit import Faithfulness
+    from ..techniques.circuit import Faithfulness
     from ..compare import Comparison
     from ..results import PatchResult
 

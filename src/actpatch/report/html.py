@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, comparable, compare
+from ..types import Method
 from .figures import comparison_figure, faithfulness_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
-    from ..circuit import Faithfulness
+    from ..techniques.circuit import Faithfulness
     from ..results import PatchResult
 
 __all__ = ["write_report"]
@@ -83,8 +84,8 @@ def write_report(
             key = (m, round(b["clean"], 6), round(b["corrupted"], 6))
             rows.setdefault(key, [m, f"{b['clean']:+.4f}", f"{b['corrupted']:+.4f}", f"{b['clean'] - b['corrupted']:+.4f}", []])[4].append(name)
     table = [[*r[:4], ", ".join(r[4])] for r in rows.values()]
-    parts.append(f"<p>{first.n_prompts} prompts; model {html.escape(str(first.meta.get('model', {}).get('name', '?')))}; "
-                 f"corruption {html.escape(str((first.meta.get('corruption') or {}).get('name', '?')))}.</p>")
+    parts.append(f"<p>{first.n_prompts} prompts; model {html.escape(first.info.provenance.model)}; "
+                 f"corruption {html.escape(str(first.info.corruption.get('name', '?')))}.</p>")
     parts.append("<h2>Baselines</h2>" + _table(["metric", "clean", "corrupted", "gap", "results"], table))
 
     # figures
@@ -95,13 +96,13 @@ def write_report(
         for label, res in (("denoising: sufficiency (1 = restores clean)", den), ("noising: 1 = no damage, 0 = broken", noi)):
             if res is None:
                 continue
-            if res.meta.get("method") == "atp":
-                label += f", {res.meta.get('engine', 'atp')} estimate"
+            if res.info.method is Method.ATP:
+                label += f", {res.info.label} estimate"
             for metric in res.metrics:
                 n += 1
                 t = f"{base} {label} [{metric}]"
                 parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{n}") + "</div>")
-                (figdir / f"{base}_{res.meta.get('direction', 'x')}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
+                (figdir / f"{base}_{res.info.direction.value}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
         parts.append("</div>")
         if den is not None and noi is not None and comparable(den, noi):
             comparisons.append((base, compare(den, noi), den, noi))
@@ -141,10 +142,12 @@ def write_report(
         parts.append("<p>No findings.</p>")
 
     # prompts and provenance
-    texts = first.meta.get("prompt_texts") or []
+    texts = first.info.extra.get("prompt_texts") or []
     if texts:
         parts.append("<h2>Prompts</h2>" + _table(["clean", "corrupted", "answer", "alternative"], texts[:50]))
-    prov = {k: v for k, v in first.meta.items() if k not in ("prompt_texts", "prompt_attributes", "clean_correct")}
+    info = first.info.to_dict()
+    info["extra"] = {k: v for k, v in info["extra"].items() if k != "prompt_texts"}
+    prov = {k: v for k, v in info.items() if k not in ("prompt_attributes", "diagnostics")}
     parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>")
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -20,44 +20,45 @@ always check with :func:`validate_attribution`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..corruption import Corruption, from_description
+from ..errors import MethodError, ResultError
+from ..experiment.core import Experiment, GroupRuns, mean_draws
+from ..experiment.plan import Grid, Plan, plan_for
+from ..findings import Finding, Level
+from ..hooks import capture, intervene
+from ..metrics import DIFFERENTIABLE, normalise
+from ..prompts.promptset import PromptSet
+from ..results import PatchResult
+from ..sites import Site, SiteKind
+from ..stats import spearman
+from ..types import DEFAULT_DIRECTION, Direction, Estimate, Method
 from . import graddrop
-from .checks import Finding, Level, check
-from .corruption import Corruption, from_description, parse_corruption
-from .errors import ActpatchError, MetricError
 from .graddrop import dropped_gradients, trace_blocks
-from .hooks import capture, intervene
-from .metrics import DIFFERENTIABLE, compute_metrics, normalise, parse_metrics
-from .models.attention import actpatch_attention, recompute_pattern
-from .patching import Direction, _direction, _mean_draws, _versions, execute
-from .plan import Plan, plan_for
-from .prompts.promptset import PromptSet
-from .results import PatchResult
-from .roles import for_roles, is_named, role_groups, run_named
-from .sites import Site, SiteKind
-from .stats import spearman
+from .patching import execute
+from .positions import by_named_positions, for_named_positions, position_groups
 
 RESIDUAL_KINDS = (SiteKind.EMBED, SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.RESID_FINAL)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models.handle import Model
+    from ..models.handle import Model
 
 __all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
-
 
 
 def attribute(
     model: "Model",
     prompts: PromptSet,
-    target: str = "z",
+    target: str | SiteKind = "z",
     *,
-    direction: str | Direction = "noise",
+    direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
     metric: str | Sequence[str] = "logit_diff",
     per_position: bool | None = None,
@@ -70,8 +71,8 @@ def attribute(
     qk_fix: bool = False,
     grad_drop: bool = False,
 ) -> PatchResult:
-    """AtP estimates for every cell of a target, as a :class:`PatchResult` (``meta["method"]
-    == "atp"``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
+    """AtP estimates for every cell of a target, as a :class:`PatchResult` (``info.method ==
+    Method.ATP``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
 
     ``qk_fix=True`` (AtP*'s first change, Kramár et al. 2024) estimates query and key patches
     by recomputing the attention softmax exactly with the patched side, then taking the
@@ -81,13 +82,13 @@ def attribute(
 
     ``grad_drop=True`` (AtP*'s second change) repeats the estimate once per layer with the
     gradient through that layer's residual contribution dropped and scores each cell by
-    ``1 / (L - 1) * sum_l |estimate_l|`` (see :mod:`actpatch.graddrop`), which exposes
+    ``1 / (L - 1) * sum_l |estimate_l|`` (see :mod:`actpatch.techniques.graddrop`), which exposes
     components whose direct and indirect effects cancel. The score is a magnitude
-    (``meta["estimate"] == "magnitude"``); it is stored as an effect in the behaviour's
+    (``info.estimate == Estimate.MAGNITUDE``); it is stored as an effect in the behaviour's
     direction (noising: ``1 - score``, denoising: ``score``, normalised), so negative components
     show as positive ones. Both options together are AtP*. GradDrop costs about
-    ``1 + (L - 1) / 2`` backward passes and applies to components (heads, attention / MLP outputs, neurons), not to the
-    residual stream.
+    ``1 + (L - 1) / 2`` backward passes and applies to components (heads, attention / MLP
+    outputs, neurons), not to the residual stream.
 
     Example:
         >>> import actpatch as ap
@@ -95,54 +96,42 @@ def attribute(
         >>> m = tiny_model("llama")
         >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
         >>> est = ap.attribute(m, ps, "z", direction="noise")
-        >>> est.dims, est.meta["method"]
+        >>> est.dims, est.info.label
         (('layer', 'head'), 'atp')
         >>> exact = ap.sweep(m, ps, "z", direction="noise", progress=False)  # what it estimates
     """
-    if is_named(positions):
-        return run_named(attribute, model, prompts, positions, per_position=per_position, corruption=corruption,  # type: ignore[arg-type]
-                         target=target, direction=direction, metric=metric, layers=layers, heads=heads,
-                         neurons=neurons, window=window, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
-    d = _direction(direction)
-    corr = parse_corruption(corruption)
-    metrics = parse_metrics(metric)
-    bad = [m.value for m in metrics if m not in DIFFERENTIABLE]
-    if bad:
-        raise MetricError(f"Attribution needs differentiable metrics; {bad} are discrete. Use logit_diff, logprob, prob or kl.")
-    if corr.activation_level and d is Direction.DENOISE:
-        raise ActpatchError(f"Corruption {corr.name!r} has no corrupted run to denoise; use direction='noise'.")
-    kw = dict(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons, window=window)
-    plan = plan_for(model, prompts, target, **kw)
+    grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
+                window=window)
+    options: dict[str, Any] = dict(direction=direction, metric=metric, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
+    if grid.named:
+        return by_named_positions(lambda sub, g, corr, _: _attribute(model, sub, target, g, corr, **options),
+                                  model, prompts, grid, corruption)
+    return _attribute(model, prompts, target, grid, corruption, **options)
+
+
+def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid: Grid, corruption: str | Corruption, *,
+               direction: str | Direction, metric: str | Sequence[str], seed: int, qk_fix: bool,
+               grad_drop: bool) -> PatchResult:
+    exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                           technique="Attribution patching", differentiable=True)
+    plan = plan_for(model, prompts, target, grid)
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:
-        raise ActpatchError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
+        raise MethodError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
     if grad_drop:
-        _check_grad_drop(model, plan, window)
+        _check_grad_drop(model, plan, grid.window)
     full = plan.full_sites()
     if qk:  # base queries and keys, and the gradient at the pattern, of every patched layer
-        layers = sorted({s.layer for s in full})
-        full = list(dict.fromkeys(full + [Site(k, l) for l in layers for k in ("q", "k", "pattern")]))
-    corr.prepare(model, prompts)
-    n, P, R = len(prompts), len(plan.patches), corr.draws
-    raw = {m: torch.empty(n, P) for m in metrics}
-    base_b = {m: torch.empty(n) for m in metrics}  # grad_drop: the base run's metric, per prompt
-    clean_b = {m: torch.empty(n) for m in metrics}
-    corr_b = {m: torch.empty(n) for m in metrics}
+        qk_layers = sorted({s.layer for s in full})  # type: ignore[type-var]
+        full = list(dict.fromkeys(full + [Site(k, l) for l in qk_layers for k in ("q", "k", "pattern")]))
+    metrics = exp.metrics
+    outcome = exp.outcome(len(plan.patches))
+    base_b = {m: torch.empty(exp.n) for m in metrics}  # grad_drop: the base run's metric, per prompt
     with ExitStack() as stack:
         if plan.uses_attention_fn:
-            stack.enter_context(actpatch_attention(model.hf))
-        for g in prompts.groups():
-            clean_run, corr_run = corr.clean_run(g), corr.corrupted_run(model, g, prompts, seed)
-            answers, alts = g.answers.repeat_interleave(R), g.alternatives.repeat_interleave(R)
-            base, src = (corr_run, clean_run) if d is Direction.DENOISE else (clean_run, corr_run)
-            if corr.activation_level:  # source: transformed clean activations; "src" logits: the pairs' corrupted run
-                with capture(model, full) as clean_acts:
-                    model.logits(clean_run.ids, last_only=True)
-                source = {s: corr.source(a) for s, a in clean_acts.items()}
-                src_logits = corr_run.logits(model)
-            else:
-                with src.context(model), capture(model, full) as source:
-                    src_logits = model.logits(src.ids, last_only=True)
+            stack.enter_context(model.attention_fn())
+        for runs in exp.groups():
+            source, src_logits = exp.source_activations(runs, full)
             # one forward and one backward pass of the base run with a zero at every site
             zeros: dict = {}
 
@@ -156,13 +145,12 @@ def attribute(
 
             with ExitStack() as run:
                 run.enter_context(torch.enable_grad())
-                run.enter_context(base.context(model))
+                run.enter_context(runs.base.context(model))
                 boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
                 run.enter_context(intervene(model, {s: tap(s) for s in full}))
-                logits = model.hf(input_ids=base.ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-                clean_logits = logits.detach() if base is clean_run else src_logits
-                clean_lp = torch.log_softmax(clean_logits.float(), -1)
-                values = compute_metrics(metrics, logits, answers, alts, clean_lp)
+                logits = model.last_logits_with_grad(runs.base.ids)
+                measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
+                values = measure(logits, torch.arange(runs.rows))
             # one backward pass per metric (GradDrop: and a partial one per dropped layer)
             est: dict = {}
             for i, m in enumerate(metrics):
@@ -174,51 +162,33 @@ def attribute(
                 with torch.no_grad():
                     est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk)  # (P, G*R)
             base_vals = {m: v.detach() for m, v in values.items()}
-            other = compute_metrics(metrics, src_logits, answers, alts, clean_lp)
-            for m in metrics:
-                cb, kb = (base_vals[m], other[m]) if base is clean_run else (other[m], base_vals[m])
-                clean_b[m][g.indices] = _mean_draws(cb, R)
-                corr_b[m][g.indices] = _mean_draws(kb, R)
-                if grad_drop:
-                    raw[m][g.indices] = _mean_draws(graddrop.combine(est[m], model.n_layers), R).T
-                    base_b[m][g.indices] = _mean_draws(base_vals[m], R)
-                else:
-                    raw[m][g.indices] = _mean_draws(est[m] + base_vals[m], R).T
+            outcome.baselines(runs, base_vals, measure(src_logits, torch.arange(runs.rows)))
+            if grad_drop:
+                outcome.patched(runs, {m: graddrop.combine(est[m], model.n_layers) for m in metrics})
+                for m in metrics:
+                    base_b[m][runs.group.indices] = mean_draws(base_vals[m], runs.draws)
+            else:
+                outcome.patched(runs, {m: est[m] + base_vals[m] for m in metrics})
     if grad_drop:  # magnitudes, laid out as effects in the direction clean -> corrupted (noising) or back
         for m in metrics:
-            towards = torch.sign(clean_b[m].mean() - corr_b[m].mean())
-            if d is Direction.NOISE:
+            towards = torch.sign(outcome.clean[m].mean() - outcome.corrupted[m].mean())
+            if exp.direction is Direction.NOISE:
                 towards = -towards
-            raw[m] = base_b[m][:, None] + towards * raw[m]
-    res = PatchResult(
-        dims=plan.dims, coords=plan.coords,
-        raw={m.value: raw[m].reshape(n, *plan.shape) for m in metrics},
-        clean={m.value: clean_b[m] for m in metrics}, corrupted={m.value: corr_b[m] for m in metrics},
-        meta={"target": plan.target.value, "direction": d.value, "corruption": corr.describe(),
-              "metrics": [m.value for m in metrics], "seed": seed, "method": "atp", "engine": _engine(qk, grad_drop),
-              "estimate": "magnitude" if grad_drop else "signed",
-              "plan": {k: (list(v) if isinstance(v, range) else v) for k, v in kw.items()},
-              "model": {"name": model.name, "family": model.family, "weight_hash": model.weight_hash},
-              "prompts": prompts.describe(), "versions": _versions(),
-              "prompt_attributes": [dict(a) for a in prompts.attributes], "window": window},
-    )
-    res.findings = check(res) + _atp_findings(plan, grad_drop)
-    return res
-
-
-def _engine(qk: bool, grad_drop: bool) -> str:
-    return "atp*" if qk and grad_drop else "atp+qk_fix" if qk else "atp+graddrop" if grad_drop else "atp"
+            outcome.raw[m] = base_b[m][:, None] + towards * outcome.raw[m]
+    return exp.result(outcome, target=plan.target.value, method=Method.ATP, dims=plan.dims, coords=plan.coords,
+                      estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop,
+                      axes=grid.to_dict(), window=grid.window, findings=_atp_findings(plan, grad_drop))
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
     if plan.target in RESIDUAL_KINDS:
-        raise ActpatchError(f"grad_drop scores components (heads, attn_out, mlp_out, neurons, q / k / v, pattern), "
+        raise MethodError(f"grad_drop scores components (heads, attn_out, mlp_out, neurons, q / k / v, pattern), "
                             f"not {plan.target.value!r}: every gradient path of the residual stream passes its own "
                             f"layer's skip connection. Use exact patching for the residual stream.")
     if window != 1:
-        raise ActpatchError(f"grad_drop is defined for single-layer components; window={window} spans layers. Use window=1.")
+        raise MethodError(f"grad_drop is defined for single-layer components; window={window} spans layers. Use window=1.")
     if model.n_layers < 2:
-        raise ActpatchError("grad_drop needs a model with at least two layers (it averages over L - 1 dropped layers).")
+        raise MethodError("grad_drop needs a model with at least two layers (it averages over L - 1 dropped layers).")
 
 
 def _estimate(model: "Model", patches: Sequence[tuple], zeros: dict, source: dict, grads: dict, qk: bool) -> torch.Tensor:
@@ -264,8 +234,7 @@ def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: d
         target[site.selector()] = source[site.full()][site.selector()]
         heads = [site.head] if site.kind == SiteKind.Q and site.head is not None else (
             list(range(site.head * g, (site.head + 1) * g)) if site.head is not None else list(range(model.n_heads)))
-        module = model.adapter.block_module(l, model.adapter.spec.attn)
-        new_pattern = recompute_pattern(module, new_q, new_k)
+        new_pattern = model.adapter.recompute_pattern(l, new_q, new_k)
         grad = grads[Site("pattern", l)]
         if grad is None:  # no path from this layer's pattern to the metric (GradDrop of its own layer)
             total = total + torch.zeros(new_pattern.shape[0])
@@ -342,18 +311,19 @@ def validate_attribution(
 
     For a GradDrop result (magnitudes) ``estimate`` and ``exact`` hold |effect| (normalised),
     and the rank correlation compares those."""
-    if result.meta.get("method") != "atp":
-        raise ActpatchError("validate_attribution() takes a result of ap.attribute().")
+    if not isinstance(result, PatchResult) or result.info.method is not Method.ATP:
+        raise ResultError("validate_attribution() takes a result of ap.attribute().")
+    noise = result.info.direction is Direction.NOISE
     est = result.values.flatten()
-    order = (est - 1.0).abs().argsort(descending=True) if result.meta["direction"] == "noise" else est.abs().argsort(descending=True)
+    order = (est - 1.0).abs().argsort(descending=True) if noise else est.abs().argsort(descending=True)
     top = order[:k].tolist()
     rest = order[k:]
     gen = torch.Generator().manual_seed(seed)
     rand = rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
     chosen = top + rand
     e, x = est[chosen], _exact_cells(model, prompts, result, chosen)
-    if result.meta.get("estimate") == "magnitude":  # GradDrop ranks |effect|: compare magnitudes
-        ref = 1.0 if result.meta["direction"] == "noise" else 0.0
+    if result.info.estimate is Estimate.MAGNITUDE:  # GradDrop ranks |effect|: compare magnitudes
+        ref = 1.0 if noise else 0.0
         e, x = (e - ref).abs(), (x - ref).abs()
     rho = spearman(e, x) if len(chosen) > 2 else float("nan")
     cells = [_unravel(i, result.shape) for i in chosen]
@@ -362,7 +332,7 @@ def validate_attribution(
                             f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
                             f"({k} largest, {len(rand)} random): {rho:.3f}.",
                             "Below ~0.7, trust exact patching and read the estimates only as a screen."))
-    if result.meta["target"] in ("q", "k"):
+    if result.info.target in ("q", "k"):
         layers = sorted({result.coords["layer"][c[result.dims.index("layer")]] for c in cells})
         findings.extend(_saturated(model, prompts, layers, saturation))
     return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)
@@ -374,25 +344,26 @@ def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen: list[int]) -> torch.Tensor:
     """Normalised exact patching of the result's cells ``chosen`` (flat indices), over the same
-    prompts, corruption and seed; with named positions, per group of prompts whose roles share
-    token positions (:mod:`actpatch.roles`)."""
-    kw, target, m = dict(result.meta["plan"]), result.meta["target"], result.metric
-    run = dict(direction=result.meta["direction"], corruption=from_description(result.meta.get("corruption")),
-               metric=m, seed=result.meta.get("seed", 0), progress=False)
+    prompts, corruption and seed; with named positions, per group of prompts whose named
+    positions share token indices (:mod:`actpatch.techniques.positions`)."""
+    info, m = result.info, result.metric
+    grid = Grid(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.axes.items()})
+    target = info.target
+    run: dict[str, Any] = dict(direction=info.direction, corruption=from_description(info.corruption), metric=m,
+                               seed=info.seed, progress=False)
 
     def cells_of(plan: Plan, cells: list[int]) -> Plan:
         return Plan(target=plan.target, dims=("cell",), coords={"cell": chosen}, patches=tuple(plan.patches[c] for c in cells))
 
-    roles = kw.get("positions")
-    if not is_named(roles):
-        return execute(model, prompts, cells_of(plan_for(model, prompts, target, **kw), chosen), **run).values
-    run["corruption"] = for_roles(run["corruption"], model, prompts)
+    if not grid.named:
+        return execute(model, prompts, cells_of(plan_for(model, prompts, target, grid), chosen), **run).values
+    run["corruption"] = for_named_positions(run["corruption"], model, prompts)
     axis = result.dims.index("pos")
     raw, clean, corrupted = torch.empty(len(prompts), len(chosen)), torch.empty(len(prompts)), torch.empty(len(prompts))
-    for idx, where in role_groups(prompts, roles):
+    for idx, where in position_groups(prompts, [str(p) for p in grid.positions or ()]):
         uniq = sorted(set(where))
         sub = prompts.subset(idx)
-        plan = plan_for(model, sub, target, **{**kw, "positions": uniq, "per_position": True})
+        plan = plan_for(model, sub, target, grid.replace(positions=tuple(uniq), per_position=True))
         cells = []
         for i in chosen:
             cell = list(_unravel(i, result.shape))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .compare import Comparison, compare
+from .._io import read_json
+from ..compare import Comparison, compare
 from .config import CircuitsConfig, ExperimentConfig, PromptsConfig, TargetConfig
-from .results import PatchResult
+from ..results import PatchResult
 
 DEMO_TEMPLATES = [0, 2, 6]
 """IOI templates of one token length (14 with the bundled tokenizer), so positions align."""
@@ -69,8 +69,8 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     cfg = demo_config(n_prompts)
     state = out / "run.json"
     if state.is_file():  # an earlier demo (another version or prompt count) is redone; anything else is kept
-        old = json.loads(state.read_text())
-        prompts = old.get("config", {}).get("prompts", {})
+        old = read_json(state, "a demo directory")
+        prompts = (old.get("config", {}) if isinstance(old, dict) else {}).get("prompts", {})
         if old.get("digest") != cfg.digest() and prompts.get("builder") == "ioi" and prompts.get("templates") == DEMO_TEMPLATES:
             console.print(f"{out} holds a demo run of another version or prompt count: starting over.", markup=False)
             shutil.rmtree(out)
@@ -79,7 +79,7 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     console.print(repr(model), markup=False)
     results = run_experiment(cfg, out, model=model, log=lambda s: console.print(s, markup=False))
     den = results["resid_pre_denoise"]
-    texts = den.meta.get("prompt_texts") or []
+    texts = den.info.extra.get("prompt_texts") or []
     for clean, corrupted, a, b in texts[:2]:
         console.print(f"  clean:     {clean!r} -> {a!r}\n  corrupted: {corrupted!r} -> {b!r}", markup=False)
     for m, b in den.baselines.items():

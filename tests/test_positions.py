@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.checkpoint import UnitStore
+from actpatch.experiment.checkpoint import UnitStore
+from actpatch.techniques.positions import named_positions
 from actpatch.testing import random_pairs, tiny_model
 
 
@@ -30,7 +31,7 @@ def _reference_rows(model, prompts, fn, roles, **kw):
     """Each prompt alone, with its roles turned into integer positions."""
     rows = []
     for i in range(len(prompts)):
-        pos = [ap.roles.role_positions(prompts, i)[r] for r in roles]
+        pos = [named_positions(prompts, i)[r] for r in roles]
         uniq = sorted(set(pos))
         res = fn(model, prompts.subset([i]), positions=uniq, per_position=True, **kw)
         axis = 1 + res.dims.index("pos")
@@ -44,7 +45,7 @@ def test_role_sweep_equals_each_prompt_at_its_own_positions(target, kw, directio
     m = tiny_model("llama", n_layers=2)
     ps = _mixed()
     res = ap.sweep(m, ps, target, positions=ROLES, direction=direction, progress=False, **kw)
-    assert res.coords["pos"] == ROLES and res.meta["role_groups"] == 3
+    assert res.coords["pos"] == ROLES and res.info.role_groups == 3
     ref = _reference_rows(m, ps, lambda *a, **k: ap.sweep(*a, target=target, progress=False, **k), ROLES,
                           direction=direction, **kw)
     torch.testing.assert_close(res.raw["logit_diff"], ref, atol=1e-5, rtol=1e-5)
@@ -127,15 +128,16 @@ def test_role_corruptions_do_not_depend_on_the_grouping():
     prompts) are refused; per-prompt diagnostics come back in prompt order."""
     m = tiny_model("llama", n_layers=2)
     ps = _mixed()
-    noise = ap.GaussianNoise(n_draws=2)
-    noise.prepare(m, ps)
+    user = ap.GaussianNoise(n_draws=2)
+    noise = user.prepared(m, ps)
+    assert user.sigma is None and noise is not user  # corruptions are values: the caller's is never changed
     res = ap.sweep(m, ps, "resid_pre", positions=["first_diff", "end"], corruption=ap.GaussianNoise(n_draws=2),
                    direction="noise", progress=False)
-    assert res.meta["corruption"]["sigma"] == pytest.approx(noise.sigma)
+    assert res.info.corruption["sigma"] == pytest.approx(noise.sigma)
     for name in ("resample", "mean"):
         with pytest.raises(ap.CorruptionError, match=f"corruption '{name}' draws on the other prompts"):
             ap.sweep(m, ps, "resid_pre", positions=["end"], corruption=name, direction="noise", progress=False)
     plain = ap.sweep(m, ps, "z", progress=False)  # no position axis: every prompt in one call
     by_role = ap.sweep(m, ps, "resid_pre", positions=["end"], progress=False)
-    assert by_role.meta["clean_correct"] == plain.meta["clean_correct"]
-    assert by_role.meta["null_patch_max_abs"] <= 1e-4
+    assert by_role.info.diagnostics.clean_correct == plain.info.diagnostics.clean_correct
+    assert by_role.info.diagnostics.null_patch_max_abs <= 1e-4

@@ -20,19 +20,22 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .checks import Finding, Level
-from .corruption import Corruption, from_description, parse_corruption
-from .eap import EdgeScores, _graph, _head_writes, _reachable
-from .errors import ActpatchError
-from .hooks import READ, WRITE, _add, capture, intervene
-from .metrics import compute_metrics, normalise, parse_metrics
-from .models.attention import actpatch_attention
-from .prompts.promptset import PromptSet
-from .sites import Site
-from .stats import spearman
+from .._io import read_json
+from ..corruption import Corruption, from_description
+from ..errors import MethodError, ResultError
+from ..experiment.core import Experiment
+from ..findings import Finding, Level
+from ..hooks import capture, intervene
+from ..metrics import normalise
+from ..prompts.promptset import PromptSet
+from ..sites import Site
+from ..stats import spearman
+from ..types import Direction
+from .eap import EdgeScores, node_writes
+from .graph import Graph, Node, NodeKind, Port, PortKind
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models.handle import Model
+    from ..models.handle import Model
 
 __all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
            "EdgeValidation"]
@@ -40,6 +43,8 @@ __all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_cur
 
 def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
     """Boolean (U, V) mask of the ``n`` reachable edges with the largest |score|."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise MethodError(f"A circuit size must be a number of edges >= 0, got {n!r}.")
     scores = edges.scores.nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0).abs()
     scores[torch.isnan(edges.scores)] = -1.0
     n_ok = int((~torch.isnan(edges.scores)).sum())
@@ -49,80 +54,59 @@ def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
     return mask
 
 
-def _circuit_forward(model: "Model", clean: torch.Tensor, corr_w: list[torch.Tensor], keep: torch.Tensor,
-                     up: list, down: list) -> torch.Tensor:
+def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
+                     keep: torch.Tensor) -> torch.Tensor:
     """Last-position logits of the clean run with every edge outside ``keep`` (U, V) carrying
     the corrupted writes ``corr_w`` (per upstream node, (B, T, d))."""
     adapter = model.adapter
     L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
-    up_index = {u: i for i, u in enumerate(up)}
-    down_index = {d: j for j, d in enumerate(down)}
+    node_at, port_at = graph.node_index, graph.port_index
     T = clean.shape[1]
-    pos = torch.arange(T)[None]
+    pos = torch.arange(T, device=clean.device)[None]
     with capture(model, [Site("resid_pre", 0)]) as emb:
         model.logits(clean, last_only=True)
     h = emb[Site("resid_pre", 0)]
-    cur_w: list[torch.Tensor | None] = [h] + [None] * (len(up) - 1)  # writes of the running model
+    cur_w: list[torch.Tensor | None] = [h] + [None] * (len(graph.nodes) - 1)  # writes of the running model
 
-    def correction(j: int, upto: int) -> torch.Tensor | float:
-        """sum over excluded edges u -> down[j] (u < upto) of (write now - write corrupted)."""
-        total: torch.Tensor | float = 0.0
-        for i in (~keep[:upto, j]).nonzero().flatten().tolist():
+    def correction(port: Port, upto: int) -> torch.Tensor | None:
+        """sum over excluded edges u -> port (u < upto) of (write now - write corrupted)."""
+        total: torch.Tensor | None = None
+        for i in (~keep[:upto, port_at[port]]).nonzero().flatten().tolist():
             if cur_w[i] is not None:
-                total = total + (cur_w[i] - corr_w[i])
+                d = cur_w[i] - corr_w[i]  # type: ignore[operator]
+                total = d if total is None else total + d
         return total
 
     for l in range(L):
-        n_up = up_index[(l, 0)]  # upstream nodes before this layer's heads
+        n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
         pe = adapter.position_embeddings(h, pos)
-        qkv: dict[str, torch.Tensor] = {}
-        for kind, n in (("q", H), ("k", KV), ("v", KV)):
-            parts = []
+        writes: dict[Site, torch.Tensor] = {}
+        for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV)):
             for i in range(n):
-                j = down_index[(kind, l, i)]
-                fix = correction(j, n_up)
-                if isinstance(fix, float):
-                    parts.append(None)
+                fix = correction(Port(kind, l, i), n_up)
+                if fix is None:
                     continue
-                with capture(model, [Site(kind, l)]) as a:
+                site = Site(kind.value, l)
+                with capture(model, [site]) as a:
                     adapter.run_block(l, h - fix, pos, pe)
-                parts.append(a[Site(kind, l)][:, :, i])
-            qkv[kind] = parts  # type: ignore[assignment]
-        writes = {}
-        for kind in "qkv":
-            for i, part in enumerate(qkv[kind]):  # type: ignore[arg-type]
-                if part is not None:
-                    writes[Site(kind, l, head=i)] = part
-        j_mlp = down_index[("mlp", l, -1)]
-        head_cols = [up_index[(l, hh)] for hh in range(H)]
-        layer_z: dict[str, torch.Tensor] = {}
+                writes[Site(kind.value, l, head=i)] = a[site][:, :, i]
+        mlp_node = node_at[Node(NodeKind.MLP, l)]
 
-        def grab_z(x: torch.Tensor) -> None:
-            layer_z["z"] = x.detach()
+        def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
+            if not graph.parallel:  # this layer's heads feed its MLP: their writes exist by now
+                for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
+                    cur_w[node_at[Node(NodeKind.HEAD, l, hh)]] = w
+            fix = correction(Port(PortKind.MLP, l), mlp_node)
+            return x if fix is None else x - fix
 
-        def mlp_in(x: torch.Tensor, l=l, j_mlp=j_mlp, head_cols=head_cols) -> torch.Tensor:  # noqa: ANN001
-            if not adapter.parallel:  # this layer's heads feed its MLP: their writes exist by now
-                for k, w in zip(head_cols, _head_writes(model, l, layer_z["z"])):
-                    cur_w[k] = w
-            fix = correction(j_mlp, up_index[(l, -2)])
-            return x - fix if not isinstance(fix, float) else x
-
-        o_proj = adapter.block_module(l, adapter.spec.o_proj)
-        norm = adapter.block_module(l, adapter.spec.mlp_in_norm)  # type: ignore[arg-type]
-        removers = [_add(norm, "input", mlp_in, WRITE)]
-        try:
-            with intervene(model, writes), capture(model, [Site("z", l), Site("mlp_out", l)]) as acts:
-                removers.append(_add(o_proj, "input", lambda x: grab_z(x.view(*x.shape[:-1], H, -1)), READ))
-                h = adapter.run_block(l, h, pos, pe)
-        finally:
-            for r in removers:
-                r()
-        for k, w in enumerate(_head_writes(model, l, acts[Site("z", l)])):
-            cur_w[up_index[(l, k)]] = w
-        cur_w[up_index[(l, -2)]] = acts[Site("mlp_out", l)]
-    fix = correction(down_index[("logits", L, -1)], len(up))
-    final = h - fix if not isinstance(fix, float) else h
-    return adapter.unembed(final[:, -1])
+        with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
+                intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
+            h = adapter.run_block(l, h, pos, pe)
+        for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
+            cur_w[node_at[Node(NodeKind.HEAD, l, hh)]] = w
+        cur_w[mlp_node] = layer[Site("mlp_out", l)]
+    fix = correction(Port(PortKind.LOGITS), len(graph.nodes))
+    return adapter.unembed((h if fix is None else h - fix)[:, -1])
 
 
 class _Circuits:
@@ -130,39 +114,35 @@ class _Circuits:
     length group are computed once and reused for every circuit."""
 
     def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int) -> None:
-        corr = parse_corruption(corruption)
-        if corr.activation_level or corr.draws != 1:
-            raise ActpatchError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
-        if model.adapter.spec.attn_out != model.adapter.spec.attn:
-            raise ActpatchError(f"Circuits need per-head writes; the {model.family} family normalises attention outputs.")
-        self.model, self.n = model, len(prompts)
-        self.metric = parse_metrics(metric)[0]
-        _, self.up, _, self.down = _graph(model)
-        self.unreachable = ~_reachable(model, self.up, self.down)
+        exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
+                               seed=seed, technique="Circuit runs", needs_corrupted_run=True)
+        if exp.corruption.draws != 1:
+            raise MethodError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
+        self.model, self.n, self.metric = model, len(prompts), exp.metrics[0]
+        self.graph = Graph.of(model)
+        self.unreachable = ~self.graph.reachable
         self.groups = []
         sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
         with torch.inference_mode():
-            for g in prompts.groups():
-                corr_run = corr.corrupted_run(model, g, prompts, seed)
-                with capture(model, sites) as a:
-                    model.logits(corr_run.ids, last_only=True)
-                corr_w = [a[Site("resid_pre", 0)]]
-                for l in range(model.n_layers):
-                    corr_w += list(_head_writes(model, l, a[Site("z", l)])) + [a[Site("mlp_out", l)]]
-                clean_lp = torch.log_softmax(model.logits(g.clean, last_only=True).float(), -1)
-                self.groups.append((g, corr_w, clean_lp))
+            for runs in exp.groups():
+                with runs.corrupted.context(model), capture(model, sites) as a:
+                    model.logits(runs.corrupted.ids, last_only=True)
+                corr_w = node_writes(model, self.graph, a)
+                measure = runs.measurer(exp.metrics, model.logits(runs.clean.ids, last_only=True))
+                self.groups.append((runs, corr_w, measure))
 
     def run(self, keep: torch.Tensor) -> torch.Tensor:
         """Per-prompt metric with every edge outside ``keep`` taken from the corrupted run."""
-        shape = (len(self.up), len(self.down))
-        if tuple(keep.shape) != shape:
-            raise ActpatchError(f"keep has shape {tuple(keep.shape)}; expected {shape} (upstream x downstream).")
+        shape = (len(self.graph.nodes), len(self.graph.ports))
+        if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != shape or keep.dtype != torch.bool:
+            got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise MethodError(f"keep is {got}; expected a boolean tensor of shape {shape} (upstream x downstream).")
         keep = keep | self.unreachable  # unreachable pairs are not edges
         out = torch.empty(self.n)
-        with torch.inference_mode(), actpatch_attention(self.model.hf):
-            for g, corr_w, clean_lp in self.groups:
-                logits = _circuit_forward(self.model, g.clean, corr_w, keep, self.up, self.down)
-                out[g.indices] = compute_metrics([self.metric], logits, g.answers, g.alternatives, clean_lp)[self.metric]
+        with torch.inference_mode(), self.model.attention_fn():
+            for runs, corr_w, measure in self.groups:
+                logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep)
+                out[runs.group.indices] = measure(logits, torch.arange(runs.rows))[self.metric]
         return out
 
 
@@ -206,7 +186,14 @@ def save_curves(curves: dict[str, Faithfulness], path: str | Path) -> None:
 def load_curves(path: str | Path) -> dict[str, Faithfulness]:
     """Read curves written by :func:`save_curves` ({} when the file does not exist)."""
     p = Path(path)
-    return {k: Faithfulness.from_dict(v) for k, v in json.loads(p.read_text()).items()} if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    data = read_json(p, "a circuits file (save_curves)")
+    try:
+        return {str(k): Faithfulness.from_dict(v) for k, v in data.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ResultError(f"{p}: not faithfulness curves written by save_curves ({type(e).__name__}: {e}); "
+                          f"delete it and re-run the circuits.") from None
 
 
 def faithfulness(
@@ -267,11 +254,10 @@ def validate_edges(
         >>> len(check.edges), check.exact.shape
         (5, torch.Size([5]))
     """
-    if edges.meta.get("direction") != "noise":
-        raise ActpatchError("validate_edges() checks noising scores (edges cut from the clean run); "
+    if edges.direction is not Direction.NOISE:
+        raise MethodError("validate_edges() checks noising scores (edges cut from the clean run); "
                             "score the edges with direction='noise'.")
-    circuits = _Circuits(model, prompts, from_description(edges.meta.get("corruption")), edges.meta["metric"],
-                         edges.meta.get("seed", 0))
+    circuits = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
     ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
     order = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)]
     gen = torch.Generator().manual_seed(seed)
@@ -287,7 +273,7 @@ def validate_edges(
         exact.append(circuits.run(keep).mean() - clean)
     est, x = edges.scores.flatten()[chosen], torch.stack(exact)
     rho = spearman(est, x) if len(chosen) > 2 else float("nan")
-    method = str(edges.meta.get("method", "eap")).upper()
+    method = edges.method.upper()
     findings = [Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "edge_agreement",
                         f"Rank correlation of {method} scores with cutting each edge exactly, on {len(chosen)} edges "
                         f"({min(k, len(order))} largest, {len(chosen) - min(k, len(order))} random): {rho:.3f}.",

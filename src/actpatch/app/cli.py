@@ -30,7 +30,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import ActpatchError
+        from ..errors import ActpatchError
 
         try:
             return fn(*args, **kwargs)
@@ -50,8 +50,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_friendly
 def models() -> None:
     """List the supported model families and the bundled model."""
-    from .models.adapters import supported_families
-    from .models.loading import BUNDLED
+    from ..models.adapters import supported_families
+    from ..models.loading import BUNDLED
 
     console.print("[bold]Supported families[/bold]")
     console.print(supported_families(), markup=False)
@@ -61,8 +61,8 @@ def models() -> None:
 
 
 def _finish(results: dict, out: Path, title: str, t0: float) -> None:
-    from .circuit import load_curves
-    from .report import write_report
+    from ..techniques.circuit import load_curves
+    from ..report import write_report
 
     path = write_report(results, out, title=title, curves=load_curves(out / "circuits.json"))
     n_find = sum(len(r.findings) for r in results.values())
@@ -106,12 +106,12 @@ def run(
 @_friendly
 def report(directory: Path = typer.Argument(..., help="A run directory with saved results.")) -> None:
     """Rebuild report.html and figures from saved results."""
-    from .report import write_report
-    from .runner import load_run
+    from ..report import write_report
+    from .runner import load_experiment
 
-    from .circuit import load_curves
+    from ..techniques.circuit import load_curves
 
-    _, results = load_run(directory)
+    _, results = load_experiment(directory)
     path = write_report(results, directory, title=f"actpatch: {directory.name}",
                         curves=load_curves(directory / "circuits.json"))
     console.print(f"Report: [bold]{path.resolve()}[/bold]")

@@ -25,16 +25,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ActpatchError, PromptError, SiteError
-from .metrics import DIFFERENTIABLE, Metric
-from .plan import TARGETS
-from .sites import Site
+from ..corruption import CorruptionKind
+from ..errors import ConfigError, PromptError, SiteError
+from ..metrics import DIFFERENTIABLE, Metric
+from ..sites import Site, SiteKind
+from ..types import Direction, Engine
 
 __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "ConfigError", "load_config"]
-
-
-class ConfigError(ActpatchError):
-    """An experiment config is malformed: bad YAML, unknown key, wrong type, missing file."""
 
 
 class _Strict(BaseModel):
@@ -64,18 +61,18 @@ class PromptsConfig(_Strict):
 
 
 class CorruptionConfig(_Strict):
-    name: Literal["str", "resample", "gaussian", "mean", "zero"] = "str"
+    name: CorruptionKind = CorruptionKind.STR
     scale: float = Field(3.0, ge=0)
     n_draws: int = Field(10, ge=1)
     positions: list[int] | None = None
 
 
 class TargetConfig(_Strict):
-    target: str
+    target: SiteKind
     per_position: bool | None = None
     layers: list[int] | None = None
     positions: list[int] | list[str] | None = None
-    """Indices, or role names ([IO, S1, S2, end]; see actpatch.roles) for prompts of any lengths."""
+    """Indices, or position names ([IO, S1, S2, end]; see actpatch.techniques.positions) for prompts of any lengths."""
     heads: list[int] | None = None
     neurons: list[int] | None = None
     window: int = Field(1, ge=1)
@@ -86,19 +83,12 @@ class TargetConfig(_Strict):
     grad_drop: bool = False
     """atp only: AtP*'s GradDrop (magnitudes; components only)."""
 
-    @field_validator("target")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in TARGETS:
-            raise ValueError(f"unknown target {v!r}; use one of {', '.join(TARGETS)}")
-        return v
-
     @model_validator(mode="after")
     def _atp_options(self) -> "TargetConfig":
         if self.method != "atp" and (self.qk_fix or self.grad_drop):
             raise ValueError("qk_fix and grad_drop refine attribution patching: set method: atp")
-        if self.qk_fix and self.target not in ("q", "k"):
-            raise ValueError(f"qk_fix applies to q and k targets, not {self.target!r}")
+        if self.qk_fix and self.target not in (SiteKind.Q, SiteKind.K):
+            raise ValueError(f"qk_fix applies to q and k targets, not {self.target.value!r}")
         return self
 
     @property
@@ -106,7 +96,7 @@ class TargetConfig(_Strict):
         suffix = ""
         if self.method == "atp":
             suffix = "_atp" + ("_qk" if self.qk_fix else "") + ("_gd" if self.grad_drop else "")
-        return self.target + (f"_w{self.window}" if self.window > 1 else "") + suffix
+        return self.target.value + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
 class PathConfig(_Strict):
@@ -158,43 +148,34 @@ class ExperimentConfig(_Strict):
     prompts: PromptsConfig = PromptsConfig(builder="ioi")
     corruption: CorruptionConfig = CorruptionConfig()
     targets: list[TargetConfig] = Field(default_factory=lambda: [TargetConfig(target="resid_pre")])
-    directions: list[Literal["denoise", "noise"]] = Field(default_factory=lambda: ["denoise", "noise"], min_length=1)
-    metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "prob"], min_length=1)
+    directions: list[Direction] = Field(default_factory=lambda: [Direction.DENOISE, Direction.NOISE], min_length=1)
+    metrics: list[Metric] = Field(default_factory=lambda: [Metric.LOGIT_DIFF, Metric.PROB], min_length=1)
     paths: list[PathConfig] = Field(default_factory=list)
     """Path patching sweeps, one result per entry and direction."""
     circuits: CircuitsConfig | None = None
     """Also find circuits: edge scores (EAP / EAP-IG) and faithfulness curves."""
     seed: int = 0
-    engine: Literal["auto", "batched", "reference"] = "auto"
+    engine: Engine = Engine.AUTO
     unit_size: int = Field(64, ge=1)
     """Patches per saved unit of progress (a killed run resumes from the last saved unit)."""
     chunk_size: int | None = Field(None, ge=1)
     """Patches per batched forward pass; fixed so that a resumed run repeats the same arithmetic."""
 
-    @field_validator("metrics")
-    @classmethod
-    def _metrics(cls, v: list[str]) -> list[str]:
-        known = [m.value for m in Metric]
-        bad = [m for m in v if m not in known]
-        if bad:
-            raise ValueError(f"unknown metric(s) {bad}; use {', '.join(known)}")
-        return v
-
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":
         if not (self.targets or self.paths or self.circuits):
             raise ValueError("nothing to run: give targets, paths or circuits")
-        discrete = [m for m in self.metrics if m not in {x.value for x in DIFFERENTIABLE}]
+        discrete = [m.value for m in self.metrics if m not in DIFFERENTIABLE]
         atp = [t.name for t in self.targets if t.method == "atp"]
         if atp and discrete:
             raise ValueError(f"targets {atp} use method atp, which needs differentiable metrics; "
                              f"remove {discrete} from metrics or run those targets with method: exact")
-        if self.circuits is not None and self.metrics[0] in discrete:
-            raise ValueError(f"circuits score edges with the first metric, {self.metrics[0]!r}, which is discrete; "
+        if self.circuits is not None and self.metrics[0] not in DIFFERENTIABLE:
+            raise ValueError(f"circuits score edges with the first metric, {self.metrics[0].value!r}, which is discrete; "
                              f"put a differentiable one (logit_diff) first")
-        if self.circuits is not None and self.corruption.name not in ("str", "resample"):
+        if self.circuits is not None and self.corruption.name not in (CorruptionKind.STR, CorruptionKind.RESAMPLE):
             raise ValueError(f"circuits need a corrupted run per prompt (corruption str or resample), "
-                             f"not {self.corruption.name!r}")
+                             f"not {self.corruption.name.value!r}")
         return self
 
     def digest(self) -> str:
@@ -255,10 +236,17 @@ def read_pairs(path: str | Path) -> list[tuple[str, str, str, str]]:
     rows: list[dict[str, Any]]
     if p.suffix == ".csv":
         with p.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            try:
+                rows = list(csv.DictReader(f))
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise PromptError(f"{p}: not a readable CSV file ({e}).") from None
     else:
         rows = []
-        for i, line in enumerate(p.read_text().splitlines()):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PromptError(f"{p}: not a UTF-8 text file ({e.reason}); give JSONL or CSV.") from None
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -266,8 +254,14 @@ def read_pairs(path: str | Path) -> list[tuple[str, str, str, str]]:
                     raise PromptError(f"{p}, line {i + 1}: not valid JSON ({e.msg}).") from None
     out = []
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise PromptError(f"{p}, record {i + 1}: expected an object with {', '.join(keys)}, got "
+                              f"{type(r).__name__} {r!r:.60}.")
         missing = [k for k in keys if k not in r]
         if missing:
             raise PromptError(f"{p}, record {i + 1}: missing {missing}; each needs {', '.join(keys)}.")
-        out.append(tuple(str(r[k]) for k in keys))
+        bad = [k for k in keys if not isinstance(r[k], str)]
+        if bad:
+            raise PromptError(f"{p}, record {i + 1}: {bad[0]} is {r[bad[0]]!r}, not text; quote it.")
+        out.append(tuple(r[k] for k in keys))
     return out  # type: ignore[return-value]

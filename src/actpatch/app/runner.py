@@ -23,29 +23,27 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .attribution import attribute
-from .checkpoint import UnitStore
-from .circuit import Faithfulness, faithfulness, load_curves, save_curves
-from .compare import comparable, compare
-from .config import ConfigError, ExperimentConfig, PathConfig, TargetConfig, read_pairs
-from .corruption import Corruption, GaussianNoise, parse_corruption
-from .eap import edge_attribution
-from .errors import ActpatchError
-from .models.handle import Model
-from .patching import sweep
-from .path import path_sweep
-from .prompts import PromptSet, keep_correct
-from .results import PatchResult
-from .sites import Site
+from .._io import read_json
+from ..compare import comparable, mark_compared
+from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corruption
+from ..errors import ConfigError, OutputDirError
+from ..experiment.checkpoint import UnitStore
+from ..models.handle import Model
+from ..prompts import PromptSet, keep_correct
+from ..results import PatchResult
+from ..sites import Site
+from ..techniques.attribution import attribute
+from ..techniques.circuit import Faithfulness, faithfulness, load_curves, save_curves
+from ..techniques.eap import edge_attribution
+from ..techniques.patching import sweep
+from ..techniques.path import path_sweep
+from ..types import Direction
+from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 
-__all__ = ["run_experiment", "load_run", "resolve_model", "RunError"]
+__all__ = ["run_experiment", "load_experiment", "resolve_model"]
 
 DEFAULT_CHUNK = 32
-"""Patches per batched forward pass in config runs (fixed, so resumed runs repeat the arithmetic)."""
-
-
-class RunError(ActpatchError):
-    """An output directory cannot be used for this run."""
+"""Patches per batched forward pass in config experiments (fixed, so resumed ones repeat the arithmetic)."""
 
 
 def resolve_model(name: str) -> Model:
@@ -87,7 +85,7 @@ def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float
 
 def build_corruption(cfg: ExperimentConfig) -> Corruption:
     c = cfg.corruption
-    if c.name == "gaussian":
+    if c.name is CorruptionKind.GAUSSIAN:
         return GaussianNoise(scale=c.scale, n_draws=c.n_draws, positions=c.positions)
     return parse_corruption(c.name)
 
@@ -99,19 +97,20 @@ def _prepare_dir(out: Path, cfg: ExperimentConfig) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RunError(f"Output directory {str(out)!r} is not writable ({e.strerror}); choose another with --out.") from None
+        raise OutputDirError(f"Output directory {str(out)!r} is not writable ({e.strerror}); choose another with --out.") from None
     state = out / "run.json"
     digest = cfg.digest()
     if state.is_file():
-        old = json.loads(state.read_text())
-        if old.get("digest") != digest:
-            raise RunError(
-                f"{out} holds a run of a different config (digest {old.get('digest')} vs {digest}); "
+        old = read_json(state, "an experiment directory")
+        if not isinstance(old, dict) or old.get("digest") != digest:
+            raise OutputDirError(
+                f"{out} holds an experiment of a different config (digest "
+                f"{old.get('digest') if isinstance(old, dict) else '?'} vs {digest}); "
                 f"use another --out directory, or delete {out} to start over."
             )
         return
     if any((p / "meta.json").is_file() for p in out.iterdir()):
-        raise RunError(f"{out} already holds results that no run.json describes; use another --out directory.")
+        raise OutputDirError(f"{out} already holds results that no run.json describes; use another --out directory.")
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps({"digest": digest, "config": cfg.model_dump(mode="json")}, indent=2))
     os.replace(tmp, state)
@@ -139,17 +138,17 @@ def run_experiment(
     jobs += [(p.name, _path_job(model, prompts, cfg, corruption, p)) for p in cfg.paths]
     for base, job in jobs:
         for direction in cfg.directions:
-            name = f"{base}_{direction}"
+            name = f"{base}_{direction.value}"
             target_dir = out / name
             if (target_dir / "meta.json").is_file():
                 results[name] = PatchResult.load(target_dir)
                 log(f"{name}: already done, loaded")
                 continue
             res = job(direction, target_dir)
-            res.meta["config_digest"] = cfg.digest()
+            notes = {"config_digest": cfg.digest(), "prompt_texts": [list(x) for x in prompts.meta.get("texts", [])]}
             if share is not None:
-                res.meta["kept_share"] = share
-            res.meta["prompt_texts"] = [list(x) for x in prompts.meta.get("texts", [])]
+                notes["kept_share"] = share
+            res = res.replace(info=res.info.replace(extra={**res.info.extra, **notes}))
             res.save(target_dir)
             shutil.rmtree(target_dir / "units", ignore_errors=True)
             results[name] = res
@@ -158,14 +157,14 @@ def run_experiment(
         find_circuits(model, prompts, cfg, out, log)
     for base, _ in jobs:
         d, n = results.get(f"{base}_denoise"), results.get(f"{base}_noise")
-        if d is not None and n is not None and comparable(d, n):
-            compare(d, n)  # marks both as compared: re-save their findings
-            d.save(out / f"{base}_denoise")
-            n.save(out / f"{base}_noise")
+        if d is not None and n is not None and comparable(d, n) and not (d.info.compared and n.info.compared):
+            for name, res in ((f"{base}_denoise", d), (f"{base}_noise", n)):  # both directions read together
+                results[name] = mark_compared(res)
+                results[name].save(out / name)
     return results
 
 
-Job = Callable[[str, Path], PatchResult]
+Job = Callable[[Direction, Path], PatchResult]
 """One result of a run: (direction, its directory) -> the result."""
 
 
@@ -174,7 +173,7 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
     axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
                 neurons=t.neurons, window=t.window)
 
-    def job(direction: str, target_dir: Path) -> PatchResult:
+    def job(direction: Direction, target_dir: Path) -> PatchResult:
         if t.method == "atp":  # a few passes: nothing to resume
             return attribute(model, prompts, t.target, direction=direction, corruption=corruption,
                              metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
@@ -189,7 +188,7 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
 
 
 def _path_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, p: PathConfig) -> Job:
-    def job(direction: str, target_dir: Path) -> PatchResult:
+    def job(direction: Direction, target_dir: Path) -> PatchResult:
         return path_sweep(model, prompts, [Site.parse(r) for r in p.receivers], sender=p.sender, layers=p.layers,
                           heads=p.heads, direction=direction, corruption=corruption, metric=cfg.metrics, seed=cfg.seed)
 
@@ -213,10 +212,11 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     for method in c.methods:
         steps = c.ig_steps if method == "eap-ig" else 0
         name = f"EAP-IG ({steps} steps)" if steps else "EAP"
-        edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0], ig_steps=steps, seed=cfg.seed)
+        edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
+                                 seed=cfg.seed)
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
-        curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0],
+        curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0].value,
                                     seed=cfg.seed)
         log(f"Top edges, {name}: " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in edges.top(5)))
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
@@ -224,12 +224,15 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     return curves
 
 
-def load_run(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
-    """The config (as saved) and the finished results of a run directory."""
+def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
+    """The config (as saved) and the finished results of an experiment directory."""
     out = Path(out)
+    if not out.is_dir():
+        raise OutputDirError(f"{out}: no such directory; pass the --out directory of `actpatch run` or `actpatch demo`.")
     state = out / "run.json"
-    results = {p.name: PatchResult.load(p) for p in sorted(out.iterdir()) if (p / "meta.json").is_file()} if out.is_dir() else {}
+    results = {p.name: PatchResult.load(p) for p in sorted(out.iterdir()) if (p / "meta.json").is_file()}
     if not results:
-        raise RunError(f"{out} holds no finished results (expected subdirectories with meta.json).")
-    cfg = json.loads(state.read_text())["config"] if state.is_file() else {}
+        raise OutputDirError(f"{out} holds no finished results (expected subdirectories with meta.json).")
+    saved = read_json(state, "an experiment directory") if state.is_file() else {}
+    cfg = saved.get("config", {}) if isinstance(saved, dict) else {}
     return cfg, results

@@ -32,13 +32,15 @@ only): one partial backward pass from layer ``l`` down. All ``L`` scores cost ab
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .hooks import READ, _add
-from .sites import Site
+from ..errors import MethodError
+from ..hooks import capture
+from ..sites import Site
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
@@ -46,31 +48,33 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["trace_blocks", "dropped_gradients", "combine"]
 
 
+class Boundary(Sequence[torch.Tensor]):
+    """Each block's input in layer order, then the last block's output, as recorded by the
+    ``resid_pre`` / ``resid_post`` captures of the latest forward pass (kept in the graph)."""
+
+    def __init__(self, acts: dict[Site, torch.Tensor], n_layers: int) -> None:
+        self._acts, self._sites = acts, [Site("resid_pre", l) for l in range(n_layers)] + [Site("resid_post", n_layers - 1)]
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return self._acts[self._sites[i]]
+
+
 @contextmanager
-def trace_blocks(model: "Model") -> Iterator[list[torch.Tensor]]:
-    """For forward passes run inside the context, the yielded list holds each block's input, in
-    layer order, then the last block's output; the tensors stay in the autograd graph.
-
-    Recorded after every write and read at the block boundary, so they are the tensors the
-    blocks actually receive.
-    """
-    boundary: list[torch.Tensor] = []
-    blocks = list(model.adapter.blocks)
-    with ExitStack() as stack:
-        for layer, block in enumerate(blocks):
-
-            def keep(x: torch.Tensor, layer: int = layer) -> None:
-                if layer == 0:
-                    boundary.clear()
-                boundary.append(x)
-
-            stack.callback(_add(block, "input", keep, READ))
-        stack.callback(_add(blocks[-1], "output", lambda x: boundary.append(x), READ))
-        yield boundary
+def trace_blocks(model: "Model") -> Iterator[Boundary]:
+    """For forward passes run inside the context, the yielded :class:`Boundary` holds each
+    block's input, in layer order, then the last block's output; the tensors stay in the
+    autograd graph. Read at the ``resid_pre`` / ``resid_post`` sites after every write, so they
+    are the tensors the blocks actually receive."""
+    L = model.n_layers
+    with capture(model, [Site("resid_pre", l) for l in range(L)] + [Site("resid_post", L - 1)], detach=False) as acts:
+        yield Boundary(acts, L)
 
 
 def dropped_gradients(
-    metric: torch.Tensor, taps: dict[Site, torch.Tensor], boundary: list[torch.Tensor],
+    metric: torch.Tensor, taps: dict[Site, torch.Tensor], boundary: Sequence[torch.Tensor],
 ) -> Iterator[dict[Site, torch.Tensor | None]]:
     """The gradient of ``metric`` at taps (tensors added at sites in the forward pass): first the
     plain gradients at every tap, then for each layer ``l = 1 .. L - 1`` the gradients with layer
@@ -97,5 +101,5 @@ def dropped_gradients(
 def combine(abs_sum: torch.Tensor, n_layers: int) -> torch.Tensor:
     """``c_GD`` from the sum over dropped layers of ``|estimate|``."""
     if n_layers < 2:
-        raise ValueError("GradDrop needs a model with at least two layers.")
+        raise MethodError("GradDrop needs a model with at least two layers.")
     return abs_sum / (n_layers - 1)

@@ -1,0 +1,81 @@
+"""Reading saved results defensively: every way a result directory can be wrong (missing,
+incomplete, truncated, hand-edited, another program's files) becomes one
+:class:`~actpatch.ResultError` naming the file, the problem and the fix. Tensors are read with
+safetensors only; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ResultError
+from .findings import Finding
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import PatchResult
+
+__all__ = ["read_result", "read_json"]
+
+_FIX = "Re-run the experiment (or `actpatch run` it again: finished results are kept) to write it anew."
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parsed JSON of ``path``; :class:`ResultError` when it is missing or not JSON."""
+    if not path.is_file():
+        raise ResultError(f"{path}: missing; {what} needs it. {_FIX}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultError(f"{path}: not valid JSON ({e}); the file is truncated or not {what}'s. {_FIX}") from None
+
+
+def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
+    from .results import FORMAT_VERSION, ResultInfo
+
+    if not p.exists():
+        raise ResultError(f"{p}: no such directory; pass a directory written by PatchResult.save().")
+    if not p.is_dir():
+        raise ResultError(f"{p} is a file; a saved PatchResult is a directory with meta.json and tensors.safetensors.")
+    if not (p / "meta.json").is_file() or not (p / "tensors.safetensors").is_file():
+        raise ResultError(f"{p} is not a saved PatchResult (needs meta.json and tensors.safetensors); it may be an "
+                          f"unfinished run. {_FIX}")
+    meta = read_json(p / "meta.json", "a saved PatchResult")
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        raise ResultError(f"{p / 'meta.json'}: not an actpatch result (no format_version). {_FIX}")
+    version = meta["format_version"]
+    if version not in (1, FORMAT_VERSION):
+        raise ResultError(f"{p}: format version {version!r}; this actpatch reads 1 and {FORMAT_VERSION}. "
+                          f"Use the actpatch version that wrote it, or re-run the experiment.")
+    tensors = _tensors(p / "tensors.safetensors")
+    try:
+        dims, coords, metrics = tuple(meta["dims"]), dict(meta["coords"]), list(meta["metrics"])
+        info = (ResultInfo.from_legacy(meta["meta"], metrics) if version == 1
+                else ResultInfo.from_dict(meta["info"]))
+        findings = [Finding.from_dict(f) for f in meta.get("findings", [])]
+        raw = {m: tensors[f"raw/{m}"] for m in metrics}
+        clean = {m: tensors[f"clean/{m}"] for m in metrics}
+        corrupted = {m: tensors[f"corrupted/{m}"] for m in metrics}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ResultError(f"{p}: meta.json and tensors do not fit together or a field is malformed "
+                          f"({type(e).__name__}: {e}); was it edited by hand? {_FIX}") from None
+    if not metrics:
+        raise ResultError(f"{p}/meta.json lists no metrics. {_FIX}")
+    shape = tuple(len(coords.get(d, ())) for d in dims)
+    n = clean[metrics[0]].shape
+    for m in metrics:
+        if tuple(raw[m].shape[1:]) != shape or raw[m].shape[:1] != n or clean[m].shape != n or corrupted[m].shape != n:
+            raise ResultError(f"{p}: tensors for {m!r} have shape {tuple(raw[m].shape)} but the coordinates say "
+                              f"(n_prompts, {', '.join(map(str, shape))}); was meta.json edited by hand? {_FIX}")
+    return cls(dims=dims, coords=coords, raw=raw, clean=clean, corrupted=corrupted, info=info, findings=findings)
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ResultError(f"{path}: not a readable safetensors file ({e}); it is truncated or of another "
+                          f"format. {_FIX}") from None

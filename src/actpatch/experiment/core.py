@@ -1,0 +1,257 @@
+"""The experiment core: what every technique does before and after its own computation.
+
+Every entry point (``sweep`` / ``patch``, ``attribute``, ``path_patch`` / ``path_sweep``,
+``edge_attribution``) turns (model, prompts, direction, corruption, metrics, seed) into an
+:class:`Experiment` here, iterates its :class:`GroupRuns` (per prompt length: the clean,
+corrupted, base and source runs and the answers, repeated per corruption draw), records
+baselines and patched values in an :class:`Outcome`, and labels the outcome as a
+:class:`~actpatch.PatchResult` with typed provenance and diagnostics. Nothing here knows what a
+technique computes; nothing in a technique repeats what is here.
+
+Batch layout: a corruption with ``draws`` runs per prompt (Gaussian noise) lays a group out
+prompt-major, row ``g * draws + r``; :func:`mean_draws` averages the draws back to prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..checks import check
+from ..corruption import Corruption, Run, parse_corruption
+from ..errors import ContextLengthError, CorruptionError, MetricError
+from ..findings import Finding
+from ..hooks import capture
+from ..metrics import DIFFERENTIABLE, Measurer, Metric, parse_metrics
+from ..prompts.promptset import LengthGroup, PromptSet
+from ..results import PatchResult, ResultInfo
+from ..sites import Site
+from ..types import Diagnostics, Direction, Method, Provenance, parse_direction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["Experiment", "GroupRuns", "Outcome", "mean_draws"]
+
+
+def mean_draws(x: torch.Tensor, draws: int) -> torch.Tensor:
+    """(..., G * draws) prompt-major -> (..., G): the mean over each prompt's corruption draws."""
+    return x.reshape(*x.shape[:-1], -1, draws).mean(-1)
+
+
+@dataclass(frozen=True)
+class GroupRuns:
+    """The runs of one length group of prompts.
+
+    ``base`` is the run that gets patched and ``source`` the run whose activations are written
+    into it: (corrupted, clean) for denoising, (clean, corrupted) for noising. For
+    activation-level corruptions (mean, zero) ``source`` is the pairs' corrupted run, which
+    gives the corrupted baseline; the written activations come from
+    :meth:`~actpatch.corruption.Corruption.source`.
+    """
+
+    index: int
+    group: LengthGroup
+    clean: Run
+    corrupted: Run
+    base: Run
+    source: Run
+    answers: torch.Tensor  # (G * draws,)
+    alternatives: torch.Tensor  # (G * draws,)
+    draws: int
+
+    @property
+    def base_is_clean(self) -> bool:
+        return self.base is self.clean
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch: prompts x draws."""
+        return int(self.answers.shape[0])
+
+    def clean_logits(self, base_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+        """Of a base and a source run's logits, the clean run's."""
+        return base_logits if self.base_is_clean else source_logits
+
+    def measurer(self, metrics: Sequence[Metric], clean_logits: torch.Tensor | None) -> Measurer:
+        """Metrics of this group's rows; ``clean_logits`` (last position) give KL its reference."""
+        needs_lp = Metric.KL in metrics and clean_logits is not None
+        clean_lp = torch.log_softmax(clean_logits.detach().float(), -1) if needs_lp else None  # type: ignore[union-attr]
+        return Measurer(list(metrics), self.answers, self.alternatives, clean_lp)
+
+    def correct(self, clean_logits: torch.Tensor) -> torch.Tensor:
+        """(G,) whether the model prefers the answer on each clean prompt (every draw)."""
+        idx = torch.arange(self.rows)
+        right = clean_logits[idx, self.answers] > clean_logits[idx, self.alternatives]
+        return right.reshape(-1, self.draws).all(1)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Validated inputs of one experiment, shared by every technique. Build with :meth:`setup`."""
+
+    model: "Model"
+    prompts: PromptSet
+    direction: Direction
+    corruption: Corruption
+    """A prepared copy (set-level statistics measured); the caller's object is never changed."""
+    metrics: tuple[Metric, ...]
+    seed: int
+
+    @classmethod
+    def setup(
+        cls,
+        model: "Model",
+        prompts: PromptSet,
+        *,
+        direction: str | Direction,
+        corruption: str | Corruption,
+        metric: str | Metric | Sequence[str | Metric],
+        seed: int,
+        technique: str,
+        needs_corrupted_run: bool = False,
+        differentiable: bool = False,
+    ) -> "Experiment":
+        """Validate the shared inputs, refusing with one specific error each:
+
+        * unknown direction / corruption / metric;
+        * a prompt longer than the model's context window (before any computation);
+        * ``differentiable``: a discrete metric for a gradient-based technique;
+        * an activation-level corruption (mean, zero) with denoising, or with a technique that
+          ``needs_corrupted_run``.
+        """
+        if not isinstance(prompts, PromptSet):
+            from ..errors import PromptError
+
+            raise PromptError(f"{technique} takes a PromptSet, got {type(prompts).__name__}; build one with "
+                              f"ap.PromptSet.from_pairs(model, pairs) or a builder such as ap.prompts.ioi(model).")
+        d = parse_direction(direction)
+        corr = parse_corruption(corruption)
+        metrics = tuple(parse_metrics(metric))
+        if differentiable:
+            bad = [m.value for m in metrics if m not in DIFFERENTIABLE]
+            if bad:
+                raise MetricError(f"{technique} needs differentiable metrics; {bad} are discrete. "
+                                  f"Use {', '.join(m.value for m in DIFFERENTIABLE)}.")
+        if corr.activation_level and needs_corrupted_run:
+            raise CorruptionError(f"{technique} needs a corrupted run per prompt; corruption {corr.name!r} replaces "
+                                  f"activations instead. Use corruption 'str', 'resample' or 'gaussian'.")
+        if corr.activation_level and d is Direction.DENOISE:
+            raise CorruptionError(
+                f"Corruption {corr.name!r} replaces activations, so there is no corrupted run to denoise. "
+                f"Use direction='noise', or corruption='str' / 'resample' / 'gaussian' for denoising."
+            )
+        limit = model.context_length
+        longest = int(prompts.lengths.max())
+        if limit is not None and longest > limit:
+            which = int(prompts.lengths.argmax())
+            raise ContextLengthError(f"Prompt {which} has {longest} tokens; {model.name} reads at most {limit}. "
+                                     f"Shorten the prompts or drop the long ones.")
+        return cls(model=model, prompts=prompts, direction=d, corruption=corr.prepared(model, prompts),
+                   metrics=metrics, seed=int(seed))
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def draws(self) -> int:
+        return self.corruption.draws
+
+    def groups(self) -> Iterator[GroupRuns]:
+        """Per length group (in order of first appearance), its runs."""
+        corr, R = self.corruption, self.corruption.draws
+        for i, g in enumerate(self.prompts.groups()):
+            clean, corrupted = corr.clean_run(g), corr.corrupted_run(self.model, g, self.prompts, self.seed)
+            base, source = (corrupted, clean) if self.direction is Direction.DENOISE else (clean, corrupted)
+            yield GroupRuns(index=i, group=g, clean=clean, corrupted=corrupted, base=base, source=source,
+                            answers=g.answers.repeat_interleave(R), alternatives=g.alternatives.repeat_interleave(R),
+                            draws=R)
+
+    def source_activations(self, runs: GroupRuns, sites: Sequence[Site]) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
+        """The whole activations to write at ``sites`` and the source run's last-position logits:
+        captured on the source run, or (mean / zero ablation) the corruption's transform of the
+        clean run's activations."""
+        model, corr = self.model, self.corruption
+        with runs.source.context(model), capture(model, [] if corr.activation_level else list(sites)) as source:
+            logits = model.logits(runs.source.ids, last_only=True)
+        if corr.activation_level:
+            with capture(model, list(sites)) as clean:
+                model.logits(runs.clean.ids, last_only=True)
+            source = {s: corr.source(a) for s, a in clean.items()}
+        return source, logits
+
+    def outcome(self, n_cells: int) -> "Outcome":
+        """An empty :class:`Outcome` for ``n_cells`` patches (or estimates) per prompt."""
+        return Outcome(self, n_cells)
+
+    def provenance(self) -> Provenance:
+        return Provenance.of(self.model, self.prompts)
+
+    def result(self, outcome: "Outcome", *, target: str, method: Method, dims: tuple[str, ...],
+               coords: dict[str, list], findings: Sequence[Finding] = (), **info: Any) -> PatchResult:
+        """Label an outcome: a :class:`PatchResult` with typed info, the best-practice checks'
+        findings, then the technique's own ``findings``."""
+        shape = tuple(len(coords[d]) for d in dims)
+        diag = Diagnostics(
+            clean_correct=tuple(bool(x) for x in outcome.clean_correct.tolist()) if outcome.has_correct else None,
+            null_patch_max_abs=outcome.null_patch_max_abs,
+        )
+        res = PatchResult(
+            dims=dims, coords=coords,
+            raw={m.value: outcome.raw[m].reshape(self.n, *shape) for m in self.metrics},
+            clean={m.value: outcome.clean[m] for m in self.metrics},
+            corrupted={m.value: outcome.corrupted[m] for m in self.metrics},
+            info=ResultInfo(target=target, direction=self.direction, method=method,
+                            metrics=tuple(m.value for m in self.metrics), corruption=self.corruption.describe(),
+                            seed=self.seed, provenance=self.provenance(), diagnostics=diag,
+                            prompt_attributes=tuple(dict(a) for a in self.prompts.attributes), **info),
+        )
+        res.findings = check(res) + list(findings)
+        return res
+
+
+@dataclass
+class Outcome:
+    """Per prompt: the patched metric of every cell, both baselines, diagnostics; filled group
+    by group, each value averaged over the corruption's draws."""
+
+    experiment: Experiment
+    n_cells: int
+    raw: dict[Metric, torch.Tensor] = field(init=False)
+    clean: dict[Metric, torch.Tensor] = field(init=False)
+    corrupted: dict[Metric, torch.Tensor] = field(init=False)
+    clean_correct: torch.Tensor = field(init=False)
+    has_correct: bool = False
+    null_patch_max_abs: float | None = None
+
+    def __post_init__(self) -> None:
+        n, ms = self.experiment.n, self.experiment.metrics
+        self.raw = {m: torch.empty(n, self.n_cells) for m in ms}
+        self.clean = {m: torch.empty(n) for m in ms}
+        self.corrupted = {m: torch.empty(n) for m in ms}
+        self.clean_correct = torch.zeros(n, dtype=torch.bool)
+
+    def baselines(self, runs: GroupRuns, base: dict[Metric, torch.Tensor], source: dict[Metric, torch.Tensor]) -> None:
+        """Record the base and source runs' metrics ``{metric: (rows,)}`` as clean / corrupted."""
+        for m in self.experiment.metrics:
+            c, k = (base[m], source[m]) if runs.base_is_clean else (source[m], base[m])
+            self.clean[m][runs.group.indices] = mean_draws(c.detach().float(), runs.draws)
+            self.corrupted[m][runs.group.indices] = mean_draws(k.detach().float(), runs.draws)
+
+    def patched(self, runs: GroupRuns, values: dict[Metric, torch.Tensor]) -> None:
+        """Record ``{metric: (n_cells, rows)}`` for this group's prompts."""
+        for m in self.experiment.metrics:
+            self.raw[m][runs.group.indices] = mean_draws(values[m].float(), runs.draws).T
+
+    def correct(self, runs: GroupRuns, clean_logits: torch.Tensor) -> None:
+        """Record which clean prompts of this group the model gets right."""
+        self.clean_correct[runs.group.indices] = runs.correct(clean_logits)
+        self.has_correct = True
+
+    def null_patch(self, error: float) -> None:
+        """Record a null patch's |metric change| (the largest is kept)."""
+        self.null_patch_max_abs = max(self.null_patch_max_abs or 0.0, float(error))

@@ -1,0 +1,219 @@
+"""Plans: a sweep target expanded into a grid of patches (each a tuple of :class:`Site` s)
+with named dims and coordinates."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import SiteError
+from ..sites import ATTENTION_FN_KINDS, HEAD_KINDS, KV_KINDS, Site, SiteKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+    from ..prompts.promptset import PromptSet
+
+__all__ = ["Grid", "Patch", "Plan", "make_plan", "plan_for", "parse_target", "default_per_position", "TARGETS"]
+
+Patch = tuple[Site, ...]
+"""Sites written together in one patched forward pass."""
+
+TARGETS = tuple(k.value for k in SiteKind)
+_LAYERLESS = (SiteKind.EMBED, SiteKind.RESID_FINAL)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Patches laid out on a grid: ``patches[i]`` is the cell ``numpy.unravel_index(i, shape)``."""
+
+    target: SiteKind
+    dims: tuple[str, ...]
+    coords: dict[str, list]
+    patches: tuple[Patch, ...]
+
+    @property
+    def uses_attention_fn(self) -> bool:
+        """Whether any patched site lives inside the attention function (q, k, v, pattern)."""
+        return any(s.kind in ATTENTION_FN_KINDS for p in self.patches for s in p)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(self.coords[d]) for d in self.dims)
+
+    def full_sites(self) -> list[Site]:
+        """The whole activations the patches slice (what to capture from the source run)."""
+        seen: dict[Site, None] = {}
+        for p in self.patches:
+            for s in p:
+                seen.setdefault(s.full(), None)
+        return list(seen)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Which cells of a target to patch or estimate: the axes every entry point takes.
+
+    ``per_position`` adds / drops the position axis (default: on for residual-like targets);
+    ``layers``, ``positions``, ``heads``, ``neurons`` restrict an axis (``positions`` may name
+    roles such as ``["S1", "S2", "end"]``, see :mod:`actpatch.techniques.positions`);
+    ``window=k`` patches k consecutive layers together.
+
+    Example:
+        >>> Grid(layers=[0, 2], window=2).to_dict()["layers"]
+        [0, 2]
+    """
+
+    per_position: bool | None = None
+    layers: tuple[int, ...] | None = None
+    positions: tuple[int | str, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "positions", "heads", "neurons"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, (str, bytes)):
+                raise SiteError(f"{name}={v!r}: give a list, e.g. {name}=[{v!r}].")
+            try:
+                items = tuple(v)
+            except TypeError:
+                raise SiteError(f"{name}={v!r}: give a list of indices.") from None
+            for x in items:
+                ok = isinstance(x, int) and not isinstance(x, bool) or (name == "positions" and isinstance(x, str))
+                if not ok:
+                    raise SiteError(f"{name}={list(items)}: {x!r} is not an index"
+                                    + (" or a role name." if name == "positions" else "."))
+            object.__setattr__(self, name, items)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise SiteError(f"window={self.window!r}: use 1 (single layers) or more.")
+
+    @property
+    def named(self) -> bool:
+        """Whether ``positions`` names roles rather than indices (mixing is an error)."""
+        if self.positions is None:
+            return False
+        kinds = {isinstance(p, str) for p in self.positions}
+        if kinds == {True, False}:
+            raise SiteError(f"positions={list(self.positions)}: use either indices or role names, not both.")
+        return kinds == {True}
+
+    def replace(self, **changes: object) -> "Grid":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form (recorded in results' ``info.axes``)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def pick_axis(name: str, given: Sequence[int] | None, n: int) -> list[int]:
+    if given is None:
+        return list(range(n))
+    vals = list(given)
+    bad = [v for v in vals if not 0 <= v < n]
+    if bad or not vals:
+        raise SiteError(f"{name}={vals}: {'out of range' if bad else 'empty'}; valid values are 0..{n - 1} "
+                        f"(and at least one).")
+    return vals
+
+
+def parse_target(target: str | SiteKind) -> SiteKind:
+    """The :class:`SiteKind` of a sweep target name."""
+    try:
+        return SiteKind(target)
+    except ValueError:
+        raise SiteError(f"Unknown target {target!r}; use one of: {', '.join(TARGETS)}.") from None
+
+
+def default_per_position(kind: SiteKind) -> bool:
+    """Residual-like targets get a position axis by default; heads and neurons do not."""
+    return kind not in HEAD_KINDS and kind != SiteKind.MLP_POST
+
+
+def make_plan(
+    model: "Model",
+    target: str | SiteKind,
+    grid: Grid = Grid(),
+    *,
+    seq_len: int | None,
+    pos_labels: Sequence[str] | None = None,
+) -> Plan:
+    """Expand a target into patches.
+
+    Residual-like targets (resid_*, attn_out, mlp_out) default to one patch per (layer,
+    position); head targets (z, q, k, v, pattern) to one per (layer, head) over all positions;
+    mlp_post to one per (layer, neuron). ``grid.per_position`` toggles the position axis.
+    ``window=k`` patches layers l..l+k-1 together (clipped at the last layer), labelled by the
+    first layer. ``seq_len`` is needed for a position axis.
+    """
+    kind = parse_target(target)
+    window = grid.window
+    if window > 1 and kind in _LAYERLESS:
+        raise SiteError(f"window={window} needs a per-layer target, not {kind.value!r}.")
+    per_position = default_per_position(kind) if grid.per_position is None else grid.per_position
+    if per_position and seq_len is None:
+        raise SiteError("A position axis needs prompts of one token length (see PromptSet.seq_len).")
+    if grid.named:
+        raise SiteError("make_plan() takes position indices; named positions go through actpatch.techniques.positions.")
+    Site(kind, None if kind in _LAYERLESS else 0).check(model)  # family support (e.g. resid_mid)
+
+    dims: list[str] = []
+    coords: dict[str, list] = {}
+    axes: list[list[int]] = []
+    if kind not in _LAYERLESS:
+        lays = pick_axis("layers", grid.layers, model.n_layers)
+        dims.append("layer")
+        coords["layer"] = lays
+        axes.append(lays)
+    elif grid.layers is not None:
+        raise SiteError(f"layers=... does not apply to {kind.value!r}, which has no layer.")
+    if kind in HEAD_KINDS:
+        name = "kv_head" if kind in KV_KINDS else "head"
+        hs = pick_axis("heads", grid.heads, model.n_kv_heads if kind in KV_KINDS else model.n_heads)
+        dims.append(name)
+        coords[name] = hs
+        axes.append(hs)
+    elif grid.heads is not None:
+        raise SiteError(f"heads=... applies to head targets (z, q, k, v, pattern), not {kind.value!r}.")
+    if kind == SiteKind.MLP_POST:
+        ns = pick_axis("neurons", grid.neurons, model.d_mlp)
+        dims.append("neuron")
+        coords["neuron"] = ns
+        axes.append(ns)
+    elif grid.neurons is not None:
+        raise SiteError(f"neurons=... applies to mlp_post, not {kind.value!r}.")
+    if per_position:
+        ps = pick_axis("positions", grid.positions, int(seq_len))  # type: ignore[arg-type]
+        dims.append("pos")
+        coords["pos"] = [pos_labels[p] for p in ps] if pos_labels else ps
+        axes.append(ps)
+    elif grid.positions is not None:
+        raise SiteError("positions=... needs per_position=True.")
+
+    patches: list[Patch] = []
+    for cell in itertools.product(*axes) if axes else [()]:
+        named = dict(zip(dims, cell))
+        pos = named.get("pos")
+        head = named.get("head", named.get("kv_head"))
+        index = named.get("neuron")
+        if "layer" in named:
+            first = named["layer"]
+            window_layers = range(first, min(first + window, model.n_layers))
+            patches.append(tuple(Site(kind, l, head=head, pos=pos, index=index) for l in window_layers))
+        else:
+            patches.append((Site(kind, head=head, pos=pos, index=index),))
+    return Plan(target=kind, dims=tuple(dims), coords=coords, patches=tuple(patches))
+
+
+def plan_for(model: "Model", prompts: "PromptSet", target: str | SiteKind, grid: Grid = Grid()) -> Plan:
+    """:func:`make_plan` for a prompt set: a position axis takes the set's (single) token
+    length and its token labels."""
+    kind = parse_target(target)
+    wants_pos = grid.per_position if grid.per_position is not None else default_per_position(kind)
+    return make_plan(model, kind, grid.replace(per_position=wants_pos),
+                     seq_len=prompts.seq_len if wants_pos else None,
+                     pos_labels=prompts.position_labels(model) if wants_pos else None)

@@ -1,0 +1,218 @@
+"""Edge attribution patching: EAP (Syed et al. 2023) and EAP-IG (Hanna et al. 2024).
+
+The graph: upstream nodes write into the residual stream (the embeddings, every attention
+head, every MLP); downstream nodes read it (every head's query input, every KV head's key and
+value inputs, every MLP, the logits). An edge u -> v is scored
+
+    score(u -> v) = sum over positions of  delta_write_u . d m / d input_v
+
+where ``delta_write_u = write_u(source run) - write_u(base run)`` (a head's write is its slice
+of the output projection, without bias) and the gradient is taken on the base run through v's
+input only. EAP-IG averages that gradient over ``ig_steps`` points whose input embeddings move
+from the source run's to the base run's.
+
+The gradient through one head's query (or key, value) input is a vector-Jacobian product of
+the gradient at that head's q (k, v) with the block's own map residual -> q, recomputed from the
+base run's residual stream, so the code stays free of family-specific internals. Because the
+residual stream is the sum of all upstream writes, the scores of the edges into a node add up
+to the first-order effect of changing that node's whole input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..corruption import Corruption
+from ..errors import MethodError
+from ..experiment.core import Experiment, GroupRuns
+from ..hooks import capture, intervene
+from ..metrics import Measurer
+from ..prompts.promptset import PromptSet
+from ..sites import Site
+from ..types import DEFAULT_DIRECTION, Direction, Provenance
+from .graph import Edge, Graph, PortKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from ..models.handle import Model
+
+__all__ = ["EdgeScores", "edge_attribution"]
+
+
+@dataclass(frozen=True)
+class EdgeScores:
+    """Scores of every edge of a :class:`~actpatch.techniques.graph.Graph`, ``scores[u, v]``
+    (mean over prompts; NaN where node u cannot reach port v).
+
+    ``upstream`` / ``downstream`` name the nodes and ports (``embed``, ``L{l}.H{h}``,
+    ``L{l}.MLP``; ``L{l}.H{h}.q``, ``L{l}.KV{j}.k`` / ``.v``, ``L{l}.MLP``, ``logits``)."""
+
+    graph: Graph
+    scores: torch.Tensor  # (U, V)
+    per_prompt: torch.Tensor  # (n_prompts, U, V)
+    method: str
+    """``eap`` or ``eap-ig``."""
+    direction: Direction
+    metric: str
+    corruption: dict[str, Any]
+    seed: int
+    ig_steps: int = 0
+    provenance: Provenance | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def upstream(self) -> list[str]:
+        return [str(n) for n in self.graph.nodes]
+
+    @property
+    def downstream(self) -> list[str]:
+        return [str(p) for p in self.graph.ports]
+
+    def top(self, n: int) -> list[tuple[str, str, float]]:
+        """The ``n`` edges with the largest |score|: (upstream, downstream, score)."""
+        return [(str(e.upstream), str(e.downstream), s) for e, s in self.top_edges(n)]
+
+    def top_edges(self, n: int) -> list[tuple[Edge, float]]:
+        """The ``n`` edges with the largest |score|, typed."""
+        flat = self.scores.nan_to_num(0.0).abs().flatten()
+        idx = flat.argsort(descending=True)[:n]
+        V = len(self.graph.ports)
+        return [(self.graph.edge(i // V, i % V), float(self.scores.flatten()[i])) for i in idx.tolist()]
+
+    def into(self, port: str) -> torch.Tensor:
+        """Scores of the edges into a downstream port (NaN for unreachable upstream nodes)."""
+        return self.scores[:, self.downstream.index(port)]
+
+    def to_pandas(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        rows = [(u, v, float(self.scores[i, j])) for i, u in enumerate(self.upstream)
+                for j, v in enumerate(self.downstream) if not torch.isnan(self.scores[i, j])]
+        return pd.DataFrame(rows, columns=["upstream", "downstream", "score"])
+
+
+def _input_grads(model: "Model", resid: dict[Site, torch.Tensor], grads: dict) -> list[torch.Tensor]:
+    """Per layer, (H + 2 KVH, B, T, d) gradients through each head's q, k, v input: the
+    vector-Jacobian products of the q / k / v gradients with the block's residual -> q / k / v map."""
+    adapter = model.adapter
+    out = []
+    for l in range(model.n_layers):
+        x = resid[Site("resid_pre", l)].detach().requires_grad_(True)
+        T = x.shape[1]
+        pos = torch.arange(T, device=x.device)[None]
+        with torch.enable_grad(), capture(model, [Site(k, l) for k in "qkv"], detach=False) as acts:
+            adapter.run_block(l, x, pos, adapter.position_embeddings(x, pos))
+        rows = []
+        for kind, n in (("q", model.n_heads), ("k", model.n_kv_heads), ("v", model.n_kv_heads)):
+            a, g = acts[Site(kind, l)], grads[Site(kind, l)]
+            for h in range(n):
+                (gx,) = torch.autograd.grad(a[:, :, h], x, grad_outputs=g[:, :, h], retain_graph=True)
+                rows.append(gx)
+        out.append(torch.stack(rows))
+    return out
+
+
+def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) -> list[torch.Tensor]:
+    """Each node's write into the residual stream, (B, T, d) in graph order, from captured
+    ``resid_pre`` of layer 0, every ``z`` and every ``mlp_out``."""
+    writes = [acts[Site("resid_pre", 0)]]
+    for l in range(model.n_layers):
+        writes += list(model.adapter.head_writes(l, acts[Site("z", l)])) + [acts[Site("mlp_out", l)]]
+    if len(writes) != len(graph.nodes):  # pragma: no cover - the graph and this loop list nodes alike
+        raise MethodError("internal: node writes do not match the graph's nodes")
+    return writes
+
+
+def edge_attribution(
+    model: "Model",
+    prompts: PromptSet,
+    *,
+    direction: str | Direction = DEFAULT_DIRECTION,
+    corruption: str | Corruption = "str",
+    metric: str = "logit_diff",
+    ig_steps: int = 0,
+    seed: int = 0,
+) -> EdgeScores:
+    """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> edges = ap.edge_attribution(tiny_model("llama", n_layers=2), ps)
+        >>> len(edges.upstream), len(edges.downstream)
+        (11, 27)
+    """
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
+        raise MethodError(f"ig_steps={ig_steps!r}: use 0 (EAP) or a positive number of steps (EAP-IG, 5-30).")
+    exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                           technique="Edge attribution", needs_corrupted_run=True, differentiable=True)
+    if len(exp.metrics) != 1:
+        raise MethodError(f"Edge attribution scores one metric; got {[m.value for m in exp.metrics]}.")
+    graph = Graph.of(model)
+    L = model.n_layers
+    keep = [Site("z", l) for l in range(L)] + [Site("mlp_out", l) for l in range(L)]
+    keep += [Site("resid_pre", l) for l in range(L)] + [Site("embed")]
+    per_prompt = torch.zeros(len(prompts), len(graph.nodes), len(graph.ports))
+    with model.attention_fn():
+        for runs in exp.groups():
+            s_acts, src_logits = exp.source_activations(runs, keep)
+            with runs.base.context(model), capture(model, keep) as b_acts:
+                base_logits = model.logits(runs.base.ids, last_only=True)
+            measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
+            with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
+                W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
+            steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
+            G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure) for alpha in steps) / len(steps)
+            scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())  # (B, U, V)
+            per_prompt[runs.group.indices] = scores.reshape(-1, runs.draws, len(graph.nodes), len(graph.ports)).mean(1)
+    per_prompt[:, ~graph.reachable] = float("nan")
+    return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
+                      method="eap-ig" if ig_steps else "eap", direction=exp.direction, metric=exp.metrics[0].value,
+                      corruption=exp.corruption.describe(), seed=exp.seed, ig_steps=ig_steps,
+                      provenance=exp.provenance())
+
+
+def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
+                measure: Measurer) -> torch.Tensor:
+    """(V, B, T, d): gradients of the metric through each port's input, on the base run, or
+    (EAP-IG) on a run whose embeddings sit ``alpha`` of the way from source to base."""
+    L = model.n_layers
+    zeros: dict = {}
+
+    def tap(key: Any) -> Any:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros_like(x, requires_grad=True)
+            zeros[key] = z
+            return x + z
+
+        return fn
+
+    taps = [Site(k, l) for l in range(L) for k in "qkv"] + [Site("mlp_in", l) for l in range(L)] + [Site("resid_final")]
+    patches: dict = {s: tap(s) for s in taps}
+    if alpha != 1.0:
+        e_base, e_src = b_acts[Site("embed")], s_acts[Site("embed")]
+        patches[Site("embed")] = e_src + alpha * (e_base - e_src)
+    with torch.enable_grad(), runs.base.context(model), intervene(model, patches), \
+            capture(model, [Site("resid_pre", l) for l in range(L)]) as resid:
+        logits = model.last_logits_with_grad(runs.base.ids)
+        value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
+        gs = dict(zip(taps, torch.autograd.grad(value, [zeros[k] for k in taps], allow_unused=True)))
+    gs = {k: (v if v is not None else torch.zeros_like(zeros[k])) for k, v in gs.items()}
+    qkv = _input_grads(model, resid, gs)
+    out: list[torch.Tensor] = []
+    for port in graph.ports:
+        if port.kind is PortKind.LOGITS:
+            out.append(gs[Site("resid_final")])
+        elif port.kind is PortKind.MLP:
+            out.append(gs[Site("mlp_in", port.layer)])
+        else:
+            H, KV = model.n_heads, model.n_kv_heads
+            offset = {PortKind.Q: 0, PortKind.K: H, PortKind.V: H + KV}[port.kind]
+            out.append(qkv[port.layer][offset + int(port.head or 0)])  # type: ignore[index]
+    return torch.stack(out)
+
