@@ -7,6 +7,7 @@ import torch
 
 import actpatch as ap
 from actpatch import Site
+from actpatch.stats import spearman
 from actpatch.testing import random_pairs, tiny_model, without_final_norm
 
 
@@ -50,13 +51,19 @@ def test_atp_close_to_exact_for_small_deltas():
 
 @pytest.mark.parametrize("target", ["z", "q", "k", "v", "pattern", "resid_pre", "attn_out", "mlp_post"])
 def test_atp_runs_for_every_kind_with_the_sweep_layout(target):
+    """Every kind: the sweep's layout, and the sweep's numbers to first order (a tiny corruption
+    makes the second-order terms negligible), so a wrong gradient, sign or slice fails."""
     m = tiny_model("llama_gqa", n_layers=2)
     ps = _pairs(n=2)
     kw = {"neurons": range(8)} if target == "mlp_post" else {}
-    est = ap.attribute(m, ps, target, **kw)
-    exact = ap.sweep(m, ps, target, direction="noise", progress=False, **kw)
-    assert est.dims == exact.dims and est.shape == exact.shape
-    assert torch.isfinite(est.values).all()
+    corr = ap.GaussianNoise(scale=1e-3, n_draws=1, positions=[2])
+    est = ap.attribute(m, ps, target, direction="noise", corruption=corr, **kw)
+    exact = ap.sweep(m, ps, target, direction="noise", corruption=corr, progress=False, **kw)
+    assert est.dims == exact.dims and est.shape == exact.shape and est.coords == exact.coords
+    d_exact = exact.raw["logit_diff"] - exact.clean["logit_diff"].view(-1, *[1] * len(exact.dims))
+    d_est = est.raw["logit_diff"] - est.clean["logit_diff"].view(-1, *[1] * len(est.dims))
+    assert d_exact.abs().max() > 1e-6  # the corruption reaches the target: not trivially zero
+    assert (d_est - d_exact).abs().max() < 0.02 * d_exact.abs().max() + 1e-7, target
     codes = [f.code for f in est.findings]
     assert "attribution_estimate" in codes
     assert ("attribution_residual" in codes) == (target == "resid_pre")
@@ -118,9 +125,9 @@ def test_bundled_ioi_head_atp_rank_correlation(bundled):
     ps = ap.prompts.ioi(bundled, n=8, templates=[0, 2, 6])
     est = ap.attribute(bundled, ps, "z", direction="noise")
     exact = ap.sweep(bundled, ps, "z", direction="noise", progress=False)
-    rho = ap.attribution.spearman(est.values.flatten() - 1, exact.values.flatten() - 1)
+    rho = spearman(est.values.flatten() - 1, exact.values.flatten() - 1)
     top = (exact.values.flatten() - 1).abs().argsort(descending=True)[:20]
-    rho_top = ap.attribution.spearman(est.values.flatten()[top], exact.values.flatten()[top])
+    rho_top = spearman(est.values.flatten()[top], exact.values.flatten()[top])
     print(f"\nIOI head-output AtP vs exact (noising, 270 heads): Spearman {rho:.3f}; top-20 heads {rho_top:.3f}")
     assert rho >= 0.7
 

@@ -80,7 +80,7 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\nseed: many\n", "seed: Input should be a valid integer"),
     ("model: tiny:llama\nprompts: {file: nowhere.jsonl}\n", "prompts.file 'nowhere.jsonl' does not exist"),
     ("model: tiny:llama\ntargets: [{target: resid_prez}]\n", "unknown target 'resid_prez'"),
-    ("model: tiny:llama\nmetrics: [f1]\n", "unknown metric(s) ['f1']"),
+    ("model: tiny:llama\nmetrics: [f1]\n", "unknown metric 'f1'"),
     ("model: tiny:llama\ntargets: [{target: z, grad_drop: true}]\n", "set method: atp"),
     ("model: tiny:llama\ntargets: [{target: z, method: atp, qk_fix: true}]\n", "qk_fix applies to q and k targets"),
     ("model: tiny:llama\ntargets: [{target: z, method: atp}]\nmetrics: [logit_diff, rank]\n",
@@ -211,7 +211,7 @@ def test_changed_config_is_refused(tmp_path):
     assert invoke("run", str(cfg), "--out", str(tmp_path / "out")).exit_code == 0
     cfg.write_text(TINY.replace("metrics: [logit_diff, prob]", "metrics: [logit_diff]"))
     r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
-    assert r.exit_code == 1 and "holds a run of a different config" in r.stderr
+    assert r.exit_code == 1 and "holds an experiment of a different config" in r.stderr
 
 
 SLOW = """model: tiny:llama

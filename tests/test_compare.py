@@ -57,8 +57,11 @@ def test_compare_labels_and_or_components(gate):
     cn = ap.patch(model, prompts, [Site("mlp_out", 1)], direction="noise")
     c_cmp = ap.compare(cd, cn)
     assert c_cmp.roles == [Role.SUFFICIENT_AND_NECESSARY]
-    # comparing removes the single-direction advice
-    assert "single_direction" not in [f.code for f in den.findings + noi.findings]
+    # compare() changes neither input; mark_compared() returns copies without the single-direction advice
+    assert [f.code for f in den.findings + noi.findings].count("single_direction") == 2
+    marked = [ap.mark_compared(r) for r in (den, noi)]
+    assert "single_direction" not in [f.code for r in marked for f in r.findings]
+    assert all(r.info.compared for r in marked) and not den.info.compared and not noi.info.compared
     df = cmp.to_pandas()
     assert list(df.role) == [EXPECTED[gate]["A"][2].value, EXPECTED[gate]["B"][2].value, "neither"]
     scatter = cmp.scatter_data()
@@ -75,7 +78,7 @@ def test_thresholds_are_configurable():
 
 def test_compare_refuses_mismatched_inputs():
     model, prompts = micro_model("and")
-    den = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0, 1], progress=False)
+    den = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0, 1], direction="denoise", progress=False)
     noi = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0], direction="noise", progress=False)
     with pytest.raises(ap.ResultError, match="different grids"):
         ap.compare(den, noi)
@@ -86,9 +89,12 @@ def test_compare_refuses_mismatched_inputs():
 def test_negative_components_get_their_own_role():
     def res(direction, values):
         v = torch.tensor([values])
+        info = ap.ResultInfo(target="z", direction=ap.Direction(direction), method=ap.Method.EXACT,
+                             metrics=("logit_diff",), corruption={"name": "str"}, seed=0,
+                             provenance=ap.Provenance(model="hand-made", family="none", weight_hash="-"))
         return ap.PatchResult(dims=("head",), coords={"head": [0, 1, 2]}, raw={"logit_diff": v},
                               clean={"logit_diff": torch.tensor([1.0])}, corrupted={"logit_diff": torch.tensor([0.0])},
-                              meta={"direction": direction, "target": "z"})
+                              info=info)
     # head 0: restoring it hurts (-0.3), corrupting it helps (noised 1.3 -> necessity -0.3): negative
     # head 1: slightly negative (-0.05): neither;  head 2: a bottleneck
     cmp = ap.compare(res("denoise", [-0.3, -0.05, 0.9]), res("noise", [1.3, 1.05, 0.1]))

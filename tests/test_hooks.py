@@ -170,7 +170,38 @@ def test_hooks_removed_after_exception(tiny, ids):
             tiny.logits(ids)
     assert _hook_count(tiny) == n
     assert tiny.hf.config._attn_implementation == impl
-    assert not attn_mod._ACTIVE
+    assert not tiny.hook_points and not tiny.attention_state.hooks and not tiny.attention_state.prefix
+    assert attn_mod._ACTIVE.get() == ()  # no model is left in attention mode
+
+
+def _state(hf):
+    """Everything a context could leave behind on the user's model: every module's attributes,
+    hooks and the config's attention implementation."""
+    return ({name: sorted(vars(m)) for name, m in hf.named_modules()}, _hook_count_hf(hf),
+            hf.config._attn_implementation, sorted(vars(hf.config)))
+
+
+def _hook_count_hf(hf):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in hf.modules())
+
+
+def test_user_model_is_left_exactly_as_it_was(tiny, ids):
+    """No attribute written onto the user's HF model or config survives a context, also when
+    the forward pass raises; two handles on one HF model keep separate hook state."""
+    before = _state(tiny.hf)
+    sites = _sites(tiny)
+    with ap.capture(tiny, sites), ap.intervene(tiny, {s: (lambda x: x) for s in sites}):
+        tiny.logits(ids)
+    assert _state(tiny.hf) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny.attention_fn(), ap.capture(tiny, [Site("pattern", 0)]):
+            assert tiny.hf.config._attn_implementation == "actpatch"
+            raise RuntimeError("boom")
+    assert _state(tiny.hf) == before
+    other = ap.Model(tiny.hf, tiny.tokenizer, name="second handle")
+    with ap.capture(other, [Site("q", 0)]):
+        assert other.attention_state.hooks and not tiny.attention_state.hooks
+    assert _state(tiny.hf) == before
 
 
 def test_intervention_inside_attention_leaves_user_impl(tiny, ids):

@@ -87,9 +87,10 @@ def test_gaussian_noise_sigma_zero_is_no_corruption_and_seeds_reproduce(llama):
     ps = _pairs(diff_positions=(1,))
     zero = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(scale=0.0, n_draws=3), progress=False)
     torch.testing.assert_close(zero.corrupted["logit_diff"], zero.clean["logit_diff"], atol=1e-6, rtol=0)
-    a = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, progress=False)
-    b = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, progress=False)
-    c = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=6, progress=False)
+    kw = dict(direction="denoise", progress=False)
+    a = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, **kw)
+    b = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, **kw)
+    c = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=6, **kw)
     assert torch.equal(a.raw["logit_diff"], b.raw["logit_diff"])
     assert not torch.equal(a.raw["logit_diff"], c.raw["logit_diff"])
     assert a.info.corruption["sigma"] > 0
@@ -99,7 +100,8 @@ def test_gaussian_noise_sigma_zero_is_no_corruption_and_seeds_reproduce(llama):
 
 def test_resample_mean_zero(llama):
     ps = _pairs(n=4, diff_positions=(2,))
-    r = ap.sweep(llama, ps, "resid_pre", corruption="resample", per_position=False, layers=[0], progress=False)
+    r = ap.sweep(llama, ps, "resid_pre", corruption="resample", direction="denoise", per_position=False, layers=[0],
+                 progress=False)
     assert abs(float(r.values[0]) - 1.0) < 1e-5
     for name in ("mean", "zero"):
         res = ap.sweep(llama, ps, "mlp_out", corruption=name, direction="noise", progress=False)

@@ -81,6 +81,13 @@ def test_role_sweep_resumes_from_its_groups_units(tmp_path):
     assert set(saved) == {"group0", "group1", "group2"}
     again = ap.sweep(m, ps, "resid_pre", positions=ROLES, progress=False, store=store, unit_size=2)
     assert torch.equal(first.raw["logit_diff"], again.raw["logit_diff"])
+    # the second run really reads the store: a unit edited on disk comes back as edited
+    unit = UnitStore(tmp_path / "units" / "group0")
+    marked = {k: torch.full_like(v, 123.0) for k, v in unit.get("g0_u0").items()}
+    unit.put("g0_u0", marked)
+    resumed = ap.sweep(m, ps, "resid_pre", positions=ROLES, progress=False, store=store, unit_size=2)
+    changed = resumed.raw["logit_diff"] != first.raw["logit_diff"]
+    assert changed.any() and torch.all(resumed.raw["logit_diff"][changed] == 123.0)
 
 
 def test_role_errors():
@@ -92,7 +99,7 @@ def test_role_errors():
         ap.sweep(m, ps, "resid_pre", positions=[1, "end"], progress=False)
     with pytest.raises(ap.SiteError, match="give a list"):
         ap.sweep(m, ps, "resid_pre", positions="end", progress=False)
-    with pytest.raises(ap.SiteError, match="names a role twice"):
+    with pytest.raises(ap.SiteError, match="names a position twice"):
         ap.sweep(m, ps, "resid_pre", positions=["end", "end"], progress=False)
     with pytest.raises(ap.SiteError, match="drop per_position=False"):
         ap.sweep(m, ps, "z", positions=["end"], per_position=False, progress=False)
@@ -107,7 +114,8 @@ def test_bundled_ioi_roles_across_all_templates(bundled):
     for a, ids, ans in zip(ps.attributes, ps.clean, ps.answers):
         pos = a["positions"]
         assert ids[pos["S1"]] == ids[pos["S2"]] and ids[pos["IO"]] == ans and pos["S1+1"] == pos["S1"] + 1
-    res = ap.sweep(bundled, ps, "resid_pre", positions=["IO", "S1", "S2", "end"], layers=[0, 29], progress=False)
+    res = ap.sweep(bundled, ps, "resid_pre", positions=["IO", "S1", "S2", "end"], layers=[0, 29], direction="denoise",
+                   progress=False)
     v = res.values
     print(f"\nIOI, all templates, resid_pre denoising: S2 at layer 0 {v[0, 2]:.3f}, end at layer 29 {v[1, 3]:.3f}")
     assert v[0, 2] > 0.9 and v[1, 3] > 0.8 and abs(v[1, 2]) < 0.1

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import actpatch as ap
@@ -10,7 +12,7 @@ def test_site_is_frozen_hashable_and_typed():
     assert s.kind is SiteKind.Z
     assert s == Site(SiteKind.Z, 1, head=2)
     assert len({s, Site("z", 1, head=2)}) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.layer = 3  # type: ignore[misc]
     assert str(s) == "z.L1.H2"
     assert s.full() == Site("z", 1)

@@ -10,10 +10,13 @@ import actpatch as ap
 
 def make(raw, clean, corrupted, attrs=None):
     raw = torch.tensor(raw, dtype=torch.float)
+    info = ap.ResultInfo(target="z", direction=ap.Direction.DENOISE, method=ap.Method.EXACT, metrics=("logit_diff",),
+                         corruption={"name": "str"}, seed=0,
+                         provenance=ap.Provenance(model="hand-made", family="none", weight_hash="-"),
+                         prompt_attributes=tuple(attrs or [{} for _ in clean]))
     return ap.PatchResult(dims=("head",), coords={"head": list(range(raw.shape[1]))},
                           raw={"logit_diff": raw}, clean={"logit_diff": torch.tensor(clean)},
-                          corrupted={"logit_diff": torch.tensor(corrupted)},
-                          meta={"direction": "denoise", "prompt_attributes": attrs or [{} for _ in clean]})
+                          corrupted={"logit_diff": torch.tensor(corrupted)}, info=info)
 
 
 def test_ci_of_constant_effects_is_a_point_and_seeded():

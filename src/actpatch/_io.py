@@ -34,7 +34,8 @@ def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
     from .results import FORMAT_VERSION, ResultInfo
 
     if not p.exists():
-        raise ResultError(f"{p}: no such directory; pass a directory written by PatchResult.save().")
+        raise ResultError(f"{p} is not a saved PatchResult: no such directory. Pass a directory written by "
+                          f"PatchResult.save().")
     if not p.is_dir():
         raise ResultError(f"{p} is a file; a saved PatchResult is a directory with meta.json and tensors.safetensors.")
     if not (p / "meta.json").is_file() or not (p / "tensors.safetensors").is_file():

@@ -192,10 +192,10 @@ def check(result: "PatchResult") -> list[Finding]:
         >>> import actpatch as ap
         >>> from actpatch.testing import micro_model
         >>> model, prompts = micro_model("and")
-        >>> res = ap.sweep(model, prompts, "mlp_out", metric=["logit_diff", "prob"], progress=False)
+        >>> res = ap.sweep(model, prompts, "mlp_out", metric=["logit_diff", "prob"], direction="denoise", progress=False)
         >>> [f.code for f in ap.check(res)]
         ['single_direction']
-        >>> res = ap.sweep(model, prompts, "mlp_out", corruption=ap.GaussianNoise(), progress=False)
+        >>> res = ap.sweep(model, prompts, "mlp_out", corruption=ap.GaussianNoise(), direction="denoise", progress=False)
         >>> [f.code for f in ap.check(res)]
         ['gaussian_noise', 'single_direction']
     """

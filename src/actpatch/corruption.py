@@ -68,7 +68,7 @@ class Run:
         if self.embed_noise is None:
             return nullcontext()
         noise = self.embed_noise
-        return intervene(model, {Site("embed"): lambda x: x + noise.to(x.dtype)})
+        return intervene(model, {Site("embed"): lambda x: x + noise.to(device=x.device, dtype=x.dtype)})
 
     def logits(self, model: "Model") -> torch.Tensor:
         """Last-position logits of this run: ``(B, vocab)``."""

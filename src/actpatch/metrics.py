@@ -99,6 +99,9 @@ def compute_metrics(
 ) -> dict[Metric, torch.Tensor]:
     """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32)."""
     logits = logits.float()
+    answers, alternatives = answers.to(logits.device), alternatives.to(logits.device)
+    if clean_logprobs is not None:
+        clean_logprobs = clean_logprobs.to(logits.device)
     needs_lp = any(m in (Metric.LOGPROB, Metric.PROB, Metric.KL) for m in metrics)
     logprobs = torch.log_softmax(logits, dim=-1) if needs_lp else logits  # unused when not needed
     out: dict[Metric, torch.Tensor] = {}
@@ -128,6 +131,7 @@ class Measurer:
         self.tokens = torch.unique(torch.cat([answers, alternatives])) if only_ld else None
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, compact: bool = False) -> dict[Metric, torch.Tensor]:
+        rows = rows.to(self.answers.device)
         a, b = self.answers[rows], self.alternatives[rows]
         if compact:
             if self.tokens is None:

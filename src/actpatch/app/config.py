@@ -190,6 +190,11 @@ def _format_validation(e: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see examples/*.yaml)"
+        elif err["type"] == "enum":
+            field = next((str(x) for x in reversed(err["loc"]) if isinstance(x, str)), "value")
+            field = {"metrics": "metric", "directions": "direction", "name": "corruption"}.get(field, field)
+            msg = f"unknown {field} {err['input']!r}; use one of {err['ctx']['expected']}"
+            loc = ".".join(str(x) for x in err["loc"])
         parts.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(parts)
 

@@ -50,20 +50,20 @@ def resolve_model(name: str) -> Model:
     """``tiny:<family>`` gives a tiny random test model (see :mod:`actpatch.testing`); anything
     else goes to :func:`actpatch.load_model`."""
     if name.startswith("tiny:"):
-        from .testing import TINY_FAMILIES, tiny_model
+        from ..testing import TINY_FAMILIES, tiny_model
 
         fam = name.split(":", 1)[1]
         if fam not in TINY_FAMILIES:
             raise ConfigError(f"model {name!r}: tiny families are {', '.join(TINY_FAMILIES)}.")
         return tiny_model(fam)
-    from .models.loading import load_model
+    from ..models.loading import load_model
 
     return load_model(name)
 
 
 def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float | None]:
     """The prompt set of a config (kept to the prompts the model solves when asked)."""
-    from . import prompts as P
+    from .. import prompts as P
 
     pc = cfg.prompts
     if pc.file is not None:

@@ -84,8 +84,9 @@ class GroupRuns:
 
     def correct(self, clean_logits: torch.Tensor) -> torch.Tensor:
         """(G,) whether the model prefers the answer on each clean prompt (every draw)."""
-        idx = torch.arange(self.rows)
-        right = clean_logits[idx, self.answers] > clean_logits[idx, self.alternatives]
+        idx = torch.arange(self.rows, device=clean_logits.device)
+        a, b = self.answers.to(clean_logits.device), self.alternatives.to(clean_logits.device)
+        right = clean_logits[idx, a] > clean_logits[idx, b]
         return right.reshape(-1, self.draws).all(1)
 
 
@@ -239,17 +240,17 @@ class Outcome:
         """Record the base and source runs' metrics ``{metric: (rows,)}`` as clean / corrupted."""
         for m in self.experiment.metrics:
             c, k = (base[m], source[m]) if runs.base_is_clean else (source[m], base[m])
-            self.clean[m][runs.group.indices] = mean_draws(c.detach().float(), runs.draws)
-            self.corrupted[m][runs.group.indices] = mean_draws(k.detach().float(), runs.draws)
+            self.clean[m][runs.group.indices] = mean_draws(c.detach().float().cpu(), runs.draws)
+            self.corrupted[m][runs.group.indices] = mean_draws(k.detach().float().cpu(), runs.draws)
 
     def patched(self, runs: GroupRuns, values: dict[Metric, torch.Tensor]) -> None:
         """Record ``{metric: (n_cells, rows)}`` for this group's prompts."""
         for m in self.experiment.metrics:
-            self.raw[m][runs.group.indices] = mean_draws(values[m].float(), runs.draws).T
+            self.raw[m][runs.group.indices] = mean_draws(values[m].detach().float().cpu(), runs.draws).T
 
     def correct(self, runs: GroupRuns, clean_logits: torch.Tensor) -> None:
         """Record which clean prompts of this group the model gets right."""
-        self.clean_correct[runs.group.indices] = runs.correct(clean_logits)
+        self.clean_correct[runs.group.indices] = runs.correct(clean_logits).cpu()
         self.has_correct = True
 
     def null_patch(self, error: float) -> None:

@@ -116,8 +116,7 @@ def pick_axis(name: str, given: Sequence[int] | None, n: int) -> list[int]:
     vals = list(given)
     bad = [v for v in vals if not 0 <= v < n]
     if bad or not vals:
-        raise SiteError(f"{name}={vals}: {'out of range' if bad else 'empty'}; valid values are 0..{n - 1} "
-                        f"(and at least one).")
+        raise SiteError(f"{name}={vals}: valid values are 0..{n - 1} (and at least one).")
     return vals
 
 

@@ -131,12 +131,23 @@ class PromptSet:
         """
         if model.tokenizer is None:
             raise PromptError("This model has no tokenizer; use PromptSet.from_ids with token ids.")
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise PromptError(f"Prompt pairs must be a list of (clean, corrupted, answer, alternative) tuples, got "
+                              f"{type(pairs).__name__}.")
         if not pairs:
             raise PromptError("No prompt pairs given; pass a non-empty list of (clean, corrupted, answer, alternative).")
         clean, corrupted, answers, alts = [], [], [], []
+        names = ("clean", "corrupted", "answer", "alternative")
         for i, pair in enumerate(pairs):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
+                raise PromptError(f"Pair {i} has 1 fields ({pair!r:.60}); expected (clean, corrupted, answer, "
+                                  f"alternative).")
             if len(pair) != 4:
                 raise PromptError(f"Pair {i} has {len(pair)} fields; expected (clean, corrupted, answer, alternative).")
+            for name, value in zip(names, pair):
+                if not isinstance(value, str):
+                    raise PromptError(f"Pair {i}: {name} is {value!r}, not text; give strings (answers with their "
+                                      f"leading space, e.g. ' Mary').")
             c_txt, k_txt, a_txt, b_txt = pair
             if not c_txt or not k_txt:
                 raise PromptError(f"Pair {i}: empty prompt text.")

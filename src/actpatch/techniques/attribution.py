@@ -166,7 +166,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             if grad_drop:
                 outcome.patched(runs, {m: graddrop.combine(est[m], model.n_layers) for m in metrics})
                 for m in metrics:
-                    base_b[m][runs.group.indices] = mean_draws(base_vals[m], runs.draws)
+                    base_b[m][runs.group.indices] = mean_draws(base_vals[m].float().cpu(), runs.draws)
             else:
                 outcome.patched(runs, {m: est[m] + base_vals[m] for m in metrics})
     if grad_drop:  # magnitudes, laid out as effects in the direction clean -> corrupted (noising) or back
@@ -206,14 +206,14 @@ def _grad_drop_sum(model: "Model", patches: Sequence[tuple], metric: torch.Tenso
     """sum over dropped layers l of |estimate with l dropped|, (P, batch). A patch in layer j
     scores plain AtP for the j layers below it and 0 for its own, so only layers above it need
     the dropped gradients."""
-    layer_of = torch.tensor([patch[0].layer for patch in patches])
+    layer_of = torch.tensor([patch[0].layer for patch in patches], device=metric.device)
     taps = {s: z for s, (z, _) in zeros.items()}
     passes = dropped_gradients(metric, taps, boundary)
     with torch.no_grad():
         plain = _estimate(model, patches, zeros, source, next(passes), qk)
         total = layer_of[:, None] * plain.abs()
     for layer, grads in enumerate(passes, start=1):
-        idx = (layer_of < layer).nonzero().flatten().tolist()
+        idx = (layer_of < layer).nonzero().flatten().tolist()  # (patch indices)
         if not idx:
             continue
         with torch.no_grad():
@@ -237,7 +237,7 @@ def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: d
         new_pattern = model.adapter.recompute_pattern(l, new_q, new_k)
         grad = grads[Site("pattern", l)]
         if grad is None:  # no path from this layer's pattern to the metric (GradDrop of its own layer)
-            total = total + torch.zeros(new_pattern.shape[0])
+            total = total + torch.zeros(new_pattern.shape[0], device=new_pattern.device)
             continue
         delta = (new_pattern - base_pattern)[:, heads]
         total = total + (delta * grad[:, heads]).flatten(1).sum(1)

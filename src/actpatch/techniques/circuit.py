@@ -142,7 +142,7 @@ class _Circuits:
         with torch.inference_mode(), self.model.attention_fn():
             for runs, corr_w, measure in self.groups:
                 logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep)
-                out[runs.group.indices] = measure(logits, torch.arange(runs.rows))[self.metric]
+                out[runs.group.indices] = measure(logits, torch.arange(runs.rows))[self.metric].cpu()
         return out
 
 

@@ -169,7 +169,7 @@ def edge_attribution(
             steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
             G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure) for alpha in steps) / len(steps)
             scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())  # (B, U, V)
-            per_prompt[runs.group.indices] = scores.reshape(-1, runs.draws, len(graph.nodes), len(graph.ports)).mean(1)
+            per_prompt[runs.group.indices] = scores.reshape(-1, runs.draws, len(graph.nodes), len(graph.ports)).mean(1).cpu()
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
                       method="eap-ig" if ig_steps else "eap", direction=exp.direction, metric=exp.metrics[0].value,

@@ -43,7 +43,7 @@ from ..hooks import capture
 from ..sites import Site
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models.handle import Model
+    from ..models.handle import Model
 
 __all__ = ["trace_blocks", "dropped_gradients", "combine"]
 

@@ -1,0 +1,187 @@
+"""Typed results: 0.1.0 results still load, every broken result directory is one ResultError,
+subset / concat, and the bad inputs every entry point must refuse with a specific error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.engine.batched import free_memory, memory_budget
+from actpatch.testing import random_pairs, tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _pairs():
+    return ap.PromptSet.from_ids([[2, 3, 4, 5], [2, 6, 4, 5]], [[2, 9, 4, 5], [2, 8, 4, 5]], [7, 7], [8, 8],
+                                 attributes=[{"template": 0}, {"template": 1}])
+
+
+def test_results_saved_by_0_1_0_load_with_typed_info():
+    """The fixtures were written by actpatch 0.1.0 (format 1); recomputing them today gives the
+    same numbers, and their free-form meta becomes typed info."""
+    old = ap.PatchResult.load(FIXTURES / "result_v0.1.0")
+    assert old.info.direction is ap.Direction.DENOISE and old.info.method is ap.Method.EXACT
+    assert old.info.engine is ap.Engine.BATCHED and old.info.provenance.family == "llama"
+    assert old.info.diagnostics.clean_correct is not None and len(old.info.diagnostics.clean_correct) == 2
+    assert old.info.prompt_attributes == ({"template": 0}, {"template": 1})
+    now = ap.sweep(tiny_model("llama", n_layers=2), _pairs(), "resid_pre", metric=["logit_diff", "prob"],
+                   direction="denoise", progress=False)
+    for m in now.metrics:
+        torch.testing.assert_close(old.raw[m], now.raw[m], atol=1e-6, rtol=0)
+    assert old.info.provenance.weight_hash == now.info.provenance.weight_hash
+    gd = ap.PatchResult.load(FIXTURES / "attribution_v0.1.0")
+    assert gd.info.method is ap.Method.ATP and gd.info.grad_drop and gd.info.label == "atp+graddrop"
+    assert gd.info.estimate is ap.Estimate.MAGNITUDE and gd.info.direction is ap.Direction.NOISE
+
+
+def test_format_2_roundtrip_keeps_every_typed_field(tmp_path):
+    res = ap.attribute(tiny_model("llama", n_layers=2), _pairs(), "q", qk_fix=True, heads=[0, 2])
+    res = res.replace(info=res.info.replace(extra={"note": [1, "two"]}))
+    back = ap.PatchResult.load(res.save(tmp_path / "r"))
+    assert back.info == res.info and back.findings == res.findings
+    assert json.loads((tmp_path / "r" / "meta.json").read_text())["format_version"] == 2
+
+
+def _saved(tmp_path: Path) -> Path:
+    dest = tmp_path / "r"
+    shutil.copytree(FIXTURES / "result_v0.1.0", dest)
+    return dest
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: shutil.rmtree(d), "no such directory"),
+    (lambda d: (d / "tensors.safetensors").unlink(), "needs meta.json and tensors.safetensors"),
+    (lambda d: (d / "meta.json").write_text((d / "meta.json").read_text()[:100]), "not valid JSON"),
+    (lambda d: (d / "tensors.safetensors").write_bytes((d / "tensors.safetensors").read_bytes()[:50]),
+     "not a readable safetensors file"),
+    (lambda d: (d / "tensors.safetensors").write_bytes(b"\x80\x04\x95 a pickle, never unpickled"),
+     "not a readable safetensors file"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({"hello": "world"})), "not an actpatch result"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()),
+                                                         "format_version": 99})), "format version 99"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()),
+                                                         "metrics": ["logit_diff", "kl"]})), "do not fit together"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()),
+                                                         "coords": {"layer": [0], "pos": [0, 1]}})), "have shape"),
+    (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()),
+                                                         "meta": {"direction": "sideways"}})), "do not fit together"),
+])
+def test_broken_result_directories_are_one_clear_error(tmp_path, damage, fragment):
+    d = _saved(tmp_path)
+    damage(d)
+    with pytest.raises(ap.ResultError, match=fragment):
+        ap.PatchResult.load(d)
+
+
+def test_a_file_is_not_a_result(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ap.ResultError, match="is a file"):
+        ap.PatchResult.load(tmp_path / "f")
+
+
+def test_subset_and_concat_invert_each_other():
+    m = tiny_model("gpt2")
+    res = ap.sweep(m, random_pairs(n=4), "resid_pre", metric=["logit_diff", "prob"], progress=False)
+    a, b = res.subset([0, 1]), res.subset([2, 3])
+    assert a.info.diagnostics.clean_correct == res.info.diagnostics.clean_correct[:2]
+    back = ap.PatchResult.concat([a, b])
+    for metric in res.metrics:
+        assert torch.equal(back.raw[metric], res.raw[metric]) and torch.equal(back.clean[metric], res.clean[metric])
+    assert back.info == res.info and [f.code for f in back.findings] == [f.code for f in res.findings]
+    with pytest.raises(ap.ResultError, match="out of range"):
+        res.subset([4])
+    other = ap.sweep(m, random_pairs(n=4), "mlp_out", progress=False)
+    with pytest.raises(ap.ResultError, match="Cannot concatenate"):
+        ap.PatchResult.concat([res, other])
+
+
+def test_prompts_longer_than_the_context_are_refused_before_any_computation():
+    m = tiny_model("gpt2")  # n_positions=128
+    long = random_pairs(n=1, T=130, diff=(5,))
+    for call in (lambda: ap.sweep(m, long, "resid_pre", progress=False), lambda: ap.attribute(m, long, "z"),
+                 lambda: ap.edge_attribution(m, long), lambda: ap.path_sweep(m, long, [ap.Site("resid_final")])):
+        with pytest.raises(ap.ContextLengthError, match="Prompt 0 has 130 tokens; tiny-gpt2 reads at most 128"):
+            call()
+
+
+@pytest.mark.parametrize("call, err, fragment", [
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], layers=[9]), ap.SiteError, r"layers=\[9\]"),
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], heads=[4]), ap.SiteError, r"heads=\[4\]"),
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], sender="attn"), ap.SiteError, "sender='attn'"),
+    (lambda m, ps: ap.attribute(m, ps, "mlp_post", neurons=[10_000]), ap.SiteError, r"neurons=\[10000\]"),
+    (lambda m, ps: ap.attribute(m, ps, "resid_pre", positions=[6]), ap.SiteError, r"positions=\[6\]"),
+    (lambda m, ps: ap.sweep(m, ps, "z", heads=["a"]), ap.SiteError, "'a' is not an index"),
+    (lambda m, ps: ap.sweep(m, ps, "resid_pre", heads=[0]), ap.SiteError, "heads=... applies to head targets"),
+    (lambda m, ps: ap.sweep(m, ps, "z", engine="turbo"), ap.EngineError, "Unknown engine 'turbo'"),
+    (lambda m, ps: ap.sweep(m, ps, "resid_final", engine="batched"), ap.EngineError, "batched engine does not"),
+    (lambda m, ps: ap.sweep(m, ps, "z", direction="up"), ap.DirectionError, "Unknown direction 'up'"),
+    (lambda m, ps: ap.attribute(m, ps, "z", qk_fix=True), ap.MethodError, "qk_fix applies to q and k"),
+    (lambda m, ps: ap.attribute(m, ps, "resid_pre", grad_drop=True), ap.MethodError, "grad_drop scores components"),
+    (lambda m, ps: ap.edge_attribution(m, ps, ig_steps=-1), ap.MethodError, "ig_steps=-1"),
+    (lambda m, ps: ap.edge_attribution(m, ps, corruption="zero"), ap.CorruptionError, "needs a corrupted run"),
+    (lambda m, ps: ap.patch(m, ps, []), ap.SiteError, "at least one Site"),
+    (lambda m, ps: ap.patch(m, ps, ["z.L0.H1"]), ap.SiteError, "takes Site objects"),
+    (lambda m, ps: ap.capture(m, [ap.Site("z", 0, head=9)]).__enter__(), ap.SiteError, "head 9 is out of range"),
+    (lambda m, ps: ap.sweep(m, [("a", "b", "c", "d")], "z"), ap.PromptError, "takes a PromptSet"),
+])
+def test_bad_arguments_get_specific_errors(call, err, fragment):
+    with pytest.raises(err, match=fragment):
+        call(tiny_model("gpt2"), random_pairs(n=2))
+
+
+@pytest.mark.parametrize("pairs, fragment", [
+    ([("When Mary", "When John", 7, " John")], "answer is 7, not text"),
+    ([("When Mary", None, " Mary", " John")], "corrupted is None, not text"),
+    (["When Mary and John"], "has 1 fields"),
+    ([("When Mary", "When John", " Mary")], "has 3 fields"),
+    ("When Mary", "a list of"),
+])
+def test_malformed_prompt_pairs_are_refused(pairs, fragment):
+    with pytest.raises(ap.PromptError, match=fragment):
+        ap.PromptSet.from_pairs(tiny_model("gpt2"), pairs)
+
+
+def test_unknown_config_attributes_are_refused_by_name():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg.new_fancy_scaling = 2.0  # an attribute no adapter has verified
+    with pytest.raises(ap.UnsupportedArchitectureError, match="new_fancy_scaling=2.0"):
+        ap.Model(AutoModelForCausalLM.from_config(cfg))
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                       "original_max_position_embeddings": 64})
+    with pytest.raises(ap.UnsupportedArchitectureError, match="rope_parameters="):
+        ap.Model(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_one_default_direction_everywhere():
+    import inspect
+
+    for fn in (ap.sweep, ap.patch, ap.attribute, ap.path_patch, ap.path_sweep, ap.edge_attribution):
+        assert inspect.signature(fn).parameters["direction"].default is ap.DEFAULT_DIRECTION, fn.__name__
+    assert ap.DEFAULT_DIRECTION is ap.Direction.NOISE
+
+
+def test_corruptions_are_never_changed_by_an_experiment():
+    m = tiny_model("llama", n_layers=2)
+    noise = ap.GaussianNoise(n_draws=2)
+    res = ap.sweep(m, random_pairs(n=2), "resid_pre", corruption=noise, progress=False)
+    assert noise.sigma is None and res.info.corruption["sigma"] > 0
+
+
+def test_memory_budget_reads_the_device_it_will_use(monkeypatch):
+    monkeypatch.delenv("ACTPATCH_MEMORY_BUDGET", raising=False)
+    assert 0 < memory_budget("cpu") <= 2 << 30
+    assert memory_budget("cpu") <= free_memory("cpu") // 4 + 1
+    if torch.cuda.is_available():  # on a GPU machine: the accelerator's free memory, not the host's
+        free, _ = torch.cuda.mem_get_info()
+        assert free_memory("cuda") == pytest.approx(free, rel=0.05)
+    monkeypatch.setenv("ACTPATCH_MEMORY_BUDGET", "12345")
+    assert memory_budget("cpu") == 12345
