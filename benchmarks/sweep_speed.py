@@ -90,7 +90,7 @@ class Case:
 # -- methods ---------------------------------------------------------------------------------------
 
 def actpatch_sweep(case: Case, target: str, engine: str) -> torch.Tensor:
-    return ap.sweep(case.model, case.prompts, target, engine=engine, progress=False).values
+    return ap.sweep(case.model, case.prompts, target, direction="denoise", engine=engine, progress=False).values
 
 
 def hooks_loop_resid(case: Case) -> torch.Tensor:
