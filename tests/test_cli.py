@@ -72,6 +72,13 @@ def test_run_writes_results_and_report(tmp_path):
     (out / "report.html").unlink()
     r = invoke("report", str(out))
     assert r.exit_code == 0 and (out / "report.html").is_file()
+    # a damaged result or a missing directory is one line, never a traceback
+    meta = out / "z_noise" / "meta.json"
+    meta.write_text(meta.read_text()[:200])
+    r = invoke("report", str(out))
+    assert r.exit_code == 1 and "error:" in r.stderr and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    r = invoke("report", str(tmp_path / "nowhere"))
+    assert r.exit_code == 1 and "no such directory" in r.stderr
 
 
 @pytest.mark.parametrize("body, fragment", [

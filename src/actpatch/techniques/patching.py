@@ -138,9 +138,12 @@ def execute(
         total = len(plan.patches) * n_groups
         advance = stack.enter_context(progress_bar(progress and total > 1, total, f"patching {plan.target.value}"))
         run_units = executor or LocalExecutor(store, advance)
+        # Without saved progress or another executor, a group's patches are one unit: the engine
+        # then batches across all of them.
+        size = unit_size if store is not None or executor is not None else len(plan.patches)
         for runs in exp.groups():
             state = job.prepare(runs, outcome)
-            todo = units(runs.index, len(plan.patches), unit_size)
+            todo = units(runs.index, len(plan.patches), size)
             outcome.patched(runs, run_units.map(todo, lambda u: job.run_unit(state, u, advance)))
     axes = (grid or Grid()).to_dict()
     return exp.result(outcome, target=plan.target.value, method=Method.EXACT, dims=plan.dims, coords=plan.coords,
