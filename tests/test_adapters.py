@@ -57,3 +57,26 @@ def test_logits_last_only_matches_full(family):
     m = tiny_model(family)
     ids = torch.tensor([[2, 5, 9, 11, 3]])
     torch.testing.assert_close(m.logits(ids, last_only=True), m.logits(ids)[:, -1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family, flags", [
+    ("gpt2", dict(parallel_residual=False, post_norms=False, heads_write_additively=True, rotary=False, fused_qkv=True)),
+    ("llama_gqa", dict(parallel_residual=False, post_norms=False, heads_write_additively=True, rotary=True, fused_qkv=False)),
+    ("gpt_neox", dict(parallel_residual=True, post_norms=False, heads_write_additively=True, rotary=True, fused_qkv=True)),
+    ("gpt_neox_serial", dict(parallel_residual=False, heads_write_additively=True)),
+    ("gemma2", dict(post_norms=True, heads_write_additively=False, attn_softcap=50.0, final_softcap=30.0)),
+])
+def test_capabilities_per_family(family, flags):
+    caps = tiny_model(family).adapter.capabilities
+    assert {k: getattr(caps, k) for k in flags} == flags
+
+
+def test_positions_beyond_the_input_are_site_errors(ids):
+    m = tiny_model("llama")
+    for ctx in (ap.capture(m, [ap.Site("resid_pre", 0, pos=9)]), ap.intervene(m, {ap.Site("z", 1, pos=7): 0.0})):
+        with pytest.raises(ap.SiteError, match=r"pos \d is out of range for this input \(pos has 7: 0..6\)"):
+            with ctx:
+                m.logits(ids)
+    with pytest.raises(ap.SiteError, match="cannot write a value of shape"):
+        with ap.intervene(m, {ap.Site("resid_pre", 0, pos=1): torch.ones(5)}):
+            m.logits(ids)

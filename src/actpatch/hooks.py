@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .models.attention import HookFn
+from .errors import SiteError
 from .sites import ATTENTION_FN_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,7 +173,7 @@ def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: boo
     def reader(wanted: list[Site]) -> HookFn:
         def fn(x: torch.Tensor) -> None:
             for s in wanted:
-                y = x if s.is_full else x[s.selector()]  # the tensor itself when whole (autograd reaches it)
+                y = x if s.is_full else _slice(s, x)  # the tensor itself when whole (autograd reaches it)
                 acts[s] = y.detach() if detach else y
             return None
 
@@ -182,13 +183,29 @@ def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: boo
         yield acts
 
 
+def _slice(site: Site, x: torch.Tensor) -> torch.Tensor:
+    """``x[site.selector()]``; a position or index beyond this input is a :class:`SiteError`."""
+    sel = site.selector()
+    for axis, (i, size) in enumerate(zip(sel, x.shape)):
+        if isinstance(i, int) and i >= size:
+            name = site.kind.layout[axis]
+            raise SiteError(f"{site}: {name} {i} is out of range for this input ({name} has {size}: 0..{size - 1}).")
+    return x[sel]
+
+
 def _writer(site: Site, value: Value) -> HookFn:
     sel = site.selector()
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        new = value(x[sel]) if callable(value) else value
+        current = _slice(site, x)
+        new = value(current) if callable(value) else value
         out = x.clone()
-        out[sel] = new if not isinstance(new, torch.Tensor) else new.to(out.dtype)
+        try:
+            out[sel] = new if not isinstance(new, torch.Tensor) else new.to(device=out.device, dtype=out.dtype)
+        except RuntimeError as e:
+            shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise SiteError(f"{site}: cannot write a value of shape {shape} into a slice of shape "
+                            f"{tuple(current.shape)} ({e}).") from None
         return out
 
     return fn

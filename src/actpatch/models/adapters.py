@@ -66,6 +66,10 @@ class FamilySpec:
     """Config attribute holding the longest input the model reads."""
     post_norms: bool = False
     """Norms after the attention and MLP outputs (Gemma 2): heads' writes do not add up."""
+    fused_qkv: bool = False
+    """q, k and v come from one projection (GPT-2's c_attn, GPT-NeoX's query_key_value)."""
+    bias_attr: str | None = "attention_bias"
+    """Config attribute saying whether the attention projections have biases (None: always)."""
     handled: frozenset[str] = frozenset()
     """Config attributes this adapter knows of (beyond every config's generic ones)."""
     refuse: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
@@ -130,6 +134,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         n_heads_attr="n_head",
         n_kv_heads_attr=None,
         context_attr="n_positions",
+        fused_qkv=True,
+        bias_attr=None,
         handled=frozenset({"activation_function", "attn_pdrop", "embd_pdrop", "resid_pdrop", "layer_norm_epsilon",
                            "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx", "reorder_and_upcast_attn",
                            "scale_attn_by_inverse_layer_idx", "scale_attn_weights", "summary_activation",
@@ -170,6 +176,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         rotary="gpt_neox.rotary_emb",
         parallel_flag="use_parallel_residual",
         n_kv_heads_attr=None,
+        fused_qkv=True,
         handled=_DECODER | {"use_parallel_residual", "hidden_dropout", "classifier_dropout", "layer_norm_eps",
                             "rotary_pct", "rotary_emb_base", "partial_rotary_factor"},
         refuse={"rope_parameters": _rope_unverified, "rope_scaling": _rope_unverified},
@@ -222,6 +229,10 @@ class Capabilities:
     norm after it): per-head edges (EAP, circuits) are defined."""
     rotary: bool
     """Positions enter through rotary embeddings of q and k (False: added to the embeddings)."""
+    fused_qkv: bool
+    """q, k and v come from one projection: the q / k / v sites are read inside attention."""
+    attention_bias: bool
+    """The attention projections have biases."""
     attn_softcap: float | None
     final_softcap: float | None
 
@@ -251,6 +262,8 @@ class Adapter:
             parallel_residual=self.parallel, post_norms=spec.post_norms,
             heads_write_additively=spec.attn_out == spec.attn and not spec.post_norms,
             rotary=spec.rotary is not None,
+            fused_qkv=spec.fused_qkv,
+            attention_bias=True if spec.bias_attr is None else bool(getattr(cfg, spec.bias_attr, False)),
             attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
             final_softcap=getattr(cfg, "final_logit_softcapping", None) or None,
         )
