@@ -16,6 +16,9 @@ def test_demo_end_to_end(tmp_path, bundled):
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-prompts", "4"])
     assert r.exit_code == 0, r.stdout
     assert "Report:" in r.stdout and "Faithfulness, EAP" in r.stdout
+    assert "…" not in r.stdout and "+..." not in r.stdout  # every value printed whole (80 columns here)
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path)])
+    assert listed.exit_code == 0 and "complete 9/9" in listed.stdout and "smollm2-135m" in listed.stdout
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
     assert names == sorted(f"{t}_{d}" for t in ("resid_pre", "attn_out", "mlp_out", "z") for d in ("denoise", "noise"))
     curves = json.loads((out / "circuits.json").read_text())

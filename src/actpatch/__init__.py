@@ -46,6 +46,7 @@ from .hooks import capture, intervene
 from .metrics import Metric
 from .models import DEFAULT_MODEL, Model, load_model, supported_families
 from .prompts import PromptSet
+from .report.figures import attention_figure as plot_attention
 from .results import PatchResult, ResultInfo
 from .sites import Site, SiteKind
 from .techniques.attribution import Validation, attribute, validate_attribution
@@ -73,6 +74,6 @@ __all__ = [
     "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation",
     # results and reading them
     "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
-    "compare", "mark_compared",
+    "compare", "mark_compared", "plot_attention",
     "__version__",
 ]

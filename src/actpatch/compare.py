@@ -33,6 +33,7 @@ from .types import Direction, Estimate
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    import plotly.graph_objects as go
 
     from .results import PatchResult
 
@@ -95,6 +96,17 @@ class Comparison:
         df = self.to_pandas()
         labels = [" ".join(f"{d}={r[d]}" for d in self.dims) for _, r in df.iterrows()]
         return {"x": df.sufficiency.tolist(), "y": df.necessity.tolist(), "label": labels, "role": df.role.tolist()}
+
+    def plot(self, title: str | None = None) -> "go.Figure":
+        """Sufficiency against necessity, one point per component coloured by role (plotly)."""
+        from .report.figures import comparison_figure
+
+        return comparison_figure(self, title)
+
+    def _repr_html_(self) -> str:
+        from .report.summary import comparison_html
+
+        return comparison_html(self)
 
     def counts(self) -> dict[str, int]:
         """How many components have each role (roles with none left out)."""

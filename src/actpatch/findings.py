@@ -48,6 +48,14 @@ class Finding:
     def __str__(self) -> str:
         return f"[{self.level.value}] {self.code}: {self.message}" + (f" -> {self.advice}" if self.advice else "")
 
+    def _repr_html_(self) -> str:
+        import html
+
+        colour = {"error": "#b2182b", "warning": "#e08214", "info": "#2166ac"}[self.level.value]
+        advice = f"<br><i>{html.escape(self.advice)}</i>" if self.advice else ""
+        return (f"<div><b style='color:{colour}'>{html.escape(self.level.value)}</b> <code>{html.escape(self.code)}"
+                f"</code>: {html.escape(self.message)}{advice}</div>")
+
 
 def sort_findings(found: list[Finding]) -> list[Finding]:
     """Errors first, then warnings, then information; order kept within a level."""

@@ -22,6 +22,7 @@ from .types import Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    import plotly.graph_objects as go
 
     from .stats import Interval
 
@@ -248,6 +249,27 @@ class PatchResult:
         if m not in self.raw:
             raise ResultError(f"Metric {m!r} is not in this result; it has {self.metrics}.")
         return m
+
+    # -- showing itself ----------------------------------------------------------------------
+    def plot(self, metric: str | None = None, title: str | None = None) -> "go.Figure":
+        """A plotly heatmap of the normalised effect (the report's figure): token labels, a
+        diverging scale centred on 0, hover with coordinates, value and 95% CI. Works offline.
+
+        Example:
+            >>> import actpatch as ap
+            >>> from actpatch.testing import tiny_model, random_pairs
+            >>> fig = ap.sweep(tiny_model("gpt2"), random_pairs(n=2), "resid_pre", progress=False).plot()
+            >>> fig.data[0].type
+            'heatmap'
+        """
+        from .report.figures import result_figure
+
+        return result_figure(self, title, self._check_metric(metric))
+
+    def _repr_html_(self) -> str:
+        from .report.summary import result_html
+
+        return result_html(self)
 
     # -- new results from this one -----------------------------------------------------------
     def replace(self, **changes: Any) -> "PatchResult":

@@ -1,4 +1,5 @@
-"""The ``actpatch`` command line: ``demo``, ``run CONFIG.yaml``, ``report DIR``, ``models``.
+"""The ``actpatch`` command line: ``demo``, ``run CONFIG.yaml``, ``report DIR``, ``runs [DIR]``,
+``show RUN``, ``models``.
 
 Errors print one line and exit with status 1; ``--debug`` shows the traceback instead.
 """
@@ -115,6 +116,56 @@ def report(directory: Path = typer.Argument(..., help="A run directory with save
     path = write_report(results, directory, title=f"actpatch: {directory.name}",
                         curves=load_curves(directory / "circuits.json"))
     console.print(f"Report: [bold]{path.resolve()}[/bold]")
+
+
+@app.command()
+@_friendly
+def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search for experiment directories.")) -> None:
+    """List the experiments under a folder: model, prompts, targets, date, status (from the saved files)."""
+    from rich.table import Table
+
+    from .catalogue import find_experiments
+
+    entries = find_experiments(directory)
+    if not entries:
+        console.print(f"No experiments under {directory} (directories with run.json).", markup=False)
+        return
+    table = Table(title=f"Experiments under {directory}", title_justify="left")
+    for col in ("run", "model", "prompts", "targets", "date"):
+        table.add_column(col, overflow="fold")
+    table.add_column("status", overflow="fold", min_width=len("complete 10/10"))
+    colours = {"complete": "green", "partial": "yellow", "failed": "red"}
+    for e in entries:
+        status = f"[{colours[e.status]}]{e.status}[/] {e.done}/{e.expected}"
+        name = str(e.path.relative_to(directory)) if e.path != directory else "."
+        table.add_row(name, e.model, e.prompts, ", ".join(e.targets), e.date, status)
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def show(run_dir: Path = typer.Argument(..., metavar="RUN", help="An experiment directory.")) -> None:
+    """Summarise one experiment from its saved files: status, then each result's top cells and findings."""
+    from ..report.summary import result_renderables
+    from ..techniques.circuit import load_curves
+    from .catalogue import describe
+    from .runner import load_experiment
+
+    e = describe(run_dir)
+    console.print(f"[bold]{e.path}[/bold]", highlight=False)
+    console.print(f"{e.status} ({e.done}/{e.expected}); model {e.model}; prompts {e.prompts}; {e.date}", highlight=False)
+    if e.error:
+        console.print(f"[red]error:[/red] {e.error}", highlight=False)
+    _, results = load_experiment(run_dir)
+    for name, res in results.items():
+        for part in result_renderables(res, console.width, k=8, title=f"{name}: top cells ({res.metric})"):
+            console.print(part)
+        for f in res.findings:
+            if f.level.value != "info":
+                console.print(f"  {f}", markup=False)
+    for name, curve in load_curves(Path(run_dir) / "circuits.json").items():
+        console.print(f"circuit faithfulness, {name}: " + ", ".join(
+            f"{n} edges {v:+.2f}" for n, v in zip(curve.sizes, curve.values.tolist())), markup=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -11,6 +11,7 @@ from rich.table import Table
 from .._io import read_json
 from ..compare import Comparison, compare
 from .config import CircuitsConfig, ExperimentConfig, PromptsConfig, TargetConfig
+from ..report.summary import result_renderables
 from ..results import PatchResult
 
 DEMO_TEMPLATES = [0, 2, 6]
@@ -28,23 +29,6 @@ def demo_config(n_prompts: int = 8) -> ExperimentConfig:
     )
 
 
-def grid_table(res: PatchResult, title: str, metric: str | None = None) -> Table:
-    """A 2-D table of normalised effects (rows: first dim, columns: second), coloured by size."""
-    values = res.normalised(metric)
-    rows, cols = res.dims[:2]
-    table = Table(title=title, pad_edge=False)
-    table.add_column(rows, justify="right")
-    for label in res.coords[cols]:
-        table.add_column(str(label), justify="right")
-    for i, r in enumerate(res.coords[rows]):
-        cells = []
-        for v in values[i].tolist():
-            style = "bold green" if v > 0.5 else "green" if v > 0.2 else "red" if v < -0.1 else "dim"
-            cells.append(f"[{style}]{v:+.2f}[/{style}]")
-        table.add_row(str(r), *cells)
-    return table
-
-
 def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int = 10) -> Table:
     """Heads with the largest sufficiency or necessity, with 95% bootstrap CIs."""
     ci_d, ci_n = den.ci(n_boot=1000), noi.ci(n_boot=1000)
@@ -52,9 +36,10 @@ def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int 
     df["ci_d"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(ci_d.low.flatten().tolist(), ci_d.high.flatten().tolist())]
     df["ci_n"] = [f"[{1 - hi:+.2f}, {1 - lo:+.2f}]" for lo, hi in zip(ci_n.low.flatten().tolist(), ci_n.high.flatten().tolist())]
     df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
-    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), 95% bootstrap CIs")
-    for col in (*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI ", "role"):
-        table.add_column(col, justify="left" if col == "role" else "right")
+    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), 95% bootstrap CIs",
+                  title_justify="left")
+    for col in (*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI ", "role"):  # fold, never cut with '…'
+        table.add_column(col, justify="left" if col == "role" else "right", overflow="fold")
     for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
         table.add_row(*(str(r[d]) for d in cmp.dims), f"{r.sufficiency:+.2f}", r.ci_d, f"{r.necessity:+.2f}", r.ci_n, r.role)
     return table
@@ -84,8 +69,11 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
         console.print(f"  clean:     {clean!r} -> {a!r}\n  corrupted: {corrupted!r} -> {b!r}", markup=False)
     for m, b in den.baselines.items():
         console.print(f"  {m:>10}: clean {b['clean']:+.3f}   corrupted {b['corrupted']:+.3f}")
-    console.print(grid_table(den, "resid_pre denoising (sufficiency), logit difference, 1 = clean"))
-    console.print(grid_table(results["resid_pre_noise"], "resid_pre noising, logit difference (1 = no damage, 0 = broken)"))
+    for res, what in ((den, "denoising (sufficiency): 1 = restores clean"),
+                      (results["resid_pre_noise"], "noising (necessity): 1 = no damage, 0 = broken")):
+        console.print(f"resid_pre {what}, logit difference", markup=False)
+        for part in result_renderables(res, console.width, k=8):
+            console.print(part)
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
     console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))
     console.print(f"Head roles (thresholds 0.1): {heads.counts()}")

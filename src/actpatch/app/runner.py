@@ -17,6 +17,7 @@ uninterrupted run (units and chunk sizes are fixed by the config, so the arithme
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from ..techniques.eap import edge_attribution
 from ..techniques.patching import sweep
 from ..techniques.path import path_sweep
 from ..types import Direction
+from .catalogue import write_status
 from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
@@ -128,6 +130,18 @@ def run_experiment(
     the results by name."""
     out = Path(out)
     _prepare_dir(out, cfg)
+    write_status(out, "running", started=dt.datetime.now().isoformat(timespec="seconds"))
+    try:
+        results = _run(cfg, out, progress=progress, log=log, model=model)
+    except BaseException as e:  # recorded for `actpatch runs`, then raised as it was
+        write_status(out, "failed" if isinstance(e, Exception) else "stopped", error=f"{type(e).__name__}: {e}".strip())
+        raise
+    write_status(out, "complete", error=None)
+    return results
+
+
+def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str], None],
+         model: Model | None) -> dict[str, PatchResult]:
     model = model or resolve_model(cfg.model)
     prompts, share = build_prompts(model, cfg)
     if share is not None:

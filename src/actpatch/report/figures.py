@@ -4,7 +4,7 @@ before it reaches plotly, which would otherwise interpret tags in labels."""
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -12,9 +12,10 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from ..techniques.circuit import Faithfulness
     from ..compare import Comparison
+    from ..models.handle import Model
     from ..results import PatchResult
 
-__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "ROLE_COLOURS"]
+__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "attention_figure", "ROLE_COLOURS"]
 
 ROLE_COLOURS = {
     "sufficient_and_necessary": "#1b7837",
@@ -44,21 +45,25 @@ def grid(res: "PatchResult", metric: str | None = None) -> tuple[torch.Tensor, l
     return v, _labels(res.coords[dims[0]]), _labels(res.coords[dims[1]]), dims[0], dims[1]
 
 
-def result_figure(res: "PatchResult", title: str, metric: str | None = None) -> go.Figure:
-    """Heatmap of normalised effects (diverging, 0 white), hover shows the 95% CI."""
+def result_figure(res: "PatchResult", title: str | None = None, metric: str | None = None) -> go.Figure:
+    """Heatmap of normalised effects (diverging, centred on 0), labelled by tokens; hover shows
+    each cell's coordinates, value and 95% bootstrap CI. The report and ``res.plot()`` use it."""
     values, rows, cols, rdim, cdim = grid(res, metric)
-    hover = None
+    if title is None:
+        title = f"{res.info.target} {res.info.direction.value} ({res.info.label}) [{metric or res.metric}]"
+    lo = hi = None
     if res.n_prompts > 1 and values.numel() == res.normalised(metric).numel():
         ci = res.ci(metric, n_boot=500)
         lo, hi = ci.low.reshape(values.shape), ci.high.reshape(values.shape)
-        hover = [[f"{values[i, j]:+.3f}<br>95% CI [{lo[i, j]:+.2f}, {hi[i, j]:+.2f}]" for j in range(values.shape[1])]
-                 for i in range(values.shape[0])]
+    hover = [[(f"{rdim}={rows[i]}<br>" if rdim else "") + (f"{cdim}={cols[j]}<br>" if cdim else "")
+              + f"value {float(values[i, j]):+.3f}"
+              + (f"<br>95% CI [{float(lo[i, j]):+.2f}, {float(hi[i, j]):+.2f}]" if lo is not None else "")
+              for j in range(values.shape[1])] for i in range(values.shape[0])]
     z = values.nan_to_num(nan=0.0).tolist()
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"{j}|{c}" for j, c in enumerate(cols)], y=[f"{i}|{r}" for i, r in enumerate(rows)],
         colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0, text=hover,
-        hovertemplate="%{y} / %{x}<br>%{text}<extra></extra>" if hover else "%{y} / %{x}: %{z:+.3f}<extra></extra>",
-        colorbar={"title": "normalised"},
+        hovertemplate="%{text}<extra></extra>", colorbar={"title": "normalised"},
     ))
     fig.update_layout(title=html.escape(title), xaxis_title=cdim, yaxis_title=rdim, height=max(320, 18 * len(rows) + 140),
                       margin={"l": 60, "r": 20, "t": 50, "b": 80})
@@ -67,9 +72,12 @@ def result_figure(res: "PatchResult", title: str, metric: str | None = None) -> 
     return fig
 
 
-def comparison_figure(cmp: "Comparison", title: str) -> go.Figure:
+def comparison_figure(cmp: "Comparison", title: str | None = None) -> go.Figure:
     """Sufficiency (denoising) against necessity (noising damage), coloured by role."""
     data = cmp.scatter_data()
+    if title is None:
+        title = f"sufficiency vs necessity ({cmp.metric}): " + ", ".join(
+            f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())
     fig = go.Figure()
     for role, colour in ROLE_COLOURS.items():
         idx = [i for i, r in enumerate(data["role"]) if r == role]
@@ -98,4 +106,46 @@ def faithfulness_figure(curves: dict[str, "Faithfulness"], title: str = "Circuit
     fig.add_hline(y=0.0, line_dash="dot", line_color="#888")
     fig.update_layout(title=html.escape(title), xaxis_title="edges in the circuit", yaxis_title="faithfulness (1 = clean)",
                       xaxis_type="log", height=380, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
+def attention_figure(model: "Model", tokens: Sequence[int] | torch.Tensor | str,
+                     heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
+    """Attention patterns of chosen ``heads`` ((layer, head) pairs) on one prompt (text or token
+    ids): query position x key position, tokens on both axes, one panel per head.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> fig = ap.plot_attention(tiny_model("llama"), [2, 5, 9, 4], heads=[(0, 1), (1, 3)])
+        >>> len(fig.data)
+        2
+    """
+    from plotly.subplots import make_subplots
+
+    from ..errors import SiteError
+    from ..hooks import capture
+    from ..sites import Site
+
+    if isinstance(tokens, str):
+        ids = torch.tensor([model.to_tokens(tokens)])
+    else:
+        ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+    heads = [(int(l), int(h)) for l, h in heads]
+    if not heads:
+        raise SiteError("plot_attention() needs at least one (layer, head), e.g. heads=[(9, 1)].")
+    sites = {lh: Site("pattern", lh[0], head=lh[1]) for lh in heads}
+    with capture(model, list(sites.values())) as acts:
+        model.logits(ids, last_only=True)
+    labels = [f"{i}|{html.escape(model.token_str(t))}" for i, t in enumerate(ids[0].tolist())]
+    fig = make_subplots(rows=1, cols=len(heads), subplot_titles=[f"L{l}H{h}" for l, h in heads], shared_yaxes=True)
+    for c, lh in enumerate(heads, start=1):
+        a = acts[sites[lh]][0].float().cpu()  # (query, key)
+        fig.add_trace(go.Heatmap(z=a.tolist(), x=labels, y=labels, colorscale="Blues", zmin=0.0, zmax=1.0,
+                                 showscale=c == len(heads),
+                                 hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"), row=1, col=c)
+    fig.update_yaxes(autorange="reversed", title_text="query", col=1)
+    fig.update_xaxes(title_text="key")
+    fig.update_layout(title=html.escape(title or "attention patterns"), height=max(360, 22 * len(labels) + 160),
+                      margin={"l": 80, "r": 20, "t": 70, "b": 80})
     return fig

@@ -35,6 +35,8 @@ from .eap import EdgeScores, node_writes
 from .graph import Graph, Node, NodeKind, Port, PortKind
 
 if TYPE_CHECKING:  # pragma: no cover
+    import plotly.graph_objects as go
+
     from ..models.handle import Model
 
 __all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
@@ -167,6 +169,12 @@ class Faithfulness:
 
     def plot_data(self) -> dict[str, list]:
         return {"x": list(self.sizes), "y": self.values.tolist()}
+
+    def plot(self, name: str = "circuit", title: str | None = None) -> "go.Figure":
+        """Faithfulness against circuit size (log axis), plotly; the report's figure."""
+        from ..report.figures import faithfulness_figure
+
+        return faithfulness_figure({name: self}, title or "Circuit faithfulness")
 
     def to_dict(self) -> dict:
         return {"sizes": self.sizes, "values": self.values.tolist(), "raw": self.raw.tolist(),

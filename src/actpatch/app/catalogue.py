@@ -1,0 +1,104 @@
+"""The catalogue of experiment directories (``actpatch runs`` / ``actpatch show``), read from
+the saved files only: ``run.json`` (the config), ``status.json`` (written as the experiment
+starts, finishes or fails) and the results' ``meta.json``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._io import read_json
+from ..errors import OutputDirError
+
+__all__ = ["Entry", "find_experiments", "describe", "write_status"]
+
+STATUS_FILE = "status.json"
+
+
+def write_status(out: Path, status: str, **fields: Any) -> None:
+    """Record an experiment's status (``running``, ``complete`` or ``failed``) atomically."""
+    data = dict(read_json(out / STATUS_FILE, "an experiment directory")) if (out / STATUS_FILE).is_file() else {}
+    data.update(status=status, **fields, updated=dt.datetime.now().isoformat(timespec="seconds"))
+    tmp = out / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, out / STATUS_FILE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One experiment directory, as its files describe it."""
+
+    path: Path
+    model: str
+    prompts: str
+    targets: list[str]
+    date: str
+    status: str
+    """``complete``, ``partial`` (stopped or still running) or ``failed``."""
+    done: int
+    expected: int
+    error: str = ""
+
+
+def _expected(cfg: dict[str, Any]) -> list[str]:
+    dirs = [d for d in cfg.get("directions", [])]
+    names = []
+    for t in cfg.get("targets", []):
+        suffix = ""
+        if t.get("method") == "atp":
+            suffix = "_atp" + ("_qk" if t.get("qk_fix") else "") + ("_gd" if t.get("grad_drop") else "")
+        base = t["target"] + (f"_w{t['window']}" if t.get("window", 1) > 1 else "") + suffix
+        names += [f"{base}_{d}" for d in dirs]
+    for p in cfg.get("paths", []):
+        names += [f"path_{p.get('sender', 'z')}_to_" + "+".join(p["receivers"]) + f"_{d}" for d in dirs]
+    return names
+
+
+def describe(path: str | Path) -> Entry:
+    """The catalogue entry of one experiment directory."""
+    p = Path(path)
+    state = p / "run.json"
+    if not state.is_file():
+        raise OutputDirError(f"{p} is not an experiment directory (no run.json); `actpatch runs DIR` lists them.")
+    saved = read_json(state, "an experiment directory")
+    cfg = saved.get("config", {}) if isinstance(saved, dict) else {}
+    expected = _expected(cfg)
+    done = sum((p / name / "meta.json").is_file() for name in expected)
+    circuits = cfg.get("circuits") is not None
+    complete = done == len(expected) and (not circuits or (p / "circuits.json").is_file())
+    status_data = read_json(p / STATUS_FILE, "an experiment directory") if (p / STATUS_FILE).is_file() else {}
+    failed = isinstance(status_data, dict) and status_data.get("status") == "failed"
+    status = "failed" if failed and not complete else "complete" if complete else "partial"
+    when = status_data.get("updated") if isinstance(status_data, dict) else None
+    date = when or dt.datetime.fromtimestamp(state.stat().st_mtime).isoformat(timespec="seconds")
+    pc = cfg.get("prompts", {})
+    prompts = (f"{pc.get('builder')} n={pc.get('n')}" if pc.get("builder") else Path(str(pc.get("file"))).name) if pc else "?"
+    targets = sorted({n.rsplit("_", 1)[0] for n in expected}) + (["circuits"] if circuits else [])
+    return Entry(path=p, model=str(cfg.get("model", "?")), prompts=prompts, targets=targets,
+                 date=date.replace("T", " "), status=status, done=done + (circuits and (p / "circuits.json").is_file()),
+                 expected=len(expected) + circuits,
+                 error=str(status_data.get("error", "")) if isinstance(status_data, dict) and failed else "")
+
+
+def find_experiments(root: str | Path, depth: int = 3) -> list[Entry]:
+    """Every experiment directory (one holding ``run.json``) at most ``depth`` levels below
+    ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise OutputDirError(f"{root}: no such directory; give the folder your experiments write to (default: out).")
+    found: list[Path] = []
+
+    def walk(d: Path, level: int) -> None:
+        if (d / "run.json").is_file():
+            found.append(d)
+            return
+        if level < depth:
+            for child in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
+                walk(child, level + 1)
+
+    walk(root, 0)
+    return sorted((describe(d) for d in found), key=lambda e: e.date, reverse=True)

@@ -1,0 +1,160 @@
+"""Compact summaries of results: the top cells with labels and intervals, as data, as HTML (the
+notebook's ``_repr_html_``) and as rich renderables that fit a terminal of any width (the CLI).
+One source for all three, so a notebook, a terminal and a report say the same thing."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..types import Direction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import RenderableType
+
+    from ..compare import Comparison
+    from ..findings import Finding
+    from ..results import PatchResult
+
+__all__ = ["Cell", "top_cells", "result_html", "comparison_html", "findings_html", "result_renderables",
+           "block_heatmap"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a result: its coordinates by dim, normalised value and 95% interval."""
+
+    where: dict[str, Any]
+    value: float
+    low: float | None
+    high: float | None
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{d}={v}" for d, v in self.where.items()) or "the patch"
+
+
+def _reference(res: "PatchResult") -> float:
+    """The value of a cell that does nothing: 1 for noising (no damage), 0 for denoising."""
+    return 1.0 if res.info.direction is Direction.NOISE else 0.0
+
+
+def top_cells(res: "PatchResult", k: int = 10, metric: str | None = None, ci: bool = True) -> list[Cell]:
+    """The ``k`` cells that move the metric most (|value - reference|), with bootstrap intervals
+    when there are several prompts."""
+    v = res.normalised(metric)
+    flat = v.flatten()
+    order = (flat - _reference(res)).abs().nan_to_num(-1.0).argsort(descending=True)[:k].tolist()
+    lo = hi = None
+    if ci and res.n_prompts > 1:
+        interval = res.ci(metric, n_boot=500)
+        lo, hi = interval.low.flatten(), interval.high.flatten()
+    out = []
+    for i in order:
+        cell = np.unravel_index(i, res.shape) if res.dims else ()
+        where = {d: res.coords[d][int(c)] for d, c in zip(res.dims, cell)}
+        out.append(Cell(where, float(flat[i]), float(lo[i]) if lo is not None else None,
+                        float(hi[i]) if hi is not None else None))
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:+.3f}"
+
+
+def findings_html(findings: list["Finding"]) -> str:
+    colours = {"error": "#b2182b", "warning": "#e08214", "info": "#2166ac"}
+    rows = [f"<li><b style='color:{colours[f.level.value]}'>{html.escape(f.level.value)}</b> "
+            f"<code>{html.escape(f.code)}</code>: {html.escape(f.message)}"
+            + (f"<br><i>{html.escape(f.advice)}</i>" if f.advice else "") + "</li>" for f in findings]
+    return "<ul style='margin:4px 0'>" + "".join(rows) + "</ul>" if rows else "<p>No findings.</p>"
+
+
+def result_html(res: "PatchResult", k: int = 8) -> str:
+    """A compact HTML summary: what was run, baselines, the top cells with 95% CIs, findings."""
+    info = res.info
+    dims = " x ".join(f"{d} {len(res.coords[d])}" for d in res.dims) or "one patch"
+    head = (f"<b>PatchResult</b>: {html.escape(info.target)}, {info.direction.value}, {html.escape(info.label)}; "
+            f"{dims}; {res.n_prompts} prompts; model {html.escape(info.provenance.model)}")
+    base = "".join(f"<tr><td>{html.escape(m)}</td><td>{b['clean']:+.3f}</td><td>{b['corrupted']:+.3f}</td></tr>"
+                   for m, b in res.baselines.items())
+    cells = "".join(f"<tr><td>{html.escape(c.label)}</td><td>{_fmt(c.value)}</td><td>"
+                    + (f"[{_fmt(c.low)}, {_fmt(c.high)}]" if c.low is not None else "") + "</td></tr>"
+                    for c in top_cells(res, k))
+    style = "border-collapse:collapse;margin:4px 0"
+    return (f"<div class='actpatch-result'><p>{head}</p>"
+            f"<table style='{style}'><tr><th>metric</th><th>clean</th><th>corrupted</th></tr>{base}</table>"
+            f"<p>Top cells ({res.metric}, normalised: 1 = clean, 0 = corrupted):</p>"
+            f"<table style='{style}'><tr><th>cell</th><th>value</th><th>95% CI</th></tr>{cells}</table>"
+            f"{findings_html(res.findings)}</div>")
+
+
+def comparison_html(cmp: "Comparison", k: int = 8) -> str:
+    df = cmp.to_pandas()
+    df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
+    rows = "".join(
+        f"<tr><td>{html.escape(' '.join(f'{d}={r[d]}' for d in cmp.dims))}</td><td>{r.sufficiency:+.3f}</td>"
+        f"<td>{r.necessity:+.3f}</td><td>{html.escape(r.role)}</td></tr>"
+        for _, r in df.sort_values("score", ascending=False).head(k).iterrows())
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())
+    return (f"<div class='actpatch-comparison'><p><b>Comparison</b> ({html.escape(cmp.metric)}): {counts}</p>"
+            f"<table><tr><th>component</th><th>sufficiency</th><th>necessity</th><th>role</th></tr>{rows}</table></div>")
+
+
+# -- terminal ----------------------------------------------------------------------------------
+
+def _colour(v: float) -> str:
+    """A diverging colour for a normalised value (blue positive, red negative, grey NaN)."""
+    if math.isnan(v):
+        return "grey50"
+    x = max(-1.0, min(1.0, v))
+    level = int(round(abs(x) * 4))
+    reds = ["grey23", "#5f1f1f", "#8f2f2f", "#bf3f3f", "#ff4f4f"]
+    blues = ["grey23", "#1f3f5f", "#2f5f8f", "#3f7fbf", "#4f9fff"]
+    return (blues if x >= 0 else reds)[level]
+
+
+def block_heatmap(res: "PatchResult", width: int, metric: str | None = None) -> "RenderableType | None":
+    """A heatmap of block characters, one per cell (rows: first dim, columns: second), when it
+    fits ``width``; None otherwise."""
+    from rich.text import Text
+
+    from .figures import grid
+
+    values, rows, cols, rdim, cdim = grid(res, metric)
+    label_w = max((len(str(r)) for r in rows), default=1)
+    if values.shape[1] + label_w + 2 > width or values.shape[0] > 64:
+        return None
+    text = Text()
+    text.append(f"{rdim or ''} \\ {cdim or ''}  (blue: towards clean, red: away; one block per cell)\n", style="dim")
+    for i, r in enumerate(rows):
+        text.append(f"{html.unescape(str(r)):>{label_w}} ")
+        for j in range(values.shape[1]):
+            text.append("█", style=_colour(float(values[i, j])))
+        text.append("\n")
+    return text
+
+
+def result_renderables(res: "PatchResult", width: int, k: int = 10, title: str | None = None) -> list["RenderableType"]:
+    """What the CLI prints for a result: a block heatmap when it fits, then the top cells with
+    labels and 95% CIs in a table that wraps instead of cutting values."""
+    from rich.table import Table
+
+    out: list[RenderableType] = []
+    heat = block_heatmap(res, width)
+    if heat is not None:
+        out.append(heat)
+    table = Table(title=title or f"{res.info.target} {res.info.direction.value}: top {k} cells ({res.metric})",
+                  title_justify="left", expand=False)
+    table.add_column("cell", overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", no_wrap=True)
+    for c in top_cells(res, k):
+        ci = f"[{_fmt(c.low)}, {_fmt(c.high)}]" if c.low is not None else ""
+        table.add_row(c.label, _fmt(c.value), ci)
+    out.append(table)
+    return out
