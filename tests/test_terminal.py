@@ -57,6 +57,7 @@ def test_block_heatmap_is_skipped_when_too_wide(results):
     res = results[("resid_pre", "denoise")]  # 12 positions
     assert "█" in _render(result_renderables(res, 80), 80)
     assert "█" not in _render(result_renderables(res, 12), 40)
+    assert "█" not in _render(result_renderables(res, 80, colour=False), 80)  # blocks mean nothing without colour
 
 
 def test_results_show_themselves_in_notebooks(results):

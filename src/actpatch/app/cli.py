@@ -158,7 +158,8 @@ def show(run_dir: Path = typer.Argument(..., metavar="RUN", help="An experiment 
         console.print(f"[red]error:[/red] {e.error}", highlight=False)
     _, results = load_experiment(run_dir)
     for name, res in results.items():
-        for part in result_renderables(res, console.width, k=8, title=f"{name}: top cells ({res.metric})"):
+        for part in result_renderables(res, console.width, k=8, title=f"{name}: top cells ({res.metric})",
+                                       colour=console.color_system is not None):
             console.print(part)
         for f in res.findings:
             if f.level.value != "info":

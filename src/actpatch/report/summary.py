@@ -139,13 +139,14 @@ def block_heatmap(res: "PatchResult", width: int, metric: str | None = None) -> 
     return text
 
 
-def result_renderables(res: "PatchResult", width: int, k: int = 10, title: str | None = None) -> list["RenderableType"]:
-    """What the CLI prints for a result: a block heatmap when it fits, then the top cells with
-    labels and 95% CIs in a table that wraps instead of cutting values."""
+def result_renderables(res: "PatchResult", width: int, k: int = 10, title: str | None = None,
+                       colour: bool = True) -> list["RenderableType"]:
+    """What the CLI prints for a result: a block heatmap when the terminal has colour and it
+    fits, then the top cells with labels and 95% CIs in a table that wraps instead of cutting."""
     from rich.table import Table
 
     out: list[RenderableType] = []
-    heat = block_heatmap(res, width)
+    heat = block_heatmap(res, width) if colour else None
     if heat is not None:
         out.append(heat)
     table = Table(title=title or f"{res.info.target} {res.info.direction.value}: top {k} cells ({res.metric})",
