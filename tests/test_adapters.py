@@ -13,6 +13,7 @@ from actpatch.testing import TINY_FAMILIES, tiny_model
         ("llama", (3, 4, 4, 64, 16, 128)),
         ("llama_gqa", (3, 4, 2, 64, 16, 128)),
         ("qwen2", (3, 4, 2, 64, 16, 128)),
+        ("qwen3", (3, 4, 2, 64, 16, 128)),
         ("gpt_neox", (3, 4, 4, 64, 16, 128)),
         ("gemma2", (3, 4, 2, 64, 16, 128)),
     ],
@@ -80,3 +81,15 @@ def test_positions_beyond_the_input_are_site_errors(ids):
     with pytest.raises(ap.SiteError, match="cannot write a value of shape"):
         with ap.intervene(m, {ap.Site("resid_pre", 0, pos=1): torch.ones(5)}):
             m.logits(ids)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_actpatch_attention_reproduces_the_models_own_forward(family):
+    """Every site inside attention is read through actpatch's attention function: with it
+    switched on, the logits equal the model's own implementation's (sdpa or eager)."""
+    m = tiny_model(family, n_layers=3)
+    ids = torch.tensor([[2, 5, 9, 11, 3, 7, 20, 4], [6, 1, 8, 30, 2, 9, 9, 5]])
+    own = m.logits(ids)
+    with m.attention_fn():
+        ours = m.logits(ids)
+    torch.testing.assert_close(ours, own, atol=2e-5, rtol=1e-5)

@@ -14,16 +14,20 @@ def _pairs(n=3, T=6, diff=(1, 4), seed=0):
 
 
 def _no_input_norms(family):
-    """Attention inputs become linear in the residual stream (norms before attention removed),
-    so the edges into a head's q / k / v add up to that head's exact AtP score."""
+    """Attention inputs become linear in the residual stream (norms before attention removed,
+    and Qwen3's per-head q / k norms), so the edges into a head's q / k / v add up to that
+    head's exact AtP score."""
     m = tiny_model(family, n_layers=3, seed=1)
     name = {"gpt2": "ln_1", "gpt_neox": "input_layernorm"}.get(family, "input_layernorm")
-    for block in m.adapter.blocks:
+    for block in m.hf.get_submodule("transformer.h" if family == "gpt2" else
+                                    "gpt_neox.layers" if family.startswith("gpt_neox") else "model.layers"):
         setattr(block, name, torch.nn.Identity())
+        if family == "qwen3":
+            block.self_attn.q_norm, block.self_attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
     return m
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial", "qwen2", "qwen3"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_edges_into_a_node_add_up_to_its_attribution(family, direction):
     m = _no_input_norms(family)

@@ -24,11 +24,11 @@ WORDS = (
 ).split()
 VOCAB = 72
 
-TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "qwen2", "gpt_neox", "gpt_neox_serial", "gemma2")
+TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "qwen2", "qwen3", "gpt_neox", "gpt_neox_serial", "gemma2")
 
 
 def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformers config
-    from transformers import GPT2Config, Gemma2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, Gemma2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4)
     if family == "gpt2":
@@ -40,6 +40,8 @@ def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformer
         return LlamaConfig(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
     if family == "qwen2":
         return Qwen2Config(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    if family == "qwen3":  # q / k norms per head, GQA, head_dim set apart from hidden / heads
+        return Qwen3Config(**common, num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=128)
     if family in ("gpt_neox", "gpt_neox_serial"):
         return GPTNeoXConfig(**common, intermediate_size=128, max_position_embeddings=128,
                              use_parallel_residual=family == "gpt_neox", hidden_dropout=0.0, attention_dropout=0.0)

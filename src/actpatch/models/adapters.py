@@ -144,8 +144,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
     FamilySpec(
         name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        examples="Llama, Mistral, Qwen2, SmolLM2 (grouped-query attention)",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        examples="Llama, Mistral, Qwen2, Qwen3 (q / k norms), SmolLM2 (grouped-query attention)",
         blocks="model.layers",
         embed="model.embed_tokens",
         final_norm="model.norm",
