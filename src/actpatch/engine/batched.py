@@ -33,7 +33,7 @@ from ..sites import Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
     from ..models.handle import Model
-    from ..plan import Patch
+    from ..experiment.plan import Patch
 
 __all__ = ["run_batched", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
 

@@ -14,7 +14,7 @@ from ..sites import Site
 if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
     from ..models.handle import Model
-    from ..plan import Patch
+    from ..experiment.plan import Patch
 
 Measure = Callable[[torch.Tensor, torch.Tensor], dict[Metric, torch.Tensor]]
 """(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}."""

@@ -126,11 +126,12 @@ def execute(
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Activation patching")
     job = SweepJob(exp, plan, choose_engine(plan, parse_engine(engine)), chunk_size)
-    for g in prompts.groups():
-        for p in plan.patches:
-            for s in p:
-                s.check(model, seq_len=g.seq_len)
-    n_groups = len(prompts.groups())
+    lengths = sorted({g.seq_len for g in prompts.groups()})
+    for p in plan.patches:  # every site fits every length, checked before any computation
+        for s in p:
+            for T in lengths:
+                s.check(model, seq_len=T)
+    n_groups = len(lengths)
     outcome = exp.outcome(len(plan.patches))
     with ExitStack() as stack:
         if plan.uses_attention_fn or job.engine is Engine.BATCHED:  # one attention path for all runs: equal inputs, equal bits
