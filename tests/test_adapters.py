@@ -14,6 +14,10 @@ from actpatch.testing import TINY_FAMILIES, tiny_model
         ("llama_gqa", (3, 4, 2, 64, 16, 128)),
         ("qwen2", (3, 4, 2, 64, 16, 128)),
         ("qwen3", (3, 4, 2, 64, 16, 128)),
+        ("mistral", (3, 4, 2, 64, 16, 128)),
+        ("gemma", (3, 4, 2, 64, 16, 128)),
+        ("phi3", (3, 4, 2, 64, 16, 128)),
+        ("starcoder2", (3, 4, 2, 64, 16, 128)),
         ("gpt_neox", (3, 4, 4, 64, 16, 128)),
         ("gemma2", (3, 4, 2, 64, 16, 128)),
     ],
@@ -66,6 +70,8 @@ def test_logits_last_only_matches_full(family):
     ("gpt_neox", dict(parallel_residual=True, post_norms=False, heads_write_additively=True, rotary=True, fused_qkv=True)),
     ("gpt_neox_serial", dict(parallel_residual=False, heads_write_additively=True)),
     ("gemma2", dict(post_norms=True, heads_write_additively=False, attn_softcap=50.0, final_softcap=30.0)),
+    ("phi3", dict(fused_qkv=True, attention_bias=False, heads_write_additively=True)),
+    ("starcoder2", dict(fused_qkv=False, attention_bias=True, rotary=True)),
 ])
 def test_capabilities_per_family(family, flags):
     caps = tiny_model(family).adapter.capabilities

@@ -27,7 +27,8 @@ def _no_input_norms(family):
     return m
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "mistral", "gpt_neox", "gpt_neox_serial", "qwen2", "qwen3",
+                                    "gemma", "phi3", "starcoder2"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_edges_into_a_node_add_up_to_its_attribution(family, direction):
     m = _no_input_norms(family)

@@ -94,8 +94,9 @@ def _hand_attention(model, layer, q, k, v, pattern=None):
     T = q.shape[1]
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     allowed = j <= i
-    if getattr(cfg, "layer_types", None) and cfg.layer_types[layer] == "sliding_attention":
-        allowed = allowed & (i - j < cfg.sliding_window)
+    types, window = getattr(cfg, "layer_types", None), getattr(cfg, "sliding_window", None)
+    if window and (types[layer] == "sliding_attention" if types else True):  # Mistral / StarCoder2: every layer
+        allowed = allowed & (i - j < window)
     scores = scores.masked_fill(~allowed, -math.inf)
     if pattern is None:
         pattern = scores.softmax(-1)

@@ -24,11 +24,13 @@ WORDS = (
 ).split()
 VOCAB = 72
 
-TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "qwen2", "qwen3", "gpt_neox", "gpt_neox_serial", "gemma2")
+TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "mistral", "qwen2", "qwen3", "gemma", "phi3", "starcoder2", "gpt_neox",
+                 "gpt_neox_serial", "gemma2")
 
 
 def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformers config
-    from transformers import GPT2Config, Gemma2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import (GemmaConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config, Starcoder2Config)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4)
     if family == "gpt2":
@@ -40,6 +42,18 @@ def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformer
         return LlamaConfig(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
     if family == "qwen2":
         return Qwen2Config(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    if family == "mistral":  # sliding-window attention over 4 tokens
+        return MistralConfig(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                             sliding_window=4)
+    if family == "gemma":  # scaled embeddings, (1 + w) RMSNorm, GeLU
+        return GemmaConfig(**common, num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=128)
+    if family == "phi3":  # fused qkv and gate_up projections
+        return Phi3Config(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                          resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if family == "starcoder2":  # biases, layer norm, sliding window
+        return Starcoder2Config(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                sliding_window=4, residual_dropout=0.0, embedding_dropout=0.0, bos_token_id=0,
+                                eos_token_id=0)
     if family == "qwen3":  # q / k norms per head, GQA, head_dim set apart from hidden / heads
         return Qwen3Config(**common, num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=128)
     if family in ("gpt_neox", "gpt_neox_serial"):

@@ -117,6 +117,20 @@ _LLAMA_REFUSE = {
     "rope_scaling": _rope_unverified,
 }
 
+def _llama_like(name: str, model_types: tuple[str, ...], examples: str, *, handled: set[str],
+                refuse: dict[str, Callable[[Any], bool]] | None = None, **paths: Any) -> FamilySpec:
+    """A family laid out like Llama (pre-norm blocks under ``model.layers``, ``self_attn`` with
+    ``o_proj``, an MLP read through ``post_attention_layernorm``, one rotary module)."""
+    layout: dict[str, Any] = dict(
+        blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm", attn="self_attn",
+        attn_out="self_attn", o_proj="self_attn.o_proj", mlp_out="mlp", mlp_down="mlp.down_proj",
+        mlp_in_norm="post_attention_layernorm", rotary="model.rotary_emb",
+    )
+    layout.update(paths)
+    return FamilySpec(name=name, model_types=model_types, examples=examples, handled=_DECODER | handled,
+                      refuse={**_LLAMA_REFUSE, **(refuse or {})}, **layout)
+
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="gpt2",
@@ -142,23 +156,28 @@ FAMILIES: tuple[FamilySpec, ...] = (
                            "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj"}),
         refuse={"add_cross_attention": _truthy, "reorder_and_upcast_attn": _truthy},
     ),
-    FamilySpec(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
-        examples="Llama, Mistral, Qwen2, Qwen3 (q / k norms), SmolLM2 (grouped-query attention)",
-        blocks="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        attn="self_attn",
-        attn_out="self_attn",
-        o_proj="self_attn.o_proj",
-        mlp_out="mlp",
-        mlp_down="mlp.down_proj",
-        mlp_in_norm="post_attention_layernorm",
-        rotary="model.rotary_emb",
-        handled=_DECODER | {"pretraining_tp", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
-                            "layer_types", "use_qkv_bias"},
-        refuse={**_LLAMA_REFUSE, "use_sliding_window": _truthy},
+    _llama_like(
+        "llama", ("llama", "mistral", "qwen2", "qwen3"),
+        "Llama, Mistral, Qwen2, Qwen3 (q / k norms), SmolLM2 (grouped-query attention)",
+        handled={"pretraining_tp", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+                 "layer_types", "use_qkv_bias"},
+        refuse={"use_sliding_window": _truthy},
+    ),
+    _llama_like(
+        "gemma", ("gemma",), "Gemma (embeddings scaled by sqrt(d_model) inside the model; the embed site is "
+        "before the scaling)",
+        handled={"hidden_activation", "use_bidirectional_attention"}, refuse={"use_bidirectional_attention": _truthy},
+    ),
+    _llama_like(
+        "phi3", ("phi3",), "Phi-3 (fused q / k / v and gate / up projections)",
+        handled={"resid_pdrop", "embd_pdrop", "original_max_position_embeddings", "sliding_window",
+                 "partial_rotary_factor"},
+        fused_qkv=True,
+    ),
+    _llama_like(
+        "starcoder2", ("starcoder2",), "StarCoder2 (biases, sliding-window attention)",
+        handled={"use_bias", "norm_epsilon", "embedding_dropout", "residual_dropout", "sliding_window"},
+        mlp_down="mlp.c_proj", bias_attr="use_bias",
     ),
     FamilySpec(
         name="gpt_neox",
