@@ -163,28 +163,20 @@ def make_plan(
     dims: list[str] = []
     coords: dict[str, list] = {}
     axes: list[list[int]] = []
-    if kind not in _LAYERLESS:
-        lays = pick_axis("layers", grid.layers, model.n_layers)
-        dims.append("layer")
-        coords["layer"] = lays
-        axes.append(lays)
-    elif grid.layers is not None:
-        raise SiteError(f"layers=... does not apply to {kind.value!r}, which has no layer.")
-    if kind in HEAD_KINDS:
-        name = "kv_head" if kind in KV_KINDS else "head"
-        hs = pick_axis("heads", grid.heads, model.n_kv_heads if kind in KV_KINDS else model.n_heads)
-        dims.append(name)
-        coords[name] = hs
-        axes.append(hs)
-    elif grid.heads is not None:
-        raise SiteError(f"heads=... applies to head targets (z, q, k, v, pattern), not {kind.value!r}.")
-    if kind == SiteKind.MLP_POST:
-        ns = pick_axis("neurons", grid.neurons, model.d_mlp)
-        dims.append("neuron")
-        coords["neuron"] = ns
-        axes.append(ns)
-    elif grid.neurons is not None:
-        raise SiteError(f"neurons=... applies to mlp_post, not {kind.value!r}.")
+    kv = kind in KV_KINDS
+    for applies, dim, keyword, given, size, where in (  # the axes before the position axis, in order
+        (kind not in _LAYERLESS, "layer", "layers", grid.layers, model.n_layers, "per-layer targets"),
+        (kind in HEAD_KINDS, "kv_head" if kv else "head", "heads", grid.heads,
+         model.n_kv_heads if kv else model.n_heads, "head targets (z, q, k, v, pattern)"),
+        (kind == SiteKind.MLP_POST, "neuron", "neurons", grid.neurons, model.d_mlp, "mlp_post"),
+    ):
+        if applies:
+            values = pick_axis(keyword, given, size)
+            dims.append(dim)
+            coords[dim] = values
+            axes.append(values)
+        elif given is not None:
+            raise SiteError(f"{keyword}=... applies to {where}, not {kind.value!r}.")
     if per_position:
         ps = pick_axis("positions", grid.positions, int(seq_len))  # type: ignore[arg-type]
         dims.append("pos")
