@@ -40,6 +40,7 @@ from .corruption import (
     SymmetricReplacement,
     ZeroAblation,
 )
+from .doctor import Check, Diagnosis, doctor
 from .experiment.plan import Grid
 from .findings import Finding, Level
 from .hooks import capture, intervene
@@ -74,6 +75,6 @@ __all__ = [
     "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation",
     # results and reading them
     "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
-    "compare", "mark_compared", "plot_attention",
+    "compare", "mark_compared", "plot_attention", "doctor", "Diagnosis", "Check",
     "__version__",
 ]

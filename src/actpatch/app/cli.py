@@ -120,6 +120,34 @@ def report(directory: Path = typer.Argument(..., help="A run directory with save
 
 @app.command()
 @_friendly
+def doctor(model: str = typer.Argument("smollm2-135m", help="A model name, HF id / directory, or tiny:<family>.")) -> None:
+    """Check that actpatch computes the right thing on a model: each invariant, pass or fail, with
+    the measured error; exit status 1 when one fails."""
+    from rich.table import Table
+
+    from ..doctor import doctor as run_doctor
+    from .runner import resolve_model
+
+    with console.status(f"Loading {model}"):
+        m = resolve_model(model)
+    report = run_doctor(m)
+    table = Table(title=f"doctor: {report.model} ({report.family})", title_justify="left")
+    for col in ("check", "result", "max error", "tolerance", "what was compared"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        table.add_row(c.name, "[green]pass[/green]" if c.passed else "[bold red]FAIL[/bold red]", f"{c.error:.2e}",
+                      f"{c.tolerance:.0e}", c.detail)
+    console.print(table)
+    for what, secs in report.estimates.items():
+        console.print(f"estimated {what}: {secs:.1f} s on these 2 random 12-token prompts", markup=False)
+    console.print(f"{'all checks pass' if report.passed else 'FAILED: ' + ', '.join(c.name for c in report.failed)} "
+                  f"({report.seconds:.1f} s)", markup=False)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
 def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search for experiment directories.")) -> None:
     """List the experiments under a folder: model, prompts, targets, date, status (from the saved files)."""
     from rich.table import Table
