@@ -47,7 +47,7 @@ from .hooks import capture, intervene
 from .metrics import Metric
 from .models import DEFAULT_MODEL, Model, load_model, supported_families
 from .prompts import PromptSet
-from .report.figures import attention_figure as plot_attention
+from ._plots import plot_attention
 from .results import PatchResult, ResultInfo
 from .sites import Site, SiteKind
 from .techniques.attribution import Validation, attribute, validate_attribution

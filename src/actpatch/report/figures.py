@@ -111,16 +111,7 @@ def faithfulness_figure(curves: dict[str, "Faithfulness"], title: str = "Circuit
 
 def attention_figure(model: "Model", tokens: Sequence[int] | torch.Tensor | str,
                      heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
-    """Attention patterns of chosen ``heads`` ((layer, head) pairs) on one prompt (text or token
-    ids): query position x key position, tokens on both axes, one panel per head.
-
-    Example:
-        >>> import actpatch as ap
-        >>> from actpatch.testing import tiny_model
-        >>> fig = ap.plot_attention(tiny_model("llama"), [2, 5, 9, 4], heads=[(0, 1), (1, 3)])
-        >>> len(fig.data)
-        2
-    """
+    """Attention patterns of chosen heads on one prompt (see :func:`actpatch.plot_attention`)."""
     from plotly.subplots import make_subplots
 
     from ..errors import SiteError
