@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ def test_demo_end_to_end(tmp_path, bundled):
     assert "Report:" in r.stdout and "Faithfulness, EAP" in r.stdout
     assert "…" not in r.stdout and "+..." not in r.stdout  # every value printed whole (80 columns here)
     listed = CliRunner().invoke(app, ["runs", str(tmp_path)])
-    assert listed.exit_code == 0 and "complete 9/9" in listed.stdout and "smollm2-135m" in listed.stdout
+    assert listed.exit_code == 0 and re.search(r"complete\s*│\s*9/9", listed.stdout) and "smollm2-135m" in listed.stdout
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
     assert names == sorted(f"{t}_{d}" for t in ("resid_pre", "attn_out", "mlp_out", "z") for d in ("denoise", "noise"))
     curves = json.loads((out / "circuits.json").read_text())

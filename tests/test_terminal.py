@@ -27,6 +27,17 @@ def _render(renderables, width: int) -> str:
     return console.export_text()
 
 
+BORDERS = "│┃┐┓┘┛┤┫╇╈┩"
+
+
+def _whole(text: str, width: int) -> bool:
+    """No line wider than the terminal, no value cut with an ellipsis, and no table cropped at
+    the right edge (a line that starts with a border ends with one)."""
+    lines = text.splitlines()
+    cropped = [l for l in lines if l[:1] in "│┃┏┡└┌├" and l.rstrip()[-1:] not in BORDERS]
+    return not cropped and "…" not in text and max(len(l) for l in lines) <= width
+
+
 @pytest.fixture(scope="module")
 def results():
     m = tiny_model("llama_gqa", n_layers=3)
@@ -43,14 +54,13 @@ def results():
 def test_summaries_fit_the_terminal_and_cut_no_value(results, width):
     for (target, d), res in results.items():
         text = _render(result_renderables(res, width, k=10), width)
-        assert "…" not in text and "..." not in text, (target, d)
-        assert max(len(line) for line in text.splitlines()) <= width
+        assert _whole(text, width) and "..." not in text, (target, d)
         for cell in top_cells(res, 10):  # every top cell's value and interval are printed whole
             assert f"{cell.value:+.3f}" in text and f"{cell.low:+.3f}" in text
         assert "█" in text, (target, width)  # every grid here fits (40 neurons x 3 layers included)
     den, noi = results[("z", "denoise")], results[("z", "noise")]
     table = _render([top_heads_table(ap.compare(den, noi, sufficient=0.1, necessary=0.1), den, noi)], width)
-    assert "…" not in table and max(len(line) for line in table.splitlines()) <= width
+    assert _whole(table, width)
 
 
 def test_block_heatmap_is_skipped_when_too_wide(results):
@@ -102,13 +112,15 @@ def test_runs_and_show_read_the_saved_files(tmp_path, monkeypatch, width):
     r = runner.invoke(cli.app, ["runs", str(tmp_path / "exps")])
     assert r.exit_code == 0
     text = console.export_text()
-    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
-    flat = re.sub(r"\s+", "", text)
-    assert "complete4/4" in flat and "partial2/4" in flat and "failed0/4" in flat and "tiny:llama" in flat
+    assert _whole(text, width)
+    rows = {line.split("│")[1].strip(): re.sub(r"\s+", "", line) for line in text.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()}
+    assert "complete│4/4" in rows["a"] and "partial│2/4" in rows["b"] and "failed│0/4" in rows["c"]
+    assert "tiny:llama" in rows["a"]
     r = runner.invoke(cli.app, ["show", str(tmp_path / "exps" / "a")])
     assert r.exit_code == 0
     text = console.export_text()
-    assert "…" not in text and "z_noise: top cells" in text and "complete (4/4)" in text
+    assert _whole(text, width) and "z_noise: top cells" in text and "complete (4/4)" in text
     status = json.loads((tmp_path / "exps" / "c" / "status.json").read_text())
     assert status["status"] == "failed" and "nosuchfamily" in status["error"]
     r = runner.invoke(cli.app, ["show", str(tmp_path / "nothing")])

@@ -159,14 +159,13 @@ def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search fo
         console.print(f"No experiments under {directory} (directories with run.json).", markup=False)
         return
     table = Table(title=f"Experiments under {directory}", title_justify="left")
-    for col in ("run", "model", "prompts", "targets", "date"):
+    for col in ("run", "model", "prompts", "targets", "date", "status", "done"):
         table.add_column(col, overflow="fold")
-    table.add_column("status", overflow="fold", min_width=len("complete 10/10"))
     colours = {"complete": "green", "partial": "yellow", "failed": "red"}
     for e in entries:
-        status = f"[{colours[e.status]}]{e.status}[/] {e.done}/{e.expected}"
         name = str(e.path.relative_to(directory)) if e.path != directory else "."
-        table.add_row(name, e.model, e.prompts, ", ".join(e.targets), e.date, status)
+        table.add_row(name, e.model, e.prompts, ", ".join(e.targets), e.date, f"[{colours[e.status]}]{e.status}[/]",
+                      f"{e.done}/{e.expected}")
     console.print(table)
 
 
