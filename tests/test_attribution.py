@@ -154,3 +154,13 @@ def test_qk_fix_equals_exact_for_a_single_query_or_key_patch(kind, pos):
 def test_qk_fix_only_for_queries_and_keys():
     with pytest.raises(ap.ActpatchError, match="qk_fix applies to q and k"):
         ap.attribute(tiny_model("gpt2"), _pairs(), "z", qk_fix=True)
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_path_patching_kl_is_measured_against_the_clean_run(direction):
+    """KL's reference is the clean run whichever run is patched: the clean baseline is 0 and the
+    corrupted one is not."""
+    m = tiny_model("llama", n_layers=2)
+    res = ap.path_patch(m, _pairs(), [Site("z", 0, head=1)], [Site("resid_final")], direction=direction,
+                        metric=["logit_diff", "kl"])
+    assert res.clean["kl"].abs().max() < 1e-6 and res.corrupted["kl"].max() < -1e-4

@@ -71,11 +71,12 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
     outcome = exp.outcome(len(sender_sets))
     with model.attention_fn():
         for runs in exp.groups():
-            measure = runs.measurer(exp.metrics, runs.clean.logits(model))
             rows = torch.arange(runs.rows)
             with runs.base.context(model), capture(model, z_all) as frozen:
                 base_logits = model.logits(runs.base.ids, last_only=True)
             source, src_logits = exp.source_activations(runs, senders_full)
+            # the clean run is the base or the source run: no third forward pass for KL's reference
+            measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
             outcome.baselines(runs, measure(base_logits, rows), measure(src_logits, rows))
 
             def work(unit: Unit, runs: GroupRuns = runs, frozen: dict = frozen, source: dict = source) -> UnitValues:
