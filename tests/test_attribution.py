@@ -118,6 +118,10 @@ def test_path_patching_bad_input():
         ap.path_patch(m, _pairs(), [Site("z", 0)], [Site("resid_pre", 1)])
     with pytest.raises(ap.SiteError, match="Sender q.L0"):
         ap.path_patch(m, _pairs(), [Site("q", 0)], [Site("resid_final")])
+    with pytest.raises(ap.SiteError, match="empty receiver set"):
+        ap.path_patch(m, _pairs(), [Site("z", 0)], [])
+    with pytest.raises(ap.SiteError, match="empty sender set"):
+        ap.path_patch(m, _pairs(), [], [Site("resid_final")])
 
 
 @pytest.mark.slow

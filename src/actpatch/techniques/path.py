@@ -40,24 +40,20 @@ RECEIVER_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.RESID_FINAL)
 SENDER_KINDS = (SiteKind.Z, SiteKind.MLP_OUT)
 
 
-def _show(s: object) -> str:
-    return str(s) if isinstance(s, Site) else repr(s)
+def _require(sites: Sequence[Site], kinds: tuple[SiteKind, ...], role: str, use: str, model: "Model") -> None:
+    """Each of ``sites`` is a Site of one of ``kinds``, in range for ``model``; else a SiteError."""
+    if not sites:
+        raise SiteError(f"An empty {role.lower()} set; give at least one: {use}.")
+    for s in sites:
+        if not isinstance(s, Site) or s.kind not in kinds:
+            raise SiteError(f"{role} {s if isinstance(s, Site) else repr(s)}: use {use}.")
+        s.check(model)
 
 
 def _check(senders: Sequence[Sequence[Site]], receivers: Sequence[Site], model: "Model") -> None:
-    if not receivers:
-        raise SiteError("Path patching needs at least one receiver (q / k / v sites or Site('resid_final')).")
-    for s in receivers:
-        if not isinstance(s, Site) or s.kind not in RECEIVER_KINDS:
-            raise SiteError(f"Receiver {_show(s)}: use q, k or v sites of heads, or Site('resid_final').")
-        s.check(model)
+    _require(receivers, RECEIVER_KINDS, "Receiver", "q, k or v sites of heads, or Site('resid_final')", model)
     for group in senders:
-        if not group:
-            raise SiteError("An empty sender set; give at least one z or mlp_out site.")
-        for s in group:
-            if not isinstance(s, Site) or s.kind not in SENDER_KINDS:
-                raise SiteError(f"Sender {_show(s)}: use head outputs (z) or MLP outputs (mlp_out).")
-            s.check(model)
+        _require(group, SENDER_KINDS, "Sender", "head outputs (z) or MLP outputs (mlp_out)", model)
 
 
 def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site]], receivers: Sequence[Site], *,
