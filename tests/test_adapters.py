@@ -20,6 +20,10 @@ from actpatch.testing import TINY_FAMILIES, tiny_model
         ("starcoder2", (3, 4, 2, 64, 16, 128)),
         ("gpt_neox", (3, 4, 4, 64, 16, 128)),
         ("gemma2", (3, 4, 2, 64, 16, 128)),
+        ("gemma3_text", (3, 4, 2, 64, 16, 128)),
+        ("gptj", (3, 4, 4, 64, 16, 128)),
+        ("phi", (3, 4, 4, 64, 16, 128)),
+        ("mixtral", (3, 4, 2, 64, 16, 128)),
     ],
 )
 def test_shapes_per_family(family, shape):
@@ -72,6 +76,15 @@ def test_logits_last_only_matches_full(family):
     ("gemma2", dict(post_norms=True, heads_write_additively=False, attn_softcap=50.0, final_softcap=30.0)),
     ("phi3", dict(fused_qkv=True, attention_bias=False, heads_write_additively=True)),
     ("starcoder2", dict(fused_qkv=False, attention_bias=True, rotary=True)),
+    ("gemma3_text", dict(post_norms=True, heads_write_additively=False, attn_softcap=None, final_softcap=None)),
+    ("olmo2", dict(post_norms=True, parallel_residual=False)),
+    ("granite", dict(residual_scale=0.5, logit_scale=0.25)),
+    ("cohere", dict(parallel_residual=True, logit_scale=0.5)),
+    ("stablelm", dict(parallel_residual=True, attention_bias=True)),
+    ("stablelm_serial", dict(parallel_residual=False)),
+    ("phi", dict(parallel_residual=True, attention_bias=True)),
+    ("gptj", dict(parallel_residual=True, attention_bias=False, rotary=True)),
+    ("mixtral", dict(mixture_of_experts=True)),
 ])
 def test_capabilities_per_family(family, flags):
     caps = tiny_model(family).adapter.capabilities
@@ -99,3 +112,25 @@ def test_actpatch_attention_reproduces_the_models_own_forward(family):
     with m.attention_fn():
         ours = m.logits(ids)
     torch.testing.assert_close(ours, own, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, kind, fragment", [
+    ("mixtral", "mlp_post", "mixture of experts whose neurons belong to each expert"),
+    ("gptj", "mlp_in", "one shared norm"), ("cohere", "resid_mid", "parallel attention and MLP"),
+    ("stablelm", "mlp_in", "one shared norm"),
+])
+def test_sites_a_family_lacks_are_refused_with_the_reason(family, kind, fragment):
+    m = tiny_model(family)
+    assert kind not in m.adapter.site_kinds
+    with pytest.raises(ap.UnsupportedSiteError, match=fragment):
+        ap.sweep(m, ap.testing.random_pairs(n=2, T=5, diff=(1, 2)), kind, progress=False)
+
+
+def test_layer_types_get_their_own_rotary_tables():
+    """Gemma 3: local layers rotate with base 10k, global ones with 1M; each block gets its own."""
+    m = tiny_model("gemma3_text", n_layers=3)
+    x = torch.zeros(1, 5, m.d_model)
+    pe = m.adapter.position_embeddings(x, torch.arange(5)[None])
+    assert set(pe) == {"sliding_attention", "full_attention"}
+    assert not torch.allclose(pe["sliding_attention"][0], pe["full_attention"][0])
+    assert m.adapter.layer_types == ("sliding_attention", "sliding_attention", "full_attention")

@@ -24,11 +24,13 @@ def _no_input_norms(family):
         setattr(block, name, torch.nn.Identity())
         if family == "qwen3":
             block.self_attn.q_norm, block.self_attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
+        if family == "stablelm_serial":
+            block.self_attn.q_layernorm, block.self_attn.k_layernorm = torch.nn.Identity(), torch.nn.Identity()
     return m
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "mistral", "gpt_neox", "gpt_neox_serial", "qwen2", "qwen3",
-                                    "gemma", "phi3", "starcoder2"])
+                                    "gemma", "phi3", "starcoder2", "granite", "smollm3", "mixtral", "stablelm_serial"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_edges_into_a_node_add_up_to_its_attribution(family, direction):
     m = _no_input_norms(family)
@@ -91,7 +93,7 @@ def _keep_all_but(edges, node):
     return keep
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "gpt_neox_serial", "granite", "mixtral"])
 def test_circuit_runs_match_exact_patching(family):
     m = tiny_model(family, n_layers=3, seed=2)
     ps = _pairs()
@@ -128,7 +130,7 @@ def _linear_head(family):
     return without_final_norm(tiny_model(family, n_layers=3, seed=3))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox", "granite"])
 def test_validate_edges_is_exact_for_edges_into_linear_logits(family):
     """Cutting u -> logits changes the final residual by u's corrupted - clean write, to which
     the metric is linear here: EAP's score is the exact effect."""
@@ -166,3 +168,13 @@ def test_bundled_ioi_edge_scores_against_cutting_edges(bundled):
         print(f"\nIOI edges, {'EAP-IG' if steps else 'EAP'} vs cutting each edge exactly (10 top + 10 random): "
               f"Spearman {check.rank_correlation:.3f}; worst {check.disagreements(1)}")
         assert check.rank_correlation >= 0.5
+
+
+@pytest.mark.parametrize("family, fragment", [
+    ("gemma2", "heads' writes do not add up"), ("gemma3_text", "heads' writes do not add up"),
+    ("olmo2", "heads' writes do not add up"), ("phi", "one shared norm"), ("gptj", "one shared norm"),
+    ("cohere", "one shared norm"), ("stablelm", "one shared norm"),
+])
+def test_edge_graph_refused_where_edges_are_not_defined(family, fragment):
+    with pytest.raises(ap.MethodError, match=fragment):
+        ap.edge_attribution(tiny_model(family), _pairs())

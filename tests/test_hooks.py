@@ -16,10 +16,13 @@ ALL_KINDS = ["embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_o
              "pattern", "mlp_post", "resid_final"]
 
 
+PARALLEL = ("gpt_neox", "stablelm", "phi", "gptj", "cohere")
+
+
 def _sites(model, layer=1):
     out = []
     for k in ALL_KINDS:
-        if k == "resid_mid" and model.adapter.parallel:
+        if k not in model.adapter.site_kinds:  # resid_mid of parallel blocks, mlp_post of experts
             continue
         out.append(Site(k) if k in ("embed", "resid_final") else Site(k, layer))
     return out
@@ -51,13 +54,14 @@ def test_writing_back_captured_activations_changes_nothing(tiny, ids):
 
 def test_residual_identities(tiny, ids):
     sites = [Site(k, l) for l in range(tiny.n_layers) for k in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
-    if not tiny.adapter.parallel:
+    if "resid_mid" in tiny.adapter.site_kinds:
         sites += [Site("resid_mid", l) for l in range(tiny.n_layers)]
     with ap.capture(tiny, sites + [Site("resid_final")]) as a:
         tiny.logits(ids)
     for l in range(tiny.n_layers):
         pre, post = a[Site("resid_pre", l)], a[Site("resid_post", l)]
-        att, mlp = a[Site("attn_out", l)], a[Site("mlp_out", l)]
+        # what attention and the MLP add (Granite scales both by its residual multiplier)
+        att, mlp = (tiny.adapter.residual_write(a[Site(k, l)]) for k in ("attn_out", "mlp_out"))
         nxt = a[Site("resid_pre", l + 1)] if l + 1 < tiny.n_layers else a[Site("resid_final")]
         assert torch.equal(post, nxt)
         if tiny.adapter.parallel:
@@ -126,7 +130,7 @@ def test_written_qkv_pattern_match_hand_computed_attention(tiny, ids, kind):
     assert (patched[Site("z", layer)] - clean[Site("z", layer)]).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "gpt_neox"])  # parallel: no resid_mid
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f not in PARALLEL])  # parallel: no resid_mid
 def test_resid_mid_write_flows_into_mlp_and_residual(family, ids):
     tiny = tiny_model(family, n_layers=3)
     l = 0
@@ -136,7 +140,8 @@ def test_resid_mid_write_flows_into_mlp_and_residual(family, ids):
     ) as a:
         tiny.logits(ids)
     assert torch.equal(a[Site("resid_mid", l)], new)
-    torch.testing.assert_close(a[Site("resid_post", l)], new + a[Site("mlp_out", l)], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[Site("resid_post", l)], new + tiny.adapter.residual_write(a[Site("mlp_out", l)]),
+                               atol=1e-5, rtol=0)
 
 
 def test_sliced_write_touches_only_its_slice(tiny, ids):

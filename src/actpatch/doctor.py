@@ -115,7 +115,7 @@ def doctor(model: "Model", prompts: PromptSet | None = None, *, tol: float = 1e-
         ours = model.logits(ids)
     add("attention function", _err(ours, own), "logits with actpatch's attention vs the model's own")
 
-    kinds = [k for k in SiteKind if k is not SiteKind.RESID_MID or not model.adapter.capabilities.parallel_residual]
+    kinds = [k for k in SiteKind if k in model.adapter.site_kinds]
     sites = [Site(k) if k in (SiteKind.EMBED, SiteKind.RESID_FINAL) else Site(k, l) for k in kinds for l in (0, L - 1)]
     sites = list(dict.fromkeys(sites))
     with model.attention_fn():
@@ -142,7 +142,7 @@ def doctor(model: "Model", prompts: PromptSet | None = None, *, tol: float = 1e-
     worst, which = 0.0, ""
     timing: dict[str, float] = {}
     for kind in sorted(BATCHED_KINDS, key=lambda k: k.value):
-        if kind is SiteKind.RESID_MID and model.adapter.capabilities.parallel_residual:
+        if kind not in model.adapter.site_kinds:
             continue
         kw: dict = {"layers": layers}
         if kind is SiteKind.MLP_POST:

@@ -25,10 +25,13 @@ WORDS = (
 VOCAB = 72
 
 TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "mistral", "qwen2", "qwen3", "gemma", "phi3", "starcoder2", "gpt_neox",
-                 "gpt_neox_serial", "gemma2")
+                 "gpt_neox_serial", "gemma2", "gemma3_text", "olmo2", "olmo", "granite", "cohere", "stablelm",
+                 "stablelm_serial", "phi", "gptj", "smollm3", "mixtral")
 
 
 def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformers config
+    import transformers as tf
+
     from transformers import (GemmaConfig, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                               Phi3Config, Qwen2Config, Qwen3Config, Starcoder2Config)
 
@@ -63,6 +66,35 @@ def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformer
         return Gemma2Config(**common, num_key_value_heads=2, head_dim=16, intermediate_size=128,
                             max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=16,
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    gqa = dict(**common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128, **ids)
+    if family == "gemma3_text":  # layers 0, 1 slide over 4 tokens with base 10k rotary, layer 2 global with 1M
+        return tf.Gemma3TextConfig(**gqa, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"][:n_layers]
+                                   + ["full_attention"] * max(0, n_layers - 3))
+    if family == "olmo2":  # norms after attention and MLP only, q / k norms
+        return tf.Olmo2Config(**gqa)
+    if family == "olmo":  # layer norms without parameters, q / k / v clipped
+        return tf.OlmoConfig(**gqa, clip_qkv=3.0)
+    if family == "granite":  # every multiplier away from 1
+        return tf.GraniteConfig(**gqa, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                logits_scaling=4.0)
+    if family == "cohere":  # parallel block, logit scale, q / k norms
+        return tf.CohereConfig(**gqa, logit_scale=0.5, use_qk_norm=True)
+    if family in ("stablelm", "stablelm_serial"):  # partial rotary (a quarter of each head), q / k layer norms
+        return tf.StableLmConfig(**gqa, partial_rotary_factor=0.25, qk_layernorm=True, use_qkv_bias=True,
+                                 use_parallel_residual=family == "stablelm", hidden_dropout=0.0)
+    if family == "phi":  # parallel block, partial rotary, biases everywhere
+        return tf.PhiConfig(**common, intermediate_size=128, max_position_embeddings=128, partial_rotary_factor=0.5,
+                            resid_pdrop=0.0, embd_pdrop=0.0, **ids)
+    if family == "gptj":  # parallel block, rotary on 8 of 16 dimensions per head
+        return tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=n_layers, n_head=4, n_inner=128, rotary_dim=8,
+                             n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if family == "smollm3":  # layer 1 has no rotary embedding
+        return tf.SmolLM3Config(**gqa, no_rope_layers=[1 if l != 1 else 0 for l in range(n_layers)],
+                                use_sliding_window=False)
+    if family == "mixtral":  # 4 experts, 2 per token
+        return tf.MixtralConfig(**gqa, num_local_experts=4, num_experts_per_tok=2)
     raise UnsupportedArchitectureError(f"Unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}.")
 
 

@@ -51,15 +51,17 @@ class FamilySpec:
     """Output projection of attention; its input is z."""
     mlp_out: str
     """Module whose output the block adds to the residual stream after the MLP."""
-    mlp_down: str
-    """The MLP's output projection; its input are the neurons (mlp_post)."""
+    mlp_down: str | None
+    """The MLP's output projection; its input are the neurons (mlp_post). None for a mixture of
+    experts, whose neurons are per expert (``mlp_post`` is then refused)."""
     mlp_in_norm: str | None
     """Norm whose input is resid_mid; None when attention and MLP run in parallel."""
     rotary: str | None = None
     """Rotary position embedding module (model-level path); None when positions are added to
     the embeddings (GPT-2)."""
-    parallel_flag: str | None = None
-    """Config attribute that, when true, makes attention and MLP parallel (GPT-NeoX)."""
+    parallel: bool | str = False
+    """Attention and MLP run in parallel on the block input: always (True: GPT-J, Phi, Cohere),
+    or when the named config attribute is true (GPT-NeoX, StableLM)."""
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
     context_attr: str = "max_position_embeddings"
@@ -68,8 +70,19 @@ class FamilySpec:
     """Norms after the attention and MLP outputs (Gemma 2): heads' writes do not add up."""
     fused_qkv: bool = False
     """q, k and v come from one projection (GPT-2's c_attn, GPT-NeoX's query_key_value)."""
-    bias_attr: str | None = "attention_bias"
-    """Config attribute saying whether the attention projections have biases (None: always)."""
+    bias_attr: str | bool = "attention_bias"
+    """Whether the attention projections have biases: a constant, or the config attribute that
+    says so."""
+    rotary_by_layer_type: bool = False
+    """Each ``config.layer_types`` entry has its own rotary tables (Gemma 3: local and global
+    layers with different bases); the rotary module takes the layer type."""
+    residual_multiplier: str | None = None
+    """Config attribute scaling what attention and the MLP add to the residual stream (Granite);
+    the attn_out / mlp_out sites are before the scaling."""
+    logit_scale: Callable[[Any], float] | None = None
+    """The factor the model applies to its logits, from its config (Cohere, Granite)."""
+    moe: bool = False
+    """The MLP is a mixture of experts."""
     handled: frozenset[str] = frozenset()
     """Config attributes this adapter knows of (beyond every config's generic ones)."""
     refuse: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
@@ -149,7 +162,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         n_kv_heads_attr=None,
         context_attr="n_positions",
         fused_qkv=True,
-        bias_attr=None,
+        bias_attr=True,
         handled=frozenset({"activation_function", "attn_pdrop", "embd_pdrop", "resid_pdrop", "layer_norm_epsilon",
                            "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx", "reorder_and_upcast_attn",
                            "scale_attn_by_inverse_layer_idx", "scale_attn_weights", "summary_activation",
@@ -193,7 +206,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         mlp_down="mlp.dense_4h_to_h",
         mlp_in_norm="post_attention_layernorm",
         rotary="gpt_neox.rotary_emb",
-        parallel_flag="use_parallel_residual",
+        parallel="use_parallel_residual",
         n_kv_heads_attr=None,
         fused_qkv=True,
         handled=_DECODER | {"use_parallel_residual", "hidden_dropout", "classifier_dropout", "layer_norm_eps",
@@ -219,6 +232,95 @@ FAMILIES: tuple[FamilySpec, ...] = (
                             "query_pre_attn_scalar", "sliding_window", "layer_types", "use_bidirectional_attention",
                             "cache_implementation"},
         refuse={"use_bidirectional_attention": _truthy, "rope_parameters": _rope_unverified},
+    ),
+    FamilySpec(
+        name="gemma3_text",
+        model_types=("gemma3_text",),
+        examples="Gemma 3 text models, Gemma 3 270M (local and global layers with their own rotary bases, "
+        "q / k norms, extra norms, scaled embeddings)",
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        attn="self_attn",
+        attn_out="post_attention_layernorm",
+        o_proj="self_attn.o_proj",
+        mlp_out="post_feedforward_layernorm",
+        mlp_down="mlp.down_proj",
+        mlp_in_norm="pre_feedforward_layernorm",
+        rotary="model.rotary_emb",
+        rotary_by_layer_type=True,
+        post_norms=True,
+        handled=_DECODER | {"hidden_activation", "attn_logit_softcapping", "final_logit_softcapping",
+                            "query_pre_attn_scalar", "sliding_window", "layer_types", "_sliding_window_pattern",
+                            "use_bidirectional_attention", "cache_implementation"},
+        refuse={"use_bidirectional_attention": _truthy, "rope_parameters": _rope_unverified,
+                "rope_scaling": _rope_unverified},
+    ),
+    _llama_like(
+        "olmo2", ("olmo2",), "OLMo 2 (norms after attention and MLP only, q / k norms)",
+        handled=set(), attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm", mlp_in_norm="mlp",
+        post_norms=True,
+    ),
+    _llama_like(
+        "olmo", ("olmo",), "OLMo (layer norms without parameters, optional q / k / v clipping)",
+        handled={"clip_qkv"},
+    ),
+    _llama_like(
+        "granite", ("granite",), "Granite (embedding, residual, attention and logit multipliers)",
+        handled={"embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "mlp_bias"},
+        residual_multiplier="residual_multiplier", logit_scale=lambda cfg: 1.0 / float(cfg.logits_scaling),
+    ),
+    _llama_like(
+        "cohere", ("cohere",), "Cohere Command-R (parallel attention and MLP, logit scale, optional q / k norms)",
+        handled={"layer_norm_eps", "logit_scale", "use_qk_norm"}, parallel=True, mlp_in_norm=None,
+        logit_scale=lambda cfg: float(cfg.logit_scale),
+    ),
+    _llama_like(
+        "stablelm", ("stablelm",), "StableLM (partial rotary, parallel blocks when the config says so, "
+        "optional per-head q / k layer norms)",
+        handled={"layer_norm_eps", "hidden_dropout", "partial_rotary_factor", "qk_layernorm", "use_qkv_bias",
+                 "use_parallel_residual"},
+        parallel="use_parallel_residual", bias_attr="use_qkv_bias",
+    ),
+    _llama_like(
+        "phi", ("phi",), "Phi-1, Phi-1.5, Phi-2 (parallel attention and MLP, partial rotary)",
+        handled={"layer_norm_eps", "partial_rotary_factor", "qk_layernorm", "resid_pdrop", "embd_pdrop"},
+        final_norm="model.final_layernorm", o_proj="self_attn.dense", mlp_down="mlp.fc2", mlp_in_norm=None,
+        parallel=True, bias_attr=True,
+    ),
+    _llama_like(
+        "smollm3", ("smollm3",), "SmolLM3 (layers without rotary embeddings)",
+        handled={"mlp_bias", "no_rope_layers", "no_rope_layer_interval", "sliding_window", "use_sliding_window",
+                 "max_window_layers", "layer_types"},
+        refuse={"use_sliding_window": _truthy},
+    ),
+    _llama_like(
+        "mixtral", ("mixtral",), "Mixtral (mixture-of-experts MLP: residual, attention, heads and mlp_out sites)",
+        handled={"num_local_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
+                 "router_jitter_noise", "sliding_window"},
+        mlp_down=None, moe=True,
+    ),
+    FamilySpec(
+        name="gptj",
+        model_types=("gptj",),
+        examples="GPT-J (parallel attention and MLP, rotary on part of each head)",
+        blocks="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.out_proj",
+        mlp_out="mlp",
+        mlp_down="mlp.fc_out",
+        mlp_in_norm=None,
+        rotary="transformer.rotary_emb",
+        parallel=True,
+        n_heads_attr="n_head",
+        n_kv_heads_attr=None,
+        context_attr="n_positions",
+        bias_attr=False,
+        handled=frozenset({"activation_function", "attn_pdrop", "embd_pdrop", "resid_pdrop", "layer_norm_epsilon",
+                           "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "rotary_dim"}),
     ),
 )
 
@@ -254,6 +356,13 @@ class Capabilities:
     """The attention projections have biases."""
     attn_softcap: float | None
     final_softcap: float | None
+    residual_scale: float = 1.0
+    """What the block adds to the residual stream is ``residual_scale`` times the attn_out /
+    mlp_out sites (Granite's residual multiplier)."""
+    logit_scale: float = 1.0
+    """The model multiplies its logits by this (Cohere's logit scale, 1 / Granite's logits scaling)."""
+    mixture_of_experts: bool = False
+    """The MLP is a mixture of experts: no ``mlp_post`` site."""
 
 
 class Adapter:
@@ -263,7 +372,7 @@ class Adapter:
         self.spec = spec
         self.hf_model = hf_model
         cfg = hf_model.config
-        self.parallel = bool(getattr(cfg, spec.parallel_flag, False)) if spec.parallel_flag else False
+        self.parallel = spec.parallel if isinstance(spec.parallel, bool) else bool(getattr(cfg, spec.parallel, False))
         self.blocks: nn.ModuleList = _get(hf_model, spec.blocks)  # type: ignore[assignment]
         self.n_layers = len(self.blocks)
         self.n_heads = int(getattr(cfg, spec.n_heads_attr))
@@ -272,20 +381,41 @@ class Adapter:
         self.d_model = int(cfg.hidden_size)
         head_dim = getattr(cfg, "head_dim", None)
         self.d_head = int(head_dim) if head_dim else self.d_model // self.n_heads
-        down = self.block_module(0, spec.mlp_down)
-        # nn.Linear reads in_features; GPT-2's Conv1D (weight (in, out)) reads nx
-        self.d_mlp = int(getattr(down, "in_features", None) or getattr(down, "nx"))
+        if spec.mlp_down is None:
+            self.d_mlp = int(cfg.intermediate_size)
+        else:
+            down = self.block_module(0, spec.mlp_down)
+            # nn.Linear reads in_features; GPT-2's Conv1D (weight (in, out)) reads nx
+            self.d_mlp = int(getattr(down, "in_features", None) or getattr(down, "nx"))
         ctx = getattr(cfg, spec.context_attr, None)
         self.context_length: int | None = int(ctx) if ctx else None
+        self.layer_types: tuple[str, ...] | None = (
+            tuple(cfg.layer_types) if spec.rotary_by_layer_type else None)
+        bias = spec.bias_attr if isinstance(spec.bias_attr, bool) else bool(getattr(cfg, spec.bias_attr, False))
         self.capabilities = Capabilities(
             parallel_residual=self.parallel, post_norms=spec.post_norms,
             heads_write_additively=spec.attn_out == spec.attn and not spec.post_norms,
             rotary=spec.rotary is not None,
             fused_qkv=spec.fused_qkv,
-            attention_bias=True if spec.bias_attr is None else bool(getattr(cfg, spec.bias_attr, False)),
+            attention_bias=bias,
             attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
             final_softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+            residual_scale=float(getattr(cfg, spec.residual_multiplier)) if spec.residual_multiplier else 1.0,
+            logit_scale=spec.logit_scale(cfg) if spec.logit_scale else 1.0,
+            mixture_of_experts=spec.moe,
         )
+        kinds = set(SiteKind)
+        # the MLP's own input module: absent when attention and MLP share one norm (GPT-J, Phi,
+        # Cohere, parallel StableLM); in parallel blocks it reads resid_pre, so no resid_mid
+        self._mlp_in = spec.mlp_in_norm is not None and getattr(self.blocks[0], spec.mlp_in_norm.split(".")[0], None) is not None
+        if not self._mlp_in:
+            kinds.discard(SiteKind.MLP_IN)
+        if self.parallel or not self._mlp_in:
+            kinds.discard(SiteKind.RESID_MID)
+        if spec.mlp_down is None:
+            kinds.discard(SiteKind.MLP_POST)
+        self.site_kinds: frozenset[SiteKind] = frozenset(kinds)
+        """The site kinds this model has."""
 
     @property
     def family(self) -> str:
@@ -311,11 +441,24 @@ class Adapter:
     # -- sites -----------------------------------------------------------------------------
     def check_site(self, site: Site) -> None:
         """Raise :class:`UnsupportedSiteError` when the family lacks this kind of site."""
-        if site.kind == SiteKind.RESID_MID and self.parallel:
+        if site.kind in self.site_kinds:
+            return
+        if site.kind is SiteKind.RESID_MID:
             raise UnsupportedSiteError(
                 f"{site}: resid_mid does not exist in {self.spec.name} with parallel attention and "
                 f"MLP (both read resid_pre). Patch resid_pre, attn_out or mlp_out instead."
             )
+        if site.kind is SiteKind.MLP_IN:
+            raise UnsupportedSiteError(
+                f"{site}: {self.spec.name}'s attention and MLP read one shared norm of resid_pre, so the "
+                f"MLP has no input of its own to read or write. Patch resid_pre or mlp_out instead."
+            )
+        if site.kind is SiteKind.MLP_POST and self.capabilities.mixture_of_experts:
+            raise UnsupportedSiteError(
+                f"{site}: {self.spec.name}'s MLP is a mixture of experts whose neurons belong to each expert; "
+                f"actpatch has no per-expert neuron sites. Patch mlp_out (the mixture's output) or mlp_in instead."
+            )
+        raise UnsupportedSiteError(f"{site}: no {site.kind.value!r} site in {self.spec.name}.")  # pragma: no cover
 
     def hook_point(self, site: Site) -> tuple[nn.Module, Where]:
         """The module and side whose tensor is this site's activation: the one site -> hook
@@ -340,8 +483,6 @@ class Adapter:
             SiteKind.Z: (s.o_proj, "input"),
             SiteKind.MLP_POST: (s.mlp_down, "input"),
         }
-        if k not in table or (k in (SiteKind.RESID_MID, SiteKind.MLP_IN) and s.mlp_in_norm is None):
-            raise UnsupportedSiteError(f"{site}: no module hook for kind {k.value!r} in {s.name}.")
         path, where = table[k]
         return (self.blocks[l] if path is None else self.block_module(l, path)), where
 
@@ -354,7 +495,12 @@ class Adapter:
         eye = torch.eye(H, dtype=dz.dtype, device=dz.device)[:, None, None, :, None]  # (H, 1, 1, H, 1)
         masked = (dz[None] * eye).reshape(H, B, T, H * D)
         # .forward, not __call__: no hooks, so this may run inside captures on the same module
-        return o_proj.forward(masked) - o_proj.forward(torch.zeros_like(masked[:1]))
+        return self.residual_write(o_proj.forward(masked) - o_proj.forward(torch.zeros_like(masked[:1])))
+
+    def residual_write(self, out: torch.Tensor) -> torch.Tensor:
+        """What the block adds to the residual stream for an attn_out or mlp_out value ``out``."""
+        scale = self.capabilities.residual_scale
+        return out if scale == 1.0 else out * scale
 
     def recompute_pattern(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The attention pattern ``(B, H, Tq, Tk)`` layer ``layer`` computes from queries
@@ -363,16 +509,22 @@ class Adapter:
         return recompute_pattern(self.attention(layer), q, k)
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        """What the blocks need for positions ``position_ids`` (1, T): rotary (cos, sin), or None."""
+        """What the blocks need for positions ``position_ids`` (1, T): rotary (cos, sin), one
+        pair per layer type when layers differ (Gemma 3), or None; :meth:`run_block` picks."""
         if self.spec.rotary is None:
             return None
-        return _get(self.hf_model, self.spec.rotary)(hidden, position_ids=position_ids)
+        rotary = _get(self.hf_model, self.spec.rotary)
+        if self.layer_types is not None:
+            return {t: rotary(hidden, position_ids, t) for t in set(self.layer_types)}
+        return rotary(hidden, position_ids=position_ids)
 
     def run_block(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
         """Block ``layer`` on ``hidden`` (B, T, d_model) with no mask (the actpatch attention
         function then applies a causal mask, offset by any key/value prefix)."""
         kwargs: dict[str, Any] = {"attention_mask": None}
         if self.spec.rotary is not None:
+            if self.layer_types is not None:
+                position_embeddings = position_embeddings[self.layer_types[layer]]
             kwargs.update(position_ids=position_ids, position_embeddings=position_embeddings)
         out = self.blocks[layer](hidden, **kwargs)
         return _first_tensor(out)
@@ -387,6 +539,8 @@ class Adapter:
         else:
             bias = head.bias[tokens] if getattr(head, "bias", None) is not None else None
             logits = torch.nn.functional.linear(normed, head.weight[tokens], bias)
+        if self.capabilities.logit_scale != 1.0:
+            logits = logits * self.capabilities.logit_scale
         cap = self.capabilities.final_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

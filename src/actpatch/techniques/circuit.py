@@ -106,7 +106,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
             h = adapter.run_block(l, h, pos, pe)
         for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
             cur_w[node_at[Node(NodeKind.HEAD, l, hh)]] = w
-        cur_w[mlp_node] = layer[Site("mlp_out", l)]
+        cur_w[mlp_node] = adapter.residual_write(layer[Site("mlp_out", l)])
     fix = correction(Port(PortKind.LOGITS), len(graph.nodes))
     return adapter.unembed((h if fix is None else h - fix)[:, -1])
 

@@ -121,7 +121,8 @@ def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) ->
     ``resid_pre`` of layer 0, every ``z`` and every ``mlp_out``."""
     writes = [acts[Site("resid_pre", 0)]]
     for l in range(model.n_layers):
-        writes += list(model.adapter.head_writes(l, acts[Site("z", l)])) + [acts[Site("mlp_out", l)]]
+        writes += list(model.adapter.head_writes(l, acts[Site("z", l)]))
+        writes.append(model.adapter.residual_write(acts[Site("mlp_out", l)]))
     if len(writes) != len(graph.nodes):  # pragma: no cover - the graph and this loop list nodes alike
         raise MethodError("internal: node writes do not match the graph's nodes")
     return writes

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import MethodError
+from ..sites import SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -116,6 +117,12 @@ class Graph:
             raise MethodError(
                 f"The {model.family} family normalises the attention output after the output projection, so heads' "
                 f"writes do not add up; edge attribution and circuits need per-head writes (gpt2, llama, gpt_neox)."
+            )
+        if SiteKind.MLP_IN not in model.adapter.site_kinds:
+            raise MethodError(
+                f"In the {model.family} family attention and the MLP read one shared norm of the residual stream, so "
+                f"an edge into the MLP cannot be patched apart from the edges into the heads; edge attribution and "
+                f"circuits need an MLP input of its own (gpt2, llama, gpt_neox...)."
             )
         L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
         nodes: list[Node] = [Node(NodeKind.EMBED)]
