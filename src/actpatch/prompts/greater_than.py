@@ -28,7 +28,12 @@ def greater_than(model: "Model", n: int = 32, *, seed: int = 0, century: int = 1
     alternative: the digit one below (surely earlier). Logit difference answer - alternative
     then measures "end year > start year".
 
-    Needs a tokenizer that splits the year's digits so that clean and corrupted align.
+    What is measured, exactly: tokenizers that split numbers into single digits (SmolLM2,
+    Gemma 3, Llama 3...) emit the end year's two digits as two tokens, so the first one, the
+    tens digit, is the answer; the ones digit is never scored. "17|8" vs "17|6" for start year
+    1769 is a coarser question than Hanna et al.'s two-digit token (GPT-2), but the same
+    comparison. Where years tokenise differently between prompts the builder refuses, since
+    clean and corrupted prompts would not align.
     """
     rng = random.Random(seed)
     pairs, attrs = [], []
