@@ -134,3 +134,20 @@ def test_layer_types_get_their_own_rotary_tables():
     assert set(pe) == {"sliding_attention", "full_attention"}
     assert not torch.allclose(pe["sliding_attention"][0], pe["full_attention"][0])
     assert m.adapter.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+
+
+def test_every_model_type_has_a_tiny_model_and_a_readme_row():
+    """The family table is the whole list: each model_type an adapter accepts is built as a tiny
+    model (so the invariant table runs on it) and documented in the README."""
+    from pathlib import Path
+
+    from actpatch.models.adapters import FAMILIES
+    from actpatch.testing import _config
+
+    tiny_types = {_config(f, 2).model_type for f in TINY_FAMILIES}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for spec in FAMILIES:
+        for mt in spec.model_types:
+            assert mt in tiny_types, f"model_type {mt!r} ({spec.name}) has no tiny model in TINY_FAMILIES"
+        assert f"| `{spec.name}`" in readme, f"README's family table lacks {spec.name}"
+    assert sum(len(s.model_types) for s in FAMILIES) == 20
