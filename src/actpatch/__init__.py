@@ -25,6 +25,7 @@ from .errors import (
     PromptError,
     ResultError,
     SiteError,
+    SubspaceError,
     UnsupportedArchitectureError,
     UnsupportedSiteError,
 )
@@ -50,6 +51,7 @@ from .prompts import PromptSet
 from ._plots import plot_attention
 from .results import PatchResult, ResultInfo
 from .sites import Site, SiteKind
+from .subspace import Subspace
 from .techniques.attribution import Validation, attribute, validate_attribution
 from .techniques.circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
 from .techniques.eap import EdgeScores, edge_attribution
@@ -64,9 +66,10 @@ __all__ = [
     # errors
     "ActpatchError", "ConfigError", "ContextLengthError", "CorruptionError", "DirectionError", "EngineError",
     "MethodError", "MetricError", "ModelNotFoundError", "OutputDirError", "PromptError", "ResultError", "SiteError",
-    "UnsupportedArchitectureError", "UnsupportedSiteError",
+    "SubspaceError", "UnsupportedArchitectureError", "UnsupportedSiteError",
     # models and sites
     "DEFAULT_MODEL", "Model", "load_model", "supported_families", "Site", "SiteKind", "capture", "intervene",
+    "Subspace",
     # experiments
     "prompts", "PromptSet", "Corruption", "CorruptionKind", "GaussianNoise", "MeanAblation", "Resample",
     "SymmetricReplacement", "ZeroAblation", "Metric", "Direction", "DEFAULT_DIRECTION", "Engine", "Method", "Estimate",

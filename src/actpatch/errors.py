@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "SiteError",
     "UnsupportedSiteError",
+    "SubspaceError",
     "PromptError",
     "ContextLengthError",
     "MetricError",
@@ -79,6 +80,11 @@ class MethodError(ActpatchError):
 class ResultError(ActpatchError):
     """A saved result is missing, incomplete, corrupt, foreign or of an incompatible format; or a
     result cannot be used the way it was asked (unknown metric, mismatched grids)."""
+
+
+class SubspaceError(ActpatchError):
+    """A subspace basis cannot be used: rank-deficient, of the wrong width for the site, or for a
+    site kind whose last axis is not a vector (pattern, single indices)."""
 
 
 class ConfigError(ActpatchError):

@@ -62,6 +62,8 @@ class ResultInfo:
     """:func:`actpatch.patch`: the sites written together."""
     senders: tuple[str, ...] = ()
     receivers: tuple[str, ...] = ()
+    subspace: dict[str, Any] | None = None
+    """Subspace patching: :meth:`actpatch.subspace.Subspace.describe` of the basis patched along."""
     diagnostics: Diagnostics = Diagnostics()
     prompt_attributes: tuple[dict[str, Any], ...] = ()
     role_groups: int | None = None

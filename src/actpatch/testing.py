@@ -247,6 +247,58 @@ def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     return model, prompts
 
 
+def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, PromptSet, Site, Tensor)
+    """A 1-layer GPT-2 with hand-set weights where patching an MLP subspace shows an effect the
+    model does not compute (Makelov, Lange & Nanda 2023's interpretability illusion), and a
+    control where the same kind of patch is genuine. Returns ``(model, prompts, site, U)``.
+
+    LayerNorms are centring maps (epsilon 1e8, weight 1e4, as in :func:`cancel_model`) and every
+    read vector sums to zero. Residual dims: 0 the input bit a, 1 the output; logit(2) -
+    logit(3) = 2 (x_1 - x_2). Clean prompt token 1 (a = 1), corrupted token 0; answer 2,
+    alternative 3. The site is ``Site("mlp_post", 0, pos=0)`` (two ReLU neurons).
+
+    * **illusion**: the embedding writes a to dim 1 too (another path solves the task). Neuron 0
+      computes a but its output weights are zero (it varies, and nothing reads it: the null
+      space of the MLP's output projection); neuron 1 is always 0 but writes +1 to dim 1 (read,
+      dormant). Clean LD = 2, corrupted 0. ``U = (1, 1) / sqrt(2)``. Denoising the whole MLP
+      changes nothing (0: neuron 0 is unread, neuron 1 equal); patching along U sets the
+      neurons to (0.5, 0.5), so neuron 1 adds 0.5 * 2 = 1 to LD: normalised 0.5. Along the read
+      part (neuron 1) alone: 0, since it never varies. Flagged.
+    * **control**: no direct path; neuron 0 computes a and writes +1 to dim 1. ``U = (1, 0)``.
+      Patching along U and the whole MLP both give 1; U lies in the row space. Not flagged.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .prompts.promptset import PromptSet
+    from .sites import Site
+
+    cfg = GPT2Config(vocab_size=4, n_embd=4, n_layer=1, n_head=1, n_inner=2, n_positions=4,
+                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        block = hf.transformer.h[0]
+        for ln in (hf.transformer.ln_f, block.ln_1, block.ln_2):
+            ln.weight.fill_(1e4)
+        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
+        mlp = block.mlp  # Conv1D weights are (in, out)
+        mlp.c_fc.weight[0, 0], mlp.c_fc.weight[3, 0] = 1.0, -1.0  # neuron 0 = relu(a)
+        if control:
+            mlp.c_proj.weight[0, 1] = 1.0  # neuron 0 writes the output
+        else:
+            hf.transformer.wte.weight[1, 1] = 1.0  # the task is solved by the direct path
+            mlp.c_proj.weight[1, 1] = 1.0  # neuron 1 (always 0) would write the output
+        hf.lm_head.weight[2, 1], hf.lm_head.weight[2, 2] = 1.0, -1.0
+        hf.lm_head.weight[3, 1], hf.lm_head.weight[3, 2] = -1.0, 1.0
+    name = "micro-illusion-control" if control else "micro-illusion"
+    model = Model(hf, None, name=name)
+    prompts = PromptSet.from_ids([[1]], [[0]], [2], [3], name=name)
+    U = torch.tensor([[1.0, 0.0]]) if control else torch.tensor([[1.0, 1.0]]) / 2**0.5
+    return model, prompts, Site("mlp_post", 0, pos=0), U
+
+
 def random_pairs(n: int = 3, T: int = 6, diff: tuple[int, ...] = (2, 4), seed: int = 0, vocab: int = 60):  # noqa: ANN201
     """A PromptSet of ``n`` random token sequences whose corrupted copies differ at positions
     ``diff``; random answers, alternative token 61 (for the tiny models' 72-token vocabulary)."""

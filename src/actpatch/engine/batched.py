@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
     from ..models.handle import Model
     from ..experiment.plan import Patch
+    from ..subspace import Subspace
 
 __all__ = ["run_batched", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
 
@@ -109,15 +110,21 @@ def _views(site: Site, q: int) -> tuple[tuple, tuple]:
     return tuple(dest), tuple(src)
 
 
-def _writer(writes: list[tuple[slice, tuple, torch.Tensor]]) -> HookFn:
-    """Write each (row block, dest index, value) into the active batch. Rows are sorted by start
-    layer, so a patch's rows always sit at the same (leading) indices."""
+def _writer(writes: list[tuple[slice, tuple, torch.Tensor]], projector: torch.Tensor | None = None) -> HookFn:
+    """Write each (row block, dest index, value) into the active batch; with a ``projector``
+    ``P = U^T U``, only the coordinates along U (``x + (value - x) P``). Rows are sorted by
+    start layer, so a patch's rows always sit at the same (leading) indices."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
         for rows, dest, value in writes:
             if rows.start < out.shape[0]:
-                out[rows][(slice(None), *dest)] = value.to(out.dtype)
+                idx = (slice(None), *dest)
+                if projector is None:
+                    out[rows][idx] = value.to(out.dtype)
+                else:
+                    cur = out[rows][idx]
+                    out[rows][idx] = cur + (value.to(out.dtype) - cur) @ projector.to(out.dtype)
         return out
 
     return fn
@@ -135,12 +142,14 @@ def run_batched(
     chunk_size: int | None = None,
     base_acts: dict[Site, torch.Tensor] | None = None,
     base_metrics: dict[Metric, torch.Tensor] | None = None,
+    subspace: "Subspace | None" = None,
 ) -> dict[Metric, torch.Tensor]:
     """Same contract as :func:`~actpatch.engine.reference.run_reference` (``{metric: (n_patches,
     B)}``), plus ``diff_start``: the first position where base and source inputs may differ (0
     when unsure, e.g. for mean / zero ablation). ``chunk_size`` caps patches per forward pass
     (default: from :func:`memory_budget`). ``base_acts`` (at least :func:`base_sites`) and
-    ``base_metrics`` spare a forward pass when the caller already ran the base run."""
+    ``base_metrics`` spare a forward pass when the caller already ran the base run. ``subspace``
+    writes only the coordinates along it, as the reference engine does."""
     B, T = base.ids.shape
     L = model.n_layers
     attn = [model.adapter.attention(l) for l in range(L)]
@@ -169,7 +178,7 @@ def run_batched(
             per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T) * B))
             for c in range(0, len(items), per_chunk):
                 chunk = items[c : c + per_chunk]
-                metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure)
+                metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure, subspace)
                 for k, (_, i, _) in enumerate(chunk):
                     for m in out:
                         out[m][i] = metrics[m][k * B : (k + 1) * B]
@@ -188,6 +197,7 @@ def _run_chunk(
     T: int,
     attn: list[torch.nn.Module],
     measure: Measure,
+    subspace: "Subspace | None" = None,
 ) -> dict[Metric, torch.Tensor]:
     """One staggered forward pass over ``len(chunk) * B`` rows computing positions q..T-1."""
     adapter = model.adapter
@@ -202,7 +212,10 @@ def _run_chunk(
     position_ids = torch.arange(q, T, device=model.device)[None]
     hidden = None
     pos_emb = None
-    with _hooks(model, [(site, _writer(w), WRITE) for site, w in writes.items()]):
+    ref = acts[Site("resid_pre", 0)]
+    hooks = [(site, _writer(w, None if subspace is None else subspace.projector(site.layer, ref)), WRITE)
+             for site, w in writes.items()]
+    with _hooks(model, hooks):
         for layer in range(model.n_layers):
             n = int((starts <= layer).sum())
             if n == 0:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
     from ..models.handle import Model
     from ..experiment.plan import Patch
+    from ..subspace import Subspace
 
 Measure = Callable[[torch.Tensor, torch.Tensor], dict[Metric, torch.Tensor]]
 """(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}."""
@@ -27,14 +28,18 @@ def run_reference(
     patches: Sequence["Patch"],
     measure: Measure,
     advance: Callable[[int], None] | None = None,
+    subspace: "Subspace | None" = None,
 ) -> dict[Metric, torch.Tensor]:
     """Run ``base`` once per patch with the patch's sites overwritten by ``source`` (full-site
-    activations of the source run, batch-aligned with ``base``). Returns ``{metric: (n_patches,
-    B)}``."""
+    activations of the source run, batch-aligned with ``base``); with ``subspace``, only their
+    coordinates along it (:meth:`~actpatch.subspace.Subspace.apply`). Returns ``{metric:
+    (n_patches, B)}``."""
     rows: list[dict[Metric, torch.Tensor]] = []
     all_rows = torch.arange(base.ids.shape[0])
     for patch in patches:
-        values = {site: source[site.full()][site.selector()] for site in patch}
+        values: dict[Site, object] = {site: source[site.full()][site.selector()] for site in patch}
+        if subspace is not None:
+            values = {site: (lambda x, v=v, l=site.layer: subspace.apply(x, v, l)) for site, v in values.items()}
         with base.context(model), intervene(model, values):
             logits = model.logits(base.ids, last_only=True)
         rows.append(measure(logits, all_rows))

@@ -13,6 +13,7 @@ from ..sites import ATTENTION_FN_KINDS, HEAD_KINDS, KV_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
+    from ..subspace import Subspace
     from ..prompts.promptset import PromptSet
 
 __all__ = ["Grid", "Patch", "Plan", "make_plan", "plan_for", "parse_target", "default_per_position", "TARGETS"]
@@ -32,6 +33,8 @@ class Plan:
     dims: tuple[str, ...]
     coords: dict[str, list]
     patches: tuple[Patch, ...]
+    subspace: "Subspace | None" = None
+    """Patch only the coordinates along this subspace (:mod:`actpatch.subspace`)."""
 
     @property
     def uses_attention_fn(self) -> bool:
@@ -140,6 +143,7 @@ def make_plan(
     *,
     seq_len: int | None,
     pos_labels: Sequence[str] | None = None,
+    whole_vectors: bool = False,
 ) -> Plan:
     """Expand a target into patches.
 
@@ -147,7 +151,8 @@ def make_plan(
     position); head targets (z, q, k, v, pattern) to one per (layer, head) over all positions;
     mlp_post to one per (layer, neuron). ``grid.per_position`` toggles the position axis.
     ``window=k`` patches layers l..l+k-1 together (clipped at the last layer), labelled by the
-    first layer. ``seq_len`` is needed for a position axis.
+    first layer. ``seq_len`` is needed for a position axis. ``whole_vectors`` (subspace
+    patching) drops the neuron axis: each patch moves whole mlp_post vectors.
     """
     kind = parse_target(target)
     window = grid.window
@@ -168,7 +173,8 @@ def make_plan(
         (kind not in _LAYERLESS, "layer", "layers", grid.layers, model.n_layers, "per-layer targets"),
         (kind in HEAD_KINDS, "kv_head" if kv else "head", "heads", grid.heads,
          model.n_kv_heads if kv else model.n_heads, "head targets (z, q, k, v, pattern)"),
-        (kind == SiteKind.MLP_POST, "neuron", "neurons", grid.neurons, model.d_mlp, "mlp_post"),
+        (kind == SiteKind.MLP_POST and not whole_vectors, "neuron", "neurons", grid.neurons, model.d_mlp,
+         "mlp_post without a subspace (a subspace patch moves the whole vector)"),
     ):
         if applies:
             values = pick_axis(keyword, given, size)
@@ -200,11 +206,12 @@ def make_plan(
     return Plan(target=kind, dims=tuple(dims), coords=coords, patches=tuple(patches))
 
 
-def plan_for(model: "Model", prompts: "PromptSet", target: str | SiteKind, grid: Grid = Grid()) -> Plan:
+def plan_for(model: "Model", prompts: "PromptSet", target: str | SiteKind, grid: Grid = Grid(),
+             whole_vectors: bool = False) -> Plan:
     """:func:`make_plan` for a prompt set: a position axis takes the set's (single) token
     length and its token labels."""
     kind = parse_target(target)
     wants_pos = grid.per_position if grid.per_position is not None else default_per_position(kind)
     return make_plan(model, kind, grid.replace(per_position=wants_pos),
                      seq_len=prompts.seq_len if wants_pos else None,
-                     pos_labels=prompts.position_labels(model) if wants_pos else None)
+                     pos_labels=prompts.position_labels(model) if wants_pos else None, whole_vectors=whole_vectors)

@@ -497,6 +497,20 @@ class Adapter:
         # .forward, not __call__: no hooks, so this may run inside captures on the same module
         return self.residual_write(o_proj.forward(masked) - o_proj.forward(torch.zeros_like(masked[:1])))
 
+    def reader_map(self, site: Site) -> torch.Tensor | None:
+        """The matrix ``M`` (out, in) of the linear map that reads ``site``'s vectors, where one
+        reader reads all of it: the MLP's output projection for ``mlp_post``, head ``h``'s slice
+        of the attention output projection for ``z`` with a head. None elsewhere (residual
+        streams are read by every later component; q / k / v through the softmax)."""
+        if site.layer is None:
+            return None
+        if site.kind is SiteKind.MLP_POST and self.spec.mlp_down is not None:
+            return _linear_matrix(self.block_module(site.layer, self.spec.mlp_down))
+        if site.kind is SiteKind.Z and site.head is not None:
+            M = _linear_matrix(self.block_module(site.layer, self.spec.o_proj))
+            return M[:, site.head * self.d_head:(site.head + 1) * self.d_head]
+        return None
+
     def residual_write(self, out: torch.Tensor) -> torch.Tensor:
         """What the block adds to the residual stream for an attn_out or mlp_out value ``out``."""
         scale = self.capabilities.residual_scale
@@ -545,6 +559,12 @@ class Adapter:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _linear_matrix(module: nn.Module) -> torch.Tensor:
+    """(out, in) weight of a linear layer: nn.Linear's weight, or GPT-2's Conv1D's transposed."""
+    w = module.weight.detach()
+    return w if isinstance(module, nn.Linear) else w.T
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

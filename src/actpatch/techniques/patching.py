@@ -8,6 +8,7 @@ executor seam of :mod:`actpatch.experiment.executor`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
 from ..results import PatchResult
 from ..sites import Site, SiteKind
-from ..types import DEFAULT_DIRECTION, Direction, Engine, Method, parse_engine
+from ..subspace import Subspace, SubspaceLike, as_subspace
+from ..types import DEFAULT_DIRECTION, Direction, Engine, Method, parse_direction, parse_engine
 from .positions import by_named_positions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,8 +102,9 @@ class SweepJob:
         if self.engine is Engine.BATCHED:
             return run_batched(model, state.runs.base, state.source, patches, state.measure, advance,
                                diff_start=state.diff_start, chunk_size=self.chunk_size, base_acts=state.base_acts,
-                               base_metrics=state.base_values)
-        return run_reference(model, state.runs.base, state.source, patches, state.measure, advance)
+                               base_metrics=state.base_values, subspace=self.plan.subspace)
+        return run_reference(model, state.runs.base, state.source, patches, state.measure, advance,
+                             subspace=self.plan.subspace)
 
 
 def execute(
@@ -123,6 +126,10 @@ def execute(
     sites: Sequence[Site] = (),
 ) -> PatchResult:
     """Run every patch of ``plan`` over ``prompts`` and label the outcome (see :func:`sweep`)."""
+    if plan.subspace is not None:
+        for p in plan.patches:
+            for s in p:
+                plan.subspace.check(model, s)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Activation patching")
     job = SweepJob(exp, plan, choose_engine(plan, parse_engine(engine)), chunk_size)
@@ -147,8 +154,11 @@ def execute(
             todo = units(runs.index, len(plan.patches), size)
             outcome.patched(runs, run_units.map(todo, lambda u: job.run_unit(state, u, advance)))
     axes = (grid or Grid()).to_dict()
+    sub = plan.subspace
     return exp.result(outcome, target=plan.target.value, method=Method.EXACT, dims=plan.dims, coords=plan.coords,
-                      engine=job.engine, axes=axes, window=(grid or Grid()).window, sites=tuple(str(s) for s in sites))
+                      engine=job.engine, axes=axes, window=(grid or Grid()).window, sites=tuple(str(s) for s in sites),
+                      subspace=sub.describe() if sub is not None else None,
+                      findings=list(sub.findings) if sub is not None else [])
 
 
 def sweep(
@@ -171,6 +181,8 @@ def sweep(
     progress: bool = True,
     store: UnitStore | None = None,
     unit_size: int = 64,
+    subspace: SubspaceLike | None = None,
+    check_subspace: bool = True,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
 
@@ -194,6 +206,11 @@ def sweep(
         store, unit_size: save finished units of ``unit_size`` patches in a
             :class:`~actpatch.experiment.checkpoint.UnitStore` and reuse those already there
             (resumable runs).
+        subspace: patch only the coordinates along a basis (a (k, d) tensor, ``{layer:
+            basis}`` or a :class:`~actpatch.subspace.Subspace`), see :mod:`actpatch.subspace`.
+            ``check_subspace``: run the interpretability-illusion check
+            (:func:`actpatch.techniques.subspace.subspace_check`) on the cell with the largest
+            effect and add its findings (default on).
 
     Returns:
         A :class:`PatchResult`; ``res.values`` is the normalised effect (1 = clean, 0 = corrupted).
@@ -212,17 +229,27 @@ def sweep(
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
                 window=window)
     options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
-                   chunk_size=chunk_size, progress=progress, unit_size=unit_size)
+                   chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace))
     if grid.named:
-        return by_named_positions(
+        res = by_named_positions(
             lambda sub, g, corr, sub_store: _sweep(model, sub, g, corruption=corr, store=sub_store, **options),
             model, prompts, grid, corruption, store)
-    return _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
+    else:
+        res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
+    sub = options["subspace"]
+    if isinstance(sub, Subspace) and check_subspace and not grid.named:
+        base = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
+        strongest = int((res.values - base).nan_to_num(0.0).abs().flatten().argmax()) if res.dims else 0
+        plan = plan_for(model, prompts, target, grid, whole_vectors=True)
+        res = _with_check(model, prompts, res, plan.patches[strongest][0], sub, direction=direction,
+                          corruption=corruption, metric=metric, seed=seed)
+    return res
 
 
 def _sweep(model: "Model", prompts: PromptSet, grid: Grid, *, target: str | SiteKind, store: UnitStore | None,
-           **options: object) -> PatchResult:
-    plan = plan_for(model, prompts, target, grid)
+           subspace: Subspace | None = None, **options: object) -> PatchResult:
+    plan = dataclasses.replace(plan_for(model, prompts, target, grid, whole_vectors=subspace is not None),
+                               subspace=subspace)
     return execute(model, prompts, plan, store=store, grid=grid, **options)  # type: ignore[arg-type]
 
 
@@ -236,9 +263,12 @@ def patch(
     metric: str | Metric | Sequence[str | Metric] = "logit_diff",
     seed: int = 0,
     engine: str | Engine = Engine.AUTO,
+    subspace: SubspaceLike | None = None,
+    check_subspace: bool = True,
 ) -> PatchResult:
-    """One patch: write all ``sites`` together. The result has no dims (``res.values`` is a
-    0-d tensor).
+    """One patch: write all ``sites`` together (with ``subspace``, only their coordinates along
+    it, and the interpretability-illusion check's findings added unless ``check_subspace`` is
+    False; see :func:`sweep`). The result has no dims (``res.values`` is a 0-d tensor).
 
     Example:
         >>> import actpatch as ap
@@ -255,6 +285,21 @@ def patch(
     if bad:
         raise SiteError(f"patch() takes Site objects, got {bad[0]!r}; e.g. ap.Site('z', 3, head=1) or "
                         f"ap.Site.parse('z.L3.H1').")
-    plan = Plan(target=sites[0].kind, dims=(), coords={}, patches=(tuple(sites),))
-    return execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                   engine=engine, progress=False, sites=sites)
+    plan = Plan(target=sites[0].kind, dims=(), coords={}, patches=(tuple(sites),), subspace=as_subspace(subspace))
+    res = execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                  engine=engine, progress=False, sites=sites)
+    if plan.subspace is not None and check_subspace:
+        res = _with_check(model, prompts, res, plan.patches[0][0], plan.subspace, direction=direction,
+                          corruption=corruption, metric=metric, seed=seed)
+    return res
+
+
+def _with_check(model: "Model", prompts: PromptSet, res: PatchResult, site: Site, subspace: Subspace,
+                **options: object) -> PatchResult:
+    """``res`` with the illusion check of patching ``site`` along ``subspace`` added."""
+    from .subspace import subspace_check
+
+    found = subspace_check(model, prompts, site, subspace, **options)  # type: ignore[arg-type]
+    out = res.replace(info=res.info.replace(extra={**res.info.extra, "subspace_check": found.to_dict()}))
+    out.findings = list(res.findings) + list(found.findings)
+    return out

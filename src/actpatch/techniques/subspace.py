@@ -1,0 +1,287 @@
+"""Directions from data, and the interpretability-illusion check for subspace patches.
+
+**Directions.** :func:`diff_of_means`, :func:`probe_direction` and :func:`pca_directions` read a
+site's vectors on the clean and corrupted prompts (at one position, by index or by name such as
+``"S2"``) and return a :class:`~actpatch.subspace.Subspace` whose provenance says how it was
+found.
+
+**The check** (Makelov, Lange & Nanda 2023). A subspace patch can move the output through a
+*dormant* direction: patching along ``u = u_row + u_null`` takes its coefficient from the part of
+the activation that varies between clean and corrupted runs, which may lie in the null space of
+the weights that read the site (``u_null``: causally disconnected), and writes it along ``u_row``
+too, a direction that never varies but is read. The patch then shows an effect the model does
+not compute. :func:`subspace_check` splits the basis into its parts in the row space and the null
+space of the reading weights (the MLP's output projection for ``mlp_post``, a head's slice of the
+output projection for ``z`` of one head), measures how much clean and corrupted activations
+differ along each part, patches along each part alone and along the whole component, and flags
+
+* ``subspace_illusion``: the effect is not carried by the part the model reads (patching the
+  row-space part alone does at most half of it) while the activations vary mostly along the
+  disconnected part;
+* ``subspace_exceeds_component``: the subspace patch does far more than patching the whole
+  component (Makelov et al.'s red flag).
+
+For residual-stream sites (and q / k / v) no single reader exists: every later component reads
+the residual stream, and q / k / v are read through the softmax. The check then says so and
+reports the variation along the basis and the full-component comparison only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from ..errors import SubspaceError
+from ..findings import Finding, Level
+from ..hooks import capture
+from ..prompts.promptset import PromptSet
+from ..sites import Site
+from ..subspace import Subspace, SubspaceLike, as_subspace, width
+from ..types import Direction, parse_direction
+from .positions import named_positions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["activations", "diff_of_means", "probe_direction", "pca_directions", "SubspaceCheck", "subspace_check"]
+
+
+def activations(model: "Model", prompts: PromptSet, site: Site,
+                position: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clean, corrupted)`` vectors (N, d) at ``site``, one per prompt, at ``site.pos`` or at
+    ``position`` (an index, or a named position such as ``"S2"`` or ``"end"``, per prompt)."""
+    if site.index is not None:
+        raise SubspaceError(f"{site}: a single index is not a vector; drop index=.")
+    if site.kind.layout[2:3] in (("head",), ("kv_head",)) and site.head is None:
+        raise SubspaceError(f"{site}: per-head kinds need a head, e.g. Site({site.kind.value!r}, {site.layer}, head=0).")
+    if (site.pos is None) == (position is None):
+        raise SubspaceError(f"{site}: give the position either as Site(..., pos=i) or as position= (an index "
+                            f"or a name such as 'S2'), not both or neither.")
+    full = site.full()
+    n = len(prompts)
+    clean = torch.empty(n, width(model, site.kind))
+    corrupted = torch.empty_like(clean)
+    with torch.no_grad():
+        for g in prompts.groups():
+            for ids, out in ((g.clean, clean), (g.corrupted, corrupted)):
+                with capture(model, [full]) as acts:
+                    model.logits(ids, last_only=True)
+                sliced = acts[full][Site(site.kind, site.layer, head=site.head).selector()]  # (B, T, d)
+                for row, i in enumerate(g.indices.tolist()):
+                    p = site.pos if position is None else (
+                        named_positions(prompts, i)[position] if isinstance(position, str) else int(position))
+                    out[i] = sliced[row, p].float().cpu()
+    return clean, corrupted
+
+
+def _where(site: Site, position: int | str | None) -> str:
+    return str(site) if position is None else f"{site}@{position}"
+
+
+def diff_of_means(model: "Model", prompts: PromptSet, site: Site, *, position: int | str | None = None) -> Subspace:
+    """The unit vector along mean(clean) - mean(corrupted) at the site (k = 1)."""
+    clean, corrupted = activations(model, prompts, site, position)
+    d = clean.mean(0) - corrupted.mean(0)
+    if d.norm() < 1e-12:
+        raise SubspaceError(f"{_where(site, position)}: clean and corrupted activations have equal means; "
+                            f"there is no difference-of-means direction here.")
+    return Subspace.of(d / d.norm(), method="diff_of_means", site=_where(site, position), n_prompts=len(prompts),
+                       mean_gap=float(d.norm()))
+
+
+def probe_direction(model: "Model", prompts: PromptSet, site: Site, *, position: int | str | None = None,
+                    l2: float = 1e-3, steps: int = 200) -> Subspace:
+    """The weight direction of a logistic-regression probe telling clean (1) from corrupted (0)
+    vectors at the site (L2-regularised, features standardised, fitted with L-BFGS); its
+    training accuracy is in the provenance."""
+    clean, corrupted = activations(model, prompts, site, position)
+    x = torch.cat([clean, corrupted]).double()
+    y = torch.cat([torch.ones(len(clean)), torch.zeros(len(corrupted))]).double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    direction = (w.detach() / sd).float()  # back to the activations' coordinates
+    if direction.norm() < 1e-12:
+        raise SubspaceError(f"{_where(site, position)}: the probe found no direction (the two sets are identical).")
+    acc = float((((z @ w + b) > 0).double() == y).double().mean())
+    return Subspace.of(direction / direction.norm(), method="probe", site=_where(site, position),
+                       n_prompts=len(prompts), train_accuracy=acc)
+
+
+def pca_directions(model: "Model", prompts: PromptSet, site: Site, k: int = 1, *,
+                   position: int | str | None = None) -> Subspace:
+    """The top ``k`` principal directions of the differences clean - corrupted (uncentred, so
+    the first follows their mean when it dominates); the share of the differences' energy they
+    hold is in the provenance."""
+    clean, corrupted = activations(model, prompts, site, position)
+    diffs = clean - corrupted
+    if k < 1 or k > min(diffs.shape):
+        raise SubspaceError(f"k={k}: ask for 1..{min(diffs.shape)} directions (prompts x width limits it).")
+    _, s, vh = torch.linalg.svd(diffs, full_matrices=False)
+    if s[k - 1] <= 1e-8 * max(float(s[0]), 1e-30):
+        raise SubspaceError(f"{_where(site, position)}: the differences span fewer than {k} directions.")
+    energy = float((s[:k] ** 2).sum() / (s**2).sum())
+    return Subspace.of(vh[:k], method="pca", site=_where(site, position), n_prompts=len(prompts), energy=energy)
+
+
+# -- the illusion check ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubspaceCheck:
+    """The numbers behind the check, and its findings.
+
+    ``row_share``: the share of the basis in the reader's row space (1: everything it patches
+    is read; None without a single reader). ``variation``: mean norm, over prompts and patched
+    positions, of the clean - corrupted difference projected on the whole basis (``subspace``),
+    its row-space part (``row``) and its null-space part (``null``). ``effects``: normalised
+    effects (1 = clean, 0 = corrupted) of patching along the basis, along each part alone, and
+    the whole component (``component``)."""
+
+    site: Site
+    direction: str
+    reader: str | None
+    row_share: float | None
+    variation: dict[str, float]
+    effects: dict[str, float | None]
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def flagged(self) -> bool:
+        return any(f.code in ("subspace_illusion", "subspace_exceeds_component") for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": str(self.site), "direction": self.direction, "reader": self.reader,
+                "row_share": self.row_share, "variation": self.variation, "effects": self.effects,
+                "findings": [f.to_dict() for f in self.findings]}
+
+
+def _row_basis(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the row space of M (out, in), from its SVD."""
+    _, s, vh = torch.linalg.svd(M.float().cpu(), full_matrices=False)
+    keep = s > s.max() * max(M.shape) * torch.finfo(torch.float32).eps
+    return vh[keep]
+
+
+def _part(U: torch.Tensor, P: torch.Tensor) -> torch.Tensor | None:
+    """An orthonormal basis of the projections of U's rows by P, or None when they vanish."""
+    V = U @ P
+    u, s, vh = torch.linalg.svd(V, full_matrices=False)
+    keep = s > 1e-4
+    return vh[keep] if keep.any() else None
+
+
+def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
+                   direction: str | Direction = "denoise", min_effect: float = 0.1, **patch_options: Any) -> SubspaceCheck:
+    """Run the interpretability-illusion check for patching ``site`` along ``subspace`` (see the
+    module docstring); ``patch_options`` (corruption, metric, seed) go to every patch."""
+    from .patching import patch
+
+    sub = as_subspace(subspace)
+    assert sub is not None
+    base_value = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
+    sub.check(model, site)
+    U = sub.basis_for(site.layer)
+    M = model.adapter.reader_map(site)
+    parts: dict[str, torch.Tensor | None] = {"subspace": U}
+    row_share = None
+    reader = None
+    if M is not None:
+        R = _row_basis(M)
+        P_row = R.T @ R
+        parts["row"] = _part(U, P_row)
+        parts["null"] = _part(U, torch.eye(U.shape[1]) - P_row)
+        row_share = float((U @ P_row).pow(2).sum() / U.shape[0])
+        reader = "MLP output projection" if site.kind.value == "mlp_post" else f"head {site.head}'s output projection"
+
+    # how much clean and corrupted activations differ along each part, at the patched positions
+    full = site.full()
+    sel = Site(site.kind, site.layer, head=site.head, pos=site.pos).selector()
+    variation: dict[str, float] = {}
+    norms: dict[str, list[torch.Tensor]] = {k: [] for k, v in parts.items() if v is not None}
+    with torch.no_grad():
+        for g in prompts.groups():
+            got = []
+            for ids in (g.clean, g.corrupted):
+                with capture(model, [full]) as acts:
+                    model.logits(ids, last_only=True)
+                got.append(acts[full][sel].float().cpu())
+            diff = got[0] - got[1]
+            for name, B in parts.items():
+                if B is not None:
+                    norms[name].append((diff @ B.T).norm(dim=-1).flatten())
+    variation = {name: float(torch.cat(v).mean()) for name, v in norms.items()}
+
+    def effect(basis: torch.Tensor | None) -> float | None:
+        if basis is None:
+            return None
+        res = patch(model, prompts, [site], direction=direction, check_subspace=False,
+                    subspace=None if basis is _WHOLE else Subspace.of(basis), **patch_options)
+        return float(res.values) - base_value
+
+    effects = {name: effect(B) for name, B in parts.items()}
+    effects["component"] = effect(_WHOLE)
+
+    found: list[Finding] = []
+    e_sub, e_row, e_full = effects["subspace"] or 0.0, effects.get("row"), effects["component"] or 0.0
+    gap = "change of the normalised metric, 1 = clean - corrupted"
+    if M is None:
+        why = ("it is read through the softmax" if site.kind.value in ("q", "k", "v")
+               else "every later component reads the residual stream")
+        found.append(Finding(
+            Level.INFO, "subspace_check_limited",
+            f"{site}: no single set of weights reads this {site.kind.value} ({why}), "
+            f"so the check cannot split the basis into read and unread parts; it reports the variation along the "
+            f"basis ({variation['subspace']:.3g}) and the subspace vs full-component effects "
+            f"({e_sub:.3f} vs {e_full:.3f}, {gap}).",
+            "Check the same direction at mlp_post or a head's z, where the reading weights are known."))
+    else:
+        v_row, v_null = variation.get("row", 0.0), variation.get("null", 0.0)
+        if abs(e_sub) >= min_effect and (e_row is None or abs(e_row) <= 0.5 * abs(e_sub)) and v_null >= 2 * v_row:
+            found.append(Finding(
+                Level.WARNING, "subspace_illusion",
+                f"{site}: patching along the basis moves the metric by {e_sub:.3f} ({gap}), but along its part the "
+                f"{reader} reads (share {row_share:.2f} of the basis) only by "
+                f"{0.0 if e_row is None else e_row:.3f}; clean and corrupted activations differ by {v_null:.3g} "
+                f"along the unread (null-space) part and by {v_row:.3g} along the read part. The effect comes "
+                f"from writing a direction that does not vary (a dormant pathway), not from the feature the "
+                f"model uses (Makelov, Lange & Nanda 2023).",
+                "Do not read this direction as the model's representation; patch its row-space part, or find "
+                "the direction where the reading weights are (e.g. DAS on the reader's output)."))
+    if abs(e_sub) >= min_effect and abs(e_full) < 0.25 * abs(e_sub):
+        found.append(Finding(
+            Level.WARNING, "subspace_exceeds_component",
+            f"{site}: the subspace patch moves the metric by {e_sub:.3f} but patching the whole component only "
+            f"by {e_full:.3f} ({gap}): a subspace cannot carry more than its component unless the patch creates "
+            f"a signal the model does not have.",
+            "Treat the subspace effect as suspect (interpretability illusion); compare with the full component."))
+    if not found or all(f.level is Level.INFO for f in found):
+        found.append(Finding(
+            Level.INFO, "subspace_check_passed" if M is not None else "subspace_check_compared",
+            f"{site}: subspace effect {e_sub:.3f}, whole component {e_full:.3f}"
+            + (f", read part alone {e_row:.3f}" if e_row is not None else "") + f" ({gap})."))
+    return SubspaceCheck(site=site, direction=parse_direction(direction).value, reader=reader, row_share=row_share,
+                         variation=variation, effects=effects, findings=tuple(found))
+
+
+_WHOLE = torch.empty(0)
+"""Sentinel: patch the whole component."""
+
+
+def check_findings(model: "Model", prompts: PromptSet, sites: Sequence[Site], subspace: Subspace,
+                   **options: Any) -> list[Finding]:
+    """The check's findings for the patch of ``sites`` (the first site when several are written)."""
+    return list(subspace_check(model, prompts, sites[0], subspace, **options).findings)

@@ -1,0 +1,185 @@
+"""Subspace patching: the batched engine equals the reference on every vector kind; the math
+by hand; bad bases refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.subspace import Subspace, width
+from actpatch.testing import random_pairs, tiny_model
+
+VECTOR_KINDS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in", "z", "q", "k", "v",
+                "mlp_post", "embed", "resid_final"]
+
+
+def _basis(model, kind, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(width(model, ap.SiteKind(kind)), k, generator=g))[0].T
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_batched_equals_reference_on_every_vector_kind(family, direction):
+    m = tiny_model(family, n_layers=3)
+    ps = random_pairs(n=3, T=6, diff=(1, 4))
+    for kind in VECTOR_KINDS:
+        if kind not in m.adapter.site_kinds:
+            continue
+        U = _basis(m, kind)
+        ref = ap.sweep(m, ps, kind, direction=direction, subspace=U, engine="reference", progress=False)
+        if kind in ("embed", "resid_final"):  # the batched engine does not patch these: auto runs the reference
+            assert ap.sweep(m, ps, kind, direction=direction, subspace=U, progress=False).info.engine is ap.Engine.REFERENCE
+            continue
+        fast = ap.sweep(m, ps, kind, direction=direction, subspace=U, engine="batched", progress=False)
+        assert fast.dims == ref.dims and fast.coords == ref.coords, kind
+        torch.testing.assert_close(fast.raw["logit_diff"], ref.raw["logit_diff"], atol=1e-5, rtol=1e-5, msg=kind)
+        if kind != "mlp_post":  # a 3-dim subspace moves less than the whole vector
+            full = ap.sweep(m, ps, kind, direction=direction, progress=False)
+            assert (fast.raw["logit_diff"] - full.raw["logit_diff"]).abs().max() > 1e-4, kind
+
+
+def test_per_layer_bases_and_windows():
+    m = tiny_model("llama", n_layers=3)
+    ps = random_pairs(n=2, T=5, diff=(2,))
+    bases = {l: _basis(m, "resid_pre", k=2, seed=l) for l in range(3)}
+    for kw in ({"window": 2}, {"per_position": False}):
+        ref = ap.sweep(m, ps, "resid_pre", subspace=bases, engine="reference", progress=False, **kw)
+        fast = ap.sweep(m, ps, "resid_pre", subspace=bases, engine="batched", progress=False, **kw)
+        torch.testing.assert_close(fast.raw["logit_diff"], ref.raw["logit_diff"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ap.SubspaceError, match=r"No basis for layer 2; this subspace has bases for layers \[0, 1\]"):
+        ap.sweep(m, ps, "resid_pre", subspace={0: bases[0], 1: bases[1]}, progress=False)
+    ap.sweep(m, ps, "resid_pre", subspace={0: bases[0], 1: bases[1]}, layers=[0, 1], progress=False)
+
+
+def test_whole_space_equals_full_patching_and_the_math_by_hand():
+    m = tiny_model("llama_gqa", n_layers=2)
+    ps = random_pairs(n=2, T=5, diff=(1, 3))
+    full = ap.sweep(m, ps, "z", direction="denoise", progress=False)
+    whole = ap.sweep(m, ps, "z", direction="denoise", subspace=torch.eye(m.d_head), progress=False)
+    torch.testing.assert_close(whole.raw["logit_diff"], full.raw["logit_diff"], atol=1e-5, rtol=0)
+    # one site by hand: x_base + U^T U (x_src - x_base) written with intervene
+    site = ap.Site("resid_pre", 1, pos=3)
+    U = _basis(m, "resid_pre", k=2)
+    got = ap.patch(m, ps, [site], direction="denoise", subspace=U)
+    g = ps.groups()[0]
+    with ap.capture(m, [site]) as clean:
+        m.logits(g.clean)
+    P = U.T @ U
+    with ap.intervene(m, {site: lambda x: x + (clean[site] - x) @ P}):
+        logits = m.logits(g.corrupted, last_only=True)
+    rows = torch.arange(len(g.indices))
+    want = logits[rows, g.answers] - logits[rows, g.alternatives]
+    torch.testing.assert_close(got.raw["logit_diff"], want, atol=1e-5, rtol=0)
+    assert got.info.subspace["k"] == 2 and got.info.subspace["d"] == m.d_model
+
+
+def test_bad_bases_are_refused_or_fixed_with_a_finding():
+    m = tiny_model("llama", n_layers=2)
+    ps = random_pairs(n=2, T=5, diff=(1,))
+    site = [ap.Site("resid_pre", 1)]
+    res = ap.patch(m, ps, site, subspace=torch.tensor([[1.0, 1.0] + [0.0] * 62]))
+    assert "subspace_orthonormalised" in [f.code for f in res.findings]
+    same = ap.patch(m, ps, site, subspace=torch.tensor([[2 ** -0.5, 2 ** -0.5] + [0.0] * 62]))
+    torch.testing.assert_close(res.raw["logit_diff"], same.raw["logit_diff"], atol=1e-6, rtol=0)
+    dependent = torch.zeros(2, 64)
+    dependent[0, 0] = dependent[1, 0] = 1.0
+    with pytest.raises(ap.SubspaceError, match="linearly dependent"):
+        ap.patch(m, ps, site, subspace=dependent)
+    with pytest.raises(ap.SubspaceError, match="the basis has width 16 but resid_pre vectors have d_model = 64"):
+        ap.patch(m, ps, site, subspace=torch.eye(16)[:2])
+    with pytest.raises(ap.SubspaceError, match="a pattern's last axis is key positions"):
+        ap.patch(m, ps, [ap.Site("pattern", 0)], subspace=torch.eye(5)[:1])
+    with pytest.raises(ap.SubspaceError, match="single index has no subspace"):
+        ap.patch(m, ps, [ap.Site("mlp_post", 0, index=3)], subspace=torch.eye(m.d_mlp)[:1])
+    with pytest.raises(ap.SubspaceError, match="NaN"):
+        Subspace.of(torch.full((1, 64), float("nan")))
+    with pytest.raises(ap.SiteError, match="neurons=... applies to mlp_post without a subspace"):
+        ap.sweep(m, ps, "mlp_post", neurons=[1], subspace=torch.eye(m.d_mlp)[:1], progress=False)
+
+
+# -- the interpretability-illusion check ---------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_illusion_model_is_flagged_with_the_numbers_derived_by_hand(direction):
+    from actpatch.techniques.subspace import subspace_check
+    from actpatch.testing import illusion_model
+
+    m, ps, site, U = illusion_model()
+    c = subspace_check(m, ps, site, U, direction=direction)
+    sign = 1.0 if direction == "denoise" else -1.0
+    assert c.effects["subspace"] == pytest.approx(0.5 * sign, abs=1e-5)  # neuron 1 moved by 0.5: LD 1 of 2
+    assert c.effects["component"] == pytest.approx(0.0, abs=1e-6)  # neuron 0 unread, neuron 1 equal
+    assert c.effects["row"] == pytest.approx(0.0, abs=1e-6) and c.effects["null"] == pytest.approx(0.0, abs=1e-6)
+    assert c.row_share == pytest.approx(0.5, abs=1e-5)
+    assert c.variation["null"] == pytest.approx(1.0, abs=1e-5) and c.variation["row"] == pytest.approx(0.0, abs=1e-6)
+    assert c.variation["subspace"] == pytest.approx(2**-0.5, abs=1e-5)
+    assert [f.code for f in c.findings] == ["subspace_illusion", "subspace_exceeds_component"] and c.flagged
+    # subspace patching runs the check by default and reports it
+    res = ap.patch(m, ps, [site], subspace=U, direction=direction)
+    assert float(res.values) == pytest.approx(0.5, abs=1e-5)
+    assert {"subspace_illusion", "subspace_exceeds_component"} <= {f.code for f in res.findings}
+    assert res.info.extra["subspace_check"]["effects"]["component"] == pytest.approx(0.0, abs=1e-6)
+    quiet = ap.patch(m, ps, [site], subspace=U, direction=direction, check_subspace=False)
+    assert not {f.code for f in quiet.findings} & {"subspace_illusion", "subspace_exceeds_component"}
+
+
+def test_control_model_is_not_flagged():
+    from actpatch.techniques.subspace import subspace_check
+    from actpatch.testing import illusion_model
+
+    m, ps, site, U = illusion_model(control=True)
+    c = subspace_check(m, ps, site, U)
+    assert c.effects["subspace"] == pytest.approx(1.0, abs=1e-5) and c.effects["component"] == pytest.approx(1.0, abs=1e-5)
+    assert c.row_share == pytest.approx(1.0, abs=1e-5) and c.effects["null"] is None
+    assert not c.flagged and [f.code for f in c.findings] == ["subspace_check_passed"]
+
+
+def test_check_on_a_residual_site_says_what_it_cannot_tell_and_sweeps_check_their_strongest_cell():
+    m = tiny_model("llama", n_layers=2)
+    ps = random_pairs(n=3, T=5, diff=(2,))
+    U = _basis(m, "resid_pre", k=2)
+    res = ap.sweep(m, ps, "resid_pre", direction="denoise", subspace=U, progress=False)
+    codes = [f.code for f in res.findings]
+    assert "subspace_check_limited" in codes
+    checked = res.info.extra["subspace_check"]["site"]
+    strongest = res.values.abs().flatten().argmax()
+    layer, pos = divmod(int(strongest), res.shape[1])
+    assert checked == str(ap.Site("resid_pre", layer, pos=pos))
+    # z of one head has a reader: its slice of the output projection
+    z = ap.patch(m, ps, [ap.Site("z", 1, head=0)], subspace=_basis(m, "z", k=2), direction="denoise")
+    assert z.info.extra["subspace_check"]["reader"] == "head 0's output projection"
+
+
+# -- directions from data -------------------------------------------------------------------
+
+
+def test_directions_from_data_on_a_planted_feature():
+    """Tokens 2..5 carry a bit along a planted embedding direction: clean prompts have it, corrupted
+    ones not. Difference of means, the probe and PCA all find that direction at the embedding."""
+    m = tiny_model("llama", n_layers=2)
+    g = torch.Generator().manual_seed(0)
+    planted = torch.randn(m.d_model, generator=g)
+    planted /= planted.norm()
+    emb = m.hf.get_input_embeddings().weight
+    with torch.no_grad():
+        base = emb[10:14].clone()
+        emb[2:6] = base + 3.0 * planted  # tokens 2..5 = tokens 10..13 plus the feature
+    clean = torch.tensor([[1, 2 + i % 4, 7] for i in range(8)])
+    corrupted = clean.clone()
+    corrupted[:, 1] += 8
+    ps = ap.PromptSet.from_ids(clean, corrupted, torch.full((8,), 20), torch.full((8,), 21))
+    site = ap.Site("embed", pos=1)
+    from actpatch.techniques.subspace import diff_of_means, pca_directions, probe_direction
+
+    dm = diff_of_means(m, ps, site)
+    assert float((dm.basis_for(None) @ planted).abs()) > 0.999 and dm.provenance["method"] == "diff_of_means"
+    pc = pca_directions(m, ps, site, k=1)
+    assert float((pc.basis_for(None) @ planted).abs()) > 0.999 and pc.provenance["energy"] > 0.999
+    pr = probe_direction(m, ps, ap.Site("embed"), position=1)
+    assert pr.provenance["train_accuracy"] == 1.0
+    assert float((pr.basis_for(None) @ planted).abs()) > 0.5  # separates the sets; regularised, not exact
+    with pytest.raises(ap.SubspaceError, match="not both or neither"):
+        diff_of_means(m, ps, ap.Site("embed"))
