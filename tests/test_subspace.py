@@ -183,3 +183,38 @@ def test_directions_from_data_on_a_planted_feature():
     assert float((pr.basis_for(None) @ planted).abs()) > 0.5  # separates the sets; regularised, not exact
     with pytest.raises(ap.SubspaceError, match="not both or neither"):
         diff_of_means(m, ps, ap.Site("embed"))
+
+
+# -- DAS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_das_recovers_the_planted_direction(seed):
+    from actpatch.testing import planted_direction_model
+
+    m, ps, site, planted = planted_direction_model()
+    found = ap.das(m, ps, site, k=1, steps=150, seed=seed, progress=False)
+    U = found.subspace.basis_for(site.layer)
+    assert float((U @ planted).abs()) > 0.95
+    assert found.test_accuracy == 1.0 and found.test_effect > 0.9
+    assert set(found.train).isdisjoint(found.test) and len(found.train) + len(found.test) == len(ps)
+    losses = [c[1] for c in found.curve]
+    assert losses[-1] < losses[0]
+    assert found.subspace.provenance["method"] == "das"
+    # the diagonal direction that DAS must not settle on does worse on the same pairs
+    diagonal = ap.patch(m, ps, [site], direction="denoise", subspace=(planted + torch.tensor(
+        [1.0, 1.0, -1.0, -1.0, 0.0, 0.0]) / 2) / 2**0.5, check_subspace=False)
+    exact = ap.patch(m, ps, [site], direction="denoise", subspace=U, check_subspace=False)
+    assert float(exact.values) > float(diagonal.values) + 0.2
+
+
+def test_das_bad_input():
+    from actpatch.testing import planted_direction_model
+
+    m, ps, site, _ = planted_direction_model()
+    with pytest.raises(ap.PromptError, match="at least 2 prompt pairs"):
+        ap.das(m, ps.subset([0]), site, progress=False)
+    with pytest.raises(ap.SubspaceError, match="k=7: ask for 1..6"):
+        ap.das(m, ps, site, k=7, progress=False)
+    with pytest.raises(ap.SubspaceError, match="test_fraction=1"):
+        ap.das(m, ps, site, test_fraction=1, progress=False)

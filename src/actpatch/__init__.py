@@ -56,7 +56,9 @@ from .techniques.attribution import Validation, attribute, validate_attribution
 from .techniques.circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
 from .techniques.eap import EdgeScores, edge_attribution
 from .techniques.graph import Edge, Graph, Node, NodeKind, Port, PortKind
+from .techniques.das import DASResult, das
 from .techniques.patching import patch, sweep
+from .techniques.subspace import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
 from .techniques.path import path_patch, path_sweep
 from .types import DEFAULT_DIRECTION, Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
@@ -75,7 +77,8 @@ __all__ = [
     "SymmetricReplacement", "ZeroAblation", "Metric", "Direction", "DEFAULT_DIRECTION", "Engine", "Method", "Estimate",
     "Grid", "sweep", "patch", "attribute", "validate_attribution", "Validation", "path_patch", "path_sweep",
     "edge_attribution", "EdgeScores", "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge", "top_edges",
-    "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation",
+    "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation", "diff_of_means",
+    "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das", "DASResult",
     # results and reading them
     "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
     "compare", "mark_compared", "plot_attention", "doctor", "Diagnosis", "Check",

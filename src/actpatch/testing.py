@@ -299,6 +299,45 @@ def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, Pro
     return model, prompts, Site("mlp_post", 0, pos=0), U
 
 
+def planted_direction_model(scale: float = 4.0):  # noqa: ANN201 - returns (Model, PromptSet, Site, Tensor)
+    """A 1-layer GPT-2 (blocks zeroed) whose answer is read along one planted direction of the
+    residual stream, next to a distractor feature that varies as much but is never read; for
+    testing that DAS finds the planted direction. Returns ``(model, prompts, site, planted)``.
+
+    Tokens 0-3 encode bits (a, b) = (id >> 1, id & 1) as ``(2a - 1) u + (2b - 1) v`` with
+    orthonormal, zero-sum u (planted) and v (distractor) in 6 dims; the centring final norm keeps
+    them, and the unembedding reads ``logit(4) - logit(5) = 2 scale <x, u>``: answer 4 when a = 1,
+    5 when a = 0. Pairs: every clean / corrupted token pair with different a (8), so b changes in
+    half of them. Patching along u moves the answer fully; along ``(u + v) / sqrt(2)`` only when b
+    changes the same way. The site is ``Site("resid_pre", 0, pos=0)``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .prompts.promptset import PromptSet
+    from .sites import Site
+
+    cfg = GPT2Config(vocab_size=6, n_embd=6, n_layer=1, n_head=1, n_inner=4, n_positions=4,
+                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg)
+    u = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 0.0]) / 2
+    v = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.0]) / 2
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        hf.transformer.ln_f.weight.fill_(1e4)
+        for t in range(4):
+            a, b = t >> 1, t & 1
+            hf.transformer.wte.weight[t] = (2 * a - 1) * u + (2 * b - 1) * v
+        hf.lm_head.weight[4] = scale * u
+        hf.lm_head.weight[5] = -scale * u
+    pairs = [(c, k) for c in range(4) for k in range(4) if (c >> 1) != (k >> 1)]
+    answer = lambda t: 4 if t >> 1 else 5  # noqa: E731
+    prompts = PromptSet.from_ids([[c] for c, _ in pairs], [[k] for _, k in pairs], [answer(c) for c, _ in pairs],
+                                 [answer(k) for _, k in pairs], name="micro-planted")
+    return Model(hf, None, name="micro-planted"), prompts, Site("resid_pre", 0, pos=0), u
+
+
 def random_pairs(n: int = 3, T: int = 6, diff: tuple[int, ...] = (2, 4), seed: int = 0, vocab: int = 60):  # noqa: ANN201
     """A PromptSet of ``n`` random token sequences whose corrupted copies differ at positions
     ``diff``; random answers, alternative token 61 (for the tiny models' 72-token vocabulary)."""

@@ -1,0 +1,183 @@
+"""DAS, distributed alignment search (Geiger, Wu, Potts, Icard & Goodman 2024): learn the
+k-dimensional subspace at a site through which the clean run's information flows.
+
+Interchange-intervention training: for each training pair, run the corrupted prompt with the
+site's coordinates along ``U`` taken from the clean run (a subspace patch, denoising) and push
+the output towards the clean answer (cross-entropy of the answer token). ``U`` (k x d) stays
+orthonormal: it is the transposed Q of a QR decomposition of the trained matrix. Pairs are split
+into train and test sets (seeded); training stops early when the test loss has not improved for
+``patience`` evaluations. The learned subspace is then scored on the test pairs: interchange
+accuracy (the answer is the top token after the intervention) and the normalised effect of its
+subspace patch, with the interpretability-illusion check's findings.
+
+Example:
+    >>> import actpatch as ap
+    >>> from actpatch.testing import planted_direction_model
+    >>> model, prompts, site, planted = planted_direction_model()
+    >>> found = ap.das(model, prompts, site, k=1, steps=150, seed=0, progress=False)
+    >>> abs(float(found.subspace.basis_for(site.layer) @ planted)) > 0.95  # |cosine| to the planted direction
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import PromptError, SubspaceError
+from ..experiment.executor import progress_bar
+from ..findings import Finding
+from ..hooks import capture, intervene
+from ..prompts.promptset import PromptSet
+from ..sites import Site
+from ..subspace import Subspace, SubspaceLike, as_subspace, width
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["DASResult", "das"]
+
+
+@dataclass(frozen=True)
+class DASResult:
+    """A learned subspace and how it was found.
+
+    ``curve``: (step, train loss, test loss) at every evaluation. ``test_accuracy``: share of
+    test pairs whose intervened run puts the clean answer on top. ``test_effect``: normalised
+    effect (1 = clean, 0 = corrupted) of denoising the test pairs along the subspace.
+    """
+
+    subspace: Subspace
+    site: Site
+    k: int
+    curve: tuple[tuple[int, float, float], ...]
+    test_accuracy: float
+    test_effect: float
+    steps: int
+    seconds: float
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+    findings: tuple[Finding, ...] = ()
+
+    def plot(self) -> Any:
+        """The training curve (plotly figure)."""
+        import plotly.graph_objects as go
+
+        steps = [c[0] for c in self.curve]
+        fig = go.Figure([go.Scatter(x=steps, y=[c[1] for c in self.curve], name="train loss"),
+                         go.Scatter(x=steps, y=[c[2] for c in self.curve], name="test loss")])
+        fig.update_layout(title=f"DAS at {self.site} (k = {self.k}): test accuracy {self.test_accuracy:.2f}",
+                          xaxis_title="step", yaxis_title="interchange cross-entropy")
+        return fig
+
+
+def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(W)  # W (d, k) -> Q (d, k)
+    return (q * torch.sign(torch.diagonal(r)).detach()).T
+
+
+def das(
+    model: "Model",
+    prompts: PromptSet,
+    site: Site,
+    k: int = 1,
+    *,
+    steps: int = 200,
+    lr: float = 0.05,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    patience: int = 10,
+    eval_every: int = 5,
+    init: SubspaceLike | None = None,
+    progress: bool = True,
+) -> DASResult:
+    """Learn a k-dimensional subspace at ``site`` by interchange-intervention training (see the
+    module docstring). ``site`` is a vector site (``resid_pre``, ``mlp_post``, ``z`` of one head...),
+    at one position (``pos=``) or all. ``init`` starts from a given basis (e.g. a
+    difference-of-means direction) instead of a random one."""
+    t0 = time.perf_counter()
+    n = len(prompts)
+    if n < 2:
+        raise PromptError(f"DAS needs at least 2 prompt pairs (train and test), got {n}.")
+    if not 0 < test_fraction < 1:
+        raise SubspaceError(f"test_fraction={test_fraction}: give a share strictly between 0 and 1.")
+    d = width(model, site.kind)
+    if not 1 <= k <= d:
+        raise SubspaceError(f"k={k}: ask for 1..{d} directions at {site}.")
+    Subspace.of(torch.eye(d)[:k]).check(model, site)  # the site takes a subspace at all
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(n * test_fraction))
+    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+
+    g = torch.Generator().manual_seed(seed)
+    start = as_subspace(init)
+    W0 = start.basis_for(site.layer).T.clone() if start is not None else torch.randn(d, k, generator=g)
+    if W0.shape != (d, k):
+        raise SubspaceError(f"init has {W0.shape[1]} directions of width {W0.shape[0]}; DAS was asked for k={k}, "
+                            f"width {d}.")
+    W = W0.to(device=model.device, dtype=torch.float32).requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=lr)
+
+    # the clean run's activations at the site, once (the source of every intervention)
+    full = site.full()
+    batches: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {"train": [], "test": []}
+    with torch.no_grad():
+        for name, idx in (("train", train), ("test", test)):
+            for grp in prompts.subset(idx).groups():
+                with capture(model, [full]) as acts:
+                    model.logits(grp.clean, last_only=True)
+                batches[name].append((grp.corrupted, acts[full][site.selector()], grp.answers, grp.alternatives))
+
+    def run(name: str, U: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the split's pairs, and how many put the answer on top."""
+        total, hits = torch.zeros((), device=model.device), 0
+        P = U.T @ U
+        for ids, src, answers, _ in batches[name]:
+            def write(x: torch.Tensor, src: torch.Tensor = src) -> torch.Tensor:
+                return x + (src.to(x.dtype) - x) @ P.to(x.dtype)
+
+            with intervene(model, {site: write}):
+                logits = (model.last_logits_with_grad(ids) if torch.is_grad_enabled()
+                          else model.logits(ids, last_only=True)).float()
+            total = total + torch.nn.functional.cross_entropy(logits, answers.to(logits.device), reduction="sum")
+            hits += int((logits.argmax(-1).cpu() == answers).sum())
+        return total, hits
+
+    curve: list[tuple[int, float, float]] = []
+    best, best_W, stale, step = math.inf, W.detach().clone(), 0, 0
+    with progress_bar(progress, steps, f"DAS at {site} (k={k})") as advance:
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss, _ = run("train", _orthonormal_rows(W))
+                (grad,) = torch.autograd.grad(loss / len(train), [W])
+            W.grad = grad
+            opt.step()
+            if advance is not None:
+                advance(1)
+            if step % eval_every == 0 or step == steps:
+                with torch.no_grad():
+                    test_loss, _ = run("test", _orthonormal_rows(W))
+                curve.append((step, float(loss.detach()) / len(train), float(test_loss) / len(test)))
+                if curve[-1][2] < best - 1e-6:
+                    best, best_W, stale = curve[-1][2], W.detach().clone(), 0
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        break
+    U = _orthonormal_rows(best_W).detach().float().cpu()
+    with torch.no_grad():
+        _, hits = run("test", U.to(model.device))
+    from .patching import patch
+
+    scored = patch(model, prompts.subset(test), [site], direction="denoise", subspace=U)
+    learned = Subspace.of(U, method="das", site=str(site), k=k, steps=step, seed=seed, test_accuracy=hits / len(test))
+    return DASResult(subspace=learned, site=site, k=k, curve=tuple(curve), test_accuracy=hits / len(test),
+                     test_effect=float(scored.values), steps=step, seconds=time.perf_counter() - t0,
+                     train=tuple(train), test=tuple(test), findings=tuple(scored.findings))
