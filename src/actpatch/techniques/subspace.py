@@ -19,7 +19,8 @@ differ along each part, patches along each part alone and along the whole compon
   row-space part alone does at most half of it) while the activations vary mostly along the
   disconnected part;
 * ``subspace_exceeds_component``: the subspace patch does far more than patching the whole
-  component (Makelov et al.'s red flag).
+  component (Makelov et al.'s red flag); ``subspace_larger_than_component`` (info) when it
+  merely does more.
 
 For residual-stream sites (and q / k / v) no single reader exists: every later component reads
 the residual stream, and q / k / v are read through the softmax. The check then says so and
@@ -237,7 +238,7 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
 
     found: list[Finding] = []
     e_sub, e_row, e_full = effects["subspace"] or 0.0, effects.get("row"), effects["component"] or 0.0
-    gap = "change of the normalised metric, 1 = clean - corrupted"
+    gap = "in units of the clean - corrupted gap"
     if M is None:
         why = ("it is read through the softmax" if site.kind.value in ("q", "k", "v")
                else "every later component reads the residual stream")
@@ -268,6 +269,13 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
             f"by {e_full:.3f} ({gap}): a subspace cannot carry more than its component unless the patch creates "
             f"a signal the model does not have.",
             "Treat the subspace effect as suspect (interpretability illusion); compare with the full component."))
+    if not any(f.level is Level.WARNING for f in found) and abs(e_sub) >= min_effect and abs(e_sub) > 1.25 * abs(e_full) + 0.05:
+        found.append(Finding(
+            Level.INFO, "subspace_larger_than_component",
+            f"{site}: the subspace patch moves the metric more than the whole component ({e_sub:.3f} vs {e_full:.3f}, "
+            f"{gap}): the rest of the component pushes the other way, or the patch writes a signal the model does "
+            f"not carry (a learned basis can find such directions).",
+            "Compare the subspace's effect on held-out prompts and at mlp_post / z, where the check can split it."))
     if not found or all(f.level is Level.INFO for f in found):
         found.append(Finding(
             Level.INFO, "subspace_check_passed" if M is not None else "subspace_check_compared",
