@@ -24,6 +24,8 @@ def test_from_pairs_records_first_diff(m):
     assert ps.first_diff.tolist() == [9, 1]
     assert ps.answers.tolist() == [m.to_tokens("Mary")[0], m.to_tokens("Anna")[0]]
     assert ps.seq_len == 14
+    assert ps.name == "custom"  # the default name, not a loop variable's last value
+    assert ap.PromptSet.from_pairs(m, [("Mary went", "John went", " to", " the")], name="walks").name == "walks"
 
 
 def test_mismatched_lengths_show_both_tokenisations(m):

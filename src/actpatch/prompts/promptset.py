@@ -144,9 +144,9 @@ class PromptSet:
                                   f"alternative).")
             if len(pair) != 4:
                 raise PromptError(f"Pair {i} has {len(pair)} fields; expected (clean, corrupted, answer, alternative).")
-            for name, value in zip(names, pair):
+            for part, value in zip(names, pair):
                 if not isinstance(value, str):
-                    raise PromptError(f"Pair {i}: {name} is {value!r}, not text; give strings (answers with their "
+                    raise PromptError(f"Pair {i}: {part} is {value!r}, not text; give strings (answers with their "
                                       f"leading space, e.g. ' Mary').")
             c_txt, k_txt, a_txt, b_txt = pair
             if not c_txt or not k_txt:
