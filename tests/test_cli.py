@@ -97,7 +97,12 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
     ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: Input should be 'eap' or 'eap-ig'"),
     ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
-    ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths or circuits"),
+    ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits or das"),
+    ("model: tiny:llama\ntargets: [{target: z, subspace: {}}]\n", "has one vector per head; give a basis file"),
+    ("model: tiny:llama\ntargets: [{target: z, method: atp, subspace: {method: file, file: b.safetensors}}]\n",
+     "subspace: applies to exact patching"),
+    ("model: tiny:llama\ntargets: [{target: resid_pre, subspace: {k: 2}}]\n", "only method pca finds several"),
+    ("model: tiny:llama\ndas: [{site: resid_pre.X1}]\n", "Cannot read site"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, body, fragment):
     cfg = write_config(tmp_path, body)
@@ -263,3 +268,42 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         assert torch.equal(a.raw[m], b.raw[m]) and torch.equal(a.clean[m], b.clean[m])
         assert torch.equal(a.corrupted[m], b.corrupted[m])
     assert a.shape == (2, 32, 14)
+
+
+def test_run_with_subspace_targets_and_das(tmp_path):
+    """subspace: per-layer difference-of-means bases (the same numbers as the API), a basis file,
+    the check's numbers in the report; das: jobs write their basis and record, and resume."""
+    from safetensors.torch import save_file
+
+    save_file({"basis": torch.eye(64)[:2].contiguous()}, str(tmp_path / "basis.safetensors"))
+    body = TINY.replace("  - {target: z}\n", (
+        "  - {target: resid_pre, layers: [1], positions: [end], subspace: {method: diff_of_means, position: end}}\n"
+        "  - {target: mlp_post, layers: [1], per_position: false, subspace: {method: file, file: "
+        + str(tmp_path / "basis.safetensors") + "}}\n")).replace("directions: [denoise, noise]",
+        "directions: [denoise]") + "das: [{site: resid_pre.L1, position: end, k: 1, steps: 5}]\n"
+    cfg = write_config(tmp_path, body)
+    out = tmp_path / "out"
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 1 and "width 64 but mlp_post vectors have d_mlp = 128" in r.stderr  # a wrong file, named
+    save_file({"basis": torch.eye(128)[:2].contiguous()}, str(tmp_path / "basis.safetensors"))
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0, r.stdout + r.stderr
+    res = ap.PatchResult.load(out / "resid_pre_sub_diff_of_means_denoise")
+    assert res.info.subspace["method"] == "diff_of_means" and res.info.subspace["layers"] == [1]
+    assert res.info.extra["subspace_check"]["site"].startswith("resid_pre.L")
+    from actpatch.app.config import load_config
+    from actpatch.app.runner import build_prompts, resolve_model
+
+    c = load_config(cfg)
+    model = resolve_model(c.model)
+    prompts, _ = build_prompts(model, c)
+    bases = {1: ap.diff_of_means(model, prompts, ap.Site("resid_pre", 1), position="end").basis_for(None)}
+    again = ap.sweep(model, prompts, "resid_pre", layers=[1], positions=["end"], direction="denoise", subspace=bases)
+    torch.testing.assert_close(res.raw["logit_diff"], again.raw["logit_diff"], atol=1e-6, rtol=0)
+    das = json.loads((out / "das_resid_pre.L1.end_k1.json").read_text())
+    assert das["steps"] == 5 and das["site"].startswith("resid_pre.L1.pos") and len(das["curve"]) == 1
+    assert (out / "das_resid_pre.L1.end_k1.safetensors").is_file()
+    page = (out / "report.html").read_text()
+    assert "<h2>Subspaces</h2>" in page and "<h2>DAS</h2>" in page and "MLP output projection" in page
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0 and "das_resid_pre.L1.end_k1: already done, loaded" in r.stdout

@@ -31,7 +31,8 @@ from ..metrics import DIFFERENTIABLE, Metric
 from ..sites import Site, SiteKind
 from ..types import Direction, Engine
 
-__all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "ConfigError", "load_config"]
+__all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "DASConfig", "ConfigError",
+           "load_config"]
 
 
 class _Strict(BaseModel):
@@ -67,6 +68,56 @@ class CorruptionConfig(_Strict):
     positions: list[int] | None = None
 
 
+class SubspaceConfig(_Strict):
+    """Patch only a subspace of the target (docs/subspace.md): per layer, a basis found from the
+    prompts at ``position`` (an index or a name such as ``end`` / ``S2``), or read from a file."""
+
+    method: Literal["diff_of_means", "probe", "pca", "file"] = "diff_of_means"
+    position: int | str = "end"
+    """Where the directions are read (one position per prompt)."""
+    k: int = Field(1, ge=1)
+    """Directions per layer (pca only)."""
+    file: str | None = None
+    """safetensors with ``basis`` (k, d), shared by every layer, or ``layer_<l>`` per layer."""
+    check: bool = True
+    """Run the interpretability-illusion check on the strongest cell."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SubspaceConfig":
+        if (self.method == "file") != (self.file is not None):
+            raise ValueError("method: file needs file: <path.safetensors>, and file: needs method: file")
+        if self.k > 1 and self.method != "pca":
+            raise ValueError(f"k={self.k}: only method pca finds several directions (diff_of_means and probe find one)")
+        return self
+
+
+class DASConfig(_Strict):
+    """A DAS job: learn a k-dim subspace at one site (ap.das); writes das_<name>.json and
+    das_<name>.safetensors."""
+
+    site: str
+    """A vector site, e.g. resid_pre.L21, mlp_post.L20, z.L9.H1 (with .pos<i> or position:)."""
+    position: int | str | None = None
+    """A position index or name (end, S2, ...) that falls at the same index in every prompt."""
+    k: int = Field(1, ge=1)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(0.05, gt=0)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        try:
+            Site.parse(v)
+        except SiteError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def name(self) -> str:
+        return "das_" + self.site + (f".{self.position}" if self.position is not None else "") + f"_k{self.k}"
+
+
 class TargetConfig(_Strict):
     target: SiteKind
     per_position: bool | None = None
@@ -82,9 +133,19 @@ class TargetConfig(_Strict):
     """atp only: AtP*'s exact softmax for q / k targets."""
     grad_drop: bool = False
     """atp only: AtP*'s GradDrop (magnitudes; components only)."""
+    subspace: SubspaceConfig | None = None
+    """Patch only a subspace of each site (exact patching only)."""
 
     @model_validator(mode="after")
     def _atp_options(self) -> "TargetConfig":
+        if self.subspace is not None:
+            if self.method != "exact":
+                raise ValueError("subspace: applies to exact patching (method: exact)")
+            if self.target is SiteKind.PATTERN:
+                raise ValueError("subspace: a pattern's last axis is key positions, not a vector space")
+            if self.subspace.method != "file" and self.target.has_heads:
+                raise ValueError(f"subspace: {self.subspace.method} finds one direction per layer, but {self.target.value} "
+                                 f"has one vector per head; give a basis file (method: file)")
         if self.method != "atp" and (self.qk_fix or self.grad_drop):
             raise ValueError("qk_fix and grad_drop refine attribution patching: set method: atp")
         if self.qk_fix and self.target not in (SiteKind.Q, SiteKind.K):
@@ -96,6 +157,8 @@ class TargetConfig(_Strict):
         suffix = ""
         if self.method == "atp":
             suffix = "_atp" + ("_qk" if self.qk_fix else "") + ("_gd" if self.grad_drop else "")
+        if self.subspace is not None:
+            suffix += f"_sub_{self.subspace.method}" + (f"{self.subspace.k}" if self.subspace.k > 1 else "")
         return self.target.value + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
@@ -154,6 +217,8 @@ class ExperimentConfig(_Strict):
     """Path patching sweeps, one result per entry and direction."""
     circuits: CircuitsConfig | None = None
     """Also find circuits: edge scores (EAP / EAP-IG) and faithfulness curves."""
+    das: list[DASConfig] = Field(default_factory=list)
+    """DAS jobs: subspaces learned at sites (see docs/subspace.md)."""
     seed: int = 0
     engine: Engine = Engine.AUTO
     unit_size: int = Field(64, ge=1)
@@ -163,8 +228,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":
-        if not (self.targets or self.paths or self.circuits):
-            raise ValueError("nothing to run: give targets, paths or circuits")
+        if not (self.targets or self.paths or self.circuits or self.das):
+            raise ValueError("nothing to run: give targets, paths, circuits or das")
         discrete = [m.value for m in self.metrics if m not in DIFFERENTIABLE]
         atp = [t.name for t in self.targets if t.method == "atp"]
         if atp and discrete:

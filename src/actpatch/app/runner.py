@@ -37,10 +37,12 @@ from ..techniques.attribution import attribute
 from ..techniques.circuit import Faithfulness, faithfulness, load_curves, save_curves
 from ..techniques.eap import edge_attribution
 from ..techniques.patching import sweep
+from ..subspace import Subspace
 from ..techniques.path import path_sweep
 from ..types import Direction
 from .catalogue import write_status
 from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
+from .subspaces import build_subspace, run_das_jobs
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
 
@@ -169,6 +171,8 @@ def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str
             log(f"{name}: done")
     if cfg.circuits is not None:
         find_circuits(model, prompts, cfg, out, log)
+    if cfg.das:
+        run_das_jobs(model, prompts, cfg, out, progress=progress, log=log)
     for base, _ in jobs:
         d, n = results.get(f"{base}_denoise"), results.get(f"{base}_noise")
         if d is not None and n is not None and comparable(d, n) and not (d.info.compared and n.info.compared):
@@ -187,6 +191,8 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
     axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
                 neurons=t.neurons, window=t.window)
 
+    found: list[Subspace] = []  # the target's basis, found once for both directions
+
     def job(direction: Direction, target_dir: Path) -> PatchResult:
         if t.method == "atp":  # a few passes: nothing to resume
             return attribute(model, prompts, t.target, direction=direction, corruption=corruption,
@@ -194,9 +200,14 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
         store = UnitStore(target_dir / "units")
         if len(store):
             log(f"{target_dir.name}: resuming from {len(store)} saved unit(s)")
+        extra: dict[str, Any] = {}
+        if t.subspace is not None:
+            if not found:
+                found.append(build_subspace(model, prompts, t))
+            extra = {"subspace": found[0], "check_subspace": t.subspace.check}
         return sweep(model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
                      seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
-                     store=store, unit_size=cfg.unit_size, **axes)
+                     store=store, unit_size=cfg.unit_size, **axes, **extra)
 
     return job
 

@@ -66,9 +66,10 @@ def _pairs(results: dict[str, "PatchResult"]) -> list[tuple[str, "PatchResult | 
 def write_report(
     results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report",
     curves: "dict[str, Faithfulness] | None" = None,
+    das: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``),
-    plus circuit faithfulness ``curves`` (by method name) when given."""
+    plus circuit faithfulness ``curves`` (by method name) and DAS records (by job name) when given."""
     import plotly.offline
 
     out = Path(out)
@@ -126,6 +127,8 @@ def write_report(
         sizes = next(iter(curves.values())).sizes
         parts.append(_table(["method", *(f"{s} edges" for s in sizes)], rows))
 
+    parts += _subspace_sections(results, das or {})
+
     # findings
     parts.append("<h2>Findings</h2>")
     seen = set()
@@ -156,6 +159,41 @@ def write_report(
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _subspace_sections(results: dict[str, "PatchResult"], das: dict[str, dict[str, Any]]) -> list[str]:
+    """Subspace results next to their whole components (the illusion check's numbers), and DAS runs."""
+    parts: list[str] = []
+    rows = []
+    for name, res in results.items():
+        c = res.info.extra.get("subspace_check")
+        if res.info.subspace is None or c is None:
+            continue
+        e, v = c["effects"], c["variation"]
+        codes = ", ".join(f["code"] for f in c["findings"])
+        rows.append([name, f"{res.info.subspace.get('method', '?')} (k = {res.info.subspace['k']})", c["site"],
+                     c["reader"] or "none (see the finding)", _fmt(c["row_share"]), _fmt(v.get("subspace")),
+                     _fmt(v.get("row")), _fmt(v.get("null")), _fmt(e.get("subspace")), _fmt(e.get("row")),
+                     _fmt(e.get("null")), _fmt(e.get("component")), codes])
+    if rows:
+        parts.append("<h2>Subspaces</h2><p>Each subspace result's strongest cell checked for the interpretability "
+                     "illusion (Makelov, Lange &amp; Nanda 2023): the share of the basis its reading weights read, how "
+                     "much clean and corrupted runs differ along the basis and its read / unread parts, and the effect "
+                     "of patching along each next to the whole component's (change from the base run, in units of the "
+                     "clean - corrupted gap).</p>" + _table(
+                         ["result", "basis", "site checked", "reader", "read share", "variation", "read part", "unread part",
+                          "effect", "read part", "unread part", "whole component", "findings"], rows))
+    if das:
+        rows = [[name, r["site"], r["k"], f"{r['test_accuracy']:.2f}", _fmt(float(r["test_effect"])), r["steps"],
+                 f"{r['seconds']:.1f}", ", ".join(f["code"] for f in r.get("findings", []))] for name, r in das.items()]
+        parts.append("<h2>DAS</h2><p>Subspaces learned by interchange-intervention training; accuracy and effect on "
+                     "the held-out pairs (bases in <code>&lt;name&gt;.safetensors</code>).</p>" + _table(
+                         ["job", "site", "k", "test accuracy", "test effect", "steps", "seconds", "findings"], rows))
+    return parts
 
 
 def _top_table(cmp: Comparison, den: "PatchResult", noi: "PatchResult", k: int = 15) -> str:

@@ -23,7 +23,7 @@ from ..errors import EngineError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Advance, Executor, LocalExecutor, Unit, UnitValues, progress_bar, units
-from ..experiment.plan import Grid, Plan, plan_for
+from ..experiment.plan import Grid, Plan, parse_target, plan_for
 from ..hooks import capture
 from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
@@ -31,7 +31,7 @@ from ..results import PatchResult
 from ..sites import Site, SiteKind
 from ..subspace import Subspace, SubspaceLike, as_subspace
 from ..types import DEFAULT_DIRECTION, Direction, Engine, Method, parse_direction, parse_engine
-from .positions import by_named_positions
+from .positions import by_named_positions, named_positions
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -237,13 +237,29 @@ def sweep(
     else:
         res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
     sub = options["subspace"]
-    if isinstance(sub, Subspace) and check_subspace and not grid.named:
-        base = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
-        strongest = int((res.values - base).nan_to_num(0.0).abs().flatten().argmax()) if res.dims else 0
-        plan = plan_for(model, prompts, target, grid, whole_vectors=True)
-        res = _with_check(model, prompts, res, plan.patches[strongest][0], sub, direction=direction,
-                          corruption=corruption, metric=metric, seed=seed)
+    if isinstance(sub, Subspace) and check_subspace:
+        site = _strongest_site(model, prompts, res, target, grid, direction)
+        if site is not None:
+            res = _with_check(model, prompts, res, site, sub, direction=direction, corruption=corruption,
+                              metric=metric, seed=seed)
     return res
+
+
+def _strongest_site(model: "Model", prompts: PromptSet, res: PatchResult, target: str | SiteKind, grid: Grid,
+                    direction: str | Direction) -> Site | None:
+    """The site of the cell whose effect is largest (a named position must fall at one index in
+    every prompt; None otherwise)."""
+    base = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
+    strongest = int((res.values - base).nan_to_num(0.0).abs().flatten().argmax()) if res.dims else 0
+    if not grid.named:
+        return plan_for(model, prompts, target, grid, whole_vectors=True).patches[strongest][0]
+    cell = dict(zip(res.dims, (int(i) for i in torch.unravel_index(torch.tensor(strongest), res.shape))))
+    name = res.coords["pos"][cell["pos"]]
+    at = {named_positions(prompts, i)[name] for i in range(len(prompts))}
+    if len(at) != 1:
+        return None
+    coords = {d: res.coords[d][i] for d, i in cell.items() if d != "pos"}
+    return Site(parse_target(target), coords.get("layer"), head=coords.get("head", coords.get("kv_head")), pos=at.pop())
 
 
 def _sweep(model: "Model", prompts: PromptSet, grid: Grid, *, target: str | SiteKind, store: UnitStore | None,
