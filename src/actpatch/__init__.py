@@ -56,7 +56,9 @@ from .techniques.attribution import Validation, attribute, validate_attribution
 from .techniques.circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
 from .techniques.eap import EdgeScores, edge_attribution
 from .techniques.graph import Edge, Graph, Node, NodeKind, Port, PortKind
+from .techniques.circuit_io import from_mib_json, load_edge_scores, save_edge_scores, to_mib_json
 from .techniques.das import DASResult, das
+from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
 from .techniques.patching import patch, sweep
 from .techniques.subspace import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
 from .techniques.path import path_patch, path_sweep
@@ -79,6 +81,8 @@ __all__ = [
     "edge_attribution", "EdgeScores", "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge", "top_edges",
     "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation", "diff_of_means",
     "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das", "DASResult",
+    "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",
+    "from_mib_json", "save_edge_scores", "load_edge_scores",
     # results and reading them
     "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
     "compare", "mark_compared", "plot_attention", "doctor", "Diagnosis", "Check",

@@ -203,6 +203,24 @@ def micro_model(gate: str = "and"):  # noqa: ANN201 - returns (Model, PromptSet)
     return model, prompts
 
 
+def _centring_gpt2(vocab: int, d: int, n_layers: int, d_mlp: int):  # noqa: ANN202 - returns GPT2LMHeadModel
+    """A GPT-2 with every weight zero but its LayerNorms, which are centring maps: epsilon 1e8 and
+    weight 1e4 make ``LN(x) = x - mean(x)`` to within 1e-8 for activations of order 1, so a
+    hand-set model stays linear but for its ReLUs when every read vector sums to zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=1, n_inner=d_mlp, n_positions=4,
+                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for ln in [hf.transformer.ln_f] + [m for b in hf.transformer.h for m in (b.ln_1, b.ln_2)]:
+            ln.weight.fill_(1e4)
+    return hf
+
+
 def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     """A 2-layer GPT-2 with hand-set weights in which a neuron's direct and indirect effects cancel
     to first order (Kramár et al. 2024's cancellation failure of AtP), and its prompt pair.
@@ -220,19 +238,10 @@ def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     2 (c - 2) = 0, so AtP scores A as irrelevant, but patching A to 0 turns N off too: LD = 0.
     Sites: A = ``Site("mlp_post", 0, index=0)``, N = ``Site("mlp_post", 1, index=0)``.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from .prompts.promptset import PromptSet
 
-    cfg = GPT2Config(vocab_size=4, n_embd=4, n_layer=2, n_head=1, n_inner=2, n_positions=4,
-                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(cfg)
+    hf = _centring_gpt2(vocab=4, d=4, n_layers=2, d_mlp=2)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
-        for ln in [hf.transformer.ln_f] + [m for b in hf.transformer.h for m in (b.ln_1, b.ln_2)]:
-            ln.weight.fill_(1e4)
         hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
         m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
         m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
@@ -252,8 +261,7 @@ def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, Pro
     model does not compute (Makelov, Lange & Nanda 2023's interpretability illusion), and a
     control where the same kind of patch is genuine. Returns ``(model, prompts, site, U)``.
 
-    LayerNorms are centring maps (epsilon 1e8, weight 1e4, as in :func:`cancel_model`) and every
-    read vector sums to zero. Residual dims: 0 the input bit a, 1 the output; logit(2) -
+    LayerNorms are centring maps (:func:`_centring_gpt2`) and every read vector sums to zero. Residual dims: 0 the input bit a, 1 the output; logit(2) -
     logit(3) = 2 (x_1 - x_2). Clean prompt token 1 (a = 1), corrupted token 0; answer 2,
     alternative 3. The site is ``Site("mlp_post", 0, pos=0)`` (two ReLU neurons).
 
@@ -267,21 +275,12 @@ def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, Pro
     * **control**: no direct path; neuron 0 computes a and writes +1 to dim 1. ``U = (1, 0)``.
       Patching along U and the whole MLP both give 1; U lies in the row space. Not flagged.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from .prompts.promptset import PromptSet
     from .sites import Site
 
-    cfg = GPT2Config(vocab_size=4, n_embd=4, n_layer=1, n_head=1, n_inner=2, n_positions=4,
-                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(cfg)
+    hf = _centring_gpt2(vocab=4, d=4, n_layers=1, d_mlp=2)
+    block = hf.transformer.h[0]
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
-        block = hf.transformer.h[0]
-        for ln in (hf.transformer.ln_f, block.ln_1, block.ln_2):
-            ln.weight.fill_(1e4)
         hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
         mlp = block.mlp  # Conv1D weights are (in, out)
         mlp.c_fc.weight[0, 0], mlp.c_fc.weight[3, 0] = 1.0, -1.0  # neuron 0 = relu(a)
@@ -311,21 +310,13 @@ def planted_direction_model(scale: float = 4.0):  # noqa: ANN201 - returns (Mode
     half of them. Patching along u moves the answer fully; along ``(u + v) / sqrt(2)`` only when b
     changes the same way. The site is ``Site("resid_pre", 0, pos=0)``.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from .prompts.promptset import PromptSet
     from .sites import Site
 
-    cfg = GPT2Config(vocab_size=6, n_embd=6, n_layer=1, n_head=1, n_inner=4, n_positions=4,
-                     activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(cfg)
+    hf = _centring_gpt2(vocab=6, d=6, n_layers=1, d_mlp=4)
     u = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 0.0]) / 2
     v = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.0]) / 2
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
-        hf.transformer.ln_f.weight.fill_(1e4)
         for t in range(4):
             a, b = t >> 1, t & 1
             hf.transformer.wte.weight[t] = (2 * a - 1) * u + (2 * b - 1) * v

@@ -35,6 +35,15 @@ __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig",
            "load_config"]
 
 
+def _check_sites(texts: list[str]) -> None:
+    """Site strings as :meth:`Site.parse` reads them; its message becomes the field's error."""
+    for text in texts:
+        try:
+            Site.parse(text)
+        except SiteError as e:
+            raise ValueError(str(e)) from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,10 +116,7 @@ class DASConfig(_Strict):
     @field_validator("site")
     @classmethod
     def _site(cls, v: str) -> str:
-        try:
-            Site.parse(v)
-        except SiteError as e:
-            raise ValueError(str(e)) from None
+        _check_sites([v])
         return v
 
     @property
@@ -174,11 +180,7 @@ class PathConfig(_Strict):
     @field_validator("receivers")
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
-        for text in v:
-            try:
-                Site.parse(text)
-            except SiteError as e:
-                raise ValueError(str(e)) from None
+        _check_sites(v)
         return v
 
     @property

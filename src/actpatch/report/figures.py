@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..techniques.mib import CircuitScores
     from ..techniques.circuit import Faithfulness
     from ..compare import Comparison
     from ..models.handle import Model
@@ -105,6 +106,25 @@ def faithfulness_figure(curves: dict[str, "Faithfulness"], title: str = "Circuit
     fig.add_hline(y=1.0, line_dash="dot", line_color="#888")
     fig.add_hline(y=0.0, line_dash="dot", line_color="#888")
     fig.update_layout(title=html.escape(title), xaxis_title="edges in the circuit", yaxis_title="faithfulness (1 = clean)",
+                      xaxis_type="log", height=380, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
+def mib_figure(scores: dict[str, "CircuitScores"], title: str = "Circuit faithfulness (MIB)") -> go.Figure:
+    """Faithfulness against the fraction of edges kept (log axis): solid lines select edges by
+    signed score (CPR), dashed by |score| (CMD); one colour per method."""
+    fig = go.Figure()
+    palette = ["#2166ac", "#b2182b", "#4d9221", "#e08214", "#762a83"]
+    for i, (name, s) in enumerate(scores.items()):
+        colour = palette[i % len(palette)]
+        x = [100 * f for f in s.fractions]
+        fig.add_trace(go.Scatter(x=x, y=s.signed.tolist(), mode="lines+markers", line={"color": colour},
+                                 name=html.escape(f"{name} signed (CPR {s.cpr:.3f})")))
+        fig.add_trace(go.Scatter(x=x, y=s.absolute.tolist(), mode="lines+markers", line={"color": colour, "dash": "dash"},
+                                 name=html.escape(f"{name} |score| (CMD {s.cmd:.3f})")))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#888")
+    fig.add_hline(y=0.0, line_dash="dot", line_color="#888")
+    fig.update_layout(title=html.escape(title), xaxis_title="edges kept (%)", yaxis_title="faithfulness (1 = full model)",
                       xaxis_type="log", height=380, margin={"l": 60, "r": 20, "t": 50, "b": 60})
     return fig
 

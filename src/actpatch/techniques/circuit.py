@@ -43,15 +43,17 @@ __all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_cur
            "EdgeValidation"]
 
 
-def top_edges(edges: EdgeScores, n: int) -> torch.Tensor:
-    """Boolean (U, V) mask of the ``n`` reachable edges with the largest |score|."""
+def top_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.Tensor:
+    """Boolean (U, V) mask of the ``n`` reachable edges with the largest |score| (``absolute``)
+    or the largest signed score (``absolute=False``: edges that push the metric towards clean
+    first, as MIB's CPR selects)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise MethodError(f"A circuit size must be a number of edges >= 0, got {n!r}.")
-    scores = edges.scores.nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0).abs()
-    scores[torch.isnan(edges.scores)] = -1.0
-    n_ok = int((~torch.isnan(edges.scores)).sum())
+    reachable = ~torch.isnan(edges.scores)
+    scores = edges.scores.abs() if absolute else edges.scores.clone()
+    scores[~reachable] = -torch.inf
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    idx = scores.flatten().argsort(descending=True)[: min(n, n_ok)]
+    idx = scores.flatten().argsort(descending=True, stable=True)[: min(n, int(reachable.sum()))]
     mask.view(-1)[idx] = True
     return mask
 

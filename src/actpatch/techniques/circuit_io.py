@@ -1,0 +1,161 @@
+"""Circuits and edge scores others can read: the JSON graph format of the EAP-IG / MIB code, and
+safetensors + JSON.
+
+**EAP-IG / MIB JSON.** ``{"cfg": {...}, "nodes": {name: {"in_graph": bool}}, "edges": {name:
+{"score": float, "in_graph": bool}}}`` with node names ``input``, ``a{L}.h{H}``, ``m{L}``,
+``logits`` and edge names ``parent->child``, where an edge into a head names the input it
+enters, ``parent->a{L}.h{H}<q|k|v>``. actpatch's nodes map one to one: ``embed`` is ``input``,
+``L{l}.H{h}`` is ``a{l}.h{h}``, ``L{l}.MLP`` is ``m{l}``. Under grouped-query attention actpatch
+scores each *KV head's* key and value inputs (``L{l}.KV{j}.k``); they are written as
+``a{l}.h{j}<k>`` with ``cfg["n_key_value_heads"]`` recording that the k / v indices count KV heads
+(with as many KV heads as heads the format is the usual one).
+
+Scores keep actpatch's sign: the estimated change of the metric when the edge is patched in the
+recorded ``cfg["actpatch"]["direction"]`` (for noising, negative when the edge matters; MIB's
+attribution code stores the opposite sign for the same quantity).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._io import read_json
+from ..errors import ResultError
+from ..types import Direction
+from .eap import EdgeScores
+from .graph import Graph, Node, NodeKind, Port, PortKind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.handle import Model
+
+__all__ = ["node_name", "port_name", "to_mib_json", "from_mib_json", "save_edge_scores", "load_edge_scores"]
+
+
+def node_name(node: Node) -> str:
+    """The EAP-IG / MIB name of an upstream node."""
+    if node.kind is NodeKind.EMBED:
+        return "input"
+    return f"a{node.layer}.h{node.head}" if node.kind is NodeKind.HEAD else f"m{node.layer}"
+
+
+def port_name(port: Port) -> tuple[str, str | None]:
+    """The EAP-IG / MIB name of a downstream node, and the input (q / k / v) for heads."""
+    if port.kind is PortKind.LOGITS:
+        return "logits", None
+    if port.kind is PortKind.MLP:
+        return f"m{port.layer}", None
+    return f"a{port.layer}.h{port.head}", port.kind.value
+
+
+def _edge_name(node: Node, port: Port) -> str:
+    child, qkv = port_name(port)
+    return f"{node_name(node)}->{child}" + (f"<{qkv}>" if qkv else "")
+
+
+def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | None = None) -> Path:
+    """Write the edges (and the circuit ``keep``, a (U, V) mask; default: every edge) in the
+    EAP-IG / MIB JSON format."""
+    g = edges.graph
+    keep = torch.ones_like(edges.scores, dtype=torch.bool) if keep is None else keep
+    if tuple(keep.shape) != tuple(edges.scores.shape):
+        raise ResultError(f"keep has shape {tuple(keep.shape)}; the edges are {tuple(edges.scores.shape)}.")
+    real = g.reachable
+    kept = keep & real
+    n_heads = max((n.head for n in g.nodes if n.kind is NodeKind.HEAD), default=-1) + 1
+    n_kv = max((p.head for p in g.ports if p.kind is PortKind.K), default=-1) + 1
+    n_layers = max((n.layer for n in g.nodes if n.layer is not None), default=-1) + 1
+    cfg = {"n_layers": n_layers, "n_heads": n_heads, "n_key_value_heads": n_kv, "parallel_attn_mlp": g.parallel,
+           "actpatch": {"method": edges.method, "direction": edges.direction.value, "metric": edges.metric,
+                        "corruption": edges.corruption, "seed": edges.seed, "ig_steps": edges.ig_steps}}
+    nodes: dict[str, dict[str, Any]] = {node_name(n): {"in_graph": bool(kept[i].any())} for i, n in enumerate(g.nodes)}
+    for j, p in enumerate(g.ports):
+        name, _ = port_name(p)
+        entry = nodes.setdefault(name, {"in_graph": False})
+        entry["in_graph"] = entry["in_graph"] or bool(kept[:, j].any()) or name == "logits"
+    out = {}
+    for i, n in enumerate(g.nodes):
+        for j, p in enumerate(g.ports):
+            if real[i, j]:
+                out[_edge_name(n, p)] = {"score": float(edges.scores[i, j]), "in_graph": bool(kept[i, j])}
+    path = Path(path)
+    path.write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": out}))
+    return path
+
+
+_EDGE = re.compile(r"^(input|a\d+\.h\d+|m\d+)->(logits|m\d+|a\d+\.h\d+)(?:<([qkv])>)?$")
+
+
+def from_mib_json(path: str | Path, model: "Model") -> tuple[EdgeScores, torch.Tensor]:
+    """Read an EAP-IG / MIB JSON graph for ``model``: its edge scores (NaN where the file has no
+    score) and its circuit (the edges marked ``in_graph``). Refuses files of another shape."""
+    d = read_json(Path(path), "an EAP-IG / MIB circuit JSON")
+    if not isinstance(d, dict) or not {"cfg", "nodes", "edges"} <= set(d):
+        raise ResultError(f"{path}: expected keys cfg, nodes and edges (the EAP-IG / MIB graph format).")
+    g = Graph.of(model)
+    cfg = d["cfg"]
+    want = {"n_layers": model.n_layers, "n_heads": model.n_heads}
+    bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
+    if bad:
+        raise ResultError(f"{path}: the graph is for {bad}, but this model has {want}.")
+    kv = int(cfg.get("n_key_value_heads", cfg["n_heads"]))
+    if kv != model.n_kv_heads:
+        raise ResultError(f"{path}: k / v inputs are indexed over {kv} heads; this model has {model.n_kv_heads} KV "
+                          f"heads. Per-query-head k / v edges cannot be mapped onto shared KV heads one to one.")
+    nodes = {node_name(n): i for i, n in enumerate(g.nodes)}
+    ports = {port_name(p): j for j, p in enumerate(g.ports)}
+    scores = torch.full((len(g.nodes), len(g.ports)), float("nan"))
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for name, info in d["edges"].items():
+        m = _EDGE.match(name)
+        if m is None:
+            raise ResultError(f"{path}: cannot read edge {name!r} (expected parent->child or parent->a<L>.h<H><q|k|v>).")
+        parent, child, qkv = m.groups()
+        if parent not in nodes or (child, qkv) not in ports:
+            raise ResultError(f"{path}: edge {name!r} names a node this model does not have.")
+        i, j = nodes[parent], ports[(child, qkv)]
+        if not g.reachable[i, j]:
+            raise ResultError(f"{path}: edge {name!r} goes backwards (its parent does not write before the child reads).")
+        scores[i, j] = float(info.get("score", float("nan")))
+        keep[i, j] = bool(info.get("in_graph", False))
+    meta = cfg.get("actpatch", {})
+    edges = EdgeScores(graph=g, scores=scores, per_prompt=scores[None], method=str(meta.get("method", "imported")),
+                       direction=Direction(meta.get("direction", Direction.NOISE.value)),
+                       metric=str(meta.get("metric", "logit_diff")), corruption=dict(meta.get("corruption", {"name": "str"})),
+                       seed=int(meta.get("seed", 0)), ig_steps=int(meta.get("ig_steps", 0)), extra={"source": str(path)})
+    return edges, keep
+
+
+def save_edge_scores(edges: EdgeScores, path: str | Path) -> tuple[Path, Path]:
+    """Write ``<path>.safetensors`` (scores (U, V), per-prompt scores) and ``<path>.json``
+    (node and port names in order, method, direction, metric, corruption, seed)."""
+    from safetensors.torch import save_file
+
+    base = Path(path)
+    tensors = base.with_suffix(".safetensors")
+    meta = base.with_suffix(".json")
+    save_file({"scores": edges.scores.contiguous(), "per_prompt": edges.per_prompt.contiguous()}, str(tensors))
+    meta.write_text(json.dumps({"upstream": edges.upstream, "downstream": edges.downstream, "method": edges.method,
+                                "direction": edges.direction.value, "metric": edges.metric,
+                                "corruption": edges.corruption, "seed": edges.seed, "ig_steps": edges.ig_steps},
+                               indent=1))
+    return tensors, meta
+
+
+def load_edge_scores(path: str | Path, model: "Model") -> EdgeScores:
+    """Read what :func:`save_edge_scores` wrote, for ``model`` (whose graph must match)."""
+    from safetensors.torch import load_file
+
+    base = Path(path)
+    meta = read_json(base.with_suffix(".json"), "edge scores metadata (save_edge_scores)")
+    g = Graph.of(model)
+    if meta.get("upstream") != [str(n) for n in g.nodes] or meta.get("downstream") != [str(p) for p in g.ports]:
+        raise ResultError(f"{base}: these edge scores are for another graph than this model's.")
+    t = load_file(str(base.with_suffix(".safetensors")))
+    return EdgeScores(graph=g, scores=t["scores"], per_prompt=t["per_prompt"], method=meta["method"],
+                      direction=Direction(meta["direction"]), metric=meta["metric"], corruption=meta["corruption"],
+                      seed=int(meta["seed"]), ig_steps=int(meta.get("ig_steps", 0)))

@@ -1,0 +1,192 @@
+"""Circuit evaluation comparable with the Mechanistic Interpretability Benchmark (MIB, 2025),
+circuit-localisation track.
+
+Faithfulness of a circuit C is ``f(C) = (m(C) - m(empty)) / (m(full) - m(empty))``: the clean run
+with every edge outside C taken from the corrupted run (counterfactual patching, MIB's default
+ablation), normalised so that the full graph gives 1 and the empty one 0. It is measured at
+circuits holding a fraction of all edges, by default MIB's ``{0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50,
+100} %`` (``int(fraction * n_edges)`` edges each), and summarised by trapezoid areas over the
+fraction axis (linear, as MIB reports by default; ``log_scale=True`` integrates over log
+fractions):
+
+* **CPR** (circuit performance ratio): the area under f, circuits chosen by *signed* score
+  (the edges that carry the clean behaviour first: the most negative noising scores, the most
+  positive denoising scores; MIB's scores have the opposite sign convention for noising);
+  higher is better;
+* **CMD** (circuit-model difference): the area under |1 - f|, circuits chosen by *absolute*
+  score; 0 is best.
+
+The definitions follow the benchmark's public description and evaluation code; actpatch's own
+circuit runs (:mod:`actpatch.techniques.circuit`) compute m(C). Edge scores from any source can
+be scored: EAP, EAP-IG, a random baseline (:func:`random_edges`), or scores imported from the
+EAP-IG / MIB JSON format (:mod:`actpatch.techniques.circuit_io`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from ..corruption import Corruption
+from ..errors import MethodError
+from ..metrics import normalise
+from ..prompts.promptset import PromptSet
+from ..types import Direction
+from .circuit import _Circuits, top_edges
+from .eap import EdgeScores, edge_attribution
+
+if TYPE_CHECKING:  # pragma: no cover
+    import plotly.graph_objects as go
+
+    from ..models.handle import Model
+
+__all__ = ["MIB_FRACTIONS", "area_under", "CircuitScores", "circuit_scores", "random_edges", "compare_methods"]
+
+MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""Edge fractions at which MIB measures faithfulness."""
+
+
+def area_under(fractions: Sequence[float], values: Sequence[float], *, from_one: bool = False,
+               log_scale: bool = False) -> float:
+    """Trapezoid area under ``values`` (or under ``|1 - values|`` with ``from_one``) over
+    ``fractions`` (increasing; their logs with ``log_scale``).
+
+    Example:
+        >>> area_under([0.0, 0.5, 1.0], [0.0, 1.0, 1.0])  # 0.25 + 0.5
+        0.75
+        >>> area_under([0.0, 0.5, 1.0], [0.0, 1.0, 1.0], from_one=True)
+        0.25
+    """
+    xs = [math.log(x) for x in fractions] if log_scale else [float(x) for x in fractions]
+    ys = [abs(1.0 - float(v)) if from_one else float(v) for v in values]
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise MethodError(f"An area needs as many values as fractions, at least 2 (got {len(xs)} and {len(ys)}).")
+    if any(b <= a for a, b in zip(xs, xs[1:])):
+        raise MethodError(f"Fractions must increase: {list(fractions)}.")
+    return sum((x2 - x1) * (y1 + y2) / 2 for x1, x2, y1, y2 in zip(xs, xs[1:], ys, ys[1:]))
+
+
+@dataclass(frozen=True)
+class CircuitScores:
+    """One method's MIB-style evaluation: faithfulness at each edge fraction for signed
+    selection (``signed``, giving CPR) and absolute selection (``absolute``, giving CMD)."""
+
+    method: str
+    fractions: tuple[float, ...]
+    sizes: tuple[int, ...]
+    n_edges: int
+    signed: torch.Tensor
+    absolute: torch.Tensor
+    cpr: float
+    cmd: float
+    seconds: float
+    log_scale: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "fractions": list(self.fractions), "sizes": list(self.sizes),
+                "n_edges": self.n_edges, "signed": self.signed.tolist(), "absolute": self.absolute.tolist(),
+                "cpr": self.cpr, "cmd": self.cmd, "seconds": self.seconds, "log_scale": self.log_scale}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CircuitScores":
+        return cls(method=d["method"], fractions=tuple(d["fractions"]), sizes=tuple(d["sizes"]), n_edges=d["n_edges"],
+                   signed=torch.tensor(d["signed"]), absolute=torch.tensor(d["absolute"]), cpr=d["cpr"], cmd=d["cmd"],
+                   seconds=d["seconds"], log_scale=d.get("log_scale", False))
+
+    def plot(self, title: str | None = None) -> "go.Figure":
+        """Faithfulness against edge fraction, both selections (plotly)."""
+        from ..report.figures import mib_figure
+
+        return mib_figure({self.method: self}, title or f"{self.method}: CPR {self.cpr:.3f}, CMD {self.cmd:.3f}")
+
+
+def circuit_scores(
+    model: "Model",
+    prompts: PromptSet,
+    edges: EdgeScores,
+    *,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    corruption: str | Corruption | None = None,
+    metric: str | None = None,
+    seed: int | None = None,
+    log_scale: bool = False,
+) -> CircuitScores:
+    """CPR and CMD of ``edges`` on ``prompts`` (see the module docstring): one exact circuit run
+    per fraction and selection, plus the empty and full graphs for the normalisation. The
+    corruption, metric and seed default to those the scores were computed with."""
+    t0 = time.perf_counter()
+    fr = tuple(float(f) for f in fractions)
+    if not fr or any(not 0 < f <= 1 for f in fr) or list(fr) != sorted(set(fr)):
+        raise MethodError(f"fractions must increase within (0, 1], got {list(fractions)}.")
+    from ..corruption import from_description
+
+    corr = corruption if corruption is not None else from_description(edges.corruption)
+    runs = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed)
+    n_edges = int((~torch.isnan(edges.scores)).sum())
+    sizes = tuple(int(f * n_edges) for f in fr)
+    empty = float(runs.run(torch.zeros_like(edges.scores, dtype=torch.bool)).mean())
+    full = float(runs.run(torch.ones_like(edges.scores, dtype=torch.bool)).mean())
+
+    # signed selection keeps the edges that carry the clean behaviour first: a noising score is the
+    # estimated change when the edge is corrupted (negative when it matters), a denoising score
+    # the change when it is restored (positive when it matters)
+    helpful = edges if edges.direction is Direction.DENOISE else dataclasses.replace(edges, scores=-edges.scores)
+
+    def curve(absolute: bool) -> torch.Tensor:
+        ranked = edges if absolute else helpful
+        raw = torch.tensor([float(runs.run(top_edges(ranked, n, absolute=absolute)).mean()) for n in sizes])
+        return normalise(raw, full, empty)
+
+    signed, absolute = curve(False), curve(True)
+    return CircuitScores(method=edges.method, fractions=fr, sizes=sizes, n_edges=n_edges, signed=signed,
+                         absolute=absolute, cpr=area_under(fr, signed.tolist(), log_scale=log_scale),
+                         cmd=area_under(fr, absolute.tolist(), from_one=True, log_scale=log_scale),
+                         seconds=time.perf_counter() - t0, log_scale=log_scale)
+
+
+def random_edges(edges: EdgeScores, seed: int = 0) -> EdgeScores:
+    """The random baseline: the same graph with scores drawn uniformly at random (seeded),
+    NaN where no edge exists."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(edges.scores.shape, generator=g)
+    noise[torch.isnan(edges.scores)] = float("nan")
+    return dataclasses.replace(edges, scores=noise, per_prompt=noise[None].expand(edges.per_prompt.shape[0], -1, -1),
+                               method="random", extra={**edges.extra, "random_seed": seed})
+
+
+def compare_methods(
+    model: "Model",
+    prompts: PromptSet,
+    methods: Sequence[str] = ("eap", "eap-ig", "random"),
+    *,
+    ig_steps: int = 5,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    corruption: str | Corruption = "str",
+    metric: str = "logit_diff",
+    seed: int = 0,
+) -> dict[str, CircuitScores]:
+    """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
+    definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs), and
+    ``random`` (uniform scores over EAP's graph). Each entry's ``seconds`` includes scoring."""
+    unknown = [m for m in methods if m not in ("eap", "eap-ig", "random")]
+    if unknown or not methods:
+        raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from eap, eap-ig, random.")
+    out: dict[str, CircuitScores] = {}
+    base: EdgeScores | None = None
+    for name in methods:
+        t0 = time.perf_counter()
+        if name == "random":
+            scored = random_edges(base or edge_attribution(model, prompts, direction=Direction.NOISE,
+                                                           corruption=corruption, metric=metric, seed=seed), seed)
+        else:
+            scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
+                                      ig_steps=ig_steps if name == "eap-ig" else 0, seed=seed)
+            base = base or scored
+        res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
+        out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)
+    return out
