@@ -256,6 +256,37 @@ def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     return model, prompts
 
 
+def backup_model():  # noqa: ANN201 - returns (Model, PromptSet)
+    """A 2-layer GPT-2 with hand-set weights in which a later MLP neuron repairs the loss of an
+    earlier one (self-repair), and its prompt pair.
+
+    Centring LayerNorms (:func:`_centring_gpt2`); residual dims: 0 the input bit a, 1 a copy of
+    A, 2 the output; logit(2) - logit(3) = 2 x_2. Clean prompt token 1 (a = 1), corrupted token 0.
+
+    * layer 0 neuron A = relu(a) writes 1 to dims 1 and 2;
+    * layer 1 neuron B = relu(a - A), the backup, writes 1 to dim 2: it fires only when the input
+      is there but A is not.
+
+    Clean: A = 1, B = 0, LD = 2; corrupted: LD = 0. Noising layer 0's MLP turns B on: LD stays 2,
+    total effect 0. Its direct effect (only its write to the logits swapped) is -1 (LD 0): the
+    backup hides it. Layer 1's MLP: 0 either way.
+    """
+    from .prompts.promptset import PromptSet
+
+    hf = _centring_gpt2(vocab=4, d=4, n_layers=2, d_mlp=1)
+    with torch.no_grad():
+        hf.transformer.wte.weight[1, 0] = 1.0
+        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
+        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
+        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 1.0
+        m1.c_fc.weight[0, 0], m1.c_fc.weight[1, 0] = 1.0, -1.0  # B = relu(a - A)
+        m1.c_proj.weight[0, 2] = 1.0
+        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
+        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
+    model = Model(hf, None, name="micro-backup")
+    return model, PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-backup")
+
+
 def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, PromptSet, Site, Tensor)
     """A 1-layer GPT-2 with hand-set weights where patching an MLP subspace shows an effect the
     model does not compute (Makelov, Lange & Nanda 2023's interpretability illusion), and a

@@ -1,0 +1,40 @@
+"""Direct vs total effects: exact where nothing is downstream, self-repair flagged on a
+hand-built model with a backup neuron."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.testing import backup_model, random_pairs, tiny_model
+
+
+def test_backup_neuron_hides_the_first_one_and_is_flagged():
+    m, ps = backup_model()
+    dt = ap.direct_vs_total(m, ps)
+    assert dt.effects("L0.MLP") == (-1.0, 0.0)  # derived in backup_model's docstring
+    assert dt.effects("L1.MLP") == (0.0, 0.0)
+    flagged = [f for f in dt.findings if f.code == "self_repair"]
+    assert len(flagged) == 1 and flagged[0].message.startswith("L0.MLP:")
+    assert dt.disagreements(1)[0][0] == "L0.MLP"
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gpt_neox"])
+def test_direct_equals_total_where_nothing_is_downstream(family):
+    """The last layer's MLP writes straight into the final norm: its direct and total effects
+    are the same patch."""
+    m = tiny_model(family, n_layers=2)
+    ps = random_pairs(n=3, T=5, diff=(1, 3))
+    dt = ap.direct_vs_total(m, ps)
+    de, te = dt.effects("L1.MLP")
+    assert abs(te) > 1e-3 and de == pytest.approx(te, abs=1e-4)
+    assert len(dt.components) == 2 * m.n_heads + 2 and dt.direct.shape == dt.total.shape
+
+
+def test_direct_effects_need_one_corrupted_run():
+    m = tiny_model("llama", n_layers=2)
+    with pytest.raises(ap.CorruptionError, match="needs a corrupted run per prompt"):
+        ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption="mean")
+    with pytest.raises(ap.MethodError, match="one corrupted run per prompt"):
+        ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption=ap.GaussianNoise(n_draws=3))
