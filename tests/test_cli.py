@@ -154,7 +154,8 @@ def test_run_with_circuits(tmp_path):
     the full circuit gives the clean run, the empty one the corrupted run."""
     import pandas as pd
 
-    body = TINY.replace("  - {target: z}\n", "") + "circuits: {methods: [eap, eap-ig], ig_steps: 2, sizes: [0, 5, 100000]}\n"
+    body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [eap, eap-ig], ig_steps: 2, sizes: [0, 5, 100000], "
+                                                    "evaluate: mib, fractions: [0.1, 0.5, 1.0]}\n")
     out = tmp_path / "out"
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
     assert r.exit_code == 0, r.stdout
@@ -167,6 +168,16 @@ def test_run_with_circuits(tmp_path):
     assert list(edges.columns) == ["upstream", "downstream", "score"]
     assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50
     assert "Circuits" in (out / "report.html").read_text()
+    mib = json.loads((out / "mib.json").read_text())
+    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "random"}
+    for v in mib.values():
+        assert v["fractions"] == [0.1, 0.5, 1.0] and abs(v["absolute"][-1] - 1) < 1e-4
+    from actpatch.techniques.circuit_io import from_mib_json
+    from actpatch.app.runner import resolve_model
+
+    exported, _ = from_mib_json(out / "graph_eap.json", resolve_model("tiny:llama"))
+    assert exported.method == "eap" and int((~torch.isnan(exported.scores)).sum()) == len(edges)
+    assert "Circuits, MIB evaluation" in (out / "report.html").read_text()
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))  # resumes: nothing to redo
     assert r.exit_code == 0 and "circuits: already done, loaded" in r.stdout
 

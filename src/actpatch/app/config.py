@@ -197,6 +197,10 @@ class CircuitsConfig(_Strict):
     """Interpolation steps of EAP-IG."""
     sizes: list[int] = Field(default_factory=lambda: [10, 100, 1000, 10000], min_length=1)
     """Circuit sizes (numbers of edges) of the faithfulness curve."""
+    evaluate: Literal["curve", "mib"] = "curve"
+    """mib: also CPR / CMD at MIB's edge fractions for each method and a random baseline (mib.json)."""
+    fractions: list[float] | None = None
+    """Edge fractions of the MIB evaluation (default MIB's 0.1 % ... 100 %)."""
 
     @field_validator("sizes")
     @classmethod

@@ -43,6 +43,8 @@ from ..types import Direction
 from .catalogue import write_status
 from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .subspaces import build_subspace, run_das_jobs
+from ..techniques.circuit_io import to_mib_json
+from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, load_mib, random_edges, save_mib
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
 
@@ -234,6 +236,8 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         log("circuits: already done, loaded")
         return curves
     corruption = build_corruption(cfg)
+    mib: dict[str, CircuitScores] = {}
+    fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
         steps = c.ig_steps if method == "eap-ig" else 0
         name = f"EAP-IG ({steps} steps)" if steps else "EAP"
@@ -241,10 +245,20 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
                                  seed=cfg.seed)
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
+        to_mib_json(edges, out / f"graph_{method}.json")  # readable by the EAP-IG / MIB code
+        if c.evaluate == "mib":
+            mib[name] = circuit_scores(model, prompts, edges, fractions=fractions, corruption=corruption,
+                                       metric=cfg.metrics[0].value, seed=cfg.seed)
+            if "random" not in mib:
+                mib["random"] = circuit_scores(model, prompts, random_edges(edges, cfg.seed), fractions=fractions,
+                                               corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed)
+            log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
         curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0].value,
                                     seed=cfg.seed)
         log(f"Top edges, {name}: " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in edges.top(5)))
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
+    if mib:
+        save_mib(mib, out / "mib.json")
     save_curves(curves, path)
     return curves
 

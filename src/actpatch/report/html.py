@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..compare import Comparison, comparable, compare
 from ..types import Method
-from .figures import comparison_figure, faithfulness_figure, result_figure
+from .figures import comparison_figure, faithfulness_figure, mib_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
     from ..techniques.circuit import Faithfulness
+    from ..techniques.mib import CircuitScores
     from ..results import PatchResult
 
 __all__ = ["write_report"]
@@ -67,6 +68,7 @@ def write_report(
     results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report",
     curves: "dict[str, Faithfulness] | None" = None,
     das: dict[str, dict[str, Any]] | None = None,
+    mib: "dict[str, CircuitScores] | None" = None,
 ) -> Path:
     """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``),
     plus circuit faithfulness ``curves`` (by method name) and DAS records (by job name) when given."""
@@ -126,6 +128,14 @@ def write_report(
         rows = [[name, *(f"{v:+.3f}" for v in c.values.tolist())] for name, c in curves.items()]
         sizes = next(iter(curves.values())).sizes
         parts.append(_table(["method", *(f"{s} edges" for s in sizes)], rows))
+    if mib:
+        n += 1
+        parts.append("<h2>Circuits, MIB evaluation</h2><p>Faithfulness at MIB's edge fractions (1 = full model, 0 = "
+                     "every edge from the corrupted run). CPR: area under the curve of circuits chosen by signed score "
+                     "(higher is better); CMD: area under |1 - f| of circuits chosen by |score| (0 is best).</p>"
+                     + _figure_html(mib_figure(mib), f"fig{n}"))
+        parts.append(_table(["method", "CPR", "CMD", "edges", "seconds"],
+                            [[k, f"{v.cpr:.3f}", f"{v.cmd:.3f}", v.n_edges, f"{v.seconds:.1f}"] for k, v in mib.items()]))
 
     parts += _subspace_sections(results, das or {})
 

@@ -25,15 +25,18 @@ EAP-IG / MIB JSON format (:mod:`actpatch.techniques.circuit_io`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..corruption import Corruption
-from ..errors import MethodError
+from .._io import read_json
+from ..errors import MethodError, ResultError
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..types import Direction
@@ -45,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..models.handle import Model
 
-__all__ = ["MIB_FRACTIONS", "area_under", "CircuitScores", "circuit_scores", "random_edges", "compare_methods"]
+__all__ = ["MIB_FRACTIONS", "area_under", "CircuitScores", "circuit_scores", "random_edges", "compare_methods",
+           "save_mib", "load_mib"]
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Edge fractions at which MIB measures faithfulness."""
@@ -190,3 +194,20 @@ def compare_methods(
         res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
         out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)
     return out
+
+
+def save_mib(scores: dict[str, CircuitScores], path: str | Path) -> None:
+    """Write MIB evaluations (by method) as JSON."""
+    Path(path).write_text(json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=1))
+
+
+def load_mib(path: str | Path) -> dict[str, CircuitScores]:
+    """Read what :func:`save_mib` wrote ({} when the file does not exist)."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    data = read_json(p, "an MIB evaluation file (save_mib)")
+    try:
+        return {k: CircuitScores.from_dict(v) for k, v in data.items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ResultError(f"{p}: not an MIB evaluation file ({e!r}).") from None
