@@ -131,3 +131,32 @@ def test_mib_json_refuses_other_graphs(tmp_path):
     path.write_text('{"nodes": {}}')
     with pytest.raises(ap.ResultError, match="expected keys cfg, nodes and edges"):
         from_mib_json(path, m)
+
+
+def test_greedy_selection_keeps_circuits_connected_to_the_logits():
+    from actpatch.techniques.circuit import greedy_edges
+
+    m = tiny_model("llama_gqa", n_layers=3)
+    edges = ap.edge_attribution(m, random_pairs(n=2, T=5, diff=(1, 3)))
+    g = edges.graph
+    for n in (1, 7, 40):
+        mask = greedy_edges(edges, n)
+        assert int(mask.sum()) == n and not (mask & torch.isnan(edges.scores)).any()
+        # every kept edge's downstream port belongs to the logits or to a node that has a kept out-edge
+        joined = {g.nodes[i] for i in mask.any(1).nonzero().flatten().tolist()}
+        for j in mask.any(0).nonzero().flatten().tolist():
+            port = g.ports[j]
+            if port.kind is ap.PortKind.LOGITS:
+                continue
+            owners = [nd for nd in joined if nd.layer == port.layer and (
+                (port.kind is ap.PortKind.MLP and nd.kind is ap.NodeKind.MLP)
+                or (port.kind is ap.PortKind.Q and nd.kind is ap.NodeKind.HEAD and nd.head == port.head)
+                or (port.kind in (ap.PortKind.K, ap.PortKind.V) and nd.kind is ap.NodeKind.HEAD
+                    and nd.head // (m.n_heads // m.n_kv_heads) == port.head))]
+            assert owners, f"{port} is read by no node of the circuit"
+    # the first pick is the best edge into the logits
+    first = greedy_edges(edges, 1)
+    into_logits = edges.scores[:, -1].abs().nan_to_num(-1.0)
+    assert bool(first[int(into_logits.argmax()), -1])
+    res = circuit_scores(m, random_pairs(n=2, T=5, diff=(1, 3)), edges, fractions=(0.1, 1.0), selection="greedy")
+    assert res.method == "eap+greedy" and float(res.absolute[-1]) == pytest.approx(1.0, abs=1e-5)

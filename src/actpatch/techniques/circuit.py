@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..models.handle import Model
 
-__all__ = ["top_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
+__all__ = ["top_edges", "greedy_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
            "EdgeValidation"]
 
 
@@ -55,6 +55,58 @@ def top_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.Tens
     mask = torch.zeros_like(scores, dtype=torch.bool)
     idx = scores.flatten().argsort(descending=True, stable=True)[: min(n, int(reachable.sum()))]
     mask.view(-1)[idx] = True
+    return mask
+
+
+def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.Tensor:
+    """Boolean (U, V) mask of ``n`` edges grown greedily from the logits: start with the edges
+    into the logits as candidates, repeatedly keep the best-scoring candidate (by |score|, or
+    signed score with ``absolute=False``), and when its upstream node joins the circuit, make
+    the edges into that node's inputs candidates. Every kept edge is then connected to the
+    logits through kept edges (top-n selection does not guarantee that)."""
+    import heapq
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise MethodError(f"A circuit size must be a number of edges >= 0, got {n!r}.")
+    g = edges.graph
+    kv_group = max(1, sum(p.kind is PortKind.Q for p in g.ports if p.layer == 0)
+                   // max(1, sum(p.kind is PortKind.K for p in g.ports if p.layer == 0)))
+    inputs: dict[int, list[int]] = {}
+    for i, node in enumerate(g.nodes):
+        if node.kind is NodeKind.HEAD:
+            j = node.head // kv_group  # type: ignore[operator]
+            ports = [Port(PortKind.Q, node.layer, node.head), Port(PortKind.K, node.layer, j), Port(PortKind.V, node.layer, j)]
+        elif node.kind is NodeKind.MLP:
+            ports = [Port(PortKind.MLP, node.layer)]
+        else:
+            ports = []
+        inputs[i] = [g.port_index[p] for p in ports]
+    raw = edges.scores
+    key = raw.abs() if absolute else raw
+    mask = torch.zeros_like(raw, dtype=torch.bool)
+    heap: list[tuple[float, int, int]] = []
+    opened: set[int] = set()
+
+    def open_port(j: int) -> None:
+        if j in opened:
+            return
+        opened.add(j)
+        for i in (~torch.isnan(raw[:, j])).nonzero().flatten().tolist():
+            heapq.heappush(heap, (-float(key[i, j]), i, j))
+
+    open_port(g.port_index[Port(PortKind.LOGITS)])
+    joined: set[int] = set()
+    kept = 0
+    while heap and kept < n:
+        _, i, j = heapq.heappop(heap)
+        if mask[i, j]:
+            continue
+        mask[i, j] = True
+        kept += 1
+        if i not in joined:
+            joined.add(i)
+            for port in inputs[i]:
+                open_port(port)
     return mask
 
 

@@ -40,7 +40,7 @@ from ..errors import MethodError, ResultError
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..types import Direction
-from .circuit import _Circuits, top_edges
+from .circuit import _Circuits, greedy_edges, top_edges
 from .eap import EdgeScores, edge_attribution
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,10 +119,16 @@ def circuit_scores(
     metric: str | None = None,
     seed: int | None = None,
     log_scale: bool = False,
+    selection: str = "topn",
 ) -> CircuitScores:
     """CPR and CMD of ``edges`` on ``prompts`` (see the module docstring): one exact circuit run
     per fraction and selection, plus the empty and full graphs for the normalisation. The
-    corruption, metric and seed default to those the scores were computed with."""
+    corruption, metric and seed default to those the scores were computed with.
+    ``selection``: ``topn`` (the best-scoring edges anywhere, MIB's default) or ``greedy``
+    (grown from the logits, so every edge is connected: :func:`~actpatch.techniques.circuit.greedy_edges`)."""
+    if selection not in ("topn", "greedy"):
+        raise MethodError(f"selection={selection!r}: use 'topn' or 'greedy'.")
+    pick = top_edges if selection == "topn" else greedy_edges
     t0 = time.perf_counter()
     fr = tuple(float(f) for f in fractions)
     if not fr or any(not 0 < f <= 1 for f in fr) or list(fr) != sorted(set(fr)):
@@ -143,11 +149,11 @@ def circuit_scores(
 
     def curve(absolute: bool) -> torch.Tensor:
         ranked = edges if absolute else helpful
-        raw = torch.tensor([float(runs.run(top_edges(ranked, n, absolute=absolute)).mean()) for n in sizes])
+        raw = torch.tensor([float(runs.run(pick(ranked, n, absolute=absolute)).mean()) for n in sizes])
         return normalise(raw, full, empty)
 
     signed, absolute = curve(False), curve(True)
-    return CircuitScores(method=edges.method, fractions=fr, sizes=sizes, n_edges=n_edges, signed=signed,
+    return CircuitScores(method=edges.method + ("+greedy" if selection == "greedy" else ""), fractions=fr, sizes=sizes, n_edges=n_edges, signed=signed,
                          absolute=absolute, cpr=area_under(fr, signed.tolist(), log_scale=log_scale),
                          cmd=area_under(fr, absolute.tolist(), from_one=True, log_scale=log_scale),
                          seconds=time.perf_counter() - t0, log_scale=log_scale)
