@@ -155,7 +155,7 @@ def test_run_with_circuits(tmp_path):
     import pandas as pd
 
     body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [eap, eap-ig], ig_steps: 2, sizes: [0, 5, 100000], "
-                                                    "evaluate: mib, fractions: [0.1, 0.5, 1.0]}\n")
+                                                    "evaluate: mib, fractions: [0.1, 0.5, 1.0], selection: greedy, direct_vs_total: true}\n")
     out = tmp_path / "out"
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
     assert r.exit_code == 0, r.stdout
@@ -169,7 +169,7 @@ def test_run_with_circuits(tmp_path):
     assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50
     assert "Circuits" in (out / "report.html").read_text()
     mib = json.loads((out / "mib.json").read_text())
-    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "random"}
+    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "random"} and mib["EAP"]["method"] == "eap+greedy"
     for v in mib.values():
         assert v["fractions"] == [0.1, 0.5, 1.0] and abs(v["absolute"][-1] - 1) < 1e-4
     from actpatch.techniques.circuit_io import from_mib_json
@@ -177,7 +177,10 @@ def test_run_with_circuits(tmp_path):
 
     exported, _ = from_mib_json(out / "graph_eap.json", resolve_model("tiny:llama"))
     assert exported.method == "eap" and int((~torch.isnan(exported.scores)).sum()) == len(edges)
-    assert "Circuits, MIB evaluation" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Circuits, MIB evaluation" in page and "Direct vs total effects" in page
+    dt = json.loads((out / "direct_total.json").read_text())
+    assert len(dt["components"]) == len(dt["direct"]) == len(dt["total"])
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))  # resumes: nothing to redo
     assert r.exit_code == 0 and "circuits: already done, loaded" in r.stdout
 

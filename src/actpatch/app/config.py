@@ -201,6 +201,10 @@ class CircuitsConfig(_Strict):
     """mib: also CPR / CMD at MIB's edge fractions for each method and a random baseline (mib.json)."""
     fractions: list[float] | None = None
     """Edge fractions of the MIB evaluation (default MIB's 0.1 % ... 100 %)."""
+    selection: Literal["topn", "greedy"] = "topn"
+    """How the MIB evaluation picks a circuit's edges: the best-scoring anywhere, or grown from the logits."""
+    direct_vs_total: bool = False
+    """Also every head's and MLP's direct vs total effect, with self-repair findings (direct_total.json)."""
 
     @field_validator("sizes")
     @classmethod

@@ -44,6 +44,7 @@ from .catalogue import write_status
 from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
+from ..techniques.self_repair import direct_vs_total
 from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, load_mib, random_edges, save_mib
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
@@ -247,11 +248,11 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
         to_mib_json(edges, out / f"graph_{method}.json")  # readable by the EAP-IG / MIB code
         if c.evaluate == "mib":
-            mib[name] = circuit_scores(model, prompts, edges, fractions=fractions, corruption=corruption,
-                                       metric=cfg.metrics[0].value, seed=cfg.seed)
+            options = dict(fractions=fractions, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed,
+                           selection=c.selection)
+            mib[name] = circuit_scores(model, prompts, edges, **options)  # type: ignore[arg-type]
             if "random" not in mib:
-                mib["random"] = circuit_scores(model, prompts, random_edges(edges, cfg.seed), fractions=fractions,
-                                               corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed)
+                mib["random"] = circuit_scores(model, prompts, random_edges(edges, cfg.seed), **options)  # type: ignore[arg-type]
             log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
         curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0].value,
                                     seed=cfg.seed)
@@ -259,6 +260,10 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
     if mib:
         save_mib(mib, out / "mib.json")
+    if c.direct_vs_total:
+        dt = direct_vs_total(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed)
+        (out / "direct_total.json").write_text(json.dumps(dt.to_dict()))
+        log("Direct vs total: " + "; ".join(f"{n} {d:+.2f} / {t:+.2f}" for n, d, t in dt.disagreements(5)))
     save_curves(curves, path)
     return curves
 

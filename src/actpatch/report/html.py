@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..techniques.circuit import Faithfulness
     from ..techniques.mib import CircuitScores
+    from ..techniques.self_repair import DirectTotal
     from ..results import PatchResult
 
 __all__ = ["write_report"]
@@ -69,6 +70,7 @@ def write_report(
     curves: "dict[str, Faithfulness] | None" = None,
     das: dict[str, dict[str, Any]] | None = None,
     mib: "dict[str, CircuitScores] | None" = None,
+    direct_total: "DirectTotal | None" = None,
 ) -> Path:
     """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``),
     plus circuit faithfulness ``curves`` (by method name) and DAS records (by job name) when given."""
@@ -138,6 +140,17 @@ def write_report(
                             [[k, f"{v.cpr:.3f}", f"{v.cmd:.3f}", v.n_edges, f"{v.seconds:.1f}"] for k, v in mib.items()]))
 
     parts += _subspace_sections(results, das or {})
+    if direct_total is not None:
+        n += 1
+        parts.append("<h2>Direct vs total effects</h2><p>Noising each head and MLP: its effect through the direct path "
+                     "to the logits only (every other component frozen) against its total effect (everything "
+                     "downstream recomputed). Points far above the diagonal: later components compensate "
+                     "(self-repair).</p>" + _figure_html(direct_total.plot(), f"fig{n}"))
+        parts.append(_table(["component", "direct", "total"],
+                            [[name, f"{d:+.3f}", f"{t:+.3f}"] for name, d, t in direct_total.disagreements(10)]))
+        for f in direct_total.findings:
+            parts.append(f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
+                         f"<code>{html.escape(f.code)}</code>: {html.escape(f.message)}</div>")
 
     # findings
     parts.append("<h2>Findings</h2>")

@@ -24,12 +24,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..corruption import Corruption
-from ..errors import MethodError
+from .._io import read_json
+from ..errors import MethodError, ResultError
 from ..experiment.core import Experiment
 from ..findings import Finding, Level
 from ..hooks import capture
@@ -44,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..models.handle import Model
 
-__all__ = ["DirectTotal", "direct_vs_total"]
+__all__ = ["DirectTotal", "direct_vs_total", "load_direct_total"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class DirectTotal:
     def to_dict(self) -> dict[str, Any]:
         return {"components": list(self.components), "direct": self.direct.tolist(), "total": self.total.tolist(),
                 "findings": [f.to_dict() for f in self.findings]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DirectTotal":
+        return cls(components=tuple(d["components"]), direct=torch.tensor(d["direct"]), total=torch.tensor(d["total"]),
+                   findings=tuple(Finding.from_dict(f) for f in d.get("findings", [])))
 
     def plot(self, title: str = "Direct vs total effect of noising each component") -> "go.Figure":
         """Scatter of direct against total effects (the diagonal: no compensation)."""
@@ -150,3 +157,14 @@ def direct_vs_total(
                 "Read its direct effect (or path patching from it) next to noising; look for the compensating "
                 "components with ap.path_sweep or by noising it together with candidates."))
     return DirectTotal(components=names, direct=direct, total=total, findings=tuple(found))
+
+
+def load_direct_total(path: str | Path) -> DirectTotal | None:
+    """What a run saved as ``direct_total.json`` (None when there is none)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return DirectTotal.from_dict(read_json(p, "a direct vs total file"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ResultError(f"{p}: not a direct vs total file ({e!r}).") from None
