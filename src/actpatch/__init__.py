@@ -60,6 +60,8 @@ from .techniques.circuit_io import from_mib_json, load_edge_scores, save_edge_sc
 from .techniques.das import DASResult, das
 from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
 from .techniques.patching import patch, sweep
+from .techniques.peap import (PositionalEdgeScores, positional_edge_attribution, positional_faithfulness,
+                              top_positional_edges)
 from .techniques.self_repair import DirectTotal, direct_vs_total
 from .techniques.subspace import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
 from .techniques.path import path_patch, path_sweep
@@ -84,6 +86,7 @@ __all__ = [
     "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das", "DASResult",
     "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",
     "from_mib_json", "save_edge_scores", "load_edge_scores", "direct_vs_total", "DirectTotal",
+    "positional_edge_attribution", "PositionalEdgeScores", "top_positional_edges", "positional_faithfulness",
     # results and reading them
     "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
     "compare", "mark_compared", "plot_attention", "doctor", "Diagnosis", "Check",

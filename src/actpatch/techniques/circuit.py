@@ -113,7 +113,8 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
                      keep: torch.Tensor) -> torch.Tensor:
     """Last-position logits of the clean run with every edge outside ``keep`` (U, V) carrying
-    the corrupted writes ``corr_w`` (per upstream node, (B, T, d))."""
+    the corrupted writes ``corr_w`` (per upstream node, (B, T, d)); a (U, V, T) ``keep`` decides
+    per position (position-aware circuits)."""
     adapter = model.adapter
     L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
     node_at, port_at = graph.node_index, graph.port_index
@@ -127,9 +128,12 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     def correction(port: Port, upto: int) -> torch.Tensor | None:
         """sum over excluded edges u -> port (u < upto) of (write now - write corrupted)."""
         total: torch.Tensor | None = None
-        for i in (~keep[:upto, port_at[port]]).nonzero().flatten().tolist():
+        cut = ~keep[:upto, port_at[port]]  # (upto,) or (upto, T)
+        for i in (cut.reshape(upto, -1).any(1)).nonzero().flatten().tolist():
             if cur_w[i] is not None:
                 d = cur_w[i] - corr_w[i]  # type: ignore[operator]
+                if cut.dim() == 2:  # only at the positions where the edge is cut
+                    d = d * cut[i].to(d.device, d.dtype)[None, :, None]
                 total = d if total is None else total + d
         return total
 
@@ -177,6 +181,7 @@ class _Circuits:
         self.model, self.n, self.metric = model, len(prompts), exp.metrics[0]
         self.graph = Graph.of(model)
         self.unreachable = ~self.graph.reachable
+        self.lengths = sorted({g.seq_len for g in prompts.groups()})
         self.groups = []
         sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
         with torch.inference_mode():
@@ -190,10 +195,16 @@ class _Circuits:
     def run(self, keep: torch.Tensor) -> torch.Tensor:
         """Per-prompt metric with every edge outside ``keep`` taken from the corrupted run."""
         shape = (len(self.graph.nodes), len(self.graph.ports))
-        if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != shape or keep.dtype != torch.bool:
+        ok = isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape[:2]) == shape
+        if not ok or keep.dim() not in (2, 3) or (keep.dim() == 3 and len(self.lengths) != 1):
             got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-            raise MethodError(f"keep is {got}; expected a boolean tensor of shape {shape} (upstream x downstream).")
-        keep = keep | self.unreachable  # unreachable pairs are not edges
+            raise MethodError(f"keep is {got}; expected a boolean tensor of shape {shape} (upstream x downstream), or "
+                              f"{shape + (self.lengths[0] if len(self.lengths) == 1 else 'T',)} per position for prompts "
+                              f"of one length.")
+        if keep.dim() == 3 and keep.shape[2] != self.lengths[0]:
+            raise MethodError(f"keep has {keep.shape[2]} positions; the prompts have {self.lengths[0]} tokens.")
+        unreachable = self.unreachable if keep.dim() == 2 else self.unreachable[:, :, None]
+        keep = keep | unreachable  # unreachable pairs are not edges
         out = torch.empty(self.n)
         with torch.inference_mode(), self.model.attention_fn():
             for runs, corr_w, measure in self.groups:

@@ -21,7 +21,7 @@ to the first-order effect of changing that node's whole input.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -148,6 +148,32 @@ def edge_attribution(
         >>> len(edges.upstream), len(edges.downstream)
         (11, 27)
     """
+    exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
+                                                      metric=metric, ig_steps=ig_steps, seed=seed, summed=True)
+    per_prompt = per_prompt[:, 0]
+    per_prompt[:, ~graph.reachable] = float("nan")
+    return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
+                      method="eap-ig" if ig_steps else "eap", direction=exp.direction, metric=exp.metrics[0].value,
+                      corruption=exp.corruption.describe(), seed=exp.seed, ig_steps=ig_steps,
+                      provenance=exp.provenance())
+
+
+def edge_scores_per_position(
+    model: "Model",
+    prompts: PromptSet,
+    *,
+    direction: str | Direction = DEFAULT_DIRECTION,
+    corruption: str | Corruption = "str",
+    metric: str = "logit_diff",
+    ig_steps: int = 0,
+    seed: int = 0,
+    positions: "Callable[[int], list[int]] | None" = None,
+    summed: bool = False,
+) -> tuple[Experiment, Graph, torch.Tensor]:
+    """The experiment, the graph and per-prompt scores ``(n_prompts, P, U, V)`` of every edge at
+    each position: all positions of a one-length set (P = T), or the positions
+    ``positions(i)`` of prompt ``i`` (same count for every prompt). ``summed``: one entry
+    (P = 1), the sum over all positions, which is EAP's score (never materialising the rest)."""
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
         raise MethodError(f"ig_steps={ig_steps!r}: use 0 (EAP) or a positive number of steps (EAP-IG, 5-30).")
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
@@ -158,7 +184,8 @@ def edge_attribution(
     L = model.n_layers
     keep = [Site("z", l) for l in range(L)] + [Site("mlp_out", l) for l in range(L)]
     keep += [Site("resid_pre", l) for l in range(L)] + [Site("embed")]
-    per_prompt = torch.zeros(len(prompts), len(graph.nodes), len(graph.ports))
+    P = 1 if summed else len(positions(0)) if positions is not None else prompts.seq_len
+    per_prompt = torch.zeros(len(prompts), P, len(graph.nodes), len(graph.ports))
     with model.attention_fn():
         for runs in exp.groups():
             s_acts, src_logits = exp.source_activations(runs, keep)
@@ -169,13 +196,16 @@ def edge_attribution(
                 W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
             steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
             G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure) for alpha in steps) / len(steps)
-            scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())  # (B, U, V)
-            per_prompt[runs.group.indices] = scores.reshape(-1, runs.draws, len(graph.nodes), len(graph.ports)).mean(1).cpu()
-    per_prompt[:, ~graph.reachable] = float("nan")
-    return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
-                      method="eap-ig" if ig_steps else "eap", direction=exp.direction, metric=exp.metrics[0].value,
-                      corruption=exp.corruption.describe(), seed=exp.seed, ig_steps=ig_steps,
-                      provenance=exp.provenance())
+            if summed:
+                scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())[:, None]  # (B, 1, U, V)
+            else:
+                scores = torch.einsum("ubtd,vbtd->btuv", W.float(), G.float())  # (B, T, U, V)
+            scores = scores.reshape(-1, runs.draws, *scores.shape[1:]).mean(1).cpu()  # (G, T, U, V)
+            idx = runs.group.indices.tolist()
+            if positions is not None and not summed:
+                scores = torch.stack([scores[r, positions(i)] for r, i in enumerate(idx)])
+            per_prompt[idx] = scores
+    return exp, graph, per_prompt
 
 
 def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
