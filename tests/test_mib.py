@@ -160,3 +160,23 @@ def test_greedy_selection_keeps_circuits_connected_to_the_logits():
     assert bool(first[int(into_logits.argmax()), -1])
     res = circuit_scores(m, random_pairs(n=2, T=5, diff=(1, 3)), edges, fractions=(0.1, 1.0), selection="greedy")
     assert res.method == "eap+greedy" and float(res.absolute[-1]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_oracle_scores_are_exact_cuts():
+    from actpatch.techniques.mib import oracle_edges
+
+    m = tiny_model("llama", n_layers=2, seed=1)
+    ps = random_pairs(n=2, T=5, diff=(1, 3))
+    edges = ap.edge_attribution(m, ps)
+    oracle = oracle_edges(m, ps, edges, k=4)
+    assert oracle.method == "exact@4" and torch.equal(torch.isnan(oracle.scores), torch.isnan(edges.scores))
+    nonzero = (oracle.scores.nan_to_num() != 0).nonzero().tolist()
+    assert 1 <= len(nonzero) <= 4
+    check = ap.validate_edges(m, ps, edges, k=4, n_random=0)  # the same exact cuts, computed independently
+    mask = ap.top_edges(edges, 4)
+    got = {(edges.upstream[i], edges.downstream[j]): float(oracle.scores[i, j]) for i, j in mask.nonzero().tolist()}
+    for name, exact in zip(check.edges, check.exact.tolist()):
+        assert got[name] == pytest.approx(exact, abs=1e-5)
+    assert "exact" in compare_methods(m, ps, methods=["exact"], oracle_k=3, fractions=(0.5, 1.0))
+    with pytest.raises(ap.MethodError, match="noising scores"):
+        oracle_edges(m, ps, ap.edge_attribution(m, ps, direction="denoise"), k=2)

@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..models.handle import Model
 
-__all__ = ["MIB_FRACTIONS", "area_under", "CircuitScores", "circuit_scores", "random_edges", "compare_methods",
+__all__ = ["MIB_FRACTIONS", "area_under", "CircuitScores", "circuit_scores", "random_edges", "oracle_edges",
+           "compare_methods",
            "save_mib", "load_mib"]
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -169,30 +170,60 @@ def random_edges(edges: EdgeScores, seed: int = 0) -> EdgeScores:
                                method="random", extra={**edges.extra, "random_seed": seed})
 
 
+def oracle_edges(model: "Model", prompts: PromptSet, edges: EdgeScores, k: int = 50) -> EdgeScores:
+    """Exact edge patching on a subset, the oracle: the ``k`` edges ``edges`` ranks highest by
+    |score| get their exact effect (the clean run with that one edge cut, minus the clean run;
+    one circuit run each), every other reachable edge scores 0 (ranked after them). Needs
+    noising scores, whose sign the exact effects share."""
+    if edges.direction is not Direction.NOISE:
+        raise MethodError("oracle_edges() cuts edges from the clean run: give noising scores (direction='noise').")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MethodError(f"k={k!r}: exact-score at least one edge.")
+    from ..corruption import from_description
+
+    runs = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
+    ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
+    chosen = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)][:k].tolist()
+    full = torch.ones_like(edges.scores, dtype=torch.bool)
+    clean = float(runs.run(full).mean())
+    exact = torch.where(torch.isnan(edges.scores), edges.scores, torch.zeros_like(edges.scores))
+    for i in chosen:
+        keep = full.clone()
+        keep.view(-1)[i] = False
+        exact.view(-1)[i] = float(runs.run(keep).mean()) - clean
+    return dataclasses.replace(edges, scores=exact, per_prompt=exact[None], method=f"exact@{len(chosen)}",
+                               extra={**edges.extra, "oracle_of": edges.method, "oracle_k": len(chosen)})
+
+
 def compare_methods(
     model: "Model",
     prompts: PromptSet,
     methods: Sequence[str] = ("eap", "eap-ig", "random"),
     *,
     ig_steps: int = 5,
+    oracle_k: int = 50,
     fractions: Sequence[float] = MIB_FRACTIONS,
     corruption: str | Corruption = "str",
     metric: str = "logit_diff",
     seed: int = 0,
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
-    definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs), and
-    ``random`` (uniform scores over EAP's graph). Each entry's ``seconds`` includes scoring."""
-    unknown = [m for m in methods if m not in ("eap", "eap-ig", "random")]
+    definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs),
+    ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
+    ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
+    ``seconds`` includes scoring."""
+    known = ("eap", "eap-ig", "random", "exact")
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from eap, eap-ig, random.")
+        raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from {', '.join(known)}.")
     out: dict[str, CircuitScores] = {}
     base: EdgeScores | None = None
     for name in methods:
         t0 = time.perf_counter()
-        if name == "random":
-            scored = random_edges(base or edge_attribution(model, prompts, direction=Direction.NOISE,
-                                                           corruption=corruption, metric=metric, seed=seed), seed)
+        if name in ("random", "exact"):
+            base = base or edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption,
+                                            metric=metric, seed=seed)
+            scored = random_edges(base, seed) if name == "random" else oracle_edges(model, prompts, base, oracle_k)
         else:
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
                                       ig_steps=ig_steps if name == "eap-ig" else 0, seed=seed)
