@@ -192,7 +192,8 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
     from .patching import patch
 
     sub = as_subspace(subspace)
-    assert sub is not None
+    if sub is None:
+        raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.Subspace.")
     base_value = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
     sub.check(model, site)
     U = sub.basis_for(site.layer)
