@@ -36,5 +36,7 @@ def test_direct_effects_need_one_corrupted_run():
     m = tiny_model("llama", n_layers=2)
     with pytest.raises(ap.CorruptionError, match="needs a corrupted run per prompt"):
         ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption="mean")
+    with pytest.raises(ap.MethodError, match="one head's write to the residual stream is not defined"):
+        ap.direct_vs_total(tiny_model("gemma2", n_layers=2), random_pairs(n=2, T=5, diff=(1,)))
     with pytest.raises(ap.MethodError, match="one corrupted run per prompt"):
         ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption=ap.GaussianNoise(n_draws=3))

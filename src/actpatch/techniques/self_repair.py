@@ -112,6 +112,10 @@ def direct_vs_total(
                            technique="Direct effects", needs_corrupted_run=True)
     if exp.corruption.draws != 1:
         raise MethodError("Direct effects need one corrupted run per prompt: corruption 'str' or 'resample'.")
+    if not model.adapter.capabilities.heads_write_additively:
+        raise MethodError(f"The {model.family} family normalises the attention output after the output projection, so "
+                          f"one head's write to the residual stream is not defined; direct effects per head need "
+                          f"heads that write additively (gpt2, llama, gpt_neox...).")
     adapter, L, H = model.adapter, model.n_layers, model.n_heads
     names = tuple(f"L{l}.H{h}" for l in range(L) for h in range(H)) + tuple(f"L{l}.MLP" for l in range(L))
     m = exp.metrics[0]
