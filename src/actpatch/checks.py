@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .findings import Finding, Level, sort_findings
+from .types import Direction
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
@@ -181,8 +182,38 @@ def _single_direction(res: "PatchResult") -> list[Finding]:
                f"Run direction='{other}' too and read both with ap.compare(denoise_result, noise_result).")]
 
 
+_EPS = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+"""Half a unit in the last place, relative: the rounding of one value in that dtype."""
+
+
+def _precision_noise(res: "PatchResult") -> list[Finding]:
+    """Half-precision models round every logit to a relative ``eps``: the logit difference of
+    two logits of size |l| moves by up to ~2 eps |l| from rounding alone. Effects smaller than
+    that (in units of the clean - corrupted gap) cannot be told from noise."""
+    eps = _EPS.get(res.info.provenance.dtype)
+    if eps is None or not res.dims:
+        return []
+    out = []
+    for m in res.metrics:
+        b = res.baselines[m]
+        gap = abs(b["clean"] - b["corrupted"])
+        if gap == 0:
+            continue
+        floor = 4 * eps * max(abs(b["clean"]), abs(b["corrupted"]), gap) / gap  # normalised units
+        base = 1.0 if res.info.direction is Direction.NOISE else 0.0
+        moved = (res.normalised(m) - base).abs()
+        small = torch.isfinite(moved) & (moved < floor) & (moved > 0)
+        n = int(small.sum())
+        if n:
+            out.append(_f(Level.INFO, "precision_noise",
+                          f"{m}: {n} of {moved.numel()} cells move the metric by less than {floor:.3g} of the clean - "
+                          f"corrupted gap, the rounding of {res.info.provenance.dtype} logits; read them as zero.",
+                          "Run in float32 (dtype=torch.float32) to resolve effects this small."))
+    return out
+
+
 CHECKS = (_baselines_close, _task_failure, _prob_floor, _saturation, _corruption_notes, _window, _out_of_range,
-          _null_patch, _single_direction)
+          _null_patch, _single_direction, _precision_noise)
 
 
 def check(result: "PatchResult") -> list[Finding]:

@@ -105,6 +105,9 @@ class Provenance:
     weight_hash: str
     prompts: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    dtype: str = "float32"
+    """The model's parameter dtype (``bfloat16``, ``float16``: effects near the rounding of the
+    logits are flagged as precision noise)."""
 
     @classmethod
     def of(cls, model: "Model", prompts: "PromptSet") -> "Provenance":
@@ -116,7 +119,8 @@ class Provenance:
 
         return cls(model=model.name, family=model.family, weight_hash=model.weight_hash, prompts=prompts.describe(),
                    versions={"actpatch": __version__, "torch": torch.__version__,
-                             "transformers": transformers.__version__})
+                             "transformers": transformers.__version__},
+                   dtype=str(model.dtype).removeprefix("torch."))
 
 
 @dataclass(frozen=True)
