@@ -47,3 +47,20 @@ def test_bfloat16_agrees_with_float32_on_the_bundled_model(bundled):
         err = float((a.values - b.values).abs().max())
         print(f"\n{target}: max |fp32 - bf16| = {err:.4f} of the gap")
         assert err < 0.02
+
+
+def test_a_model_loaded_with_a_device_map_patches_like_the_original(tmp_path):
+    """load_model(device_map=...) leaves placement to accelerate (no .to() afterwards); on a
+    CPU-only machine every layer lands on cpu and the numbers equal the unmapped model's."""
+    m = tiny_model("llama_gqa", n_layers=2)
+    m.hf.save_pretrained(tmp_path)
+    m.tokenizer.save_pretrained(tmp_path)
+    layout = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+              "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    # device= is ignored under a device map (it would be an error here: this machine has no CUDA)
+    mapped = ap.load_model(str(tmp_path), device_map=layout, device="cuda")
+    assert all(p.device.type == "cpu" for p in mapped.hf.parameters())
+    ps = random_pairs(n=2, T=5, diff=(1, 3))
+    a = ap.sweep(m, ps, "z", direction="noise", progress=False)
+    b = ap.sweep(mapped, ps, "z", direction="noise", progress=False)
+    torch.testing.assert_close(a.raw["logit_diff"], b.raw["logit_diff"], atol=1e-5, rtol=0)

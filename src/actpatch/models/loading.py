@@ -199,7 +199,8 @@ def load_model(
     ``"smollm2-135m"`` (the default) loads the bundled SmolLM2-135M-Instruct offline; the first
     call dequantises its GGUF file (~15 s) and caches it under :func:`cache_dir`, later calls
     take about a second. ``"gemma3-270m"`` loads Gemma 3 270M the same way from its chunk
-    packages (assembled and checked against the SHA256 they list). Anything else is an HF hub id or local directory, loaded with
+    packages (assembled and checked against the SHA256 they list). ``device_map=`` (and
+    ``max_memory=``) go to accelerate, which places the layers; ``device`` is then ignored. Anything else is an HF hub id or local directory, loaded with
     ``transformers.AutoModelForCausalLM`` (extra keyword arguments are passed on).
 
     Example:
@@ -223,7 +224,9 @@ def load_model(
             f"Could not load {name_or_path!r}: {e}\nUse {DEFAULT_MODEL!r} for the bundled model, a local "
             f"directory with config.json and weights, or a hub id you can access (needs network)."
         ) from None
-    return Model(hf.to(device), tok, name=name_or_path)
+    if hf_kwargs.get("device_map") is None:  # accelerate places (and may split) a model loaded with a device map
+        hf = hf.to(device)
+    return Model(hf, tok, name=name_or_path)
 
 
 def timed_load(name: str = DEFAULT_MODEL) -> tuple[Model, float]:
