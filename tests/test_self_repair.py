@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import backup_model, random_pairs, tiny_model
+from actpatch.testing import backup_head_model, backup_model, random_pairs, tiny_model
 
 
 def test_backup_neuron_hides_the_first_one_and_is_flagged():
@@ -18,6 +18,21 @@ def test_backup_neuron_hides_the_first_one_and_is_flagged():
     flagged = [f for f in dt.findings if f.code == "self_repair"]
     assert len(flagged) == 1 and flagged[0].message.startswith("L0.MLP:")
     assert dt.disagreements(1)[0][0] == "L0.MLP"
+
+
+def test_backup_head_takes_over_and_is_flagged():
+    m, ps = backup_head_model()
+    dt = ap.direct_vs_total(m, ps)
+    assert dt.effects("L0.H0") == (-1.0, 0.0)  # derived in backup_head_model's docstring
+    assert dt.effects("L1.H0") == (0.0, 0.0)
+    assert [f.message.split(":")[0] for f in dt.findings if f.code == "self_repair"] == ["L0.H0"]
+    # the mechanism: with head A noised, head B moves its attention from the query to the input
+    g = ps.groups()[0]
+    with ap.capture(m, [ap.Site("z", 0), ap.Site("pattern", 1)]) as corrupted:
+        m.logits(g.corrupted)
+    with ap.intervene(m, {ap.Site("z", 0): corrupted[ap.Site("z", 0)]}), ap.capture(m, [ap.Site("pattern", 1)]) as a:
+        m.logits(g.clean)
+    assert float(a[ap.Site("pattern", 1)][0, 0, 1, 0]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gpt_neox"])

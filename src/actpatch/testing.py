@@ -287,6 +287,50 @@ def backup_model():  # noqa: ANN201 - returns (Model, PromptSet)
     return model, PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-backup")
 
 
+def backup_head_model():  # noqa: ANN201 - returns (Model, PromptSet)
+    """A 2-layer attention-only GPT-2 with hand-set weights in which a later head takes over when
+    an earlier one is knocked out (a backup head), and its prompt pair.
+
+    Centring LayerNorms (:func:`_centring_gpt2`), one head per layer. Prompts are two tokens: an
+    input token (0: a = 0, 1: a = 1) and a query token 2; the answer is read at the query. Residual
+    dims: 0 a, 1 marks the input position, 2 marks the query position, 3 a copy of head A's
+    output, 4 the output, 5 always 0 (read vectors sum to zero); logit(3) - logit(4) = 2 x_4.
+    Scores are scaled by 1e4, so every softmax is one-hot.
+
+    * layer 0, head A: the query attends to the input position and copies a into dims 3 and 4;
+    * layer 1, head B (the backup): its query scores the input position 1e4 (1 - A) and its own
+      position 1e4 A, so it copies a into dim 4 only when A wrote nothing.
+
+    Clean (token 1): A = 1, B = 0, LD = 2; corrupted (token 0): LD = 0. Noising A (its z from the
+    corrupted run) turns B on: LD stays 2, total effect 0; A's direct effect (only its write to
+    the logits swapped) is -1. Sites: A = ``Site("z", 0, head=0)``, B = ``Site("z", 1, head=0)``.
+    """
+    from .prompts.promptset import PromptSet
+
+    hf = _centring_gpt2(vocab=5, d=6, n_layers=2, d_mlp=1)
+    big = 1e4
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight
+        wte[0, 1] = 1.0  # input position, a = 0
+        wte[1, 0], wte[1, 1] = 1.0, 1.0  # input position, a = 1
+        wte[2, 2] = 1.0  # query position
+        a, b = hf.transformer.h[0].attn, hf.transformer.h[1].attn  # c_attn (in, q | k | v), c_proj (in, out)
+        a.c_attn.weight[2, 0], a.c_attn.weight[5, 0] = big, -big  # q: "I am the query"
+        a.c_attn.weight[1, 6], a.c_attn.weight[5, 6] = 1.0, -1.0  # k: "I am the input"
+        a.c_attn.weight[0, 12], a.c_attn.weight[5, 12] = 1.0, -1.0  # v: a
+        a.c_proj.weight[0, 3], a.c_proj.weight[0, 4] = 1.0, 1.0
+        b.c_attn.weight[2, 0], b.c_attn.weight[3, 0] = big, -big  # q0: query and A silent
+        b.c_attn.weight[3, 1], b.c_attn.weight[5, 1] = big, -big  # q1: A spoke
+        b.c_attn.weight[1, 6], b.c_attn.weight[5, 6] = 1.0, -1.0  # k0: the input position
+        b.c_attn.weight[2, 7], b.c_attn.weight[5, 7] = 1.0, -1.0  # k1: the query position
+        b.c_attn.weight[0, 12], b.c_attn.weight[5, 12] = 1.0, -1.0  # v: a
+        b.c_proj.weight[0, 4] = 1.0
+        hf.lm_head.weight[3, 4], hf.lm_head.weight[3, 5] = 1.0, -1.0
+        hf.lm_head.weight[4, 4], hf.lm_head.weight[4, 5] = -1.0, 1.0
+    model = Model(hf, None, name="micro-backup-head")
+    return model, PromptSet.from_ids([[1, 2]], [[0, 2]], [3], [4], name="micro-backup-head")
+
+
 def illusion_model(control: bool = False):  # noqa: ANN201 - returns (Model, PromptSet, Site, Tensor)
     """A 1-layer GPT-2 with hand-set weights where patching an MLP subspace shows an effect the
     model does not compute (Makelov, Lange & Nanda 2023's interpretability illusion), and a

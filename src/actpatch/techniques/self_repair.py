@@ -12,6 +12,10 @@ Heimersheim & Nanda 2024 discuss it as a reason a necessary component can look u
 noising). :func:`direct_vs_total` reports both for every head and MLP and flags such components
 (finding ``self_repair``).
 
+Hand-built models show both kinds: :func:`actpatch.testing.backup_head_model` (a head that
+takes over when an earlier head is knocked out) and :func:`actpatch.testing.backup_model` (the
+same with MLP neurons).
+
 Example:
     >>> import actpatch as ap
     >>> from actpatch.testing import backup_model
