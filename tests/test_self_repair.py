@@ -18,6 +18,7 @@ def test_backup_neuron_hides_the_first_one_and_is_flagged():
     flagged = [f for f in dt.findings if f.code == "self_repair"]
     assert len(flagged) == 1 and flagged[0].message.startswith("L0.MLP:")
     assert dt.disagreements(1)[0][0] == "L0.MLP"
+    assert dt.compensators == {"L0.MLP": [("L1.MLP", pytest.approx(1.0, abs=1e-5))]}
 
 
 def test_backup_head_takes_over_and_is_flagged():
@@ -26,6 +27,8 @@ def test_backup_head_takes_over_and_is_flagged():
     assert dt.effects("L0.H0") == (-1.0, 0.0)  # derived in backup_head_model's docstring
     assert dt.effects("L1.H0") == (0.0, 0.0)
     assert [f.message.split(":")[0] for f in dt.findings if f.code == "self_repair"] == ["L0.H0"]
+    assert dt.compensators == {"L0.H0": [("L1.H0", pytest.approx(1.0, abs=1e-5))]}  # B writes +1 when A is noised
+    assert "Compensating, by the change of their direct effect when it is noised: L1.H0 (+1.000)" in dt.findings[0].message
     # the mechanism: with head A noised, head B moves its attention from the query to the input
     g = ps.groups()[0]
     with ap.capture(m, [ap.Site("z", 0), ap.Site("pattern", 1)]) as corrupted:

@@ -38,7 +38,7 @@ from .._io import read_json
 from ..errors import MethodError, ResultError
 from ..experiment.core import Experiment
 from ..findings import Finding, Level
-from ..hooks import capture
+from ..hooks import capture, intervene
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -62,6 +62,9 @@ class DirectTotal:
     direct: torch.Tensor
     total: torch.Tensor
     findings: tuple[Finding, ...] = field(default_factory=tuple)
+    compensators: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """For each flagged component: the later components whose direct effect moves the other way
+    when it is noised (name, normalised change), largest first."""
 
     def effects(self, component: str) -> tuple[float, float]:
         """(direct, total) of one component, rounded to 6 places."""
@@ -126,6 +129,7 @@ def direct_vs_total(
     raw = torch.empty(len(prompts), len(names))
     clean_all, corr_all = torch.empty(len(prompts)), torch.empty(len(prompts))
     sites = [Site(k, l) for l in range(L) for k in ("z", "mlp_out")]
+    groups = []
     with torch.inference_mode():
         for runs in exp.groups():
             with runs.clean.context(model), capture(model, sites + [Site("resid_final")]) as c:
@@ -134,17 +138,11 @@ def direct_vs_total(
                 corr_logits = model.logits(runs.corrupted.ids, last_only=True)
             measure = runs.measurer(exp.metrics, clean_logits)
             rows = torch.arange(runs.rows)
-            final = c[Site("resid_final")][:, -1]  # (B, d)
-            deltas = [adapter.head_writes(l, k[Site("z", l)] - c[Site("z", l)])[:, :, -1] for l in range(L)]  # (H, B, d)
-            deltas += [adapter.residual_write(k[Site("mlp_out", l)] - c[Site("mlp_out", l)])[None, :, -1] for l in range(L)]
-            changed = torch.cat(deltas) + final[None]  # (C, B, d): one component's write swapped each
-            C, B, d = changed.shape
-            logits = adapter.unembed(changed.reshape(C * B, d))
-            values = measure(logits, rows.repeat(C))[m].reshape(C, B)
             idx = runs.group.indices
-            raw[idx] = values.T.float().cpu()
+            raw[idx] = _swapped(model, measure, m, c, k).T.float().cpu()
             clean_all[idx] = measure(clean_logits, rows)[m].float().cpu()
             corr_all[idx] = measure(corr_logits, rows)[m].float().cpu()
+            groups.append((runs, measure, c, k))
     c_mean, k_mean = float(clean_all.mean()), float(corr_all.mean())
     direct = normalise(raw.mean(0), c_mean, k_mean) - 1.0
 
@@ -154,17 +152,62 @@ def direct_vs_total(
     total = torch.cat([heads.values.flatten(), mlps.values.flatten()]) - 1.0
 
     found = []
-    for name, de, te in zip(names, direct.tolist(), total.tolist()):
+    compensators: dict[str, list[tuple[str, float]]] = {}
+    for ci, (name, de, te) in enumerate(zip(names, direct.tolist(), total.tolist())):
         if abs(de) >= min_effect and (abs(de) > ratio * abs(te) or (abs(te) >= min_effect and de * te < 0)):
+            comp = _compensation(model, groups, names, ci, m, len(prompts), c_mean, k_mean)
+            helpers = [(names[j], v) for j, v in sorted(enumerate(comp.tolist()), key=lambda t: -abs(t[1]))
+                       if v * de < 0 and abs(v) >= min_effect / 2][:3]
+            compensators[name] = helpers
+            who = (", ".join(f"{n} ({v:+.3f})" for n, v in helpers) if helpers else
+                   "none through a direct path (the repair runs through later components' own inputs)")
             found.append(Finding(
                 Level.WARNING, "self_repair",
                 f"{name}: noising it moves the metric by {de:+.3f} through its direct path to the logits but only "
                 f"{te:+.3f} in total ({'opposite signs' if de * te < 0 else f'{abs(de) / max(abs(te), 1e-9):.1f}x'}; "
                 f"1 = the clean - corrupted gap): later components compensate (backup heads, the Hydra effect), so "
-                f"noising understates what it does.",
-                "Read its direct effect (or path patching from it) next to noising; look for the compensating "
-                "components with ap.path_sweep or by noising it together with candidates."))
-    return DirectTotal(components=names, direct=direct, total=total, findings=tuple(found))
+                f"noising understates what it does. Compensating, by the change of their direct effect when it is "
+                f"noised: {who}.",
+                "Read its direct effect (or path patching from it) next to noising, and noise it together with the "
+                "compensating components to see what it does without them."))
+    return DirectTotal(components=names, direct=direct, total=total, findings=tuple(found), compensators=compensators)
+
+
+def _swapped(model: "Model", measure: Any, m: Any, base: dict[Site, torch.Tensor],
+             other: dict[Site, torch.Tensor]) -> torch.Tensor:
+    """(C, B) metric of ``base``'s final residual stream with one component's write at a time
+    taken from ``other`` (heads, then MLPs), every other write kept."""
+    adapter, L = model.adapter, model.n_layers
+    final = base[Site("resid_final")][:, -1]  # (B, d)
+    deltas = [adapter.head_writes(l, other[Site("z", l)] - base[Site("z", l)])[:, :, -1] for l in range(L)]  # (H, B, d)
+    deltas += [adapter.residual_write(other[Site("mlp_out", l)] - base[Site("mlp_out", l)])[None, :, -1] for l in range(L)]
+    changed = torch.cat(deltas) + final[None]  # (C, B, d)
+    C, B, d = changed.shape
+    logits = adapter.unembed(changed.reshape(C * B, d))
+    return measure(logits, torch.arange(B).repeat(C))[m].reshape(C, B)
+
+
+def _compensation(model: "Model", groups: list, names: tuple[str, ...], ci: int, m: Any, n: int,
+                  clean_mean: float, corr_mean: float) -> torch.Tensor:
+    """Per component: how much its direct effect changes (normalised) when component ``ci`` is
+    noised, i.e. the clean run with ``ci``'s output from the corrupted run."""
+    H, L = model.n_heads, model.n_layers
+    if ci < L * H:
+        layer, head = divmod(ci, H)
+        site = Site("z", layer, head=head)
+    else:
+        site = Site("mlp_out", ci - L * H)
+    sites = [Site(k, l) for l in range(L) for k in ("z", "mlp_out")]
+    out = torch.empty(n, len(names))
+    with torch.inference_mode():
+        for runs, measure, c, k in groups:
+            with runs.clean.context(model), intervene(model, {site: k[site.full()][site.selector()]}), \
+                    capture(model, sites) as noised:
+                model.logits(runs.clean.ids, last_only=True)
+            out[runs.group.indices] = _swapped(model, measure, m, c, noised).T.float().cpu()
+    comp = normalise(out.mean(0), clean_mean, corr_mean) - 1.0
+    comp[ci] = 0.0  # the component itself is what was noised
+    return comp
 
 
 def load_direct_total(path: str | Path) -> DirectTotal | None:
