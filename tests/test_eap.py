@@ -178,3 +178,21 @@ def test_bundled_ioi_edge_scores_against_cutting_edges(bundled):
 def test_edge_graph_refused_where_edges_are_not_defined(family, fragment):
     with pytest.raises(ap.MethodError, match=fragment):
         ap.edge_attribution(tiny_model(family), _pairs())
+
+
+def test_eap_ig_on_activations():
+    """ig_target='activations' moves every node's output along the line from source to base (the
+    gradient still flows through the live graph): one step is EAP; edges into linear logits score
+    the same either way; elsewhere the two paths differ."""
+    m = _linear_head("llama_gqa")
+    ps = _pairs()
+    eap = ap.edge_attribution(m, ps)
+    one = ap.edge_attribution(m, ps, ig_steps=1, ig_target="activations")
+    torch.testing.assert_close(one.scores.nan_to_num(), eap.scores.nan_to_num(), atol=1e-6, rtol=0)
+    inputs = ap.edge_attribution(m, ps, ig_steps=4)
+    acts = ap.edge_attribution(m, ps, ig_steps=4, ig_target="activations")
+    assert acts.method == "eap-ig-act" and inputs.method == "eap-ig"
+    torch.testing.assert_close(acts.into("logits").nan_to_num(), eap.into("logits").nan_to_num(), atol=1e-5, rtol=1e-5)
+    assert (acts.scores - inputs.scores).nan_to_num().abs().max() > 1e-4
+    with pytest.raises(ap.MethodError, match="ig_target='weights'"):
+        ap.edge_attribution(m, ps, ig_steps=2, ig_target="weights")

@@ -177,6 +177,7 @@ def test_oracle_scores_are_exact_cuts():
     got = {(edges.upstream[i], edges.downstream[j]): float(oracle.scores[i, j]) for i, j in mask.nonzero().tolist()}
     for name, exact in zip(check.edges, check.exact.tolist()):
         assert got[name] == pytest.approx(exact, abs=1e-5)
-    assert "exact" in compare_methods(m, ps, methods=["exact"], oracle_k=3, fractions=(0.5, 1.0))
+    both = compare_methods(m, ps, methods=["exact", "eap-ig-act"], oracle_k=3, ig_steps=2, fractions=(0.5, 1.0))
+    assert both["eap-ig-act"].method == "eap-ig-act" and both["exact"].method == "exact@3"
     with pytest.raises(ap.MethodError, match="noising scores"):
         oracle_edges(m, ps, ap.edge_attribution(m, ps, direction="denoise"), k=2)

@@ -137,8 +137,11 @@ def edge_attribution(
     metric: str = "logit_diff",
     ig_steps: int = 0,
     seed: int = 0,
+    ig_target: str = "inputs",
 ) -> EdgeScores:
-    """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``).
+    """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``, the
+    gradient averaged along a line from the source to the base run: of the input embeddings
+    (``ig_target="inputs"``, Hanna et al. 2024) or of every node's output (``"activations"``)).
 
     Example:
         >>> import actpatch as ap
@@ -149,13 +152,14 @@ def edge_attribution(
         (11, 27)
     """
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
-                                                      metric=metric, ig_steps=ig_steps, seed=seed, summed=True)
+                                                      metric=metric, ig_steps=ig_steps, seed=seed, summed=True,
+                                                      ig_target=ig_target)
     per_prompt = per_prompt[:, 0]
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
-                      method="eap-ig" if ig_steps else "eap", direction=exp.direction, metric=exp.metrics[0].value,
-                      corruption=exp.corruption.describe(), seed=exp.seed, ig_steps=ig_steps,
-                      provenance=exp.provenance())
+                      method=("eap-ig" + ("-act" if ig_target == "activations" else "")) if ig_steps else "eap",
+                      direction=exp.direction, metric=exp.metrics[0].value, corruption=exp.corruption.describe(),
+                      seed=exp.seed, ig_steps=ig_steps, provenance=exp.provenance())
 
 
 def edge_scores_per_position(
@@ -169,6 +173,7 @@ def edge_scores_per_position(
     seed: int = 0,
     positions: "Callable[[int], list[int]] | None" = None,
     summed: bool = False,
+    ig_target: str = "inputs",
 ) -> tuple[Experiment, Graph, torch.Tensor]:
     """The experiment, the graph and per-prompt scores ``(n_prompts, P, U, V)`` of every edge at
     each position: all positions of a one-length set (P = T), or the positions
@@ -176,6 +181,8 @@ def edge_scores_per_position(
     (P = 1), the sum over all positions, which is EAP's score (never materialising the rest)."""
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
         raise MethodError(f"ig_steps={ig_steps!r}: use 0 (EAP) or a positive number of steps (EAP-IG, 5-30).")
+    if ig_target not in ("inputs", "activations"):
+        raise MethodError(f"ig_target={ig_target!r}: use 'inputs' (embeddings) or 'activations' (every node's output).")
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Edge attribution", needs_corrupted_run=True, differentiable=True)
     if len(exp.metrics) != 1:
@@ -195,7 +202,7 @@ def edge_scores_per_position(
             with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
                 W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
             steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
-            G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure) for alpha in steps) / len(steps)
+            G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target) for alpha in steps) / len(steps)
             if summed:
                 scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())[:, None]  # (B, 1, U, V)
             else:
@@ -209,9 +216,10 @@ def edge_scores_per_position(
 
 
 def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
-                measure: Measurer) -> torch.Tensor:
+                measure: Measurer, ig_target: str = "inputs") -> torch.Tensor:
     """(V, B, T, d): gradients of the metric through each port's input, on the base run, or
-    (EAP-IG) on a run whose embeddings sit ``alpha`` of the way from source to base."""
+    (EAP-IG) on a run whose embeddings (``inputs``), or every node's output too
+    (``activations``), sit ``alpha`` of the way from source to base."""
     L = model.n_layers
     zeros: dict = {}
 
@@ -228,6 +236,10 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
     if alpha != 1.0:
         e_base, e_src = b_acts[Site("embed")], s_acts[Site("embed")]
         patches[Site("embed")] = e_src + alpha * (e_base - e_src)
+        if ig_target == "activations":  # every node's output on the line too; gradients flow through the live graph
+            for site in [Site(k, l) for l in range(L) for k in ("z", "mlp_out")]:
+                point = s_acts[site] + alpha * (b_acts[site] - s_acts[site])
+                patches[site] = lambda x, point=point: x - x.detach() + point.to(x.dtype)
     with torch.enable_grad(), runs.base.context(model), intervene(model, patches), \
             capture(model, [Site("resid_pre", l) for l in range(L)]) as resid:
         logits = model.last_logits_with_grad(runs.base.ids)

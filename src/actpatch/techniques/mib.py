@@ -209,10 +209,11 @@ def compare_methods(
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
     definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs),
+    ``eap-ig-act`` (the same on every node's output),
     ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
     ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
     ``seconds`` includes scoring."""
-    known = ("eap", "eap-ig", "random", "exact")
+    known = ("eap", "eap-ig", "eap-ig-act", "random", "exact")
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from {', '.join(known)}.")
@@ -226,7 +227,8 @@ def compare_methods(
             scored = random_edges(base, seed) if name == "random" else oracle_edges(model, prompts, base, oracle_k)
         else:
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
-                                      ig_steps=ig_steps if name == "eap-ig" else 0, seed=seed)
+                                      ig_steps=ig_steps if name.startswith("eap-ig") else 0, seed=seed,
+                                      ig_target="activations" if name == "eap-ig-act" else "inputs")
             base = base or scored
         res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
         out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)
