@@ -181,3 +181,22 @@ def test_oracle_scores_are_exact_cuts():
     assert both["eap-ig-act"].method == "eap-ig-act" and both["exact"].method == "exact@3"
     with pytest.raises(ap.MethodError, match="noising scores"):
         oracle_edges(m, ps, ap.edge_attribution(m, ps, direction="denoise"), k=2)
+
+
+def test_saved_evaluations_round_trip_and_bad_files_are_one_error(tmp_path):
+    from actpatch.techniques.circuit import load_curves
+    from actpatch.techniques.mib import load_mib, save_mib
+
+    m = tiny_model("llama", n_layers=2)
+    ps = random_pairs(n=2, T=5, diff=(1, 3))
+    res = circuit_scores(m, ps, ap.edge_attribution(m, ps), fractions=(0.5, 1.0))
+    save_mib({"EAP": res}, tmp_path / "mib.json")
+    back = load_mib(tmp_path / "mib.json")["EAP"]
+    assert back.cpr == res.cpr and torch.equal(back.signed, res.signed) and back.sizes == res.sizes
+    assert load_mib(tmp_path / "none.json") == {}
+    (tmp_path / "mib.json").write_text('{"EAP": {"method": "eap"}}')
+    with pytest.raises(ap.ResultError, match="not an MIB evaluation file"):
+        load_mib(tmp_path / "mib.json")
+    (tmp_path / "circuits.json").write_text('{"EAP": [1, 2]}')
+    with pytest.raises(ap.ResultError, match="not faithfulness curves"):
+        load_curves(tmp_path / "circuits.json")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from .errors import ResultError
 from .findings import Finding
@@ -15,9 +15,29 @@ from .findings import Finding
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["read_result", "read_json"]
+T = TypeVar("T")
+
+__all__ = ["read_result", "read_json", "write_named", "read_named"]
 
 _FIX = "Re-run the experiment (or `actpatch run` it again: finished results are kept) to write it anew."
+
+
+def write_named(items: "Mapping[str, Any]", path: str | Path) -> None:
+    """Write ``{name: item.to_dict()}`` as JSON (faithfulness curves, MIB evaluations...)."""
+    Path(path).write_text(json.dumps({k: v.to_dict() for k, v in items.items()}, indent=1))
+
+
+def read_named(path: str | Path, from_dict: "Callable[[Any], T]", what: str) -> "dict[str, T]":
+    """Read what :func:`write_named` wrote, each entry through ``from_dict``; {} when the file
+    does not exist, one :class:`ResultError` when it is not ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    data = read_json(p, what)
+    try:
+        return {str(k): from_dict(v) for k, v in data.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ResultError(f"{p}: not {what} ({type(e).__name__}: {e}); delete it and re-run that step.") from None
 
 
 def read_json(path: Path, what: str) -> Any:

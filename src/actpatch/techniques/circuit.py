@@ -13,16 +13,15 @@ Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .._io import read_json
+from .._io import read_named, write_named
 from ..corruption import Corruption, from_description
-from ..errors import MethodError, ResultError
+from ..errors import MethodError
 from ..experiment.core import Experiment
 from ..findings import Finding, Level
 from ..hooks import capture, intervene
@@ -253,20 +252,12 @@ class Faithfulness:
 
 def save_curves(curves: dict[str, Faithfulness], path: str | Path) -> None:
     """Write faithfulness curves (by method) as JSON."""
-    Path(path).write_text(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))
+    write_named(curves, path)
 
 
 def load_curves(path: str | Path) -> dict[str, Faithfulness]:
     """Read curves written by :func:`save_curves` ({} when the file does not exist)."""
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    data = read_json(p, "a circuits file (save_curves)")
-    try:
-        return {str(k): Faithfulness.from_dict(v) for k, v in data.items()}
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ResultError(f"{p}: not faithfulness curves written by save_curves ({type(e).__name__}: {e}); "
-                          f"delete it and re-run the circuits.") from None
+    return read_named(path, Faithfulness.from_dict, "faithfulness curves written by save_curves")
 
 
 def faithfulness(

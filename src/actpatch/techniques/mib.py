@@ -25,7 +25,6 @@ EAP-IG / MIB JSON format (:mod:`actpatch.techniques.circuit_io`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..corruption import Corruption
-from .._io import read_json
-from ..errors import MethodError, ResultError
+from .._io import read_named, write_named
+from ..errors import MethodError
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..types import Direction
@@ -237,16 +236,9 @@ def compare_methods(
 
 def save_mib(scores: dict[str, CircuitScores], path: str | Path) -> None:
     """Write MIB evaluations (by method) as JSON."""
-    Path(path).write_text(json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=1))
+    write_named(scores, path)
 
 
 def load_mib(path: str | Path) -> dict[str, CircuitScores]:
     """Read what :func:`save_mib` wrote ({} when the file does not exist)."""
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    data = read_json(p, "an MIB evaluation file (save_mib)")
-    try:
-        return {k: CircuitScores.from_dict(v) for k, v in data.items()}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ResultError(f"{p}: not an MIB evaluation file ({e!r}).") from None
+    return read_named(path, CircuitScores.from_dict, "an MIB evaluation file (save_mib)")
