@@ -95,7 +95,7 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ntargets: [{target: z, method: atpstar}]\n", "targets.0.method: Input should be 'exact' or 'atp'"),
     ("model: tiny:llama\ncircuits: {}\nmetrics: [rank]\n", "first metric, 'rank', which is discrete"),
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
-    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: Input should be 'eap' or 'eap-ig'"),
+    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: Input should be 'eap', 'eap-ig' or 'eap-ig-act'"),
     ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
     ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits or das"),
     ("model: tiny:llama\ntargets: [{target: z, subspace: {}}]\n", "has one vector per head; give a basis file"),
@@ -154,14 +154,14 @@ def test_run_with_circuits(tmp_path):
     the full circuit gives the clean run, the empty one the corrupted run."""
     import pandas as pd
 
-    body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [eap, eap-ig], ig_steps: 2, sizes: [0, 5, 100000], "
+    body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [eap, eap-ig, eap-ig-act], ig_steps: 2, sizes: [0, 5, 100000], "
                                                     "evaluate: mib, fractions: [0.1, 0.5, 1.0], selection: greedy, direct_vs_total: true}\n")
     out = tmp_path / "out"
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
     assert r.exit_code == 0, r.stdout
     assert "Faithfulness, EAP-IG (2 steps)" in r.stdout
     curves = json.loads((out / "circuits.json").read_text())
-    assert set(curves) == {"EAP", "EAP-IG (2 steps)"}
+    assert set(curves) == {"EAP", "EAP-IG (2 steps)", "EAP-IG (2 steps, activations)"}
     for c in curves.values():
         assert abs(c["values"][0]) < 1e-4 and abs(c["values"][-1] - 1) < 1e-4
     edges = pd.read_csv(out / "edges_eap.csv")
@@ -169,7 +169,8 @@ def test_run_with_circuits(tmp_path):
     assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50
     assert "Circuits" in (out / "report.html").read_text()
     mib = json.loads((out / "mib.json").read_text())
-    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "random"} and mib["EAP"]["method"] == "eap+greedy"
+    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "EAP-IG (2 steps, activations)", "random"}
+    assert mib["EAP"]["method"] == "eap+greedy" and mib["EAP-IG (2 steps, activations)"]["method"] == "eap-ig-act+greedy"
     for v in mib.values():
         assert v["fractions"] == [0.1, 0.5, 1.0] and abs(v["absolute"][-1] - 1) < 1e-4
     from actpatch.techniques.circuit_io import from_mib_json

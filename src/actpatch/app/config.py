@@ -192,7 +192,8 @@ class CircuitsConfig(_Strict):
     """Edge attribution and the faithfulness of the top-n-edge circuits (noising, the run's
     corruption and first metric)."""
 
-    methods: list[Literal["eap", "eap-ig"]] = Field(default_factory=lambda: ["eap", "eap-ig"], min_length=1)
+    methods: list[Literal["eap", "eap-ig", "eap-ig-act"]] = Field(default_factory=lambda: ["eap", "eap-ig"], min_length=1)
+    """eap-ig interpolates the input embeddings, eap-ig-act every node's output."""
     ig_steps: int = Field(5, ge=1)
     """Interpolation steps of EAP-IG."""
     sizes: list[int] = Field(default_factory=lambda: [10, 100, 1000, 10000], min_length=1)

@@ -240,10 +240,11 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     mib: dict[str, CircuitScores] = {}
     fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
-        steps = c.ig_steps if method == "eap-ig" else 0
-        name = f"EAP-IG ({steps} steps)" if steps else "EAP"
+        steps = c.ig_steps if method.startswith("eap-ig") else 0
+        on = "activations" if method == "eap-ig-act" else "inputs"
+        name = (f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps else "EAP"
         edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, ig_target=on)
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
         to_mib_json(edges, out / f"graph_{method}.json")  # readable by the EAP-IG / MIB code
