@@ -122,6 +122,8 @@ def test_illusion_model_is_flagged_with_the_numbers_derived_by_hand(direction):
     assert float(res.values) == pytest.approx(0.5, abs=1e-5)
     assert {"subspace_illusion", "subspace_exceeds_component"} <= {f.code for f in res.findings}
     assert res.info.extra["subspace_check"]["effects"]["component"] == pytest.approx(0.0, abs=1e-6)
+    # the patch's own value is reused as the check's subspace effect (change from the base run)
+    assert res.info.extra["subspace_check"]["effects"]["subspace"] == pytest.approx(0.5 * sign, abs=1e-5)
     quiet = ap.patch(m, ps, [site], subspace=U, direction=direction, check_subspace=False)
     assert not {f.code for f in quiet.findings} & {"subspace_illusion", "subspace_exceeds_component"}
 

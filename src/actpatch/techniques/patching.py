@@ -305,7 +305,8 @@ def patch(
     res = execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
                   engine=engine, progress=False, sites=sites)
     if plan.subspace is not None and check_subspace:
-        res = _with_check(model, prompts, res, plan.patches[0][0], plan.subspace, direction=direction,
+        known = float(res.values) if len(sites) == 1 else None  # the check's own subspace patch: already run
+        res = _with_check(model, prompts, res, plan.patches[0][0], plan.subspace, known=known, direction=direction,
                           corruption=corruption, metric=metric, seed=seed)
     return res
 

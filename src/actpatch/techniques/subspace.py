@@ -186,9 +186,11 @@ def _part(U: torch.Tensor, P: torch.Tensor) -> torch.Tensor | None:
 
 
 def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
-                   direction: str | Direction = "denoise", min_effect: float = 0.1, **patch_options: Any) -> SubspaceCheck:
+                   direction: str | Direction = "denoise", min_effect: float = 0.1, known: float | None = None,
+                   **patch_options: Any) -> SubspaceCheck:
     """Run the interpretability-illusion check for patching ``site`` along ``subspace`` (see the
-    module docstring); ``patch_options`` (corruption, metric, seed) go to every patch."""
+    module docstring); ``patch_options`` (corruption, metric, seed) go to every patch. ``known``:
+    the normalised value of the subspace patch itself when the caller already ran it."""
     from .patching import patch
 
     sub = as_subspace(subspace)
@@ -234,7 +236,8 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
                     subspace=None if basis is _WHOLE else Subspace.of(basis), **patch_options)
         return float(res.values) - base_value
 
-    effects = {name: effect(B) for name, B in parts.items()}
+    effects = {name: (known - base_value if name == "subspace" and known is not None else effect(B))
+               for name, B in parts.items()}
     effects["component"] = effect(_WHOLE)
 
     found: list[Finding] = []
