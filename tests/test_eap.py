@@ -196,3 +196,46 @@ def test_eap_ig_on_activations():
     assert (acts.scores - inputs.scores).nan_to_num().abs().max() > 1e-4
     with pytest.raises(ap.MethodError, match="ig_target='weights'"):
         ap.edge_attribution(m, ps, ig_steps=2, ig_target="weights")
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt_neox"])
+def test_circuits_batched_together_equal_each_run_alone(family):
+    """run_many packs several circuits (and, here, two length groups) into one forward pass per
+    batch; each row must equal that circuit run on its own (1e-5: only the batch size differs)."""
+    from actpatch.techniques.circuit import _Circuits, greedy_edges
+
+    m = tiny_model(family, n_layers=3, seed=4)
+    a, b = _pairs(n=3, T=6), _pairs(n=2, T=8, seed=1)
+    ps = ap.PromptSet.from_ids([*a.clean, *b.clean], [*a.corrupted, *b.corrupted],
+                               [*a.answers.tolist(), *b.answers.tolist()], [*a.alternatives.tolist(), *b.alternatives.tolist()])
+    edges = ap.edge_attribution(m, ps)
+    keeps = [ap.top_edges(edges, n) for n in (0, 3, 17, 60)] + [greedy_edges(edges, 9)]
+    alone = _Circuits(m, ps, "str", "logit_diff", 0, rows=1)  # rows=1: one circuit per pass
+    together = _Circuits(m, ps, "str", "logit_diff", 0, rows=4)  # two circuits of a 2- or 3-prompt group per pass
+    singles = torch.stack([alone.run(k) for k in keeps])
+    torch.testing.assert_close(together.run_many(keeps), singles, atol=1e-5, rtol=0)
+    assert singles.std(0).max() > 1e-2  # the circuits really differ
+    picked = edges.scores.flatten().nan_to_num(0).abs().argsort(descending=True)[:4].tolist()
+    cuts = together.cut_each(picked)
+    full = alone.run(torch.ones_like(keeps[0])).mean()
+    for i, c in zip(picked, cuts):
+        keep = torch.ones_like(keeps[0])
+        keep.view(-1)[i] = False
+        assert abs(float(alone.run(keep).mean() - full) - float(c)) < 1e-5
+
+
+def test_positional_circuits_batched_together():
+    from actpatch.techniques.circuit import _Circuits, greedy_edges
+
+    m = tiny_model("llama", n_layers=2, seed=5)
+    ps = _pairs(n=3, T=6)
+    U, V = ap.edge_attribution(m, ps).scores.shape
+    g = torch.Generator().manual_seed(0)
+    keeps = [torch.rand(U, V, 6, generator=g) < p for p in (0.2, 0.5, 0.9)]
+    alone = _Circuits(m, ps, "str", "logit_diff", 0, rows=1)
+    together = _Circuits(m, ps, "str", "logit_diff", 0)
+    torch.testing.assert_close(together.run_many(keeps), torch.stack([alone.run(k) for k in keeps]), atol=1e-5, rtol=0)
+    with pytest.raises(ap.MethodError, match="one kind"):
+        together.run_many([keeps[0], keeps[0][..., 0]])
+    with pytest.raises(ap.MethodError, match="rows"):
+        _Circuits(m, ps, "str", "logit_diff", 0, rows=0)

@@ -241,3 +241,22 @@ def test_resid_mid_and_resid_post_writes_on_one_block(ids):
     ) as a:
         m.logits(ids)
     assert torch.all(a[Site("resid_pre", 1)] == 2.0)  # the later site in the block wins
+
+
+def test_stop_after_ends_the_pass_once_the_site_is_computed():
+    from actpatch.hooks import capture, intervene, stop_after
+
+    m = tiny_model("llama", n_layers=3)
+    ids = torch.tensor([[2, 3, 4, 5]])
+    with capture(m, [Site("q", 1), Site("v", 1)]) as full:
+        m.logits(ids)
+    seen = []
+    with capture(m, [Site("q", 1), Site("v", 1)]) as early, stop_after(m, Site("v", 1)), \
+            intervene(m, {Site("mlp_out", 1): lambda x: seen.append(1)}):
+        m.logits(ids)
+    assert not seen  # layer 1's MLP never ran
+    for s in full:  # what was computed before the stop is what a whole pass computes
+        torch.testing.assert_close(early[s], full[s], atol=0, rtol=0)
+    with pytest.raises(ap.SiteError):
+        with stop_after(m, Site("v", 7)):
+            pass

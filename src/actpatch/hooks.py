@@ -32,7 +32,7 @@ from .sites import ATTENTION_FN_KINDS, Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["capture", "intervene", "Value"]
+__all__ = ["capture", "intervene", "stop_after", "Value"]
 
 Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
 """A replacement: a tensor (broadcast to the site's slice), a number, or a function of the
@@ -223,3 +223,27 @@ def intervene(model: "Model", patches: Mapping[Site, Value]) -> Iterator[None]:
         site.check(model)
     with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in patches.items()]):
         yield
+
+
+class _Stopped(Exception):
+    """Raised by :func:`stop_after`'s hook to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(model: "Model", site: Site) -> Iterator[None]:
+    """End the forward pass run inside the context as soon as ``site`` is computed (after the
+    reads of :func:`capture` contexts entered before this one): for passes whose only purpose
+    is to record early activations, e.g. a block's q / k / v without its attention and MLP.
+
+    Example: ``with capture(model, [Site("q", 3)]) as a, stop_after(model, Site("v", 3)):
+    model.logits(ids)`` runs layers 0..3 up to layer 3's values."""
+    site.check(model)
+
+    def stop(x: torch.Tensor) -> None:
+        raise _Stopped
+
+    try:
+        with _hooks(model, [(site.full(), stop, READ)]):
+            yield
+    except _Stopped:
+        pass

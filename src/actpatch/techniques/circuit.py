@@ -24,7 +24,7 @@ from ..corruption import Corruption, from_description
 from ..errors import MethodError
 from ..experiment.core import Experiment
 from ..findings import Finding, Level
-from ..hooks import capture, intervene
+from ..hooks import capture, intervene, stop_after
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -111,73 +111,97 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
 
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
                      keep: torch.Tensor) -> torch.Tensor:
-    """Last-position logits of the clean run with every edge outside ``keep`` (U, V) carrying
-    the corrupted writes ``corr_w`` (per upstream node, (B, T, d)); a (U, V, T) ``keep`` decides
-    per position (position-aware circuits)."""
+    """Last-position logits ((C * B, vocab), circuit-major) of the clean run under each of ``C``
+    circuits at once: ``keep`` is (C, U, V), or (C, U, V, T) deciding per position
+    (position-aware circuits); in circuit ``c`` every edge outside ``keep[c]`` carries the
+    corrupted writes ``corr_w`` (per upstream node, (B, T, d)). Row ``c * B + b`` is prompt
+    ``b`` under circuit ``c``."""
     adapter = model.adapter
     L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
     node_at, port_at = graph.node_index, graph.port_index
-    T = clean.shape[1]
+    C, (B, T) = keep.shape[0], clean.shape
     pos = torch.arange(T, device=clean.device)[None]
+    ids = clean.repeat(C, 1)
     with capture(model, [Site("resid_pre", 0)]) as emb:
-        model.logits(clean, last_only=True)
+        model.logits(ids, last_only=True)
     h = emb[Site("resid_pre", 0)]
-    cur_w: list[torch.Tensor | None] = [h] + [None] * (len(graph.nodes) - 1)  # writes of the running model
+    # diff[i]: node i's write now minus its corrupted write, per circuit (zero until computed)
+    diff = h.new_zeros(len(graph.nodes), C, B, T, h.shape[-1])
 
-    def correction(port: Port, upto: int) -> torch.Tensor | None:
-        """sum over excluded edges u -> port (u < upto) of (write now - write corrupted)."""
-        total: torch.Tensor | None = None
-        cut = ~keep[:upto, port_at[port]]  # (upto,) or (upto, T)
-        for i in (cut.reshape(upto, -1).any(1)).nonzero().flatten().tolist():
-            if cur_w[i] is not None:
-                d = cur_w[i] - corr_w[i]  # type: ignore[operator]
-                if cut.dim() == 2:  # only at the positions where the edge is cut
-                    d = d * cut[i].to(d.device, d.dtype)[None, :, None]
-                total = d if total is None else total + d
-        return total
+    def wrote(i: int, w: torch.Tensor) -> None:
+        diff[i] = w.view(C, B, T, -1) - corr_w[i][None]
+
+    wrote(0, h)
+
+    def corrections(ports: list[Port], upto: int) -> list[torch.Tensor | None]:
+        """Per port and circuit, the sum over its excluded edges u -> port (u < upto) of (write
+        now - write corrupted): one contraction over the upstream nodes for all ``ports``; None
+        for a port no circuit cuts."""
+        cut = ~keep[:, :upto, [port_at[p] for p in ports]]  # (C, upto, P) or (C, upto, P, T)
+        used = cut.transpose(0, 2).reshape(len(ports), -1).any(1).tolist()
+        if not any(used):
+            return [None] * len(ports)
+        m = cut[:, :, [j for j, u in enumerate(used) if u]].to(diff.device, diff.dtype)
+        total = (torch.einsum("cup,ucbtd->pcbtd", m, diff[:upto]) if m.dim() == 3
+                 else torch.einsum("cupt,ucbtd->pcbtd", m, diff[:upto])).reshape(m.shape[2], C * B, T, -1)
+        it = iter(total)
+        return [next(it) if u else None for u in used]
 
     for l in range(L):
         n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
         pe = adapter.position_embeddings(h, pos)
+        # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
+        ports = [Port(kind, l, i) for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV)) for i in range(n)]
+        fixed = [(p.kind, p.head, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
         writes: dict[Site, torch.Tensor] = {}
-        for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV)):
-            for i in range(n):
-                fix = correction(Port(kind, l, i), n_up)
-                if fix is None:
-                    continue
-                site = Site(kind.value, l)
-                with capture(model, [site]) as a:
-                    adapter.run_block(l, h - fix, pos, pe)
-                writes[Site(kind.value, l, head=i)] = a[site][:, :, i]
+        if fixed:
+            qkv = [Site(k, l) for k in ("q", "k", "v")]
+            with capture(model, qkv) as a, stop_after(model, Site("v", l)):
+                adapter.run_block(l, torch.cat([h - fix for _, _, fix in fixed]), pos, pe)
+            for j, (kind, i, _) in enumerate(fixed):
+                writes[Site(kind.value, l, head=i)] = a[Site(kind.value, l)][j * C * B:(j + 1) * C * B, :, i]
         mlp_node = node_at[Node(NodeKind.MLP, l)]
 
         def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
             if not graph.parallel:  # this layer's heads feed its MLP: their writes exist by now
                 for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-                    cur_w[node_at[Node(NodeKind.HEAD, l, hh)]] = w
-            fix = correction(Port(PortKind.MLP, l), mlp_node)
+                    wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
+            fix = corrections([Port(PortKind.MLP, l)], mlp_node)[0]
             return x if fix is None else x - fix
 
         with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
                 intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
             h = adapter.run_block(l, h, pos, pe)
         for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-            cur_w[node_at[Node(NodeKind.HEAD, l, hh)]] = w
-        cur_w[mlp_node] = adapter.residual_write(layer[Site("mlp_out", l)])
-    fix = correction(Port(PortKind.LOGITS), len(graph.nodes))
+            wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
+        wrote(mlp_node, adapter.residual_write(layer[Site("mlp_out", l)]))
+    fix = corrections([Port(PortKind.LOGITS)], len(graph.nodes))[0]
     return adapter.unembed((h if fix is None else h - fix)[:, -1])
+
+
+CIRCUIT_ROWS = 256
+"""Rows (circuits x prompts of a length group) per circuit forward pass by default on an
+accelerator. On a CPU the default is one circuit per pass: ``benchmarks/circuit_speed.py``
+measured batching circuits slower there (0.90x at 64 rows on 2 cores: the work is already
+compute-bound), while a GPU needs the rows to fill it."""
 
 
 class _Circuits:
     """Runs circuits over one prompt set: the corrupted writes and the clean log-probs of each
-    length group are computed once and reused for every circuit."""
+    length group are computed once and reused for every circuit; several circuits run as one
+    batch (``rows`` circuits x prompts per forward pass)."""
 
-    def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int) -> None:
+    def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int,
+                 rows: int | None = None) -> None:
         exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
                                seed=seed, technique="Circuit runs", needs_corrupted_run=True)
         if exp.corruption.draws != 1:
             raise MethodError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
-        self.model, self.n, self.metric = model, len(prompts), exp.metrics[0]
+        if rows is None:
+            rows = 1 if model.device.type == "cpu" else CIRCUIT_ROWS
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise MethodError(f"rows={rows!r}: the rows per circuit batch must be a positive integer.")
+        self.model, self.n, self.metric, self.rows = model, len(prompts), exp.metrics[0], rows
         self.graph = Graph.of(model)
         self.unreachable = ~self.graph.reachable
         self.lengths = sorted({g.seq_len for g in prompts.groups()})
@@ -191,8 +215,7 @@ class _Circuits:
                 measure = runs.measurer(exp.metrics, model.logits(runs.clean.ids, last_only=True))
                 self.groups.append((runs, corr_w, measure))
 
-    def run(self, keep: torch.Tensor) -> torch.Tensor:
-        """Per-prompt metric with every edge outside ``keep`` taken from the corrupted run."""
+    def _checked(self, keep: torch.Tensor) -> torch.Tensor:
         shape = (len(self.graph.nodes), len(self.graph.ports))
         ok = isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape[:2]) == shape
         if not ok or keep.dim() not in (2, 3) or (keep.dim() == 3 and len(self.lengths) != 1):
@@ -203,13 +226,40 @@ class _Circuits:
         if keep.dim() == 3 and keep.shape[2] != self.lengths[0]:
             raise MethodError(f"keep has {keep.shape[2]} positions; the prompts have {self.lengths[0]} tokens.")
         unreachable = self.unreachable if keep.dim() == 2 else self.unreachable[:, :, None]
-        keep = keep | unreachable  # unreachable pairs are not edges
-        out = torch.empty(self.n)
+        return keep | unreachable  # unreachable pairs are not edges
+
+    def run(self, keep: torch.Tensor) -> torch.Tensor:
+        """Per-prompt metric with every edge outside ``keep`` taken from the corrupted run."""
+        return self.run_many([keep])[0]
+
+    def run_many(self, keeps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(circuits, prompts): :meth:`run` of each of ``keeps`` (all (U, V) or all (U, V, T)),
+        batched ``rows`` circuit x prompt rows at a time."""
+        checked = [self._checked(k) for k in keeps]
+        if len({k.dim() for k in checked}) > 1:
+            raise MethodError("run_many() takes circuits of one kind: all (U, V) or all (U, V, T) masks.")
+        out = torch.empty(len(checked), self.n)
         with torch.inference_mode(), self.model.attention_fn():
             for runs, corr_w, measure in self.groups:
-                logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep)
-                out[runs.group.indices] = measure(logits, torch.arange(runs.rows))[self.metric].cpu()
+                per = max(1, self.rows // runs.rows)
+                for c0 in range(0, len(checked), per):
+                    keep = torch.stack(checked[c0:c0 + per])
+                    logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep)
+                    rows = torch.arange(runs.rows).repeat(len(keep))
+                    values = measure(logits, rows)[self.metric].cpu().view(len(keep), runs.rows)
+                    out[c0:c0 + len(keep), runs.group.indices] = values
         return out
+
+    def cut_each(self, flat: Sequence[int]) -> torch.Tensor:
+        """(len(flat),) the exact effect of cutting each edge alone (flat index into (U, V)):
+        the mean metric of the clean run with that edge from the corrupted run, minus the clean run's."""
+        full = torch.ones(len(self.graph.nodes), len(self.graph.ports), dtype=torch.bool)
+        keeps = [full]
+        for i in flat:
+            keeps.append(full.clone())
+            keeps[-1].view(-1)[i] = False
+        means = self.run_many(keeps).mean(1)
+        return means[1:] - means[0]
 
 
 def run_circuit(
@@ -277,9 +327,9 @@ def faithfulness(
         [0.0, 1.0]
     """
     circuits = _Circuits(model, prompts, corruption, metric, seed)
-    raws = torch.stack([circuits.run(top_edges(edges, n)) for n in sizes])
-    empty = circuits.run(torch.zeros_like(edges.scores, dtype=torch.bool))
-    full = circuits.run(torch.ones_like(edges.scores, dtype=torch.bool))
+    none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
+    *raw, empty, full = circuits.run_many([top_edges(edges, n) for n in sizes] + [none, every])
+    raws = torch.stack(raw) if raw else torch.empty(0, len(prompts))
     c, k = float(full.mean()), float(empty.mean())
     return Faithfulness(sizes=list(sizes), values=normalise(raws.mean(1), c, k), raw=raws, clean=c, corrupted=k)
 
@@ -327,15 +377,8 @@ def validate_edges(
     gen = torch.Generator().manual_seed(seed)
     rest = order[k:]
     chosen = order[:k].tolist() + rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
-    full = torch.ones_like(edges.scores, dtype=torch.bool)
-    clean = circuits.run(full).mean()
     V = len(edges.downstream)
-    exact = []
-    for i in chosen:
-        keep = full.clone()
-        keep.view(-1)[i] = False
-        exact.append(circuits.run(keep).mean() - clean)
-    est, x = edges.scores.flatten()[chosen], torch.stack(exact)
+    est, x = edges.scores.flatten()[chosen], circuits.cut_each(chosen)
     rho = spearman(est, x) if len(chosen) > 2 else float("nan")
     method = edges.method.upper()
     findings = [Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "edge_agreement",

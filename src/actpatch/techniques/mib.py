@@ -120,12 +120,16 @@ def circuit_scores(
     seed: int | None = None,
     log_scale: bool = False,
     selection: str = "topn",
+    rows: int | None = None,
 ) -> CircuitScores:
     """CPR and CMD of ``edges`` on ``prompts`` (see the module docstring): one exact circuit run
     per fraction and selection, plus the empty and full graphs for the normalisation. The
     corruption, metric and seed default to those the scores were computed with.
     ``selection``: ``topn`` (the best-scoring edges anywhere, MIB's default) or ``greedy``
-    (grown from the logits, so every edge is connected: :func:`~actpatch.techniques.circuit.greedy_edges`)."""
+    (grown from the logits, so every edge is connected: :func:`~actpatch.techniques.circuit.greedy_edges`).
+    ``rows``: circuit x prompt rows per forward pass (the circuits of the evaluation run in
+    batches of that many; default one circuit per pass on a CPU,
+    :data:`~actpatch.techniques.circuit.CIRCUIT_ROWS` on an accelerator)."""
     if selection not in ("topn", "greedy"):
         raise MethodError(f"selection={selection!r}: use 'topn' or 'greedy'.")
     pick = top_edges if selection == "topn" else greedy_edges
@@ -136,23 +140,19 @@ def circuit_scores(
     from ..corruption import from_description
 
     corr = corruption if corruption is not None else from_description(edges.corruption)
-    runs = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed)
+    runs = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows)
     n_edges = int((~torch.isnan(edges.scores)).sum())
     sizes = tuple(int(f * n_edges) for f in fr)
-    empty = float(runs.run(torch.zeros_like(edges.scores, dtype=torch.bool)).mean())
-    full = float(runs.run(torch.ones_like(edges.scores, dtype=torch.bool)).mean())
+    none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
 
     # signed selection keeps the edges that carry the clean behaviour first: a noising score is the
     # estimated change when the edge is corrupted (negative when it matters), a denoising score
     # the change when it is restored (positive when it matters)
     helpful = edges if edges.direction is Direction.DENOISE else dataclasses.replace(edges, scores=-edges.scores)
 
-    def curve(absolute: bool) -> torch.Tensor:
-        ranked = edges if absolute else helpful
-        raw = torch.tensor([float(runs.run(pick(ranked, n, absolute=absolute)).mean()) for n in sizes])
-        return normalise(raw, full, empty)
-
-    signed, absolute = curve(False), curve(True)
+    circuits = [pick(helpful, n, absolute=False) for n in sizes] + [pick(edges, n, absolute=True) for n in sizes]
+    *raw, empty, full = runs.run_many(circuits + [none, every]).mean(1).tolist()  # one batch for every circuit
+    signed, absolute = (normalise(torch.tensor(raw[i:i + len(sizes)]), full, empty) for i in (0, len(sizes)))
     return CircuitScores(method=edges.method + ("+greedy" if selection == "greedy" else ""), fractions=fr, sizes=sizes, n_edges=n_edges, signed=signed,
                          absolute=absolute, cpr=area_under(fr, signed.tolist(), log_scale=log_scale),
                          cmd=area_under(fr, absolute.tolist(), from_one=True, log_scale=log_scale),
@@ -183,13 +183,8 @@ def oracle_edges(model: "Model", prompts: PromptSet, edges: EdgeScores, k: int =
     runs = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
     ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
     chosen = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)][:k].tolist()
-    full = torch.ones_like(edges.scores, dtype=torch.bool)
-    clean = float(runs.run(full).mean())
     exact = torch.where(torch.isnan(edges.scores), edges.scores, torch.zeros_like(edges.scores))
-    for i in chosen:
-        keep = full.clone()
-        keep.view(-1)[i] = False
-        exact.view(-1)[i] = float(runs.run(keep).mean()) - clean
+    exact.view(-1)[chosen] = runs.cut_each(chosen)
     return dataclasses.replace(edges, scores=exact, per_prompt=exact[None], method=f"exact@{len(chosen)}",
                                extra={**edges.extra, "oracle_of": edges.method, "oracle_k": len(chosen)})
 

@@ -157,10 +157,12 @@ def positional_faithfulness(model: "Model", prompts: PromptSet, scores: Position
     """Faithfulness of the top-n (edge, position) circuits: the clean run with every edge cut
     (taken from the corrupted run) at the positions where it is not kept."""
     runs = _Circuits(model, prompts, corruption, metric or scores.metric, seed)
-    raws = torch.stack([runs.run(top_positional_edges(scores, n)) for n in sizes])
     shape = scores.scores.shape[1:] + scores.scores.shape[:1]
-    empty = float(runs.run(torch.zeros(shape, dtype=torch.bool)).mean())
-    full = float(runs.run(torch.ones(shape, dtype=torch.bool)).mean())
+    keeps = [top_positional_edges(scores, n) for n in sizes]
+    *raw, empty_row, full_row = runs.run_many(keeps + [torch.zeros(shape, dtype=torch.bool),
+                                                       torch.ones(shape, dtype=torch.bool)])
+    raws = torch.stack(raw) if raw else torch.empty(0, len(prompts))
+    empty, full = float(empty_row.mean()), float(full_row.mean())
     return Faithfulness(sizes=list(sizes), values=normalise(raws.mean(1), full, empty), raw=raws, clean=full,
                         corrupted=empty)
 
