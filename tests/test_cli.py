@@ -155,7 +155,7 @@ def test_run_with_circuits(tmp_path):
     import pandas as pd
 
     body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [eap, eap-ig, eap-ig-act], ig_steps: 2, sizes: [0, 5, 100000], "
-                                                    "evaluate: mib, fractions: [0.1, 0.5, 1.0], selection: greedy, direct_vs_total: true}\n")
+                                                    "evaluate: mib, fractions: [0.1, 0.5, 1.0], selection: greedy, direct_vs_total: true, oracle_k: 6}\n")
     out = tmp_path / "out"
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
     assert r.exit_code == 0, r.stdout
@@ -169,7 +169,8 @@ def test_run_with_circuits(tmp_path):
     assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50
     assert "Circuits" in (out / "report.html").read_text()
     mib = json.loads((out / "mib.json").read_text())
-    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "EAP-IG (2 steps, activations)", "random"}
+    assert set(mib) == {"EAP", "EAP-IG (2 steps)", "EAP-IG (2 steps, activations)", "random", "exact (6 edges of EAP)"}
+    assert mib["exact (6 edges of EAP)"]["method"] == "exact@6+greedy"
     assert mib["EAP"]["method"] == "eap+greedy" and mib["EAP-IG (2 steps, activations)"]["method"] == "eap-ig-act+greedy"
     for v in mib.values():
         assert v["fractions"] == [0.1, 0.5, 1.0] and abs(v["absolute"][-1] - 1) < 1e-4

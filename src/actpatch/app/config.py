@@ -204,6 +204,9 @@ class CircuitsConfig(_Strict):
     """Edge fractions of the MIB evaluation (default MIB's 0.1 % ... 100 %)."""
     selection: Literal["topn", "greedy"] = "topn"
     """How the MIB evaluation picks a circuit's edges: the best-scoring anywhere, or grown from the logits."""
+    oracle_k: int | None = Field(None, ge=1)
+    """With evaluate: mib, also the exact oracle: the first method's top ``oracle_k`` edges scored
+    by cutting each one exactly (one circuit run per edge), evaluated like the methods."""
     direct_vs_total: bool = False
     """Also every head's and MLP's direct vs total effect, with self-repair findings (direct_total.json)."""
 

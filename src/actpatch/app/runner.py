@@ -45,7 +45,7 @@ from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
 from ..techniques.self_repair import direct_vs_total
-from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, load_mib, random_edges, save_mib
+from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, load_mib, oracle_edges, random_edges, save_mib
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
 
@@ -238,6 +238,7 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         return curves
     corruption = build_corruption(cfg)
     mib: dict[str, CircuitScores] = {}
+    first: Any = None  # the first method's edge scores, which the oracle re-scores exactly
     fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
         steps = c.ig_steps if method.startswith("eap-ig") else 0
@@ -248,6 +249,7 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
         to_mib_json(edges, out / f"graph_{method}.json")  # readable by the EAP-IG / MIB code
+        first = first if first is not None else edges
         if c.evaluate == "mib":
             options = dict(fractions=fractions, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed,
                            selection=c.selection)
@@ -259,6 +261,12 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
                                     seed=cfg.seed)
         log(f"Top edges, {name}: " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in edges.top(5)))
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
+    if mib and c.oracle_k:
+        exact = oracle_edges(model, prompts, first, c.oracle_k)
+        name = f"exact ({exact.extra['oracle_k']} edges of {c.methods[0].upper()})"
+        mib[name] = circuit_scores(model, prompts, exact, fractions=fractions, corruption=corruption,
+                                   metric=cfg.metrics[0].value, seed=cfg.seed, selection=c.selection)
+        log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
     if mib:
         save_mib(mib, out / "mib.json")
     if c.direct_vs_total:
