@@ -18,6 +18,7 @@ from .errors import (
     CorruptionError,
     DirectionError,
     EngineError,
+    ExecutorError,
     MethodError,
     MetricError,
     ModelNotFoundError,
@@ -42,7 +43,9 @@ from .corruption import (
     ZeroAblation,
 )
 from .doctor import Check, Diagnosis, doctor
+from .experiment.executor import LocalExecutor
 from .experiment.plan import Grid
+from .experiment.ray_executor import RayExecutor
 from .findings import Finding, Level
 from .hooks import capture, intervene
 from .metrics import Metric
@@ -72,6 +75,7 @@ __version__ = "0.2.0"
 __all__ = [
     # errors
     "ActpatchError", "ConfigError", "ContextLengthError", "CorruptionError", "DirectionError", "EngineError",
+    "ExecutorError",
     "MethodError", "MetricError", "ModelNotFoundError", "OutputDirError", "PromptError", "ResultError", "SiteError",
     "SubspaceError", "UnsupportedArchitectureError", "UnsupportedSiteError",
     # models and sites
@@ -80,7 +84,7 @@ __all__ = [
     # experiments
     "prompts", "PromptSet", "Corruption", "CorruptionKind", "GaussianNoise", "MeanAblation", "Resample",
     "SymmetricReplacement", "ZeroAblation", "Metric", "Direction", "DEFAULT_DIRECTION", "Engine", "Method", "Estimate",
-    "Grid", "sweep", "patch", "attribute", "validate_attribution", "Validation", "path_patch", "path_sweep",
+    "Grid", "LocalExecutor", "RayExecutor", "sweep", "patch", "attribute", "validate_attribution", "Validation", "path_patch", "path_sweep",
     "edge_attribution", "EdgeScores", "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge", "top_edges",
     "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation", "diff_of_means",
     "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das", "DASResult",

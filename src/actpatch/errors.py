@@ -24,6 +24,7 @@ __all__ = [
     "ResultError",
     "ConfigError",
     "OutputDirError",
+    "ExecutorError",
 ]
 
 
@@ -93,3 +94,7 @@ class ConfigError(ActpatchError):
 
 class OutputDirError(ActpatchError):
     """An output directory cannot be used for this experiment (not writable, another config's)."""
+
+
+class ExecutorError(ActpatchError):
+    """An executor cannot run the work: Ray missing or unreachable, a model workers cannot rebuild."""

@@ -12,6 +12,7 @@ import torch
 
 from .errors import ConfigError, UnsupportedArchitectureError
 from .models.handle import Model
+from .models.recipe import Recipe
 
 __all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS"]
 
@@ -125,7 +126,10 @@ def tiny_model(family: str = "llama", *, n_layers: int = 2, seed: int = 0, attn_
         for name, p in hf.named_parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
-    return Model(hf, tiny_tokenizer(), name=f"tiny-{family}")
+    model = Model(hf, tiny_tokenizer(), name=f"tiny-{family}")
+    model.recipe = Recipe("actpatch.testing:tiny_model", (family,),
+                          {"n_layers": n_layers, "seed": seed, "attn_implementation": attn_implementation})
+    return model
 
 
 def without_final_norm(model: Model) -> Model:

@@ -164,13 +164,21 @@ class Experiment:
 
     def groups(self) -> Iterator[GroupRuns]:
         """Per length group (in order of first appearance), its runs."""
-        corr, R = self.corruption, self.corruption.draws
         for i, g in enumerate(self.prompts.groups()):
-            clean, corrupted = corr.clean_run(g), corr.corrupted_run(self.model, g, self.prompts, self.seed)
-            base, source = (corrupted, clean) if self.direction is Direction.DENOISE else (clean, corrupted)
-            yield GroupRuns(index=i, group=g, clean=clean, corrupted=corrupted, base=base, source=source,
-                            answers=g.answers.repeat_interleave(R), alternatives=g.alternatives.repeat_interleave(R),
-                            draws=R)
+            yield self._runs(i, g)
+
+    def group(self, index: int) -> GroupRuns:
+        """The runs of length group ``index`` alone (each group's corruption is seeded by its
+        length, so this equals the ``index``-th of :meth:`groups`): what a worker rebuilds."""
+        return self._runs(index, self.prompts.groups()[index])
+
+    def _runs(self, i: int, g: LengthGroup) -> GroupRuns:
+        corr, R = self.corruption, self.corruption.draws
+        clean, corrupted = corr.clean_run(g), corr.corrupted_run(self.model, g, self.prompts, self.seed)
+        base, source = (corrupted, clean) if self.direction is Direction.DENOISE else (clean, corrupted)
+        return GroupRuns(index=i, group=g, clean=clean, corrupted=corrupted, base=base, source=source,
+                         answers=g.answers.repeat_interleave(R), alternatives=g.alternatives.repeat_interleave(R),
+                         draws=R)
 
     def source_activations(self, runs: GroupRuns, sites: Sequence[Site]) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
         """The whole activations to write at ``sites`` and the source run's last-position logits:

@@ -1,33 +1,46 @@
 """Units of work and how they are run: the seam between a technique and where it runs.
 
-A technique that evaluates many cells (a sweep's patches, a path sweep's sender sets) splits
-each length group's cells into :class:`Unit` s of ``unit_size`` and hands an executor the units
-and a function that computes one unit from the group's prepared state. The executor decides
-where and when each unit runs; results come back **in unit order** and are concatenated, so
-any executor gives the local executor's numbers bit for bit (same units, same arithmetic).
+A technique that evaluates many cells (a sweep's patches, a path sweep's sender sets) is a
+:class:`UnitJob`: it prepares a length group once (one forward pass of each run) and computes
+any :class:`Unit` of that group's cells from the prepared state. It splits each group's cells
+into units of ``unit_size`` and hands an executor the job, the group and the units. The
+executor decides where and when each unit runs; results come back **in unit order** and are
+concatenated, so any executor gives the local executor's numbers bit for bit (same units, same
+arithmetic).
 
-:class:`LocalExecutor` runs units here, in order, skipping those already in a
-:class:`~actpatch.experiment.checkpoint.UnitStore` and saving each new one as soon as it is
-done (a killed run resumes). A distributed executor implements the same :class:`Executor`
-protocol: its workers rebuild the model, prepare the group state themselves and run units.
+:class:`LocalExecutor` runs units here, in order. A distributed executor
+(:class:`~actpatch.experiment.ray_executor.RayExecutor`) ships the job without its model to
+workers that rebuild the model from its :class:`~actpatch.models.recipe.Recipe`, prepare the
+group themselves and run units. Both skip units already in a
+:class:`~actpatch.experiment.checkpoint.UnitStore` and save each new one as soon as it is done,
+so a killed run resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
 
+from ..errors import ExecutorError
 from ..metrics import Metric
 from .checkpoint import UnitStore
 
-__all__ = ["Unit", "units", "Executor", "LocalExecutor", "progress_bar", "Advance"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Experiment, GroupRuns
+
+__all__ = ["Unit", "units", "UnitJob", "Executor", "LocalExecutor", "resolve_executor", "progress_bar", "Advance",
+           "EXECUTORS"]
 
 Advance = Callable[[int], None]
 """Progress callback: ``advance(k)`` after ``k`` more cells are done."""
+
+EXECUTORS = ("local", "ray")
+"""Executors by name (``executor=`` of :func:`actpatch.sweep` and ``actpatch run --executor``)."""
 
 
 @dataclass(frozen=True)
@@ -58,33 +71,94 @@ UnitValues = dict[Metric, torch.Tensor]
 """A unit's values: ``{metric: (cells in the unit, rows)}``."""
 
 
-class Executor(Protocol):
-    """Runs units; returns their values concatenated along the cell axis, in unit order."""
+class UnitJob(Protocol):
+    """A technique's cells, as executors run them. A frozen dataclass whose only unpicklable
+    part is ``experiment.model`` (executors that ship it swap the model out and back in)."""
 
-    def map(self, todo: Sequence[Unit], work: Callable[[Unit], UnitValues]) -> UnitValues: ...
+    experiment: "Experiment"
+
+    def context(self) -> ContextManager[Any]:
+        """The context every forward pass of the job runs in (e.g. the hookable attention)."""
+        ...
+
+    def prepare(self, runs: "GroupRuns") -> Any:
+        """One length group's state (its forward passes), shared by all of its units."""
+        ...
+
+    def run_unit(self, state: Any, unit: Unit, advance: Advance | None = None) -> UnitValues:
+        """The values of one unit's cells."""
+        ...
+
+
+def without_model(job: UnitJob) -> UnitJob:
+    """``job`` with its experiment's model removed: what is shipped to workers."""
+    return dataclasses.replace(job, experiment=dataclasses.replace(job.experiment, model=None))  # type: ignore[type-var]
+
+
+def with_model(job: UnitJob, model: Any) -> UnitJob:
+    """A shipped job bound to a worker's own model."""
+    return dataclasses.replace(job, experiment=dataclasses.replace(job.experiment, model=model))  # type: ignore[type-var]
+
+
+class Executor(Protocol):
+    """Runs the units ``todo`` of one prepared group of ``job``; returns their values
+    concatenated along the cell axis, in unit order. ``state`` is the group's state prepared
+    here (an executor whose workers prepare their own may ignore it)."""
+
+    def map(self, job: UnitJob, runs: "GroupRuns", state: Any, todo: Sequence[Unit], *,
+            store: UnitStore | None = None, advance: Advance | None = None) -> UnitValues: ...
+
+
+def saved_unit(store: UnitStore | None, unit: Unit) -> UnitValues | None:
+    """A unit's values from ``store`` when it was finished before."""
+    saved = store.get(unit.key) if store is not None else None
+    return None if saved is None else {Metric(k): v for k, v in saved.items()}
+
+
+def keep_unit(store: UnitStore | None, unit: Unit, values: UnitValues) -> None:
+    """Save a finished unit (no-op without a store)."""
+    if store is not None:
+        store.put(unit.key, {m.value: v for m, v in values.items()})
+
+
+def merge(parts: Sequence[UnitValues]) -> UnitValues:
+    """Units' values, concatenated in the order given."""
+    return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
 class LocalExecutor:
     """Run units here, in order; with a ``store``, reuse finished units and save new ones."""
 
-    def __init__(self, store: UnitStore | None = None, advance: Advance | None = None) -> None:
-        self.store = store
-        self.advance = advance
-
-    def map(self, todo: Sequence[Unit], work: Callable[[Unit], UnitValues]) -> UnitValues:
+    def map(self, job: UnitJob, runs: "GroupRuns", state: Any, todo: Sequence[Unit], *,
+            store: UnitStore | None = None, advance: Advance | None = None) -> UnitValues:
         parts: list[UnitValues] = []
         for unit in todo:
-            saved = self.store.get(unit.key) if self.store is not None else None
-            if saved is not None:
-                parts.append({Metric(k): v for k, v in saved.items()})
-                if self.advance is not None:
-                    self.advance(len(unit))
-                continue
-            values = work(unit)
-            if self.store is not None:
-                self.store.put(unit.key, {m.value: v for m, v in values.items()})
+            values = saved_unit(store, unit)
+            if values is not None:
+                if advance is not None:
+                    advance(len(unit))
+            else:
+                values = job.run_unit(state, unit, advance)
+                keep_unit(store, unit, values)
             parts.append(values)
-        return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
+        return merge(parts)
+
+
+def resolve_executor(executor: "str | Executor | None") -> tuple[Executor, bool]:
+    """An executor from a name (``"local"``, ``"ray"``) or an instance, and whether the caller
+    owns it (made here: close it when done)."""
+    if executor is None or executor == "local":
+        return LocalExecutor(), False
+    if executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(), True
+    if isinstance(executor, str):
+        raise ExecutorError(f"executor={executor!r}: use {' or '.join(repr(e) for e in EXECUTORS)}, or an executor "
+                            f"object such as ap.RayExecutor(address=...).")
+    if not callable(getattr(executor, "map", None)):
+        raise ExecutorError(f"executor={type(executor).__name__}: an executor has a map(job, runs, state, todo) method.")
+    return executor, False
 
 
 def progress_bar(enabled: bool, total: int, description: str) -> ContextManager[Advance | None]:

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import PromptError
 from .adapters import Adapter, adapter_for
 from .attention import AttentionState
+from .recipe import Recipe
 
 __all__ = ["Model"]
 
@@ -39,6 +40,8 @@ class Model:
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(hf)
         self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+        self.recipe: Recipe | None = None
+        """How to rebuild this model elsewhere (set by the loaders; None for a model built in memory)."""
         # Hook bookkeeping of this model only (see actpatch.hooks): one torch hook per module
         # side, and the attention function's hooks and key / value prefixes.
         self.hook_points: dict[tuple[int, str], Any] = {}
@@ -98,7 +101,12 @@ class Model:
 
     @cached_property
     def weight_hash(self) -> str:
-        """SHA-256 (first 16 hex digits) over parameter names, shapes and bytes: provenance."""
+        """SHA-256 (first 16 hex digits) over parameter names, shapes and bytes: provenance
+        (computed once; :meth:`current_weight_hash` recomputes)."""
+        return self.current_weight_hash()
+
+    def current_weight_hash(self) -> str:
+        """:attr:`weight_hash` of the weights as they are now (after any in-place edit)."""
         h = hashlib.sha256()
         for name, p in sorted(self.hf.state_dict().items()):
             h.update(name.encode())

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ModelNotFoundError
 from .handle import Model
+from .recipe import Recipe
 
 __all__ = ["load_model", "cache_dir", "BUNDLED", "BUNDLED_MODELS", "Bundled", "DEFAULT_MODEL"]
 
@@ -209,8 +210,12 @@ def load_model(
         >>> model.n_layers, model.n_heads, model.n_kv_heads
         (30, 9, 3)
     """
+    recipe = Recipe("actpatch.models.loading:load_model", (name_or_path,),
+                    {"dtype": dtype, "device": str(device), **hf_kwargs})
     if name_or_path.lower() in BUNDLED_MODELS:
-        return _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device)
+        model = _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device)
+        model.recipe = recipe
+        return model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
@@ -226,7 +231,9 @@ def load_model(
         ) from None
     if hf_kwargs.get("device_map") is None:  # accelerate places (and may split) a model loaded with a device map
         hf = hf.to(device)
-    return Model(hf, tok, name=name_or_path)
+    model = Model(hf, tok, name=name_or_path)
+    model.recipe = recipe
+    return model
 
 
 def timed_load(name: str = DEFAULT_MODEL) -> tuple[Model, float]:

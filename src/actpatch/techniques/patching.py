@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
 
@@ -22,7 +22,7 @@ from ..engine.batched import base_sites
 from ..errors import EngineError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
-from ..experiment.executor import Advance, Executor, LocalExecutor, Unit, UnitValues, progress_bar, units
+from ..experiment.executor import Advance, Executor, Unit, UnitValues, progress_bar, resolve_executor, units
 from ..experiment.plan import Grid, Plan, parse_target, plan_for
 from ..hooks import capture
 from ..metrics import Measurer, Metric
@@ -70,6 +70,13 @@ class SweepJob:
     plan: Plan
     engine: Engine
     chunk_size: int | None = None
+
+    def context(self) -> ContextManager[object]:
+        """One attention path for all runs of the job (equal inputs, equal bits) when it patches
+        attention internals or runs the batched engine."""
+        if self.plan.uses_attention_fn or self.engine is Engine.BATCHED:
+            return self.experiment.model.attention_fn()
+        return nullcontext()
 
     def prepare(self, runs: GroupRuns, outcome: Outcome | None = None) -> GroupState:
         exp, model, plan = self.experiment, self.experiment.model, self.plan
@@ -121,7 +128,7 @@ def execute(
     progress: bool = True,
     store: UnitStore | None = None,
     unit_size: int = 64,
-    executor: Executor | None = None,
+    executor: str | Executor | None = None,
     grid: Grid | None = None,
     sites: Sequence[Site] = (),
 ) -> PatchResult:
@@ -140,19 +147,20 @@ def execute(
                 s.check(model, seq_len=T)
     n_groups = len(lengths)
     outcome = exp.outcome(len(plan.patches))
+    run_units, owned = resolve_executor(executor)
     with ExitStack() as stack:
-        if plan.uses_attention_fn or job.engine is Engine.BATCHED:  # one attention path for all runs: equal inputs, equal bits
-            stack.enter_context(model.attention_fn())
+        if owned:
+            stack.callback(run_units.close)  # type: ignore[attr-defined]
+        stack.enter_context(job.context())
         total = len(plan.patches) * n_groups
         advance = stack.enter_context(progress_bar(progress and total > 1, total, f"patching {plan.target.value}"))
-        run_units = executor or LocalExecutor(store, advance)
-        # Without saved progress or another executor, a group's patches are one unit: the engine
-        # then batches across all of them.
+        # Without saved progress or a chosen executor, a group's patches are one unit: the
+        # engine then batches across all of them.
         size = unit_size if store is not None or executor is not None else len(plan.patches)
         for runs in exp.groups():
             state = job.prepare(runs, outcome)
             todo = units(runs.index, len(plan.patches), size)
-            outcome.patched(runs, run_units.map(todo, lambda u: job.run_unit(state, u, advance)))
+            outcome.patched(runs, run_units.map(job, runs, state, todo, store=store, advance=advance))
     axes = (grid or Grid()).to_dict()
     sub = plan.subspace
     return exp.result(outcome, target=plan.target.value, method=Method.EXACT, dims=plan.dims, coords=plan.coords,
@@ -183,6 +191,7 @@ def sweep(
     unit_size: int = 64,
     subspace: SubspaceLike | None = None,
     check_subspace: bool = True,
+    executor: str | Executor | None = None,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
 
@@ -211,6 +220,11 @@ def sweep(
             ``check_subspace``: run the interpretability-illusion check
             (:func:`actpatch.techniques.subspace.subspace_check`) on the cell with the largest
             effect and add its findings (default on).
+        executor: where the units of patches run: ``"local"`` (here), ``"ray"`` (actors on the
+            Ray cluster this process joined, or a new local one; see
+            :class:`~actpatch.experiment.ray_executor.RayExecutor`) or an executor object (one
+            :class:`~actpatch.RayExecutor` serves many calls). With an executor the patches run
+            in units of ``unit_size``; ``"local"`` and ``"ray"`` then give identical bits.
 
     Returns:
         A :class:`PatchResult`; ``res.values`` is the normalised effect (1 = clean, 0 = corrupted).
@@ -228,14 +242,20 @@ def sweep(
     """
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
                 window=window)
+    run_units, owned = resolve_executor(executor)  # one executor (and one set of workers) for the whole call
     options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
-                   chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace))
-    if grid.named:
-        res = by_named_positions(
-            lambda sub, g, corr, sub_store: _sweep(model, sub, g, corruption=corr, store=sub_store, **options),
-            model, prompts, grid, corruption, store)
-    else:
-        res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
+                   chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace),
+                   executor=None if executor is None else run_units)
+    try:
+        if grid.named:
+            res = by_named_positions(
+                lambda sub, g, corr, sub_store: _sweep(model, sub, g, corruption=corr, store=sub_store, **options),
+                model, prompts, grid, corruption, store)
+        else:
+            res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
+    finally:
+        if owned:
+            run_units.close()  # type: ignore[attr-defined]
     sub = options["subspace"]
     if isinstance(sub, Subspace) and check_subspace:
         site = _strongest_site(model, prompts, res, target, grid, direction)

@@ -16,16 +16,19 @@ Results are normalised like every other result (1 = clean, 0 = corrupted); Wang 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
 
 from ..corruption import Corruption
 from ..errors import SiteError
-from ..experiment.core import Experiment, GroupRuns
-from ..experiment.executor import LocalExecutor, Unit, UnitValues, units
+from ..experiment.checkpoint import UnitStore
+from ..experiment.core import Experiment, GroupRuns, Outcome
+from ..experiment.executor import Advance, Executor, Unit, UnitValues, progress_bar, resolve_executor, units
 from ..hooks import capture, intervene
-from ..metrics import Metric
+from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
 from ..results import PatchResult
 from ..sites import Site, SiteKind
@@ -56,41 +59,83 @@ def _check(senders: Sequence[Sequence[Site]], receivers: Sequence[Site], model: 
         _require(group, SENDER_KINDS, "Sender", "head outputs (z) or MLP outputs (mlp_out)", model)
 
 
+@dataclass(frozen=True)
+class PathState:
+    """One length group's runs: the base run's head outputs (frozen in step 1), the senders'
+    source activations and the metrics."""
+
+    runs: GroupRuns
+    frozen: dict[Site, torch.Tensor]
+    source: dict[Site, torch.Tensor]
+    measure: Measurer
+
+
+@dataclass(frozen=True)
+class PathJob:
+    """Path patching of each sender set into ``receivers``, unit by unit (a
+    :class:`~actpatch.experiment.executor.UnitJob`)."""
+
+    experiment: Experiment
+    sender_sets: tuple[tuple[Site, ...], ...]
+    receivers: tuple[Site, ...]
+
+    def context(self) -> ContextManager[object]:
+        return self.experiment.model.attention_fn()
+
+    def prepare(self, runs: GroupRuns, outcome: Outcome | None = None) -> PathState:
+        exp, model = self.experiment, self.experiment.model
+        z_all = [Site("z", l) for l in range(model.n_layers)]
+        senders_full = sorted({s.full() for g in self.sender_sets for s in g}, key=str)
+        rows = torch.arange(runs.rows)
+        with runs.base.context(model), capture(model, z_all) as frozen:
+            base_logits = model.logits(runs.base.ids, last_only=True)
+        source, src_logits = exp.source_activations(runs, senders_full)
+        # the clean run is the base or the source run: no third forward pass for KL's reference
+        measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
+        if outcome is not None:
+            outcome.baselines(runs, measure(base_logits, rows), measure(src_logits, rows))
+        return PathState(runs, frozen, source, measure)
+
+    def run_unit(self, state: PathState, unit: Unit, advance: Advance | None = None) -> UnitValues:
+        model, rows = self.experiment.model, torch.arange(state.runs.rows)
+        out = []
+        for group in self.sender_sets[unit.start:unit.stop]:
+            logits = _one_path(model, state.runs, group, self.receivers, state.frozen, state.source)
+            out.append(state.measure(logits, rows))
+        if advance is not None:
+            advance(len(unit))
+        return {m: torch.stack([o[m] for o in out]) for m in self.experiment.metrics}
+
+
 def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site]], receivers: Sequence[Site], *,
          direction: str | Direction, corruption: str | Corruption, metric: str | Sequence[str], seed: int,
-         target: str, dims: tuple[str, ...], coords: dict[str, list], **info: object) -> PatchResult:
+         target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
+         unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, **info: object) -> PatchResult:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Path patching", needs_corrupted_run=True)
     _check(sender_sets, receivers, model)
-    z_all = [Site("z", l) for l in range(model.n_layers)]
-    senders_full = sorted({s.full() for g in sender_sets for s in g}, key=str)
+    job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
     outcome = exp.outcome(len(sender_sets))
-    with model.attention_fn():
+    run_units, owned = resolve_executor(executor)
+    total = len(sender_sets) * len(exp.prompts.groups())
+    with ExitStack() as stack:
+        if owned:
+            stack.callback(run_units.close)  # type: ignore[attr-defined]
+        stack.enter_context(job.context())
+        advance = stack.enter_context(progress_bar(progress and total > 1, total, f"path patching {target}"))
         for runs in exp.groups():
-            rows = torch.arange(runs.rows)
-            with runs.base.context(model), capture(model, z_all) as frozen:
-                base_logits = model.logits(runs.base.ids, last_only=True)
-            source, src_logits = exp.source_activations(runs, senders_full)
-            # the clean run is the base or the source run: no third forward pass for KL's reference
-            measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
-            outcome.baselines(runs, measure(base_logits, rows), measure(src_logits, rows))
-
-            def work(unit: Unit, runs: GroupRuns = runs, frozen: dict = frozen, source: dict = source) -> UnitValues:
-                parts = [_one_path(model, runs, group, receivers, frozen, source, z_all)
-                         for group in sender_sets[unit.start:unit.stop]]
-                out = [measure(logits, rows) for logits in parts]
-                return {m: torch.stack([o[m] for o in out]) for m in exp.metrics}
-
-            outcome.patched(runs, LocalExecutor().map(units(runs.index, len(sender_sets), 64), work))
+            state = job.prepare(runs, outcome)
+            todo = units(runs.index, len(sender_sets), unit_size)
+            outcome.patched(runs, run_units.map(job, runs, state, todo, store=store, advance=advance))
     return exp.result(outcome, target=target, method=Method.PATH, dims=dims, coords=coords,
                       receivers=tuple(str(r) for r in receivers), **info)  # type: ignore[arg-type]
 
 
 def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers: Sequence[Site],
-              frozen: dict[Site, torch.Tensor], source: dict[Site, torch.Tensor], z_all: list[Site]) -> torch.Tensor:
+              frozen: dict[Site, torch.Tensor], source: dict[Site, torch.Tensor]) -> torch.Tensor:
     """Last-position logits of the base run with only the receivers' inputs changed by ``group``."""
     # step 1: senders from the source run, every other head frozen to the base run
-    writes: dict[Site, torch.Tensor] = {z: frozen[z].clone() for z in z_all}
+    writes: dict[Site, torch.Tensor] = {z: x.clone() for z, x in frozen.items()}
     for s in group:
         if s.kind == SiteKind.Z:
             writes[Site("z", s.layer)][s.selector()] = source[s.full()][s.selector()]
@@ -141,11 +186,17 @@ def path_sweep(
     corruption: str | Corruption = "str",
     metric: str | Sequence[str] = "logit_diff",
     seed: int = 0,
+    executor: "str | Executor | None" = None,
+    unit_size: int = 16,
+    store: UnitStore | None = None,
+    progress: bool = True,
 ) -> PatchResult:
     """Path-patch every sender head (``sender="z"``, dims layer x head) or MLP
     (``sender="mlp_out"``, dims layer) into ``receivers``. Senders at or after the last
     receiver layer cannot reach it and are skipped only by the model's causality (they score
-    the clean value)."""
+    the clean value). Sender sets run in units of ``unit_size`` on ``executor`` (``"local"``,
+    ``"ray"`` or an executor object, as in :func:`actpatch.sweep`); with a ``store`` finished
+    units are saved and reused."""
     from ..experiment.plan import Grid, pick_axis
 
     try:
@@ -166,4 +217,5 @@ def path_sweep(
         sets = [[Site("mlp_out", l)] for l in lays]
         dims, coords = ("layer",), {"layer": lays}
     return _run(model, prompts, sets, list(receivers), direction=direction, corruption=corruption, metric=metric,
-                seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, axes=grid.to_dict())
+                seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, axes=grid.to_dict(),
+                executor=executor, unit_size=unit_size, store=store, progress=progress)
