@@ -97,15 +97,34 @@ def demo(
 def run(
     config: Path = typer.Argument(..., help="Experiment YAML (see examples/)."),
     out: Path = typer.Option(None, help="Output directory (default: out/<config name>)."),
+    executor: str = typer.Option("local", help="Where sweeps run: local, or ray (a Ray cluster)."),
+    address: str = typer.Option(None, help="With --executor ray: the cluster (host:6379, ray://host:10001 or auto); "
+                                           "default: the one RAY_ADDRESS names, else a new local one."),
+    workers: int = typer.Option(None, help="With --executor ray: actors to start (default: one per GPU, else per CPU)."),
 ) -> None:
     """Run an experiment from a config; resumes an interrupted run in the same directory."""
+    from ..errors import ConfigError
+    from ..experiment.executor import EXECUTORS
     from .config import load_config
     from .runner import run_experiment
 
     t0 = time.perf_counter()
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor}: use {' or '.join(EXECUTORS)}.")
+    if executor == "local" and (address or workers):
+        raise ConfigError("--address and --workers go with --executor ray.")
     cfg = load_config(config)
     out = out or Path("out") / config.stem
-    results = run_experiment(cfg, out, log=lambda s: console.print(s, markup=False))
+    chosen: Any = executor
+    if executor == "ray":
+        from ..experiment.ray_executor import RayExecutor
+
+        chosen = RayExecutor(address, workers=workers)
+    try:
+        results = run_experiment(cfg, out, log=lambda s: console.print(s, markup=False), executor=chosen)
+    finally:
+        if executor == "ray":
+            chosen.close()
     _finish(results, out, f"actpatch: {config.name}", t0)
 
 

@@ -29,6 +29,7 @@ from ..compare import comparable, mark_compared
 from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corruption
 from ..errors import ConfigError, OutputDirError
 from ..experiment.checkpoint import UnitStore
+from ..experiment.executor import Executor, resolve_executor
 from ..models.handle import Model
 from ..prompts import PromptSet, keep_correct
 from ..results import PatchResult
@@ -130,31 +131,37 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
     model: Model | None = None,
+    executor: str | Executor | None = None,
 ) -> dict[str, PatchResult]:
     """Run every (target or path, direction) of ``cfg`` into ``out``, then its circuits; returns
-    the results by name."""
+    the results by name. ``executor`` runs the exact sweeps' and path sweeps' units
+    (``"local"``, ``"ray"`` or an executor object; one for the whole run)."""
     out = Path(out)
     _prepare_dir(out, cfg)
     write_status(out, "running", started=dt.datetime.now().isoformat(timespec="seconds"))
+    run_units, owned = resolve_executor(executor)
     try:
-        results = _run(cfg, out, progress=progress, log=log, model=model)
+        results = _run(cfg, out, progress=progress, log=log, model=model, executor=run_units)
     except BaseException as e:  # recorded for `actpatch runs`, then raised as it was
         write_status(out, "failed" if isinstance(e, Exception) else "stopped", error=f"{type(e).__name__}: {e}".strip())
         raise
+    finally:
+        if owned:
+            run_units.close()  # type: ignore[attr-defined]
     write_status(out, "complete", error=None)
     return results
 
 
 def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str], None],
-         model: Model | None) -> dict[str, PatchResult]:
+         model: Model | None, executor: Executor) -> dict[str, PatchResult]:
     model = model or resolve_model(cfg.model)
     prompts, share = build_prompts(model, cfg)
     if share is not None:
         log(f"{prompts.name}: {len(prompts)} prompts kept (model right on {share:.0%} of them)")
     corruption = build_corruption(cfg)
     results: dict[str, PatchResult] = {}
-    jobs = [(t.name, _target_job(model, prompts, cfg, corruption, t, progress, log)) for t in cfg.targets]
-    jobs += [(p.name, _path_job(model, prompts, cfg, corruption, p)) for p in cfg.paths]
+    jobs = [(t.name, _target_job(model, prompts, cfg, corruption, t, progress, log, executor)) for t in cfg.targets]
+    jobs += [(p.name, _path_job(model, prompts, cfg, corruption, p, progress, executor)) for p in cfg.paths]
     for base, job in jobs:
         for direction in cfg.directions:
             name = f"{base}_{direction.value}"
@@ -190,7 +197,7 @@ Job = Callable[[Direction, Path], PatchResult]
 
 
 def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, t: TargetConfig,
-                progress: bool, log: Callable[[str], None]) -> Job:
+                progress: bool, log: Callable[[str], None], executor: Executor) -> Job:
     axes = dict(per_position=t.per_position, layers=t.layers, positions=t.positions, heads=t.heads,
                 neurons=t.neurons, window=t.window)
 
@@ -210,15 +217,17 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
             extra = {"subspace": found[0], "check_subspace": t.subspace.check}
         return sweep(model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
                      seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
-                     store=store, unit_size=cfg.unit_size, **axes, **extra)
+                     store=store, unit_size=cfg.unit_size, executor=executor, **axes, **extra)
 
     return job
 
 
-def _path_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, p: PathConfig) -> Job:
+def _path_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruption: Corruption, p: PathConfig,
+              progress: bool, executor: Executor) -> Job:
     def job(direction: Direction, target_dir: Path) -> PatchResult:
         return path_sweep(model, prompts, [Site.parse(r) for r in p.receivers], sender=p.sender, layers=p.layers,
-                          heads=p.heads, direction=direction, corruption=corruption, metric=cfg.metrics, seed=cfg.seed)
+                          heads=p.heads, direction=direction, corruption=corruption, metric=cfg.metrics, seed=cfg.seed,
+                          executor=executor, store=UnitStore(target_dir / "units"), progress=progress)
 
     return job
 

@@ -8,7 +8,9 @@ driver's; then, per group, it receives the job without its model, prepares the g
 and runs the units it is sent.
 
 Results are merged in unit order, so a sweep gives the local executor's numbers bit for bit
-when both use the same ``unit_size`` (the same units, hence the same batched arithmetic).
+when both use the same ``unit_size`` (the same units, hence the same batched arithmetic) and,
+on CPUs, workers run as many torch threads as the driver (a CPU matmul may split its sums
+differently over a different number of threads: the last bit of a float can differ).
 A unit whose actor dies (killed, out of memory, node lost) is sent again to another actor,
 and a replacement actor is started; it is counted once, when its values arrive. With a
 :class:`~actpatch.experiment.checkpoint.UnitStore` each finished unit is saved as it arrives,
@@ -17,6 +19,7 @@ so a killed *driver* resumes like a local run.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -107,12 +110,16 @@ class RayExecutor:
 
     Args:
         address: a running cluster (``"auto"``, ``"ray://host:10001"`` or ``"host:6379"``);
-            default: the cluster this process already joined with ``ray.init``, else a new
-            local one.
+            default: the cluster this process already joined with ``ray.init``, else the one
+            ``RAY_ADDRESS`` names, else a new local one.
         workers: actors to start (default: one per GPU when the cluster has GPUs, else one per
             ``cpus_per_worker`` CPUs).
-        cpus_per_worker: CPUs (and torch threads) per actor.
+        cpus_per_worker: CPUs reserved per actor.
+        threads: torch threads per actor (default ``cpus_per_worker``; give the driver's
+            ``torch.get_num_threads()`` for bit-identical CPU results).
         max_retries: how often one unit may be re-sent after its actor died.
+        start_timeout: seconds for the actors to start and load the model before giving up
+            (a cluster without free resources would otherwise wait forever).
 
     Use as a context manager, or call :meth:`close`, to stop the actors; ``executor="ray"``
     makes one per call and closes it. One executor keeps its actors (and their loaded model)
@@ -124,12 +131,16 @@ class RayExecutor:
     """
 
     def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_worker: int = 1,
-                 max_retries: int = 3) -> None:
+                 threads: int | None = None, max_retries: int = 3, start_timeout: float = 600.0) -> None:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ExecutorError(f"workers={workers!r}: give a positive number of Ray actors.")
         if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
             raise ExecutorError(f"cpus_per_worker={cpus_per_worker!r}: give a positive number of CPUs.")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ExecutorError(f"threads={threads!r}: give a positive number of torch threads per actor.")
         self.address, self.workers, self.cpus_per_worker, self.max_retries = address, workers, cpus_per_worker, max_retries
+        self.threads = threads or cpus_per_worker
+        self.start_timeout = float(start_timeout)
         self._actors: list[Any] = []
         self._model_key: tuple[str, str] | None = None
         self._spawn: Any = None
@@ -139,19 +150,21 @@ class RayExecutor:
     # -- cluster and actors ------------------------------------------------------------------
     def _connect(self) -> Any:
         ray = _ray()
-        if not ray.is_initialized():
-            if self.address not in (None, "auto"):
-                _probe(self.address)  # Ray itself retries an unreachable address for minutes
-            try:
-                if self.address is None:
-                    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-                else:
-                    ray.init(address=self.address, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                where = f"at {self.address!r}" if self.address else "locally"
-                raise ExecutorError(f"Could not start or reach a Ray cluster {where}: {e}\nStart one with "
-                                    f"`ray start --head` (and `ray start --address=HEAD:6379` on the other nodes), "
-                                    f"or leave out the address to start a local one.") from None
+        if ray.is_initialized():
+            return ray
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address not in (None, "auto"):
+            _probe(address)  # Ray itself retries an unreachable address for minutes
+        try:
+            if address is None:
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"at {address!r}" if address else "locally"
+            raise ExecutorError(f"Could not start or reach a Ray cluster {where}: {e}\nStart one with "
+                                f"`ray start --head` (and `ray start --address=HEAD:6379` on the other nodes), "
+                                f"or leave out the address to start a local one.") from None
         return ray
 
     def _ensure_actors(self, model: "Model") -> list[Any]:
@@ -167,20 +180,27 @@ class RayExecutor:
             return self._actors
         self.close()
         ray = self._connect()
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = self.workers or (gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_worker))
+        free = ray.available_resources()
+        gpus = int(free.get("GPU", 0))
+        n = self.workers or (gpus or max(1, int(free.get("CPU", 1)) // self.cpus_per_worker))
         options: dict[str, Any] = {"num_cpus": self.cpus_per_worker, "max_restarts": 0, "max_concurrency": 1}
         if gpus:
             options["num_gpus"] = 1
         remote = ray.remote(**options)(_Worker)
 
         def spawn() -> Any:
-            return remote.remote(recipe, weight_hash, self.cpus_per_worker, "cuda" if gpus else None)
+            return remote.remote(recipe, weight_hash, self.threads, "cuda" if gpus else None)
 
         self._spawn = spawn
         self._actors = [spawn() for _ in range(n)]
         try:
-            ray.get([a.setup.remote() for a in self._actors])
+            ray.get([a.setup.remote() for a in self._actors], timeout=self.start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ExecutorError(f"{n} Ray workers ({self.cpus_per_worker} CPU{'s' if self.cpus_per_worker > 1 else ''}"
+                                f"{' and 1 GPU' if gpus else ''} each) did not start within {self.start_timeout:.0f} s; "
+                                f"the cluster has {free.get('CPU', 0):.0f} CPUs and {gpus} GPUs free. Ask for fewer "
+                                f"(workers=...), free the cluster, or raise start_timeout for a slow model load.") from None
         except Exception as e:  # a worker that cannot load the model: one clear error, nothing started stays
             self.close()
             cause = getattr(e, "cause", None)
