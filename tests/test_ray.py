@@ -32,6 +32,8 @@ def cluster():
     runs one torch thread, like each worker: equal thread counts give equal bits on CPUs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    if ray.is_initialized():  # left by another test or page: this module needs its own 2-CPU Ray
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
