@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import tiny_model
+from actpatch.testing import random_pairs, tiny_model
 
 TOL = 1e-5
 
@@ -124,3 +124,34 @@ def test_bundled_model_ioi_batched_equals_reference(bundled):
         err = (fast.values - ref.values).abs().max().item()
         print(f"\n{target}: max |normalised batched - reference| = {err:.2e}")
         assert err < 1e-4
+
+
+def test_chunks_shrink_after_out_of_memory(monkeypatch):
+    """An out-of-memory error halves the patches per forward pass (kept for the rest) instead of
+    failing; the values are those of an unconstrained run. One patch that does not fit is one
+    clear EngineError."""
+    import actpatch.engine.batched as eng
+
+    m = tiny_model("llama", n_layers=3)
+    ps = random_pairs(n=2, T=6)
+    kw = dict(direction="denoise", engine="batched", chunk_size=16, progress=False, neurons=range(8))  # 24 patches, one start
+    expected = ap.sweep(m, ps, "mlp_post", **kw)
+    real, sizes = eng._run_chunk, []
+
+    def limited(model, acts, source, chunk, *args):
+        sizes.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, acts, source, chunk, *args)
+
+    monkeypatch.setattr(eng, "_run_chunk", limited)
+    got = ap.sweep(m, ps, "mlp_post", **kw)
+    torch.testing.assert_close(got.raw["logit_diff"], expected.raw["logit_diff"], atol=1e-5, rtol=0)
+    assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2  # halved until it fits, then kept small
+
+    def never(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(eng, "_run_chunk", never)
+    with pytest.raises(ap.EngineError, match="Out of memory patching one patch of 2 prompts"):
+        ap.sweep(m, ps, "resid_pre", direction="denoise", engine="batched", progress=False)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from ..errors import EngineError
 from ..hooks import WRITE, HookFn, _hooks, capture
 from ..metrics import Metric
 from ..sites import Site, SiteKind
@@ -176,15 +177,32 @@ def run_batched(
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
             per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T) * B))
-            for c in range(0, len(items), per_chunk):
+            c = 0
+            while c < len(items):
                 chunk = items[c : c + per_chunk]
-                metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure, subspace)
+                try:
+                    metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure, subspace)
+                except torch.OutOfMemoryError:
+                    if per_chunk == 1:
+                        raise EngineError(f"Out of memory patching one patch of {B} prompts x {T} tokens on "
+                                          f"{model.device}: use fewer prompts per call, or a device with more "
+                                          f"free memory.") from None
+                    per_chunk = max(1, per_chunk // 2)  # and keep the smaller size for the rest
+                    release_memory(model.device)
+                    continue
                 for k, (_, i, _) in enumerate(chunk):
                     for m in out:
                         out[m][i] = metrics[m][k * B : (k + 1) * B]
                 if advance is not None:
                     advance(len(chunk))
+                c += len(chunk)
     return out
+
+
+def release_memory(device: torch.device) -> None:
+    """Return cached blocks to the accelerator after an out-of-memory error (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run_chunk(
