@@ -241,7 +241,8 @@ def _run_chunk(
             have = 0 if hidden is None else hidden.shape[0]
             if n > have:  # rows starting here enter with the base run's residual stream
                 fresh = acts[Site("resid_pre", layer)][base_row[have:n], q:]
-                hidden = fresh if hidden is None else torch.cat([hidden, fresh.to(hidden.dtype)])
+                # (on a split model the rows so far come from the previous block's device)
+                hidden = fresh if hidden is None else torch.cat([hidden, fresh.to(hidden.device, hidden.dtype)])
             if pos_emb is None:
                 pos_emb = adapter.position_embeddings(hidden, position_ids)
             rows = base_row[:n]

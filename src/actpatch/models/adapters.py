@@ -531,8 +531,9 @@ class Adapter:
         if tokens is None:
             logits = head(normed)
         else:
-            bias = head.bias[tokens] if getattr(head, "bias", None) is not None else None
-            logits = torch.nn.functional.linear(normed, head.weight[tokens], bias)
+            w = live_param(head, "weight")
+            b = live_param(head, "bias") if getattr(head, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(normed.to(w.device), w[tokens], None if b is None else b[tokens])
         if self.capabilities.logit_scale != 1.0:
             logits = logits * self.capabilities.logit_scale
         cap = self.capabilities.final_softcap
@@ -541,9 +542,24 @@ class Adapter:
         return logits
 
 
+def live_param(module: nn.Module, name: str) -> torch.Tensor:
+    """A module's parameter as its forward pass sees it: the tensor itself, or for a module
+    accelerate offloads (weights on ``meta`` between calls) the value its hook holds, moved to
+    the hook's execution device."""
+    p = getattr(module, name)
+    if p.device.type != "meta":
+        return p
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or getattr(hook, "weights_map", None) is None:
+        raise UnsupportedArchitectureError(f"{type(module).__name__}.{name} is on the meta device with no accelerate "
+                                           f"hook holding its value; load the model with its weights.")
+    dev = hook.execution_device
+    return hook.weights_map[name].to(f"cuda:{dev}" if isinstance(dev, int) else dev)
+
+
 def _linear_matrix(module: nn.Module) -> torch.Tensor:
     """(out, in) weight of a linear layer: nn.Linear's weight, or GPT-2's Conv1D's transposed."""
-    w = module.weight.detach()
+    w = live_param(module, "weight").detach()
     return w if isinstance(module, nn.Linear) else w.T
 
 

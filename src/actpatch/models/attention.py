@@ -148,8 +148,8 @@ def _actpatch_attention(
         v = state.run(module, SiteKind.V, value.transpose(1, 2)).transpose(1, 2)
     prefix = state.prefix.get(id(module)) if state is not None else None
     if prefix is not None:
-        k = torch.cat([prefix[0].to(k.dtype), k], dim=2)
-        v = torch.cat([prefix[1].to(v.dtype), v], dim=2)
+        k = torch.cat([prefix[0].to(k.device, k.dtype), k], dim=2)
+        v = torch.cat([prefix[1].to(v.device, v.dtype), v], dim=2)
     B, H, Tq, D = q.shape
     kvh, Tk = k.shape[1], k.shape[2]
     g = H // kvh  # grouped-query attention: query head h reads KV head h // g (no copies)

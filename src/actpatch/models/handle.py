@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import PromptError
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, adapter_for, live_param
 from .attention import AttentionState
 from .recipe import Recipe
 
@@ -93,7 +93,20 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the parameters' device, or for a model accelerate dispatched
+        (``device_map=``, CPU / disk offload) the execution device of its first hooked module
+        (its weights may sit on ``meta`` between calls)."""
+        for module in self.hf.modules():
+            dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
         return next(self.hf.parameters()).device
+
+    @property
+    def is_dispatched(self) -> bool:
+        """Whether accelerate placed the model (a device map or offloading): its blocks may live
+        on several devices, each receiving its inputs through accelerate's hooks."""
+        return any(getattr(m, "_hf_hook", None) is not None for m in self.hf.modules())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,6 +122,9 @@ class Model:
         """:attr:`weight_hash` of the weights as they are now (after any in-place edit)."""
         h = hashlib.sha256()
         for name, p in sorted(self.hf.state_dict().items()):
+            if p.device.type == "meta":  # offloaded by accelerate: the weights live in its hook's map
+                module_name, _, leaf = name.rpartition(".")
+                p = live_param(self.hf.get_submodule(module_name), leaf)
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -148,3 +164,4 @@ class Model:
             f"Model({self.name!r}, family={self.family}, n_layers={self.n_layers}, n_heads={self.n_heads}, "
             f"n_kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head})"
         )
+

@@ -169,7 +169,7 @@ def _build_cache(b: Bundled, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device) -> Model:
+def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device, **hf_kwargs: Any) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = b.cache_path
@@ -181,11 +181,13 @@ def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device) ->
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a 0.2 s load needs no bar
     try:
-        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True, **hf_kwargs)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-    return Model(hf.to(device), tok, name=b.name)
+    if hf_kwargs.get("device_map") is None:  # accelerate placed the layers itself
+        hf = hf.to(device)
+    return Model(hf, tok, name=b.name)
 
 
 def load_model(
@@ -213,7 +215,7 @@ def load_model(
     recipe = Recipe("actpatch.models.loading:load_model", (name_or_path,),
                     {"dtype": dtype, "device": str(device), **hf_kwargs})
     if name_or_path.lower() in BUNDLED_MODELS:
-        model = _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device)
+        model = _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device, **hf_kwargs)
         model.recipe = recipe
         return model
     from transformers import AutoModelForCausalLM, AutoTokenizer
