@@ -1,7 +1,8 @@
 """GPU checks in one run: correctness on CUDA (fp32 and bf16), the memory budget read from the
-accelerator, and the batched engine against the reference engine on a SmolLM2-sized random
-model. Needs only torch and transformers (no weights are downloaded: models are built from
-configs). Run:  PYTHONPATH=src python benchmarks/gpu_check.py
+accelerator, the batched engine against the reference engine on a SmolLM2-sized random model,
+the bundled model against TransformerLens on the same GPU (when installed: the `bench` extra),
+and the bundled model split over two GPUs with a device map (over the GPU and the CPU when
+there is one GPU). No weights are downloaded. Run:  PYTHONPATH=src python benchmarks/gpu_check.py
 """
 
 from __future__ import annotations
@@ -101,6 +102,50 @@ def main() -> None:
                   f"reference {tr:6.2f} s ({tr / tb:5.1f}x); max |normalised diff| {err:.1e}")
     t_atp, _ = timed(lambda: ap.attribute(model, ps8, "z"), 3)
     print(f"  bf16     AtP all heads: {t_atp:.3f} s")
+    against_transformer_lens()
+    split_over_devices()
+
+
+def against_transformer_lens() -> None:
+    print("\n4. Bundled SmolLM2-135M, 8 IOI prompts: actpatch against TransformerLens on this device")
+    try:
+        from transformer_lens import patching
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        print("  TransformerLens is not installed (pip install -e '.[bench]'); skipped")
+        return
+    model = ap.load_model(device=DEVICE)
+    ps = ap.prompts.ioi(model, n=8, seed=0, templates=[0])
+    clean, corr = torch.stack(ps.clean).to(DEVICE), torch.stack(ps.corrupted).to(DEVICE)
+    a, b, i = ps.answers.to(DEVICE), ps.alternatives.to(DEVICE), torch.arange(len(ps), device=DEVICE)
+    path = str(ap.models.cache_dir() / "smollm2-135m-instruct-v1")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").to(DEVICE)
+    bridge = TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=model.tokenizer, device=DEVICE)
+    metric = lambda logits: (logits[i, -1, a] - logits[i, -1, b]).mean()  # noqa: E731
+    _, cache = bridge.run_with_cache(clean)
+    t_tl, tl = timed(lambda: patching.get_act_patch_resid_pre(bridge, corr, cache, metric), 1)
+    t_ap, res = timed(lambda: ap.sweep(model, ps, "resid_pre", direction="denoise", progress=False), 3)
+    ours = res.raw["logit_diff"].mean(0)  # (layer, pos): mean logit difference, as TransformerLens measures
+    err = float((ours - tl.float().cpu()).abs().max())
+    print(f"  resid_pre, every layer x position: actpatch {t_ap:.3f} s, TransformerLens {t_tl:.2f} s "
+          f"({t_tl / t_ap:.1f}x); max |difference| {err:.1e} logits")
+
+
+def split_over_devices() -> None:
+    n = torch.cuda.device_count() if DEVICE == "cuda" else 0
+    second = "cuda:1" if n >= 2 else "cpu"
+    print(f"\n5. Bundled model split by a device map: layers 0-14 on {'cuda:0' if n else 'cpu'}, 15-29 on {second}")
+    first = "cuda:0" if n else "cpu"
+    dm = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": second, "lm_head": second,
+          **{f"model.layers.{l}": first if l < 15 else second for l in range(30)}}
+    whole = ap.load_model(device=first)
+    split = ap.load_model(device_map=dm)
+    ps = ap.prompts.ioi(whole, n=8, seed=0, templates=[0])
+    for target, kw in (("resid_pre", {}), ("z", {}), ("mlp_post", {"layers": [14, 15], "neurons": range(64)})):
+        t_w, a = timed(lambda: ap.sweep(whole, ps, target, progress=False, **kw), 1)
+        t_s, b = timed(lambda: ap.sweep(split, ps, target, progress=False, **kw), 1)
+        print(f"  {target:9s} one device {t_w:6.2f} s, split {t_s:6.2f} s; max |normalised diff| "
+              f"{float((a.values - b.values).abs().max()):.1e}")
 
 
 if __name__ == "__main__":
