@@ -125,9 +125,10 @@ class RayExecutor:
     makes one per call and closes it. One executor keeps its actors (and their loaded model)
     across the calls it serves.
 
-    Example (not run here):
-        >>> with ap.RayExecutor(address="auto") as ex:                  # doctest: +SKIP
-        ...     res = ap.sweep(model, prompts, "z", executor=ex)
+    Example, on a cluster started with ``ray start --head`` (docs/scale.md runs one locally)::
+
+        with ap.RayExecutor(address="auto") as ex:
+            res = ap.sweep(model, prompts, "z", executor=ex)
     """
 
     def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_worker: int = 1,
