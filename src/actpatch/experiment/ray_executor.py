@@ -93,15 +93,14 @@ class _Worker:
 
     def run(self, key: str, job: UnitJob, group: int, unit: Unit) -> UnitValues:
         self.setup()
-        if self.key != (key, group):
-            self.job = with_model(job, self.model)
-            self.state = None  # free the previous group's state before preparing the next
+        if self.key != (key, group) or self.job is None:
+            self.job, self.state = with_model(job, self.model), None  # the previous group's state freed first
             with self.job.context():
                 self.state = self.job.prepare(self.job.experiment.group(group))
             self.key = (key, group)
-        assert self.job is not None
-        with self.job.context():
-            values = self.job.run_unit(self.state, unit)
+        bound = self.job
+        with bound.context():
+            values = bound.run_unit(self.state, unit)
         return {m: v.detach().cpu() for m, v in values.items()}
 
 
