@@ -46,3 +46,15 @@ def test_every_technique_on_a_placed_model(how):
     torch.testing.assert_close(ap.path_sweep(placed, ps, rec, progress=False).raw["logit_diff"],
                                ap.path_sweep(plain, ps, rec, progress=False).raw["logit_diff"], atol=1e-5, rtol=0)
     assert float(ea.scores.nan_to_num(0).abs().max()) > 1e-3  # a real signal compared, not zeros
+
+
+def test_placements_this_machine_cannot_run_are_refused(monkeypatch):
+    layers = {f"model.layers.{l}": "cpu" for l in range(29)}  # layer 29 nowhere
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu", **layers}
+    with pytest.raises(ap.DeviceError, match="leaves model.layers.29 nowhere"):
+        ap.load_model(device_map=dm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ap.DeviceError, match="sees no CUDA device"):
+        ap.load_model(device="cuda")
+    with pytest.raises(ap.DeviceError, match="sees no CUDA device"):
+        ap.load_model(device_map={**dm, "model.layers.29": 0})

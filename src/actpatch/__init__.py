@@ -16,6 +16,7 @@ from .errors import (
     ConfigError,
     ContextLengthError,
     CorruptionError,
+    DeviceError,
     DirectionError,
     EngineError,
     ExecutorError,
@@ -75,7 +76,7 @@ __version__ = "0.2.0"
 __all__ = [
     # errors
     "ActpatchError", "ConfigError", "ContextLengthError", "CorruptionError", "DirectionError", "EngineError",
-    "ExecutorError",
+    "ExecutorError", "DeviceError",
     "MethodError", "MetricError", "ModelNotFoundError", "OutputDirError", "PromptError", "ResultError", "SiteError",
     "SubspaceError", "UnsupportedArchitectureError", "UnsupportedSiteError",
     # models and sites

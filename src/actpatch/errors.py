@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "OutputDirError",
     "ExecutorError",
+    "DeviceError",
 ]
 
 
@@ -98,3 +99,7 @@ class OutputDirError(ActpatchError):
 
 class ExecutorError(ActpatchError):
     """An executor cannot run the work: Ray missing or unreachable, a model workers cannot rebuild."""
+
+
+class DeviceError(ActpatchError):
+    """A device or dtype this machine cannot run, or a device map that leaves a layer nowhere."""

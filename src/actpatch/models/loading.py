@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import DeviceError, ModelNotFoundError
 from .handle import Model
 from .recipe import Recipe
 
@@ -212,11 +212,13 @@ def load_model(
         >>> model.n_layers, model.n_heads, model.n_kv_heads
         (30, 9, 3)
     """
+    _check_placement(device, dtype, hf_kwargs.get("device_map"))
     recipe = Recipe("actpatch.models.loading:load_model", (name_or_path,),
                     {"dtype": dtype, "device": str(device), **hf_kwargs})
     if name_or_path.lower() in BUNDLED_MODELS:
         model = _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device, **hf_kwargs)
         model.recipe = recipe
+        _check_map_covers(model, hf_kwargs.get("device_map"))
         return model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -235,7 +237,36 @@ def load_model(
         hf = hf.to(device)
     model = Model(hf, tok, name=name_or_path)
     model.recipe = recipe
+    _check_map_covers(model, hf_kwargs.get("device_map"))
     return model
+
+
+def _check_placement(device: str | torch.device, dtype: torch.dtype, device_map: Any) -> None:
+    """Refuse, before loading, a device this torch cannot use and bf16 on a GPU without it."""
+    wanted = {str(v) for v in device_map.values()} if isinstance(device_map, dict) else set()
+    wanted |= {str(device)} if device_map is None else set()
+    cuda = any(w.startswith("cuda") or w.isdigit() for w in wanted)
+    if cuda and not torch.cuda.is_available():
+        raise DeviceError(f"CUDA was asked for ({', '.join(sorted(wanted))}) but this torch ({torch.__version__}) sees "
+                          f"no CUDA device: use device='cpu', or install a CUDA build of torch on a GPU machine.")
+    if any(w.startswith("mps") for w in wanted) and not torch.backends.mps.is_available():
+        raise DeviceError("device='mps' needs Apple silicon and a torch built with MPS; use device='cpu'.")
+    if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{torch.cuda.get_device_name()} cannot run bfloat16; use dtype=torch.float16 or torch.float32.")
+
+
+def _check_map_covers(model: Model, device_map: Any) -> None:
+    """An explicit device map names a device for every block (accelerate would otherwise place
+    the rest silently or fail deep inside loading)."""
+    if not isinstance(device_map, dict) or "" in device_map:
+        return
+    blocks = model.adapter.spec.blocks
+    missing = [f"{blocks}.{l}" for l in range(model.n_layers)
+               if not any(f"{blocks}.{l}" == k or f"{blocks}.{l}".startswith(f"{k}.") for k in device_map)]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise DeviceError(f"device_map leaves {shown} nowhere: give each a device (e.g. {missing[0]!r}: 'cpu'), "
+                          f"or use device_map='auto'.")
 
 
 def timed_load(name: str = DEFAULT_MODEL) -> tuple[Model, float]:
