@@ -232,3 +232,16 @@ def test_workers_that_cannot_start_or_load_are_one_clear_error(cluster):
     m.recipe = Recipe("actpatch.models.loading:load_model", ("/no/such/model",), {})
     with pytest.raises(ap.ExecutorError, match="could not load load_model\\('/no/such/model'\\).*check the path"):
         ap.sweep(m, ps, "resid_pre", executor=ap.RayExecutor(workers=1), progress=False)
+
+
+def test_ray_activation_corruptions_and_subspaces_equal_local(executor):
+    """Set-level corruption statistics (gaussian's noise scale, mean activations) and a subspace
+    travel with the job."""
+    m = tiny_model("llama", n_layers=3)
+    ps = random_pairs(n=3, T=6)
+    basis = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))[0].T
+    for kw in ({"corruption": "gaussian", "direction": "denoise"}, {"corruption": "mean"},
+               {"subspace": ap.Subspace(basis), "check_subspace": False}):
+        target = "resid_pre" if "subspace" in kw else "z"
+        local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **kw)
+        _same(local, ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **kw))
