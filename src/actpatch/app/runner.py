@@ -29,7 +29,7 @@ from ..compare import comparable, mark_compared
 from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corruption
 from ..errors import ConfigError, OutputDirError
 from ..experiment.checkpoint import UnitStore
-from ..experiment.executor import Executor, resolve_executor
+from ..experiment.executor import Executor, executor_for
 from ..models.handle import Model
 from ..prompts import PromptSet, keep_correct
 from ..results import PatchResult
@@ -139,15 +139,12 @@ def run_experiment(
     out = Path(out)
     _prepare_dir(out, cfg)
     write_status(out, "running", started=dt.datetime.now().isoformat(timespec="seconds"))
-    run_units, owned = resolve_executor(executor)
     try:
-        results = _run(cfg, out, progress=progress, log=log, model=model, executor=run_units)
+        with executor_for(executor) as run_units:
+            results = _run(cfg, out, progress=progress, log=log, model=model, executor=run_units)
     except BaseException as e:  # recorded for `actpatch runs`, then raised as it was
         write_status(out, "failed" if isinstance(e, Exception) else "stopped", error=f"{type(e).__name__}: {e}".strip())
         raise
-    finally:
-        if owned:
-            run_units.close()  # type: ignore[attr-defined]
     write_status(out, "complete", error=None)
     return results
 

@@ -33,8 +33,8 @@ from .checkpoint import UnitStore
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Experiment, GroupRuns
 
-__all__ = ["Unit", "units", "UnitJob", "Executor", "LocalExecutor", "resolve_executor", "progress_bar", "Advance",
-           "EXECUTORS"]
+__all__ = ["Unit", "units", "UnitJob", "Executor", "LocalExecutor", "resolve_executor", "executor_for", "progress_bar",
+           "Advance", "EXECUTORS"]
 
 Advance = Callable[[int], None]
 """Progress callback: ``advance(k)`` after ``k`` more cells are done."""
@@ -159,6 +159,18 @@ def resolve_executor(executor: "str | Executor | None") -> tuple[Executor, bool]
     if not callable(getattr(executor, "map", None)):
         raise ExecutorError(f"executor={type(executor).__name__}: an executor has a map(job, runs, state, todo) method.")
     return executor, False
+
+
+@contextmanager
+def executor_for(executor: "str | Executor | None") -> Iterator[Executor]:
+    """:func:`resolve_executor` as a context: an executor made here (``"ray"``: its actors) is
+    closed on exit; one passed in stays open for its owner."""
+    run_units, owned = resolve_executor(executor)
+    try:
+        yield run_units
+    finally:
+        if owned:
+            run_units.close()  # type: ignore[attr-defined]
 
 
 def progress_bar(enabled: bool, total: int, description: str) -> ContextManager[Advance | None]:

@@ -22,7 +22,7 @@ from ..engine.batched import base_sites
 from ..errors import EngineError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
-from ..experiment.executor import Advance, Executor, Unit, UnitValues, progress_bar, resolve_executor, units
+from ..experiment.executor import Advance, Executor, Unit, UnitValues, executor_for, progress_bar, units
 from ..experiment.plan import Grid, Plan, parse_target, plan_for
 from ..hooks import capture
 from ..metrics import Measurer, Metric
@@ -147,10 +147,8 @@ def execute(
                 s.check(model, seq_len=T)
     n_groups = len(lengths)
     outcome = exp.outcome(len(plan.patches))
-    run_units, owned = resolve_executor(executor)
     with ExitStack() as stack:
-        if owned:
-            stack.callback(run_units.close)  # type: ignore[attr-defined]
+        run_units = stack.enter_context(executor_for(executor))
         stack.enter_context(job.context())
         total = len(plan.patches) * n_groups
         advance = stack.enter_context(progress_bar(progress and total > 1, total, f"patching {plan.target.value}"))
@@ -242,20 +240,16 @@ def sweep(
     """
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
                 window=window)
-    run_units, owned = resolve_executor(executor)  # one executor (and one set of workers) for the whole call
-    options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
-                   chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace),
-                   executor=None if executor is None else run_units)
-    try:
+    with executor_for(executor) as run_units:  # one executor (and one set of workers) for the whole call
+        options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
+                       chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace),
+                       executor=None if executor is None else run_units)
         if grid.named:
             res = by_named_positions(
                 lambda sub, g, corr, sub_store: _sweep(model, sub, g, corruption=corr, store=sub_store, **options),
                 model, prompts, grid, corruption, store)
         else:
             res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
-    finally:
-        if owned:
-            run_units.close()  # type: ignore[attr-defined]
     sub = options["subspace"]
     if isinstance(sub, Subspace) and check_subspace:
         site = _strongest_site(model, prompts, res, target, grid, direction)

@@ -26,7 +26,7 @@ from ..corruption import Corruption
 from ..errors import SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
-from ..experiment.executor import Advance, Executor, Unit, UnitValues, progress_bar, resolve_executor, units
+from ..experiment.executor import Advance, Executor, Unit, UnitValues, executor_for, progress_bar, units
 from ..hooks import capture, intervene
 from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
@@ -116,11 +116,9 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
     _check(sender_sets, receivers, model)
     job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
     outcome = exp.outcome(len(sender_sets))
-    run_units, owned = resolve_executor(executor)
     total = len(sender_sets) * len(exp.prompts.groups())
     with ExitStack() as stack:
-        if owned:
-            stack.callback(run_units.close)  # type: ignore[attr-defined]
+        run_units = stack.enter_context(executor_for(executor))
         stack.enter_context(job.context())
         advance = stack.enter_context(progress_bar(progress and total > 1, total, f"path patching {target}"))
         for runs in exp.groups():
