@@ -157,7 +157,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         if fixed:
             qkv = [Site(k, l) for k in ("q", "k", "v")]
             with capture(model, qkv) as a, stop_after(model, Site("v", l)):
-                adapter.run_block(l, torch.cat([h - fix for _, _, fix in fixed]), pos, pe)
+                adapter.run_block(l, torch.cat([h - fix.to(h.device) for _, _, fix in fixed]), pos, pe)
             for j, (kind, i, _) in enumerate(fixed):
                 writes[Site(kind.value, l, head=i)] = a[Site(kind.value, l)][j * C * B:(j + 1) * C * B, :, i]
         mlp_node = node_at[Node(NodeKind.MLP, l)]
@@ -167,7 +167,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
                 for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
                     wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
             fix = corrections([Port(PortKind.MLP, l)], mlp_node)[0]
-            return x if fix is None else x - fix
+            return x if fix is None else x - fix.to(x.device)  # (the corrections live on the embedding's device)
 
         with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
                 intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
@@ -176,7 +176,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
             wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
         wrote(mlp_node, adapter.residual_write(layer[Site("mlp_out", l)]))
     fix = corrections([Port(PortKind.LOGITS)], len(graph.nodes))[0]
-    return adapter.unembed((h if fix is None else h - fix)[:, -1])
+    return adapter.unembed((h if fix is None else h - fix.to(h.device))[:, -1])
 
 
 CIRCUIT_ROWS = 256
