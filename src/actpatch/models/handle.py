@@ -95,7 +95,10 @@ class Model:
     def device(self) -> torch.device:
         """Where inputs go: the parameters' device, or for a model accelerate dispatched
         (``device_map=``, CPU / disk offload) the execution device of its first hooked module
-        (its weights may sit on ``meta`` between calls)."""
+        (its weights may sit on ``meta`` between calls). Accelerate always hooks the top module,
+        so an unplaced model costs one attribute lookup (this is read on every forward pass)."""
+        if not self.is_dispatched:
+            return next(self.hf.parameters()).device
         for module in self.hf.modules():
             dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
             if dev is not None:
@@ -105,8 +108,9 @@ class Model:
     @property
     def is_dispatched(self) -> bool:
         """Whether accelerate placed the model (a device map or offloading): its blocks may live
-        on several devices, each receiving its inputs through accelerate's hooks."""
-        return any(getattr(m, "_hf_hook", None) is not None for m in self.hf.modules())
+        on several devices, each receiving its inputs through accelerate's hooks (which always
+        include one on the top module)."""
+        return getattr(self.hf, "_hf_hook", None) is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,4 +168,3 @@ class Model:
             f"Model({self.name!r}, family={self.family}, n_layers={self.n_layers}, n_heads={self.n_heads}, "
             f"n_kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head})"
         )
-
