@@ -76,8 +76,8 @@ class _Worker:
         self.job: UnitJob | None = None
         self.state: Any = None
 
-    def setup(self) -> str:
-        """Load the model (once) and check it against the driver's; returns the host name."""
+    def setup(self) -> None:
+        """Load the model (once) and check it against the driver's."""
         if self.model is None:
             model = self.recipe.build()
             got = model.current_weight_hash()
@@ -87,9 +87,6 @@ class _Worker:
                     f"{self.weight_hash}: the driver's model was changed after loading, or this node loads other "
                     f"files. Ship only unmodified models, and give every node the same model cache.")
             self.model = model
-        import socket
-
-        return socket.gethostname()
 
     def run(self, key: str, job: UnitJob, group: int, unit: Unit) -> UnitValues:
         self.setup()
@@ -122,7 +119,8 @@ class RayExecutor:
 
     Use as a context manager, or call :meth:`close`, to stop the actors; ``executor="ray"``
     makes one per call and closes it. One executor keeps its actors (and their loaded model)
-    across the calls it serves.
+    across the calls it serves; the driver's weights are hashed when the actors start, so edit a
+    model in place only before handing it to an executor.
 
     Example, on a cluster started with ``ray start --head`` (docs/scale.md runs one locally)::
 
@@ -142,7 +140,7 @@ class RayExecutor:
         self.threads = threads or cpus_per_worker
         self.start_timeout = float(start_timeout)
         self._actors: list[Any] = []
-        self._model_key: tuple[str, str] | None = None
+        self._model_key: tuple[int, str] | None = None
         self._spawn: Any = None
         self.restarts = 0
         """Actors replaced after dying (for tests and logs)."""
@@ -174,11 +172,11 @@ class RayExecutor:
                 f"Model {model.name!r} was built in memory, so Ray workers cannot rebuild it. Load it with "
                 f"ap.load_model(name_or_path) (for your own weights: model.hf.save_pretrained(DIR) and "
                 f"ap.load_model(DIR) on a path every node can read), or use executor='local'.")
-        weight_hash = model.current_weight_hash()
-        key = (repr(recipe), weight_hash)
-        if self._actors and self._model_key == key:
+        key = (id(model), repr(recipe))
+        if self._actors and self._model_key == key:  # hashing every call would reread all weights
             return self._actors
         self.close()
+        weight_hash = model.current_weight_hash()  # as the weights are now: edits since loading show
         ray = self._connect()
         free = ray.available_resources()
         gpus = int(free.get("GPU", 0))
