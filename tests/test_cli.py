@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import actpatch as ap
 from actpatch.app.cli import app
+from actpatch.testing import assert_effect_close
 
 PAIRS = [
     {"clean": "When Mary and John went to the store , John gave a drink to",
@@ -163,7 +164,7 @@ def test_run_with_circuits(tmp_path):
     curves = json.loads((out / "circuits.json").read_text())
     assert set(curves) == {"EAP", "EAP-IG (2 steps)", "EAP-IG (2 steps, activations)"}
     for c in curves.values():
-        assert abs(c["values"][0]) < 1e-4 and abs(c["values"][-1] - 1) < 1e-4
+        assert_effect_close(torch.tensor(c["values"])[[0, -1]], [0.0, 1.0], c["clean"], c["corrupted"], atol=1e-5)
     edges = pd.read_csv(out / "edges_eap.csv")
     assert list(edges.columns) == ["upstream", "downstream", "score"]
     assert edges.score.abs().is_monotonic_decreasing and len(edges) > 50

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import random_pairs, tiny_model, without_final_norm
+from actpatch.testing import assert_effect_close, random_pairs, tiny_model, without_final_norm
 
 
 def _pairs(n=3, T=6, diff=(1, 4), seed=0):
@@ -119,7 +119,7 @@ def test_faithfulness_curve():
     edges = ap.edge_attribution(m, ps)
     n_edges = int((~torch.isnan(edges.scores)).sum())
     curve = ap.faithfulness(m, ps, edges, sizes=[0, 5, 20, n_edges])
-    assert abs(float(curve.values[0])) < 1e-4 and abs(float(curve.values[-1]) - 1.0) < 1e-4
+    assert_effect_close(curve.values[[0, -1]], [0.0, 1.0], curve.clean, curve.corrupted, atol=1e-5)
     assert curve.plot_data()["x"] == [0, 5, 20, n_edges]
     assert int(ap.top_edges(edges, 5).sum()) == 5
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.testing import random_pairs, tiny_model
+from actpatch.testing import assert_effect_close, random_pairs, tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
@@ -68,6 +68,6 @@ def test_position_aware_circuits_are_exact():
     torch.testing.assert_close(ap.run_circuit(m, ps, after), empty, atol=1e-5, rtol=0)
     pe = ap.positional_edge_attribution(m, ps)
     curve = ap.positional_faithfulness(m, ps, pe, sizes=[0, 10, 10_000])
-    assert abs(float(curve.values[0])) < 1e-5 and abs(float(curve.values[-1]) - 1.0) < 1e-5
+    assert_effect_close(curve.values[[0, -1]], [0.0, 1.0], curve.clean, curve.corrupted, atol=1e-5)
     with pytest.raises(ap.MethodError, match="the prompts have 6 tokens"):
         ap.run_circuit(m, ps, torch.ones(U, V, 5, dtype=torch.bool))
