@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from .errors import ResultError
-from .findings import Finding
+from .findings import Finding, Origin
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
@@ -73,7 +73,7 @@ def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
         dims, coords, metrics = tuple(meta["dims"]), dict(meta["coords"]), list(meta["metrics"])
         info = (ResultInfo.from_legacy(meta["meta"], metrics) if version == 1
                 else ResultInfo.from_dict(meta["info"]))
-        findings = [Finding.from_dict(f) for f in meta.get("findings", [])]
+        findings = [_finding(f) for f in meta.get("findings", [])]
         raw = {m: tensors[f"raw/{m}"] for m in metrics}
         clean = {m: tensors[f"clean/{m}"] for m in metrics}
         corrupted = {m: tensors[f"corrupted/{m}"] for m in metrics}
@@ -89,6 +89,15 @@ def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
             raise ResultError(f"{p}: tensors for {m!r} have shape {tuple(raw[m].shape)} but the coordinates say "
                               f"(n_prompts, {', '.join(map(str, shape))}); was meta.json edited by hand? {_FIX}")
     return cls(dims=dims, coords=coords, raw=raw, clean=clean, corrupted=corrupted, info=info, findings=findings)
+
+
+def _finding(d: dict[str, Any]) -> Finding:
+    """A saved finding; one saved before findings recorded their origin (formats 1 and 2) is a
+    check's when a check emits its code, else the technique's."""
+    from .checks import CHECK_CODES
+
+    legacy = Origin.CHECK if d.get("code") in CHECK_CODES else Origin.TECHNIQUE
+    return Finding.from_dict(d, default_origin=legacy)
 
 
 def _tensors(path: Path) -> dict[str, Any]:

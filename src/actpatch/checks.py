@@ -10,26 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .findings import Finding, Level, sort_findings
+from .findings import Finding, Level, Origin, sort_findings
 from .types import Direction
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["Level", "Finding", "check", "method_findings", "METHOD_PREFIXES"]
-
-METHOD_PREFIXES = ("attribution_",)
-"""Codes of findings a technique adds about itself (not recomputable from the result alone)."""
-
-
-def method_findings(findings: list[Finding]) -> list[Finding]:
-    """The technique's own findings among ``findings`` (kept when a result is split or merged,
-    each once)."""
-    seen: dict[tuple[str, str], Finding] = {}
-    for f in findings:
-        if f.code.startswith(METHOD_PREFIXES):
-            seen.setdefault((f.code, f.message), f)
-    return list(seen.values())
+__all__ = ["Level", "Finding", "check", "CHECK_CODES"]
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -50,7 +37,7 @@ NULL_PATCH_TOL = 1e-4
 
 
 def _f(level: Level, code: str, message: str, advice: str = "") -> Finding:
-    return Finding(level, code, message, advice)
+    return Finding(level, code, message, advice, Origin.CHECK)
 
 
 def _baselines_close(res: "PatchResult") -> list[Finding]:
@@ -214,6 +201,14 @@ def _precision_noise(res: "PatchResult") -> list[Finding]:
 
 CHECKS = (_baselines_close, _task_failure, _prob_floor, _saturation, _corruption_notes, _window, _out_of_range,
           _null_patch, _single_direction, _precision_noise)
+
+
+CHECK_CODES = frozenset({
+    "normalisation_undefined", "baselines_close", "task_failure", "probability_floor", "saturation", "gaussian_noise",
+    "zero_ablation", "mean_ablation", "layer_window", "out_of_range", "null_patch_failed", "single_direction",
+    "precision_noise"})
+"""Every code :func:`check` can emit. Only results saved before findings recorded their
+:class:`~actpatch.findings.Origin` (formats 1 and 2) need it: their other findings are the technique's."""
 
 
 def check(result: "PatchResult") -> list[Finding]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .errors import ResultError
-from .findings import Finding
+from .findings import Finding, technique_findings
 from .metrics import normalise
 from .types import Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
@@ -322,13 +322,20 @@ class PatchResult:
         attrs = tuple(a for p in parts for a in p.info.prompt_attributes) if all(p.info.prompt_attributes for p in parts) else ()
         cat = lambda get: {m: torch.cat([get(p)[m] for p in parts]) for m in first.metrics}  # noqa: E731
         info = first.info.replace(diagnostics=diag, prompt_attributes=attrs)
-        return first._with_prompts(info, cat(lambda p: p.raw), cat(lambda p: p.clean), cat(lambda p: p.corrupted))
+        return first._rechecked(info, cat(lambda p: p.raw), cat(lambda p: p.clean), cat(lambda p: p.corrupted),
+                                [f for p in parts for f in p.findings])
 
     def _with_prompts(self, info: ResultInfo, raw: dict, clean: dict, corrupted: dict) -> "PatchResult":
-        from .checks import check, method_findings
+        return self._rechecked(info, raw, clean, corrupted, self.findings)
+
+    def _rechecked(self, info: ResultInfo, raw: dict, clean: dict, corrupted: dict,
+                   stated: Sequence[Finding]) -> "PatchResult":
+        """A result of this grid over other prompts: the checks' findings recomputed, the
+        technique findings among ``stated`` kept (each once)."""
+        from .checks import check
 
         out = PatchResult(dims=self.dims, coords=self.coords, raw=raw, clean=clean, corrupted=corrupted, info=info)
-        out.findings = check(out) + method_findings(self.findings)
+        out.findings = check(out) + technique_findings(stated)
         return out
 
     # -- persistence -------------------------------------------------------------------------

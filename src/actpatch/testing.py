@@ -14,7 +14,7 @@ from .errors import ConfigError, UnsupportedArchitectureError
 from .models.handle import Model
 from .models.recipe import Recipe
 
-__all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS"]
+__all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS", "assert_effect_close"]
 
 # A word-level vocabulary so that tiny models can run PromptSet builders end to end.
 WORDS = (
@@ -28,6 +28,26 @@ VOCAB = 72
 TINY_FAMILIES = ("gpt2", "llama", "llama_gqa", "mistral", "qwen2", "qwen3", "gemma", "phi3", "starcoder2", "gpt_neox",
                  "gpt_neox_serial", "gemma2", "gemma3_text", "olmo2", "olmo", "granite", "cohere", "stablelm",
                  "stablelm_serial", "phi", "gptj", "smollm3", "mixtral")
+
+
+def assert_effect_close(normalised: "torch.Tensor | float", expected: "torch.Tensor | float", clean: float,
+                        corrupted: float, atol: float) -> None:
+    """Assert normalised effects equal ``expected`` to within ``atol`` in the metric's *raw*
+    units: ``|normalised - expected| * |clean - corrupted| <= atol``.
+
+    A tolerance on normalised values is one on raw values divided by the gap, so it blows up
+    when a tiny random model happens to have a tiny gap; stated in raw units it is what the
+    engines' rounding can actually reach.
+
+    Example:
+        >>> assert_effect_close(1.00002, 1.0, clean=0.3, corrupted=0.2, atol=1e-5)  # 2e-6 in raw units
+    """
+    got = torch.as_tensor(normalised, dtype=torch.float64)
+    want = torch.as_tensor(expected, dtype=torch.float64)
+    err = float(((got - want).abs() * abs(clean - corrupted)).max())
+    if not err <= atol:
+        raise AssertionError(f"effects differ by {err:.3g} in raw metric units (> {atol}); normalised {got.tolist()} "
+                             f"vs {want.tolist()}, clean {clean:.6g}, corrupted {corrupted:.6g}")
 
 
 def _config(family: str, n_layers: int):  # noqa: ANN202 - returns a transformers config

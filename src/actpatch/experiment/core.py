@@ -23,7 +23,7 @@ import torch
 from ..checks import check
 from ..corruption import Corruption, Run, parse_corruption
 from ..errors import ContextLengthError, CorruptionError, MetricError
-from ..findings import Finding
+from ..findings import Finding, from_technique
 from ..hooks import capture
 from ..metrics import DIFFERENTIABLE, Measurer, Metric, parse_metrics
 from ..prompts.promptset import LengthGroup, PromptSet
@@ -219,7 +219,7 @@ class Experiment:
                             seed=self.seed, provenance=self.provenance(), diagnostics=diag,
                             prompt_attributes=tuple(dict(a) for a in self.prompts.attributes), **info),
         )
-        res.findings = check(res) + list(findings)
+        res.findings = check(res) + from_technique(findings)
         return res
 
 

@@ -24,6 +24,7 @@ from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Advance, Executor, Unit, UnitValues, executor_for, progress_bar, units
 from ..experiment.plan import Grid, Plan, parse_target, plan_for
+from ..findings import from_technique
 from ..hooks import capture
 from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
@@ -332,5 +333,5 @@ def _with_check(model: "Model", prompts: PromptSet, res: PatchResult, site: Site
 
     found = subspace_check(model, prompts, site, subspace, **options)  # type: ignore[arg-type]
     out = res.replace(info=res.info.replace(extra={**res.info.extra, "subspace_check": found.to_dict()}))
-    out.findings = list(res.findings) + list(found.findings)
+    out.findings = list(res.findings) + from_technique(found.findings)
     return out

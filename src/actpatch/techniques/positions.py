@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import check, method_findings
+from ..checks import check
+from ..findings import technique_findings
 from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corruption
 from ..errors import CorruptionError, PromptError, SiteError
 from ..experiment.checkpoint import UnitStore
@@ -150,5 +151,5 @@ def by_named_positions(run: GroupRun, model: "Model", prompts: PromptSet, grid: 
     merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": names}, raw=raw, clean=clean,
                          corrupted=corrupted, info=info)
     # check() findings are recomputed on the whole set; the technique's own ones are kept once
-    merged.findings = check(merged) + method_findings([f for _, _, r in parts for f in r.findings])
+    merged.findings = check(merged) + technique_findings([f for _, _, r in parts for f in r.findings])
     return merged
