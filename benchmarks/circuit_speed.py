@@ -34,7 +34,7 @@ def main() -> None:
     one = max(len(g.indices) for g in ps.groups())  # one circuit per pass: rows = the largest group
     timings = {}
     for rows in [one] + (args.rows or [64, CIRCUIT_ROWS]):
-        s = ap.circuit_scores(model, ps, edges, rows=rows)
+        s = ap.circuits.circuit_scores(model, ps, edges, rows=rows)
         timings[rows] = s.seconds
         label = "one circuit per pass" if rows == one else f"{rows} rows per pass"
         print(f"{label:>22}: {s.seconds:6.1f} s   CPR {s.cpr:.4f}  CMD {s.cmd:.4f}")

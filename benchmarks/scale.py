@@ -47,7 +47,7 @@ def ray_vs_local(args: argparse.Namespace) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     timings = {}
     for workers in (1, 2):
-        with ap.RayExecutor(workers=workers) as ex:
+        with ap.experiment.RayExecutor(workers=workers) as ex:
             _, t_cold = _timed(lambda: ap.sweep(model, ps, "resid_pre", executor=ex, **opts))
             res, t = _timed(lambda: ap.sweep(model, ps, "resid_pre", executor=ex, **opts))
         same = all(torch.equal(res.raw[m], local.raw[m]) for m in res.raw)

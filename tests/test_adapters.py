@@ -36,7 +36,7 @@ def test_unknown_architecture_lists_families():
 
     hf = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32))
-    with pytest.raises(ap.UnsupportedArchitectureError, match="model_type='opt'") as e:
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="model_type='opt'") as e:
         ap.Model(hf)
     for fam in ("gpt2", "llama", "gpt_neox", "gemma2"):
         assert fam in str(e.value)
@@ -47,12 +47,12 @@ def test_unhandled_config_attribute_is_refused():
 
     hf = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2,
                                                      reorder_and_upcast_attn=True, bos_token_id=0, eos_token_id=0))
-    with pytest.raises(ap.UnsupportedArchitectureError, match="reorder_and_upcast_attn=True"):
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="reorder_and_upcast_attn=True"):
         ap.Model(hf)
 
 
 def test_unknown_model_name():
-    with pytest.raises(ap.ModelNotFoundError, match="No model directory at './no/such/model'"):
+    with pytest.raises(ap.errors.ModelNotFoundError, match="No model directory at './no/such/model'"):
         ap.load_model("./no/such/model")
 
 
@@ -94,10 +94,10 @@ def test_capabilities_per_family(family, flags):
 def test_positions_beyond_the_input_are_site_errors(ids):
     m = tiny_model("llama")
     for ctx in (ap.capture(m, [ap.Site("resid_pre", 0, pos=9)]), ap.intervene(m, {ap.Site("z", 1, pos=7): 0.0})):
-        with pytest.raises(ap.SiteError, match=r"pos \d is out of range for this input \(pos has 7: 0..6\)"):
+        with pytest.raises(ap.errors.SiteError, match=r"pos \d is out of range for this input \(pos has 7: 0..6\)"):
             with ctx:
                 m.logits(ids)
-    with pytest.raises(ap.SiteError, match="cannot write a value of shape"):
+    with pytest.raises(ap.errors.SiteError, match="cannot write a value of shape"):
         with ap.intervene(m, {ap.Site("resid_pre", 0, pos=1): torch.ones(5)}):
             m.logits(ids)
 
@@ -122,7 +122,7 @@ def test_actpatch_attention_reproduces_the_models_own_forward(family):
 def test_sites_a_family_lacks_are_refused_with_the_reason(family, kind, fragment):
     m = tiny_model(family)
     assert kind not in m.adapter.site_kinds
-    with pytest.raises(ap.UnsupportedSiteError, match=fragment):
+    with pytest.raises(ap.errors.UnsupportedSiteError, match=fragment):
         ap.sweep(m, ap.testing.random_pairs(n=2, T=5, diff=(1, 2)), kind, progress=False)
 
 

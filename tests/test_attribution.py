@@ -45,7 +45,7 @@ def test_atp_close_to_exact_for_small_deltas():
     """Away from linearity AtP is first order: with a tiny corruption it matches to second order."""
     m = tiny_model("llama", n_layers=2)
     ps = _pairs(n=2)
-    corr = ap.GaussianNoise(scale=1e-3, n_draws=1, positions=[2])
+    corr = ap.corruption.GaussianNoise(scale=1e-3, n_draws=1, positions=[2])
     est = ap.attribute(m, ps, "z", direction="noise", corruption=corr)
     exact = ap.sweep(m, ps, "z", direction="noise", corruption=corr, progress=False)
     d_exact = exact.raw["logit_diff"] - exact.clean["logit_diff"][:, None, None]
@@ -61,7 +61,7 @@ def test_atp_runs_for_every_kind_with_the_sweep_layout(target):
     m = tiny_model("llama_gqa", n_layers=2)
     ps = _pairs(n=2)
     kw = {"neurons": range(8)} if target == "mlp_post" else {}
-    corr = ap.GaussianNoise(scale=1e-3, n_draws=1, positions=[2])
+    corr = ap.corruption.GaussianNoise(scale=1e-3, n_draws=1, positions=[2])
     est = ap.attribute(m, ps, target, direction="noise", corruption=corr, **kw)
     exact = ap.sweep(m, ps, target, direction="noise", corruption=corr, progress=False, **kw)
     assert est.dims == exact.dims and est.shape == exact.shape and est.coords == exact.coords
@@ -75,7 +75,7 @@ def test_atp_runs_for_every_kind_with_the_sweep_layout(target):
 
 
 def test_atp_refuses_discrete_metrics():
-    with pytest.raises(ap.MetricError, match="discrete"):
+    with pytest.raises(ap.errors.MetricError, match="discrete"):
         ap.attribute(tiny_model("gpt2"), _pairs(), "z", metric="rank")
 
 
@@ -119,13 +119,13 @@ def test_path_to_a_receiver_below_the_sender_does_nothing_and_sweep_layout():
 
 def test_path_patching_bad_input():
     m = tiny_model("gpt2")
-    with pytest.raises(ap.SiteError, match="Receiver resid_pre.L1"):
+    with pytest.raises(ap.errors.SiteError, match="Receiver resid_pre.L1"):
         ap.path_patch(m, _pairs(), [Site("z", 0)], [Site("resid_pre", 1)])
-    with pytest.raises(ap.SiteError, match="Sender q.L0"):
+    with pytest.raises(ap.errors.SiteError, match="Sender q.L0"):
         ap.path_patch(m, _pairs(), [Site("q", 0)], [Site("resid_final")])
-    with pytest.raises(ap.SiteError, match="empty receiver set"):
+    with pytest.raises(ap.errors.SiteError, match="empty receiver set"):
         ap.path_patch(m, _pairs(), [Site("z", 0)], [])
-    with pytest.raises(ap.SiteError, match="empty sender set"):
+    with pytest.raises(ap.errors.SiteError, match="empty sender set"):
         ap.path_patch(m, _pairs(), [], [Site("resid_final")])
 
 
@@ -173,3 +173,30 @@ def test_path_patching_kl_is_measured_against_the_clean_run(direction):
     res = ap.path_patch(m, _pairs(), [Site("z", 0, head=1)], [Site("resid_final")], direction=direction,
                         metric=["logit_diff", "kl"])
     assert res.clean["kl"].abs().max() < 1e-6 and res.corrupted["kl"].max() < -1e-4
+
+
+def test_small_estimates_are_kept_exactly_not_rounded_to_the_baseline():
+    """raw = base + estimate is kept in float64, so an estimate far smaller than the metric
+    comes back exactly; in float32 it would round to the spacing at |base| (4.8e-7 at a logit
+    difference of 5.5, with smaller estimates becoming 0). The oracle is written here with plain
+    autograd on the HF model: the gradient at the clean embeddings times the corrupted - clean
+    difference (AtP at resid_pre of layer 0, noising)."""
+    m = tiny_model("llama", n_layers=2, seed=4)
+    ps = random_pairs(n=2, T=5, diff=(2,), seed=3)
+    emb = m.hf.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # corrupted tokens a hair away from the clean ones: estimates ~1e-7 of the metric
+        for c, k in zip(ps.clean, ps.corrupted):
+            c, k = int(c[2]), int(k[2])
+            emb[k] = emb[c] + 1e-6 * torch.randn(emb.shape[1], generator=g)
+    res = ap.attribute(m, ps, "resid_pre", layers=[0], metric="logit_diff")
+    got = res.raw["logit_diff"][:, 0] - res.clean["logit_diff"][:, None]
+    for i in range(len(ps.clean)):
+        e_clean = emb[torch.as_tensor(ps.clean[i])].detach().clone().requires_grad_(True)
+        logits = m.hf(inputs_embeds=e_clean[None]).logits[0, -1]
+        ld = logits[ps.answers[i]] - logits[ps.alternatives[i]]
+        (grad,) = torch.autograd.grad(ld, e_clean)
+        want = (grad.double() * (emb[torch.as_tensor(ps.corrupted[i])] - emb[torch.as_tensor(ps.clean[i])]).detach().double()).sum(-1)
+        assert float(want.abs().max()) < 1e-5 * abs(ld.detach().item())  # the estimates really are tiny
+        torch.testing.assert_close(got[i], want, atol=1e-3 * float(want.abs().max()), rtol=0)
+    assert res.values.dtype == torch.float64

@@ -71,7 +71,7 @@ def test_corruptions(corruption):
     m = tiny_model("llama_gqa", n_layers=3)
     ps = _set(lengths=(6,), n_per=4, diffs=((2, 3),))
     direction = "noise" if corruption in ("mean", "zero") else "denoise"
-    c = ap.GaussianNoise(n_draws=3) if corruption == "gaussian" else corruption
+    c = ap.corruption.GaussianNoise(n_draws=3) if corruption == "gaussian" else corruption
     _same(m, ps, "resid_pre", direction=direction, corruption=c, seed=1)
     _same(m, ps, "z", direction=direction, corruption=c, seed=1)
 
@@ -152,5 +152,5 @@ def test_chunks_shrink_after_out_of_memory(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(eng, "_run_chunk", never)
-    with pytest.raises(ap.EngineError, match="Out of memory patching one patch of 2 prompts"):
+    with pytest.raises(ap.errors.EngineError, match="Out of memory patching one patch of 2 prompts"):
         ap.sweep(m, ps, "resid_pre", direction="denoise", engine="batched", progress=False)

@@ -135,7 +135,7 @@ def test_run_with_attribution_targets(tmp_path):
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
     assert names == ["k_atp_qk_gd_denoise", "k_atp_qk_gd_noise", "z_atp_denoise", "z_atp_noise", "z_denoise", "z_noise"]
     est = ap.PatchResult.load(out / "z_atp_noise")
-    assert est.info.method is ap.Method.ATP and est.metrics == ["logit_diff", "kl"]
+    assert est.info.method is ap.types.Method.ATP and est.metrics == ["logit_diff", "kl"]
     assert "single_direction" not in [f.code for f in est.findings]  # compared with its pair
     star = ap.PatchResult.load(out / "k_atp_qk_gd_noise")
     assert star.info.label == "atp*" and "single_direction" in [f.code for f in star.findings]
@@ -314,7 +314,7 @@ def test_run_with_subspace_targets_and_das(tmp_path):
     c = load_config(cfg)
     model = resolve_model(c.model)
     prompts, _ = build_prompts(model, c)
-    bases = {1: ap.diff_of_means(model, prompts, ap.Site("resid_pre", 1), position="end").basis_for(None)}
+    bases = {1: ap.subspaces.diff_of_means(model, prompts, ap.Site("resid_pre", 1), position="end").basis_for(None)}
     again = ap.sweep(model, prompts, "resid_pre", layers=[1], positions=["end"], direction="denoise", subspace=bases)
     torch.testing.assert_close(res.raw["logit_diff"], again.raw["logit_diff"], atol=1e-6, rtol=0)
     das = json.loads((out / "das_resid_pre.L1.end_k1.json").read_text())

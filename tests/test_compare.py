@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch import Role, Site
+from actpatch import Site
+from actpatch.compare import Role
 from actpatch.testing import micro_model
 
 EXPECTED = {
@@ -59,7 +60,9 @@ def test_compare_labels_and_or_components(gate):
     assert c_cmp.roles == [Role.SUFFICIENT_AND_NECESSARY]
     # compare() changes neither input; mark_compared() returns copies without the single-direction advice
     assert [f.code for f in den.findings + noi.findings].count("single_direction") == 2
-    marked = [ap.mark_compared(r) for r in (den, noi)]
+    from actpatch.compare import mark_compared
+
+    marked = [mark_compared(r) for r in (den, noi)]
     assert "single_direction" not in [f.code for r in marked for f in r.findings]
     assert all(r.info.compared for r in marked) and not den.info.compared and not noi.info.compared
     df = cmp.to_pandas()
@@ -80,18 +83,18 @@ def test_compare_refuses_mismatched_inputs():
     model, prompts = micro_model("and")
     den = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0, 1], direction="denoise", progress=False)
     noi = ap.sweep(model, prompts, "mlp_post", layers=[0], neurons=[0], direction="noise", progress=False)
-    with pytest.raises(ap.ResultError, match="different grids"):
+    with pytest.raises(ap.errors.ResultError, match="different grids"):
         ap.compare(den, noi)
-    with pytest.raises(ap.ResultError, match="pass the denoising result first"):
+    with pytest.raises(ap.errors.ResultError, match="pass the denoising result first"):
         ap.compare(noi, den)
 
 
 def test_negative_components_get_their_own_role():
     def res(direction, values):
         v = torch.tensor([values])
-        info = ap.ResultInfo(target="z", direction=ap.Direction(direction), method=ap.Method.EXACT,
+        info = ap.results.ResultInfo(target="z", direction=ap.Direction(direction), method=ap.types.Method.EXACT,
                              metrics=("logit_diff",), corruption={"name": "str"}, seed=0,
-                             provenance=ap.Provenance(model="hand-made", family="none", weight_hash="-"))
+                             provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"))
         return ap.PatchResult(dims=("head",), coords={"head": [0, 1, 2]}, raw={"logit_diff": v},
                               clean={"logit_diff": torch.tensor([1.0])}, corrupted={"logit_diff": torch.tensor([0.0])},
                               info=info)

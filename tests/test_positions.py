@@ -93,15 +93,15 @@ def test_role_sweep_resumes_from_its_groups_units(tmp_path):
 def test_role_errors():
     m = tiny_model("llama", n_layers=2)
     ps = _mixed()
-    with pytest.raises(ap.PromptError, match="Prompt 0 has no position named 'S2'.*end, first_diff, last_diff"):
+    with pytest.raises(ap.errors.PromptError, match="Prompt 0 has no position named 'S2'.*end, first_diff, last_diff"):
         ap.sweep(m, ps, "resid_pre", positions=["S2"], progress=False)
-    with pytest.raises(ap.SiteError, match="either indices or role names"):
+    with pytest.raises(ap.errors.SiteError, match="either indices or role names"):
         ap.sweep(m, ps, "resid_pre", positions=[1, "end"], progress=False)
-    with pytest.raises(ap.SiteError, match="give a list"):
+    with pytest.raises(ap.errors.SiteError, match="give a list"):
         ap.sweep(m, ps, "resid_pre", positions="end", progress=False)
-    with pytest.raises(ap.SiteError, match="names a position twice"):
+    with pytest.raises(ap.errors.SiteError, match="names a position twice"):
         ap.sweep(m, ps, "resid_pre", positions=["end", "end"], progress=False)
-    with pytest.raises(ap.SiteError, match="drop per_position=False"):
+    with pytest.raises(ap.errors.SiteError, match="drop per_position=False"):
         ap.sweep(m, ps, "z", positions=["end"], per_position=False, progress=False)
 
 
@@ -136,14 +136,14 @@ def test_role_corruptions_do_not_depend_on_the_grouping():
     prompts) are refused; per-prompt diagnostics come back in prompt order."""
     m = tiny_model("llama", n_layers=2)
     ps = _mixed()
-    user = ap.GaussianNoise(n_draws=2)
+    user = ap.corruption.GaussianNoise(n_draws=2)
     noise = user.prepared(m, ps)
     assert user.sigma is None and noise is not user  # corruptions are values: the caller's is never changed
-    res = ap.sweep(m, ps, "resid_pre", positions=["first_diff", "end"], corruption=ap.GaussianNoise(n_draws=2),
+    res = ap.sweep(m, ps, "resid_pre", positions=["first_diff", "end"], corruption=ap.corruption.GaussianNoise(n_draws=2),
                    direction="noise", progress=False)
     assert res.info.corruption["sigma"] == pytest.approx(noise.sigma)
     for name in ("resample", "mean"):
-        with pytest.raises(ap.CorruptionError, match=f"corruption '{name}' draws on the other prompts"):
+        with pytest.raises(ap.errors.CorruptionError, match=f"corruption '{name}' draws on the other prompts"):
             ap.sweep(m, ps, "resid_pre", positions=["end"], corruption=name, direction="noise", progress=False)
     plain = ap.sweep(m, ps, "z", progress=False)  # no position axis: every prompt in one call
     by_role = ap.sweep(m, ps, "resid_pre", positions=["end"], progress=False)

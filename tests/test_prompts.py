@@ -29,7 +29,7 @@ def test_from_pairs_records_first_diff(m):
 
 
 def test_mismatched_lengths_show_both_tokenisations(m):
-    with pytest.raises(ap.PromptError) as e:
+    with pytest.raises(ap.errors.PromptError) as e:
         ap.PromptSet.from_pairs(m, [("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
     msg = str(e.value)
     assert "different lengths (6 vs 8)" in msg
@@ -37,18 +37,18 @@ def test_mismatched_lengths_show_both_tokenisations(m):
 
 
 def test_multi_token_answer_shows_tokens(m):
-    with pytest.raises(ap.PromptError, match=r"answer ' Mary John' is 2 tokens \('Mary' \| 'John'\)"):
+    with pytest.raises(ap.errors.PromptError, match=r"answer ' Mary John' is 2 tokens \('Mary' \| 'John'\)"):
         ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John")])
 
 
 def test_equal_answers_and_empty_sets(m):
-    with pytest.raises(ap.PromptError, match="answer and alternative are the same token"):
+    with pytest.raises(ap.errors.PromptError, match="answer and alternative are the same token"):
         ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary", " Mary")])
-    with pytest.raises(ap.PromptError, match="No prompt pairs given"):
+    with pytest.raises(ap.errors.PromptError, match="No prompt pairs given"):
         ap.PromptSet.from_pairs(m, [])
-    with pytest.raises(ap.PromptError, match="empty"):
+    with pytest.raises(ap.errors.PromptError, match="empty"):
         ap.PromptSet.from_ids([], [], [], [])
-    with pytest.raises(ap.PromptError, match="clean has 3 tokens but corrupted has 2"):
+    with pytest.raises(ap.errors.PromptError, match="clean has 3 tokens but corrupted has 2"):
         ap.PromptSet.from_ids([[1, 2, 3]], [[1, 2]], [4], [5])
 
 

@@ -43,7 +43,7 @@ def cluster():
 @pytest.fixture
 def executor(cluster):
     """Two actors, stopped after each test (the 2-CPU cluster holds no more)."""
-    with ap.RayExecutor(workers=2) as ex:
+    with ap.experiment.RayExecutor(workers=2) as ex:
         yield ex
 
 
@@ -85,7 +85,7 @@ def test_killed_worker_units_are_retried(cluster):
     ps = random_pairs(n=3, T=6)
     local = ap.sweep(m, ps, "mlp_post", executor="local", unit_size=4, progress=False)
 
-    class KillOnce(ap.RayExecutor):
+    class KillOnce(ap.experiment.RayExecutor):
         killed = False
 
         def map(self, job, runs, state, todo, *, store=None, advance=None):
@@ -151,7 +151,7 @@ def test_killed_driver_resumes(cluster, tmp_path):
     total = -(-local.values.numel() // 4)  # units of 4 patches, one length group
     saved = len(UnitStore(units))
     assert "finished" not in out and 2 <= saved < total, (saved, total, out[-2000:])
-    with ap.RayExecutor(workers=2) as ex:
+    with ap.experiment.RayExecutor(workers=2) as ex:
         resumed = ap.sweep(m, ps, "mlp_post", executor=ex, unit_size=4, store=UnitStore(units), progress=False)
     _same(local, resumed)
     assert len(UnitStore(units)) == total
@@ -161,24 +161,24 @@ def test_models_that_cannot_be_shipped_are_refused(executor):
     ps = random_pairs(n=2, T=5)
     built = tiny_model("llama")
     in_memory = ap.Model(built.hf, built.tokenizer)
-    with pytest.raises(ap.ExecutorError, match="built in memory"):
+    with pytest.raises(ap.errors.ExecutorError, match="built in memory"):
         ap.sweep(in_memory, ps, "resid_pre", executor=executor, progress=False)
     changed = without_final_norm(tiny_model("llama"))
-    with pytest.raises(ap.ExecutorError, match="changed after loading"):
+    with pytest.raises(ap.errors.ExecutorError, match="changed after loading"):
         ap.sweep(changed, ps, "resid_pre", executor=executor, progress=False)
 
 
 def test_executor_input_errors(monkeypatch):
-    with pytest.raises(ap.ExecutorError, match="local.*ray"):
+    with pytest.raises(ap.errors.ExecutorError, match="local.*ray"):
         ap.sweep(tiny_model("llama"), random_pairs(n=2, T=5), "resid_pre", executor="dask", progress=False)
-    with pytest.raises(ap.ExecutorError, match="workers"):
-        ap.RayExecutor(workers=0)
-    with pytest.raises(ap.ExecutorError, match="host:port"):
+    with pytest.raises(ap.errors.ExecutorError, match="workers"):
+        ap.experiment.RayExecutor(workers=0)
+    with pytest.raises(ap.errors.ExecutorError, match="host:port"):
         _probe("nowhere")
-    with pytest.raises(ap.ExecutorError, match="No Ray cluster reachable"):
+    with pytest.raises(ap.errors.ExecutorError, match="No Ray cluster reachable"):
         _probe("127.0.0.1:1")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    with pytest.raises(ap.ExecutorError, match=r"pip install 'actpatch\[ray\]'"):
+    with pytest.raises(ap.errors.ExecutorError, match=r"pip install 'actpatch\[ray\]'"):
         ap.sweep(tiny_model("llama"), random_pairs(n=2, T=5), "resid_pre", executor="ray", progress=False)
 
 
@@ -227,11 +227,11 @@ def test_workers_that_cannot_start_or_load_are_one_clear_error(cluster):
 
     ps = random_pairs(n=2, T=5)
     m = tiny_model("llama")
-    with pytest.raises(ap.ExecutorError, match=r"did not start within 3 s; the cluster has \d+ CPUs and 0 GPUs free"):
-        ap.sweep(m, ps, "resid_pre", executor=ap.RayExecutor(workers=3, start_timeout=3), progress=False)
+    with pytest.raises(ap.errors.ExecutorError, match=r"did not start within 3 s; the cluster has \d+ CPUs and 0 GPUs free"):
+        ap.sweep(m, ps, "resid_pre", executor=ap.experiment.RayExecutor(workers=3, start_timeout=3), progress=False)
     m.recipe = Recipe("actpatch.models.loading:load_model", ("/no/such/model",), {})
-    with pytest.raises(ap.ExecutorError, match="could not load load_model\\('/no/such/model'\\).*check the path"):
-        ap.sweep(m, ps, "resid_pre", executor=ap.RayExecutor(workers=1), progress=False)
+    with pytest.raises(ap.errors.ExecutorError, match="could not load load_model\\('/no/such/model'\\).*check the path"):
+        ap.sweep(m, ps, "resid_pre", executor=ap.experiment.RayExecutor(workers=1), progress=False)
 
 
 def test_ray_activation_corruptions_and_subspaces_equal_local(executor):
@@ -241,7 +241,7 @@ def test_ray_activation_corruptions_and_subspaces_equal_local(executor):
     ps = random_pairs(n=3, T=6)
     basis = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))[0].T
     for kw in ({"corruption": "gaussian", "direction": "denoise"}, {"corruption": "mean"},
-               {"subspace": ap.Subspace(basis), "check_subspace": False}):
+               {"subspace": ap.subspaces.Subspace(basis), "check_subspace": False}):
         target = "resid_pre" if "subspace" in kw else "z"
         local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **kw)
         _same(local, ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **kw))

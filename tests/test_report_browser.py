@@ -33,7 +33,7 @@ def report(tmp_path_factory) -> Path:
             if "pos" in res.coords:
                 res.coords["pos"] = [EVIL if i == 1 else c for i, c in enumerate(res.coords["pos"])]
             results[f"{target}_{d}"] = res
-    curve = ap.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 100])
+    curve = ap.circuits.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 100])
     return write_report(results, tmp_path_factory.mktemp("report"), title=f"report {EVIL}", curves={"EAP": curve})
 
 

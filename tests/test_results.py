@@ -26,7 +26,7 @@ def test_results_saved_by_0_1_0_load_with_typed_info():
     """The fixtures were written by actpatch 0.1.0 (format 1); recomputing them today gives the
     same numbers, and their free-form meta becomes typed info."""
     old = ap.PatchResult.load(FIXTURES / "result_v0.1.0")
-    assert old.info.direction is ap.Direction.DENOISE and old.info.method is ap.Method.EXACT
+    assert old.info.direction is ap.Direction.DENOISE and old.info.method is ap.types.Method.EXACT
     assert old.info.engine is ap.Engine.BATCHED and old.info.provenance.family == "llama"
     assert old.info.diagnostics.clean_correct is not None and len(old.info.diagnostics.clean_correct) == 2
     assert old.info.prompt_attributes == ({"template": 0}, {"template": 1})
@@ -36,8 +36,8 @@ def test_results_saved_by_0_1_0_load_with_typed_info():
         torch.testing.assert_close(old.raw[m], now.raw[m], atol=1e-6, rtol=0)
     assert old.info.provenance.weight_hash == now.info.provenance.weight_hash
     gd = ap.PatchResult.load(FIXTURES / "attribution_v0.1.0")
-    assert gd.info.method is ap.Method.ATP and gd.info.grad_drop and gd.info.label == "atp+graddrop"
-    assert gd.info.estimate is ap.Estimate.MAGNITUDE and gd.info.direction is ap.Direction.NOISE
+    assert gd.info.method is ap.types.Method.ATP and gd.info.grad_drop and gd.info.label == "atp+graddrop"
+    assert gd.info.estimate is ap.types.Estimate.MAGNITUDE and gd.info.direction is ap.Direction.NOISE
 
 
 def test_format_2_roundtrip_keeps_every_typed_field(tmp_path):
@@ -75,13 +75,13 @@ def _saved(tmp_path: Path) -> Path:
 def test_broken_result_directories_are_one_clear_error(tmp_path, damage, fragment):
     d = _saved(tmp_path)
     damage(d)
-    with pytest.raises(ap.ResultError, match=fragment):
+    with pytest.raises(ap.errors.ResultError, match=fragment):
         ap.PatchResult.load(d)
 
 
 def test_a_file_is_not_a_result(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ap.ResultError, match="is a file"):
+    with pytest.raises(ap.errors.ResultError, match="is a file"):
         ap.PatchResult.load(tmp_path / "f")
 
 
@@ -94,10 +94,10 @@ def test_subset_and_concat_invert_each_other():
     for metric in res.metrics:
         assert torch.equal(back.raw[metric], res.raw[metric]) and torch.equal(back.clean[metric], res.clean[metric])
     assert back.info == res.info and [f.code for f in back.findings] == [f.code for f in res.findings]
-    with pytest.raises(ap.ResultError, match="out of range"):
+    with pytest.raises(ap.errors.ResultError, match="out of range"):
         res.subset([4])
     other = ap.sweep(m, random_pairs(n=4), "mlp_out", progress=False)
-    with pytest.raises(ap.ResultError, match="Cannot concatenate"):
+    with pytest.raises(ap.errors.ResultError, match="Cannot concatenate"):
         ap.PatchResult.concat([res, other])
 
 
@@ -106,29 +106,29 @@ def test_prompts_longer_than_the_context_are_refused_before_any_computation():
     long = random_pairs(n=1, T=130, diff=(5,))
     for call in (lambda: ap.sweep(m, long, "resid_pre", progress=False), lambda: ap.attribute(m, long, "z"),
                  lambda: ap.edge_attribution(m, long), lambda: ap.path_sweep(m, long, [ap.Site("resid_final")])):
-        with pytest.raises(ap.ContextLengthError, match="Prompt 0 has 130 tokens; tiny-gpt2 reads at most 128"):
+        with pytest.raises(ap.errors.ContextLengthError, match="Prompt 0 has 130 tokens; tiny-gpt2 reads at most 128"):
             call()
 
 
 @pytest.mark.parametrize("call, err, fragment", [
-    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], layers=[9]), ap.SiteError, r"layers=\[9\]"),
-    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], heads=[4]), ap.SiteError, r"heads=\[4\]"),
-    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], sender="attn"), ap.SiteError, "sender='attn'"),
-    (lambda m, ps: ap.attribute(m, ps, "mlp_post", neurons=[10_000]), ap.SiteError, r"neurons=\[10000\]"),
-    (lambda m, ps: ap.attribute(m, ps, "resid_pre", positions=[6]), ap.SiteError, r"positions=\[6\]"),
-    (lambda m, ps: ap.sweep(m, ps, "z", heads=["a"]), ap.SiteError, "'a' is not an index"),
-    (lambda m, ps: ap.sweep(m, ps, "resid_pre", heads=[0]), ap.SiteError, "heads=... applies to head targets"),
-    (lambda m, ps: ap.sweep(m, ps, "z", engine="turbo"), ap.EngineError, "Unknown engine 'turbo'"),
-    (lambda m, ps: ap.sweep(m, ps, "resid_final", engine="batched"), ap.EngineError, "batched engine does not"),
-    (lambda m, ps: ap.sweep(m, ps, "z", direction="up"), ap.DirectionError, "Unknown direction 'up'"),
-    (lambda m, ps: ap.attribute(m, ps, "z", qk_fix=True), ap.MethodError, "qk_fix applies to q and k"),
-    (lambda m, ps: ap.attribute(m, ps, "resid_pre", grad_drop=True), ap.MethodError, "grad_drop scores components"),
-    (lambda m, ps: ap.edge_attribution(m, ps, ig_steps=-1), ap.MethodError, "ig_steps=-1"),
-    (lambda m, ps: ap.edge_attribution(m, ps, corruption="zero"), ap.CorruptionError, "needs a corrupted run"),
-    (lambda m, ps: ap.patch(m, ps, []), ap.SiteError, "at least one Site"),
-    (lambda m, ps: ap.patch(m, ps, ["z.L0.H1"]), ap.SiteError, "takes Site objects"),
-    (lambda m, ps: ap.capture(m, [ap.Site("z", 0, head=9)]).__enter__(), ap.SiteError, "head 9 is out of range"),
-    (lambda m, ps: ap.sweep(m, [("a", "b", "c", "d")], "z"), ap.PromptError, "takes a PromptSet"),
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], layers=[9]), ap.errors.SiteError, r"layers=\[9\]"),
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], heads=[4]), ap.errors.SiteError, r"heads=\[4\]"),
+    (lambda m, ps: ap.path_sweep(m, ps, [ap.Site("resid_final")], sender="attn"), ap.errors.SiteError, "sender='attn'"),
+    (lambda m, ps: ap.attribute(m, ps, "mlp_post", neurons=[10_000]), ap.errors.SiteError, r"neurons=\[10000\]"),
+    (lambda m, ps: ap.attribute(m, ps, "resid_pre", positions=[6]), ap.errors.SiteError, r"positions=\[6\]"),
+    (lambda m, ps: ap.sweep(m, ps, "z", heads=["a"]), ap.errors.SiteError, "'a' is not an index"),
+    (lambda m, ps: ap.sweep(m, ps, "resid_pre", heads=[0]), ap.errors.SiteError, "heads=... applies to head targets"),
+    (lambda m, ps: ap.sweep(m, ps, "z", engine="turbo"), ap.errors.EngineError, "Unknown engine 'turbo'"),
+    (lambda m, ps: ap.sweep(m, ps, "resid_final", engine="batched"), ap.errors.EngineError, "batched engine does not"),
+    (lambda m, ps: ap.sweep(m, ps, "z", direction="up"), ap.errors.DirectionError, "Unknown direction 'up'"),
+    (lambda m, ps: ap.attribute(m, ps, "z", qk_fix=True), ap.errors.MethodError, "qk_fix applies to q and k"),
+    (lambda m, ps: ap.attribute(m, ps, "resid_pre", grad_drop=True), ap.errors.MethodError, "grad_drop scores components"),
+    (lambda m, ps: ap.edge_attribution(m, ps, ig_steps=-1), ap.errors.MethodError, "ig_steps=-1"),
+    (lambda m, ps: ap.edge_attribution(m, ps, corruption="zero"), ap.errors.CorruptionError, "needs a corrupted run"),
+    (lambda m, ps: ap.patch(m, ps, []), ap.errors.SiteError, "at least one Site"),
+    (lambda m, ps: ap.patch(m, ps, ["z.L0.H1"]), ap.errors.SiteError, "takes Site objects"),
+    (lambda m, ps: ap.capture(m, [ap.Site("z", 0, head=9)]).__enter__(), ap.errors.SiteError, "head 9 is out of range"),
+    (lambda m, ps: ap.sweep(m, [("a", "b", "c", "d")], "z"), ap.errors.PromptError, "takes a PromptSet"),
 ])
 def test_bad_arguments_get_specific_errors(call, err, fragment):
     with pytest.raises(err, match=fragment):
@@ -143,7 +143,7 @@ def test_bad_arguments_get_specific_errors(call, err, fragment):
     ("When Mary", "a list of"),
 ])
 def test_malformed_prompt_pairs_are_refused(pairs, fragment):
-    with pytest.raises(ap.PromptError, match=fragment):
+    with pytest.raises(ap.errors.PromptError, match=fragment):
         ap.PromptSet.from_pairs(tiny_model("gpt2"), pairs)
 
 
@@ -152,26 +152,56 @@ def test_unknown_config_attributes_are_refused_by_name():
 
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     cfg.new_fancy_scaling = 2.0  # an attribute no adapter has verified
-    with pytest.raises(ap.UnsupportedArchitectureError, match="new_fancy_scaling=2.0"):
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="new_fancy_scaling=2.0"):
         ap.Model(AutoModelForCausalLM.from_config(cfg))
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
                                        "original_max_position_embeddings": 64})
-    with pytest.raises(ap.UnsupportedArchitectureError, match="rope_parameters="):
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="rope_parameters="):
         ap.Model(AutoModelForCausalLM.from_config(cfg))
+
+
+def _public_functions():
+    """Every public function of the top level and of its namespaces, found, not listed by hand."""
+    import inspect
+
+    for space in (ap, ap.circuits, ap.subspaces, ap.prompts, ap.experiment):
+        for name in space.__all__:
+            fn = getattr(space, name)
+            if inspect.isfunction(fn):
+                yield f"{space.__name__}.{name}", fn
 
 
 def test_one_default_direction_everywhere():
     import inspect
 
-    for fn in (ap.sweep, ap.patch, ap.attribute, ap.path_patch, ap.path_sweep, ap.edge_attribution):
-        assert inspect.signature(fn).parameters["direction"].default is ap.DEFAULT_DIRECTION, fn.__name__
+    with_direction = {name for name, fn in _public_functions() if "direction" in inspect.signature(fn).parameters}
+    assert {"actpatch.sweep", "actpatch.patch", "actpatch.attribute", "actpatch.path_patch", "actpatch.path_sweep",
+            "actpatch.edge_attribution", "actpatch.subspaces.subspace_check"} <= with_direction
+    for name, fn in _public_functions():
+        if name in with_direction:
+            assert inspect.signature(fn).parameters["direction"].default is ap.DEFAULT_DIRECTION, name
     assert ap.DEFAULT_DIRECTION is ap.Direction.NOISE
+
+
+def test_the_public_surface_is_small_and_pinned():
+    assert len(ap.__all__) <= 40
+    assert sorted(ap.__all__) == sorted([
+        "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "PromptSet", "Direction",
+        "DEFAULT_DIRECTION", "Metric", "Engine", "sweep", "patch", "attribute", "validate_attribution", "path_patch",
+        "path_sweep", "edge_attribution", "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "doctor",
+        "plot_attention", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
+        "__version__"])
+    for space in (ap, ap.circuits, ap.subspaces, ap.experiment, ap.errors, ap.corruption):
+        for name in space.__all__:
+            assert getattr(space, name) is not None, f"{space.__name__}.{name}"
+    # what left the top level stays importable from its namespace
+    assert ap.circuits.Graph and ap.errors.SiteError and ap.types.Method and ap.results.ResultInfo
 
 
 def test_corruptions_are_never_changed_by_an_experiment():
     m = tiny_model("llama", n_layers=2)
-    noise = ap.GaussianNoise(n_draws=2)
+    noise = ap.corruption.GaussianNoise(n_draws=2)
     res = ap.sweep(m, random_pairs(n=2), "resid_pre", corruption=noise, progress=False)
     assert noise.sigma is None and res.info.corruption["sigma"] > 0
 

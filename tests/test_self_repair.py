@@ -12,7 +12,7 @@ from actpatch.testing import backup_head_model, backup_model, random_pairs, tiny
 
 def test_backup_neuron_hides_the_first_one_and_is_flagged():
     m, ps = backup_model()
-    dt = ap.direct_vs_total(m, ps)
+    dt = ap.circuits.direct_vs_total(m, ps)
     assert dt.effects("L0.MLP") == (-1.0, 0.0)  # derived in backup_model's docstring
     assert dt.effects("L1.MLP") == (0.0, 0.0)
     flagged = [f for f in dt.findings if f.code == "self_repair"]
@@ -23,7 +23,7 @@ def test_backup_neuron_hides_the_first_one_and_is_flagged():
 
 def test_backup_head_takes_over_and_is_flagged():
     m, ps = backup_head_model()
-    dt = ap.direct_vs_total(m, ps)
+    dt = ap.circuits.direct_vs_total(m, ps)
     assert dt.effects("L0.H0") == (-1.0, 0.0)  # derived in backup_head_model's docstring
     assert dt.effects("L1.H0") == (0.0, 0.0)
     assert [f.message.split(":")[0] for f in dt.findings if f.code == "self_repair"] == ["L0.H0"]
@@ -44,7 +44,7 @@ def test_direct_equals_total_where_nothing_is_downstream(family):
     are the same patch."""
     m = tiny_model(family, n_layers=2)
     ps = random_pairs(n=3, T=5, diff=(1, 3))
-    dt = ap.direct_vs_total(m, ps)
+    dt = ap.circuits.direct_vs_total(m, ps)
     de, te = dt.effects("L1.MLP")
     assert abs(te) > 1e-3 and de == pytest.approx(te, abs=1e-4)
     assert len(dt.components) == 2 * m.n_heads + 2 and dt.direct.shape == dt.total.shape
@@ -52,9 +52,9 @@ def test_direct_equals_total_where_nothing_is_downstream(family):
 
 def test_direct_effects_need_one_corrupted_run():
     m = tiny_model("llama", n_layers=2)
-    with pytest.raises(ap.CorruptionError, match="needs a corrupted run per prompt"):
-        ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption="mean")
-    with pytest.raises(ap.MethodError, match="one head's write to the residual stream is not defined"):
-        ap.direct_vs_total(tiny_model("gemma2", n_layers=2), random_pairs(n=2, T=5, diff=(1,)))
-    with pytest.raises(ap.MethodError, match="one corrupted run per prompt"):
-        ap.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption=ap.GaussianNoise(n_draws=3))
+    with pytest.raises(ap.errors.CorruptionError, match="needs a corrupted run per prompt"):
+        ap.circuits.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption="mean")
+    with pytest.raises(ap.errors.MethodError, match="one head's write to the residual stream is not defined"):
+        ap.circuits.direct_vs_total(tiny_model("gemma2", n_layers=2), random_pairs(n=2, T=5, diff=(1,)))
+    with pytest.raises(ap.errors.MethodError, match="one corrupted run per prompt"):
+        ap.circuits.direct_vs_total(m, random_pairs(n=2, T=5, diff=(1,)), corruption=ap.corruption.GaussianNoise(n_draws=3))

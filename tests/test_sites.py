@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 
 import actpatch as ap
-from actpatch import Site, SiteError, SiteKind, UnsupportedSiteError
+from actpatch import Site, SiteKind
+from actpatch.errors import SiteError, UnsupportedSiteError
 from actpatch.testing import tiny_model
 
 

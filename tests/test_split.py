@@ -40,8 +40,8 @@ def test_every_technique_on_a_placed_model(how):
     torch.testing.assert_close(b.raw["logit_diff"], a.raw["logit_diff"], atol=1e-5, rtol=0)
     ea, eb = ap.edge_attribution(plain, ps), ap.edge_attribution(placed, ps)
     torch.testing.assert_close(eb.scores, ea.scores, atol=1e-5, rtol=0, equal_nan=True)
-    keep = ap.top_edges(ea, 20)
-    torch.testing.assert_close(ap.run_circuit(placed, ps, keep), ap.run_circuit(plain, ps, keep), atol=1e-5, rtol=0)
+    keep = ap.circuits.top_edges(ea, 20)
+    torch.testing.assert_close(ap.circuits.run_circuit(placed, ps, keep), ap.circuits.run_circuit(plain, ps, keep), atol=1e-5, rtol=0)
     rec = [ap.Site("resid_final")]
     torch.testing.assert_close(ap.path_sweep(placed, ps, rec, progress=False).raw["logit_diff"],
                                ap.path_sweep(plain, ps, rec, progress=False).raw["logit_diff"], atol=1e-5, rtol=0)
@@ -51,10 +51,10 @@ def test_every_technique_on_a_placed_model(how):
 def test_placements_this_machine_cannot_run_are_refused(monkeypatch):
     layers = {f"model.layers.{l}": "cpu" for l in range(29)}  # layer 29 nowhere
     dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu", **layers}
-    with pytest.raises(ap.DeviceError, match="leaves model.layers.29 nowhere"):
+    with pytest.raises(ap.errors.DeviceError, match="leaves model.layers.29 nowhere"):
         ap.load_model(device_map=dm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ap.DeviceError, match="sees no CUDA device"):
+    with pytest.raises(ap.errors.DeviceError, match="sees no CUDA device"):
         ap.load_model(device="cuda")
-    with pytest.raises(ap.DeviceError, match="sees no CUDA device"):
+    with pytest.raises(ap.errors.DeviceError, match="sees no CUDA device"):
         ap.load_model(device_map={**dm, "model.layers.29": 0})

@@ -10,9 +10,9 @@ import actpatch as ap
 
 def make(raw, clean, corrupted, attrs=None):
     raw = torch.tensor(raw, dtype=torch.float)
-    info = ap.ResultInfo(target="z", direction=ap.Direction.DENOISE, method=ap.Method.EXACT, metrics=("logit_diff",),
+    info = ap.results.ResultInfo(target="z", direction=ap.Direction.DENOISE, method=ap.types.Method.EXACT, metrics=("logit_diff",),
                          corruption={"name": "str"}, seed=0,
-                         provenance=ap.Provenance(model="hand-made", family="none", weight_hash="-"),
+                         provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"),
                          prompt_attributes=tuple(attrs or [{} for _ in clean]))
     return ap.PatchResult(dims=("head",), coords={"head": list(range(raw.shape[1]))},
                           raw={"logit_diff": raw}, clean={"logit_diff": torch.tensor(clean)},
@@ -46,9 +46,9 @@ def test_ci_matches_a_slow_loop_and_covers_the_mean():
 
 def test_bad_ci_arguments():
     res = make([[0.5]], [1.0], [0.0])
-    with pytest.raises(ap.ResultError, match="level=1.5"):
+    with pytest.raises(ap.errors.ResultError, match="level=1.5"):
         res.ci(level=1.5)
-    with pytest.raises(ap.ResultError, match="n_boot=2"):
+    with pytest.raises(ap.errors.ResultError, match="n_boot=2"):
         res.ci(n_boot=2)
 
 
@@ -59,5 +59,5 @@ def test_split_by_attribute():
     assert sorted(parts) == [0, 1]
     assert float(parts[0].values[0]) == pytest.approx(0.75) and float(parts[1].values[0]) == 0.0
     assert parts[0].info.split == {"template": 0} and parts[0].n_prompts == 2
-    with pytest.raises(ap.ResultError, match="No prompt attribute 'order'"):
+    with pytest.raises(ap.errors.ResultError, match="No prompt attribute 'order'"):
         res.split_by("order")

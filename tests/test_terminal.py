@@ -81,14 +81,14 @@ def test_results_show_themselves_in_notebooks(results):
     cmp = ap.compare(results[("z", "denoise")], res)
     assert cmp.plot().data and "Comparison" in cmp._repr_html_()
     assert "<code>" in res.findings[0]._repr_html_()
-    curve = ap.Faithfulness(sizes=[0, 10], values=torch.tensor([0.0, 1.0]), raw=torch.zeros(2, 1), clean=1.0, corrupted=0.0)
+    curve = ap.circuits.Faithfulness(sizes=[0, 10], values=torch.tensor([0.0, 1.0]), raw=torch.zeros(2, 1), clean=1.0, corrupted=0.0)
     assert list(curve.plot().data[0].y) == [0.0, 1.0]
     m = tiny_model("gpt2")
     fig = ap.plot_attention(m, "When Mary and John went to the store", heads=[(0, 1), (1, 2)])
     assert len(fig.data) == 2 and list(fig.data[0].x)[1] == "1|Mary"
     z = torch.tensor(fig.data[0].z)
     assert torch.allclose(z.sum(-1), torch.ones(z.shape[0]), atol=1e-5)  # each query's attention sums to 1
-    with pytest.raises(ap.SiteError, match="at least one"):
+    with pytest.raises(ap.errors.SiteError, match="at least one"):
         ap.plot_attention(m, [2, 3], heads=[])
 
 

@@ -1,5 +1,11 @@
 """actpatch: activation patching on Hugging Face causal language models, done right and fast.
 
+The top level holds what an experiment needs; the rest sits in namespaces: ``ap.errors`` (every
+error class), ``ap.prompts`` (builders), ``ap.corruption`` (corruptions as values),
+``ap.circuits`` (graph, edges, circuits, MIB), ``ap.subspaces`` (directions, the illusion
+check, DAS), ``ap.experiment`` (grids, executors), ``ap.types`` (enums and records),
+``ap.results`` (result metadata).
+
 Example:
     >>> import actpatch as ap
     >>> model = ap.load_model()                      # the bundled SmolLM2-135M-Instruct
@@ -11,89 +17,46 @@ Example:
     1.0
 """
 
-from .errors import (
-    ActpatchError,
-    ConfigError,
-    ContextLengthError,
-    CorruptionError,
-    DeviceError,
-    DirectionError,
-    EngineError,
-    ExecutorError,
-    MethodError,
-    MetricError,
-    ModelNotFoundError,
-    OutputDirError,
-    PromptError,
-    ResultError,
-    SiteError,
-    SubspaceError,
-    UnsupportedArchitectureError,
-    UnsupportedSiteError,
-)
-from . import prompts
+from typing import Any
+
+from . import circuits, corruption, errors, experiment, prompts, results, subspaces, types
+from ._version import __version__
 from .checks import check
-from .compare import Comparison, Role, compare, mark_compared
-from .corruption import (
-    Corruption,
-    CorruptionKind,
-    GaussianNoise,
-    MeanAblation,
-    Resample,
-    SymmetricReplacement,
-    ZeroAblation,
-)
-from .doctor import Check, Diagnosis, doctor
-from .experiment.executor import LocalExecutor
-from .experiment.plan import Grid
-from .experiment.ray_executor import RayExecutor
+from .compare import Comparison, compare
+from .doctor import doctor
+from .errors import ActpatchError
 from .findings import Finding, Level
 from .hooks import capture, intervene
 from .metrics import Metric
-from .models import DEFAULT_MODEL, Model, load_model, supported_families
+from .models import DEFAULT_MODEL, Model, load_model
 from .prompts import PromptSet
-from ._plots import plot_attention
-from .results import PatchResult, ResultInfo
+from .results import PatchResult
 from .sites import Site, SiteKind
-from .subspace import Subspace
-from .techniques.attribution import Validation, attribute, validate_attribution
-from .techniques.circuit import EdgeValidation, Faithfulness, faithfulness, run_circuit, top_edges, validate_edges
-from .techniques.eap import EdgeScores, edge_attribution
-from .techniques.graph import Edge, Graph, Node, NodeKind, Port, PortKind
-from .techniques.circuit_io import from_mib_json, load_edge_scores, save_edge_scores, to_mib_json
-from .techniques.das import DASResult, das
-from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
-from .techniques.patching import patch, sweep
-from .techniques.peap import (PositionalEdgeScores, positional_edge_attribution, positional_faithfulness,
-                              top_positional_edges)
-from .techniques.self_repair import DirectTotal, direct_vs_total
-from .techniques.subspace import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
+from .techniques.attribution import attribute, validate_attribution
+from .techniques.eap import edge_attribution
 from .techniques.path import path_patch, path_sweep
-from .types import DEFAULT_DIRECTION, Diagnostics, Direction, Engine, Estimate, Method, Provenance
-
-__version__ = "0.2.0"
+from .techniques.patching import patch, sweep
+from .types import DEFAULT_DIRECTION, Direction, Engine
 
 __all__ = [
-    # errors
-    "ActpatchError", "ConfigError", "ContextLengthError", "CorruptionError", "DirectionError", "EngineError",
-    "ExecutorError", "DeviceError",
-    "MethodError", "MetricError", "ModelNotFoundError", "OutputDirError", "PromptError", "ResultError", "SiteError",
-    "SubspaceError", "UnsupportedArchitectureError", "UnsupportedSiteError",
     # models and sites
-    "DEFAULT_MODEL", "Model", "load_model", "supported_families", "Site", "SiteKind", "capture", "intervene",
-    "Subspace",
+    "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene",
     # experiments
-    "prompts", "PromptSet", "Corruption", "CorruptionKind", "GaussianNoise", "MeanAblation", "Resample",
-    "SymmetricReplacement", "ZeroAblation", "Metric", "Direction", "DEFAULT_DIRECTION", "Engine", "Method", "Estimate",
-    "Grid", "LocalExecutor", "RayExecutor", "sweep", "patch", "attribute", "validate_attribution", "Validation", "path_patch", "path_sweep",
-    "edge_attribution", "EdgeScores", "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge", "top_edges",
-    "run_circuit", "faithfulness", "Faithfulness", "validate_edges", "EdgeValidation", "diff_of_means",
-    "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das", "DASResult",
-    "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",
-    "from_mib_json", "save_edge_scores", "load_edge_scores", "direct_vs_total", "DirectTotal",
-    "positional_edge_attribution", "PositionalEdgeScores", "top_positional_edges", "positional_faithfulness",
-    # results and reading them
-    "PatchResult", "ResultInfo", "Provenance", "Diagnostics", "Finding", "Level", "check", "Comparison", "Role",
-    "compare", "mark_compared", "plot_attention", "doctor", "Diagnosis", "Check",
+    "PromptSet", "Direction", "DEFAULT_DIRECTION", "Metric", "Engine",
+    "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
+    # reading results
+    "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "doctor", "plot_attention",
+    "ActpatchError",
+    # namespaces
+    "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ap.plot_attention`` without importing plotly with the package."""
+    if name == "plot_attention":
+        from .report.figures import plot_attention
+
+        return plot_attention
+    raise AttributeError(f"module 'actpatch' has no attribute {name!r}")

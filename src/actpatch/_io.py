@@ -51,8 +51,9 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
-    from .results import FORMAT_VERSION, ResultInfo
-
+    """The result saved in ``p``, built by ``cls`` (which decodes its own info: this module
+    never imports the result layer above it)."""
+    readable = cls.READABLE_FORMATS
     if not p.exists():
         raise ResultError(f"{p} is not a saved PatchResult: no such directory. Pass a directory written by "
                           f"PatchResult.save().")
@@ -65,14 +66,13 @@ def read_result(cls: type["PatchResult"], p: Path) -> "PatchResult":
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise ResultError(f"{p / 'meta.json'}: not an actpatch result (no format_version). {_FIX}")
     version = meta["format_version"]
-    if version not in (1, FORMAT_VERSION):
-        raise ResultError(f"{p}: format version {version!r}; this actpatch reads 1 and {FORMAT_VERSION}. "
+    if version not in readable:
+        raise ResultError(f"{p}: format version {version!r}; this actpatch reads {', '.join(map(str, readable))}. "
                           f"Use the actpatch version that wrote it, or re-run the experiment.")
     tensors = _tensors(p / "tensors.safetensors")
     try:
         dims, coords, metrics = tuple(meta["dims"]), dict(meta["coords"]), list(meta["metrics"])
-        info = (ResultInfo.from_legacy(meta["meta"], metrics) if version == 1
-                else ResultInfo.from_dict(meta["info"]))
+        info = cls.decode_info(meta, version, metrics)
         findings = [_finding(f) for f in meta.get("findings", [])]
         raw = {m: tensors[f"raw/{m}"] for m in metrics}
         clean = {m: tensors[f"clean/{m}"] for m in metrics}

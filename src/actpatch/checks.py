@@ -221,7 +221,7 @@ def check(result: "PatchResult") -> list[Finding]:
         >>> res = ap.sweep(model, prompts, "mlp_out", metric=["logit_diff", "prob"], direction="denoise", progress=False)
         >>> [f.code for f in ap.check(res)]
         ['single_direction']
-        >>> res = ap.sweep(model, prompts, "mlp_out", corruption=ap.GaussianNoise(), direction="denoise", progress=False)
+        >>> res = ap.sweep(model, prompts, "mlp_out", corruption=ap.corruption.GaussianNoise(), direction="denoise", progress=False)
         >>> [f.code for f in ap.check(res)]
         ['gaussian_noise', 'single_direction']
     """

@@ -70,12 +70,6 @@ class Run:
         noise = self.embed_noise
         return intervene(model, {Site("embed"): lambda x: x + noise.to(device=x.device, dtype=x.dtype)})
 
-    def logits(self, model: "Model") -> torch.Tensor:
-        """Last-position logits of this run: ``(B, vocab)``."""
-        with self.context(model):
-            return model.logits(self.ids, last_only=True)
-
-
 def first_difference(a: Run, b: Run) -> int:
     """First position where two runs' inputs (ids or embedding noise) differ in any row; the
     sequence length if they never do. Before it, causal models compute identical activations."""

@@ -47,9 +47,6 @@ class Metric(str, enum.Enum):
     TOP5_ACCURACY = "top5_accuracy"
     """1 when the answer is among the five top tokens. Discrete."""
 
-    @property
-    def needs_clean_distribution(self) -> bool:
-        return self is Metric.KL
 
 
 DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
@@ -147,9 +144,11 @@ UNDEFINED_GAP = 1e-6
 
 def normalise(value: torch.Tensor, clean: float | torch.Tensor, corrupted: float | torch.Tensor) -> torch.Tensor:
     """``(value - corrupted) / (clean - corrupted)``; NaN where the gap is at most
-    :data:`UNDEFINED_GAP` (never a silent huge number)."""
+    :data:`UNDEFINED_GAP` (never a silent huge number). float32 unless ``value`` is float64
+    (attribution estimates, whose small effects near 1 would round away in float32)."""
     clean_t = torch.as_tensor(clean, dtype=torch.float64)
     corr_t = torch.as_tensor(corrupted, dtype=torch.float64)
     gap = clean_t - corr_t
     safe = torch.where(gap.abs() > UNDEFINED_GAP, gap, torch.full_like(gap, float("nan")))
-    return ((value.double() - corr_t) / safe).float()
+    out = (value.double() - corr_t) / safe
+    return out if value.dtype == torch.float64 else out.float()  # estimates (float64) keep their precision

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
@@ -178,6 +178,10 @@ class PatchResult:
         >>> len(res.to_pandas())  # a row per patch and metric
         16
     """
+
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    READABLE_FORMATS: ClassVar[tuple[int, ...]] = (1, FORMAT_VERSION)
+    """Formats :meth:`load` reads: this version's and every earlier one."""
 
     dims: tuple[str, ...]
     coords: dict[str, list]
@@ -373,6 +377,11 @@ class PatchResult:
         from ._io import read_result
 
         return read_result(cls, Path(path))
+
+    @staticmethod
+    def decode_info(meta: dict[str, Any], version: int, metrics: Sequence[str]) -> ResultInfo:
+        """The :class:`ResultInfo` in a saved ``meta.json`` of format ``version``."""
+        return ResultInfo.from_legacy(meta["meta"], metrics) if version == 1 else ResultInfo.from_dict(meta["info"])
 
     def to_pandas(self) -> "pd.DataFrame":
         """A long table: one row per patch and metric, with the coordinates, the normalised

@@ -115,7 +115,7 @@ class Provenance:
         import torch
         import transformers
 
-        from . import __version__
+        from ._version import __version__
 
         return cls(model=model.name, family=model.family, weight_hash=model.weight_hash, prompts=prompts.describe(),
                    versions={"actpatch": __version__, "torch": torch.__version__,

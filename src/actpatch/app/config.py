@@ -101,7 +101,7 @@ class SubspaceConfig(_Strict):
 
 
 class DASConfig(_Strict):
-    """A DAS job: learn a k-dim subspace at one site (ap.das); writes das_<name>.json and
+    """A DAS job: learn a k-dim subspace at one site (ap.subspaces.das); writes das_<name>.json and
     das_<name>.safetensors."""
 
     site: str

@@ -15,7 +15,7 @@ from ..sites import Site
 from ..subspace import Subspace
 from ..techniques.das import das
 from ..techniques.positions import named_positions
-from ..techniques.subspace import diff_of_means, pca_directions, probe_direction
+from ..techniques.directions import diff_of_means, pca_directions, probe_direction
 from .config import DASConfig, ExperimentConfig, TargetConfig
 
 __all__ = ["build_subspace", "run_das_jobs", "load_das"]

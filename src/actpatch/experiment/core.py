@@ -15,6 +15,7 @@ prompt-major, row ``g * draws + r``; :func:`mean_draws` averages the draws back 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,9 @@ from ..prompts.promptset import LengthGroup, PromptSet
 from ..results import PatchResult, ResultInfo
 from ..sites import Site
 from ..types import Diagnostics, Direction, Method, Provenance, parse_direction
+from .checkpoint import UnitStore
+from .executor import Executor, executor_for, progress_bar
+from .units import UnitJob, units
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -158,10 +162,6 @@ class Experiment:
     def n(self) -> int:
         return len(self.prompts)
 
-    @property
-    def draws(self) -> int:
-        return self.corruption.draws
-
     def groups(self) -> Iterator[GroupRuns]:
         """Per length group (in order of first appearance), its runs."""
         for i, g in enumerate(self.prompts.groups()):
@@ -193,9 +193,29 @@ class Experiment:
             source = {s: corr.source(a) for s, a in clean.items()}
         return source, logits
 
-    def outcome(self, n_cells: int) -> "Outcome":
-        """An empty :class:`Outcome` for ``n_cells`` patches (or estimates) per prompt."""
-        return Outcome(self, n_cells)
+    def outcome(self, n_cells: int, dtype: torch.dtype = torch.float32) -> "Outcome":
+        """An empty :class:`Outcome` for ``n_cells`` patches (or estimates) per prompt, whose
+        patched values are kept in ``dtype`` (float64 for estimates added to a baseline, so
+        that the estimate stays recoverable exactly)."""
+        return Outcome(self, n_cells, dtype)
+
+    def run(self, job: "UnitJob", n_cells: int, *, executor: "str | Executor | None" = None,
+            store: UnitStore | None = None, unit_size: int = 64, progress: bool = False,
+            description: str = "patching") -> "Outcome":
+        """Every cell of ``job`` over every length group: each group prepared once (its
+        baselines recorded), its cells cut into units of ``unit_size`` and handed to
+        ``executor`` (saved to and resumed from ``store``), with one progress bar over all."""
+        outcome = self.outcome(n_cells)
+        total = n_cells * len(self.prompts.groups())
+        with ExitStack() as stack:
+            run_units = stack.enter_context(executor_for(executor))
+            stack.enter_context(job.context())
+            advance = stack.enter_context(progress_bar(progress and total > 1, total, description))
+            for runs in self.groups():
+                state = job.prepare(runs, outcome)  # type: ignore[call-arg]
+                todo = units(runs.index, n_cells, unit_size)
+                outcome.patched(runs, run_units.map(job, runs, state, todo, store=store, advance=advance))
+        return outcome
 
     def provenance(self) -> Provenance:
         return Provenance.of(self.model, self.prompts)
@@ -230,6 +250,7 @@ class Outcome:
 
     experiment: Experiment
     n_cells: int
+    dtype: torch.dtype = torch.float32
     raw: dict[Metric, torch.Tensor] = field(init=False)
     clean: dict[Metric, torch.Tensor] = field(init=False)
     corrupted: dict[Metric, torch.Tensor] = field(init=False)
@@ -239,7 +260,7 @@ class Outcome:
 
     def __post_init__(self) -> None:
         n, ms = self.experiment.n, self.experiment.metrics
-        self.raw = {m: torch.empty(n, self.n_cells) for m in ms}
+        self.raw = {m: torch.empty(n, self.n_cells, dtype=self.dtype) for m in ms}
         self.clean = {m: torch.empty(n) for m in ms}
         self.corrupted = {m: torch.empty(n) for m in ms}
         self.clean_correct = torch.zeros(n, dtype=torch.bool)
@@ -254,7 +275,7 @@ class Outcome:
     def patched(self, runs: GroupRuns, values: dict[Metric, torch.Tensor]) -> None:
         """Record ``{metric: (n_cells, rows)}`` for this group's prompts."""
         for m in self.experiment.metrics:
-            self.raw[m][runs.group.indices] = mean_draws(values[m].detach().float().cpu(), runs.draws).T
+            self.raw[m][runs.group.indices] = mean_draws(values[m].detach().to(self.dtype).cpu(), runs.draws).T
 
     def correct(self, runs: GroupRuns, clean_logits: torch.Tensor) -> None:
         """Record which clean prompts of this group the model gets right."""

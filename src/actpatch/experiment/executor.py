@@ -18,112 +18,23 @@ so a killed run resumes.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from ..errors import ExecutorError
-from ..metrics import Metric
 from .checkpoint import UnitStore
+from .units import Advance, Executor, Unit, UnitJob, UnitValues, keep_unit, merge, saved_unit, units
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core import Experiment, GroupRuns
+    from .core import GroupRuns
 
-__all__ = ["Unit", "units", "UnitJob", "Executor", "LocalExecutor", "resolve_executor", "executor_for", "progress_bar",
-           "Advance", "EXECUTORS"]
-
-Advance = Callable[[int], None]
-"""Progress callback: ``advance(k)`` after ``k`` more cells are done."""
+__all__ = ["LocalExecutor", "resolve_executor", "executor_for", "progress_bar", "EXECUTORS",
+           # the vocabulary of units, defined in .units
+           "Unit", "units", "UnitJob", "UnitValues", "Executor", "Advance"]
 
 EXECUTORS = ("local", "ray")
 """Executors by name (``executor=`` of :func:`actpatch.sweep` and ``actpatch run --executor``)."""
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Cells ``start:stop`` of length group ``group``; the ``index``-th unit of that group."""
-
-    group: int
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def key(self) -> str:
-        """The unit's name in a :class:`UnitStore` (stable across runs of the same config)."""
-        return f"g{self.group}_u{self.index}"
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def units(group: int, n_cells: int, unit_size: int) -> list[Unit]:
-    """Cells ``0..n_cells-1`` of a group, in units of ``unit_size`` (the last may be shorter)."""
-    size = max(1, int(unit_size))
-    return [Unit(group, u, i, min(i + size, n_cells)) for u, i in enumerate(range(0, n_cells, size))]
-
-
-UnitValues = dict[Metric, torch.Tensor]
-"""A unit's values: ``{metric: (cells in the unit, rows)}``."""
-
-
-class UnitJob(Protocol):
-    """A technique's cells, as executors run them. A frozen dataclass whose only unpicklable
-    part is ``experiment.model`` (executors that ship it swap the model out and back in)."""
-
-    experiment: "Experiment"
-
-    def context(self) -> ContextManager[Any]:
-        """The context every forward pass of the job runs in (e.g. the hookable attention)."""
-        ...
-
-    def prepare(self, runs: "GroupRuns") -> Any:
-        """One length group's state (its forward passes), shared by all of its units."""
-        ...
-
-    def run_unit(self, state: Any, unit: Unit, advance: Advance | None = None) -> UnitValues:
-        """The values of one unit's cells."""
-        ...
-
-
-def without_model(job: UnitJob) -> UnitJob:
-    """``job`` with its experiment's model removed: what is shipped to workers."""
-    return dataclasses.replace(job, experiment=dataclasses.replace(job.experiment, model=None))  # type: ignore[type-var]
-
-
-def with_model(job: UnitJob, model: Any) -> UnitJob:
-    """A shipped job bound to a worker's own model."""
-    return dataclasses.replace(job, experiment=dataclasses.replace(job.experiment, model=model))  # type: ignore[type-var]
-
-
-class Executor(Protocol):
-    """Runs the units ``todo`` of one prepared group of ``job``; returns their values
-    concatenated along the cell axis, in unit order. ``state`` is the group's state prepared
-    here (an executor whose workers prepare their own may ignore it)."""
-
-    def map(self, job: UnitJob, runs: "GroupRuns", state: Any, todo: Sequence[Unit], *,
-            store: UnitStore | None = None, advance: Advance | None = None) -> UnitValues: ...
-
-
-def saved_unit(store: UnitStore | None, unit: Unit) -> UnitValues | None:
-    """A unit's values from ``store`` when it was finished before."""
-    saved = store.get(unit.key) if store is not None else None
-    return None if saved is None else {Metric(k): v for k, v in saved.items()}
-
-
-def keep_unit(store: UnitStore | None, unit: Unit, values: UnitValues) -> None:
-    """Save a finished unit (no-op without a store)."""
-    if store is not None:
-        store.put(unit.key, {m.value: v for m, v in values.items()})
-
-
-def merge(parts: Sequence[UnitValues]) -> UnitValues:
-    """Units' values, concatenated in the order given."""
-    return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
 class LocalExecutor:
@@ -155,7 +66,7 @@ def resolve_executor(executor: "str | Executor | None") -> tuple[Executor, bool]
         return RayExecutor(), True
     if isinstance(executor, str):
         raise ExecutorError(f"executor={executor!r}: use {' or '.join(repr(e) for e in EXECUTORS)}, or an executor "
-                            f"object such as ap.RayExecutor(address=...).")
+                            f"object such as ap.experiment.RayExecutor(address=...).")
     if not callable(getattr(executor, "map", None)):
         raise ExecutorError(f"executor={type(executor).__name__}: an executor has a map(job, runs, state, todo) method.")
     return executor, False

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ExecutorError
 from .checkpoint import UnitStore
-from .executor import Advance, Unit, UnitJob, UnitValues, keep_unit, merge, saved_unit, with_model, without_model
+from .units import Advance, Unit, UnitJob, UnitValues, keep_unit, merge, saved_unit, with_model, without_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -124,7 +124,7 @@ class RayExecutor:
 
     Example, on a cluster started with ``ray start --head`` (docs/scale.md runs one locally)::
 
-        with ap.RayExecutor(address="auto") as ex:
+        with ap.experiment.RayExecutor(address="auto") as ex:
             res = ap.sweep(model, prompts, "z", executor=ex)
     """
 

@@ -95,10 +95,6 @@ def _truthy(v: Any) -> bool:
     return bool(v)
 
 
-def _not_none(v: Any) -> bool:
-    return v is not None
-
-
 def _rope_unverified(v: Any) -> bool:
     """Rotary scalings that depend only on the position are computed by the model's own rotary
     module, which the batched engine calls; others are refused until verified."""

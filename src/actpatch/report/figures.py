@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..results import PatchResult
 
-__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "attention_figure", "ROLE_COLOURS"]
+__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "plot_attention", "ROLE_COLOURS"]
 
 ROLE_COLOURS = {
     "sufficient_and_necessary": "#1b7837",
@@ -129,9 +129,19 @@ def mib_figure(scores: dict[str, "CircuitScores"], title: str = "Circuit faithfu
     return fig
 
 
-def attention_figure(model: "Model", tokens: Sequence[int] | torch.Tensor | str,
-                     heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
-    """Attention patterns of chosen heads on one prompt (see :func:`actpatch.plot_attention`)."""
+def plot_attention(model: "Model", tokens: Sequence[int] | torch.Tensor | str,
+                   heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
+    """Attention patterns of chosen ``heads`` ((layer, head) pairs) on one prompt (text or token
+    ids): query position x key position, tokens on both axes, one panel per head
+    (``ap.plot_attention``; plotly is imported on first use).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> fig = ap.plot_attention(tiny_model("llama"), [2, 5, 9, 4], heads=[(0, 1), (1, 3)])
+        >>> len(fig.data)
+        2
+    """
     from plotly.subplots import make_subplots
 
     from ..errors import SiteError

@@ -322,7 +322,7 @@ def faithfulness(
         >>> from actpatch.testing import tiny_model
         >>> m = tiny_model("llama", n_layers=2)
         >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
-        >>> curve = ap.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 10_000])
+        >>> curve = ap.circuits.faithfulness(m, ps, ap.edge_attribution(m, ps), sizes=[0, 10, 10_000])
         >>> [round(v, 3) + 0.0 for v in curve.values.tolist()][::2]  # no edges: corrupted; all: clean
         [0.0, 1.0]
     """
@@ -364,7 +364,7 @@ def validate_edges(
         >>> from actpatch.testing import tiny_model
         >>> m = tiny_model("llama", n_layers=2)
         >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
-        >>> check = ap.validate_edges(m, ps, ap.edge_attribution(m, ps), k=3, n_random=2)
+        >>> check = ap.circuits.validate_edges(m, ps, ap.edge_attribution(m, ps), k=3, n_random=2)
         >>> len(check.edges), check.exact.shape
         (5, torch.Size([5]))
     """

@@ -14,7 +14,7 @@ Example:
     >>> import actpatch as ap
     >>> from actpatch.testing import planted_direction_model
     >>> model, prompts, site, planted = planted_direction_model()
-    >>> found = ap.das(model, prompts, site, k=1, steps=150, seed=0, progress=False)
+    >>> found = ap.subspaces.das(model, prompts, site, k=1, steps=150, seed=0, progress=False)
     >>> abs(float(found.subspace.basis_for(site.layer) @ planted)) > 0.95  # |cosine| to the planted direction
     True
 """
@@ -36,6 +36,7 @@ from ..hooks import capture, intervene
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..subspace import Subspace, SubspaceLike, as_subspace, width
+from .patching import patch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -174,8 +175,6 @@ def das(
     U = _orthonormal_rows(best_W).detach().float().cpu()
     with torch.no_grad():
         _, hits = run("test", U.to(model.device))
-    from .patching import patch
-
     scored = patch(model, prompts.subset(test), [site], direction="denoise", subspace=U)
     learned = Subspace.of(U, method="das", site=str(site), k=k, steps=step, seed=seed, test_accuracy=hits / len(test))
     return DASResult(subspace=learned, site=site, k=k, curve=tuple(curve), test_accuracy=hits / len(test),

@@ -16,7 +16,6 @@ Results are normalised like every other result (1 = clean, 0 = corrupted); Wang 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ContextManager
 
@@ -26,7 +25,8 @@ from ..corruption import Corruption
 from ..errors import SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
-from ..experiment.executor import Advance, Executor, Unit, UnitValues, executor_for, progress_bar, units
+from ..experiment.executor import Executor
+from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture, intervene
 from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
@@ -115,16 +115,8 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
                            technique="Path patching", needs_corrupted_run=True)
     _check(sender_sets, receivers, model)
     job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
-    outcome = exp.outcome(len(sender_sets))
-    total = len(sender_sets) * len(exp.prompts.groups())
-    with ExitStack() as stack:
-        run_units = stack.enter_context(executor_for(executor))
-        stack.enter_context(job.context())
-        advance = stack.enter_context(progress_bar(progress and total > 1, total, f"path patching {target}"))
-        for runs in exp.groups():
-            state = job.prepare(runs, outcome)
-            todo = units(runs.index, len(sender_sets), unit_size)
-            outcome.patched(runs, run_units.map(job, runs, state, todo, store=store, advance=advance))
+    outcome = exp.run(job, len(sender_sets), executor=executor, store=store, unit_size=unit_size, progress=progress,
+                      description=f"path patching {target}")
     return exp.result(outcome, target=target, method=Method.PATH, dims=dims, coords=coords,
                       receivers=tuple(str(r) for r in receivers), **info)  # type: ignore[arg-type]
 

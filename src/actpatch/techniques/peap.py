@@ -15,7 +15,7 @@ Example:
     >>> import actpatch as ap
     >>> from actpatch.testing import tiny_model
     >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
-    >>> pe = ap.positional_edge_attribution(tiny_model("llama", n_layers=2), ps)
+    >>> pe = ap.circuits.positional_edge_attribution(tiny_model("llama", n_layers=2), ps)
     >>> pe.positions, tuple(pe.scores.shape)[0]
     (('0', '1', '2', '3'), 4)
     >>> float(pe.scores[0].nan_to_num().abs().max())  # nothing differs at position 0 yet

@@ -124,7 +124,8 @@ def by_named_positions(run: GroupRun, model: "Model", prompts: PromptSet, grid: 
     first = parts[0][2]
     axis = 1 + first.dims.index("pos")  # raw tensors lead with the prompt dim
     n = len(prompts)
-    raw = {m: torch.empty(n, *first.shape[: axis - 1], len(names), *first.shape[axis:]) for m in first.raw}
+    raw = {m: torch.empty(n, *first.shape[: axis - 1], len(names), *first.shape[axis:], dtype=r.dtype)
+           for m, r in first.raw.items()}
     clean = {m: torch.empty(n) for m in first.raw}
     corrupted = {m: torch.empty(n) for m in first.raw}
     correct: list[bool] | None = [False] * n

@@ -20,7 +20,7 @@ Example:
     >>> import actpatch as ap
     >>> from actpatch.testing import backup_model
     >>> model, prompts = backup_model()
-    >>> dt = ap.direct_vs_total(model, prompts)
+    >>> dt = ap.circuits.direct_vs_total(model, prompts)
     >>> dt.effects("L0.MLP")  # (direct, total): its direct path does everything, yet noising it does nothing
     (-1.0, 0.0)
 """
@@ -123,7 +123,7 @@ def direct_vs_total(
         raise MethodError(f"The {model.family} family normalises the attention output after the output projection, so "
                           f"one head's write to the residual stream is not defined; direct effects per head need "
                           f"heads that write additively (gpt2, llama, gpt_neox...).")
-    adapter, L, H = model.adapter, model.n_layers, model.n_heads
+    L, H = model.n_layers, model.n_heads
     names = tuple(f"L{l}.H{h}" for l in range(L) for h in range(H)) + tuple(f"L{l}.MLP" for l in range(L))
     m = exp.metrics[0]
     raw = torch.empty(len(prompts), len(names))

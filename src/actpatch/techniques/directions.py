@@ -30,7 +30,7 @@ reports the variation along the basis and the full-component comparison only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,7 +40,8 @@ from ..hooks import capture
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..subspace import Subspace, SubspaceLike, as_subspace, width
-from ..types import Direction, parse_direction
+from ..types import DEFAULT_DIRECTION, Direction, parse_direction
+from .exact import execute, patch_plan
 from .positions import named_positions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,16 +187,14 @@ def _part(U: torch.Tensor, P: torch.Tensor) -> torch.Tensor | None:
 
 
 def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
-                   direction: str | Direction = "denoise", min_effect: float = 0.1, known: float | None = None,
+                   direction: str | Direction = DEFAULT_DIRECTION, min_effect: float = 0.1, known: float | None = None,
                    **patch_options: Any) -> SubspaceCheck:
     """Run the interpretability-illusion check for patching ``site`` along ``subspace`` (see the
     module docstring); ``patch_options`` (corruption, metric, seed) go to every patch. ``known``:
     the normalised value of the subspace patch itself when the caller already ran it."""
-    from .patching import patch
-
     sub = as_subspace(subspace)
     if sub is None:
-        raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.Subspace.")
+        raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.subspaces.Subspace.")
     base_value = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
     sub.check(model, site)
     U = sub.basis_for(site.layer)
@@ -232,8 +231,8 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
     def effect(basis: torch.Tensor | None) -> float | None:
         if basis is None:
             return None
-        res = patch(model, prompts, [site], direction=direction, check_subspace=False,
-                    subspace=None if basis is _WHOLE else Subspace.of(basis), **patch_options)
+        plan = patch_plan([site], None if basis is _WHOLE else Subspace.of(basis))
+        res = execute(model, prompts, plan, direction=direction, progress=False, **patch_options)
         return float(res.values) - base_value
 
     effects = {name: (known - base_value if name == "subspace" and known is not None else effect(B))
@@ -291,9 +290,3 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
 
 _WHOLE = torch.empty(0)
 """Sentinel: patch the whole component."""
-
-
-def check_findings(model: "Model", prompts: PromptSet, sites: Sequence[Site], subspace: Subspace,
-                   **options: Any) -> list[Finding]:
-    """The check's findings for the patch of ``sites`` (the first site when several are written)."""
-    return list(subspace_check(model, prompts, sites[0], subspace, **options).findings)
