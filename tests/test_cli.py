@@ -307,7 +307,7 @@ def test_run_with_subspace_targets_and_das(tmp_path):
     assert r.exit_code == 0, r.stdout + r.stderr
     res = ap.PatchResult.load(out / "resid_pre_sub_diff_of_means_denoise")
     assert res.info.subspace["method"] == "diff_of_means" and res.info.subspace["layers"] == [1]
-    assert res.info.extra["subspace_check"]["site"].startswith("resid_pre.L")
+    assert str(res.info.subspace_check.site).startswith("resid_pre.L")
     from actpatch.app.config import load_config
     from actpatch.app.runner import build_prompts, resolve_model
 

@@ -92,7 +92,7 @@ def test_compare_refuses_mismatched_inputs():
 def test_negative_components_get_their_own_role():
     def res(direction, values):
         v = torch.tensor([values])
-        info = ap.results.ResultInfo(target="z", direction=ap.Direction(direction), method=ap.types.Method.EXACT,
+        info = ap.results.ResultInfo(target="z", direction=ap.Direction(direction),
                              metrics=("logit_diff",), corruption={"name": "str"}, seed=0,
                              provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"))
         return ap.PatchResult(dims=("head",), coords={"head": [0, 1, 2]}, raw={"logit_diff": v},

@@ -105,6 +105,6 @@ def test_builders_produce_valid_sets_the_model_mostly_solves(bundled):
 @pytest.mark.slow
 def test_greater_than_answers(bundled):
     ps = ap.prompts.greater_than(bundled, n=4, seed=0)
-    for a, (clean, corrupted, ans, alt) in zip(ps.attributes, ps.meta["texts"]):
+    for a, (clean, corrupted, ans, alt) in zip(ps.attributes, ps.texts):
         assert clean.endswith("to the year 17") and f"17{a['yy']:02d}" in clean and "1701" in corrupted
         assert int(ans) == a["yy"] // 10 + 1 and int(alt) == a["yy"] // 10 - 1

@@ -23,12 +23,12 @@ EVIL = "<script>alert('x')</script>"
 def report(tmp_path_factory) -> Path:
     m = tiny_model("llama")
     ps = ap.PromptSet.from_ids([[2, 3, 4, 5, 6], [2, 7, 4, 8, 6]], [[2, 9, 4, 5, 6], [2, 10, 4, 8, 6]], [11, 11], [12, 12],
-                               meta={"texts": [[f"{EVIL} clean", "corrupted", " a", " b"]] * 2})
+                               texts=[[f"{EVIL} clean", "corrupted", " a", " b"]] * 2)
     results = {}
     for target in ("resid_pre", "z"):
         for d in ("denoise", "noise"):
             res = ap.sweep(m, ps, target, direction=d, metric=["logit_diff", "prob"], progress=False)
-            res = res.replace(info=res.info.replace(extra={"prompt_texts": ps.meta["texts"]}))
+            assert res.info.prompt_texts == ps.texts  # recorded by the experiment core
             res.coords = {**res.coords}
             if "pos" in res.coords:
                 res.coords["pos"] = [EVIL if i == 1 else c for i, c in enumerate(res.coords["pos"])]

@@ -40,12 +40,48 @@ def test_results_saved_by_0_1_0_load_with_typed_info():
     assert gd.info.estimate is ap.types.Estimate.MAGNITUDE and gd.info.direction is ap.Direction.NOISE
 
 
-def test_format_2_roundtrip_keeps_every_typed_field(tmp_path):
-    res = ap.attribute(tiny_model("llama", n_layers=2), _pairs(), "q", qk_fix=True, heads=[0, 2])
+@pytest.mark.parametrize("make", [
+    lambda m: ap.attribute(m, _pairs(), "q", qk_fix=True, heads=[0, 2]),
+    lambda m: ap.sweep(m, _pairs(), "resid_pre", window=2, direction="denoise", progress=False),
+    lambda m: ap.path_patch(m, _pairs(), senders=[ap.Site("z", 0, head=1)], receivers=[ap.Site("resid_final")]),
+    lambda m: ap.patch(m, _pairs(), [ap.Site("resid_pre", 1, pos=1)], subspace=torch.eye(m.d_model)[:2]),
+], ids=["atp", "sweep", "path", "subspace"])
+def test_format_3_roundtrip_keeps_every_typed_field(tmp_path, make):
+    res = make(tiny_model("llama", n_layers=2))
     res = res.replace(info=res.info.replace(extra={"note": [1, "two"]}))
     back = ap.PatchResult.load(res.save(tmp_path / "r"))
     assert back.info == res.info and back.findings == res.findings
-    assert json.loads((tmp_path / "r" / "meta.json").read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "r" / "meta.json").read_text())["format_version"] == 3
+
+
+def test_results_saved_by_0_2_0_load_with_the_same_numbers_and_typed_parts():
+    """The fixtures were written by actpatch 0.2.0 (format 2: one flat info, prompt texts and the
+    subspace check in ``extra``); they load into the typed parts, and today's runs give the same
+    numbers."""
+    m = tiny_model("llama", n_layers=2)
+    sweep = ap.PatchResult.load(FIXTURES / "sweep_v0.2.0")
+    assert isinstance(sweep.info.technique, ap.results.ExactInfo) and sweep.info.engine is ap.Engine.BATCHED
+    assert sweep.info.window == 2 and sweep.info.grid["window"] == 2
+    assert sweep.info.prompt_texts == (("a", "b", " c", " d"), ("e", "f", " g", " h"))
+    assert sweep.info.extra == {"note": 1}  # prompt texts moved out of the user's notes
+    now = ap.sweep(m, _pairs(), "resid_pre", metric=["logit_diff", "prob"], direction="denoise", window=2,
+                   progress=False)
+    for metric in now.metrics:
+        torch.testing.assert_close(sweep.raw[metric], now.raw[metric], atol=1e-6, rtol=0)
+    atp = ap.PatchResult.load(FIXTURES / "attribution_v0.2.0")
+    assert atp.info.technique == ap.results.AtpInfo(estimate=ap.types.Estimate.SIGNED, qk_fix=True, grad_drop=False)
+    assert atp.info.label == "atp+qk_fix" and atp.info.grid["heads"] == [0, 2]
+    again = ap.attribute(m, _pairs(), "q", qk_fix=True, heads=[0, 2])
+    torch.testing.assert_close(atp.raw["logit_diff"].double(), again.raw["logit_diff"], atol=1e-6, rtol=0)
+    path = ap.PatchResult.load(FIXTURES / "path_v0.2.0")
+    assert path.info.technique == ap.results.PathInfo(senders=("z.L0.H1",), receivers=("resid_final",))
+    sub = ap.PatchResult.load(FIXTURES / "subspace_v0.2.0")
+    check = sub.info.subspace_check
+    assert check is not None and check.effects["component"] == pytest.approx(0.0, abs=1e-6)
+    assert {"subspace_illusion", "subspace_exceeds_component"} <= {f.code for f in check.findings}
+    # findings saved without an origin: the illusion warning is the technique's, so it survives a subset
+    kept = ap.PatchResult.concat([sub, sub]).subset([0])
+    assert "subspace_illusion" in {f.code for f in kept.findings}
 
 
 def _saved(tmp_path: Path) -> Path:

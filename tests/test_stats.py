@@ -10,7 +10,7 @@ import actpatch as ap
 
 def make(raw, clean, corrupted, attrs=None):
     raw = torch.tensor(raw, dtype=torch.float)
-    info = ap.results.ResultInfo(target="z", direction=ap.Direction.DENOISE, method=ap.types.Method.EXACT, metrics=("logit_diff",),
+    info = ap.results.ResultInfo(target="z", direction=ap.Direction.DENOISE, metrics=("logit_diff",),
                          corruption={"name": "str"}, seed=0,
                          provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"),
                          prompt_attributes=tuple(attrs or [{} for _ in clean]))

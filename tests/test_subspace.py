@@ -121,9 +121,9 @@ def test_illusion_model_is_flagged_with_the_numbers_derived_by_hand(direction):
     res = ap.patch(m, ps, [site], subspace=U, direction=direction)
     assert float(res.values) == pytest.approx(0.5, abs=1e-5)
     assert {"subspace_illusion", "subspace_exceeds_component"} <= {f.code for f in res.findings}
-    assert res.info.extra["subspace_check"]["effects"]["component"] == pytest.approx(0.0, abs=1e-6)
+    assert res.info.subspace_check.effects["component"] == pytest.approx(0.0, abs=1e-6)
     # the patch's own value is reused as the check's subspace effect (change from the base run)
-    assert res.info.extra["subspace_check"]["effects"]["subspace"] == pytest.approx(0.5 * sign, abs=1e-5)
+    assert res.info.subspace_check.effects["subspace"] == pytest.approx(0.5 * sign, abs=1e-5)
     quiet = ap.patch(m, ps, [site], subspace=U, direction=direction, check_subspace=False)
     assert not {f.code for f in quiet.findings} & {"subspace_illusion", "subspace_exceeds_component"}
 
@@ -146,13 +146,13 @@ def test_check_on_a_residual_site_says_what_it_cannot_tell_and_sweeps_check_thei
     res = ap.sweep(m, ps, "resid_pre", direction="denoise", subspace=U, progress=False)
     codes = [f.code for f in res.findings]
     assert "subspace_check_limited" in codes
-    checked = res.info.extra["subspace_check"]["site"]
+    checked = str(res.info.subspace_check.site)
     strongest = res.values.abs().flatten().argmax()
     layer, pos = divmod(int(strongest), res.shape[1])
     assert checked == str(ap.Site("resid_pre", layer, pos=pos))
     # z of one head has a reader: its slice of the output projection
     z = ap.patch(m, ps, [ap.Site("z", 1, head=0)], subspace=_basis(m, "z", k=2), direction="denoise")
-    assert z.info.extra["subspace_check"]["reader"] == "head 0's output projection"
+    assert z.info.subspace_check.reader == "head 0's output projection"
 
 
 # -- directions from data -------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """PatchResult: labelled patching results with baselines, per-prompt values and typed metadata.
 
-Saved as a directory holding ``tensors.safetensors`` and ``meta.json`` (no pickle). Format 2
-stores :class:`ResultInfo` as JSON; results saved by actpatch 0.1.0 (format 1, a free-form
-``meta`` dict) still load.
+Saved as a directory holding ``tensors.safetensors`` and ``meta.json`` (no pickle). Format 3
+stores :class:`ResultInfo` as JSON through one generic codec (:mod:`actpatch._codec`); results
+saved by actpatch 0.2 (format 2) and 0.1.0 (format 1) still load.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 import torch
 
 from .errors import ResultError
 from .findings import Finding, technique_findings
 from .metrics import normalise
+from ._codec import decode, encode
+from .subspace import SubspaceCheck
 from .types import Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,15 +28,58 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .stats import Interval
 
-__all__ = ["PatchResult", "ResultInfo", "FORMAT_VERSION"]
+__all__ = ["PatchResult", "ResultInfo", "ExactInfo", "AtpInfo", "PathInfo", "TechniqueInfo", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 2
-"""Format of saved results: 2 since actpatch 0.2 (typed info); 1 (0.1.0) is still read."""
+FORMAT_VERSION = 3
+"""Format of saved results: 3 since actpatch 0.3 (common fields plus a typed part per
+technique, one codec); 2 (0.2, one flat info) and 1 (0.1.0, a free-form dict) are still read."""
+
+
+@dataclass(frozen=True)
+class ExactInfo:
+    """Exact activation patching (:func:`actpatch.sweep`, :func:`actpatch.patch`)."""
+
+    KIND: ClassVar[str] = "exact"
+    engine: Engine | None = None
+    """The engine that ran (batched or reference)."""
+    sites: tuple[str, ...] = ()
+    """:func:`actpatch.patch`: the sites written together."""
+    subspace: dict[str, Any] | None = None
+    """Subspace patching: :meth:`actpatch.subspace.Subspace.describe` of the basis patched along."""
+    subspace_check: SubspaceCheck | None = None
+    """Subspace patching: the interpretability-illusion check's numbers (:func:`actpatch.patch`)."""
+
+
+@dataclass(frozen=True)
+class AtpInfo:
+    """Attribution patching (:func:`actpatch.attribute`): AtP and AtP*."""
+
+    KIND: ClassVar[str] = "atp"
+    estimate: Estimate = Estimate.SIGNED
+    """Signed estimates, or GradDrop's magnitudes."""
+    qk_fix: bool = False
+    grad_drop: bool = False
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """Path patching (:func:`actpatch.path_patch`, :func:`actpatch.path_sweep`)."""
+
+    KIND: ClassVar[str] = "path"
+    senders: tuple[str, ...] = ()
+    receivers: tuple[str, ...] = ()
+
+
+TechniqueInfo = Union[ExactInfo, AtpInfo, PathInfo]
+"""The per-technique part of a :class:`ResultInfo`."""
+
+_METHODS = {ExactInfo: Method.EXACT, AtpInfo: Method.ATP, PathInfo: Method.PATH}
 
 
 @dataclass(frozen=True)
 class ResultInfo:
-    """Everything a result records about how it was made. Typed fields, not string keys.
+    """Everything a result records about how it was made: the fields every technique shares,
+    and one typed part per technique (``technique``). Typed fields, not string keys.
 
     ``target`` is the swept site kind (``"resid_pre"``, ``"z"``...) or, for path patching,
     ``"path"`` (one sender set) / ``"path:z"`` / ``"path:mlp_out"`` (sweeps over senders).
@@ -42,29 +87,18 @@ class ResultInfo:
 
     target: str
     direction: Direction
-    method: Method
     metrics: tuple[str, ...]
     corruption: dict[str, Any]
     """:meth:`actpatch.corruption.Corruption.describe` of the corruption used."""
     seed: int
     provenance: Provenance
-    engine: Engine | None = None
-    """The exact engine that ran (batched or reference); None for estimates and path patching."""
-    estimate: Estimate | None = None
-    """Attribution results: signed estimates, or GradDrop's magnitudes."""
-    qk_fix: bool = False
-    grad_drop: bool = False
-    axes: dict[str, Any] = field(default_factory=dict)
+    technique: TechniqueInfo = ExactInfo()
+    grid: dict[str, Any] = field(default_factory=dict)
     """The grid as asked for: per_position, layers, positions (indices or role names), heads,
     neurons, window."""
-    window: int = 1
-    sites: tuple[str, ...] = ()
-    """:func:`actpatch.patch`: the sites written together."""
-    senders: tuple[str, ...] = ()
-    receivers: tuple[str, ...] = ()
-    subspace: dict[str, Any] | None = None
-    """Subspace patching: :meth:`actpatch.subspace.Subspace.describe` of the basis patched along."""
     diagnostics: Diagnostics = Diagnostics()
+    prompt_texts: tuple[tuple[str, str], ...] = ()
+    """(clean, corrupted) text per prompt, when the prompts were built from text."""
     prompt_attributes: tuple[dict[str, Any], ...] = ()
     role_groups: int | None = None
     """Named positions: how many groups of prompts shared role positions."""
@@ -73,7 +107,58 @@ class ResultInfo:
     compared: bool = False
     """Both directions were run and read together (:func:`actpatch.compare`)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Notes added by the app (config digest, kept share, prompt texts); free-form JSON."""
+    """The user's own notes (and the app's config digest); free-form JSON."""
+
+    # -- read-only views of the technique's part ----------------------------------------
+    @property
+    def method(self) -> Method:
+        """How the numbers were obtained, from the technique's part."""
+        return _METHODS[type(self.technique)]
+
+    def _part(self, kind: type, name: str, default: Any) -> Any:
+        return getattr(self.technique, name) if isinstance(self.technique, kind) else default
+
+    @property
+    def engine(self) -> Engine | None:
+        """The exact engine that ran; None for estimates and path patching."""
+        return self._part(ExactInfo, "engine", None)
+
+    @property
+    def estimate(self) -> Estimate | None:
+        return self._part(AtpInfo, "estimate", None)
+
+    @property
+    def qk_fix(self) -> bool:
+        return self._part(AtpInfo, "qk_fix", False)
+
+    @property
+    def grad_drop(self) -> bool:
+        return self._part(AtpInfo, "grad_drop", False)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self._part(ExactInfo, "sites", ())
+
+    @property
+    def subspace(self) -> dict[str, Any] | None:
+        return self._part(ExactInfo, "subspace", None)
+
+    @property
+    def subspace_check(self) -> SubspaceCheck | None:
+        return self._part(ExactInfo, "subspace_check", None)
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        return self._part(PathInfo, "senders", ())
+
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        return self._part(PathInfo, "receivers", ())
+
+    @property
+    def window(self) -> int:
+        """Layers patched together per cell (1 unless a window was asked for)."""
+        return int(self.grid.get("window") or 1)
 
     @property
     def label(self) -> str:
@@ -91,36 +176,36 @@ class ResultInfo:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (enums as their values)."""
-        d = dataclasses.asdict(self)
-        for k in ("direction", "method", "engine", "estimate"):
-            v = getattr(self, k)
-            d[k] = v.value if v is not None else None
-        d["diagnostics"]["clean_correct"] = (list(self.diagnostics.clean_correct)
-                                             if self.diagnostics.clean_correct is not None else None)
-        for k in ("metrics", "sites", "senders", "receivers", "prompt_attributes"):
-            d[k] = list(d[k])
-        return d
+        """JSON-friendly form (:mod:`actpatch._codec`)."""
+        return encode(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ResultInfo":
         """Inverse of :meth:`to_dict`."""
+        return decode(cls, d)
+
+    @classmethod
+    def from_format2(cls, d: dict[str, Any]) -> "ResultInfo":
+        """The info of a result saved by actpatch 0.2 (format 2: one flat record of every
+        technique's options, prompt texts and the subspace check in ``extra``)."""
         d = dict(d)
-        diag = dict(d.pop("diagnostics", None) or {})
-        cc = diag.get("clean_correct")
-        return cls(
-            **{k: v for k, v in d.items() if k not in ("direction", "method", "engine", "estimate", "provenance",
-                                                     "metrics", "sites", "senders", "receivers",
-                                                     "prompt_attributes")},
-            direction=Direction(d["direction"]), method=Method(d["method"]),
-            engine=Engine(d["engine"]) if d.get("engine") else None,
-            estimate=Estimate(d["estimate"]) if d.get("estimate") else None,
-            provenance=Provenance(**d["provenance"]),
-            metrics=tuple(d["metrics"]), sites=tuple(d.get("sites", ())), senders=tuple(d.get("senders", ())),
-            receivers=tuple(d.get("receivers", ())), prompt_attributes=tuple(d.get("prompt_attributes", ())),
-            diagnostics=Diagnostics(clean_correct=tuple(cc) if cc is not None else None,
-                                    null_patch_max_abs=diag.get("null_patch_max_abs")),
-        )
+        method = Method(d.pop("method"))
+        extra = dict(d.pop("extra", None) or {})
+        texts = extra.pop("prompt_texts", None) or ()
+        check = extra.pop("subspace_check", None)
+        if method is Method.ATP:
+            technique: TechniqueInfo = AtpInfo(estimate=Estimate(d.get("estimate") or "signed"),
+                                               qk_fix=bool(d.get("qk_fix")), grad_drop=bool(d.get("grad_drop")))
+        elif method is Method.PATH:
+            technique = PathInfo(senders=tuple(d.get("senders", ())), receivers=tuple(d.get("receivers", ())))
+        else:
+            technique = ExactInfo(engine=Engine(d["engine"]) if d.get("engine") else None,
+                                  sites=tuple(d.get("sites", ())), subspace=d.get("subspace"),
+                                  subspace_check=decode(SubspaceCheck, check) if check else None)
+        grid = {**dict(d.pop("axes", None) or {}), "window": int(d.pop("window", 1) or 1)}
+        common = {k: v for k, v in d.items() if k in _COMMON}
+        return decode(cls, {**common, "grid": grid, "extra": extra}).replace(
+            technique=technique, prompt_texts=tuple(tuple(t) for t in texts))
 
     @classmethod
     def from_legacy(cls, meta: dict[str, Any], metrics: Sequence[str]) -> "ResultInfo":
@@ -131,27 +216,38 @@ class ResultInfo:
         method = pop("method", "exact")
         engine = pop("engine", None)
         plan = pop("plan", {}) or {}
+        m = Method.PATH if method == "path_patching" else Method(method)
+        technique: TechniqueInfo
+        if m is Method.ATP:
+            est = pop("estimate", None)
+            technique = AtpInfo(estimate=Estimate(est) if est else Estimate.SIGNED,
+                                qk_fix=engine in ("atp+qk_fix", "atp*"), grad_drop=engine in ("atp+graddrop", "atp*"))
+        elif m is Method.PATH:
+            technique = PathInfo(senders=tuple(pop("senders", ())), receivers=tuple(pop("receivers", ())))
+        else:
+            technique = ExactInfo(engine=Engine(engine) if engine in ("batched", "reference") else None,
+                                  sites=tuple(pop("sites", ())))
+        pop("estimate", None), pop("senders", None), pop("receivers", None), pop("sites", None)
         known = cls(
-            target=str(pop("target", "?")), direction=Direction(pop("direction")),
-            method=Method.PATH if method == "path_patching" else Method(method),
+            target=str(pop("target", "?")), direction=Direction(pop("direction")), technique=technique,
             metrics=tuple(pop("metrics", metrics)), corruption=dict(pop("corruption", None) or {"name": "str"}),
             seed=int(pop("seed", 0)),
             provenance=Provenance(model=str(model.get("name", "?")), family=str(model.get("family", "?")),
                                   weight_hash=str(model.get("weight_hash", "?")), prompts=pop("prompts", {}) or {},
                                   versions=pop("versions", {}) or {}),
-            engine=Engine(engine) if engine in ("batched", "reference") else None,
-            estimate=Estimate(est) if (est := pop("estimate", None)) else None,
-            qk_fix=engine in ("atp+qk_fix", "atp*"), grad_drop=engine in ("atp+graddrop", "atp*"),
-            axes=dict(plan), window=int(pop("window", 1) or 1), sites=tuple(pop("sites", ())),
-            senders=tuple(pop("senders", ())), receivers=tuple(pop("receivers", ())),
+            grid={**dict(plan), "window": int(pop("window", 1) or 1)},
             diagnostics=Diagnostics(
                 clean_correct=tuple(pop("clean_correct")) if meta.get("clean_correct") is not None else None,
                 null_patch_max_abs=pop("null_patch_max_abs", None)),
             prompt_attributes=tuple(pop("prompt_attributes", ())), role_groups=pop("role_groups", None),
             split=pop("split", None), compared=bool(pop("compared", False)),
+            prompt_texts=tuple(tuple(t) for t in pop("prompt_texts", None) or ()),
         )
         meta.pop("clean_correct", None)
-        return known.replace(extra=meta)  # config_digest, kept_share, prompt_texts, anything else
+        return known.replace(extra=meta)  # config_digest, kept_share, anything else
+
+
+_COMMON = {f.name for f in dataclasses.fields(ResultInfo)} - {"technique", "grid", "extra", "prompt_texts"}
 
 
 @dataclass
@@ -180,7 +276,7 @@ class PatchResult:
     """
 
     FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
-    READABLE_FORMATS: ClassVar[tuple[int, ...]] = (1, FORMAT_VERSION)
+    READABLE_FORMATS: ClassVar[tuple[int, ...]] = (1, 2, FORMAT_VERSION)
     """Formats :meth:`load` reads: this version's and every earlier one."""
 
     dims: tuple[str, ...]
@@ -381,7 +477,9 @@ class PatchResult:
     @staticmethod
     def decode_info(meta: dict[str, Any], version: int, metrics: Sequence[str]) -> ResultInfo:
         """The :class:`ResultInfo` in a saved ``meta.json`` of format ``version``."""
-        return ResultInfo.from_legacy(meta["meta"], metrics) if version == 1 else ResultInfo.from_dict(meta["info"])
+        if version == 1:
+            return ResultInfo.from_legacy(meta["meta"], metrics)
+        return ResultInfo.from_format2(meta["info"]) if version == 2 else ResultInfo.from_dict(meta["info"])
 
     def to_pandas(self) -> "pd.DataFrame":
         """A long table: one row per patch and metric, with the coordinates, the normalised

@@ -35,7 +35,7 @@ from .sites import Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["Subspace", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
+__all__ = ["Subspace", "SubspaceCheck", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
 
 SUBSPACE_KINDS = frozenset(SiteKind) - {SiteKind.PATTERN}
 """Kinds whose last axis is a vector a basis can live in."""
@@ -173,3 +173,34 @@ def as_subspace(value: SubspaceLike | None) -> Subspace | None:
     if value is None or isinstance(value, Subspace):
         return value
     return Subspace.of(value)
+
+
+@dataclass(frozen=True)
+class SubspaceCheck:
+    """The numbers behind the interpretability-illusion check of one subspace patch
+    (:func:`actpatch.subspaces.subspace_check`), and its findings.
+
+    ``row_share``: the share of the basis in the reader's row space (1: everything it patches
+    is read; None without a single reader). ``variation``: mean norm, over prompts and patched
+    positions, of the clean - corrupted difference projected on the whole basis (``subspace``),
+    its row-space part (``row``) and its null-space part (``null``). ``effects``: normalised
+    effects (1 = clean, 0 = corrupted) of patching along the basis, along each part alone, and
+    the whole component (``component``)."""
+
+    site: Site
+    direction: str
+    reader: str | None
+    row_share: float | None
+    variation: dict[str, float]
+    effects: dict[str, float | None]
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def flagged(self) -> bool:
+        return any(f.code in ("subspace_illusion", "subspace_exceeds_component") for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        from ._codec import encode
+
+        return encode(self)

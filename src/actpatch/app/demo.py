@@ -64,7 +64,7 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     console.print(repr(model), markup=False)
     results = run_experiment(cfg, out, model=model, log=lambda s: console.print(s, markup=False))
     den = results["resid_pre_denoise"]
-    texts = den.info.extra.get("prompt_texts") or []
+    texts = den.info.prompt_texts
     for clean, corrupted, a, b in texts[:2]:
         console.print(f"  clean:     {clean!r} -> {a!r}\n  corrupted: {corrupted!r} -> {b!r}", markup=False)
     for m, b in den.baselines.items():

@@ -168,7 +168,7 @@ def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str
                 log(f"{name}: already done, loaded")
                 continue
             res = job(direction, target_dir)
-            notes = {"config_digest": cfg.digest(), "prompt_texts": [list(x) for x in prompts.meta.get("texts", [])]}
+            notes = {"config_digest": cfg.digest()}
             if share is not None:
                 notes["kept_share"] = share
             res = res.replace(info=res.info.replace(extra={**res.info.extra, **notes}))

@@ -28,9 +28,9 @@ from ..findings import Finding, from_technique
 from ..hooks import capture
 from ..metrics import DIFFERENTIABLE, Measurer, Metric, parse_metrics
 from ..prompts.promptset import LengthGroup, PromptSet
-from ..results import PatchResult, ResultInfo
+from ..results import PatchResult, ResultInfo, TechniqueInfo
 from ..sites import Site
-from ..types import Diagnostics, Direction, Method, Provenance, parse_direction
+from ..types import Diagnostics, Direction, Provenance, parse_direction
 from .checkpoint import UnitStore
 from .executor import Executor, executor_for, progress_bar
 from .units import UnitJob, units
@@ -220,10 +220,11 @@ class Experiment:
     def provenance(self) -> Provenance:
         return Provenance.of(self.model, self.prompts)
 
-    def result(self, outcome: "Outcome", *, target: str, method: Method, dims: tuple[str, ...],
-               coords: dict[str, list], findings: Sequence[Finding] = (), **info: Any) -> PatchResult:
-        """Label an outcome: a :class:`PatchResult` with typed info, the best-practice checks'
-        findings, then the technique's own ``findings``."""
+    def result(self, outcome: "Outcome", *, target: str, technique: TechniqueInfo, dims: tuple[str, ...],
+               coords: dict[str, list], grid: dict[str, Any] | None = None,
+               findings: Sequence[Finding] = ()) -> PatchResult:
+        """Label an outcome: a :class:`PatchResult` with the common info, the technique's typed
+        part, the best-practice checks' findings, then the technique's own ``findings``."""
         shape = tuple(len(coords[d]) for d in dims)
         diag = Diagnostics(
             clean_correct=tuple(bool(x) for x in outcome.clean_correct.tolist()) if outcome.has_correct else None,
@@ -234,10 +235,11 @@ class Experiment:
             raw={m.value: outcome.raw[m].reshape(self.n, *shape) for m in self.metrics},
             clean={m.value: outcome.clean[m] for m in self.metrics},
             corrupted={m.value: outcome.corrupted[m] for m in self.metrics},
-            info=ResultInfo(target=target, direction=self.direction, method=method,
+            info=ResultInfo(target=target, direction=self.direction, technique=technique,
                             metrics=tuple(m.value for m in self.metrics), corruption=self.corruption.describe(),
-                            seed=self.seed, provenance=self.provenance(), diagnostics=diag,
-                            prompt_attributes=tuple(dict(a) for a in self.prompts.attributes), **info),
+                            seed=self.seed, provenance=self.provenance(), diagnostics=diag, grid=dict(grid or {}),
+                            prompt_texts=self.prompts.texts,
+                            prompt_attributes=tuple(dict(a) for a in self.prompts.attributes)),
         )
         res.findings = check(res) + from_technique(findings)
         return res

@@ -109,7 +109,7 @@ class Grid:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly form (recorded in results' ``info.axes``)."""
+        """JSON-friendly form (recorded in results' ``info.grid``)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 

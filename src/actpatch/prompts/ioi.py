@@ -81,8 +81,8 @@ def ioi(
     Example:
         >>> import actpatch as ap
         >>> ps = ap.prompts.ioi(ap.load_model(), n=4, templates=[0])
-        >>> ps.meta["texts"][0]
-        ['When Nancy and Bill went to the garden, Bill gave a bottle to', 'When Nancy and Bill went to the garden, Nancy gave a bottle to', ' Nancy', ' Bill']
+        >>> ps.texts[0]
+        ('When Nancy and Bill went to the garden, Bill gave a bottle to', 'When Nancy and Bill went to the garden, Nancy gave a bottle to', ' Nancy', ' Bill')
     """
     if corruption not in IOI_CORRUPTIONS:
         raise PromptError(f"Unknown IOI corruption {corruption!r}; choose one of {IOI_CORRUPTIONS}.")

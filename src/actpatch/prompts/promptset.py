@@ -62,6 +62,9 @@ class PromptSet:
     name: str = "custom"
     attributes: tuple[dict[str, Any], ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    texts: tuple[tuple[str, ...], ...] = ()
+    """Per prompt, the (clean, corrupted, answer, alternative) texts it was built from (empty
+    for sets built from token ids); results record them (``res.info.prompt_texts``)."""
 
     def __post_init__(self) -> None:
         n = len(self.clean)
@@ -101,6 +104,7 @@ class PromptSet:
         name: str = "custom",
         attributes: Sequence[dict[str, Any]] | None = None,
         meta: dict[str, Any] | None = None,
+        texts: Sequence[Sequence[str]] = (),
     ) -> "PromptSet":
         """Build from token ids (a tensor of shape (N, T), or lists of per-prompt ids)."""
         as_t = lambda x: torch.as_tensor(x, dtype=torch.long).flatten()  # noqa: E731
@@ -112,6 +116,7 @@ class PromptSet:
             name=name,
             attributes=tuple(dict(a) for a in attributes) if attributes else (),
             meta=dict(meta or {}),
+            texts=tuple(tuple(str(x) for x in t) for t in texts),
         )
 
     @classmethod
@@ -172,8 +177,8 @@ class PromptSet:
             corrupted.append(k)
             answers.append(ans[0])
             alts.append(ans[1])
-        meta = {"texts": [list(p) for p in pairs], **(meta or {})}
-        return cls.from_ids(clean, corrupted, answers, alts, name=name, attributes=attributes, meta=meta)
+        return cls.from_ids(clean, corrupted, answers, alts, name=name, attributes=attributes, meta=meta,
+                            texts=[tuple(p) for p in pairs])
 
     # -- views -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -230,9 +235,6 @@ class PromptSet:
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "PromptSet":
         """The prompts at ``indices`` (same order)."""
         idx = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
-        meta = dict(self.meta)
-        if "texts" in meta:
-            meta["texts"] = [meta["texts"][i] for i in idx]
         return PromptSet(
             clean=tuple(self.clean[i] for i in idx),
             corrupted=tuple(self.corrupted[i] for i in idx),
@@ -240,7 +242,8 @@ class PromptSet:
             alternatives=self.alternatives[idx],
             name=self.name,
             attributes=tuple(self.attributes[i] for i in idx),
-            meta=meta,
+            meta=dict(self.meta),
+            texts=tuple(self.texts[i] for i in idx) if self.texts else (),
         )
 
     def split_by_length(self) -> list["PromptSet"]:
@@ -261,5 +264,5 @@ class PromptSet:
             "name": self.name,
             "n_prompts": len(self),
             "lengths": sorted(set(self.lengths.tolist())),
-            **{k: v for k, v in self.meta.items() if k != "texts"},
+            **self.meta,
         }

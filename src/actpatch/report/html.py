@@ -168,12 +168,11 @@ def write_report(
         parts.append("<p>No findings.</p>")
 
     # prompts and provenance
-    texts = first.info.extra.get("prompt_texts") or []
+    texts = [list(t) for t in first.info.prompt_texts]
     if texts:
         parts.append("<h2>Prompts</h2>" + _table(["clean", "corrupted", "answer", "alternative"], texts[:50]))
     info = first.info.to_dict()
-    info["extra"] = {k: v for k, v in info["extra"].items() if k != "prompt_texts"}
-    prov = {k: v for k, v in info.items() if k not in ("prompt_attributes", "diagnostics")}
+    prov = {k: v for k, v in info.items() if k not in ("prompt_attributes", "diagnostics", "prompt_texts")}
     parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>")
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -193,13 +192,13 @@ def _subspace_sections(results: dict[str, "PatchResult"], das: dict[str, dict[st
     parts: list[str] = []
     rows = []
     for name, res in results.items():
-        c = res.info.extra.get("subspace_check")
+        c = res.info.subspace_check
         if res.info.subspace is None or c is None:
             continue
-        e, v = c["effects"], c["variation"]
-        codes = ", ".join(f["code"] for f in c["findings"])
-        rows.append([name, f"{res.info.subspace.get('method', '?')} (k = {res.info.subspace['k']})", c["site"],
-                     c["reader"] or "none (see the finding)", _fmt(c["row_share"]), _fmt(v.get("subspace")),
+        e, v = c.effects, c.variation
+        codes = ", ".join(f.code for f in c.findings)
+        rows.append([name, f"{res.info.subspace.get('method', '?')} (k = {res.info.subspace['k']})", str(c.site),
+                     c.reader or "none (see the finding)", _fmt(c.row_share), _fmt(v.get("subspace")),
                      _fmt(v.get("row")), _fmt(v.get("null")), _fmt(e.get("subspace")), _fmt(e.get("row")),
                      _fmt(e.get("null")), _fmt(e.get("component")), codes])
     if rows:

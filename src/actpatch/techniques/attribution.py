@@ -36,7 +36,7 @@ from ..findings import Finding, Level, Origin
 from ..hooks import capture, intervene
 from ..metrics import DIFFERENTIABLE, normalise
 from ..prompts.promptset import PromptSet
-from ..results import PatchResult
+from ..results import AtpInfo, PatchResult
 from ..sites import Site, SiteKind
 from ..stats import spearman
 from ..types import DEFAULT_DIRECTION, Direction, Estimate, Method
@@ -177,9 +177,9 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             if exp.direction is Direction.NOISE:
                 towards = -towards
             outcome.raw[m] = base_b[m][:, None] + towards * outcome.raw[m]
-    return exp.result(outcome, target=plan.target.value, method=Method.ATP, dims=plan.dims, coords=plan.coords,
-                      estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop,
-                      axes=grid.to_dict(), window=grid.window, findings=_atp_findings(plan, grad_drop))
+    technique = AtpInfo(estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop)
+    return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
+                      grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop))
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
@@ -349,7 +349,7 @@ def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen
     prompts, corruption and seed; with named positions, per group of prompts whose named
     positions share token indices (:mod:`actpatch.techniques.positions`)."""
     info, m = result.info, result.metric
-    grid = Grid(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.axes.items()})
+    grid = Grid(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.grid.items()})
     target = info.target
     run: dict[str, Any] = dict(direction=info.direction, corruption=from_description(info.corruption), metric=m,
                                seed=info.seed, progress=False)

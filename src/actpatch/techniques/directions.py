@@ -29,7 +29,6 @@ reports the variation along the basis and the full-component comparison only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +38,7 @@ from ..findings import Finding, Level
 from ..hooks import capture
 from ..prompts.promptset import PromptSet
 from ..sites import Site
-from ..subspace import Subspace, SubspaceLike, as_subspace, width
+from ..subspace import Subspace, SubspaceCheck, SubspaceLike, as_subspace, width
 from ..types import DEFAULT_DIRECTION, Direction, parse_direction
 from .exact import execute, patch_plan
 from .positions import named_positions
@@ -140,35 +139,6 @@ def pca_directions(model: "Model", prompts: PromptSet, site: Site, k: int = 1, *
 
 
 # -- the illusion check ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SubspaceCheck:
-    """The numbers behind the check, and its findings.
-
-    ``row_share``: the share of the basis in the reader's row space (1: everything it patches
-    is read; None without a single reader). ``variation``: mean norm, over prompts and patched
-    positions, of the clean - corrupted difference projected on the whole basis (``subspace``),
-    its row-space part (``row``) and its null-space part (``null``). ``effects``: normalised
-    effects (1 = clean, 0 = corrupted) of patching along the basis, along each part alone, and
-    the whole component (``component``)."""
-
-    site: Site
-    direction: str
-    reader: str | None
-    row_share: float | None
-    variation: dict[str, float]
-    effects: dict[str, float | None]
-    findings: tuple[Finding, ...] = field(default_factory=tuple)
-
-    @property
-    def flagged(self) -> bool:
-        return any(f.code in ("subspace_illusion", "subspace_exceeds_component") for f in self.findings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": str(self.site), "direction": self.direction, "reader": self.reader,
-                "row_share": self.row_share, "variation": self.variation, "effects": self.effects,
-                "findings": [f.to_dict() for f in self.findings]}
 
 
 def _row_basis(M: torch.Tensor) -> torch.Tensor:

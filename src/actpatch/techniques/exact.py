@@ -29,10 +29,10 @@ from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture
 from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
-from ..results import PatchResult
+from ..results import ExactInfo, PatchResult
 from ..sites import Site
 from ..subspace import Subspace
-from ..types import DEFAULT_DIRECTION, Direction, Engine, Method, parse_engine
+from ..types import DEFAULT_DIRECTION, Direction, Engine, parse_engine
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -163,9 +163,8 @@ def execute(
     size = unit_size if store is not None or executor is not None else len(plan.patches)
     outcome = exp.run(job, len(plan.patches), executor=executor, store=store, unit_size=size, progress=progress,
                       description=f"patching {plan.target.value}")
-    axes = (grid or Grid()).to_dict()
     sub = plan.subspace
-    return exp.result(outcome, target=plan.target.value, method=Method.EXACT, dims=plan.dims, coords=plan.coords,
-                      engine=job.engine, axes=axes, window=(grid or Grid()).window, sites=tuple(str(s) for s in sites),
-                      subspace=sub.describe() if sub is not None else None,
-                      findings=list(sub.findings) if sub is not None else [])
+    technique = ExactInfo(engine=job.engine, sites=tuple(str(s) for s in sites),
+                          subspace=sub.describe() if sub is not None else None)
+    return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
+                      grid=(grid or Grid()).to_dict(), findings=list(sub.findings) if sub is not None else [])

@@ -187,6 +187,7 @@ def _with_check(model: "Model", prompts: PromptSet, res: PatchResult, site: Site
                 **options: object) -> PatchResult:
     """``res`` with the illusion check of patching ``site`` along ``subspace`` added."""
     found = subspace_check(model, prompts, site, subspace, **options)  # type: ignore[arg-type]
-    out = res.replace(info=res.info.replace(extra={**res.info.extra, "subspace_check": found.to_dict()}))
+    technique = dataclasses.replace(res.info.technique, subspace_check=found)  # type: ignore[type-var]
+    out = res.replace(info=res.info.replace(technique=technique))
     out.findings = list(res.findings) + from_technique(found.findings)
     return out

@@ -30,9 +30,9 @@ from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture, intervene
 from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
-from ..results import PatchResult
+from ..results import PathInfo, PatchResult
 from ..sites import Site, SiteKind
-from ..types import DEFAULT_DIRECTION, Direction, Method
+from ..types import DEFAULT_DIRECTION, Direction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -110,15 +110,16 @@ class PathJob:
 def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site]], receivers: Sequence[Site], *,
          direction: str | Direction, corruption: str | Corruption, metric: str | Sequence[str], seed: int,
          target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
-         unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, **info: object) -> PatchResult:
+         unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
+         grid: dict | None = None) -> PatchResult:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Path patching", needs_corrupted_run=True)
     _check(sender_sets, receivers, model)
     job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
     outcome = exp.run(job, len(sender_sets), executor=executor, store=store, unit_size=unit_size, progress=progress,
                       description=f"path patching {target}")
-    return exp.result(outcome, target=target, method=Method.PATH, dims=dims, coords=coords,
-                      receivers=tuple(str(r) for r in receivers), **info)  # type: ignore[arg-type]
+    technique = PathInfo(senders=senders, receivers=tuple(str(r) for r in receivers))
+    return exp.result(outcome, target=target, technique=technique, dims=dims, coords=coords, grid=grid)
 
 
 def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers: Sequence[Site],
@@ -207,5 +208,5 @@ def path_sweep(
         sets = [[Site("mlp_out", l)] for l in lays]
         dims, coords = ("layer",), {"layer": lays}
     return _run(model, prompts, sets, list(receivers), direction=direction, corruption=corruption, metric=metric,
-                seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, axes=grid.to_dict(),
+                seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, grid=grid.to_dict(),
                 executor=executor, unit_size=unit_size, store=store, progress=progress)

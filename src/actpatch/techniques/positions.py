@@ -142,7 +142,7 @@ def by_named_positions(run: GroupRun, model: "Model", prompts: PromptSet, grid: 
                 correct[i] = c
     nulls = [r.info.diagnostics.null_patch_max_abs for _, _, r in parts if r.info.diagnostics.null_patch_max_abs is not None]
     info = first.info.replace(
-        axes={**first.info.axes, "positions": names},
+        grid={**first.info.grid, "positions": names},
         provenance=dataclasses.replace(first.info.provenance, prompts=prompts.describe()),
         prompt_attributes=tuple(dict(a) for a in prompts.attributes),
         role_groups=len(parts),
