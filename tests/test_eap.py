@@ -233,7 +233,7 @@ def test_positional_circuits_batched_together():
     g = torch.Generator().manual_seed(0)
     keeps = [torch.rand(U, V, 6, generator=g) < p for p in (0.2, 0.5, 0.9)]
     alone = _Circuits(m, ps, "str", "logit_diff", 0, rows=1)
-    together = _Circuits(m, ps, "str", "logit_diff", 0)
+    together = _Circuits(m, ps, "str", "logit_diff", 0, rows=64)  # all three circuits in one pass, not the CPU default
     torch.testing.assert_close(together.run_many(keeps), torch.stack([alone.run(k) for k in keeps]), atol=1e-5, rtol=0)
     with pytest.raises(ap.errors.MethodError, match="one kind"):
         together.run_many([keeps[0], keeps[0][..., 0]])

@@ -104,10 +104,19 @@ def test_resample_mean_zero(llama):
     r = ap.sweep(llama, ps, "resid_pre", corruption="resample", direction="denoise", per_position=False, layers=[0],
                  progress=False)
     torch.testing.assert_close(r.raw["logit_diff"][:, 0], r.clean["logit_diff"], atol=1e-5, rtol=0)
+    clean = torch.stack([torch.as_tensor(c) for c in ps.clean])
+    rows = torch.arange(len(clean))
+    with ap.capture(llama, [Site("mlp_out", 1)]) as acts:
+        llama.logits(clean)
     for name in ("mean", "zero"):
         res = ap.sweep(llama, ps, "mlp_out", corruption=name, direction="noise", progress=False)
         assert torch.isfinite(res.values).all()
-        assert res.raw["logit_diff"].sub(res.clean["logit_diff"][:, None, None]).abs().max() > 1e-4
+        # the oracle, by hand: mlp_out of layer 1 at position 3 replaced by 0 or by its mean over the prompts
+        value = 0.0 if name == "zero" else acts[Site("mlp_out", 1)][:, 3].mean(0)
+        with ap.intervene(llama, {Site("mlp_out", 1, pos=3): value}):
+            logits = llama.logits(clean, last_only=True)
+        want = logits[rows, ps.answers] - logits[rows, ps.alternatives]
+        torch.testing.assert_close(res.raw["logit_diff"][:, 1, 3], want, atol=1e-5, rtol=0)
     with pytest.raises(ap.errors.CorruptionError, match="no corrupted run to denoise"):
         ap.sweep(llama, ps, "resid_pre", corruption="mean", direction="denoise", progress=False)
     with pytest.raises(ap.errors.CorruptionError, match="at least two prompts"):
@@ -141,7 +150,13 @@ def test_targets_dims(llama, target, dims, shape):
     res = ap.sweep(llama, ps, target, progress=False, **kw)
     assert res.dims == dims and tuple(res.values.shape) == shape
     assert res.per_prompt.shape == (4, *shape)
-    torch.testing.assert_close(res.per_prompt.mean(0), res.values, atol=1e-5, rtol=1e-5)
+    # each prompt's row is that prompt run alone, normalised with the whole set's mean baselines
+    gap = res.clean["logit_diff"].mean() - res.corrupted["logit_diff"].mean()
+    for i in (0, 3):
+        alone = ap.sweep(llama, ps.subset([i]), target, progress=False, **kw)
+        torch.testing.assert_close(res.raw["logit_diff"][i], alone.raw["logit_diff"][0], atol=1e-5, rtol=0)
+        by_hand = (alone.raw["logit_diff"][0] - res.corrupted["logit_diff"].mean()) / gap
+        torch.testing.assert_close(res.per_prompt[i] * gap, by_hand * gap, atol=1e-5, rtol=0)  # raw units
 
 
 def test_head_per_position_sums_like_all_positions_for_z_at_last_layer(llama):

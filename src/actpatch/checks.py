@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .findings import Finding, Level, Origin, sort_findings
-from .types import Direction
+from .metrics import UNDEFINED_GAP
 
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
@@ -44,7 +44,7 @@ def _baselines_close(res: "PatchResult") -> list[Finding]:
     out = []
     for m, b in res.baselines.items():
         gap = abs(b["clean"] - b["corrupted"])
-        if gap <= 1e-6:
+        if gap <= UNDEFINED_GAP:
             out.append(_f(Level.ERROR, "normalisation_undefined",
                           f"{m}: clean ({b['clean']:.4g}) and corrupted ({b['corrupted']:.4g}) baselines are equal, "
                           f"so the normalised effect is undefined and reported as NaN.",
@@ -80,7 +80,7 @@ def _prob_floor(res: "PatchResult") -> list[Finding]:
     if "prob" not in res.raw:
         return []
     b = res.baselines["prob"]
-    if b["corrupted"] >= PROB_FLOOR or b["clean"] - b["corrupted"] <= 1e-6:
+    if b["corrupted"] >= PROB_FLOOR or b["clean"] - b["corrupted"] <= UNDEFINED_GAP:
         return []
     floor = -b["corrupted"] / (b["clean"] - b["corrupted"])
     return [_f(Level.WARNING, "probability_floor",
@@ -187,7 +187,7 @@ def _precision_noise(res: "PatchResult") -> list[Finding]:
         if gap == 0:
             continue
         floor = 4 * eps * max(abs(b["clean"]), abs(b["corrupted"]), gap) / gap  # normalised units
-        base = 1.0 if res.info.direction is Direction.NOISE else 0.0
+        base = res.info.direction.no_effect
         moved = (res.normalised(m) - base).abs()
         small = torch.isfinite(moved) & (moved < floor) & (moved > 0)
         n = int(small.sum())

@@ -82,7 +82,7 @@ class Diagnosis:
 def _prompts(model: "Model", n: int, length: int, seed: int) -> PromptSet:
     """Random token pairs differing at two positions (answers and alternatives random too)."""
     g = torch.Generator().manual_seed(seed)
-    vocab = int(model.hf.get_output_embeddings().weight.shape[0])
+    vocab = model.vocab_size
     hi = min(vocab, 1000)
     clean = torch.randint(1, hi, (n, length), generator=g)
     corrupted = clean.clone()

@@ -30,6 +30,17 @@ class Direction(str, enum.Enum):
     NOISE = "noise"
     """Run the clean prompt, write corrupted activations: is the site *necessary*?"""
 
+    @property
+    def no_effect(self) -> float:
+        """The normalised value of a patch that changes nothing: the base run's, 0 (corrupted)
+        when denoising and 1 (clean) when noising. Plots centre on it; effects are read from it.
+
+        Example:
+            >>> Direction.NOISE.no_effect, Direction.DENOISE.no_effect
+            (1.0, 0.0)
+        """
+        return 1.0 if self is Direction.NOISE else 0.0
+
 
 DEFAULT_DIRECTION = Direction.NOISE
 """The default of every entry point (``sweep``, ``patch``, ``attribute``, ``path_patch``,

@@ -88,6 +88,13 @@ class Model:
         return self.adapter.d_mlp
 
     @property
+    def vocab_size(self) -> int:
+        """How many logits the model outputs (the unembedding's rows, which may exceed the
+        tokenizer's vocabulary when padded); every valid token id is below it."""
+        out = self.hf.get_output_embeddings()
+        return int(out.weight.shape[0]) if out is not None else int(self.hf.config.vocab_size)
+
+    @property
     def family(self) -> str:
         return self.adapter.family
 

@@ -27,7 +27,7 @@ def induction(
     """
     if seq_len < 2:
         raise PromptError(f"seq_len={seq_len}: need at least 2 tokens to repeat.")
-    vocab = model.hf.config.vocab_size
+    vocab = model.vocab_size
     lo, hi = vocab_range or ((1000, min(10000, vocab)) if vocab > 10000 else (2, vocab))
     if hi - lo < 2 * seq_len:
         raise PromptError(f"vocab_range ({lo}, {hi}) is too small for {2 * seq_len} distinct tokens.")

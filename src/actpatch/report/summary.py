@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..types import Direction
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
@@ -40,7 +39,7 @@ class Cell:
 
 def _reference(res: "PatchResult") -> float:
     """The value of a cell that does nothing: 1 for noising (no damage), 0 for denoising."""
-    return 1.0 if res.info.direction is Direction.NOISE else 0.0
+    return res.info.direction.no_effect
 
 
 def top_cells(res: "PatchResult", k: int = 10, metric: str | None = None, ci: bool = True) -> list[Cell]:

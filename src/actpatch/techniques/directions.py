@@ -165,7 +165,7 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
     sub = as_subspace(subspace)
     if sub is None:
         raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.subspaces.Subspace.")
-    base_value = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
+    base_value = parse_direction(direction).no_effect
     sub.check(model, site)
     U = sub.basis_for(site.layer)
     M = model.adapter.reader_map(site)

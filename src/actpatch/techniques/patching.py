@@ -127,7 +127,7 @@ def _strongest_site(model: "Model", prompts: PromptSet, res: PatchResult, target
                     direction: str | Direction) -> Site | None:
     """The site of the cell whose effect is largest (a named position must fall at one index in
     every prompt; None otherwise)."""
-    base = 1.0 if parse_direction(direction) is Direction.NOISE else 0.0
+    base = parse_direction(direction).no_effect
     strongest = int((res.values - base).nan_to_num(0.0).abs().flatten().argmax()) if res.dims else 0
     if not grid.named:
         return plan_for(model, prompts, target, grid, whole_vectors=True).patches[strongest][0]
