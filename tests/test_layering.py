@@ -117,3 +117,26 @@ def test_function_local_and_type_checking_imports_are_told_apart(tmp_path):
     src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\n"
                    "def plot():\n    import b\nimport c\n")
     assert _imports(src, {"a", "b", "c"}) == [("b", "plot"), ("c", "")]
+
+
+MAX_FUNCTION_LINES = 80
+"""Longest function body allowed in src/ (signature and code, the docstring not counted)."""
+
+
+def _long_functions() -> list[tuple[str, str, int]]:
+    out = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) and isinstance(
+                    getattr(node.body[0], "value", None), ast.Constant) and isinstance(node.body[0].value.value, str) else None
+                if doc is not None:
+                    lines -= doc.end_lineno - doc.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    out.append((str(path.relative_to(SRC)), node.name, lines))
+    return out
+
+
+def test_no_function_is_over_80_lines():
+    assert _long_functions() == []

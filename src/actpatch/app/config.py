@@ -29,6 +29,7 @@ from ..corruption import CorruptionKind
 from ..errors import ConfigError, PromptError, SiteError
 from ..metrics import DIFFERENTIABLE, Metric
 from ..sites import Site, SiteKind
+from ..techniques.eap import EdgeMethod
 from ..types import Direction, Engine
 
 __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "DASConfig", "ConfigError",
@@ -192,7 +193,7 @@ class CircuitsConfig(_Strict):
     """Edge attribution and the faithfulness of the top-n-edge circuits (noising, the run's
     corruption and first metric)."""
 
-    methods: list[Literal["eap", "eap-ig", "eap-ig-act"]] = Field(default_factory=lambda: ["eap", "eap-ig"], min_length=1)
+    methods: list[EdgeMethod] = Field(default_factory=lambda: [EdgeMethod.EAP, EdgeMethod.EAP_IG], min_length=1)
     """eap-ig interpolates the input embeddings, eap-ig-act every node's output."""
     ig_steps: int = Field(5, ge=1)
     """Interpolation steps of EAP-IG."""

@@ -36,7 +36,7 @@ from ..results import PatchResult
 from ..sites import Site
 from ..techniques.attribution import attribute
 from ..techniques.circuit import Faithfulness, faithfulness, load_curves, save_curves
-from ..techniques.eap import edge_attribution
+from ..techniques.eap import EdgeMethod, edge_attribution
 from ..techniques.patching import sweep
 from ..subspace import Subspace
 from ..techniques.path import path_sweep
@@ -46,7 +46,7 @@ from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
 from ..techniques.self_repair import direct_vs_total
-from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, load_mib, oracle_edges, random_edges, save_mib
+from ..techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, oracle_edges, random_edges, save_mib
 
 __all__ = ["run_experiment", "load_experiment", "resolve_model"]
 
@@ -247,14 +247,14 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     first: Any = None  # the first method's edge scores, which the oracle re-scores exactly
     fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
-        steps = c.ig_steps if method.startswith("eap-ig") else 0
-        on = "activations" if method == "eap-ig-act" else "inputs"
+        how = EdgeMethod(method)
+        steps, on = how.steps(c.ig_steps), how.ig_target
         name = (f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps else "EAP"
         edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
                                  seed=cfg.seed, ig_target=on)
         table = edges.to_pandas()
-        table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{method}.csv", index=False)
-        to_mib_json(edges, out / f"graph_{method}.json")  # readable by the EAP-IG / MIB code
+        table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{how.value}.csv", index=False)
+        to_mib_json(edges, out / f"graph_{how.value}.json")  # readable by the EAP-IG / MIB code
         first = first if first is not None else edges
         if c.evaluate == "mib":
             options = dict(fractions=fractions, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed,
@@ -269,7 +269,7 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
     if mib and c.oracle_k:
         exact = oracle_edges(model, prompts, first, c.oracle_k)
-        name = f"exact ({exact.extra['oracle_k']} edges of {c.methods[0].upper()})"
+        name = f"exact ({exact.extra['oracle_k']} edges of {EdgeMethod(c.methods[0]).value.upper()})"
         mib[name] = circuit_scores(model, prompts, exact, fractions=fractions, corruption=corruption,
                                    metric=cfg.metrics[0].value, seed=cfg.seed, selection=c.selection)
         log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from ..errors import ConfigError
 from ..models.handle import Model
@@ -16,7 +15,7 @@ from ..subspace import Subspace
 from ..techniques.das import das
 from ..techniques.positions import named_positions
 from ..techniques.directions import diff_of_means, pca_directions, probe_direction
-from .config import DASConfig, ExperimentConfig, TargetConfig
+from .config import ExperimentConfig, TargetConfig
 
 __all__ = ["build_subspace", "run_das_jobs", "load_das"]
 

@@ -9,9 +9,10 @@ a script tag.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..compare import Comparison, comparable, compare
 from ..types import Method
@@ -21,6 +22,7 @@ from .svg import heatmap_svg, scatter_svg
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
+    from ..findings import Finding
     from ..techniques.circuit import Faithfulness
     from ..techniques.mib import CircuitScores
     from ..techniques.self_repair import DirectTotal
@@ -80,22 +82,47 @@ def write_report(
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
-    parts: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+    fig = itertools.count(1)  # figure ids, in page order
+    parts: list[str] = [f"<h1>{html.escape(title)}</h1>", *_baselines(results)]
+    pairs, comparisons = _heatmaps(results, figdir, fig)
+    parts += pairs + _comparisons(comparisons, figdir, fig) + _circuits(curves, mib, fig)
+    parts += _subspace_sections(results, das or {})
+    if direct_total is not None:
+        parts += _direct_total(direct_total, fig)
+    parts += _findings(results) + _provenance(first)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
 
-    # baselines
-    rows: dict[tuple, list[str]] = {}
+
+def _finding_div(f: "Finding", where: str = "") -> str:
+    """One finding as the report shows it (styled by level); ``where``: the result it is about."""
+    about = f" ({html.escape(where)})" if where else ""
+    advice = f"<div class='advice'>{html.escape(f.advice)}</div>" if f.advice else ""
+    return (f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
+            f"<code>{html.escape(f.code)}</code>{about}: {html.escape(f.message)}{advice}</div>")
+
+
+def _baselines(results: dict[str, "PatchResult"]) -> list[str]:
+    first = next(iter(results.values()))
+    rows: dict[tuple, list] = {}
     for name, res in results.items():  # results of one run share baselines: show each once
         for m, b in res.baselines.items():
             key = (m, round(b["clean"], 6), round(b["corrupted"], 6))
             rows.setdefault(key, [m, f"{b['clean']:+.4f}", f"{b['corrupted']:+.4f}", f"{b['clean'] - b['corrupted']:+.4f}", []])[4].append(name)
     table = [[*r[:4], ", ".join(r[4])] for r in rows.values()]
-    parts.append(f"<p>{first.n_prompts} prompts; model {html.escape(first.info.provenance.model)}; "
-                 f"corruption {html.escape(str(first.info.corruption.get('name', '?')))}.</p>")
-    parts.append("<h2>Baselines</h2>" + _table(["metric", "clean", "corrupted", "gap", "results"], table))
+    return [f"<p>{first.n_prompts} prompts; model {html.escape(first.info.provenance.model)}; "
+            f"corruption {html.escape(str(first.info.corruption.get('name', '?')))}.</p>",
+            "<h2>Baselines</h2>" + _table(["metric", "clean", "corrupted", "gap", "results"], table)]
 
-    # figures
-    n = 0
-    comparisons: list[tuple[str, Comparison, PatchResult, PatchResult]] = []
+
+def _heatmaps(results: dict[str, "PatchResult"], figdir: Path, fig: Iterator[int]) -> tuple[list[str], list[tuple]]:
+    """A heatmap per result and metric, the two directions of a target side by side; and the
+    pairs that can be compared."""
+    parts, comparisons = [], []
     for base, den, noi in _pairs(results):
         parts.append(f"<h2>{html.escape(base)}</h2><div class='pair'>")
         for label, res in (("denoising: sufficiency (1 = restores clean)", den), ("noising: 1 = no damage, 0 = broken", noi)):
@@ -104,83 +131,79 @@ def write_report(
             if res.info.method is Method.ATP:
                 label += f", {res.info.label} estimate"
             for metric in res.metrics:
-                n += 1
                 t = f"{base} {label} [{metric}]"
-                parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{n}") + "</div>")
+                parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{next(fig)}") + "</div>")
                 (figdir / f"{base}_{res.info.direction.value}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
         parts.append("</div>")
         if den is not None and noi is not None and comparable(den, noi):
             comparisons.append((base, compare(den, noi), den, noi))
+    return parts, comparisons
 
-    if comparisons:
-        parts.append("<h2>Both directions compared</h2><p>Sufficiency = denoising effect; necessity = 1 - noised "
-                     "value (Heimersheim &amp; Nanda 2024). Dotted lines: the thresholds.</p><div class='pair'>")
-        for base, cmp, den, noi in comparisons:
-            n += 1
-            parts.append("<div>" + _figure_html(comparison_figure(cmp, f"{base}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())), f"fig{n}") + "</div>")
-            (figdir / f"{base}_compare.svg").write_text(scatter_svg(cmp, f"{base}: sufficiency vs necessity"))
-        parts.append("</div>")
-        for base, cmp, den, noi in comparisons:
-            parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp, den, noi))
 
+def _comparisons(comparisons: list[tuple], figdir: Path, fig: Iterator[int]) -> list[str]:
+    if not comparisons:
+        return []
+    parts = ["<h2>Both directions compared</h2><p>Sufficiency = denoising effect; necessity = 1 - noised "
+             "value (Heimersheim &amp; Nanda 2024). Dotted lines: the thresholds.</p><div class='pair'>"]
+    for base, cmp, den, noi in comparisons:
+        title = f"{base}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())
+        parts.append("<div>" + _figure_html(comparison_figure(cmp, title), f"fig{next(fig)}") + "</div>")
+        (figdir / f"{base}_compare.svg").write_text(scatter_svg(cmp, f"{base}: sufficiency vs necessity"))
+    parts.append("</div>")
+    for base, cmp, den, noi in comparisons:
+        parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp, den, noi))
+    return parts
+
+
+def _circuits(curves: "dict[str, Faithfulness] | None", mib: "dict[str, CircuitScores] | None",
+              fig: Iterator[int]) -> list[str]:
+    parts = []
     if curves:
-        n += 1
         parts.append("<h2>Circuits</h2><p>Clean run with every edge outside the top-n circuit taken from the "
-                     "corrupted run (1 = clean, 0 = corrupted).</p>" + _figure_html(faithfulness_figure(curves), f"fig{n}"))
+                     "corrupted run (1 = clean, 0 = corrupted).</p>"
+                     + _figure_html(faithfulness_figure(curves), f"fig{next(fig)}"))
         rows = [[name, *(f"{v:+.3f}" for v in c.values.tolist())] for name, c in curves.items()]
         sizes = next(iter(curves.values())).sizes
         parts.append(_table(["method", *(f"{s} edges" for s in sizes)], rows))
     if mib:
-        n += 1
         parts.append("<h2>Circuits, MIB evaluation</h2><p>Faithfulness at MIB's edge fractions (1 = full model, 0 = "
                      "every edge from the corrupted run). CPR: area under the curve of circuits chosen by signed score "
                      "(higher is better); CMD: area under |1 - f| of circuits chosen by |score| (0 is best).</p>"
-                     + _figure_html(mib_figure(mib), f"fig{n}"))
+                     + _figure_html(mib_figure(mib), f"fig{next(fig)}"))
         parts.append(_table(["method", "CPR", "CMD", "edges", "seconds"],
                             [[k, f"{v.cpr:.3f}", f"{v.cmd:.3f}", v.n_edges, f"{v.seconds:.1f}"] for k, v in mib.items()]))
+    return parts
 
-    parts += _subspace_sections(results, das or {})
-    if direct_total is not None:
-        n += 1
-        parts.append("<h2>Direct vs total effects</h2><p>Noising each head and MLP: its effect through the direct path "
-                     "to the logits only (every other component frozen) against its total effect (everything "
-                     "downstream recomputed). Points far above the diagonal: later components compensate "
-                     "(self-repair).</p>" + _figure_html(direct_total.plot(), f"fig{n}"))
-        parts.append(_table(["component", "direct", "total"],
-                            [[name, f"{d:+.3f}", f"{t:+.3f}"] for name, d, t in direct_total.disagreements(10)]))
-        for f in direct_total.findings:
-            parts.append(f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
-                         f"<code>{html.escape(f.code)}</code>: {html.escape(f.message)}</div>")
 
-    # findings
-    parts.append("<h2>Findings</h2>")
+def _direct_total(direct_total: "DirectTotal", fig: Iterator[int]) -> list[str]:
+    parts = ["<h2>Direct vs total effects</h2><p>Noising each head and MLP: its effect through the direct path "
+             "to the logits only (every other component frozen) against its total effect (everything "
+             "downstream recomputed). Points far above the diagonal: later components compensate "
+             "(self-repair).</p>" + _figure_html(direct_total.plot(), f"fig{next(fig)}"),
+             _table(["component", "direct", "total"],
+                    [[name, f"{d:+.3f}", f"{t:+.3f}"] for name, d, t in direct_total.disagreements(10)])]
+    return parts + [_finding_div(f) for f in direct_total.findings]
+
+
+def _findings(results: dict[str, "PatchResult"]) -> list[str]:
+    parts = ["<h2>Findings</h2>"]
     seen = set()
     for name, res in results.items():
         for f in res.findings:
-            key = (f.code, f.message)
-            if key in seen:
-                continue
-            seen.add(key)
-            parts.append(f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
-                         f"<code>{html.escape(f.code)}</code> ({html.escape(name)}): {html.escape(f.message)}"
-                         f"<div class='advice'>{html.escape(f.advice)}</div></div>")
-    if not seen:
-        parts.append("<p>No findings.</p>")
+            if (f.code, f.message) not in seen:
+                seen.add((f.code, f.message))
+                parts.append(_finding_div(f, name))
+    return parts if seen else parts + ["<p>No findings.</p>"]
 
-    # prompts and provenance
+
+def _provenance(first: "PatchResult") -> list[str]:
+    parts = []
     texts = [list(t) for t in first.info.prompt_texts]
     if texts:
         parts.append("<h2>Prompts</h2>" + _table(["clean", "corrupted", "answer", "alternative"], texts[:50]))
     info = first.info.to_dict()
     prov = {k: v for k, v in info.items() if k not in ("prompt_attributes", "diagnostics", "prompt_texts")}
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>")
-
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
-            + "\n".join(parts) + "</body></html>")
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return parts + ["<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>"]
 
 
 def _fmt(v: Any) -> str:

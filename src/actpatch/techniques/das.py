@@ -82,6 +82,29 @@ def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r)).detach()).T
 
 
+def _initial_basis(init: SubspaceLike | None, site: Site, d: int, k: int, seed: int) -> torch.Tensor:
+    """The (d, k) starting basis: ``init``'s, or random from ``seed``."""
+    start = as_subspace(init)
+    W0 = (start.basis_for(site.layer).T.clone() if start is not None
+          else torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))
+    if W0.shape != (d, k):
+        raise SubspaceError(f"init has {W0.shape[1]} directions of width {W0.shape[0]}; DAS was asked for k={k}, "
+                            f"width {d}.")
+    return W0
+
+
+def _sources(model: "Model", prompts: PromptSet, site: Site) -> list[tuple[torch.Tensor, ...]]:
+    """Per length group: corrupted ids, the clean run's activations at the site (the source of
+    every intervention, captured once), answers and alternatives."""
+    full, out = site.full(), []
+    with torch.no_grad():
+        for grp in prompts.groups():
+            with capture(model, [full]) as acts:
+                model.logits(grp.clean, last_only=True)
+            out.append((grp.corrupted, acts[full][site.selector()], grp.answers, grp.alternatives))
+    return out
+
+
 def das(
     model: "Model",
     prompts: PromptSet,
@@ -115,25 +138,9 @@ def das(
     random.Random(seed).shuffle(order)
     n_test = max(1, round(n * test_fraction))
     test, train = sorted(order[:n_test]), sorted(order[n_test:])
-
-    g = torch.Generator().manual_seed(seed)
-    start = as_subspace(init)
-    W0 = start.basis_for(site.layer).T.clone() if start is not None else torch.randn(d, k, generator=g)
-    if W0.shape != (d, k):
-        raise SubspaceError(f"init has {W0.shape[1]} directions of width {W0.shape[0]}; DAS was asked for k={k}, "
-                            f"width {d}.")
-    W = W0.to(device=model.device, dtype=torch.float32).requires_grad_(True)
+    W = _initial_basis(init, site, d, k, seed).to(device=model.device, dtype=torch.float32).requires_grad_(True)
     opt = torch.optim.Adam([W], lr=lr)
-
-    # the clean run's activations at the site, once (the source of every intervention)
-    full = site.full()
-    batches: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {"train": [], "test": []}
-    with torch.no_grad():
-        for name, idx in (("train", train), ("test", test)):
-            for grp in prompts.subset(idx).groups():
-                with capture(model, [full]) as acts:
-                    model.logits(grp.clean, last_only=True)
-                batches[name].append((grp.corrupted, acts[full][site.selector()], grp.answers, grp.alternatives))
+    batches = {"train": _sources(model, prompts.subset(train), site), "test": _sources(model, prompts.subset(test), site)}
 
     def run(name: str, U: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over the split's pairs, and how many put the answer on top."""

@@ -156,34 +156,12 @@ def _part(U: torch.Tensor, P: torch.Tensor) -> torch.Tensor | None:
     return vh[keep] if keep.any() else None
 
 
-def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
-                   direction: str | Direction = DEFAULT_DIRECTION, min_effect: float = 0.1, known: float | None = None,
-                   **patch_options: Any) -> SubspaceCheck:
-    """Run the interpretability-illusion check for patching ``site`` along ``subspace`` (see the
-    module docstring); ``patch_options`` (corruption, metric, seed) go to every patch. ``known``:
-    the normalised value of the subspace patch itself when the caller already ran it."""
-    sub = as_subspace(subspace)
-    if sub is None:
-        raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.subspaces.Subspace.")
-    base_value = parse_direction(direction).no_effect
-    sub.check(model, site)
-    U = sub.basis_for(site.layer)
-    M = model.adapter.reader_map(site)
-    parts: dict[str, torch.Tensor | None] = {"subspace": U}
-    row_share = None
-    reader = None
-    if M is not None:
-        R = _row_basis(M)
-        P_row = R.T @ R
-        parts["row"] = _part(U, P_row)
-        parts["null"] = _part(U, torch.eye(U.shape[1]) - P_row)
-        row_share = float((U @ P_row).pow(2).sum() / U.shape[0])
-        reader = "MLP output projection" if site.kind.value == "mlp_post" else f"head {site.head}'s output projection"
-
-    # how much clean and corrupted activations differ along each part, at the patched positions
+def _variation(model: "Model", prompts: PromptSet, site: Site,
+               parts: dict[str, torch.Tensor | None]) -> dict[str, float]:
+    """Mean norm, over prompts and patched positions, of the clean - corrupted difference
+    projected on each part of the basis."""
     full = site.full()
     sel = Site(site.kind, site.layer, head=site.head, pos=site.pos).selector()
-    variation: dict[str, float] = {}
     norms: dict[str, list[torch.Tensor]] = {k: [] for k, v in parts.items() if v is not None}
     with torch.no_grad():
         for g in prompts.groups():
@@ -196,23 +174,17 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
             for name, B in parts.items():
                 if B is not None:
                     norms[name].append((diff @ B.T).norm(dim=-1).flatten())
-    variation = {name: float(torch.cat(v).mean()) for name, v in norms.items()}
+    return {name: float(torch.cat(v).mean()) for name, v in norms.items()}
 
-    def effect(basis: torch.Tensor | None) -> float | None:
-        if basis is None:
-            return None
-        plan = patch_plan([site], None if basis is _WHOLE else Subspace.of(basis))
-        res = execute(model, prompts, plan, direction=direction, progress=False, **patch_options)
-        return float(res.values) - base_value
 
-    effects = {name: (known - base_value if name == "subspace" and known is not None else effect(B))
-               for name, B in parts.items()}
-    effects["component"] = effect(_WHOLE)
-
+def _findings(site: Site, reader: str | None, row_share: float | None, variation: dict[str, float],
+              effects: dict[str, float | None], min_effect: float) -> list[Finding]:
+    """The check's verdicts from its numbers (effects as changes from the base run, in units of
+    the clean - corrupted gap); ``reader`` is None when no single set of weights reads the site."""
     found: list[Finding] = []
     e_sub, e_row, e_full = effects["subspace"] or 0.0, effects.get("row"), effects["component"] or 0.0
     gap = "in units of the clean - corrupted gap"
-    if M is None:
+    if reader is None:
         why = ("it is read through the softmax" if site.kind.value in ("q", "k", "v")
                else "every later component reads the residual stream")
         found.append(Finding(
@@ -251,9 +223,50 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
             "Compare the subspace's effect on held-out prompts and at mlp_post / z, where the check can split it."))
     if not found or all(f.level is Level.INFO for f in found):
         found.append(Finding(
-            Level.INFO, "subspace_check_passed" if M is not None else "subspace_check_compared",
+            Level.INFO, "subspace_check_passed" if reader is not None else "subspace_check_compared",
             f"{site}: subspace effect {e_sub:.3f}, whole component {e_full:.3f}"
             + (f", read part alone {e_row:.3f}" if e_row is not None else "") + f" ({gap})."))
+    return found
+
+
+def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
+                   direction: str | Direction = DEFAULT_DIRECTION, min_effect: float = 0.1, known: float | None = None,
+                   **patch_options: Any) -> SubspaceCheck:
+    """Run the interpretability-illusion check for patching ``site`` along ``subspace`` (see the
+    module docstring); ``patch_options`` (corruption, metric, seed) go to every patch. ``known``:
+    the normalised value of the subspace patch itself when the caller already ran it."""
+    sub = as_subspace(subspace)
+    if sub is None:
+        raise SubspaceError("subspace_check() needs a basis: a (k, d) tensor, {layer: basis} or an ap.subspaces.Subspace.")
+    base_value = parse_direction(direction).no_effect
+    sub.check(model, site)
+    U = sub.basis_for(site.layer)
+    M = model.adapter.reader_map(site)
+    parts: dict[str, torch.Tensor | None] = {"subspace": U}
+    row_share = None
+    reader = None
+    if M is not None:
+        R = _row_basis(M)
+        P_row = R.T @ R
+        parts["row"] = _part(U, P_row)
+        parts["null"] = _part(U, torch.eye(U.shape[1]) - P_row)
+        row_share = float((U @ P_row).pow(2).sum() / U.shape[0])
+        reader = "MLP output projection" if site.kind.value == "mlp_post" else f"head {site.head}'s output projection"
+
+    variation = _variation(model, prompts, site, parts)
+
+    def effect(basis: torch.Tensor | None) -> float | None:
+        if basis is None:
+            return None
+        plan = patch_plan([site], None if basis is _WHOLE else Subspace.of(basis))
+        res = execute(model, prompts, plan, direction=direction, progress=False, **patch_options)
+        return float(res.values) - base_value
+
+    effects = {name: (known - base_value if name == "subspace" and known is not None else effect(B))
+               for name, B in parts.items()}
+    effects["component"] = effect(_WHOLE)
+
+    found = _findings(site, reader, row_share, variation, effects, min_effect)
     return SubspaceCheck(site=site, direction=parse_direction(direction).value, reader=reader, row_share=row_share,
                          variation=variation, effects=effects, findings=tuple(found))
 

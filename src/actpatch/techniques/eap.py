@@ -21,6 +21,7 @@ to the first-order effect of changing that node's whole input.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import enum
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -40,7 +41,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..models.handle import Model
 
-__all__ = ["EdgeScores", "edge_attribution"]
+__all__ = ["EdgeScores", "EdgeMethod", "edge_attribution"]
+
+
+class EdgeMethod(str, enum.Enum):
+    """How edge scores are computed; the names configs, files and MIB evaluations use."""
+
+    EAP = "eap"
+    """Edge attribution patching: one gradient at the base run (Syed et al. 2023)."""
+    EAP_IG = "eap-ig"
+    """Integrated gradients along the input embeddings (Hanna et al. 2024)."""
+    EAP_IG_ACT = "eap-ig-act"
+    """Integrated gradients along every node's output."""
+
+    @property
+    def ig_target(self) -> str:
+        """What ``edge_attribution(ig_target=...)`` interpolates for this method."""
+        return "activations" if self is EdgeMethod.EAP_IG_ACT else "inputs"
+
+    def steps(self, ig_steps: int) -> int:
+        """The interpolation steps this method takes out of ``ig_steps`` (EAP takes none)."""
+        return 0 if self is EdgeMethod.EAP else ig_steps
+
+    @classmethod
+    def of(cls, ig_steps: int, ig_target: str) -> "EdgeMethod":
+        """The method that ``edge_attribution(ig_steps=, ig_target=)`` runs."""
+        if not ig_steps:
+            return cls.EAP
+        return cls.EAP_IG_ACT if ig_target == "activations" else cls.EAP_IG
 
 
 @dataclass(frozen=True)
@@ -157,7 +185,7 @@ def edge_attribution(
     per_prompt = per_prompt[:, 0]
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
-                      method=("eap-ig" + ("-act" if ig_target == "activations" else "")) if ig_steps else "eap",
+                      method=EdgeMethod.of(ig_steps, ig_target).value,
                       direction=exp.direction, metric=exp.metrics[0].value, corruption=exp.corruption.describe(),
                       seed=exp.seed, ig_steps=ig_steps, provenance=exp.provenance())
 

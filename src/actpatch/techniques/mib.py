@@ -40,7 +40,7 @@ from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..types import Direction
 from .circuit import _Circuits, greedy_edges, top_edges
-from .eap import EdgeScores, edge_attribution
+from .eap import EdgeMethod, EdgeScores, edge_attribution
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -207,7 +207,7 @@ def compare_methods(
     ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
     ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
     ``seconds`` includes scoring."""
-    known = ("eap", "eap-ig", "eap-ig-act", "random", "exact")
+    known = (*(m.value for m in EdgeMethod), "random", "exact")
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from {', '.join(known)}.")
@@ -220,9 +220,9 @@ def compare_methods(
                                             metric=metric, seed=seed)
             scored = random_edges(base, seed) if name == "random" else oracle_edges(model, prompts, base, oracle_k)
         else:
+            how = EdgeMethod(name)
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
-                                      ig_steps=ig_steps if name.startswith("eap-ig") else 0, seed=seed,
-                                      ig_target="activations" if name == "eap-ig-act" else "inputs")
+                                      ig_steps=how.steps(ig_steps), seed=seed, ig_target=how.ig_target)
             base = base or scored
         res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
         out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)
