@@ -20,7 +20,7 @@ Normalised: ``(M_patched - M_corrupted) / (M_clean - M_corrupted)``: 1 = clean, 
 from __future__ import annotations
 
 import enum
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -110,6 +110,14 @@ def compute_metrics(
         else:
             out[m] = _FNS[m](logits, logprobs, answers, alternatives)
     return out
+
+
+class Measure(Protocol):
+    """What the engines call to score patched runs: (last-position logits (N, vocab), base-row
+    index of each row (N,)) -> {metric: (N,)}; with ``compact=True`` the logits are only those
+    of the measurer's ``tokens``. :class:`Measurer` is the implementation."""
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, compact: bool = False) -> dict[Metric, torch.Tensor]: ...
 
 
 class Measurer:

@@ -35,7 +35,7 @@ from .sites import Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["Subspace", "SubspaceCheck", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
+__all__ = ["along", "Subspace", "SubspaceCheck", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
 
 SUBSPACE_KINDS = frozenset(SiteKind) - {SiteKind.PATTERN}
 """Kinds whose last axis is a vector a basis can live in."""
@@ -72,6 +72,12 @@ def _orthonormal(U: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
             f"drop the redundant directions or ask for fewer (k)."
         )
     return (q * torch.sign(r.diagonal())).T.contiguous(), True
+
+
+def along(x: torch.Tensor, src: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """``x + (src - x) P``, in ``x``'s dtype: ``x`` with its coordinates along the basis of the
+    projector ``P = U^T U`` taken from ``src``. The one subspace patch every engine and DAS apply."""
+    return x + (src.to(x.dtype) - x) @ projector.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ class Subspace:
 
     def apply(self, x: torch.Tensor, src: torch.Tensor, layer: int | None) -> torch.Tensor:
         """``x + (src - x) U^T U``: ``x`` with its coordinates along U taken from ``src``."""
-        return x + (src.to(x.dtype) - x) @ self.projector(layer, x)
+        return along(x, src, self.projector(layer, x))
 
     def check(self, model: "Model", site: Site) -> None:
         """Raise :class:`SubspaceError` when this subspace cannot patch ``site`` of ``model``."""

@@ -28,7 +28,8 @@ import torch
 
 from ..errors import EngineError
 from ..hooks import WRITE, HookFn, _hooks, capture
-from ..metrics import Metric
+from ..metrics import Measure, Metric
+from ..subspace import along
 from ..sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,10 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..subspace import Subspace
 
 __all__ = ["run_batched", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
-
-Measure = Callable[..., dict[Metric, torch.Tensor]]
-"""(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}; a
-:class:`~actpatch.metrics.Measurer` also takes compact logits over its ``tokens``."""
 
 
 def base_sites(model: "Model") -> list[Site]:
@@ -111,7 +108,7 @@ def _views(site: Site, q: int) -> tuple[tuple, tuple]:
     return tuple(dest), tuple(src)
 
 
-def _writer(writes: list[tuple[slice, tuple, torch.Tensor]], projector: torch.Tensor | None = None) -> HookFn:
+def _rows_writer(writes: list[tuple[slice, tuple, torch.Tensor]], projector: torch.Tensor | None = None) -> HookFn:
     """Write each (row block, dest index, value) into the active batch; with a ``projector``
     ``P = U^T U``, only the coordinates along U (``x + (value - x) P``). Rows are sorted by
     start layer, so a patch's rows always sit at the same (leading) indices."""
@@ -124,8 +121,7 @@ def _writer(writes: list[tuple[slice, tuple, torch.Tensor]], projector: torch.Te
                 if projector is None:
                     out[rows][idx] = value.to(out.dtype)
                 else:
-                    cur = out[rows][idx]
-                    out[rows][idx] = cur + (value.to(out.dtype) - cur) @ projector.to(out.dtype)
+                    out[rows][idx] = along(out[rows][idx], value, projector)
         return out
 
     return fn
@@ -231,7 +227,7 @@ def _run_chunk(
     hidden = None
     pos_emb = None
     ref = acts[Site("resid_pre", 0)]
-    hooks = [(site, _writer(w, None if subspace is None else subspace.projector(site.layer, ref)), WRITE)
+    hooks = [(site, _rows_writer(w, None if subspace is None else subspace.projector(site.layer, ref)), WRITE)
              for site, w in writes.items()]
     with _hooks(model, hooks):
         for layer in range(model.n_layers):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from ..hooks import intervene
-from ..metrics import Metric
+from ..metrics import Measure, Metric
 from ..sites import Site
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,8 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..experiment.plan import Patch
     from ..subspace import Subspace
 
-Measure = Callable[[torch.Tensor, torch.Tensor], dict[Metric, torch.Tensor]]
-"""(last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}."""
 
 
 def run_reference(

@@ -22,7 +22,6 @@ Patch = tuple[Site, ...]
 """Sites written together in one patched forward pass."""
 
 TARGETS = tuple(k.value for k in SiteKind)
-_LAYERLESS = (SiteKind.EMBED, SiteKind.RESID_FINAL)
 
 
 @dataclass(frozen=True)
@@ -156,21 +155,21 @@ def make_plan(
     """
     kind = parse_target(target)
     window = grid.window
-    if window > 1 and kind in _LAYERLESS:
+    if window > 1 and not kind.per_layer:
         raise SiteError(f"window={window} needs a per-layer target, not {kind.value!r}.")
     per_position = default_per_position(kind) if grid.per_position is None else grid.per_position
     if per_position and seq_len is None:
         raise SiteError("A position axis needs prompts of one token length (see PromptSet.seq_len).")
     if grid.named:
         raise SiteError("make_plan() takes position indices; named positions go through actpatch.techniques.positions.")
-    Site(kind, None if kind in _LAYERLESS else 0).check(model)  # family support (e.g. resid_mid)
+    Site(kind, 0 if kind.per_layer else None).check(model)  # family support (e.g. resid_mid)
 
     dims: list[str] = []
     coords: dict[str, list] = {}
     axes: list[list[int]] = []
     kv = kind in KV_KINDS
     for applies, dim, keyword, given, size, where in (  # the axes before the position axis, in order
-        (kind not in _LAYERLESS, "layer", "layers", grid.layers, model.n_layers, "per-layer targets"),
+        (kind.per_layer, "layer", "layers", grid.layers, model.n_layers, "per-layer targets"),
         (kind in HEAD_KINDS, "kv_head" if kv else "head", "heads", grid.heads,
          model.n_kv_heads if kv else model.n_heads, "head targets (z, q, k, v, pattern)"),
         (kind == SiteKind.MLP_POST and not whole_vectors, "neuron", "neurons", grid.neurons, model.d_mlp,

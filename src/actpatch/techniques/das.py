@@ -35,7 +35,7 @@ from ..findings import Finding
 from ..hooks import capture, intervene
 from ..prompts.promptset import PromptSet
 from ..sites import Site
-from ..subspace import Subspace, SubspaceLike, as_subspace, width
+from ..subspace import Subspace, SubspaceLike, along, as_subspace, width
 from .patching import patch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -148,7 +148,7 @@ def das(
         P = U.T @ U
         for ids, src, answers, _ in batches[name]:
             def write(x: torch.Tensor, src: torch.Tensor = src) -> torch.Tensor:
-                return x + (src.to(x.dtype) - x) @ P.to(x.dtype)
+                return along(x, src, P)
 
             with intervene(model, {site: write}):
                 logits = (model.last_logits_with_grad(ids) if torch.is_grad_enabled()

@@ -140,7 +140,7 @@ def circuit_scores(
     from ..corruption import from_description
 
     corr = corruption if corruption is not None else from_description(edges.corruption)
-    runs = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows)
+    runner = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows)
     n_edges = int((~torch.isnan(edges.scores)).sum())
     sizes = tuple(int(f * n_edges) for f in fr)
     none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
@@ -151,7 +151,7 @@ def circuit_scores(
     helpful = edges if edges.direction is Direction.DENOISE else dataclasses.replace(edges, scores=-edges.scores)
 
     circuits = [pick(helpful, n, absolute=False) for n in sizes] + [pick(edges, n, absolute=True) for n in sizes]
-    *raw, empty, full = runs.run_many(circuits + [none, every]).mean(1).tolist()  # one batch for every circuit
+    *raw, empty, full = runner.run_many(circuits + [none, every]).mean(1).tolist()  # one batch for every circuit
     signed, absolute = (normalise(torch.tensor(raw[i:i + len(sizes)]), full, empty) for i in (0, len(sizes)))
     return CircuitScores(method=edges.method + ("+greedy" if selection == "greedy" else ""), fractions=fr, sizes=sizes, n_edges=n_edges, signed=signed,
                          absolute=absolute, cpr=area_under(fr, signed.tolist(), log_scale=log_scale),
@@ -180,11 +180,11 @@ def oracle_edges(model: "Model", prompts: PromptSet, edges: EdgeScores, k: int =
         raise MethodError(f"k={k!r}: exact-score at least one edge.")
     from ..corruption import from_description
 
-    runs = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
+    runner = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
     ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
     chosen = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)][:k].tolist()
     exact = torch.where(torch.isnan(edges.scores), edges.scores, torch.zeros_like(edges.scores))
-    exact.view(-1)[chosen] = runs.cut_each(chosen)
+    exact.view(-1)[chosen] = runner.cut_each(chosen)
     return dataclasses.replace(edges, scores=exact, per_prompt=exact[None], method=f"exact@{len(chosen)}",
                                extra={**edges.extra, "oracle_of": edges.method, "oracle_k": len(chosen)})
 

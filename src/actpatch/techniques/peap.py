@@ -156,10 +156,10 @@ def positional_faithfulness(model: "Model", prompts: PromptSet, scores: Position
                             seed: int = 0) -> Faithfulness:
     """Faithfulness of the top-n (edge, position) circuits: the clean run with every edge cut
     (taken from the corrupted run) at the positions where it is not kept."""
-    runs = _Circuits(model, prompts, corruption, metric or scores.metric, seed)
+    runner = _Circuits(model, prompts, corruption, metric or scores.metric, seed)
     shape = scores.scores.shape[1:] + scores.scores.shape[:1]
     keeps = [top_positional_edges(scores, n) for n in sizes]
-    *raw, empty_row, full_row = runs.run_many(keeps + [torch.zeros(shape, dtype=torch.bool),
+    *raw, empty_row, full_row = runner.run_many(keeps + [torch.zeros(shape, dtype=torch.bool),
                                                        torch.ones(shape, dtype=torch.bool)])
     raws = torch.stack(raw) if raw else torch.empty(0, len(prompts))
     empty, full = float(empty_row.mean()), float(full_row.mean())
