@@ -148,7 +148,7 @@ class Resample(Corruption):
         return Run(group.clean[_derangement(len(group.indices), gen)])
 
 
-@dataclass
+@dataclass(frozen=True)
 class GaussianNoise(Corruption):
     """ROME-style noise: N(0, (scale * sigma)^2) added to the token embeddings at ``positions``
     (default: where each pair's clean and corrupted prompts differ, i.e. the subject tokens),
@@ -168,7 +168,11 @@ class GaussianNoise(Corruption):
             raise CorruptionError(f"n_draws={self.n_draws}: need at least one draw.")
         if self.scale < 0:
             raise CorruptionError(f"scale={self.scale}: the noise scale cannot be negative.")
-        self.draws = self.n_draws
+
+    @property
+    def draws(self) -> int:  # type: ignore[override]
+        """Runs per prompt: one per noise draw."""
+        return self.n_draws
 
     def _mask(self, prompts: "PromptSet", i: int) -> torch.Tensor:
         T = prompts.clean[i].numel()
