@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from .sites import ATTENTION_FN_KINDS, Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["capture", "intervene", "stop_after", "Value"]
+__all__ = ["capture", "intervene", "stop_after", "gradient_taps", "Value"]
 
 Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
 """A replacement: a tensor (broadcast to the site's slice), a number, or a function of the
@@ -247,3 +247,20 @@ def stop_after(model: "Model", site: Site) -> Iterator[None]:
             yield
     except _Stopped:
         pass
+
+
+def gradient_taps(sites: "Sequence[Site]") -> tuple[dict, dict]:
+    """Hooks that add a zero tensor (requiring grad) at each site, for :func:`intervene`: one
+    backward pass then gives the gradient at every site (AtP, EAP). Returns the hooks and the
+    dict they fill on each forward pass: ``{site: (zero, the site's value, detached)}``."""
+    taken: dict = {}
+
+    def tap(site: Site) -> HookFn:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros_like(x, requires_grad=True)
+            taken[site] = (z, x.detach())
+            return x + z
+
+        return fn
+
+    return {s: tap(s) for s in sites}, taken

@@ -33,7 +33,7 @@ from ..errors import MethodError, ResultError
 from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
-from ..hooks import capture, intervene
+from ..hooks import capture, gradient_taps, intervene
 from ..metrics import DIFFERENTIABLE, normalise
 from ..prompts.promptset import PromptSet
 from ..results import AtpInfo, PatchResult
@@ -135,21 +135,13 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
         for runs in exp.groups():
             source, src_logits = exp.source_activations(runs, full)
             # one forward and one backward pass of the base run with a zero at every site
-            zeros: dict = {}
-
-            def tap(site: Any) -> Any:
-                def fn(x: torch.Tensor) -> torch.Tensor:
-                    z = torch.zeros_like(x, requires_grad=True)
-                    zeros[site] = (z, x.detach())
-                    return x + z
-
-                return fn
+            taps, zeros = gradient_taps(full)
 
             with ExitStack() as run:
                 run.enter_context(torch.enable_grad())
                 run.enter_context(runs.base.context(model))
                 boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
-                run.enter_context(intervene(model, {s: tap(s) for s in full}))
+                run.enter_context(intervene(model, taps))
                 logits = model.last_logits_with_grad(runs.base.ids)
                 measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
                 values = measure(logits, torch.arange(runs.rows))

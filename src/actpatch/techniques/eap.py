@@ -29,7 +29,7 @@ import torch
 from ..corruption import Corruption
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
-from ..hooks import capture, intervene
+from ..hooks import capture, gradient_taps, intervene
 from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -249,18 +249,8 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
     (EAP-IG) on a run whose embeddings (``inputs``), or every node's output too
     (``activations``), sit ``alpha`` of the way from source to base."""
     L = model.n_layers
-    zeros: dict = {}
-
-    def tap(key: Any) -> Any:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            z = torch.zeros_like(x, requires_grad=True)
-            zeros[key] = z
-            return x + z
-
-        return fn
-
     taps = [Site(k, l) for l in range(L) for k in "qkv"] + [Site("mlp_in", l) for l in range(L)] + [Site("resid_final")]
-    patches: dict = {s: tap(s) for s in taps}
+    patches, taken = gradient_taps(taps)
     if alpha != 1.0:
         e_base, e_src = b_acts[Site("embed")], s_acts[Site("embed")]
         patches[Site("embed")] = e_src + alpha * (e_base - e_src)
@@ -272,8 +262,8 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
             capture(model, [Site("resid_pre", l) for l in range(L)]) as resid:
         logits = model.last_logits_with_grad(runs.base.ids)
         value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
-        gs = dict(zip(taps, torch.autograd.grad(value, [zeros[k] for k in taps], allow_unused=True)))
-    gs = {k: (v if v is not None else torch.zeros_like(zeros[k])) for k, v in gs.items()}
+        gs = dict(zip(taps, torch.autograd.grad(value, [taken[k][0] for k in taps], allow_unused=True)))
+    gs = {k: (v if v is not None else torch.zeros_like(taken[k][0])) for k, v in gs.items()}
     qkv = _input_grads(model, resid, gs)
     out: list[torch.Tensor] = []
     for port in graph.ports:
