@@ -38,7 +38,7 @@ from ..metrics import DIFFERENTIABLE, normalise
 from ..prompts.promptset import PromptSet
 from ..results import AtpInfo, PatchResult
 from ..sites import Site, SiteKind
-from ..stats import spearman
+from ..stats import spearman, top_and_random
 from ..types import DEFAULT_DIRECTION, Direction, Estimate, Method
 from . import graddrop
 from .graddrop import dropped_gradients, trace_blocks
@@ -307,24 +307,18 @@ def validate_attribution(
     and the rank correlation compares those."""
     if not isinstance(result, PatchResult) or result.info.method is not Method.ATP:
         raise ResultError("validate_attribution() takes a result of ap.attribute().")
-    noise = result.info.direction is Direction.NOISE
-    est = result.values.flatten()
-    order = (est - 1.0).abs().argsort(descending=True) if noise else est.abs().argsort(descending=True)
-    top = order[:k].tolist()
-    rest = order[k:]
-    gen = torch.Generator().manual_seed(seed)
-    rand = rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
-    chosen = top + rand
+    est, ref = result.values.flatten(), result.info.direction.no_effect
+    chosen = top_and_random((est - ref).abs().argsort(descending=True), k, n_random, seed)
+    n_rand = len(chosen) - min(k, len(est))
     e, x = est[chosen], _exact_cells(model, prompts, result, chosen)
     if result.info.estimate is Estimate.MAGNITUDE:  # GradDrop ranks |effect|: compare magnitudes
-        ref = 1.0 if noise else 0.0
         e, x = (e - ref).abs(), (x - ref).abs()
     rho = spearman(e, x) if len(chosen) > 2 else float("nan")
     cells = [_unravel(i, result.shape) for i in chosen]
     findings = [f for f in result.findings if f.origin is Origin.TECHNIQUE and f.code != "attribution_estimate"]
     findings.append(Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "attribution_agreement",
                             f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
-                            f"({k} largest, {len(rand)} random): {rho:.3f}.",
+                            f"({k} largest, {n_rand} random): {rho:.3f}.",
                             "Below ~0.7, trust exact patching and read the estimates only as a screen."))
     if result.info.target in ("q", "k"):
         layers = sorted({result.coords["layer"][c[result.dims.index("layer")]] for c in cells})

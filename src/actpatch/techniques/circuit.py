@@ -28,7 +28,7 @@ from ..hooks import capture, intervene, stop_after
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..sites import Site
-from ..stats import spearman
+from ..stats import spearman, top_and_random
 from ..types import Direction
 from .eap import EdgeScores, node_writes
 from .graph import Graph, Node, NodeKind, Port, PortKind
@@ -374,9 +374,7 @@ def validate_edges(
     circuits = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
     ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
     order = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)]
-    gen = torch.Generator().manual_seed(seed)
-    rest = order[k:]
-    chosen = order[:k].tolist() + rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()
+    chosen = top_and_random(order, k, n_random, seed)
     V = len(edges.downstream)
     est, x = edges.scores.flatten()[chosen], circuits.cut_each(chosen)
     rho = spearman(est, x) if len(chosen) > 2 else float("nan")
