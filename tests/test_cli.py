@@ -319,6 +319,10 @@ def test_run_with_subspace_targets_and_das(tmp_path):
     torch.testing.assert_close(res.raw["logit_diff"], again.raw["logit_diff"], atol=1e-6, rtol=0)
     das = json.loads((out / "das_resid_pre.L1.end_k1.json").read_text())
     assert das["steps"] == 5 and das["site"].startswith("resid_pre.L1.pos") and len(das["curve"]) == 1
+    from actpatch.app.subspaces import load_das
+
+    record = load_das(out)["das_resid_pre.L1.end_k1"]  # typed, through the codec
+    assert record.steps == 5 and record.site.kind is ap.SiteKind.RESID_PRE and len(record.curve) == 1
     assert (out / "das_resid_pre.L1.end_k1.safetensors").is_file()
     page = (out / "report.html").read_text()
     assert "<h2>Subspaces</h2>" in page and "<h2>DAS</h2>" in page and "MLP output projection" in page

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .findings import Finding, Level, Origin, sort_findings
+from .corruption import CorruptionKind
 from .metrics import UNDEFINED_GAP
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,13 +106,17 @@ def _saturation(res: "PatchResult") -> list[Finding]:
 
 
 def _corruption_notes(res: "PatchResult") -> list[Finding]:
-    name = res.info.corruption.get("name")
-    if name == "gaussian":
+    try:
+        kind = CorruptionKind(res.info.corruption.get("name", "str"))
+    except ValueError:  # a corruption this version does not know (a hand-made or future result)
+        return []
+    name = kind.value
+    if kind is CorruptionKind.GAUSSIAN:
         return [_f(Level.WARNING, "gaussian_noise",
                    "Gaussian-noise corruption pushes the embeddings off the training distribution; it can create "
                    "misleading peaks (Zhang & Nanda 2023).",
                    "Confirm with symmetric token replacement (corruption='str') on paired prompts.")]
-    if name in ("zero", "mean"):
+    if kind in (CorruptionKind.ZERO, CorruptionKind.MEAN):
         return [_f(Level.INFO, f"{name}_ablation",
                    f"{name.capitalize()} ablation replaces activations by values the model may never see together; "
                    f"effects include the damage of going off-distribution.",

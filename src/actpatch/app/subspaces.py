@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 
 from ..errors import ConfigError
@@ -12,7 +12,7 @@ from ..models.handle import Model
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..subspace import Subspace
-from ..techniques.das import das
+from ..techniques.das import DASRecord, das
 from ..techniques.positions import named_positions
 from ..techniques.directions import diff_of_means, pca_directions, probe_direction
 from .config import ExperimentConfig, TargetConfig
@@ -60,16 +60,16 @@ def _position(prompts: PromptSet, position: int | str) -> int:
 
 
 def run_das_jobs(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: Path, *, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+                 log: Callable[[str], None] = print) -> dict[str, DASRecord]:
     """Run each ``das:`` job into ``out/<name>.json`` (numbers, curve, findings) and
     ``out/<name>.safetensors`` (the basis); jobs already written are loaded."""
     from safetensors.torch import save_file
 
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[str, DASRecord] = {}
     for job in cfg.das:
         path = out / f"{job.name}.json"
         if path.is_file():
-            done[job.name] = json.loads(path.read_text())
+            done[job.name] = DASRecord.from_dict(json.loads(path.read_text()))
             log(f"{job.name}: already done, loaded")
             continue
         site = Site.parse(job.site)
@@ -79,16 +79,14 @@ def run_das_jobs(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: P
             site = Site(site.kind, site.layer, head=site.head, pos=_position(prompts, job.position))
         r = das(model, prompts, site, job.k, steps=job.steps, lr=job.lr, test_fraction=job.test_fraction,
                 seed=cfg.seed, progress=progress)
-        record = {"site": str(site), "k": job.k, "test_accuracy": r.test_accuracy, "test_effect": r.test_effect,
-                  "steps": r.steps, "seconds": r.seconds, "curve": [list(c) for c in r.curve],
-                  "train": list(r.train), "test": list(r.test), "findings": [f.to_dict() for f in r.findings]}
+        record = r.record()
         save_file({"basis": r.subspace.basis_for(site.layer).contiguous()}, str(out / f"{job.name}.safetensors"))
-        path.write_text(json.dumps(record, indent=2))
+        path.write_text(json.dumps(record.to_dict(), indent=2))
         done[job.name] = record
         log(f"{job.name}: test accuracy {r.test_accuracy:.2f}, subspace effect {r.test_effect:.3f} ({r.seconds:.1f} s)")
     return done
 
 
-def load_das(out: Path) -> dict[str, dict[str, Any]]:
+def load_das(out: Path) -> dict[str, DASRecord]:
     """The DAS records a run directory holds, by name."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(out).glob("das_*.json"))}
+    return {p.stem: DASRecord.from_dict(json.loads(p.read_text())) for p in sorted(Path(out).glob("das_*.json"))}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
     from ..findings import Finding
+    from ..techniques.das import DASRecord
     from ..techniques.circuit import Faithfulness
     from ..techniques.mib import CircuitScores
     from ..techniques.self_repair import DirectTotal
@@ -70,7 +71,7 @@ def _pairs(results: dict[str, "PatchResult"]) -> list[tuple[str, "PatchResult | 
 def write_report(
     results: dict[str, "PatchResult"], out: str | Path, *, title: str = "actpatch report",
     curves: "dict[str, Faithfulness] | None" = None,
-    das: dict[str, dict[str, Any]] | None = None,
+    das: "dict[str, DASRecord] | None" = None,
     mib: "dict[str, CircuitScores] | None" = None,
     direct_total: "DirectTotal | None" = None,
 ) -> Path:
@@ -210,7 +211,7 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _subspace_sections(results: dict[str, "PatchResult"], das: dict[str, dict[str, Any]]) -> list[str]:
+def _subspace_sections(results: dict[str, "PatchResult"], das: "dict[str, DASRecord]") -> list[str]:
     """Subspace results next to their whole components (the illusion check's numbers), and DAS runs."""
     parts: list[str] = []
     rows = []
@@ -233,8 +234,8 @@ def _subspace_sections(results: dict[str, "PatchResult"], das: dict[str, dict[st
                          ["result", "basis", "site checked", "reader", "read share", "variation", "read part", "unread part",
                           "effect", "read part", "unread part", "whole component", "findings"], rows))
     if das:
-        rows = [[name, r["site"], r["k"], f"{r['test_accuracy']:.2f}", _fmt(float(r["test_effect"])), r["steps"],
-                 f"{r['seconds']:.1f}", ", ".join(f["code"] for f in r.get("findings", []))] for name, r in das.items()]
+        rows = [[name, str(r.site), r.k, f"{r.test_accuracy:.2f}", _fmt(r.test_effect), r.steps,
+                 f"{r.seconds:.1f}", ", ".join(f.code for f in r.findings)] for name, r in das.items()]
         parts.append("<h2>DAS</h2><p>Subspaces learned by interchange-intervention training; accuracy and effect on "
                      "the held-out pairs (bases in <code>&lt;name&gt;.safetensors</code>).</p>" + _table(
                          ["job", "site", "k", "test accuracy", "test effect", "steps", "seconds", "findings"], rows))

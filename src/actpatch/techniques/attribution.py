@@ -320,7 +320,7 @@ def validate_attribution(
                             f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
                             f"({k} largest, {n_rand} random): {rho:.3f}.",
                             "Below ~0.7, trust exact patching and read the estimates only as a screen."))
-    if result.info.target in ("q", "k"):
+    if result.info.target in (SiteKind.Q.value, SiteKind.K.value):
         layers = sorted({result.coords["layer"][c[result.dims.index("layer")]] for c in cells})
         findings.extend(_saturated(model, prompts, layers, saturation))
     return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)

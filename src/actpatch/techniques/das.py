@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._codec import decode, encode
 from ..errors import PromptError, SubspaceError
 from ..experiment.executor import progress_bar
 from ..findings import Finding
@@ -41,7 +42,33 @@ from .patching import patch
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
-__all__ = ["DASResult", "das"]
+__all__ = ["DASResult", "DASRecord", "das"]
+
+
+@dataclass(frozen=True)
+class DASRecord:
+    """What a DAS run reports, without its basis (configs save it as JSON next to the basis's
+    safetensors; the report reads it): see :class:`DASResult` for the fields."""
+
+    site: Site
+    k: int
+    test_accuracy: float
+    test_effect: float
+    steps: int
+    seconds: float
+    curve: tuple[tuple[int, float, float], ...] = ()
+    train: tuple[int, ...] = ()
+    test: tuple[int, ...] = ()
+    findings: tuple[Finding, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (:mod:`actpatch._codec`)."""
+        return encode(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DASRecord":
+        """Inverse of :meth:`to_dict` (also reads records saved by 0.2.0, which had the same keys)."""
+        return decode(cls, d)
 
 
 @dataclass(frozen=True)
@@ -64,6 +91,12 @@ class DASResult:
     train: tuple[int, ...]
     test: tuple[int, ...]
     findings: tuple[Finding, ...] = ()
+
+    def record(self) -> DASRecord:
+        """The numbers of this run, without the basis."""
+        return DASRecord(site=self.site, k=self.k, test_accuracy=self.test_accuracy, test_effect=self.test_effect,
+                         steps=self.steps, seconds=self.seconds, curve=self.curve, train=self.train, test=self.test,
+                         findings=self.findings)
 
     def plot(self) -> Any:
         """The training curve (plotly figure)."""

@@ -37,7 +37,7 @@ from ..errors import SubspaceError
 from ..findings import Finding, Level
 from ..hooks import capture
 from ..prompts.promptset import PromptSet
-from ..sites import Site
+from ..sites import Site, SiteKind
 from ..subspace import Subspace, SubspaceCheck, SubspaceLike, as_subspace, width
 from ..types import DEFAULT_DIRECTION, Direction, parse_direction
 from .exact import execute, patch_plan
@@ -185,7 +185,7 @@ def _findings(site: Site, reader: str | None, row_share: float | None, variation
     e_sub, e_row, e_full = effects["subspace"] or 0.0, effects.get("row"), effects["component"] or 0.0
     gap = "in units of the clean - corrupted gap"
     if reader is None:
-        why = ("it is read through the softmax" if site.kind.value in ("q", "k", "v")
+        why = ("it is read through the softmax" if site.kind in (SiteKind.Q, SiteKind.K, SiteKind.V)
                else "every later component reads the residual stream")
         found.append(Finding(
             Level.INFO, "subspace_check_limited",
@@ -251,7 +251,7 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
         parts["row"] = _part(U, P_row)
         parts["null"] = _part(U, torch.eye(U.shape[1]) - P_row)
         row_share = float((U @ P_row).pow(2).sum() / U.shape[0])
-        reader = "MLP output projection" if site.kind.value == "mlp_post" else f"head {site.head}'s output projection"
+        reader = "MLP output projection" if site.kind is SiteKind.MLP_POST else f"head {site.head}'s output projection"
 
     variation = _variation(model, prompts, site, parts)
 
