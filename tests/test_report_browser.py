@@ -70,3 +70,18 @@ def test_report_renders_in_headless_chromium(report):
     assert not errors, errors
     assert not dialogs
     assert EVIL in body  # shown as text
+
+
+def test_results_are_placed_by_their_own_direction_not_their_name(tmp_path):
+    """A noising result whose name does not end in _noise is shown as noising (it was shown as
+    denoising, with the sufficiency label); named halves still pair up."""
+    from actpatch.report.html import _pairs
+
+    m = tiny_model("llama")
+    ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [11], [12])
+    noi = ap.sweep(m, ps, "resid_pre", direction="noise", progress=False)
+    den = ap.sweep(m, ps, "resid_pre", direction="denoise", progress=False)
+    assert _pairs({"heads": noi}) == [("heads", None, noi)]
+    assert _pairs({"r_denoise": den, "r_noise": noi}) == [("r", den, noi)]
+    text = write_report({"heads": noi}, tmp_path).read_text()
+    assert "noising: 1 = no damage" in text and "denoising: sufficiency" not in text

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..compare import Comparison, comparable, compare
-from ..types import Method
+from ..types import Direction, Method
 from .figures import comparison_figure, faithfulness_figure, mib_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
 
@@ -58,14 +58,17 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _pairs(results: dict[str, "PatchResult"]) -> list[tuple[str, "PatchResult | None", "PatchResult | None"]]:
-    names: dict[str, dict[str, PatchResult]] = {}
+    """(name, denoising result, noising result) per target: each result goes where its own
+    direction says; a name ending in that direction (``z_noise``) pairs with its other half."""
+    names: dict[str, dict[Direction, PatchResult]] = {}
     for name, res in results.items():
-        base, _, direction = name.rpartition("_")
-        if direction in ("denoise", "noise") and base:
-            names.setdefault(base, {})[direction] = res
-        else:
-            names.setdefault(name, {})["denoise"] = res
-    return [(k, v.get("denoise"), v.get("noise")) for k, v in names.items()]
+        d = res.info.direction
+        suffix = f"_{d.value}"
+        base = name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
+        if d in names.get(base, {}):  # two results of one direction under one name: keep both
+            base = name
+        names.setdefault(base, {})[d] = res
+    return [(k, v.get(Direction.DENOISE), v.get(Direction.NOISE)) for k, v in names.items()]
 
 
 def write_report(
