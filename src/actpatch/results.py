@@ -227,7 +227,8 @@ class ResultInfo:
         else:
             technique = ExactInfo(engine=Engine(engine) if engine in ("batched", "reference") else None,
                                   sites=tuple(pop("sites", ())))
-        pop("estimate", None), pop("senders", None), pop("receivers", None), pop("sites", None)
+        for consumed in ("estimate", "senders", "receivers", "sites"):  # the other techniques' options
+            pop(consumed, None)
         known = cls(
             target=str(pop("target", "?")), direction=Direction(pop("direction")), technique=technique,
             metrics=tuple(pop("metrics", metrics)), corruption=dict(pop("corruption", None) or {"name": "str"}),
