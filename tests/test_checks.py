@@ -16,7 +16,7 @@ def result(raw=((0.5, 0.2),), clean=(1.0,), corrupted=(0.0,), metric="logit_diff
     raw_t = torch.tensor(raw, dtype=torch.float)
     cc = tuple(clean_correct) if clean_correct is not None else (True,) * raw_t.shape[0]
     info = ap.results.ResultInfo(target="mlp_out", direction=ap.Direction(direction),
-                         metrics=(metric,), corruption=corruption or {"name": "str"}, seed=0,
+                         metrics=(metric,), corruption=ap.corruption.CorruptionSpec.from_json(corruption), seed=0,
                          provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"), grid={"window": window},
                          diagnostics=ap.types.Diagnostics(clean_correct=cc, null_patch_max_abs=null_patch_max_abs),
                          compared=compared)

@@ -93,7 +93,7 @@ def test_negative_components_get_their_own_role():
     def res(direction, values):
         v = torch.tensor([values])
         info = ap.results.ResultInfo(target="z", direction=ap.Direction(direction),
-                             metrics=("logit_diff",), corruption={"name": "str"}, seed=0,
+                             metrics=("logit_diff",), corruption=ap.corruption.CorruptionSpec(), seed=0,
                              provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"))
         return ap.PatchResult(dims=("head",), coords={"head": [0, 1, 2]}, raw={"logit_diff": v},
                               clean={"logit_diff": torch.tensor([1.0])}, corrupted={"logit_diff": torch.tensor([0.0])},

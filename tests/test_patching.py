@@ -94,7 +94,7 @@ def test_gaussian_noise_sigma_zero_is_no_corruption_and_seeds_reproduce(llama):
     c = ap.sweep(llama, ps, "resid_pre", corruption=ap.corruption.GaussianNoise(n_draws=4), seed=6, **kw)
     assert torch.equal(a.raw["logit_diff"], b.raw["logit_diff"])
     assert not torch.equal(a.raw["logit_diff"], c.raw["logit_diff"])
-    assert a.info.corruption["sigma"] > 0
+    assert a.info.corruption.sigma > 0
     # denoising the noised (diff) position at layer 0 restores clean exactly
     torch.testing.assert_close(a.raw["logit_diff"][:, 0, 1], a.clean["logit_diff"], atol=1e-5, rtol=0)
 

@@ -141,7 +141,7 @@ def test_role_corruptions_do_not_depend_on_the_grouping():
     assert user.sigma is None and noise is not user  # corruptions are values: the caller's is never changed
     res = ap.sweep(m, ps, "resid_pre", positions=["first_diff", "end"], corruption=ap.corruption.GaussianNoise(n_draws=2),
                    direction="noise", progress=False)
-    assert res.info.corruption["sigma"] == pytest.approx(noise.sigma)
+    assert res.info.corruption.sigma == pytest.approx(noise.sigma)
     for name in ("resample", "mean"):
         with pytest.raises(ap.errors.CorruptionError, match=f"corruption '{name}' draws on the other prompts"):
             ap.sweep(m, ps, "resid_pre", positions=["end"], corruption=name, direction="noise", progress=False)

@@ -3,6 +3,7 @@ subset / concat, and the bad inputs every entry point must refuse with a specifi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -239,7 +240,28 @@ def test_corruptions_are_never_changed_by_an_experiment():
     m = tiny_model("llama", n_layers=2)
     noise = ap.corruption.GaussianNoise(n_draws=2)
     res = ap.sweep(m, random_pairs(n=2), "resid_pre", corruption=noise, progress=False)
-    assert noise.sigma is None and res.info.corruption["sigma"] > 0
+    assert noise.sigma is None and res.info.corruption.sigma > 0
+
+
+def test_the_corruption_is_a_frozen_value_that_survives_a_save(tmp_path):
+    m = tiny_model("llama", n_layers=2)
+    noise = ap.corruption.GaussianNoise(scale=2.0, n_draws=2, positions=(1, 2))
+    res = ap.sweep(m, random_pairs(n=2), "resid_pre", corruption=noise, progress=False)
+    spec = res.info.corruption
+    assert isinstance(spec, ap.corruption.CorruptionSpec) and spec.name is ap.corruption.CorruptionKind.GAUSSIAN
+    assert (spec.scale, spec.n_draws, spec.positions) == (2.0, 2, (1, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.scale = 1.0  # type: ignore[misc]
+    res.save(tmp_path / "r")
+    back = ap.PatchResult.load(tmp_path / "r")
+    assert back.info.corruption == spec
+    rebuilt = spec.build()  # the same corruption, its sigma measured again where it runs
+    assert (rebuilt.scale, rebuilt.n_draws, tuple(rebuilt.positions), rebuilt.sigma) == (2.0, 2, (1, 2), None)
+    # the JSON shape older files hold: positions "diff" is the default, names are plain strings
+    assert ap.corruption.CorruptionSpec.from_json({"name": "gaussian", "scale": 3.0, "n_draws": 10,
+                                                   "positions": "diff"}).positions is None
+    with pytest.raises(ap.errors.CorruptionError, match="Unknown corruption 'blur'"):
+        ap.corruption.CorruptionSpec.from_json({"name": "blur"})
 
 
 def test_memory_budget_reads_the_device_it_will_use(monkeypatch):

@@ -11,7 +11,7 @@ import actpatch as ap
 def make(raw, clean, corrupted, attrs=None):
     raw = torch.tensor(raw, dtype=torch.float)
     info = ap.results.ResultInfo(target="z", direction=ap.Direction.DENOISE, metrics=("logit_diff",),
-                         corruption={"name": "str"}, seed=0,
+                         corruption=ap.corruption.CorruptionSpec(), seed=0,
                          provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"),
                          prompt_attributes=tuple(attrs or [{} for _ in clean]))
     return ap.PatchResult(dims=("head",), coords={"head": list(range(raw.shape[1]))},

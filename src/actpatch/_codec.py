@@ -1,7 +1,8 @@
 """One JSON codec for the frozen records results carry, driven by their type hints: a dataclass
 is an object of its fields, an enum its value, a tuple a list, a :class:`~actpatch.Site` its
 string, and a union of dataclasses is told apart by their ``KIND`` tag. Adding a field to a
-record needs no codec change; a field missing from saved JSON takes its default.
+record needs no codec change; a field missing from saved JSON takes its default. A record whose
+saved shape is its own (to read older files) defines ``to_json()`` and ``from_json(data)``.
 
 Example:
     >>> from dataclasses import dataclass
@@ -34,6 +35,8 @@ def encode(obj: Any) -> Any:
     if isinstance(obj, Site):
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_json"):
+            return obj.to_json()
         out = {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         kind = getattr(type(obj), "KIND", None)
         return {"kind": kind, **out} if kind is not None else out
@@ -75,6 +78,8 @@ def decode(tp: Any, data: Any, namespace: dict[str, Any] | None = None) -> Any:
     if tp is Site:
         return Site.parse(data)
     if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "from_json"):
+            return tp.from_json(data)
         hints = typing.get_type_hints(tp, globalns=namespace)
         known = {f.name for f in dataclasses.fields(tp) if f.init}
         return tp(**{k: decode(hints[k], v, namespace) for k, v in data.items() if k in known})

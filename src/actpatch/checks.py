@@ -106,10 +106,7 @@ def _saturation(res: "PatchResult") -> list[Finding]:
 
 
 def _corruption_notes(res: "PatchResult") -> list[Finding]:
-    try:
-        kind = CorruptionKind(res.info.corruption.get("name", "str"))
-    except ValueError:  # a corruption this version does not know (a hand-made or future result)
-        return []
+    kind = res.info.corruption.name
     name = kind.value
     if kind is CorruptionKind.GAUSSIAN:
         return [_f(Level.WARNING, "gaussian_noise",

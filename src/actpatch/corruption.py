@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CorruptionKind", "Run", "Corruption", "SymmetricReplacement", "Resample", "GaussianNoise", "MeanAblation", "ZeroAblation",
-    "parse_corruption", "from_description", "CORRUPTIONS",
+    "CorruptionSpec", "parse_corruption", "from_description", "CORRUPTIONS",
 ]
 
 
@@ -81,6 +81,56 @@ def first_difference(a: Run, b: Run) -> int:
     return int(where[0]) if len(where) else int(a.ids.shape[1])
 
 
+@dataclass(frozen=True)
+class CorruptionSpec:
+    """What a result records about its corruption: a frozen value, enough to rebuild it
+    (:meth:`build`). ``positions`` None means "where clean and corrupted differ"; ``sigma`` is
+    the measured embedding scale of Gaussian noise (None for the other kinds).
+
+    Example:
+        >>> GaussianNoise(scale=2.0).describe().build()
+        GaussianNoise(scale=2.0, n_draws=10, positions=None, sigma=None)
+    """
+
+    name: CorruptionKind = CorruptionKind.STR
+    scale: float | None = None
+    n_draws: int | None = None
+    sigma: float | None = None
+    positions: tuple[int, ...] | None = None
+
+    @property
+    def kind(self) -> CorruptionKind:
+        return self.name
+
+    def build(self) -> "Corruption":
+        """The corruption this spec describes (Gaussian noise keeps no sigma: it is measured
+        again on the prompts it runs on)."""
+        if self.name is CorruptionKind.GAUSSIAN:
+            return GaussianNoise(scale=3.0 if self.scale is None else self.scale,
+                                 n_draws=10 if self.n_draws is None else self.n_draws, positions=self.positions)
+        return CORRUPTIONS[self.name]()
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape results have always saved (``positions: "diff"`` for the default)."""
+        if self.name is not CorruptionKind.GAUSSIAN:
+            return {"name": self.name.value}
+        return {"name": self.name.value, "scale": self.scale, "n_draws": self.n_draws, "sigma": self.sigma,
+                "positions": list(self.positions) if self.positions is not None else "diff"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "CorruptionSpec":
+        """Read :meth:`to_json`'s shape (and every saved format's); ``str`` when absent."""
+        d = dict(data or {})
+        try:
+            kind = CorruptionKind(d.get("name", "str"))
+        except ValueError:
+            raise CorruptionError(f"Unknown corruption {d.get('name')!r} in a saved result; this actpatch knows "
+                                  f"{', '.join(k.value for k in CorruptionKind)}.") from None
+        pos = d.get("positions")
+        return cls(name=kind, scale=d.get("scale"), n_draws=d.get("n_draws"), sigma=d.get("sigma"),
+                   positions=None if pos in (None, "diff") else tuple(int(p) for p in pos))
+
+
 class Corruption:
     """Base class. ``draws`` runs per prompt; the batch is prompt-major (``g * draws + r``).
 
@@ -111,8 +161,9 @@ class Corruption:
         """Activation-level corruptions: the corrupted activation given clean ones ``(B, ...)``."""
         raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
+    def describe(self) -> CorruptionSpec:
+        """The frozen value a result records (:class:`CorruptionSpec`)."""
+        return CorruptionSpec(self.kind)
 
 
 class SymmetricReplacement(Corruption):
@@ -217,9 +268,9 @@ class GaussianNoise(Corruption):
         mask = torch.stack([self._mask(prompts, int(i)) for i in group.indices]).repeat_interleave(R, 0)
         return Run(group.clean.repeat_interleave(R, 0), noise * mask[..., None])
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "scale": self.scale, "n_draws": self.n_draws, "sigma": self.sigma,
-                "positions": list(self.positions) if self.positions is not None else "diff"}
+    def describe(self) -> CorruptionSpec:
+        return CorruptionSpec(self.kind, scale=self.scale, n_draws=self.n_draws, sigma=self.sigma,
+                              positions=tuple(self.positions) if self.positions is not None else None)
 
 
 class MeanAblation(Corruption):
@@ -268,11 +319,8 @@ def parse_corruption(corruption: "str | CorruptionKind | Corruption") -> Corrupt
         ) from None
 
 
-def from_description(description: dict[str, Any] | None) -> Corruption:
-    """The corruption a result's ``meta["corruption"]`` (:meth:`Corruption.describe`) records;
-    ``str`` when absent."""
-    c = dict(description or {"name": "str"})
-    if c.get("name") == CorruptionKind.GAUSSIAN.value:
-        pos = c.get("positions")
-        return GaussianNoise(scale=c["scale"], n_draws=c["n_draws"], positions=None if pos == "diff" else pos)
-    return parse_corruption(c.get("name", "str"))
+def from_description(description: "CorruptionSpec | dict[str, Any] | None") -> Corruption:
+    """The corruption a result records (a :class:`CorruptionSpec`, or its JSON shape); ``str``
+    when absent."""
+    spec = description if isinstance(description, CorruptionSpec) else CorruptionSpec.from_json(description)
+    return spec.build()

@@ -19,6 +19,7 @@ from .errors import ResultError
 from .findings import Finding, technique_findings
 from .metrics import normalise
 from ._codec import decode, encode
+from .corruption import CorruptionSpec
 from .subspace import SubspaceCheck
 from .types import Diagnostics, Direction, Engine, Estimate, Method, Provenance
 
@@ -88,8 +89,8 @@ class ResultInfo:
     target: str
     direction: Direction
     metrics: tuple[str, ...]
-    corruption: dict[str, Any]
-    """:meth:`actpatch.corruption.Corruption.describe` of the corruption used."""
+    corruption: CorruptionSpec
+    """The corruption used (:meth:`actpatch.corruption.Corruption.describe`)."""
     seed: int
     provenance: Provenance
     technique: TechniqueInfo = ExactInfo()
@@ -231,7 +232,7 @@ class ResultInfo:
             pop(consumed, None)
         known = cls(
             target=str(pop("target", "?")), direction=Direction(pop("direction")), technique=technique,
-            metrics=tuple(pop("metrics", metrics)), corruption=dict(pop("corruption", None) or {"name": "str"}),
+            metrics=tuple(pop("metrics", metrics)), corruption=CorruptionSpec.from_json(pop("corruption", None)),
             seed=int(pop("seed", 0)),
             provenance=Provenance(model=str(model.get("name", "?")), family=str(model.get("family", "?")),
                                   weight_hash=str(model.get("weight_hash", "?")), prompts=pop("prompts", {}) or {},

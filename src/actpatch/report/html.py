@@ -119,7 +119,7 @@ def _baselines(results: dict[str, "PatchResult"]) -> list[str]:
             rows.setdefault(key, [m, f"{b['clean']:+.4f}", f"{b['corrupted']:+.4f}", f"{b['clean'] - b['corrupted']:+.4f}", []])[4].append(name)
     table = [[*r[:4], ", ".join(r[4])] for r in rows.values()]
     return [f"<p>{first.n_prompts} prompts; model {html.escape(first.info.provenance.model)}; "
-            f"corruption {html.escape(str(first.info.corruption.get('name', '?')))}.</p>",
+            f"corruption {html.escape(first.info.corruption.name.value)}.</p>",
             "<h2>Baselines</h2>" + _table(["metric", "clean", "corrupted", "gap", "results"], table)]
 
 

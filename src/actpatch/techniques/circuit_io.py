@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._io import read_json
+from ..corruption import CorruptionSpec
 from ..errors import ResultError
 from ..types import Direction
 from .eap import EdgeScores
@@ -71,7 +72,7 @@ def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | Non
     n_layers = max((n.layer for n in g.nodes if n.layer is not None), default=-1) + 1
     cfg = {"n_layers": n_layers, "n_heads": n_heads, "n_key_value_heads": n_kv, "parallel_attn_mlp": g.parallel,
            "actpatch": {"method": edges.method, "direction": edges.direction.value, "metric": edges.metric,
-                        "corruption": edges.corruption, "seed": edges.seed, "ig_steps": edges.ig_steps}}
+                        "corruption": edges.corruption.to_json(), "seed": edges.seed, "ig_steps": edges.ig_steps}}
     nodes: dict[str, dict[str, Any]] = {node_name(n): {"in_graph": bool(kept[i].any())} for i, n in enumerate(g.nodes)}
     for j, p in enumerate(g.ports):
         name, _ = port_name(p)
@@ -125,7 +126,7 @@ def from_mib_json(path: str | Path, model: "Model") -> tuple[EdgeScores, torch.T
     meta = cfg.get("actpatch", {})
     edges = EdgeScores(graph=g, scores=scores, per_prompt=scores[None], method=str(meta.get("method", "imported")),
                        direction=Direction(meta.get("direction", Direction.NOISE.value)),
-                       metric=str(meta.get("metric", "logit_diff")), corruption=dict(meta.get("corruption", {"name": "str"})),
+                       metric=str(meta.get("metric", "logit_diff")), corruption=CorruptionSpec.from_json(meta.get("corruption")),
                        seed=int(meta.get("seed", 0)), ig_steps=int(meta.get("ig_steps", 0)), extra={"source": str(path)})
     return edges, keep
 
@@ -141,7 +142,7 @@ def save_edge_scores(edges: EdgeScores, path: str | Path) -> tuple[Path, Path]:
     save_file({"scores": edges.scores.contiguous(), "per_prompt": edges.per_prompt.contiguous()}, str(tensors))
     meta.write_text(json.dumps({"upstream": edges.upstream, "downstream": edges.downstream, "method": edges.method,
                                 "direction": edges.direction.value, "metric": edges.metric,
-                                "corruption": edges.corruption, "seed": edges.seed, "ig_steps": edges.ig_steps},
+                                "corruption": edges.corruption.to_json(), "seed": edges.seed, "ig_steps": edges.ig_steps},
                                indent=1))
     return tensors, meta
 
@@ -157,5 +158,5 @@ def load_edge_scores(path: str | Path, model: "Model") -> EdgeScores:
         raise ResultError(f"{base}: these edge scores are for another graph than this model's.")
     t = load_file(str(base.with_suffix(".safetensors")))
     return EdgeScores(graph=g, scores=t["scores"], per_prompt=t["per_prompt"], method=meta["method"],
-                      direction=Direction(meta["direction"]), metric=meta["metric"], corruption=meta["corruption"],
+                      direction=Direction(meta["direction"]), metric=meta["metric"], corruption=CorruptionSpec.from_json(meta["corruption"]),
                       seed=int(meta["seed"]), ig_steps=int(meta.get("ig_steps", 0)))

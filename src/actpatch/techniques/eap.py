@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..corruption import Corruption
+from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
 from ..hooks import capture, gradient_taps, intervene
@@ -86,7 +86,7 @@ class EdgeScores:
     """``eap`` or ``eap-ig``."""
     direction: Direction
     metric: str
-    corruption: dict[str, Any]
+    corruption: CorruptionSpec
     seed: int
     ig_steps: int = 0
     provenance: Provenance | None = None

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..corruption import Corruption
+from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError, PromptError
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
@@ -57,7 +57,7 @@ class PositionalEdgeScores:
     method: str
     direction: Direction
     metric: str
-    corruption: dict[str, Any]
+    corruption: CorruptionSpec
     seed: int
     named: bool = False
     ig_steps: int = 0
