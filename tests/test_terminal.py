@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import actpatch as ap
 from actpatch.app import cli
+from actpatch.app.catalogue import describe
 from actpatch.app.demo import top_heads_table
 from actpatch.report.summary import result_renderables, top_cells
 from actpatch.testing import random_pairs, tiny_model
@@ -125,3 +126,16 @@ def test_runs_and_show_read_the_saved_files(tmp_path, monkeypatch, width):
     assert status["status"] == "failed" and "nosuchfamily" in status["error"]
     r = runner.invoke(cli.app, ["show", str(tmp_path / "nothing")])
     assert r.exit_code == 1
+
+
+def test_runs_counts_every_kind_of_target_as_the_runner_names_it(tmp_path):
+    """The catalogue names results through the config's own sections: a subspace or AtP target
+    of a finished run is complete, not partial forever."""
+    body = TINY.replace("  - {target: z}\n", "  - {target: resid_pre, method: atp}\n"
+                        "  - {target: mlp_out, layers: [0], subspace: {method: diff_of_means, check: false}}\n")
+    out = tmp_path / "exps" / "s"
+    r = CliRunner().invoke(cli.app, ["run", str(write_config(tmp_path, body)), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    entry = describe(out)
+    assert sorted(entry.targets) == ["mlp_out_sub_diff_of_means", "resid_pre", "resid_pre_atp"]
+    assert (entry.status, entry.done, entry.expected) == ("complete", 6, 6)

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .._io import read_json
 from ..errors import OutputDirError
+from .config import PathConfig, TargetConfig
 
 __all__ = ["Entry", "find_experiments", "describe", "write_status"]
 
@@ -45,16 +48,17 @@ class Entry:
 
 
 def _expected(cfg: dict[str, Any]) -> list[str]:
+    """The result directories a saved config makes, named as the runner names them (the
+    sections' own ``name``); a section this version cannot read counts as never done."""
     dirs = [d for d in cfg.get("directions", [])]
     names = []
-    for t in cfg.get("targets", []):
-        suffix = ""
-        if t.get("method") == "atp":
-            suffix = "_atp" + ("_qk" if t.get("qk_fix") else "") + ("_gd" if t.get("grad_drop") else "")
-        base = t["target"] + (f"_w{t['window']}" if t.get("window", 1) > 1 else "") + suffix
-        names += [f"{base}_{d}" for d in dirs]
-    for p in cfg.get("paths", []):
-        names += [f"path_{p.get('sender', 'z')}_to_" + "+".join(p["receivers"]) + f"_{d}" for d in dirs]
+    for key, section in (("targets", TargetConfig), ("paths", PathConfig)):
+        for i, t in enumerate(cfg.get(key, [])):
+            try:
+                base = section.model_validate(t).name
+            except ValidationError:
+                base = f"<unreadable {key}[{i}]>"
+            names += [f"{base}_{d}" for d in dirs]
     return names
 
 

@@ -18,22 +18,33 @@ Example (``examples/ioi.yaml``)::
 from __future__ import annotations
 
 import csv
+import enum
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..corruption import CorruptionKind
 from ..errors import ConfigError, PromptError, SiteError
 from ..metrics import DIFFERENTIABLE, Metric
 from ..sites import Site, SiteKind
 from ..techniques.eap import EdgeMethod
-from ..types import Direction, Engine
+from ..types import Direction, Engine, Method
 
-__all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "DASConfig", "ConfigError",
-           "load_config"]
+__all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "SubspaceMethod", "DASConfig",
+           "ConfigError", "load_config"]
+
+
+class SubspaceMethod(str, enum.Enum):
+    """Where a subspace target's basis comes from."""
+
+    DIFF_OF_MEANS = "diff_of_means"
+    PROBE = "probe"
+    PCA = "pca"
+    FILE = "file"
 
 
 def _check_sites(texts: list[str]) -> None:
@@ -82,7 +93,7 @@ class SubspaceConfig(_Strict):
     """Patch only a subspace of the target (docs/subspace.md): per layer, a basis found from the
     prompts at ``position`` (an index or a name such as ``end`` / ``S2``), or read from a file."""
 
-    method: Literal["diff_of_means", "probe", "pca", "file"] = "diff_of_means"
+    method: SubspaceMethod = SubspaceMethod.DIFF_OF_MEANS
     position: int | str = "end"
     """Where the directions are read (one position per prompt)."""
     k: int = Field(1, ge=1)
@@ -94,9 +105,9 @@ class SubspaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SubspaceConfig":
-        if (self.method == "file") != (self.file is not None):
+        if (self.method is SubspaceMethod.FILE) != (self.file is not None):
             raise ValueError("method: file needs file: <path.safetensors>, and file: needs method: file")
-        if self.k > 1 and self.method != "pca":
+        if self.k > 1 and self.method is not SubspaceMethod.PCA:
             raise ValueError(f"k={self.k}: only method pca finds several directions (diff_of_means and probe find one)")
         return self
 
@@ -134,8 +145,16 @@ class TargetConfig(_Strict):
     heads: list[int] | None = None
     neurons: list[int] | None = None
     window: int = Field(1, ge=1)
-    method: Literal["exact", "atp"] = "exact"
+    method: Method = Method.EXACT
     """exact: activation patching (ap.sweep); atp: attribution patching estimates (ap.attribute)."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _sweep_method(cls, m: Any) -> Any:
+        if m not in (Method.EXACT, Method.ATP, "exact", "atp"):
+            raise PydanticCustomError("sweep_method", "Input should be 'exact' or 'atp', not {m!r} (path patching has its own "
+                                      "section, paths:)", {"m": m})
+        return m
     qk_fix: bool = False
     """atp only: AtP*'s exact softmax for q / k targets."""
     grad_drop: bool = False
@@ -146,14 +165,14 @@ class TargetConfig(_Strict):
     @model_validator(mode="after")
     def _atp_options(self) -> "TargetConfig":
         if self.subspace is not None:
-            if self.method != "exact":
+            if self.method is not Method.EXACT:
                 raise ValueError("subspace: applies to exact patching (method: exact)")
             if self.target is SiteKind.PATTERN:
                 raise ValueError("subspace: a pattern's last axis is key positions, not a vector space")
-            if self.subspace.method != "file" and self.target.has_heads:
-                raise ValueError(f"subspace: {self.subspace.method} finds one direction per layer, but {self.target.value} "
+            if self.subspace.method is not SubspaceMethod.FILE and self.target.has_heads:
+                raise ValueError(f"subspace: {self.subspace.method.value} finds one direction per layer, but {self.target.value} "
                                  f"has one vector per head; give a basis file (method: file)")
-        if self.method != "atp" and (self.qk_fix or self.grad_drop):
+        if self.method is not Method.ATP and (self.qk_fix or self.grad_drop):
             raise ValueError("qk_fix and grad_drop refine attribution patching: set method: atp")
         if self.qk_fix and self.target not in (SiteKind.Q, SiteKind.K):
             raise ValueError(f"qk_fix applies to q and k targets, not {self.target.value!r}")
@@ -162,10 +181,10 @@ class TargetConfig(_Strict):
     @property
     def name(self) -> str:
         suffix = ""
-        if self.method == "atp":
+        if self.method is Method.ATP:
             suffix = "_atp" + ("_qk" if self.qk_fix else "") + ("_gd" if self.grad_drop else "")
         if self.subspace is not None:
-            suffix += f"_sub_{self.subspace.method}" + (f"{self.subspace.k}" if self.subspace.k > 1 else "")
+            suffix += f"_sub_{self.subspace.method.value}" + (f"{self.subspace.k}" if self.subspace.k > 1 else "")
         return self.target.value + (f"_w{self.window}" if self.window > 1 else "") + suffix
 
 
@@ -246,7 +265,7 @@ class ExperimentConfig(_Strict):
         if not (self.targets or self.paths or self.circuits or self.das):
             raise ValueError("nothing to run: give targets, paths, circuits or das")
         discrete = [m.value for m in self.metrics if m not in DIFFERENTIABLE]
-        atp = [t.name for t in self.targets if t.method == "atp"]
+        atp = [t.name for t in self.targets if t.method is Method.ATP]
         if atp and discrete:
             raise ValueError(f"targets {atp} use method atp, which needs differentiable metrics; "
                              f"remove {discrete} from metrics or run those targets with method: exact")

@@ -40,7 +40,7 @@ from ..techniques.eap import EdgeMethod, edge_attribution
 from ..techniques.patching import sweep
 from ..subspace import Subspace
 from ..techniques.path import path_sweep
-from ..types import Direction
+from ..types import Direction, Method
 from .catalogue import write_status
 from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
 from .subspaces import build_subspace, run_das_jobs
@@ -201,7 +201,7 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
     found: list[Subspace] = []  # the target's basis, found once for both directions
 
     def job(direction: Direction, target_dir: Path) -> PatchResult:
-        if t.method == "atp":  # a few passes: nothing to resume
+        if t.method is Method.ATP:  # a few passes: nothing to resume
             return attribute(model, prompts, t.target, direction=direction, corruption=corruption,
                              metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
         store = UnitStore(target_dir / "units")

@@ -15,7 +15,7 @@ from ..subspace import Subspace
 from ..techniques.das import DASRecord, das
 from ..techniques.positions import named_positions
 from ..techniques.directions import diff_of_means, pca_directions, probe_direction
-from .config import ExperimentConfig, TargetConfig
+from .config import ExperimentConfig, SubspaceMethod, TargetConfig
 
 __all__ = ["build_subspace", "run_das_jobs", "load_das"]
 
@@ -25,7 +25,7 @@ def build_subspace(model: Model, prompts: PromptSet, t: TargetConfig) -> Subspac
     c = t.subspace
     if c is None:  # pragma: no cover - callers check
         raise ConfigError("build_subspace() needs a target with a subspace section.")
-    if c.method == "file":
+    if c.method is SubspaceMethod.FILE:
         from safetensors.torch import load_file
 
         path = Path(str(c.file)).expanduser()
@@ -39,11 +39,11 @@ def build_subspace(model: Model, prompts: PromptSet, t: TargetConfig) -> Subspac
             raise ConfigError(f"{path}: expected a tensor 'basis' or tensors 'layer_<l>'; found {sorted(tensors)}.")
         return Subspace.of(per, method="file", file=str(path))
     layers = t.layers if t.layers is not None else list(range(model.n_layers))
-    find = {"diff_of_means": lambda s: diff_of_means(model, prompts, s, position=c.position),
-            "probe": lambda s: probe_direction(model, prompts, s, position=c.position),
-            "pca": lambda s: pca_directions(model, prompts, s, c.k, position=c.position)}[c.method]
+    find = {SubspaceMethod.DIFF_OF_MEANS: lambda s: diff_of_means(model, prompts, s, position=c.position),
+            SubspaceMethod.PROBE: lambda s: probe_direction(model, prompts, s, position=c.position),
+            SubspaceMethod.PCA: lambda s: pca_directions(model, prompts, s, c.k, position=c.position)}[c.method]
     bases = {l: find(Site(t.target, l)).basis_for(None) for l in layers}
-    return Subspace.of(bases, method=c.method, position=str(c.position))
+    return Subspace.of(bases, method=c.method.value, position=str(c.position))
 
 
 def _position(prompts: PromptSet, position: int | str) -> int:
