@@ -107,3 +107,18 @@ def test_findings_survive_save_load(tmp_path):
     res.findings = ap.check(res)
     back = ap.PatchResult.load(res.save(tmp_path / "r"))
     assert back.findings == res.findings
+
+
+def test_a_finding_has_one_html_form_everywhere_it_is_shown(tmp_path):
+    from actpatch.report.html import write_report
+    from actpatch.report.summary import result_html
+
+    res = result(corruption={"name": "gaussian"})
+    res = res.replace(findings=ap.check(res))
+    f = next(x for x in res.findings if x.code == "gaussian_noise")
+    form = f.to_html()
+    assert f._repr_html_() == form and "class='finding warning'" in form and "#e08214" in form
+    assert ap.Finding(Level.INFO, "c", "a <b> & c").to_html().count("&lt;b&gt; &amp; c") == 1
+    assert form in result_html(res)  # the notebook summary
+    report = write_report({"mlp_out_denoise": res}, tmp_path / "r.html").read_text()
+    assert f.to_html("mlp_out_denoise") in report  # the report, naming the result it is about

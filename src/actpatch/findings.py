@@ -37,6 +37,10 @@ class Origin(str, enum.Enum):
     not recomputable from the result, so kept, once, through every change of prompts."""
 
 
+LEVEL_COLOURS = {Level.ERROR: "#b2182b", Level.WARNING: "#e08214", Level.INFO: "#2166ac"}
+"""The colour of each level wherever findings are drawn."""
+
+
 @dataclass(frozen=True)
 class Finding:
     """One observation about an experiment: ``level``, stable ``code``, what was seen
@@ -64,13 +68,20 @@ class Finding:
     def __str__(self) -> str:
         return f"[{self.level.value}] {self.code}: {self.message}" + (f" -> {self.advice}" if self.advice else "")
 
-    def _repr_html_(self) -> str:
+    def to_html(self, where: str = "") -> str:
+        """The one HTML form of a finding (notebooks, summaries and the report): coloured by
+        level, with class ``finding <level>`` for the report's styles; ``where`` names the
+        result it is about."""
         import html
 
-        colour = {"error": "#b2182b", "warning": "#e08214", "info": "#2166ac"}[self.level.value]
-        advice = f"<br><i>{html.escape(self.advice)}</i>" if self.advice else ""
-        return (f"<div><b style='color:{colour}'>{html.escape(self.level.value)}</b> <code>{html.escape(self.code)}"
-                f"</code>: {html.escape(self.message)}{advice}</div>")
+        colour = LEVEL_COLOURS[self.level]
+        about = f" ({html.escape(where)})" if where else ""
+        advice = f"<div class='advice'><i>{html.escape(self.advice)}</i></div>" if self.advice else ""
+        return (f"<div class='finding {self.level.value}'><b style='color:{colour}'>{html.escape(self.level.value)}"
+                f"</b> <code>{html.escape(self.code)}</code>{about}: {html.escape(self.message)}{advice}</div>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
 
 
 def sort_findings(found: list[Finding]) -> list[Finding]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..compare import Comparison, comparable, compare
+from ..findings import LEVEL_COLOURS
 from ..types import Direction, Method
 from .figures import comparison_figure, faithfulness_figure, mib_figure, result_figure
 from .svg import heatmap_svg, scatter_svg
@@ -22,7 +23,6 @@ from .svg import heatmap_svg, scatter_svg
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
-    from ..findings import Finding
     from ..techniques.das import DASRecord
     from ..techniques.circuit import Faithfulness
     from ..techniques.mib import CircuitScores
@@ -37,9 +37,8 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;font-size:.9em}
 th{background:#f5f5f5}.pair{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:12px}.pair>div{min-width:0}
 .finding{padding:6px 10px;margin:6px 0;border-left:4px solid #999;background:#fafafa}
-.error{border-color:#b2182b}.warning{border-color:#e08214}.info{border-color:#2166ac}
 .advice{color:#555}code,pre{background:#f5f5f5;font-size:.85em}pre{padding:8px;overflow:auto}
-"""
+""" + "".join(f".{level.value}{{border-color:{colour}}}" for level, colour in LEVEL_COLOURS.items()) + "\n"
 
 
 def _figure_html(fig: "go.Figure", div_id: str) -> str:
@@ -100,14 +99,6 @@ def write_report(
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-def _finding_div(f: "Finding", where: str = "") -> str:
-    """One finding as the report shows it (styled by level); ``where``: the result it is about."""
-    about = f" ({html.escape(where)})" if where else ""
-    advice = f"<div class='advice'>{html.escape(f.advice)}</div>" if f.advice else ""
-    return (f"<div class='finding {f.level.value}'><b>{html.escape(f.level.value)}</b> "
-            f"<code>{html.escape(f.code)}</code>{about}: {html.escape(f.message)}{advice}</div>")
 
 
 def _baselines(results: dict[str, "PatchResult"]) -> list[str]:
@@ -186,7 +177,7 @@ def _direct_total(direct_total: "DirectTotal", fig: Iterator[int]) -> list[str]:
              "(self-repair).</p>" + _figure_html(direct_total.plot(), f"fig{next(fig)}"),
              _table(["component", "direct", "total"],
                     [[name, f"{d:+.3f}", f"{t:+.3f}"] for name, d, t in direct_total.disagreements(10)])]
-    return parts + [_finding_div(f) for f in direct_total.findings]
+    return parts + [f.to_html() for f in direct_total.findings]
 
 
 def _findings(results: dict[str, "PatchResult"]) -> list[str]:
@@ -196,7 +187,7 @@ def _findings(results: dict[str, "PatchResult"]) -> list[str]:
         for f in res.findings:
             if (f.code, f.message) not in seen:
                 seen.add((f.code, f.message))
-                parts.append(_finding_div(f, name))
+                parts.append(f.to_html(name))
     return parts if seen else parts + ["<p>No findings.</p>"]
 
 

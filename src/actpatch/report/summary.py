@@ -66,11 +66,8 @@ def _fmt(x: float | None) -> str:
 
 
 def findings_html(findings: list["Finding"]) -> str:
-    colours = {"error": "#b2182b", "warning": "#e08214", "info": "#2166ac"}
-    rows = [f"<li><b style='color:{colours[f.level.value]}'>{html.escape(f.level.value)}</b> "
-            f"<code>{html.escape(f.code)}</code>: {html.escape(f.message)}"
-            + (f"<br><i>{html.escape(f.advice)}</i>" if f.advice else "") + "</li>" for f in findings]
-    return "<ul style='margin:4px 0'>" + "".join(rows) + "</ul>" if rows else "<p>No findings.</p>"
+    """A list of findings, each in its one HTML form (:meth:`Finding.to_html`)."""
+    return "".join(f.to_html() for f in findings) if findings else "<p>No findings.</p>"
 
 
 def result_html(res: "PatchResult", k: int = 8) -> str:
