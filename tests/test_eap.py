@@ -62,6 +62,12 @@ def test_reachability_and_naming():
     assert not torch.isnan(e.into("logits")).any()
     top = e.top(5)
     assert len(top) == 5 and abs(top[0][2]) >= abs(top[-1][2])
+    # the list and the mask name the same edges; asking for more lists only the reachable ones
+    mask = ap.circuits.top_edges(e, 5)
+    assert {(str(x.upstream), str(x.downstream)) for x, _ in e.strongest(5)} == {
+        (e.upstream[u], e.downstream[v]) for u, v in mask.nonzero().tolist()}
+    reachable = int((~torch.isnan(e.scores)).sum())
+    assert len(e.strongest(10 ** 6)) == reachable and not any(s != s for _, s in e.strongest(10 ** 6))
     assert len(e.to_pandas()) == int((~torch.isnan(e.scores)).sum())
     par = ap.edge_attribution(tiny_model("gpt_neox", n_layers=2), _pairs())
     assert torch.isnan(par.into("L0.MLP")[1:]).all()  # parallel: heads of a layer do not feed its MLP

@@ -102,12 +102,14 @@ class EdgeScores:
 
     def top(self, n: int) -> list[tuple[str, str, float]]:
         """The ``n`` edges with the largest |score|: (upstream, downstream, score)."""
-        return [(str(e.upstream), str(e.downstream), s) for e, s in self.top_edges(n)]
+        return [(str(e.upstream), str(e.downstream), s) for e, s in self.strongest(n)]
 
-    def top_edges(self, n: int) -> list[tuple[Edge, float]]:
-        """The ``n`` edges with the largest |score|, typed."""
-        flat = self.scores.nan_to_num(0.0).abs().flatten()
-        idx = flat.argsort(descending=True)[:n]
+    def strongest(self, n: int) -> list[tuple[Edge, float]]:
+        """The ``n`` reachable edges with the largest |score|, typed, strongest first (ties in
+        graph order). :func:`actpatch.circuits.top_edges` gives the same edges as a mask."""
+        flat = self.scores.abs().flatten()
+        reachable = int((~flat.isnan()).sum())
+        idx = flat.nan_to_num(-1.0).argsort(descending=True, stable=True)[: min(n, reachable)]
         V = len(self.graph.ports)
         return [(self.graph.edge(i // V, i % V), float(self.scores.flatten()[i])) for i in idx.tolist()]
 
