@@ -6,29 +6,39 @@ from actpatch.models.adapters import supported_families
 from actpatch.testing import TINY_FAMILIES, tiny_model
 
 
-@pytest.mark.parametrize(
-    "family, shape",
-    [
-        ("gpt2", (3, 4, 4, 64, 16, 256)),
-        ("llama", (3, 4, 4, 64, 16, 128)),
-        ("llama_gqa", (3, 4, 2, 64, 16, 128)),
-        ("qwen2", (3, 4, 2, 64, 16, 128)),
-        ("qwen3", (3, 4, 2, 64, 16, 128)),
-        ("mistral", (3, 4, 2, 64, 16, 128)),
-        ("gemma", (3, 4, 2, 64, 16, 128)),
-        ("phi3", (3, 4, 2, 64, 16, 128)),
-        ("starcoder2", (3, 4, 2, 64, 16, 128)),
-        ("gpt_neox", (3, 4, 4, 64, 16, 128)),
-        ("gemma2", (3, 4, 2, 64, 16, 128)),
-        ("gemma3_text", (3, 4, 2, 64, 16, 128)),
-        ("gptj", (3, 4, 4, 64, 16, 128)),
-        ("phi", (3, 4, 4, 64, 16, 128)),
-        ("mixtral", (3, 4, 2, 64, 16, 128)),
-    ],
-)
-def test_shapes_per_family(family, shape):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_dimensions_are_the_configs_and_the_activations(family):
+    """What a Model reports is what its config says and what its activations have (not a
+    table restated here)."""
     m = tiny_model(family, n_layers=3)
-    assert (m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.d_head, m.d_mlp) == shape
+    cfg = m.hf.config
+    assert (m.n_layers, m.n_heads, m.d_model) == (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size)
+    assert m.n_kv_heads == (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    ids = torch.tensor([[2, 5, 9, 11, 3]])
+    moe = m.adapter.capabilities.mixture_of_experts  # no neuron sites: its experts' neurons are their own
+    sites = [ap.Site(k, 1) for k in ("resid_pre", "z", "k", "attn_out", "mlp_out") + ((), ("mlp_post",))[not moe]]
+    with ap.capture(m, sites) as acts:
+        m.logits(ids)
+    resid, z, k, attn, mlp, *post = (acts[s] for s in sites)
+    assert resid.shape == attn.shape == mlp.shape == (1, 5, m.d_model)
+    assert z.shape == (1, 5, m.n_heads, m.d_head) and k.shape == (1, 5, m.n_kv_heads, m.d_head)
+    assert [p.shape[-1] for p in post] == [m.d_mlp] * (not moe)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_parallel_residual_flag_is_how_the_block_computes(family):
+    """``parallel_residual`` is true exactly when the MLP does not see the same layer's
+    attention output: zeroing attn_out changes mlp_out in serial blocks only."""
+    m = tiny_model(family, n_layers=2)
+    ids = torch.tensor([[2, 5, 9, 11, 3]])
+    site = ap.Site("mlp_out", 0)
+    with ap.capture(m, [site]) as acts:
+        m.logits(ids)
+    plain = acts[site].clone()
+    with ap.capture(m, [site]) as acts, ap.intervene(m, {ap.Site("attn_out", 0): 0.0}):
+        m.logits(ids)
+    unchanged = torch.allclose(acts[site], plain, atol=1e-6)
+    assert m.adapter.capabilities.parallel_residual == unchanged
 
 
 def test_unknown_architecture_lists_families():
