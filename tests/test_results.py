@@ -142,7 +142,9 @@ def test_prompts_longer_than_the_context_are_refused_before_any_computation():
     m = tiny_model("gpt2")  # n_positions=128
     long = random_pairs(n=1, T=130, diff=(5,))
     for call in (lambda: ap.sweep(m, long, "resid_pre", progress=False), lambda: ap.attribute(m, long, "z"),
-                 lambda: ap.edge_attribution(m, long), lambda: ap.path_sweep(m, long, [ap.Site("resid_final")])):
+                 lambda: ap.edge_attribution(m, long), lambda: ap.path_sweep(m, long, [ap.Site("resid_final")]),
+                 lambda: ap.subspaces.diff_of_means(m, long, ap.Site("resid_pre", 0), position="end"),
+                 lambda: ap.subspaces.das(m, long, ap.Site("resid_pre", 0, pos=129), progress=False)):
         with pytest.raises(ap.errors.ContextLengthError, match="Prompt 0 has 130 tokens; tiny-gpt2 reads at most 128"):
             call()
 

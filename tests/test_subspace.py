@@ -178,6 +178,7 @@ def test_directions_from_data_on_a_planted_feature():
 
     dm = diff_of_means(m, ps, site)
     assert float((dm.basis_for(None) @ planted).abs()) > 0.999 and dm.provenance["method"] == "diff_of_means"
+    assert (dm.provenance["weight_hash"], dm.provenance["n_prompts"]) == (m.weight_hash, 8)
     pc = pca_directions(m, ps, site, k=1)
     assert float((pc.basis_for(None) @ planted).abs()) > 0.999 and pc.provenance["energy"] > 0.999
     pr = probe_direction(m, ps, ap.Site("embed"), position=1)
@@ -203,6 +204,8 @@ def test_das_recovers_the_planted_direction(seed):
     losses = [c[1] for c in found.curve]
     assert losses[-1] < losses[0]
     assert found.subspace.provenance["method"] == "das"
+    assert found.provenance.weight_hash == m.weight_hash and found.provenance.prompts["n_prompts"] == len(ps)
+    assert ap.subspaces.DASRecord.from_dict(found.record().to_dict()) == found.record()  # provenance saved too
     # the diagonal direction that DAS must not settle on does worse on the same pairs
     diagonal = ap.patch(m, ps, [site], direction="denoise", subspace=(planted + torch.tensor(
         [1.0, 1.0, -1.0, -1.0, 0.0, 0.0]) / 2) / 2**0.5, check_subspace=False)

@@ -13,8 +13,8 @@ Example:
 """
 
 from .subspace import Subspace
-from .techniques.das import DASResult, das
+from .techniques.das import DASRecord, DASResult, das
 from .techniques.directions import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
 
 __all__ = ["Subspace", "diff_of_means", "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das",
-           "DASResult"]
+           "DASResult", "DASRecord"]

@@ -193,6 +193,20 @@ class Experiment:
             source = {s: corr.source(a) for s, a in clean.items()}
         return source, logits
 
+    def paired_activations(self, site: Site) -> Iterator[tuple[GroupRuns, torch.Tensor, torch.Tensor]]:
+        """Per length group: its runs and the whole activations at ``site`` on the clean and on
+        the corrupted run (no gradients). The one loop the direction finders and DAS read
+        their vectors from."""
+        full = site.full()
+        with torch.no_grad():
+            for runs in self.groups():
+                got = []
+                for run in (runs.clean, runs.corrupted):
+                    with run.context(self.model), capture(self.model, [full]) as acts:
+                        self.model.logits(run.ids, last_only=True)
+                    got.append(acts[full])
+                yield runs, got[0], got[1]
+
     def outcome(self, n_cells: int, dtype: torch.dtype = torch.float32) -> "Outcome":
         """An empty :class:`Outcome` for ``n_cells`` patches (or estimates) per prompt, whose
         patched values are kept in ``dtype`` (float64 for estimates added to a baseline, so

@@ -33,10 +33,12 @@ from .._codec import decode, encode
 from ..errors import PromptError, SubspaceError
 from ..experiment.executor import progress_bar
 from ..findings import Finding
-from ..hooks import capture, intervene
+from ..experiment.core import Experiment
+from ..hooks import intervene
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..subspace import Subspace, SubspaceLike, along, as_subspace, width
+from ..types import Direction, Provenance
 from .patching import patch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +62,8 @@ class DASRecord:
     train: tuple[int, ...] = ()
     test: tuple[int, ...] = ()
     findings: tuple[Finding, ...] = ()
+    provenance: Provenance | None = None
+    """The model and prompts it was trained on (None in records saved by 0.2.0)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (:mod:`actpatch._codec`)."""
@@ -91,12 +95,14 @@ class DASResult:
     train: tuple[int, ...]
     test: tuple[int, ...]
     findings: tuple[Finding, ...] = ()
+    provenance: Provenance | None = None
+    """The model (name, family, weight hash) and prompts it was trained on, and the versions."""
 
     def record(self) -> DASRecord:
         """The numbers of this run, without the basis."""
         return DASRecord(site=self.site, k=self.k, test_accuracy=self.test_accuracy, test_effect=self.test_effect,
                          steps=self.steps, seconds=self.seconds, curve=self.curve, train=self.train, test=self.test,
-                         findings=self.findings)
+                         findings=self.findings, provenance=self.provenance)
 
     def plot(self) -> Any:
         """The training curve (plotly figure)."""
@@ -129,13 +135,14 @@ def _initial_basis(init: SubspaceLike | None, site: Site, d: int, k: int, seed: 
 def _sources(model: "Model", prompts: PromptSet, site: Site) -> list[tuple[torch.Tensor, ...]]:
     """Per length group: corrupted ids, the clean run's activations at the site (the source of
     every intervention, captured once), answers and alternatives."""
-    full, out = site.full(), []
-    with torch.no_grad():
-        for grp in prompts.groups():
-            with capture(model, [full]) as acts:
-                model.logits(grp.clean, last_only=True)
-            out.append((grp.corrupted, acts[full][site.selector()], grp.answers, grp.alternatives))
-    return out
+    return [(runs.corrupted.ids, clean[site.selector()], runs.answers, runs.alternatives)
+            for runs, clean, _ in _paired(model, prompts).paired_activations(site)]
+
+
+def _paired(model: "Model", prompts: PromptSet) -> Experiment:
+    """DAS's runs: each pair's clean prompt is the source, its corrupted prompt the base."""
+    return Experiment.setup(model, prompts, direction=Direction.DENOISE, corruption="str", metric="logit_diff",
+                            seed=0, technique="DAS")
 
 
 def das(
@@ -158,6 +165,7 @@ def das(
     at one position (``pos=``) or all. ``init`` starts from a given basis (e.g. a
     difference-of-means direction) instead of a random one."""
     t0 = time.perf_counter()
+    provenance = _paired(model, prompts).provenance()  # checks the prompts before any training
     n = len(prompts)
     if n < 2:
         raise PromptError(f"DAS needs at least 2 prompt pairs (train and test), got {n}.")
@@ -219,4 +227,5 @@ def das(
     learned = Subspace.of(U, method="das", site=str(site), k=k, steps=step, seed=seed, test_accuracy=hits / len(test))
     return DASResult(subspace=learned, site=site, k=k, curve=tuple(curve), test_accuracy=hits / len(test),
                      test_effect=float(scored.values), steps=step, seconds=time.perf_counter() - t0,
-                     train=tuple(train), test=tuple(test), findings=tuple(scored.findings))
+                     train=tuple(train), test=tuple(test), findings=tuple(scored.findings),
+                     provenance=provenance)

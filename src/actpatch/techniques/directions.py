@@ -35,7 +35,7 @@ import torch
 
 from ..errors import SubspaceError
 from ..findings import Finding, Level
-from ..hooks import capture
+from ..experiment.core import Experiment
 from ..prompts.promptset import PromptSet
 from ..sites import Site, SiteKind
 from ..subspace import Subspace, SubspaceCheck, SubspaceLike, as_subspace, width
@@ -60,21 +60,31 @@ def activations(model: "Model", prompts: PromptSet, site: Site,
     if (site.pos is None) == (position is None):
         raise SubspaceError(f"{site}: give the position either as Site(..., pos=i) or as position= (an index "
                             f"or a name such as 'S2'), not both or neither.")
-    full = site.full()
+    exp = _experiment(model, prompts, "finding a direction")
     n = len(prompts)
     clean = torch.empty(n, width(model, site.kind))
     corrupted = torch.empty_like(clean)
-    with torch.no_grad():
-        for g in prompts.groups():
-            for ids, out in ((g.clean, clean), (g.corrupted, corrupted)):
-                with capture(model, [full]) as acts:
-                    model.logits(ids, last_only=True)
-                sliced = acts[full][Site(site.kind, site.layer, head=site.head).selector()]  # (B, T, d)
-                for row, i in enumerate(g.indices.tolist()):
-                    p = site.pos if position is None else (
-                        named_positions(prompts, i)[position] if isinstance(position, str) else int(position))
-                    out[i] = sliced[row, p].float().cpu()
+    sel = Site(site.kind, site.layer, head=site.head).selector()
+    for runs, c_acts, x_acts in exp.paired_activations(site):
+        for acts, out in ((c_acts, clean), (x_acts, corrupted)):
+            sliced = acts[sel]  # (B, T, d)
+            for row, i in enumerate(runs.group.indices.tolist()):
+                p = site.pos if position is None else (
+                    named_positions(prompts, i)[position] if isinstance(position, str) else int(position))
+                out[i] = sliced[row, p].float().cpu()
     return clean, corrupted
+
+
+def _experiment(model: "Model", prompts: PromptSet, what: str) -> Experiment:
+    """The paired runs directions are read from (clean and corrupted prompts), with the
+    core's input checks (a PromptSet, prompts within the context window)."""
+    return Experiment.setup(model, prompts, direction=Direction.DENOISE, corruption="str", metric="logit_diff",
+                            seed=0, technique=what)
+
+
+def _found_on(model: "Model", prompts: PromptSet) -> dict[str, Any]:
+    """What a found direction's provenance records about where it was found."""
+    return {"model": model.name, "weight_hash": model.weight_hash, "n_prompts": len(prompts)}
 
 
 def _where(site: Site, position: int | str | None) -> str:
@@ -88,7 +98,7 @@ def diff_of_means(model: "Model", prompts: PromptSet, site: Site, *, position: i
     if d.norm() < 1e-12:
         raise SubspaceError(f"{_where(site, position)}: clean and corrupted activations have equal means; "
                             f"there is no difference-of-means direction here.")
-    return Subspace.of(d / d.norm(), method="diff_of_means", site=_where(site, position), n_prompts=len(prompts),
+    return Subspace.of(d / d.norm(), method="diff_of_means", site=_where(site, position), **_found_on(model, prompts),
                        mean_gap=float(d.norm()))
 
 
@@ -119,7 +129,7 @@ def probe_direction(model: "Model", prompts: PromptSet, site: Site, *, position:
         raise SubspaceError(f"{_where(site, position)}: the probe found no direction (the two sets are identical).")
     acc = float((((z @ w + b) > 0).double() == y).double().mean())
     return Subspace.of(direction / direction.norm(), method="probe", site=_where(site, position),
-                       n_prompts=len(prompts), train_accuracy=acc)
+                       **_found_on(model, prompts), train_accuracy=acc)
 
 
 def pca_directions(model: "Model", prompts: PromptSet, site: Site, k: int = 1, *,
@@ -135,7 +145,7 @@ def pca_directions(model: "Model", prompts: PromptSet, site: Site, k: int = 1, *
     if s[k - 1] <= 1e-8 * max(float(s[0]), 1e-30):
         raise SubspaceError(f"{_where(site, position)}: the differences span fewer than {k} directions.")
     energy = float((s[:k] ** 2).sum() / (s**2).sum())
-    return Subspace.of(vh[:k], method="pca", site=_where(site, position), n_prompts=len(prompts), energy=energy)
+    return Subspace.of(vh[:k], method="pca", site=_where(site, position), **_found_on(model, prompts), energy=energy)
 
 
 # -- the illusion check ---------------------------------------------------------------------
@@ -160,20 +170,13 @@ def _variation(model: "Model", prompts: PromptSet, site: Site,
                parts: dict[str, torch.Tensor | None]) -> dict[str, float]:
     """Mean norm, over prompts and patched positions, of the clean - corrupted difference
     projected on each part of the basis."""
-    full = site.full()
     sel = Site(site.kind, site.layer, head=site.head, pos=site.pos).selector()
     norms: dict[str, list[torch.Tensor]] = {k: [] for k, v in parts.items() if v is not None}
-    with torch.no_grad():
-        for g in prompts.groups():
-            got = []
-            for ids in (g.clean, g.corrupted):
-                with capture(model, [full]) as acts:
-                    model.logits(ids, last_only=True)
-                got.append(acts[full][sel].float().cpu())
-            diff = got[0] - got[1]
-            for name, B in parts.items():
-                if B is not None:
-                    norms[name].append((diff @ B.T).norm(dim=-1).flatten())
+    for _, clean, corrupted in _experiment(model, prompts, "the subspace check").paired_activations(site):
+        diff = clean[sel].float().cpu() - corrupted[sel].float().cpu()
+        for name, B in parts.items():
+            if B is not None:
+                norms[name].append((diff @ B.T).norm(dim=-1).flatten())
     return {name: float(torch.cat(v).mean()) for name, v in norms.items()}
 
 
