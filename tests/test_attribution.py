@@ -83,10 +83,20 @@ def test_validate_attribution_reports_agreement():
     m = _linear_head("gpt2")
     ps = _pairs()
     est = ap.attribute(m, ps, "mlp_out", per_position=True)
-    v = ap.validate_attribution(m, ps, est, k=4, n_random=4)
-    assert len(v.cells) == 8 and v.rank_correlation > 0.5
+    ref = est.info.direction.no_effect
+    exact = ap.sweep(m, ps, "mlp_out", per_position=True, direction=est.info.direction, progress=False)
+    v = ap.validate_attribution(m, ps, est, k=4)  # a tiny model: every cell fits the time budget
+    assert v.agreement.exhaustive and len(v.cells) == est.values.numel() and v.rank_correlation > 0.5
+    torch.testing.assert_close(v.exact, torch.stack([exact.values[c] for c in v.cells]) - ref, atol=1e-5,
+                               rtol=1e-5, check_dtype=False)
     assert [f.code for f in v.findings if f.code == "attribution_agreement"]
     assert len(v.disagreements(3)) == 3
+    sampled = ap.validate_attribution(m, ps, est, k=2, n_random=3, exhaustive=False)
+    reasons = sampled.agreement.reasons
+    assert not sampled.agreement.exhaustive and reasons[:2] == ("top", "top") and reasons.count("stratified") == 3
+    assert "neighbour" in reasons and len(sampled.cells) < est.values.numel()
+    torch.testing.assert_close(sampled.exact, torch.stack([exact.values[c] for c in sampled.cells]) - ref,
+                               atol=1e-5, rtol=1e-5, check_dtype=False)
     with pytest.raises(ap.ActpatchError, match="takes a result of ap.attribute"):
         ap.validate_attribution(m, ps, ap.sweep(m, ps, "z", progress=False))
 
@@ -200,3 +210,35 @@ def test_small_estimates_are_kept_exactly_not_rounded_to_the_baseline():
         assert float(want.abs().max()) < 1e-5 * abs(ld.detach().item())  # the estimates really are tiny
         torch.testing.assert_close(got[i], want, atol=1e-3 * float(want.abs().max()), rtol=0)
     assert res.values.dtype == torch.float64
+
+
+@pytest.mark.parametrize("exhaustive", [None, False])
+def test_validation_names_the_component_atp_misses(exhaustive):
+    """On a model where AtP provably scores the most important neuron 0 (cancelling paths), the
+    validation names it, whether it patches every cell (affordable here) or a sample; the old
+    spot check (the estimate's top 10 and 10 random cells) never looked at it."""
+    from actpatch.testing import false_negative_model
+
+    m, ps = false_negative_model(40)
+    kw = dict(layers=[0, 1], direction="noise")
+    est = ap.attribute(m, ps, "mlp_post", **kw)
+    exact = ap.sweep(m, ps, "mlp_post", progress=False, **kw)
+    a = (0, 0)  # layer 0, neuron 0
+    assert abs(float(est.values[a]) - 1) < 1e-6 and float(exact.values[a]) - 1 == pytest.approx(-2 / (2 * (1 + 2 * 0.01 * 820)), abs=1e-5)
+    order = (est.values.flatten() - 1).abs().argsort(descending=True, stable=True)
+    assert int(order[-1]) == 0  # AtP ranks A last of the 82 cells
+    rest = order[10:]
+
+    def old_check(seed):  # the estimate's top 10 and 10 random others
+        return order[:10].tolist() + rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:10]].tolist()
+
+    assert sum(0 in old_check(seed) for seed in range(200)) < 0.25 * 200  # it looks at A one time in seven
+    for seed in range(3):
+        v = ap.validate_attribution(m, ps, est, k=5, n_random=5, seed=seed, exhaustive=exhaustive)
+        assert v.agreement.exhaustive is (exhaustive is None)
+        (missed,) = [x for x in v.misranked if x.kind == "missed"]
+        assert missed.label == "L0N0" and missed.estimate_rank == 81 and missed.exact_rank in (0, 1)
+        warning = {f.code: f for f in v.findings}["attribution_misranked"]
+        assert warning.level is ap.Level.WARNING and "L0N0" in warning.message
+        assert v.agreement.top_k_recall == pytest.approx(0.8)  # A: the one of exact's top 5 not in AtP's top 10
+        assert float(v.agreement.errors_raw.max()) == pytest.approx(2.0, abs=1e-4)  # raw logit-diff units

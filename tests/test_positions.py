@@ -69,7 +69,8 @@ def test_role_attribution_equals_each_prompt_alone():
     check = ap.validate_attribution(m, ps, res, k=2, n_random=2)
     exact = ap.sweep(m, ps, "mlp_out", positions=["first_diff", "end"], direction="noise", progress=False)
     assert len(check.cells) == 4
-    torch.testing.assert_close(check.exact, torch.stack([exact.values[c] for c in check.cells]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(check.exact, torch.stack([exact.values[c] for c in check.cells]) - 1.0, atol=1e-5,
+                               rtol=1e-5, check_dtype=False)  # effects: 0 = no effect (noising's 1)
 
 
 def test_role_sweep_resumes_from_its_groups_units(tmp_path):

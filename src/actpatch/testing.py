@@ -280,6 +280,43 @@ def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     return model, prompts
 
 
+def false_negative_model(n_small: int = 20):  # noqa: ANN201 - returns (Model, PromptSet)
+    """:func:`cancel_model` among ``n_small`` decoys per layer: a model where AtP provably
+    ranks the most important neuron last, for testing that a validation finds it.
+
+    Centring LayerNorms; residual dims as in :func:`cancel_model` (0 the input bit a, 1 a copy
+    of A, 2 the output, 3 zero), logit(2) - logit(3) = 2 x_2; clean token 1, corrupted token 0.
+
+    * layer 0 neuron 0, A = relu(a), writes 1 to dim 1 and 2 to dim 2; layer 1 neuron 0,
+      N = relu(2 A - 1), writes -1 to dim 2 (A's direct and indirect effects cancel to first order);
+    * neurons 1..n_small of both layers are decoys: relu(a) writing ``0.01 j`` to dim 2, a
+      linear path AtP gets exactly.
+
+    Clean LD = 2 (1 + S), S = the sum of both layers' decoys; corrupted 0. Noising (mlp_post, raw LD change):
+    A -2 exactly but 0 by AtP (dLD/dA = 2 (2 - 2) = 0 at the clean run); N +2 (both); decoy j
+    -0.02 j (both). So exact patching ranks A and N first, AtP ranks A last.
+    """
+    from .prompts.promptset import PromptSet
+
+    hf = _centring_gpt2(vocab=4, d=4, n_layers=2, d_mlp=n_small + 1)
+    with torch.no_grad():
+        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
+        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
+        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
+        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 2.0
+        m1.c_fc.weight[1, 0], m1.c_fc.weight[3, 0] = 2.0, -2.0  # N = relu(2 A - 1)
+        m1.c_fc.bias[0] = -1.0
+        m1.c_proj.weight[0, 2] = -1.0
+        for mlp in (m0, m1):
+            for j in range(1, n_small + 1):  # decoys: relu(a) -> 0.01 j to the output
+                mlp.c_fc.weight[0, j], mlp.c_fc.weight[3, j] = 1.0, -1.0
+                mlp.c_proj.weight[j, 2] = 0.01 * j
+        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
+        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
+    model = Model(hf, None, name="micro-false-negative")
+    return model, PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-false-negative")
+
+
 def backup_model():  # noqa: ANN201 - returns (Model, PromptSet)
     """A 2-layer GPT-2 with hand-set weights in which a later MLP neuron repairs the loss of an
     earlier one (self-repair), and its prompt pair.

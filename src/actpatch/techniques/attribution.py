@@ -20,6 +20,7 @@ always check with :func:`validate_attribution`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 
 from ..corruption import Corruption, from_description
 from ..errors import MethodError, ResultError
+from ..agreement import Agreement, Misranked, cell_label, choose_cells, exact_is_affordable
 from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
@@ -38,7 +40,6 @@ from ..metrics import DIFFERENTIABLE, normalise
 from ..prompts.promptset import PromptSet
 from ..results import AtpInfo, PatchResult
 from ..sites import Site, SiteKind
-from ..stats import spearman, top_and_random
 from ..types import DEFAULT_DIRECTION, Direction, Estimate, Method
 from . import graddrop
 from .graddrop import dropped_gradients, trace_blocks
@@ -281,49 +282,95 @@ def _atp_findings(plan: Plan, grad_drop: bool = False) -> list[Finding]:
 
 @dataclass(frozen=True)
 class Validation:
-    """Exact patching of a subset of an attribution result's cells."""
+    """Exact patching of an attribution result's cells (all of them, or a sample chosen to find
+    what the estimate misses), read as an :class:`~actpatch.agreement.Agreement`."""
 
     cells: list[tuple[int, ...]]
-    estimate: torch.Tensor
-    exact: torch.Tensor
-    rank_correlation: float
+    agreement: Agreement
     findings: list[Finding]
+
+    @property
+    def estimate(self) -> torch.Tensor:
+        """The checked cells' estimated effects (0 = no effect), normalised units."""
+        return self.agreement.estimate
+
+    @property
+    def exact(self) -> torch.Tensor:
+        """Their exact effects (0 = no effect), normalised units."""
+        return self.agreement.exact
+
+    @property
+    def rank_correlation(self) -> float:
+        return self.agreement.rank_correlation
+
+    @property
+    def misranked(self) -> tuple[Misranked, ...]:
+        """Components the estimate misses (or overrates), named."""
+        return self.agreement.misranked
 
     def disagreements(self, k: int = 5) -> list[tuple[tuple[int, ...], float, float]]:
         """The ``k`` cells where estimate and exact value differ most: (cell, estimate, exact)."""
         order = (self.estimate - self.exact).abs().argsort(descending=True)[:k]
         return [(self.cells[i], float(self.estimate[i]), float(self.exact[i])) for i in order.tolist()]
 
+    def plot(self) -> Any:
+        return self.agreement.plot()
+
 
 def validate_attribution(
     model: "Model", prompts: PromptSet, result: PatchResult, *, k: int = 10, n_random: int = 10, seed: int = 0,
-    saturation: float = 0.99,
+    saturation: float = 0.99, exhaustive: bool | None = None, budget_s: float = 60.0,
 ) -> Validation:
-    """Patch exactly the ``k`` cells with the largest |estimated effect| and ``n_random`` others,
-    and compare: rank correlation, largest disagreements, and Findings for the known failure
-    cases (residual stream, MLP 0, q / k of heads with saturated attention).
+    """Check an attribution result against exact patching, looking for what it *misses*.
 
-    For a GradDrop result (magnitudes) ``estimate`` and ``exact`` hold |effect| (normalised),
-    and the rank correlation compares those."""
+    Every cell is patched exactly when that fits ``budget_s`` seconds (estimated from one
+    timed forward pass; ``exhaustive=True`` / ``False`` forces the choice). Otherwise the cells
+    checked are the estimate's ``k`` largest, their grid neighbours and ``n_random`` cells drawn
+    from strata over the rest of its ranking (:func:`actpatch.agreement.choose_cells`). Reports
+    the rank correlation, the recall of the exact top-k in the estimate's top-2k, the largest
+    error in raw metric units, a warning naming the components the estimate misranks, and the
+    known failure cases (residual stream, MLP 0, q / k of heads with saturated attention).
+
+    For a GradDrop result (magnitudes) ``estimate`` and ``exact`` hold |effect|."""
     if not isinstance(result, PatchResult) or result.info.method is not Method.ATP:
         raise ResultError("validate_attribution() takes a result of ap.attribute().")
+    if k < 1 or n_random < 0 or budget_s < 0:
+        raise ResultError(f"k={k}, n_random={n_random}, budget_s={budget_s}: give k >= 1, n_random >= 0, budget_s >= 0.")
     est, ref = result.values.flatten(), result.info.direction.no_effect
-    chosen = top_and_random((est - ref).abs().argsort(descending=True), k, n_random, seed)
-    n_rand = len(chosen) - min(k, len(est))
-    e, x = est[chosen], _exact_cells(model, prompts, result, chosen)
+    order = (est - ref).abs().argsort(descending=True, stable=True)
+    if exhaustive is None:
+        exhaustive = exact_is_affordable(len(est), _seconds_per_cell(model, prompts, result), budget_s)
+    why = ({int(i): "all" for i in order.tolist()} if exhaustive
+           else choose_cells(order, result.shape, k=k, n_random=n_random, seed=seed))
+    chosen = list(why)
+    e, x = est[chosen] - ref, _exact_cells(model, prompts, result, chosen) - ref
     if result.info.estimate is Estimate.MAGNITUDE:  # GradDrop ranks |effect|: compare magnitudes
-        e, x = (e - ref).abs(), (x - ref).abs()
-    rho = spearman(e, x) if len(chosen) > 2 else float("nan")
+        e, x = e.abs(), x.abs()
+    rank = torch.empty(len(est), dtype=torch.long)
+    rank[order] = torch.arange(len(est))
     cells = [_unravel(i, result.shape) for i in chosen]
+    b = result.baselines[result.metric]
+    what = "AtP*" if result.info.qk_fix or result.info.grad_drop else "AtP"
+    agreement = Agreement.of([cell_label(result.dims, result.coords, i, result.shape) for i in chosen], e, x,
+                             est_rank=rank[chosen], n_cells=len(est), k=k, scale=abs(b["clean"] - b["corrupted"]),
+                             exhaustive=exhaustive, what=what, reasons=[why[i] for i in chosen])
     findings = [f for f in result.findings if f.origin is Origin.TECHNIQUE and f.code != "attribution_estimate"]
-    findings.append(Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "attribution_agreement",
-                            f"Rank correlation of AtP estimates with exact patching on {len(chosen)} cells "
-                            f"({k} largest, {n_rand} random): {rho:.3f}.",
-                            "Below ~0.7, trust exact patching and read the estimates only as a screen."))
+    findings.extend(agreement.findings)
     if result.info.target in (SiteKind.Q.value, SiteKind.K.value):
         layers = sorted({result.coords["layer"][c[result.dims.index("layer")]] for c in cells})
         findings.extend(_saturated(model, prompts, layers, saturation))
-    return Validation(cells=cells, estimate=e, exact=x, rank_correlation=rho, findings=findings)
+    return Validation(cells=cells, agreement=agreement, findings=findings)
+
+
+def _seconds_per_cell(model: "Model", prompts: PromptSet, result: PatchResult) -> float:
+    """What one exactly patched cell costs, roughly: one timed forward pass over every prompt
+    (each run as many times as the corruption draws)."""
+    draws = from_description(result.info.corruption).draws
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for g in prompts.groups():
+            model.logits(g.clean, last_only=True)
+    return (time.perf_counter() - t0) * draws
 
 
 def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
