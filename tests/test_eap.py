@@ -170,7 +170,8 @@ def test_validate_edges_is_exact_for_edges_into_linear_logits(family):
     only_logits[:, :-1] = float("nan")
     assert edges.downstream[-1] == "logits"
     check = ap.circuits.validate_edges(m, ps, dataclasses.replace(edges, scores=only_logits), k=4, n_random=4)
-    assert len(check.edges) == 8 and all(v == "logits" for _, v in check.edges)
+    n_into_logits = int((~torch.isnan(only_logits)).sum())
+    assert check.agreement.exhaustive and len(check.edges) == n_into_logits and all(v == "logits" for _, v in check.edges)
     assert check.exact.abs().max() > 1e-3
     torch.testing.assert_close(check.estimate, check.exact, atol=1e-4, rtol=1e-4)
     assert check.rank_correlation > 0.99 and check.findings[0].code == "edge_agreement"
@@ -178,6 +179,11 @@ def test_validate_edges_is_exact_for_edges_into_linear_logits(family):
     full = ap.circuits.validate_edges(m, ps, edges, k=5, n_random=5)
     assert (full.estimate - full.exact).abs().max() > 1e-4
     assert len(full.disagreements(3)) == 3
+    # a sample (top 5, their grid neighbours, 5 stratified) agrees with the exhaustive check on its edges
+    part = ap.circuits.validate_edges(m, ps, edges, k=5, n_random=5, exhaustive=False)
+    assert not part.agreement.exhaustive and part.agreement.reasons.count("stratified") == 5
+    where = {e: i for i, e in enumerate(full.edges)}
+    torch.testing.assert_close(part.exact, full.exact[[where[e] for e in part.edges]], atol=1e-6, rtol=0)
 
 
 def test_validate_edges_refuses_denoising_scores():

@@ -96,16 +96,3 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = _ranks(a.double()), _ranks(b.double())
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def top_and_random(order: torch.Tensor, k: int, n_random: int, seed: int) -> list[int]:
-    """The cells an estimate is spot-checked on: the first ``k`` of ``order`` (the estimate's
-    largest) and ``n_random`` of the rest drawn with ``seed``.
-
-    Example:
-        >>> top_and_random(torch.tensor([5, 4, 3, 2, 1, 0]), k=2, n_random=2, seed=0)[:2]
-        [5, 4]
-    """
-    rest = order[k:]
-    gen = torch.Generator().manual_seed(seed)
-    return order[:k].tolist() + rest[torch.randperm(len(rest), generator=gen)[:n_random]].tolist()

@@ -13,22 +13,23 @@ Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .._io import read_named, write_named
+from ..agreement import Agreement, Misranked, choose_cells, exact_is_affordable
 from ..corruption import Corruption, from_description
 from ..errors import MethodError
 from ..experiment.core import Experiment
-from ..findings import Finding, Level
+from ..findings import Finding
 from ..hooks import capture, intervene, stop_after
 from ..metrics import normalise
 from ..prompts.promptset import PromptSet
 from ..sites import Site
-from ..stats import spearman, top_and_random
 from ..types import Direction
 from .eap import EdgeScores, node_writes
 from .graph import Graph, Node, NodeKind, Port, PortKind
@@ -336,52 +337,93 @@ def faithfulness(
 
 @dataclass(frozen=True)
 class EdgeValidation:
-    """Edge scores next to the exact effect of cutting each edge alone (metric units, mean over
-    prompts: the clean run with that one edge taken from the corrupted run, minus the clean run)."""
+    """Edge scores next to the exact effect of cutting each edge alone (raw metric units, mean
+    over prompts: the clean run with that one edge taken from the corrupted run, minus the clean
+    run), read as an :class:`~actpatch.agreement.Agreement`."""
 
     edges: list[tuple[str, str]]
-    estimate: torch.Tensor
-    exact: torch.Tensor
-    rank_correlation: float
-    findings: list[Finding]
+    agreement: Agreement
+
+    @property
+    def estimate(self) -> torch.Tensor:
+        return self.agreement.estimate
+
+    @property
+    def exact(self) -> torch.Tensor:
+        return self.agreement.exact
+
+    @property
+    def rank_correlation(self) -> float:
+        return self.agreement.rank_correlation
+
+    @property
+    def misranked(self) -> tuple[Misranked, ...]:
+        return self.agreement.misranked
+
+    @property
+    def findings(self) -> list[Finding]:
+        return list(self.agreement.findings)
 
     def disagreements(self, k: int = 5) -> list[tuple[tuple[str, str], float, float]]:
         """The ``k`` edges where score and exact effect differ most: (edge, score, exact)."""
         order = (self.estimate - self.exact).abs().argsort(descending=True)[:k]
         return [(self.edges[i], float(self.estimate[i]), float(self.exact[i])) for i in order.tolist()]
 
+    def plot(self) -> Any:
+        return self.agreement.plot()
+
 
 def validate_edges(
     model: "Model", prompts: PromptSet, edges: EdgeScores, *, k: int = 10, n_random: int = 10, seed: int = 0,
+    exhaustive: bool | None = None, budget_s: float = 60.0,
 ) -> EdgeValidation:
-    """Cut exactly, one at a time, the ``k`` edges with the largest |score| and ``n_random``
-    other reachable edges, and compare with the EAP / EAP-IG scores: rank correlation, largest
-    disagreements, and a Finding. Needs noising scores (``direction="noise"``, the default):
-    cutting an edge from the clean run is what they estimate.
+    """Cut edges exactly, one at a time, and compare with the EAP / EAP-IG scores, looking for
+    what the scores miss: every reachable edge when that fits ``budget_s`` seconds (estimated
+    from one timed forward pass; ``exhaustive`` forces the choice), else the ``k`` largest, their
+    neighbours in the (upstream, downstream) grid and ``n_random`` edges drawn from strata over
+    the rest of the ranking. Reports rank correlation, top-k recall, the largest error and the
+    misranked edges (:class:`~actpatch.agreement.Agreement`). Needs noising scores
+    (``direction="noise"``, the default): cutting an edge from the clean run is what they estimate.
 
     Example:
         >>> import actpatch as ap
         >>> from actpatch.testing import tiny_model
         >>> m = tiny_model("llama", n_layers=2)
         >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
-        >>> check = ap.circuits.validate_edges(m, ps, ap.edge_attribution(m, ps), k=3, n_random=2)
-        >>> len(check.edges), check.exact.shape
-        (5, torch.Size([5]))
+        >>> check = ap.circuits.validate_edges(m, ps, ap.edge_attribution(m, ps), k=3, n_random=2, exhaustive=False)
+        >>> check.agreement.reasons[:3]
+        ('top', 'top', 'top')
     """
     if edges.direction is not Direction.NOISE:
         raise MethodError("validate_edges() checks noising scores (edges cut from the clean run); "
                             "score the edges with direction='noise'.")
     circuits = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
-    ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
-    order = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)]
-    chosen = top_and_random(order, k, n_random, seed)
+    flat = edges.scores.flatten()
+    ok = (~torch.isnan(flat)).nonzero().flatten()
+    order = ok[flat[ok].abs().argsort(descending=True, stable=True)]
+    if exhaustive is None:
+        exhaustive = exact_is_affordable(len(order), _seconds_per_run(model, prompts), budget_s)
+    if exhaustive:
+        why = {int(i): "all" for i in order.tolist()}
+    else:
+        reachable = set(order.tolist())
+        why = {i: r for i, r in choose_cells(order, tuple(edges.scores.shape), k=k, n_random=n_random,
+                                            seed=seed).items() if i in reachable}
+    chosen = list(why)
+    rank = torch.full((len(flat),), len(flat), dtype=torch.long)
+    rank[order] = torch.arange(len(order))
     V = len(edges.downstream)
-    est, x = edges.scores.flatten()[chosen], circuits.cut_each(chosen)
-    rho = spearman(est, x) if len(chosen) > 2 else float("nan")
-    method = edges.method.upper()
-    findings = [Finding(Level.INFO if rho >= 0.7 else Level.WARNING, "edge_agreement",
-                        f"Rank correlation of {method} scores with cutting each edge exactly, on {len(chosen)} edges "
-                        f"({min(k, len(order))} largest, {len(chosen) - min(k, len(order))} random): {rho:.3f}.",
-                        "Below ~0.7, judge circuits by faithfulness and exact patching, not by the scores.")]
     names = [(edges.upstream[i // V], edges.downstream[i % V]) for i in chosen]
-    return EdgeValidation(edges=names, estimate=est, exact=x, rank_correlation=rho, findings=findings)
+    agreement = Agreement.of([f"{u} -> {v}" for u, v in names], flat[chosen], circuits.cut_each(chosen),
+                             est_rank=rank[chosen], n_cells=len(order), k=k, scale=1.0, exhaustive=exhaustive,
+                             what=edges.method.upper(), reasons=[why[i] for i in chosen], code="edge")
+    return EdgeValidation(edges=names, agreement=agreement)
+
+
+def _seconds_per_run(model: "Model", prompts: PromptSet) -> float:
+    """One timed forward pass over every prompt: roughly what cutting one edge costs."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for g in prompts.groups():
+            model.logits(g.clean, last_only=True)
+    return time.perf_counter() - t0
