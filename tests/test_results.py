@@ -228,7 +228,8 @@ def test_the_public_surface_is_small_and_pinned():
     assert sorted(ap.__all__) == sorted([
         "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "PromptSet", "Direction",
         "DEFAULT_DIRECTION", "Metric", "Engine", "sweep", "patch", "attribute", "validate_attribution", "path_patch",
-        "path_sweep", "edge_attribution", "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "doctor",
+        "path_sweep", "edge_attribution", "PatchResult", "Finding", "Level", "check", "compare", "Comparison",
+        "compare_estimate", "doctor",
         "plot_attention", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
         "__version__"])
     for space in (ap, ap.circuits, ap.subspaces, ap.experiment, ap.errors, ap.corruption):

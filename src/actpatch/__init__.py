@@ -22,6 +22,7 @@ from typing import Any
 from . import circuits, corruption, errors, experiment, prompts, results, subspaces, types
 from ._version import __version__
 from .checks import check
+from .agreement import compare_estimate
 from .compare import Comparison, compare
 from .doctor import doctor
 from .errors import ActpatchError
@@ -45,7 +46,7 @@ __all__ = [
     "PromptSet", "Direction", "DEFAULT_DIRECTION", "Metric", "Engine",
     "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
     # reading results
-    "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "doctor", "plot_attention",
+    "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "compare_estimate", "doctor", "plot_attention",
     "ActpatchError",
     # namespaces
     "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",

@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ import torch
 from .findings import Finding, Level
 from .stats import spearman
 
-__all__ = ["Agreement", "Misranked", "choose_cells", "cell_label", "exact_is_affordable"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import PatchResult
+
+__all__ = ["Agreement", "Misranked", "compare_estimate", "choose_cells", "cell_label", "exact_is_affordable"]
 
 
 def cell_label(dims: Sequence[str], coords: dict[str, list[Any]], flat: int, shape: tuple[int, ...]) -> str:
@@ -220,3 +223,47 @@ class Agreement:
                                 f"{self.top_k_recall:.0%}", xaxis_title="exact effect (raw units)",
                           yaxis_title="estimated effect (raw units)")
         return fig
+
+
+def compare_estimate(estimate: "PatchResult", exact: "PatchResult", *, k: int = 10,
+                     metric: str | None = None) -> Agreement:
+    """An estimate (``ap.attribute``) beside an exact result (``ap.sweep``) of the same grid,
+    direction and metric: rank correlation, top-k recall, the largest raw-unit errors, the
+    misranked components (named), and a scatter (:meth:`Agreement.plot`).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import random_pairs, tiny_model
+        >>> m, ps = tiny_model("gpt2"), random_pairs(n=2)
+        >>> a = ap.compare_estimate(ap.attribute(m, ps, "z"), ap.sweep(m, ps, "z", progress=False), k=3)
+        >>> a.exhaustive, len(a.labels), a.labels[0]
+        (True, 8, 'L0H0')
+    """
+    from .errors import ResultError
+    from .results import PatchResult
+    from .types import Estimate, Method
+
+    if not isinstance(estimate, PatchResult) or not isinstance(exact, PatchResult):
+        raise ResultError("compare_estimate(estimate, exact) takes two PatchResults (ap.attribute and ap.sweep).")
+    if estimate.info.method is not Method.ATP or exact.info.method is not Method.EXACT:
+        raise ResultError(f"compare_estimate(estimate, exact) got methods ({estimate.info.method.value!r}, "
+                          f"{exact.info.method.value!r}); pass an ap.attribute result first, then an ap.sweep one.")
+    if estimate.info.direction is not exact.info.direction:
+        raise ResultError(f"The estimate is {estimate.info.direction.value} and the exact result "
+                          f"{exact.info.direction.value}; compare results of the same direction.")
+    if estimate.dims != exact.dims or estimate.coords != exact.coords or estimate.info.target != exact.info.target:
+        raise ResultError(f"The results cover different grids ({estimate.info.target} {estimate.dims} vs "
+                          f"{exact.info.target} {exact.dims}); run both with the same target and axes.")
+    m = metric or estimate.metric
+    ref = estimate.info.direction.no_effect
+    e, x = estimate.normalised(m).flatten().double() - ref, exact.normalised(m).flatten().double() - ref
+    if estimate.info.estimate is Estimate.MAGNITUDE:
+        e, x = e.abs(), x.abs()
+    order = e.abs().argsort(descending=True, stable=True)
+    rank = torch.empty(len(e), dtype=torch.long)
+    rank[order] = torch.arange(len(e))
+    b = exact.baselines[m]
+    labels = [cell_label(exact.dims, exact.coords, i, exact.shape) for i in range(len(e))]
+    what = "AtP*" if estimate.info.qk_fix or estimate.info.grad_drop else "AtP"
+    return Agreement.of(labels, e, x, est_rank=rank, n_cells=len(e), k=k, scale=abs(b["clean"] - b["corrupted"]),
+                        exhaustive=True, what=what, reasons=["all"] * len(e))
