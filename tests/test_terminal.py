@@ -68,7 +68,7 @@ def test_block_heatmap_is_skipped_when_too_wide(results):
     res = results[("resid_pre", "denoise")]  # 12 positions
     assert "█" in _render(result_renderables(res, 80), 80)
     assert "█" not in _render(result_renderables(res, 12), 40)
-    assert "█" not in _render(result_renderables(res, 80, colour=False), 80)  # blocks mean nothing without colour
+    assert "█" not in _render(result_renderables(res, 80, colour=None), 80)  # blocks mean nothing without colour
 
 
 def test_results_show_themselves_in_notebooks(results):
@@ -77,7 +77,7 @@ def test_results_show_themselves_in_notebooks(results):
     assert "PatchResult" in page and "Top cells" in page and f"{top_cells(res, 1)[0].value:+.3f}" in page
     fig = res.plot()
     heat = fig.data[0]
-    assert heat.type == "heatmap" and heat.zmid == 0.0 and "95% CI" in heat.text[0][0] and "layer=0" in heat.text[0][0]
+    assert heat.type == "heatmap" and heat.zmid == 1.0 and "95% CI" in heat.text[0][0] and "layer=0" in heat.text[0][0]
     assert list(heat.z[0]) == pytest.approx(res.values[0].tolist(), abs=1e-6)
     cmp = ap.compare(results[("z", "denoise")], res)
     assert cmp.plot().data and "Comparison" in cmp._repr_html_()

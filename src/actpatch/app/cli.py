@@ -218,7 +218,7 @@ def show(run_dir: Path = typer.Argument(..., metavar="RUN", help="An experiment 
     _, results = load_experiment(run_dir)
     for name, res in results.items():
         for part in result_renderables(res, console.width, k=8, title=f"{name}: top cells ({res.metric})",
-                                       colour=console.color_system is not None):
+                                       colour=console.color_system):
             console.print(part)
         for f in res.findings:
             if f.level.value != "info":

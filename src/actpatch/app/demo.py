@@ -72,7 +72,7 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     for res, what in ((den, "denoising (sufficiency): 1 = restores clean"),
                       (results["resid_pre_noise"], "noising (necessity): 1 = no damage, 0 = broken")):
         console.print(f"resid_pre {what}, logit difference", markup=False)
-        for part in result_renderables(res, console.width, k=8, colour=console.color_system is not None):
+        for part in result_renderables(res, console.width, k=8, colour=console.color_system):
             console.print(part)
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
     console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))

@@ -4,10 +4,13 @@ before it reaches plotly, which would otherwise interpret tags in labels."""
 from __future__ import annotations
 
 import html
+import math
 from typing import TYPE_CHECKING, Sequence
 
 import plotly.graph_objects as go
 import torch
+
+from .scale import BLUE, RED, Scale
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..techniques.mib import CircuitScores
@@ -16,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..results import PatchResult
 
-__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "plot_attention", "ROLE_COLOURS"]
+__all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "plot_attention", "ROLE_COLOURS",
+           "colour_scale"]
 
 ROLE_COLOURS = {
     "sufficient_and_necessary": "#1b7837",
@@ -46,10 +50,18 @@ def grid(res: "PatchResult", metric: str | None = None) -> tuple[torch.Tensor, l
     return v, _labels(res.coords[dims[0]]), _labels(res.coords[dims[1]]), dims[0], dims[1]
 
 
+def colour_scale() -> list[list]:
+    """Plotly's form of :class:`~actpatch.report.scale.Scale`'s colours (red, white, blue)."""
+    return [[0.0, "rgb({},{},{})".format(*RED)], [0.5, "rgb(255,255,255)"], [1.0, "rgb({},{},{})".format(*BLUE)]]
+
+
 def result_figure(res: "PatchResult", title: str | None = None, metric: str | None = None) -> go.Figure:
-    """Heatmap of normalised effects (diverging, centred on 0), labelled by tokens; hover shows
-    each cell's coordinates, value and 95% bootstrap CI. The report and ``res.plot()`` use it."""
+    """Heatmap of normalised effects, labelled by tokens, on a diverging scale whose white is the
+    result's no-effect value (0 denoising, 1 noising) and whose range comes from the data
+    (:class:`~actpatch.report.scale.Scale`); hover shows each cell's coordinates, value and 95%
+    bootstrap CI; missing cells are left blank. The report and ``res.plot()`` use it."""
     values, rows, cols, rdim, cdim = grid(res, metric)
+    scale = Scale.of(values, res.info.direction.no_effect)
     if title is None:
         title = f"{res.info.target} {res.info.direction.value} ({res.info.label}) [{metric or res.metric}]"
     lo = hi = None
@@ -60,11 +72,12 @@ def result_figure(res: "PatchResult", title: str | None = None, metric: str | No
               + f"value {float(values[i, j]):+.3f}"
               + (f"<br>95% CI [{float(lo[i, j]):+.2f}, {float(hi[i, j]):+.2f}]" if lo is not None else "")
               for j in range(values.shape[1])] for i in range(values.shape[0])]
-    z = values.nan_to_num(nan=0.0).tolist()
+    z = [[None if math.isnan(x) else x for x in row] for row in values.tolist()]
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"{j}|{c}" for j, c in enumerate(cols)], y=[f"{i}|{r}" for i, r in enumerate(rows)],
-        colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0, text=hover,
-        hovertemplate="%{text}<extra></extra>", colorbar={"title": "normalised"},
+        colorscale=colour_scale(), zmid=scale.centre, zmin=scale.low, zmax=scale.high, text=hover,
+        hovertemplate="%{text}<extra></extra>",
+        colorbar={"title": f"normalised<br>(white = {scale.centre:g},<br>no effect)"},
     ))
     fig.update_layout(title=html.escape(title), xaxis_title=cdim, yaxis_title=rdim, height=max(320, 18 * len(rows) + 140),
                       margin={"l": 60, "r": 20, "t": 50, "b": 80})

@@ -103,46 +103,71 @@ def comparison_html(cmp: "Comparison", k: int = 8) -> str:
 
 # -- terminal ----------------------------------------------------------------------------------
 
-def _colour(v: float) -> str:
-    """A diverging colour for a normalised value (blue positive, red negative, grey NaN)."""
-    if math.isnan(v):
-        return "grey50"
-    x = max(-1.0, min(1.0, v))
-    level = int(round(abs(x) * 4))
-    reds = ["grey23", "#5f1f1f", "#8f2f2f", "#bf3f3f", "#ff4f4f"]
-    blues = ["grey23", "#1f3f5f", "#2f5f8f", "#3f7fbf", "#4f9fff"]
-    return (blues if x >= 0 else reds)[level]
+_SIGNS = ((0.15, "·", "·"), (0.5, "+", "-"), (1.01, "▲", "▼"))
+"""Characters for |position| below each bound: (bound, above no effect, below no effect)."""
 
 
-def block_heatmap(res: "PatchResult", width: int, metric: str | None = None) -> "RenderableType | None":
-    """A heatmap of block characters, one per cell (rows: first dim, columns: second), when it
-    fits ``width``; None otherwise."""
+def _sign_char(p: float) -> str:
+    if math.isnan(p):
+        return " "
+    for bound, up, down in _SIGNS:
+        if abs(p) < bound:
+            return up if p >= 0 else down
+    return "▲" if p >= 0 else "▼"
+
+
+def block_heatmap(res: "PatchResult", width: int, metric: str | None = None,
+                  colour: str | None = "truecolor") -> "RenderableType | None":
+    """A heatmap, one character per cell (rows: first dim, columns: second), when it fits
+    ``width``; None otherwise. Its scale is centred on the result's no-effect value
+    (:class:`~actpatch.report.scale.Scale`). ``colour`` is the terminal's colour system (rich's
+    ``Console.color_system``): with 256 colours or truecolor each cell is a block shaded along
+    the scale; with only the standard 8/16 colours, shades would mislead, so each cell is a
+    signed character (▲ + · - ▼) whose legend gives the values it stands for."""
     from rich.text import Text
 
     from .figures import grid
+    from .scale import Scale
 
     values, rows, cols, rdim, cdim = grid(res, metric)
-    label_w = max((len(str(r)) for r in rows), default=1)
+    label_w = max((len(html.unescape(str(r))) for r in rows), default=1)
     if values.shape[1] + label_w + 2 > width or values.shape[0] > 64:
         return None
+    scale = Scale.of(values, res.info.direction.no_effect)
+    shaded = colour in ("256", "truecolor")
     text = Text()
-    text.append(f"{rdim or ''} \\ {cdim or ''}  (blue: towards clean, red: away; one block per cell)\n", style="dim")
+    text.append(f"{rdim or ''} \\ {cdim or ''}  (one {'block' if shaded else 'character'} per cell)\n", style="dim")
     for i, r in enumerate(rows):
         text.append(f"{html.unescape(str(r)):>{label_w}} ")
         for j in range(values.shape[1]):
-            text.append("█", style=_colour(float(values[i, j])))
+            v = float(values[i, j])
+            if shaded:
+                rgb = scale.rgb(v)
+                text.append("█" if rgb else "?", style="rgb({},{},{})".format(*rgb) if rgb else "dim")
+            else:
+                p = scale.position(v)
+                text.append(_sign_char(p), style="" if math.isnan(p) or abs(p) < 0.15 else
+                            ("blue" if p > 0 else "red"))
         text.append("\n")
+    if shaded:
+        text.append(scale.describe() + "; ? = missing\n", style="dim")
+    else:
+        c, s_ = scale.centre, scale.span
+        text.append(f"▲ above {c + 0.5 * s_:+.2f}, + above {c + 0.15 * s_:+.2f}, · within "
+                    f"{0.15 * s_:.2f} of {c:g} (no effect), - below {c - 0.15 * s_:+.2f}, "
+                    f"▼ below {c - 0.5 * s_:+.2f}; blank = missing\n", style="dim")
     return text
 
 
 def result_renderables(res: "PatchResult", width: int, k: int = 10, title: str | None = None,
-                       colour: bool = True) -> list["RenderableType"]:
-    """What the CLI prints for a result: a block heatmap when the terminal has colour and it
-    fits, then the top cells with labels and 95% CIs in a table that wraps instead of cutting."""
+                       colour: str | None = "truecolor") -> list["RenderableType"]:
+    """What the CLI prints for a result: a heatmap when the terminal has colour (``colour``: rich's
+    ``Console.color_system``, None for none) and it fits, then the top cells with labels and 95%
+    CIs in a table that wraps instead of cutting."""
     from rich.table import Table
 
     out: list[RenderableType] = []
-    heat = block_heatmap(res, width) if colour else None
+    heat = block_heatmap(res, width, colour=colour) if colour else None
     if heat is not None:
         out.append(heat)
     table = Table(title=title or f"{res.info.target} {res.info.direction.value}: top {k} cells ({res.metric})",

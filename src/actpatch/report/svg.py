@@ -10,31 +10,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..results import PatchResult
 
 from .figures import ROLE_COLOURS, grid
+from .scale import Scale
 
 __all__ = ["heatmap_svg", "scatter_svg"]
 
 
-def _colour(v: float) -> str:
-    """Diverging blue (positive) / red (negative) on white, clipped to [-1, 1]."""
-    if v != v:  # NaN
-        return "#dddddd"
-    t = max(-1.0, min(1.0, v))
-    target = (33, 102, 172) if t > 0 else (178, 24, 43)
-    a = abs(t)
-    r, g, b = (round(255 + (c - 255) * a) for c in target)
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def heatmap_svg(res: "PatchResult", title: str, metric: str | None = None) -> str:
-    """An SVG heatmap of normalised effects with row and column labels."""
+    """An SVG heatmap of normalised effects with row and column labels, on the scale centred on
+    the result's no-effect value (:class:`~actpatch.report.scale.Scale`), its legend underneath."""
     import html as _html
 
     values, rows, cols, rdim, cdim = grid(res, metric)
+    scale = Scale.of(values, res.info.direction.no_effect)
     rows = [_html.unescape(r) for r in rows]
     cols = [_html.unescape(c) for c in cols]
     cell, left, top = 22, 110, 40
-    width = max(left + cell * len(cols) + 20, left + 8 * len(title))  # room for the title (13 px font)
-    height = top + cell * len(rows) + 110
+    legend = scale.describe()
+    width = max(left + cell * len(cols) + 20, left + 8 * len(title), 16 + 6 * len(legend))  # room for title, legend
+    height = top + cell * len(rows) + 130
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
            f'<text x="{left}" y="20" font-size="13">{escape(title)}</text>']
     for i, r in enumerate(rows):
@@ -42,13 +35,14 @@ def heatmap_svg(res: "PatchResult", title: str, metric: str | None = None) -> st
         out.append(f'<text x="{left - 4}" y="{y + 15}" text-anchor="end">{escape(r)}</text>')
         for j in range(len(cols)):
             v = float(values[i, j])
-            out.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{_colour(v)}">'
+            out.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{scale.hex(v)}">'
                        f'<title>{escape(r)} / {escape(cols[j])}: {v:+.3f}</title></rect>')
     yb = top + len(rows) * cell + 6
     for j, c in enumerate(cols):
         x = left + j * cell + 15
         out.append(f'<text x="{x}" y="{yb}" transform="rotate(60 {x} {yb})">{escape(c)}</text>')
     out.append(f'<text x="8" y="{top - 6}">{escape(rdim)}</text>')
+    out.append(f'<text x="8" y="{height - 8}">{escape(legend)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
