@@ -140,15 +140,32 @@ def test_path_patching_bad_input():
 
 
 @pytest.mark.slow
-def test_bundled_ioi_head_atp_rank_correlation(bundled):
-    ps = ap.prompts.ioi(bundled, n=8, templates=[0, 2, 6])
+def test_bundled_ioi_head_atp_rank_correlation_and_what_it_misranks(bundled):
+    """On IOI (8 prompts, template 0, noising head outputs) AtP's rank correlation with exact
+    patching is high, yet it ranks the second most important head L20H0 ninth: both the
+    estimate-beside-exact reading and the (sampled, cheap) validation must name it."""
+    ps = ap.prompts.ioi(bundled, n=8, templates=[0])
     est = ap.attribute(bundled, ps, "z", direction="noise")
     exact = ap.sweep(bundled, ps, "z", direction="noise", progress=False)
-    rho = spearman(est.values.flatten() - 1, exact.values.flatten() - 1)
-    top = (exact.values.flatten() - 1).abs().argsort(descending=True)[:20]
-    rho_top = spearman(est.values.flatten()[top], exact.values.flatten()[top])
-    print(f"\nIOI head-output AtP vs exact (noising, 270 heads): Spearman {rho:.3f}; top-20 heads {rho_top:.3f}")
-    assert rho >= 0.7
+    a = ap.compare_estimate(est, exact, k=10)
+    rho_top = spearman(est.values.flatten()[a.exact.abs().argsort(descending=True)[:20]],
+                       exact.values.flatten()[a.exact.abs().argsort(descending=True)[:20]])
+    missed = {m.label: m for m in a.misranked if m.kind == "missed"}
+    print(f"\nIOI head-output AtP vs exact (noising, 270 heads): Spearman {a.rank_correlation:.3f}; top-20 heads "
+          f"{rho_top:.3f}; top-10 recall {a.top_k_recall:.0%}; misranked: " + "; ".join(map(str, a.misranked)))
+    assert a.rank_correlation >= 0.7
+    assert "L20H0" in missed and missed["L20H0"].exact_rank <= 2 and missed["L20H0"].estimate_rank >= 6
+    v = ap.validate_attribution(bundled, ps, est, k=10, n_random=10, exhaustive=False)
+    assert "L20H0" in {m.label for m in v.misranked if m.kind == "missed"}
+    warning = {f.code: f for f in v.findings}["attribution_misranked"]
+    assert warning.level is ap.Level.WARNING and "L20H0" in warning.message
+
+
+def test_far_below_means_twice_as_far_down_and_three_places():
+    from actpatch.agreement import far_below
+
+    assert far_below(8, 1) and far_below(14, 3) and far_below(19, 9) and far_below(81, 0)
+    assert not far_below(2, 0) and not far_below(18, 9) and not far_below(3, 1) and not far_below(1, 8)
 
 
 @pytest.mark.parametrize("kind, pos", [("q", 5), ("k", 2), ("k", 4)])
@@ -242,3 +259,33 @@ def test_validation_names_the_component_atp_misses(exhaustive):
         assert warning.level is ap.Level.WARNING and "L0N0" in warning.message
         assert v.agreement.top_k_recall == pytest.approx(0.8)  # A: the one of exact's top 5 not in AtP's top 10
         assert float(v.agreement.errors_raw.max()) == pytest.approx(2.0, abs=1e-4)  # raw logit-diff units
+
+
+def test_an_estimate_beside_its_exact_sweep_in_code_and_in_the_report(tmp_path):
+    """compare_estimate reads the same agreement as the exhaustive validation without patching
+    again; compare() points to it; the report shows the scatter and names what AtP misranks."""
+    from actpatch.report.html import write_report
+    from actpatch.testing import false_negative_model
+
+    m, ps = false_negative_model(40)
+    kw = dict(layers=[0, 1], direction="noise")
+    est = ap.attribute(m, ps, "mlp_post", **kw)
+    exact = ap.sweep(m, ps, "mlp_post", progress=False, **kw)
+    a = ap.compare_estimate(est, exact, k=5)
+    v = ap.validate_attribution(m, ps, est, k=5, exhaustive=True)
+    assert a.exhaustive and a.n_cells == 82 and sorted(a.labels) == sorted(v.agreement.labels)
+    again = dict(zip(v.agreement.labels, v.agreement.exact.tolist()))
+    assert max(abs(x - again[lab]) for lab, x in zip(a.labels, a.exact.tolist())) < 1e-6  # the same exact values
+    assert a.rank_correlation == pytest.approx(v.rank_correlation, abs=1e-3)  # tied decoys may swap on float noise
+    assert [x.label for x in a.misranked if x.kind == "missed"] == ["L0N0"]
+    torch.testing.assert_close(a.exact, (exact.values.flatten() - 1).double(), atol=0, rtol=0, check_dtype=False)
+    with pytest.raises(ap.ActpatchError, match=r"ap\.compare_estimate\(estimate, exact\)"):
+        ap.compare(est, exact)
+    with pytest.raises(ap.ActpatchError, match="same direction"):
+        ap.compare_estimate(est, ap.sweep(m, ps, "mlp_post", layers=[0, 1], direction="denoise", progress=False))
+    page = write_report({"mlp_post_noise": exact, "mlp_post_noise_atp": est}, tmp_path).read_text()
+    section = page[page.index("Estimates beside exact patching"):page.index("<h2>Findings")]
+    assert "mlp_post_noise_atp" in section and "L0N0" in section and f"{a.rank_correlation:.3f}" in section
+    assert "attribution_misranked" in section
+    svg = (tmp_path / "figures" / "mlp_post_noise_atp_vs_exact.svg").read_text()
+    assert svg.count("<circle") == 82 and svg.count('fill="#b2182b"') == 1  # L0N0 in red

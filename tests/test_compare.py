@@ -103,3 +103,46 @@ def test_negative_components_get_their_own_role():
     cmp = ap.compare(res("denoise", [-0.3, -0.05, 0.9]), res("noise", [1.3, 1.05, 0.1]))
     assert [r.value for r in cmp.roles] == ["negative", "neither", "sufficient_and_necessary"]
     assert cmp.counts() == {"sufficient_and_necessary": 1, "negative": 1, "neither": 1}
+
+
+def _per_prompt(direction: str, rows: list[list[float]]) -> "ap.PatchResult":
+    """A hand-made result: one row of normalised values per prompt (clean 1, corrupted 0)."""
+    info = ap.results.ResultInfo(target="z", direction=ap.Direction(direction), metrics=("logit_diff",),
+                                 corruption=ap.corruption.CorruptionSpec(), seed=0,
+                                 provenance=ap.types.Provenance(model="hand-made", family="none", weight_hash="-"))
+    n = len(rows)
+    return ap.PatchResult(dims=("head",), coords={"head": list(range(len(rows[0])))},
+                          raw={"logit_diff": torch.tensor(rows)}, clean={"logit_diff": torch.ones(n)},
+                          corrupted={"logit_diff": torch.zeros(n)}, info=info)
+
+
+def test_roles_need_intervals_that_clear_the_thresholds():
+    # head 0: sufficiency spread over [0.26, 0.77] around 0.515, necessity solidly 0.9  -> uncertain
+    # head 1: about the same mean but tight (0.52 +- 0.01), necessity solidly 0.9               -> sufficient and necessary
+    # head 2: tight 0.485, necessity 0.9: a 0.035 difference from head 1 decides the role  -> necessary, not sufficient
+    # head 3: noise around zero in both readings, one prompt -0.3                         -> neither or uncertain, never negative
+    den = _per_prompt("denoise", [[0.26, 0.51, 0.48, 0.05], [0.77, 0.53, 0.49, -0.05],
+                                  [0.26, 0.51, 0.48, 0.02], [0.77, 0.53, 0.49, -0.02]])
+    noi = _per_prompt("noise", [[0.1, 0.1, 0.1, 1.0]] * 4)
+    cmp = ap.compare(den, noi)
+    assert cmp.intervals and cmp.level == 0.95
+    assert cmp.roles[:3] == [Role.UNCERTAIN, Role.SUFFICIENT_AND_NECESSARY, Role.NECESSARY_NOT_SUFFICIENT]
+    assert cmp.roles[3] is Role.NEITHER
+    lo, hi = float(cmp.sufficiency_low[0]), float(cmp.sufficiency_high[0])
+    assert lo < 0.5 < hi and lo == pytest.approx(0.26) and hi == pytest.approx(0.77)  # the interval is kept
+    df = cmp.to_pandas()
+    assert df.role.tolist()[0] == "uncertain" and df.sufficiency_low.tolist()[0] == pytest.approx(0.26)
+    assert "sufficiency >= 0.5" in cmp.thresholds and "95% bootstrap intervals" in cmp.thresholds
+    assert cmp.counts()["uncertain"] == 1
+    # the same point values from one prompt: no interval, the roles follow the values
+    one = ap.compare(_per_prompt("denoise", [[0.515, 0.51, 0.49, 0.0]]), _per_prompt("noise", [[0.1, 0.1, 0.1, 1.0]]))
+    assert not one.intervals and one.roles[0] is Role.SUFFICIENT_AND_NECESSARY and "point values" in one.thresholds
+
+
+def test_negative_needs_both_intervals_below_minus_the_threshold():
+    # both readings clearly -0.3: negative; sufficiency's interval reaching -0.05: undecided
+    den = _per_prompt("denoise", [[-0.3, -0.3], [-0.3, -0.05], [-0.3, -0.3], [-0.3, -0.05]])
+    noi = _per_prompt("noise", [[1.3, 1.3]] * 4)
+    assert ap.compare(den, noi).roles == [Role.NEGATIVE, Role.UNCERTAIN]
+    with pytest.raises(ap.errors.ResultError, match="confidence level"):
+        ap.compare(den, noi, level=95)

@@ -60,7 +60,7 @@ def test_summaries_fit_the_terminal_and_cut_no_value(results, width):
             assert f"{cell.value:+.3f}" in text and f"{cell.low:+.3f}" in text
         assert "█" in text, (target, width)  # every grid here fits (40 neurons x 3 layers included)
     den, noi = results[("z", "denoise")], results[("z", "noise")]
-    table = _render([top_heads_table(ap.compare(den, noi, sufficient=0.1, necessary=0.1), den, noi)], width)
+    table = _render([top_heads_table(ap.compare(den, noi, sufficient=0.1, necessary=0.1))], width)
     assert _whole(table, width)
 
 
@@ -139,3 +139,15 @@ def test_runs_counts_every_kind_of_target_as_the_runner_names_it(tmp_path):
     entry = describe(out)
     assert sorted(entry.targets) == ["mlp_out_sub_diff_of_means", "resid_pre", "resid_pre_atp"]
     assert (entry.status, entry.done, entry.expected) == ("complete", 6, 6)
+
+
+def test_the_demo_table_shows_uncertain_roles_with_their_intervals_and_the_rule():
+    from test_compare import _per_prompt
+
+    den = _per_prompt("denoise", [[0.26, 0.9], [0.77, 0.9], [0.26, 0.9], [0.77, 0.9]])
+    noi = _per_prompt("noise", [[0.1, 0.1]] * 4)
+    text = _render([top_heads_table(ap.compare(den, noi))], 120)
+    row = next(line for line in text.splitlines() if "[+0.26, +0.77]" in line)
+    assert "uncertain" in row
+    assert "sufficient_and_necessary" in text and "uncertain' where one straddles" in text.replace("\n", " ")
+    assert _whole(text, 120)

@@ -37,7 +37,8 @@ from .stats import spearman
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["Agreement", "Misranked", "compare_estimate", "choose_cells", "cell_label", "exact_is_affordable"]
+__all__ = ["Agreement", "Misranked", "compare_estimate", "estimate_mismatch", "choose_cells", "cell_label", "exact_is_affordable",
+           "far_below"]
 
 
 def cell_label(dims: Sequence[str], coords: dict[str, list[Any]], flat: int, shape: tuple[int, ...]) -> str:
@@ -80,6 +81,13 @@ def choose_cells(order: torch.Tensor, shape: tuple[int, ...], *, k: int, n_rando
     return chosen
 
 
+def far_below(rank: int, reference: int) -> bool:
+    """Whether a 0-based ``rank`` is far below ``reference``: at least twice as far down the list
+    (1-based, so #2 against #9 is, #10 against #20 is) and at least three places lower (so the
+    top three may swap among themselves)."""
+    return rank + 1 >= 2 * (reference + 1) and rank >= reference + 3
+
+
 def exact_is_affordable(n_cells: int, seconds_per_cell: float, budget_s: float) -> bool:
     """Whether patching every cell exactly fits the time budget."""
     return n_cells * seconds_per_cell <= budget_s
@@ -97,8 +105,8 @@ class Misranked:
     exact_rank: int
     """0-based, among the checked cells."""
     kind: str
-    """``missed`` (exact puts it in the top k, the estimate beyond 2k: a false negative) or
-    ``overrated`` (the reverse)."""
+    """``missed`` (exact puts it in the top k, the estimate at least twice as far down: a false
+    negative, see :func:`far_below`) or ``overrated`` (the reverse)."""
 
     def __str__(self) -> str:
         return (f"{self.label} (effect {self.exact:+.3f} exactly, {self.estimate:+.3f} estimated; ranked "
@@ -143,9 +151,10 @@ class Agreement:
         recall = float((est_rank[top_exact] < 2 * k).double().mean()) if kk else float("nan")
         wrong = []
         for i in range(n):
-            if int(exact_rank[i]) < kk and float(x[i].abs()) > 1e-12 and int(est_rank[i]) >= 2 * k:
+            er, xr = int(est_rank[i]), int(exact_rank[i])
+            if xr < kk and float(x[i].abs()) > 1e-12 and far_below(er, xr):
                 wrong.append(Misranked(labels[i], float(e[i]), float(x[i]), int(est_rank[i]), int(exact_rank[i]), "missed"))
-            elif exhaustive and int(est_rank[i]) < kk and int(exact_rank[i]) >= 2 * k:
+            elif exhaustive and er < kk and far_below(xr, er):
                 wrong.append(Misranked(labels[i], float(e[i]), float(x[i]), int(est_rank[i]), int(exact_rank[i]),
                                        "overrated"))
         wrong.sort(key=lambda m: m.exact_rank)
@@ -192,37 +201,44 @@ class Agreement:
             names = "; ".join(str(m) for m in missed[:8]) + (f"; and {len(missed) - 8} more" if len(missed) > 8 else "")
             out.append(Finding(
                 Level.WARNING, f"{code}_misranked",
-                f"{self.what} misses components that exact patching puts in its top {self.k} (effects normalised, "
-                f"0 = none): {names}.",
+                f"{self.what} ranks components of exact patching's top {self.k} at least twice as far down "
+                f"(effects normalised, 0 = none): {names}.",
                 "Patch these components exactly before concluding they do not matter; saturated attention "
                 "(qk_fix=True), cancelling paths and large non-linear changes break first-order estimates."))
         over = [m for m in self.misranked if m.kind == "overrated"]
         if over:
             out.append(Finding(
                 Level.INFO, f"{code}_overrated",
-                f"{self.what} ranks in its top {self.k} components exact patching puts beyond its top {2 * self.k}: "
+                f"{self.what} ranks in its top {self.k} components exact patching puts at least twice as far down: "
                 + "; ".join(str(m) for m in over[:8]) + ".",
                 "Read the exact values for these."))
         return out
 
-    def plot(self) -> Any:
-        """Estimate against exact (plotly scatter, labelled points, the diagonal)."""
-        import plotly.graph_objects as go
+    def plot(self, title: str | None = None) -> Any:
+        """Estimate against exact (plotly scatter, raw units, labelled points, the diagonal,
+        misranked components in red)."""
+        from .report.figures import agreement_figure
 
-        e, x = (self.estimate * self.scale).tolist(), (self.exact * self.scale).tolist()
-        lim = max([abs(v) for v in e + x] + [1e-9]) * 1.05
-        missed = {m.label for m in self.misranked}
-        fig = go.Figure([
-            go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", line=dict(color="#999", dash="dot"),
-                       name="estimate = exact", hoverinfo="skip"),
-            go.Scatter(x=x, y=e, mode="markers", text=list(self.labels), name="cells",
-                       marker=dict(color=["#b2182b" if lab in missed else "#2166ac" for lab in self.labels]),
-                       hovertemplate="%{text}<br>exact %{x:.3f}<br>estimate %{y:.3f}<extra></extra>"),
-        ])
-        fig.update_layout(title=f"{self.what} vs exact: Spearman {self.rank_correlation:.3f}, top-{self.k} recall "
-                                f"{self.top_k_recall:.0%}", xaxis_title="exact effect (raw units)",
-                          yaxis_title="estimated effect (raw units)")
-        return fig
+        return agreement_figure(self, title)
+
+def estimate_mismatch(estimate: Any, exact: Any) -> str | None:
+    """Why :func:`compare_estimate` cannot read ``estimate`` beside ``exact`` (None when it can):
+    an ``ap.attribute`` result and an ``ap.sweep`` result of the same direction, target and grid."""
+    from .results import PatchResult
+    from .types import Method
+
+    if not isinstance(estimate, PatchResult) or not isinstance(exact, PatchResult):
+        return "compare_estimate(estimate, exact) takes two PatchResults (ap.attribute and ap.sweep)."
+    if estimate.info.method is not Method.ATP or exact.info.method is not Method.EXACT:
+        return (f"compare_estimate(estimate, exact) got methods ({estimate.info.method.value!r}, "
+                f"{exact.info.method.value!r}); pass an ap.attribute result first, then an ap.sweep one.")
+    if estimate.info.direction is not exact.info.direction:
+        return (f"The estimate is {estimate.info.direction.value} and the exact result "
+                f"{exact.info.direction.value}; compare results of the same direction.")
+    if estimate.dims != exact.dims or estimate.coords != exact.coords or estimate.info.target != exact.info.target:
+        return (f"The results cover different grids ({estimate.info.target} {estimate.dims} vs "
+                f"{exact.info.target} {exact.dims}); run both with the same target and axes.")
+    return None
 
 
 def compare_estimate(estimate: "PatchResult", exact: "PatchResult", *, k: int = 10,
@@ -240,21 +256,15 @@ def compare_estimate(estimate: "PatchResult", exact: "PatchResult", *, k: int = 
         (True, 8, 'L0H0')
     """
     from .errors import ResultError
-    from .results import PatchResult
-    from .types import Estimate, Method
+    from .types import Estimate
 
-    if not isinstance(estimate, PatchResult) or not isinstance(exact, PatchResult):
-        raise ResultError("compare_estimate(estimate, exact) takes two PatchResults (ap.attribute and ap.sweep).")
-    if estimate.info.method is not Method.ATP or exact.info.method is not Method.EXACT:
-        raise ResultError(f"compare_estimate(estimate, exact) got methods ({estimate.info.method.value!r}, "
-                          f"{exact.info.method.value!r}); pass an ap.attribute result first, then an ap.sweep one.")
-    if estimate.info.direction is not exact.info.direction:
-        raise ResultError(f"The estimate is {estimate.info.direction.value} and the exact result "
-                          f"{exact.info.direction.value}; compare results of the same direction.")
-    if estimate.dims != exact.dims or estimate.coords != exact.coords or estimate.info.target != exact.info.target:
-        raise ResultError(f"The results cover different grids ({estimate.info.target} {estimate.dims} vs "
-                          f"{exact.info.target} {exact.dims}); run both with the same target and axes.")
+    problem = estimate_mismatch(estimate, exact)
+    if problem:
+        raise ResultError(problem)
     m = metric or estimate.metric
+    if m not in estimate.raw or m not in exact.raw:
+        raise ResultError(f"Metric {m!r} is not in both results (estimate: {estimate.metrics}, exact: "
+                          f"{exact.metrics}); pass metric= one they share.")
     ref = estimate.info.direction.no_effect
     e, x = estimate.normalised(m).flatten().double() - ref, exact.normalised(m).flatten().double() - ref
     if estimate.info.estimate is Estimate.MAGNITUDE:

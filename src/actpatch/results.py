@@ -357,7 +357,8 @@ class PatchResult:
     # -- showing itself ----------------------------------------------------------------------
     def plot(self, metric: str | None = None, title: str | None = None) -> "go.Figure":
         """A plotly heatmap of the normalised effect (the report's figure): token labels, a
-        diverging scale centred on 0, hover with coordinates, value and 95% CI. Works offline.
+        diverging scale whose white is the no-effect value (1 for noising, 0 for denoising),
+        hover with coordinates, value and 95% CI. Works offline.
 
         Example:
             >>> import actpatch as ap

@@ -29,15 +29,16 @@ def demo_config(n_prompts: int = 8) -> ExperimentConfig:
     )
 
 
-def top_heads_table(cmp: Comparison, den: PatchResult, noi: PatchResult, k: int = 10) -> Table:
-    """Heads with the largest sufficiency or necessity, with 95% bootstrap CIs."""
-    ci_d, ci_n = den.ci(n_boot=1000), noi.ci(n_boot=1000)
+def top_heads_table(cmp: Comparison, k: int = 10) -> Table:
+    """Heads with the largest sufficiency or necessity, with the bootstrap CIs their roles were
+    decided on (``uncertain`` where an interval straddles a threshold) and the rule as caption."""
     df = cmp.to_pandas()
-    df["ci_d"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(ci_d.low.flatten().tolist(), ci_d.high.flatten().tolist())]
-    df["ci_n"] = [f"[{1 - hi:+.2f}, {1 - lo:+.2f}]" for lo, hi in zip(ci_n.low.flatten().tolist(), ci_n.high.flatten().tolist())]
+    ci = cmp.intervals
+    df["ci_d"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(df.sufficiency_low, df.sufficiency_high)] if ci else ""
+    df["ci_n"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(df.necessity_low, df.necessity_high)] if ci else ""
     df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
-    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), 95% bootstrap CIs",
-                  title_justify="left")
+    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), {cmp.level:.0%} bootstrap CIs",
+                  title_justify="left", caption=cmp.thresholds, caption_justify="left")
     for col in (*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI ", "role"):  # fold, never cut with '…'
         table.add_column(col, justify="left" if col == "role" else "right", overflow="fold")
     for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
@@ -75,7 +76,7 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
         for part in result_renderables(res, console.width, k=8, colour=console.color_system):
             console.print(part)
     heads = compare(results["z_denoise"], results["z_noise"], sufficient=0.1, necessary=0.1)
-    console.print(top_heads_table(heads, results["z_denoise"], results["z_noise"]))
+    console.print(top_heads_table(heads))
     console.print(f"Head roles (thresholds 0.1): {heads.counts()}")
     seen = set()
     for name, res in results.items():

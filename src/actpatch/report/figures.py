@@ -12,7 +12,10 @@ import torch
 
 from .scale import BLUE, RED, Scale
 
+RED_HEX, BLUE_HEX = "#{:02x}{:02x}{:02x}".format(*RED), "#{:02x}{:02x}{:02x}".format(*BLUE)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from ..agreement import Agreement
     from ..techniques.mib import CircuitScores
     from ..techniques.circuit import Faithfulness
     from ..compare import Comparison
@@ -20,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..results import PatchResult
 
 __all__ = ["grid", "result_figure", "comparison_figure", "faithfulness_figure", "plot_attention", "ROLE_COLOURS",
-           "colour_scale"]
+           "colour_scale", "agreement_figure"]
 
 ROLE_COLOURS = {
     "sufficient_and_necessary": "#1b7837",
@@ -28,6 +31,7 @@ ROLE_COLOURS = {
     "necessary_not_sufficient": "#b2182b",
     "negative": "#e08214",
     "neither": "#9e9e9e",
+    "uncertain": "#c2a5cf",
 }
 
 
@@ -87,7 +91,8 @@ def result_figure(res: "PatchResult", title: str | None = None, metric: str | No
 
 
 def comparison_figure(cmp: "Comparison", title: str | None = None) -> go.Figure:
-    """Sufficiency (denoising) against necessity (noising damage), coloured by role."""
+    """Sufficiency (denoising) against necessity (noising damage), coloured by role, with the
+    bootstrap intervals the roles were decided on as error bars."""
     data = cmp.scatter_data()
     if title is None:
         title = f"sufficiency vs necessity ({cmp.metric}): " + ", ".join(
@@ -97,7 +102,20 @@ def comparison_figure(cmp: "Comparison", title: str | None = None) -> go.Figure:
         idx = [i for i, r in enumerate(data["role"]) if r == role]
         if not idx:
             continue
+        bars = {}
+        if cmp.intervals:
+            ends = {k: cmp_flat.tolist() for k, cmp_flat in (
+                (k, getattr(cmp, k).flatten()) for k in ("sufficiency_low", "sufficiency_high", "necessity_low",
+                                                         "necessity_high"))}
+            bars = dict(
+                error_x={"type": "data", "symmetric": False, "thickness": 1, "width": 0,
+                         "array": [ends["sufficiency_high"][i] - data["x"][i] for i in idx],
+                         "arrayminus": [data["x"][i] - ends["sufficiency_low"][i] for i in idx]},
+                error_y={"type": "data", "symmetric": False, "thickness": 1, "width": 0,
+                         "array": [ends["necessity_high"][i] - data["y"][i] for i in idx],
+                         "arrayminus": [data["y"][i] - ends["necessity_low"][i] for i in idx]})
         fig.add_trace(go.Scatter(
+            **bars,
             x=[data["x"][i] for i in idx], y=[data["y"][i] for i in idx], mode="markers", name=role.replace("_", " "),
             text=[html.escape(data["label"][i]) for i in idx], marker={"color": colour, "size": 8},
             hovertemplate="%{text}<br>sufficiency %{x:+.3f}<br>necessity %{y:+.3f}<extra></extra>",
@@ -105,7 +123,32 @@ def comparison_figure(cmp: "Comparison", title: str | None = None) -> go.Figure:
     fig.add_vline(x=cmp.sufficient_threshold, line_dash="dot", line_color="#888")
     fig.add_hline(y=cmp.necessary_threshold, line_dash="dot", line_color="#888")
     fig.update_layout(title=html.escape(title), xaxis_title="sufficiency (denoising effect)",
-                      yaxis_title="necessity (noising damage)", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+                      yaxis_title="necessity (noising damage)", height=440, margin={"l": 60, "r": 20, "t": 50, "b": 80})
+    fig.add_annotation(text=html.escape(cmp.thresholds), xref="paper", yref="paper", x=0, y=-0.2, showarrow=False,
+                       font={"size": 10}, xanchor="left")
+    return fig
+
+
+def agreement_figure(a: "Agreement", title: str | None = None) -> go.Figure:
+    """An estimate against exact patching, both in raw metric units: one labelled point per
+    checked cell, the diagonal where they agree, misranked components in red."""
+    e, x = (a.estimate * a.scale).tolist(), (a.exact * a.scale).tolist()
+    lim = max([abs(v) for v in e + x] + [1e-9]) * 1.05
+    missed = {m.label for m in a.misranked}
+    colours = [RED_HEX if lab in missed else BLUE_HEX for lab in a.labels]
+    fig = go.Figure([
+        go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", line={"color": "#999", "dash": "dot"},
+                   name="estimate = exact", hoverinfo="skip"),
+        go.Scatter(x=x, y=e, mode="markers", text=_labels(list(a.labels)), name="cells (red: misranked)",
+                   marker={"color": colours, "size": 7},
+                   hovertemplate="%{text}<br>exact %{x:.3f}<br>estimate %{y:.3f}<extra></extra>"),
+    ])
+    if title is None:
+        title = f"{a.what} vs exact"
+    title += f": Spearman {a.rank_correlation:.3f}, top-{a.k} recall {a.top_k_recall:.0%}, {len(missed)} misranked"
+    fig.update_layout(title=html.escape(title), xaxis_title="exact effect (raw metric units, 0 = none)",
+                      yaxis_title="estimated effect (raw metric units)", height=440,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 60})
     return fig
 
 

@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ..agreement import compare_estimate, estimate_mismatch
 from ..compare import Comparison, comparable, compare
-from ..findings import LEVEL_COLOURS
+from ..findings import LEVEL_COLOURS, Level
 from ..types import Direction, Method
-from .figures import comparison_figure, faithfulness_figure, mib_figure, result_figure
-from .svg import heatmap_svg, scatter_svg
+from .figures import agreement_figure, comparison_figure, faithfulness_figure, mib_figure, result_figure
+from .svg import agreement_svg, heatmap_svg, scatter_svg
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -88,7 +89,8 @@ def write_report(
     fig = itertools.count(1)  # figure ids, in page order
     parts: list[str] = [f"<h1>{html.escape(title)}</h1>", *_baselines(results)]
     pairs, comparisons = _heatmaps(results, figdir, fig)
-    parts += pairs + _comparisons(comparisons, figdir, fig) + _circuits(curves, mib, fig)
+    parts += pairs + _comparisons(comparisons, figdir, fig) + _estimates(results, figdir, fig)
+    parts += _circuits(curves, mib, fig)
     parts += _subspace_sections(results, das or {})
     if direct_total is not None:
         parts += _direct_total(direct_total, fig)
@@ -146,8 +148,35 @@ def _comparisons(comparisons: list[tuple], figdir: Path, fig: Iterator[int]) -> 
         (figdir / f"{base}_compare.svg").write_text(scatter_svg(cmp, f"{base}: sufficiency vs necessity"))
     parts.append("</div>")
     for base, cmp, den, noi in comparisons:
-        parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp, den, noi))
+        parts.append(f"<h3>{html.escape(base)}: top components with 95% bootstrap CIs</h3>" + _top_table(cmp))
     return parts
+
+
+def _estimates(results: dict[str, "PatchResult"], figdir: Path, fig: Iterator[int]) -> list[str]:
+    """Every attribution estimate beside the exact sweep of the same target, direction and grid
+    (:func:`~actpatch.agreement.compare_estimate`): scatter, rank agreement, misranked components."""
+    pairs = [(en, est, xn, exact) for en, est in results.items() for xn, exact in results.items()
+             if estimate_mismatch(est, exact) is None]
+    if not pairs:
+        return []
+    parts = ["<h2>Estimates beside exact patching</h2><p>Each attribution estimate against the exact sweep of the "
+             "same target and direction, every cell, in raw metric units (0 = no effect). Red: components the "
+             "estimate misranks (in exact's top k but beyond the estimate's top 2k, or the reverse).</p>"
+             "<div class='pair'>"]
+    readings = []
+    for en, est, xn, exact in pairs:
+        a = compare_estimate(est, exact)
+        parts.append("<div>" + _figure_html(agreement_figure(a, f"{en} vs {xn}"), f"fig{next(fig)}") + "</div>")
+        (figdir / f"{en}_vs_exact.svg").write_text(agreement_svg(a, f"{en} vs {xn}"))
+        readings.append((en, xn, a))
+    parts.append("</div>")
+    rows = [[en, xn, a.n_cells, f"{a.rank_correlation:.3f}", f"{a.top_k_recall:.0%} (k = {a.k})",
+             f"{float(a.errors_raw.max()):.3g}" if len(a.labels) else "-", f"{a.largest_effect_raw:.3g}",
+             "; ".join(str(m) for m in a.misranked[:6]) + (" …" if len(a.misranked) > 6 else "") or "none"]
+            for en, xn, a in readings]
+    parts.append(_table(["estimate", "exact", "cells", "Spearman", "exact top-k in estimate's top 2k",
+                         "largest error (raw)", "largest effect (raw)", "misranked"], rows))
+    return parts + [f.to_html(en) for en, _, a in readings for f in a.findings if f.level is not Level.INFO]
 
 
 def _circuits(curves: "dict[str, Faithfulness] | None", mib: "dict[str, CircuitScores] | None",
@@ -236,17 +265,17 @@ def _subspace_sections(results: dict[str, "PatchResult"], das: "dict[str, DASRec
     return parts
 
 
-def _top_table(cmp: Comparison, den: "PatchResult", noi: "PatchResult", k: int = 15) -> str:
-    if den.n_prompts < 2:
-        return "<p>(one prompt: no intervals)</p>"
-    ci_d, ci_n = den.ci(n_boot=1000), noi.ci(n_boot=1000)
+def _top_table(cmp: Comparison, k: int = 15) -> str:
+    """The components with the largest readings, the intervals their roles were decided on and the rule."""
+    if not cmp.intervals:
+        return f"<p>(one prompt: no intervals; {html.escape(cmp.thresholds)})</p>"
     df = cmp.to_pandas()
-    df["d_lo"], df["d_hi"] = ci_d.low.flatten().tolist(), ci_d.high.flatten().tolist()
-    df["n_lo"], df["n_hi"] = (1 - ci_n.high).flatten().tolist(), (1 - ci_n.low).flatten().tolist()
     df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
     rows = []
     for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
-        zero_d = r.d_lo <= 0 <= r.d_hi
-        rows.append([*(r[d] for d in cmp.dims), f"{r.sufficiency:+.3f}", f"[{r.d_lo:+.2f}, {r.d_hi:+.2f}]" + (" (contains 0)" if zero_d else ""),
-                     f"{r.necessity:+.3f}", f"[{r.n_lo:+.2f}, {r.n_hi:+.2f}]", r.role])
-    return _table([*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI", "role"], rows)
+        zero_d = r.sufficiency_low <= 0 <= r.sufficiency_high
+        rows.append([*(r[d] for d in cmp.dims), f"{r.sufficiency:+.3f}",
+                     f"[{r.sufficiency_low:+.2f}, {r.sufficiency_high:+.2f}]" + (" (contains 0)" if zero_d else ""),
+                     f"{r.necessity:+.3f}", f"[{r.necessity_low:+.2f}, {r.necessity_high:+.2f}]", r.role])
+    return (_table([*cmp.dims, "sufficiency", f"{cmp.level:.0%} CI", "necessity", f"{cmp.level:.0%} CI", "role"], rows)
+            + f"<p class='advice'>{html.escape(cmp.thresholds)}</p>")

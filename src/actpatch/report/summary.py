@@ -98,6 +98,7 @@ def comparison_html(cmp: "Comparison", k: int = 8) -> str:
         for _, r in df.sort_values("score", ascending=False).head(k).iterrows())
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())
     return (f"<div class='actpatch-comparison'><p><b>Comparison</b> ({html.escape(cmp.metric)}): {counts}</p>"
+            f"<p><small>{html.escape(cmp.thresholds)}</small></p>"
             f"<table><tr><th>component</th><th>sufficiency</th><th>necessity</th><th>role</th></tr>{rows}</table></div>")
 
 

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..agreement import Agreement
     from ..compare import Comparison
     from ..results import PatchResult
 
-from .figures import ROLE_COLOURS, grid
+from .figures import BLUE_HEX, RED_HEX, ROLE_COLOURS, grid
 from .scale import Scale
 
-__all__ = ["heatmap_svg", "scatter_svg"]
+__all__ = ["heatmap_svg", "scatter_svg", "agreement_svg"]
 
 
 def heatmap_svg(res: "PatchResult", title: str, metric: str | None = None) -> str:
@@ -66,5 +67,28 @@ def scatter_svg(cmp: "Comparison", title: str) -> str:
     for x, y, label, role in zip(xs, ys, data["label"], data["role"]):
         if x == x and y == y:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{ROLE_COLOURS[role]}"><title>{escape(label)}</title></circle>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def agreement_svg(a: "Agreement", title: str) -> str:
+    """An SVG scatter of an estimate against exact patching (raw units), misranked points in red."""
+    e, x = (a.estimate * a.scale).tolist(), (a.exact * a.scale).tolist()
+    size, pad = 360, 50
+    lim = max([abs(v) for v in e + x] + [1e-9]) * 1.05
+    sx = lambda v: pad + (v + lim) / (2 * lim) * size  # noqa: E731
+    sy = lambda v: pad + size - (v + lim) / (2 * lim) * size  # noqa: E731
+    missed = {m.label for m in a.misranked}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 2 * pad}" height="{size + 2 * pad}" font-family="sans-serif" font-size="11">',
+           f'<text x="{pad}" y="20" font-size="13">{escape(title)}</text>',
+           f'<rect x="{pad}" y="{pad}" width="{size}" height="{size}" fill="none" stroke="#999"/>',
+           f'<line x1="{sx(-lim)}" y1="{sy(-lim)}" x2="{sx(lim)}" y2="{sy(lim)}" stroke="#bbb" stroke-dasharray="3"/>',
+           f'<text x="{pad + size / 2}" y="{pad + size + 30}" text-anchor="middle">exact effect (raw units)</text>',
+           f'<text x="15" y="{pad + size / 2}" transform="rotate(-90 15 {pad + size / 2})" text-anchor="middle">estimate (raw units)</text>']
+    for xv, ev, label in zip(x, e, a.labels):
+        if xv == xv and ev == ev:
+            colour = RED_HEX if label in missed else BLUE_HEX
+            out.append(f'<circle cx="{sx(xv):.1f}" cy="{sy(ev):.1f}" r="3.5" fill="{colour}"><title>{escape(label)}: '
+                       f'exact {xv:+.3f}, estimate {ev:+.3f}</title></circle>')
     out.append("</svg>")
     return "\n".join(out)
