@@ -326,5 +326,12 @@ def test_run_with_subspace_targets_and_das(tmp_path):
     assert (out / "das_resid_pre.L1.end_k1.safetensors").is_file()
     page = (out / "report.html").read_text()
     assert "<h2>Subspaces</h2>" in page and "<h2>DAS</h2>" in page and "MLP output projection" in page
+    import html as _html
+
+    (mlp_dir,) = out.glob("mlp_post_sub*_denoise")
+    for checked in (res, ap.PatchResult.load(mlp_dir)):  # the typed verdict, shown next to its result
+        c = checked.info.subspace_check
+        assert c.verdict is not None and _html.escape(c.summary()) in page
+    assert res.info.subspace_check.verdict is ap.subspaces.SubspaceVerdict.UNSPLIT
     r = invoke("run", str(cfg), "--out", str(out))
     assert r.exit_code == 0 and "das_resid_pre.L1.end_k1: already done, loaded" in r.stdout

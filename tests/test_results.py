@@ -80,6 +80,7 @@ def test_results_saved_by_0_2_0_load_with_the_same_numbers_and_typed_parts():
     check = sub.info.subspace_check
     assert check is not None and check.effects["component"] == pytest.approx(0.0, abs=1e-6)
     assert {"subspace_illusion", "subspace_exceeds_component"} <= {f.code for f in check.findings}
+    assert check.verdict is None and "saved before verdicts" in check.summary()  # not invented after the fact
     # findings saved without an origin: the illusion warning is the technique's, so it survives a subset
     kept = ap.PatchResult.concat([sub, sub]).subset([0])
     assert "subspace_illusion" in {f.code for f in kept.findings}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import actpatch as ap
-from actpatch.subspace import Subspace, width
+from actpatch.subspace import Subspace, SubspaceVerdict, width
 from actpatch.testing import random_pairs, tiny_model
 
 VECTOR_KINDS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in", "z", "q", "k", "v",
@@ -117,6 +117,10 @@ def test_illusion_model_is_flagged_with_the_numbers_derived_by_hand(direction):
     assert c.variation["null"] == pytest.approx(1.0, abs=1e-5) and c.variation["row"] == pytest.approx(0.0, abs=1e-6)
     assert c.variation["subspace"] == pytest.approx(2**-0.5, abs=1e-5)
     assert [f.code for f in c.findings] == ["subspace_illusion", "subspace_exceeds_component"] and c.flagged
+    # the patch writes 0.707 u = (0.5, 0.5): half its squared norm on the unread neuron 0
+    assert c.verdict is SubspaceVerdict.ILLUSION and c.null_share == pytest.approx(0.5, abs=1e-5)
+    assert c.effect_share is None  # the whole MLP has no effect to share
+    assert c.values["subspace"] == pytest.approx(0.5, abs=1e-5)  # on the result's scale, as res.values reads
     # subspace patching runs the check by default and reports it
     res = ap.patch(m, ps, [site], subspace=U, direction=direction)
     assert float(res.values) == pytest.approx(0.5, abs=1e-5)
@@ -136,7 +140,46 @@ def test_control_model_is_not_flagged():
     c = subspace_check(m, ps, site, U, direction="denoise")  # the numbers below are derived for denoising
     assert c.effects["subspace"] == pytest.approx(1.0, abs=1e-5) and c.effects["component"] == pytest.approx(1.0, abs=1e-5)
     assert c.row_share == pytest.approx(1.0, abs=1e-5) and c.effects["null"] is None
-    assert not c.flagged and [f.code for f in c.findings] == ["subspace_check_passed"]
+    assert not c.flagged and [f.code for f in c.findings] == ["subspace_faithful"]
+    assert c.verdict is SubspaceVerdict.FAITHFUL and c.effect_share == pytest.approx(1.0, abs=1e-5)
+    assert c.null_share == pytest.approx(0.0, abs=1e-6) and c.values["subspace"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_verdicts_name_what_the_check_measured(tmp_path):
+    """Each named outcome on a hand-built MLP whose numbers follow from its weights (see
+    ``illusion_model``): passing the illusion test alone is never reported as faithful."""
+    from actpatch.subspaces import subspace_check
+    from actpatch.testing import illusion_model
+
+    # neuron 0 varies and nothing reads it: the subspace moves only the null space, effect 0
+    m, ps, site, _ = illusion_model()
+    c = subspace_check(m, ps, site, torch.tensor([[1.0, 0.0]]), direction="noise")
+    assert c.verdict is SubspaceVerdict.DORMANT_PATHWAY_RISK and c.null_share == pytest.approx(1.0, abs=1e-6)
+    warning = {f.code: f for f in c.findings}["subspace_dormant_risk"]
+    assert warning.level is ap.Level.WARNING and "100% of what it moves lies in the null space" in warning.message
+    assert c.values["subspace"] == pytest.approx(1.0, abs=1e-6)  # noising: 1 is no effect
+    # neuron 1 never varies: nothing moves, nothing changes
+    c = subspace_check(m, ps, site, torch.tensor([[0.0, 1.0]]), direction="denoise")
+    assert c.verdict is SubspaceVerdict.NO_EFFECT and c.null_share is None and "subspace_no_effect" in {f.code for f in c.findings}
+    # both neurons compute a and are read along different directions, neuron 1 three times as
+    # strongly (it writes -3 to dim 2: LD += 6): neuron 0 (LD += 2) carries a quarter
+    m, ps, site, U = illusion_model(control=True)
+    mlp = m.hf.transformer.h[0].mlp
+    with torch.no_grad():
+        mlp.c_fc.weight[0, 1], mlp.c_fc.weight[3, 1] = 1.0, -1.0
+        mlp.c_proj.weight[1, 2] = -3.0
+    c = subspace_check(m, ps, site, U, direction="noise")
+    assert c.verdict is SubspaceVerdict.PARTIAL and c.effect_share == pytest.approx(0.25, abs=1e-5)
+    assert c.null_share == pytest.approx(0.0, abs=1e-6)
+    assert c.values["subspace"] == pytest.approx(0.75, abs=1e-5) and c.values["component"] == pytest.approx(0.0, abs=1e-5)
+    assert "carries 25% of the component's effect" in {f.code: f for f in c.findings}["subspace_partial"].message
+    assert "partial" in c.summary() and "25%" in c.summary()
+    # the verdict travels with the result, typed
+    res = ap.patch(m, ps, [site], subspace=U, direction="noise")
+    assert res.info.subspace_check.verdict is SubspaceVerdict.PARTIAL and float(res.values) == pytest.approx(0.75, abs=1e-5)
+    res.save(tmp_path / "r")
+    back = ap.PatchResult.load(tmp_path / "r").info.subspace_check
+    assert back == res.info.subspace_check and back.verdict is SubspaceVerdict.PARTIAL
 
 
 def test_check_on_a_residual_site_says_what_it_cannot_tell_and_sweeps_check_their_strongest_cell():
@@ -146,6 +189,7 @@ def test_check_on_a_residual_site_says_what_it_cannot_tell_and_sweeps_check_thei
     res = ap.sweep(m, ps, "resid_pre", direction="denoise", subspace=U, progress=False)
     codes = [f.code for f in res.findings]
     assert "subspace_check_limited" in codes
+    assert res.info.subspace_check.verdict is SubspaceVerdict.UNSPLIT and res.info.subspace_check.null_share is None
     checked = str(res.info.subspace_check.site)
     strongest = res.values.abs().flatten().argmax()
     layer, pos = divmod(int(strongest), res.shape[1])

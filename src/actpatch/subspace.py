@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Union
@@ -35,7 +36,7 @@ from .sites import Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["along", "Subspace", "SubspaceCheck", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
+__all__ = ["along", "Subspace", "SubspaceCheck", "SubspaceVerdict", "SubspaceLike", "as_subspace", "SUBSPACE_KINDS", "width"]
 
 SUBSPACE_KINDS = frozenset(SiteKind) - {SiteKind.PATTERN}
 """Kinds whose last axis is a vector a basis can live in."""
@@ -181,17 +182,50 @@ def as_subspace(value: SubspaceLike | None) -> Subspace | None:
     return Subspace.of(value)
 
 
+class SubspaceVerdict(str, enum.Enum):
+    """What the interpretability-illusion check concluded about one subspace patch. Only
+    ``faithful`` says the subspace carries the component's effect through what the model reads;
+    the others name what stands in the way."""
+
+    ILLUSION = "illusion"
+    """The effect comes from writing a direction the model does not vary (the patch does more
+    than the whole component, or the read part alone does not carry it): do not interpret it."""
+    DORMANT_PATHWAY_RISK = "dormant_pathway_risk"
+    """Most of what the patch moves lies in the null space of the reading weights (the illusion's
+    precondition), no illusion shows here, and the read part alone does not reproduce the effect
+    (or there is none): a basis fitted to these activations can turn it into an illusion."""
+    PARTIAL = "partial"
+    """The subspace carries less than half of the whole component's effect: the component does
+    more than this subspace explains."""
+    NO_EFFECT = "no_effect"
+    """Neither the subspace nor the whole component moves the metric (by ``min_effect``)."""
+    UNSPLIT = "unsplit"
+    """No single set of weights reads the site (residual stream, q / k / v): the read and unread
+    parts cannot be separated, so the illusion cannot be ruled out; the effect share is reported."""
+    FAITHFUL = "faithful"
+    """The subspace carries at least half of the component's effect, and most of what it moves is
+    read by the weights downstream."""
+
+
 @dataclass(frozen=True)
 class SubspaceCheck:
     """The numbers behind the interpretability-illusion check of one subspace patch
-    (:func:`actpatch.subspaces.subspace_check`), and its findings.
+    (:func:`actpatch.subspaces.subspace_check`), its :class:`SubspaceVerdict` and its findings.
+
+    ``effect_share``: the subspace patch's effect as a share of the whole component's (1: it
+    carries all of it; None when the component has no effect to share). ``null_share``: the
+    share (squared norm) of what the patch moves, the clean - corrupted difference projected on
+    the basis, that lies in the null space of the reading weights (None without a single
+    reader). ``values``: the subspace, its parts and the whole component patched, on the
+    result's scale (normalised: 1 = clean, 0 = corrupted; no effect is 0 when denoising, 1 when
+    noising).
 
     ``row_share``: the share of the basis in the reader's row space (1: everything it patches
     is read; None without a single reader). ``variation``: mean norm, over prompts and patched
     positions, of the clean - corrupted difference projected on the whole basis (``subspace``),
-    its row-space part (``row``) and its null-space part (``null``). ``effects``: normalised
-    effects (1 = clean, 0 = corrupted) of patching along the basis, along each part alone, and
-    the whole component (``component``)."""
+    its row-space part (``row``) and its null-space part (``null``). ``effects``: changes from
+    the base run (units of the clean - corrupted gap) of patching along the basis, along each
+    part alone, and the whole component (``component``)."""
 
     site: Site
     direction: str
@@ -200,13 +234,40 @@ class SubspaceCheck:
     variation: dict[str, float]
     effects: dict[str, float | None]
     findings: tuple[Finding, ...] = field(default_factory=tuple)
+    verdict: SubspaceVerdict | None = None
+    """None only for checks saved before verdicts existed (actpatch < 0.3)."""
+    effect_share: float | None = None
+    null_share: float | None = None
+    min_effect: float = 0.1
+    """Effects smaller than this (units of the gap) count as none."""
+
+    @property
+    def values(self) -> dict[str, float | None]:
+        """``effects`` on the result's scale: what ``res.values`` would read for each patch."""
+        base = 1.0 if self.direction == "noise" else 0.0
+        return {k: None if v is None else v + base for k, v in self.effects.items()}
 
     @property
     def flagged(self) -> bool:
         return any(f.code in ("subspace_illusion", "subspace_exceeds_component") for f in self.findings)
+
+    def summary(self) -> str:
+        """One line: the verdict and the numbers it rests on, on the result's scale."""
+        v = self.values
+        pct = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
+        return (f"{self.site}: {self.verdict.value if self.verdict else 'no verdict (saved before verdicts)'}; "
+                f"the subspace carries {pct(self.effect_share)} of the component's effect (value "
+                f"{_num(v.get('subspace'))} vs {_num(v.get('component'))} for the whole component"
+                + (f", {_num(v['row'])} for its read part alone" if v.get("row") is not None else "") + "); "
+                f"{pct(self.null_share)} of what it moves lies in the null space of the "
+                f"{self.reader or 'reader (none: not split)'}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         from ._codec import encode
 
         return encode(self)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

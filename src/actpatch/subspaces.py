@@ -12,9 +12,10 @@ Example:
     (1, 64)
 """
 
-from .subspace import Subspace
+from .subspace import Subspace, SubspaceVerdict
 from .techniques.das import DASRecord, DASResult, das
 from .techniques.directions import SubspaceCheck, diff_of_means, pca_directions, probe_direction, subspace_check
 
-__all__ = ["Subspace", "diff_of_means", "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck", "das",
+__all__ = ["Subspace", "diff_of_means", "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck",
+           "SubspaceVerdict", "das",
            "DASResult", "DASRecord"]

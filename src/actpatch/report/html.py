@@ -132,6 +132,11 @@ def _heatmaps(results: dict[str, "PatchResult"], figdir: Path, fig: Iterator[int
                 parts.append("<div>" + _figure_html(result_figure(res, t, metric), f"fig{next(fig)}") + "</div>")
                 (figdir / f"{base}_{res.info.direction.value}_{metric}.svg").write_text(heatmap_svg(res, t, metric))
         parts.append("</div>")
+        for res in (den, noi):
+            check = None if res is None else res.info.subspace_check
+            if check is not None:
+                parts.append(f"<p class='advice'>Subspace check ({html.escape(res.info.direction.value)}): "
+                             f"{html.escape(check.summary())}.</p>")
         if den is not None and noi is not None and comparable(den, noi):
             comparisons.append((base, compare(den, noi), den, noi))
     return parts, comparisons
@@ -242,20 +247,26 @@ def _subspace_sections(results: dict[str, "PatchResult"], das: "dict[str, DASRec
         c = res.info.subspace_check
         if res.info.subspace is None or c is None:
             continue
-        e, v = c.effects, c.variation
+        e, v = c.values, c.variation
+        pct = lambda f: "-" if f is None else f"{f:.0%}"  # noqa: E731
         codes = ", ".join(f.code for f in c.findings)
         rows.append([name, f"{res.info.subspace.get('method', '?')} (k = {res.info.subspace['k']})", str(c.site),
-                     c.reader or "none (see the finding)", _fmt(c.row_share), _fmt(v.get("subspace")),
-                     _fmt(v.get("row")), _fmt(v.get("null")), _fmt(e.get("subspace")), _fmt(e.get("row")),
-                     _fmt(e.get("null")), _fmt(e.get("component")), codes])
+                     c.verdict.value if c.verdict else "(saved before verdicts)", pct(c.effect_share),
+                     pct(c.null_share), c.reader or "none (see the finding)", _fmt(c.row_share),
+                     _fmt(v.get("subspace")), _fmt(v.get("row")), _fmt(v.get("null")), _fmt(e.get("subspace")),
+                     _fmt(e.get("row")), _fmt(e.get("null")), _fmt(e.get("component")), codes])
     if rows:
         parts.append("<h2>Subspaces</h2><p>Each subspace result's strongest cell checked for the interpretability "
-                     "illusion (Makelov, Lange &amp; Nanda 2023): the share of the basis its reading weights read, how "
-                     "much clean and corrupted runs differ along the basis and its read / unread parts, and the effect "
-                     "of patching along each next to the whole component's (change from the base run, in units of the "
-                     "clean - corrupted gap).</p>" + _table(
-                         ["result", "basis", "site checked", "reader", "read share", "variation", "read part", "unread part",
-                          "effect", "read part", "unread part", "whole component", "findings"], rows))
+                     "illusion (Makelov, Lange &amp; Nanda 2023). Verdict, worst first: <i>illusion</i> (the effect "
+                     "comes from a direction the model does not vary), <i>unsplit</i> (no single reader: the illusion "
+                     "cannot be ruled out), <i>dormant pathway risk</i> (half or more of what the patch moves is in "
+                     "the reader's null space), <i>no effect</i>, <i>partial</i> (the subspace carries under half of "
+                     "the component's effect), <i>faithful</i>. Effect share: the subspace's effect over the whole "
+                     "component's; null share: the part of what the patch moves that the reader ignores. Values on "
+                     "the result's scale (1 = clean, 0 = corrupted).</p>" + _table(
+                         ["result", "basis", "site checked", "verdict", "effect share", "null share", "reader",
+                          "read share of basis", "variation", "read part", "unread part", "value: subspace",
+                          "read part", "unread part", "whole component", "findings"], rows))
     if das:
         rows = [[name, str(r.site), r.k, f"{r.test_accuracy:.2f}", _fmt(r.test_effect), r.steps,
                  f"{r.seconds:.1f}", ", ".join(f.code for f in r.findings)] for name, r in das.items()]

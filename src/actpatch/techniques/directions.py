@@ -25,6 +25,12 @@ differ along each part, patches along each part alone and along the whole compon
 For residual-stream sites (and q / k / v) no single reader exists: every later component reads
 the residual stream, and q / k / v are read through the softmax. The check then says so and
 reports the variation along the basis and the full-component comparison only.
+
+Every check ends in a :class:`~actpatch.subspace.SubspaceVerdict`, worst first: ``illusion`` (one
+of the two warnings above), ``unsplit`` (no single reader), ``dormant_pathway_risk`` (half or more
+of what the patch moves lies in the reader's null space: the illusion's precondition, flagged
+even when the effect is small, unless the read part patched alone reproduces the effect), ``no_effect``, ``partial`` (the subspace carries less than half of
+the component's effect) and ``faithful``. "Not an illusion" alone is never reported as a pass.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ..findings import Finding, Level
 from ..experiment.core import Experiment
 from ..prompts.promptset import PromptSet
 from ..sites import Site, SiteKind
-from ..subspace import Subspace, SubspaceCheck, SubspaceLike, as_subspace, width
+from ..subspace import Subspace, SubspaceCheck, SubspaceLike, SubspaceVerdict, as_subspace, width
 from ..types import DEFAULT_DIRECTION, Direction, parse_direction
 from .exact import execute, patch_plan
 from .positions import named_positions
@@ -166,18 +172,47 @@ def _part(U: torch.Tensor, P: torch.Tensor) -> torch.Tensor | None:
     return vh[keep] if keep.any() else None
 
 
-def _variation(model: "Model", prompts: PromptSet, site: Site,
-               parts: dict[str, torch.Tensor | None]) -> dict[str, float]:
+def _variation(model: "Model", prompts: PromptSet, site: Site, parts: dict[str, torch.Tensor | None],
+               null: torch.Tensor | None = None) -> tuple[dict[str, float], float | None]:
     """Mean norm, over prompts and patched positions, of the clean - corrupted difference
-    projected on each part of the basis."""
+    projected on each part of the basis; and, given the projector on the reader's null space,
+    the share (squared norm) of what the patch moves (the difference projected on the basis)
+    that lies in that null space."""
     sel = Site(site.kind, site.layer, head=site.head, pos=site.pos).selector()
     norms: dict[str, list[torch.Tensor]] = {k: [] for k, v in parts.items() if v is not None}
+    U = parts["subspace"]
+    moved = unread = 0.0
     for _, clean, corrupted in _experiment(model, prompts, "the subspace check").paired_activations(site):
         diff = clean[sel].float().cpu() - corrupted[sel].float().cpu()
         for name, B in parts.items():
             if B is not None:
                 norms[name].append((diff @ B.T).norm(dim=-1).flatten())
-    return {name: float(torch.cat(v).mean()) for name, v in norms.items()}
+        if null is not None and U is not None:
+            w = (diff @ U.T) @ U  # what the patch writes: the difference along the basis
+            moved += float(w.double().pow(2).sum())
+            unread += float((w @ null).double().pow(2).sum())
+    share = unread / moved if null is not None and moved > 0 else None
+    return {name: float(torch.cat(v).mean()) for name, v in norms.items()}, share
+
+
+def _verdict(reader: str | None, flagged: bool, effect_share: float | None, null_share: float | None,
+             e_sub: float, e_row: float | None, e_full: float, min_effect: float) -> SubspaceVerdict:
+    """The named outcome (see :class:`~actpatch.subspace.SubspaceVerdict`), worst first. Most of
+    the moved variation in the null space is a risk unless the read part alone, patched by
+    itself, reproduces a real effect (within a quarter): then the unread variation is shown not
+    to be what moves the output."""
+    if flagged:
+        return SubspaceVerdict.ILLUSION
+    if reader is None:
+        return SubspaceVerdict.UNSPLIT
+    read_part_does_it = abs(e_sub) >= min_effect and e_row is not None and abs(e_row - e_sub) <= 0.25 * abs(e_sub)
+    if null_share is not None and null_share >= 0.5 and not read_part_does_it:
+        return SubspaceVerdict.DORMANT_PATHWAY_RISK
+    if abs(e_sub) < min_effect and abs(e_full) < min_effect:
+        return SubspaceVerdict.NO_EFFECT
+    if effect_share is None or effect_share < 0.5:
+        return SubspaceVerdict.PARTIAL
+    return SubspaceVerdict.FAITHFUL
 
 
 def _findings(site: Site, reader: str | None, row_share: float | None, variation: dict[str, float],
@@ -224,12 +259,38 @@ def _findings(site: Site, reader: str | None, row_share: float | None, variation
             f"{gap}): the rest of the component pushes the other way, or the patch writes a signal the model does "
             f"not carry (a learned basis can find such directions).",
             "Compare the subspace's effect on held-out prompts and at mlp_post / z, where the check can split it."))
-    if not found or all(f.level is Level.INFO for f in found):
-        found.append(Finding(
-            Level.INFO, "subspace_check_passed" if reader is not None else "subspace_check_compared",
-            f"{site}: subspace effect {e_sub:.3f}, whole component {e_full:.3f}"
-            + (f", read part alone {e_row:.3f}" if e_row is not None else "") + f" ({gap})."))
     return found
+
+
+def _verdict_finding(site: Site, verdict: SubspaceVerdict, reader: str | None, effect_share: float | None,
+                     null_share: float | None, values: dict[str, float | None]) -> Finding | None:
+    """The finding that states the verdict in words, on the result's scale (illusions already
+    have theirs, and a site without a reader has ``subspace_check_limited``)."""
+    share = "n/a" if effect_share is None else f"{effect_share:.0%}"
+    null = "n/a" if null_share is None else f"{null_share:.0%}"
+    nums = (f"value {values['subspace']:.3f} along the subspace, {values['component']:.3f} for the whole component "
+            f"(the result's scale); it carries {share} of the component's effect, and {null} of what it moves lies "
+            f"in the null space of the {reader}")
+    if verdict is SubspaceVerdict.DORMANT_PATHWAY_RISK:
+        return Finding(
+            Level.WARNING, "subspace_dormant_risk",
+            f"{site}: most of what this patch moves is invisible to the {reader}: {nums}. No illusion shows here, "
+            f"but this is its precondition (Makelov, Lange & Nanda 2023): a basis fitted to these activations "
+            f"(DAS, a probe) can produce an effect the model does not compute.",
+            "Read any effect along this subspace as suspect; prefer bases inside the reader's row space.")
+    if verdict is SubspaceVerdict.PARTIAL:
+        return Finding(
+            Level.INFO, "subspace_partial",
+            f"{site}: the subspace carries only part of the component's effect: {nums}.",
+            "The component does more than this subspace: look for the rest before calling it the mechanism.")
+    if verdict is SubspaceVerdict.NO_EFFECT:
+        return Finding(Level.INFO, "subspace_no_effect", f"{site}: neither the subspace nor the component moves "
+                       f"the metric: {nums}.")
+    if verdict is SubspaceVerdict.FAITHFUL:
+        return Finding(Level.INFO, "subspace_faithful", f"{site}: the subspace carries the component's effect "
+                       f"through what the {reader} reads (its read part alone does what the whole subspace does "
+                       f"when the unread share is large): {nums}.")
+    return None
 
 
 def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: SubspaceLike, *,
@@ -256,7 +317,7 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
         row_share = float((U @ P_row).pow(2).sum() / U.shape[0])
         reader = "MLP output projection" if site.kind is SiteKind.MLP_POST else f"head {site.head}'s output projection"
 
-    variation = _variation(model, prompts, site, parts)
+    variation, null_share = _variation(model, prompts, site, parts, None if M is None else torch.eye(U.shape[1]) - P_row)
 
     def effect(basis: torch.Tensor | None) -> float | None:
         if basis is None:
@@ -270,8 +331,15 @@ def subspace_check(model: "Model", prompts: PromptSet, site: Site, subspace: Sub
     effects["component"] = effect(_WHOLE)
 
     found = _findings(site, reader, row_share, variation, effects, min_effect)
+    e_sub, e_full = effects["subspace"] or 0.0, effects["component"] or 0.0
+    effect_share = e_sub / e_full if abs(e_full) >= min_effect else None
+    flagged = any(f.code in ("subspace_illusion", "subspace_exceeds_component") for f in found)
+    verdict = _verdict(reader, flagged, effect_share, null_share, e_sub, effects.get("row"), e_full, min_effect)
+    values = {k: None if v is None else v + base_value for k, v in effects.items()}
+    said = _verdict_finding(site, verdict, reader, effect_share, null_share, values)
     return SubspaceCheck(site=site, direction=parse_direction(direction).value, reader=reader, row_share=row_share,
-                         variation=variation, effects=effects, findings=tuple(found))
+                         variation=variation, effects=effects, findings=tuple(found + ([said] if said else [])),
+                         verdict=verdict, effect_share=effect_share, null_share=null_share, min_effect=min_effect)
 
 
 _WHOLE = torch.empty(0)
