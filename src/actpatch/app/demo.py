@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,18 +32,29 @@ def demo_config(n_prompts: int = 8) -> ExperimentConfig:
 
 def top_heads_table(cmp: Comparison, k: int = 10) -> Table:
     """Heads with the largest sufficiency or necessity, with the bootstrap CIs their roles were
-    decided on (``uncertain`` where an interval straddles a threshold) and the rule as caption."""
+    decided on (``uncertain`` where an interval straddles a threshold) and the rule as caption;
+    narrow enough for 80 columns."""
+    from ..agreement import cell_label
+
     df = cmp.to_pandas()
-    ci = cmp.intervals
-    df["ci_d"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(df.sufficiency_low, df.sufficiency_high)] if ci else ""
-    df["ci_n"] = [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(df.necessity_low, df.necessity_high)] if ci else ""
     df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
-    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising), {cmp.level:.0%} bootstrap CIs",
-                  title_justify="left", caption=cmp.thresholds, caption_justify="left")
-    for col in (*cmp.dims, "sufficiency", "95% CI", "necessity", "95% CI ", "role"):  # fold, never cut with '…'
-        table.add_column(col, justify="left" if col == "role" else "right", overflow="fold")
-    for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
-        table.add_row(*(str(r[d]) for d in cmp.dims), f"{r.sufficiency:+.2f}", r.ci_d, f"{r.necessity:+.2f}", r.ci_n, r.role)
+    shape = tuple(len(cmp.coords[d]) for d in cmp.dims)
+    ci = f" [{cmp.level:.0%} CI]" if cmp.intervals else ""
+    table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising)", title_justify="left",
+                  caption=cmp.thresholds, caption_justify="left")
+    table.add_column("head", justify="left", no_wrap=True)
+    table.add_column("sufficiency" + ci, justify="right", overflow="fold")
+    table.add_column("necessity" + ci, justify="right", overflow="fold")
+    table.add_column("role", justify="left", overflow="fold")
+
+    def reading(r: Any, name: str) -> str:
+        if not cmp.intervals:
+            return f"{r[name]:+.2f}"
+        return f"{r[name]:+.2f} [{r[name + '_low']:+.2f}, {r[name + '_high']:+.2f}]"
+
+    for i, r in df.sort_values("score", ascending=False).head(k).iterrows():
+        table.add_row(cell_label(cmp.dims, cmp.coords, int(i), shape), reading(r, "sufficiency"),
+                      reading(r, "necessity"), r.role.replace("_", " "))
     return table
 
 
