@@ -66,6 +66,47 @@ def test_unknown_model_name():
         ap.load_model("./no/such/model")
 
 
+def test_a_dtype_torch_does_not_know_is_refused_before_loading():
+    from actpatch.models.loading import parse_dtype
+
+    for bad in ("float8_banana", torch.int8, 3, None):
+        with pytest.raises(ap.errors.DeviceError, match=r"not a dtype a model can be loaded in; use one of .*bf16"):
+            ap.load_model("./no/such/model", dtype=bad)  # refused before the path is even looked at
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
+    assert parse_dtype(torch.float32) is torch.float32
+
+
+def _custom_code_folder(tmp_path):
+    """A tiny llama saved with an auto_map pointing at a module that, if ever imported, leaves a mark."""
+    import json
+
+    m = tiny_model("llama", n_layers=1)
+    m.hf.save_pretrained(tmp_path)
+    m.tokenizer.save_pretrained(tmp_path)
+    mark = tmp_path / "the_code_ran"
+    (tmp_path / "custom.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return mark
+
+
+def test_a_folder_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
+    import subprocess
+    import sys
+
+    mark = _custom_code_folder(tmp_path)
+    with pytest.raises(ap.errors.ModelNotFoundError, match=r"auto_map: AutoConfig, AutoModelForCausalLM.*"
+                                                        r"load_model\(\.\.\., trust_remote_code=True\)"):
+        ap.load_model(str(tmp_path))
+    assert not mark.exists()
+    # the same without a terminal and with stdin closed: a clear error, never a question on stdin
+    run = subprocess.run([sys.executable, "-c", f"import actpatch as ap; ap.load_model({str(tmp_path)!r})"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "trust_remote_code=True" in run.stderr and "[y/N]" not in run.stdout + run.stderr
+    assert not mark.exists()
+
+
 def test_supported_families_text():
     text = supported_families()
     assert "SmolLM2" in text and "Pythia" in text and "Gemma 2" in text

@@ -190,11 +190,52 @@ def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device, **
     return Model(hf, tok, name=b.name)
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+"""The dtypes a model can be loaded in, by the names ``load_model(dtype=...)`` accepts."""
+
+
+def parse_dtype(value: Any) -> torch.dtype:
+    """A floating-point torch dtype from a dtype or its name (``"bf16"``, ``"torch.float16"``);
+    anything else is refused with the accepted names."""
+    allowed = sorted(set(DTYPES.values()), key=str)
+    if isinstance(value, torch.dtype) and value in allowed:
+        return value
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[value.lower().removeprefix("torch.")]
+    raise DeviceError(f"dtype={value!r} is not a dtype a model can be loaded in; use one of "
+                      f"{', '.join(str(d) for d in allowed)} or their names ({', '.join(DTYPES)}).")
+
+
+def _refuse_custom_code(local: Path, trust_remote_code: bool) -> None:
+    """A local folder whose config asks for its own code (``auto_map``) is refused unless the
+    caller opted in: transformers would otherwise ask on stdin, which blocks notebooks and jobs."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        f = local / name
+        try:
+            data = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelNotFoundError(
+                f"{f} asks to run Python code shipped with the model (auto_map: "
+                f"{', '.join(sorted(data['auto_map']))}); actpatch does not run it by default. If you trust its "
+                f"source, pass load_model(..., trust_remote_code=True): the folder's code then runs with your "
+                f"permissions.")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
     **hf_kwargs: Any,
 ) -> Model:
     """Load a causal LM for patching.
@@ -206,15 +247,26 @@ def load_model(
     ``max_memory=``) go to accelerate, which places the layers; ``device`` is then ignored. Anything else is an HF hub id or local directory, loaded with
     ``transformers.AutoModelForCausalLM`` (extra keyword arguments are passed on).
 
+    ``dtype``: a torch dtype or its name (``"bf16"``; see :data:`DTYPES`). Models whose folder
+    ships its own Python code (``auto_map`` in the config) are refused unless
+    ``trust_remote_code=True``: that code runs with your permissions, so opt in only for a
+    source you trust. transformers is never left to ask on stdin.
+
     Example:
         >>> import actpatch as ap
         >>> model = ap.load_model()
         >>> model.n_layers, model.n_heads, model.n_kv_heads
         (30, 9, 3)
     """
+    if not isinstance(name_or_path, (str, Path)):
+        raise ModelNotFoundError(f"load_model() takes a model name or folder, not {type(name_or_path).__name__}; "
+                                 f"e.g. load_model({DEFAULT_MODEL!r}).")
+    name_or_path = str(name_or_path)
+    dtype = parse_dtype(dtype)
     _check_placement(device, dtype, hf_kwargs.get("device_map"))
     recipe = Recipe("actpatch.models.loading:load_model", (name_or_path,),
-                    {"dtype": dtype, "device": str(device), **hf_kwargs})
+                    {"dtype": dtype, "device": str(device), **hf_kwargs,
+                     **({"trust_remote_code": True} if trust_remote_code else {})})
     if name_or_path.lower() in BUNDLED_MODELS:
         model = _load_bundled(BUNDLED_MODELS[name_or_path.lower()], dtype, device, **hf_kwargs)
         model.recipe = recipe
@@ -225,10 +277,17 @@ def load_model(
     local = Path(name_or_path).expanduser()
     if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise ModelNotFoundError(f"No model directory at {name_or_path!r}; check the path.")
+    if local.is_dir():
+        _refuse_custom_code(local, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  **hf_kwargs)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelNotFoundError(
+                f"{name_or_path!r} needs Python code shipped with the model; actpatch does not run it by default. "
+                f"If you trust its source, pass load_model(..., trust_remote_code=True).") from None
         raise ModelNotFoundError(
             f"Could not load {name_or_path!r}: {e}\nUse {DEFAULT_MODEL!r} for the bundled model, a local "
             f"directory with config.json and weights, or a hub id you can access (needs network)."
