@@ -54,6 +54,9 @@ def test_quiet_result_has_only_the_direction_note():
     (result(raw=((1.5, 0.2),)), result(raw=((1.1, -0.1),)), "out_of_range", Level.WARNING),
     (result(null_patch_max_abs=0.3), result(null_patch_max_abs=1e-7), "null_patch_failed", Level.ERROR),
     (result(direction="noise"), result(direction="noise", compared=True), "single_direction", Level.INFO),
+    (result(raw=((0.02, 0.01),), clean=(0.05,), corrupted=(0.0,)), result(), "small_gap", Level.WARNING),
+    (result(metric="prob", raw=((0.5, 0.5),), clean=(0.504,), corrupted=(0.5,)),
+     result(metric="prob", raw=((0.5, 0.5),), clean=(0.6,), corrupted=(0.5,)), "small_gap", Level.WARNING),
 ])
 def test_each_finding_fires_and_stays_quiet(fires, quiet, code, level):
     found = {f.code: f for f in ap.check(fires)}
@@ -69,6 +72,22 @@ def test_messages_carry_numbers():
     assert "2 of 4" in f.message and "[1, 2]" in f.message
     f = {x.code: x for x in ap.check(result(raw=((1.5, 0.2),)))}["out_of_range"]
     assert "layer=0 (+1.50)" in f.message
+
+
+def test_small_gap_says_what_a_raw_change_reads_as():
+    f = {x.code: x for x in ap.check(result(raw=((0.02, 0.01),), clean=(0.05,), corrupted=(0.0,)))}["small_gap"]
+    assert "0.05 logits, below 0.1" in f.message and "reads as 0.2" in f.message
+    assert "small_gap" not in codes(result(clean=(1e-7,), corrupted=(0.0,)))  # undefined: its own error instead
+
+
+def test_single_patches_do_not_ask_for_the_other_direction():
+    m, ps = tiny_model("gpt2"), ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+    one = ap.patch(m, ps, ap.Site("resid_pre", 0))  # a single Site, not a list
+    assert "single_direction" not in {f.code for f in one.findings}
+    assert float(one.values) == float(ap.patch(m, ps, [ap.Site("resid_pre", 0)]).values)
+    assert "single_direction" in {f.code for f in ap.sweep(m, ps, "resid_pre", progress=False).findings}
+    s, r = ap.Site("z", 0, head=1), ap.Site("q", 1, head=2)
+    assert float(ap.path_patch(m, ps, s, r).values) == float(ap.path_patch(m, ps, [s], [r]).values)
 
 
 def test_errors_come_first():

@@ -149,14 +149,18 @@ def test_targets_dims(llama, target, dims, shape):
     kw = {"layers": [2], "neurons": range(5)} if target == "mlp_post" else {}
     res = ap.sweep(llama, ps, target, progress=False, **kw)
     assert res.dims == dims and tuple(res.values.shape) == shape
-    assert res.per_prompt.shape == (4, *shape)
+    assert res.per_prompt_normalised.shape == (4, *shape)
     # each prompt's row is that prompt run alone, normalised with the whole set's mean baselines
     gap = res.clean["logit_diff"].mean() - res.corrupted["logit_diff"].mean()
     for i in (0, 3):
         alone = ap.sweep(llama, ps.subset([i]), target, progress=False, **kw)
         torch.testing.assert_close(res.raw["logit_diff"][i], alone.raw["logit_diff"][0], atol=1e-5, rtol=0)
         by_hand = (alone.raw["logit_diff"][0] - res.corrupted["logit_diff"].mean()) / gap
-        torch.testing.assert_close(res.per_prompt[i] * gap, by_hand * gap, atol=1e-5, rtol=0)  # raw units
+        torch.testing.assert_close(res.per_prompt_normalised[i] * gap, by_hand * gap, atol=1e-5, rtol=0)  # raw units
+    assert torch.equal(res.per_prompt_raw, res.raw["logit_diff"])  # the names say which
+    torch.testing.assert_close(res.per_prompt_normalised.mean(0), res.values, atol=1e-6, rtol=0)
+    with pytest.warns(DeprecationWarning, match="per_prompt_normalised"):
+        assert torch.equal(res.per_prompt, res.per_prompt_normalised)
 
 
 def test_head_per_position_sums_like_all_positions_for_z_at_last_layer(llama):

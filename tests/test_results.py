@@ -167,6 +167,11 @@ def test_prompts_longer_than_the_context_are_refused_before_any_computation():
     (lambda m, ps: ap.edge_attribution(m, ps, corruption="zero"), ap.errors.CorruptionError, "needs a corrupted run"),
     (lambda m, ps: ap.patch(m, ps, []), ap.errors.SiteError, "at least one Site"),
     (lambda m, ps: ap.patch(m, ps, ["z.L0.H1"]), ap.errors.SiteError, "takes Site objects"),
+    (lambda m, ps: ap.patch(m, ps, "z.L0.H1"), ap.errors.SiteError, r"ap\.Site\.parse\('z\.L0\.H1'\)"),
+    (lambda m, ps: ap.patch(m, ps, 3), ap.errors.SiteError, "takes a Site or a list of Sites"),
+    (lambda m, ps: ap.path_patch(m, ps, ap.Site("z", 0, head=1), 7), ap.errors.SiteError, "receivers= takes a Site"),
+    (lambda m, ps: ap.patch(m, ps, ap.Site("resid_pre", 0), subspace=torch.eye(64)[:3].T),
+     ap.errors.SubspaceError, r"transpose it \(basis\.T\)"),
     (lambda m, ps: ap.capture(m, [ap.Site("z", 0, head=9)]).__enter__(), ap.errors.SiteError, "head 9 is out of range"),
     (lambda m, ps: ap.sweep(m, [("a", "b", "c", "d")], "z"), ap.errors.PromptError, "takes a PromptSet"),
 ])

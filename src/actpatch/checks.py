@@ -35,6 +35,9 @@ RANGE = (-0.2, 1.2)
 """Normalised values outside this range are reported."""
 NULL_PATCH_TOL = 1e-4
 """Largest |metric change| allowed when patching a run's own activations back into it."""
+SMALL_GAP = {"logit_diff": 0.1, "logprob": 0.1, "kl": 0.1, "prob": 0.01}
+"""Warn when |M_clean - M_corrupted| is below this (the metric's raw units: logits, nats,
+probability): normalised values divide by the gap, so a small one magnifies every error."""
 
 
 def _f(level: Level, code: str, message: str, advice: str = "") -> Finding:
@@ -60,6 +63,23 @@ def _baselines_close(res: "PatchResult") -> list[Finding]:
                           f"{m}: clean - corrupted = {b['clean'] - b['corrupted']:.3g} is small against the per-prompt "
                           f"spread ({spread:.3g}); normalised values are noisy and can be far outside [0, 1].",
                           "Use a corruption that removes the behaviour more clearly, more prompts, or logit_diff."))
+    return out
+
+
+def _small_gap(res: "PatchResult") -> list[Finding]:
+    """A gap too small to normalise by, in the metric's own units, whatever the prompts' spread."""
+    out = []
+    for m, b in res.baselines.items():
+        gap = abs(b["clean"] - b["corrupted"])
+        floor = SMALL_GAP.get(m)
+        if floor is not None and UNDEFINED_GAP < gap < floor:
+            unit = {"logit_diff": "logits", "logprob": "nats", "kl": "nats", "prob": "probability"}[m]
+            out.append(_f(Level.WARNING, "small_gap",
+                          f"{m}: clean - corrupted = {b['clean'] - b['corrupted']:.3g} {unit}, below {floor:g}: "
+                          f"normalised values divide by this gap, so noise, rounding and tiny raw changes look like "
+                          f"large effects (a raw change of 0.01 reads as {0.01 / gap:.2g}).",
+                          "Use prompts where the model's behaviour differs more between the runs, a corruption that "
+                          "removes it more clearly, or read the raw metric (res.per_prompt_raw)."))
     return out
 
 
@@ -161,7 +181,9 @@ def _null_patch(res: "PatchResult") -> list[Finding]:
 
 
 def _single_direction(res: "PatchResult") -> list[Finding]:
-    if res.info.compared:
+    """Sweeps only: a single patch (no dims) is a question about one intervention, not a map of
+    components to read in both directions."""
+    if res.info.compared or not res.dims:
         return []
     d = res.info.direction.value
     other = "noise" if d == "denoise" else "denoise"
@@ -201,12 +223,12 @@ def _precision_noise(res: "PatchResult") -> list[Finding]:
     return out
 
 
-CHECKS = (_baselines_close, _task_failure, _prob_floor, _saturation, _corruption_notes, _window, _out_of_range,
+CHECKS = (_baselines_close, _small_gap, _task_failure, _prob_floor, _saturation, _corruption_notes, _window, _out_of_range,
           _null_patch, _single_direction, _precision_noise)
 
 
 CHECK_CODES = frozenset({
-    "normalisation_undefined", "baselines_close", "task_failure", "probability_floor", "saturation", "gaussian_noise",
+    "normalisation_undefined", "baselines_close", "small_gap", "task_failure", "probability_floor", "saturation", "gaussian_noise",
     "zero_ablation", "mean_ablation", "layer_window", "out_of_range", "null_patch_failed", "single_direction",
     "precision_noise"})
 """Every code :func:`check` can emit. Only results saved before findings recorded their

@@ -259,7 +259,9 @@ class PatchResult:
     Attributes:
         dims: axis names of one cell grid, e.g. ``("layer", "pos")`` or ``("layer", "head")``.
         coords: labels per dim (token strings label positions).
-        raw: per metric, the patched metric per prompt, shape ``(n_prompts, *grid)``.
+        raw: per metric, the patched metric per prompt, shape ``(n_prompts, *grid)``, in the
+            metric's own units (``per_prompt_raw``: the primary metric's; ``per_prompt_normalised``:
+            the same normalised, 1 = clean, 0 = corrupted; ``values``: their mean over prompts).
         clean, corrupted: per metric, the baselines per prompt, shape ``(n_prompts,)``.
         info: :class:`ResultInfo`: target, direction, method, corruption, seed, engine,
             provenance (model and weight hash, prompt set, versions), diagnostics.
@@ -324,17 +326,34 @@ class PatchResult:
         """Normalised effect of the primary metric, shape ``self.shape``."""
         return self.normalised()
 
-    def per_prompt_normalised(self, metric: str | None = None) -> torch.Tensor:
-        """Per-prompt values ``(n_prompts, *grid)`` normalised with the set's mean baselines, so
-        that their mean is :meth:`normalised`."""
+    def prompt_values(self, metric: str | None = None, *, normalised: bool = True) -> torch.Tensor:
+        """Per-prompt values ``(n_prompts, *grid)`` of ``metric``: normalised with the set's mean
+        baselines (so that their mean is :meth:`normalised`), or raw metric units."""
         m = self._check_metric(metric)
+        if not normalised:
+            return self.raw[m]
         b = self.baselines[m]
         return normalise(self.raw[m], b["clean"], b["corrupted"])
 
     @property
+    def per_prompt_normalised(self) -> torch.Tensor:
+        """The primary metric per prompt, normalised (1 = clean, 0 = corrupted, with the set's
+        mean baselines), shape ``(n_prompts, *grid)``; its mean over prompts is :attr:`values`."""
+        return self.prompt_values()
+
+    @property
+    def per_prompt_raw(self) -> torch.Tensor:
+        """The primary metric per prompt in its own units (``raw[metric]``), shape ``(n_prompts, *grid)``."""
+        return self.prompt_values(normalised=False)
+
+    @property
     def per_prompt(self) -> torch.Tensor:
-        """:meth:`per_prompt_normalised` of the primary metric, leading dim ``prompt``."""
-        return self.per_prompt_normalised()
+        """Deprecated name of :attr:`per_prompt_normalised` (it never was raw: see :attr:`per_prompt_raw`)."""
+        import warnings
+
+        warnings.warn("PatchResult.per_prompt is per_prompt_normalised; use that name (or per_prompt_raw).",
+                      DeprecationWarning, stacklevel=2)
+        return self.per_prompt_normalised
 
     def ci(self, metric: str | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> "Interval":
         """Bootstrap confidence interval of the normalised effect (see :func:`actpatch.stats.bootstrap_ci`)."""

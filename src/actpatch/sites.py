@@ -29,7 +29,7 @@ from .errors import SiteError
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["SiteKind", "Site"]
+__all__ = ["SiteKind", "Site", "as_sites"]
 
 
 class SiteKind(str, enum.Enum):
@@ -242,3 +242,26 @@ class Site:
         if self.index is not None:
             parts.append(f"[{self.index}]")
         return ".".join(parts)
+
+
+def as_sites(value: Any, what: str = "sites") -> list[Site]:
+    """A list of sites from one :class:`Site` or a sequence of them; anything else (text
+    included: sites are typed, ``Site.parse`` reads their text) is refused, naming the parameter."""
+    from .errors import SiteError
+
+    if isinstance(value, str):
+        raise SiteError(f"{what}= takes Site objects, got the text {value!r}; write ap.Site.parse({value!r}).")
+    if isinstance(value, Site):
+        value = [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise SiteError(f"{what}= takes a Site or a list of Sites (e.g. [ap.Site('z', 0, head=1)]), "
+                        f"not {type(value).__name__}.") from None
+    bad = [item for item in items if not isinstance(item, Site)]
+    if bad:
+        raise SiteError(f"{what}= takes Site objects, got {bad[0]!r}; e.g. ap.Site('z', 3, head=1) or "
+                        f"ap.Site.parse('z.L3.H1').")
+    if not items:
+        raise SiteError(f"{what}= needs at least one Site, e.g. [ap.Site('resid_pre', 0)].")
+    return items

@@ -61,7 +61,9 @@ def _orthonormal(U: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
     U = U.detach().to(torch.float32).cpu()
     k, d = U.shape
     if k > d:
-        raise SubspaceError(f"{what}: {k} directions in a {d}-dimensional space cannot be independent.")
+        raise SubspaceError(f"{what}: {k} directions in a {d}-dimensional space cannot be independent; a basis "
+                            f"is (k, d), one direction per row: if you have a ({k}, {d}) matrix of {d} column "
+                            f"directions, transpose it (basis.T).")
     gram = U @ U.T
     if torch.allclose(gram, torch.eye(k), atol=_ORTHO_TOL):
         return U, False
@@ -159,8 +161,10 @@ class Subspace:
             raise SubspaceError(f"{site}: a single index has no subspace; drop index= (patch the whole vector).")
         n = width(model, site.kind)
         if self.d != n:
+            hint = (f" It looks transposed: a ({n}, {self.d}) matrix of column directions becomes a basis as "
+                    f"basis.T." if self.k == n else "")
             raise SubspaceError(f"{site}: the basis has width {self.d} but {site.kind.value} vectors have "
-                                f"{site.kind.layout[-1]} = {n}; give a (k, {n}) basis.")
+                                f"{site.kind.layout[-1]} = {n}; give a (k, {n}) basis.{hint}")
         self.basis_for(site.layer)
 
     def describe(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ..findings import from_technique
 from ..metrics import Metric
 from ..prompts.promptset import PromptSet
 from ..results import PatchResult
-from ..sites import Site, SiteKind
+from ..sites import Site, SiteKind, as_sites
 from ..subspace import Subspace, SubspaceLike, as_subspace
 from ..types import DEFAULT_DIRECTION, Direction, Engine, parse_direction
 from .exact import execute, patch_plan
@@ -150,7 +150,7 @@ def _sweep(model: "Model", prompts: PromptSet, grid: Grid, *, target: str | Site
 def patch(
     model: "Model",
     prompts: PromptSet,
-    sites: Sequence[Site],
+    sites: Site | Sequence[Site],
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
@@ -160,7 +160,7 @@ def patch(
     subspace: SubspaceLike | None = None,
     check_subspace: bool = True,
 ) -> PatchResult:
-    """One patch: write all ``sites`` together (with ``subspace``, only their coordinates along
+    """One patch: write all ``sites`` (one Site or a list) together (with ``subspace``, only their coordinates along
     it, and the interpretability-illusion check's findings added unless ``check_subspace`` is
     False; see :func:`sweep`). The result has no dims (``res.values`` is a 0-d tensor).
 
@@ -172,7 +172,7 @@ def patch(
         >>> round(float(ap.patch(m, ps, [ap.Site("resid_pre", 0)], direction="denoise").values), 4)
         1.0
     """
-    sites = list(sites)
+    sites = as_sites(sites)
     plan = patch_plan(sites, as_subspace(subspace))
     res = execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
                   engine=engine, progress=False, sites=sites)

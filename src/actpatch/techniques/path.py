@@ -31,7 +31,7 @@ from ..hooks import capture, intervene
 from ..metrics import Measurer
 from ..prompts.promptset import PromptSet
 from ..results import PathInfo, PatchResult
-from ..sites import Site, SiteKind
+from ..sites import Site, SiteKind, as_sites
 from ..types import DEFAULT_DIRECTION, Direction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,8 +142,8 @@ def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers:
 def path_patch(
     model: "Model",
     prompts: PromptSet,
-    senders: Sequence[Site],
-    receivers: Sequence[Site],
+    senders: Site | Sequence[Site],
+    receivers: Site | Sequence[Site],
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
@@ -161,14 +161,15 @@ def path_patch(
         >>> res.values.shape
         torch.Size([])
     """
-    return _run(model, prompts, [list(senders)], list(receivers), direction=direction, corruption=corruption,
+    senders, receivers = as_sites(senders, "senders"), as_sites(receivers, "receivers")
+    return _run(model, prompts, [senders], receivers, direction=direction, corruption=corruption,
                 metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders))
 
 
 def path_sweep(
     model: "Model",
     prompts: PromptSet,
-    receivers: Sequence[Site],
+    receivers: Site | Sequence[Site],
     *,
     sender: str | SiteKind = "z",
     layers: Sequence[int] | None = None,
@@ -190,6 +191,7 @@ def path_sweep(
     units are saved and reused."""
     from ..experiment.plan import Grid, pick_axis
 
+    receivers = as_sites(receivers, "receivers")
     try:
         kind = SiteKind(sender)
     except ValueError:
@@ -207,6 +209,6 @@ def path_sweep(
             raise SiteError("heads=... applies to sender='z', not to MLP senders.")
         sets = [[Site("mlp_out", l)] for l in lays]
         dims, coords = ("layer",), {"layer": lays}
-    return _run(model, prompts, sets, list(receivers), direction=direction, corruption=corruption, metric=metric,
+    return _run(model, prompts, sets, receivers, direction=direction, corruption=corruption, metric=metric,
                 seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, grid=grid.to_dict(),
                 executor=executor, unit_size=unit_size, store=store, progress=progress)
