@@ -3,6 +3,7 @@
 Layout of ``out/``::
 
     run.json                 the canonical config and its digest (a changed config is refused)
+    .actpatch.lock           held while a run writes here (a second run on the folder is refused)
     <name>_<direction>/      one saved PatchResult per target and direction (name: the target,
                              _w<n> for windows, _atp[_qk][_gd] for attribution estimates)
         units/               finished units while the sweep runs (removed when it completes)
@@ -28,6 +29,7 @@ from .._io import read_json
 from ..compare import comparable, mark_compared
 from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corruption
 from ..errors import ConfigError, OutputDirError
+from .lock import output_lock
 from ..experiment.checkpoint import UnitStore
 from ..experiment.executor import Executor, executor_for
 from ..models.handle import Model
@@ -137,15 +139,17 @@ def run_experiment(
     the results by name. ``executor`` runs the exact sweeps' and path sweeps' units
     (``"local"``, ``"ray"`` or an executor object; one for the whole run)."""
     out = Path(out)
-    _prepare_dir(out, cfg)
-    write_status(out, "running", started=dt.datetime.now().isoformat(timespec="seconds"))
-    try:
-        with executor_for(executor) as run_units:
-            results = _run(cfg, out, progress=progress, log=log, model=model, executor=run_units)
-    except BaseException as e:  # recorded for `actpatch runs`, then raised as it was
-        write_status(out, "failed" if isinstance(e, Exception) else "stopped", error=f"{type(e).__name__}: {e}".strip())
-        raise
-    write_status(out, "complete", error=None)
+    with output_lock(out):  # one run per folder: a second is refused, naming the first
+        _prepare_dir(out, cfg)
+        write_status(out, "running", started=dt.datetime.now().isoformat(timespec="seconds"))
+        try:
+            with executor_for(executor) as run_units:
+                results = _run(cfg, out, progress=progress, log=log, model=model, executor=run_units)
+        except BaseException as e:  # recorded for `actpatch runs`, then raised as it was
+            write_status(out, "failed" if isinstance(e, Exception) else "stopped",
+                         error=f"{type(e).__name__}: {e}".strip())
+            raise
+        write_status(out, "complete", error=None)
     return results
 
 
