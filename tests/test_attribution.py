@@ -287,5 +287,6 @@ def test_an_estimate_beside_its_exact_sweep_in_code_and_in_the_report(tmp_path):
     section = page[page.index("Estimates beside exact patching"):page.index("<h2>Findings")]
     assert "mlp_post_noise_atp" in section and "L0N0" in section and f"{a.rank_correlation:.3f}" in section
     assert "attribution_misranked" in section
+    assert page.count('"modebar":{"orientation":"v"}') == page.count("Plotly.newPlot(")  # toolbars off the titles
     svg = (tmp_path / "figures" / "mlp_post_noise_atp_vs_exact.svg").read_text()
     assert svg.count("<circle") == 82 and svg.count('fill="#b2182b"') == 1  # L0N0 in red

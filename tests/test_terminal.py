@@ -117,11 +117,15 @@ def test_runs_and_show_read_the_saved_files(tmp_path, monkeypatch, width):
     rows = {line.split("│")[1].strip(): re.sub(r"\s+", "", line) for line in text.splitlines()
             if line.startswith("│") and line.split("│")[1].strip()}
     assert "complete│4/4" in rows["a"] and "partial│2/4" in rows["b"] and "failed│0/4" in rows["c"]
-    assert "tiny:llama" in rows["a"]
+    lines = [line for line in text.splitlines() if line.startswith("│")]
+    for name in ("tiny:llama", "tiny:nosuchfamily"):  # model names are never split across lines
+        assert any(name in line for line in lines), (name, text)
     r = runner.invoke(cli.app, ["show", str(tmp_path / "exps" / "a")])
     assert r.exit_code == 0
     text = console.export_text()
     assert _whole(text, width) and "z_noise: top cells" in text and "complete (4/4)" in text
+    after = text[text.index("z_noise: top cells"):]  # each result's title comes before its heatmap and table
+    assert after.index("█") < after.index("┏") and "(head index)" in after.split("┏")[0]
     status = json.loads((tmp_path / "exps" / "c" / "status.json").read_text())
     assert status["status"] == "failed" and "nosuchfamily" in status["error"]
     r = runner.invoke(cli.app, ["show", str(tmp_path / "nothing")])

@@ -191,8 +191,8 @@ def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search fo
         console.print(f"No experiments under {directory} (directories with run.json).", markup=False)
         return
     table = Table(title=f"Experiments under {directory}", title_justify="left")
-    for col in ("run", "model", "prompts", "targets", "date", "status", "done"):
-        table.add_column(col, overflow="fold")
+    for col in ("run", "model", "prompts", "targets", "date", "status", "done"):  # names and dates never split
+        table.add_column(col, overflow="fold", no_wrap=col in ("model", "date", "status", "done"))
     colours = {"complete": "green", "partial": "yellow", "failed": "red"}
     for e in entries:
         name = str(e.path.relative_to(directory)) if e.path != directory else "."

@@ -45,6 +45,7 @@ th{background:#f5f5f5}.pair{display:grid;grid-template-columns:repeat(2,minmax(0
 def _figure_html(fig: "go.Figure", div_id: str) -> str:
     import plotly.io as pio
 
+    fig.update_layout(modebar={"orientation": "v"})  # the toolbar down the right edge, off the title
     payload = pio.to_json(fig, validate=False)
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return (f'<div id="{div_id}" class="plot"></div>\n<script>(function(){{var f={payload};'

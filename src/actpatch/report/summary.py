@@ -150,6 +150,12 @@ def block_heatmap(res: "PatchResult", width: int, metric: str | None = None,
                 text.append(_sign_char(p), style="" if math.isnan(p) or abs(p) < 0.15 else
                             ("blue" if p > 0 else "red"))
         text.append("\n")
+    ticks = [" "] * values.shape[1]
+    for j in range(0, values.shape[1], 5):  # a column index every 5 cells, where it fits
+        label = str(j)
+        if all(c == " " for c in ticks[max(0, j - 1):j + len(label)]) and j + len(label) <= len(ticks):
+            ticks[j:j + len(label)] = list(label)
+    text.append(" " * (label_w + 1) + "".join(ticks).rstrip() + f"  ({cdim or 'column'} index)\n", style="dim")
     if shaded:
         text.append(scale.describe() + "; ? = missing\n", style="dim")
     else:
@@ -167,12 +173,15 @@ def result_renderables(res: "PatchResult", width: int, k: int = 10, title: str |
     CIs in a table that wraps instead of cutting."""
     from rich.table import Table
 
+    from rich.text import Text
+
     out: list[RenderableType] = []
+    heading = title or f"{res.info.target} {res.info.direction.value}: top {k} cells ({res.metric})"
     heat = block_heatmap(res, width, colour=colour) if colour else None
-    if heat is not None:
+    if heat is not None:  # the title first, then its heatmap and table
+        out.append(Text(heading, style="bold"))
         out.append(heat)
-    table = Table(title=title or f"{res.info.target} {res.info.direction.value}: top {k} cells ({res.metric})",
-                  title_justify="left", expand=False)
+    table = Table(title=None if heat is not None else heading, title_justify="left", expand=False)
     table.add_column("cell", overflow="fold")
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("95% CI", justify="right", no_wrap=True)
