@@ -52,6 +52,54 @@ def test_equal_answers_and_empty_sets(m):
         ap.PromptSet.from_ids([[1, 2, 3]], [[1, 2]], [4], [5])
 
 
+def test_every_bad_pair_is_reported_at_once(m):
+    good = ("When Mary and John went", "When Mary and Bob went", " Mary", " John")
+    with pytest.raises(ap.errors.PromptError) as e:
+        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John"), good,
+                                    ("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
+    msg = str(e.value)
+    assert msg.startswith("2 of 3 prompt pairs cannot be used") and "Pair 0: answer" in msg and "Pair 2: clean and" in msg
+    assert "Pair 1" not in msg
+
+
+def test_prompt_files_carry_positions_and_attributes_and_report_every_bad_line(m, tmp_path):
+    import json
+
+    rec = {"clean": "When Mary and John went", "corrupted": "When Mary and Bob went", "answer": " Mary",
+           "alternative": " John"}
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join([json.dumps({**rec, "positions": {"S": 3}, "attributes": {"template": 7}}),
+                             json.dumps(rec)]) + "\n")
+    ps = ap.PromptSet.from_file(m, f)
+    assert len(ps) == 2 and ps.name == "pairs" and ps.attributes[0] == {"template": 7, "positions": {"S": 3}}
+    from actpatch.techniques.positions import named_positions
+
+    assert named_positions(ps, 0)["S"] == 3 and "S" not in named_positions(ps, 1)
+    f.write_text("\n".join([json.dumps(rec), json.dumps({**rec, "postions": {"S": 3}}), "",
+                             json.dumps({k: v for k, v in rec.items() if k != "answer"}), "{not json",
+                             json.dumps({**rec, "positions": {"S": "three"}})]) + "\n")
+    with pytest.raises(ap.errors.PromptError) as e:
+        ap.PromptSet.from_file(m, f)
+    msg = str(e.value)
+    assert "4 bad record(s)" in msg and "pairs.jsonl line 2: unknown key(s) ['postions']" in msg
+    assert "line 4: missing ['answer']" in msg and "line 5: not valid JSON" in msg
+    assert "line 6: position 'S' is 'three', not a token index" in msg and "line 1" not in msg
+    f.write_text(json.dumps({**rec, "positions": {"S": 40}}) + "\n")
+    with pytest.raises(ap.errors.PromptError, match=r"line 1: position 'S' = 40 is past the prompt's 5 tokens"):
+        ap.PromptSet.from_file(m, f)
+    # CSV: a positions column (name=index;...), lines counted with the header; unknown columns refused by name
+    c = tmp_path / "pairs.csv"
+    c.write_text("clean,corrupted,answer,alternative,positions\n"
+                 "When Mary and John went,When Mary and Bob went, Mary, John,S=3;E=4\n")
+    assert ap.PromptSet.from_file(m, c).attributes[0]["positions"] == {"S": 3, "E": 4}
+    c.write_text("clean,corrupted,answer,alternative,note\nWhen Mary,When John, Mary, John,x\n")
+    with pytest.raises(ap.errors.PromptError, match=r"unknown column\(s\) \['note'\]"):
+        ap.PromptSet.from_file(m, c)
+    c.write_text("clean,corrupted,answer,alternative\nWhen Mary,When John, Mary, John\nWhen Mary,When John, Mary John, John\n")
+    with pytest.raises(ap.errors.PromptError, match="pairs.csv line 3: answer ' Mary John' is 2 tokens"):
+        ap.PromptSet.from_file(m, c)
+
+
 def test_groups_and_subset():
     ps = ap.PromptSet.from_ids([[1, 2, 3], [4, 5], [6, 7, 8]], [[1, 9, 3], [4, 6], [6, 7, 9]], [1, 2, 3], [4, 5, 6],
                                attributes=[{"t": 0}, {"t": 1}, {"t": 0}])

@@ -236,7 +236,7 @@ def test_the_public_surface_is_small_and_pinned():
         "DEFAULT_DIRECTION", "Metric", "Engine", "sweep", "patch", "attribute", "validate_attribution", "path_patch",
         "path_sweep", "edge_attribution", "PatchResult", "Finding", "Level", "check", "compare", "Comparison",
         "compare_estimate", "doctor",
-        "plot_attention", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
+        "plot_attention", "write_report", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
         "__version__"])
     for space in (ap, ap.circuits, ap.subspaces, ap.experiment, ap.errors, ap.corruption):
         for name in space.__all__:

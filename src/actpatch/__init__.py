@@ -47,7 +47,7 @@ __all__ = [
     "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
     # reading results
     "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "compare_estimate", "doctor", "plot_attention",
-    "ActpatchError",
+    "write_report", "ActpatchError",
     # namespaces
     "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
     "__version__",
@@ -55,9 +55,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``ap.plot_attention`` without importing plotly with the package."""
+    """``ap.plot_attention`` and ``ap.write_report`` without importing plotly with the package."""
     if name == "plot_attention":
         from .report.figures import plot_attention
 
         return plot_attention
+    if name == "write_report":
+        from .report.html import write_report
+
+        return write_report
     raise AttributeError(f"module 'actpatch' has no attribute {name!r}")

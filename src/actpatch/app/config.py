@@ -17,7 +17,6 @@ Example (``examples/ioi.yaml``)::
 
 from __future__ import annotations
 
-import csv
 import enum
 import hashlib
 import json
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from ..corruption import CorruptionKind
-from ..errors import ConfigError, PromptError, SiteError
+from ..errors import ConfigError, SiteError
 from ..metrics import DIFFERENTIABLE, Metric
 from ..sites import Site, SiteKind
 from ..techniques.eap import EdgeMethod
@@ -330,42 +329,3 @@ def load_config(path: str | Path) -> ExperimentConfig:
             raise ConfigError(f"{p}: prompts.file {cfg.prompts.file!r} does not exist (looked at {f}).")
         cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"file": str(f)})})
     return cfg
-
-
-def read_pairs(path: str | Path) -> list[tuple[str, str, str, str]]:
-    """Prompt pairs from JSONL (objects with clean, corrupted, answer, alternative) or CSV
-    (a header with those columns)."""
-    p = Path(path)
-    keys = ("clean", "corrupted", "answer", "alternative")
-    rows: list[dict[str, Any]]
-    if p.suffix == ".csv":
-        with p.open(newline="") as f:
-            try:
-                rows = list(csv.DictReader(f))
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise PromptError(f"{p}: not a readable CSV file ({e}).") from None
-    else:
-        rows = []
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise PromptError(f"{p}: not a UTF-8 text file ({e.reason}); give JSONL or CSV.") from None
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PromptError(f"{p}, line {i + 1}: not valid JSON ({e.msg}).") from None
-    out = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise PromptError(f"{p}, record {i + 1}: expected an object with {', '.join(keys)}, got "
-                              f"{type(r).__name__} {r!r:.60}.")
-        missing = [k for k in keys if k not in r]
-        if missing:
-            raise PromptError(f"{p}, record {i + 1}: missing {missing}; each needs {', '.join(keys)}.")
-        bad = [k for k in keys if not isinstance(r[k], str)]
-        if bad:
-            raise PromptError(f"{p}, record {i + 1}: {bad[0]} is {r[bad[0]]!r}, not text; quote it.")
-        out.append(tuple(r[k] for k in keys))
-    return out  # type: ignore[return-value]

@@ -44,7 +44,7 @@ from ..subspace import Subspace
 from ..techniques.path import path_sweep
 from ..types import Direction, Method
 from .catalogue import write_status
-from .config import ExperimentConfig, PathConfig, TargetConfig, read_pairs
+from .config import ExperimentConfig, PathConfig, TargetConfig
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
 from ..techniques.self_repair import direct_vs_total
@@ -77,7 +77,7 @@ def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float
 
     pc = cfg.prompts
     if pc.file is not None:
-        ps = PromptSet.from_pairs(model, read_pairs(pc.file), name=Path(pc.file).stem)
+        ps = PromptSet.from_file(model, pc.file)
     else:
         builder = getattr(P, pc.builder or "ioi")
         kwargs: dict[str, Any] = dict(pc.args)

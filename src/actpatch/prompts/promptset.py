@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -128,11 +129,14 @@ class PromptSet:
         name: str = "custom",
         attributes: Sequence[dict[str, Any]] | None = None,
         meta: dict[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> "PromptSet":
         """Tokenise ``(clean, corrupted, answer, alternative)`` texts with the model's tokenizer.
 
-        Raises :class:`PromptError` showing both tokenisations side by side when clean and
-        corrupted differ in token length, and the tokens of any answer that is not one token.
+        Every pair is checked before anything is refused: one :class:`PromptError` lists each
+        bad pair (``labels`` name them, e.g. a file's line numbers; default ``Pair i``), showing
+        both tokenisations side by side when clean and corrupted differ in token length, and the
+        tokens of any answer that is not one token.
         """
         if model.tokenizer is None:
             raise PromptError("This model has no tokenizer; use PromptSet.from_ids with token ids.")
@@ -141,44 +145,57 @@ class PromptSet:
                               f"{type(pairs).__name__}.")
         if not pairs:
             raise PromptError("No prompt pairs given; pass a non-empty list of (clean, corrupted, answer, alternative).")
+        if labels is not None and len(labels) != len(pairs):
+            raise PromptError(f"labels= names {len(labels)} pairs but there are {len(pairs)}.")
         clean, corrupted, answers, alts = [], [], [], []
-        names = ("clean", "corrupted", "answer", "alternative")
+        problems: list[str] = []
         for i, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
-                raise PromptError(f"Pair {i} has 1 fields ({pair!r:.60}); expected (clean, corrupted, answer, "
-                                  f"alternative).")
-            if len(pair) != 4:
-                raise PromptError(f"Pair {i} has {len(pair)} fields; expected (clean, corrupted, answer, alternative).")
-            for part, value in zip(names, pair):
-                if not isinstance(value, str):
-                    raise PromptError(f"Pair {i}: {part} is {value!r}, not text; give strings (answers with their "
-                                      f"leading space, e.g. ' Mary').")
-            c_txt, k_txt, a_txt, b_txt = pair
-            if not c_txt or not k_txt:
-                raise PromptError(f"Pair {i}: empty prompt text.")
-            c = model.tokenizer(c_txt)["input_ids"]
-            k = model.tokenizer(k_txt)["input_ids"]
-            if len(c) != len(k):
-                raise PromptError(
-                    f"Pair {i}: clean and corrupted tokenise to different lengths ({len(c)} vs {len(k)}):\n"
-                    f"  clean:     {_show(model, c)}\n  corrupted: {_show(model, k)}\n"
-                    f"Use replacements of equal token length (e.g. names that are one token each)."
-                )
-            ans = []
-            for label, txt in (("answer", a_txt), ("alternative", b_txt)):
-                toks = model.to_tokens(txt)
-                if len(toks) != 1:
-                    raise PromptError(
-                        f"Pair {i}: {label} {txt!r} is {len(toks)} tokens ({_show(model, toks)}); answers must be "
-                        f"single tokens. Try a leading space (' Paris') or another word."
-                    )
-                ans.append(toks[0])
+            where = labels[i] if labels is not None else f"Pair {i}"
+            problem, ids = _tokenise_pair(model, pair, where)
+            if problem:
+                problems.append(problem)
+                continue
+            c, k, a, b = ids
             clean.append(c)
             corrupted.append(k)
-            answers.append(ans[0])
-            alts.append(ans[1])
+            answers.append(a)
+            alts.append(b)
+        if problems:
+            shown = problems[:10]
+            more = f"\n... and {len(problems) - 10} more bad pairs" if len(problems) > 10 else ""
+            head = f"{len(problems)} of {len(pairs)} prompt pairs cannot be used:\n" if len(problems) > 1 else ""
+            raise PromptError(head + "\n".join(shown) + more)
         return cls.from_ids(clean, corrupted, answers, alts, name=name, attributes=attributes, meta=meta,
                             texts=[tuple(p) for p in pairs])
+
+    @classmethod
+    def from_file(cls, model: "Model", path: str | Path, *, name: str | None = None) -> "PromptSet":
+        """Prompt pairs from a JSONL or CSV file (see :mod:`actpatch.prompts.files`): clean,
+        corrupted, answer, alternative, and optionally named ``positions`` and ``attributes``.
+        Every bad record is reported at once, by its line in the file.
+
+        Example:
+            >>> import json, tempfile, pathlib
+            >>> import actpatch as ap
+            >>> from actpatch.testing import tiny_model
+            >>> f = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
+            >>> _ = f.write_text(json.dumps({"clean": "When Mary and John went", "corrupted": "When Mary and Bob went",
+            ...                              "answer": " Mary", "alternative": " John", "positions": {"S": 3}}))
+            >>> ps = ap.PromptSet.from_file(tiny_model("gpt2"), f)
+            >>> len(ps), ps.attributes[0]["positions"]
+            (1, {'S': 3})
+        """
+        from .files import read_prompt_file
+
+        records = read_prompt_file(path)
+        attrs = [{**r.attributes, **({"positions": r.positions} if r.positions else {})} for r in records]
+        ps = cls.from_pairs(model, [r.pair for r in records], name=name or Path(path).stem, attributes=attrs,
+                            labels=[r.where for r in records])
+        beyond = [f"{r.where}: position {k!r} = {v} is past the prompt's {c.numel()} tokens (0 to {c.numel() - 1})."
+                  for r, c in zip(records, ps.clean) for k, v in r.positions.items() if v >= c.numel()]
+        if beyond:
+            raise PromptError(f"{path}: named positions outside their prompts:\n" + "\n".join(beyond[:20]))
+        return ps
 
     # -- views -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -266,3 +283,35 @@ class PromptSet:
             "lengths": sorted(set(self.lengths.tolist())),
             **self.meta,
         }
+
+
+_FIELDS = ("clean", "corrupted", "answer", "alternative")
+
+
+def _tokenise_pair(model: "Model", pair: Any, where: str) -> tuple[str | None, tuple]:
+    """(None, (clean ids, corrupted ids, answer id, alternative id)) or (what is wrong, ())."""
+    if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
+        return f"{where} has 1 fields ({pair!r:.60}); expected (clean, corrupted, answer, alternative).", ()
+    if len(pair) != 4:
+        return f"{where} has {len(pair)} fields; expected (clean, corrupted, answer, alternative).", ()
+    for part, value in zip(_FIELDS, pair):
+        if not isinstance(value, str):
+            return (f"{where}: {part} is {value!r}, not text; give strings (answers with their leading space, "
+                    f"e.g. ' Mary')."), ()
+    c_txt, k_txt, a_txt, b_txt = pair
+    if not c_txt or not k_txt:
+        return f"{where}: empty prompt text.", ()
+    c = model.tokenizer(c_txt)["input_ids"]
+    k = model.tokenizer(k_txt)["input_ids"]
+    if len(c) != len(k):
+        return (f"{where}: clean and corrupted tokenise to different lengths ({len(c)} vs {len(k)}):\n"
+                f"  clean:     {_show(model, c)}\n  corrupted: {_show(model, k)}\n"
+                f"Use replacements of equal token length (e.g. names that are one token each)."), ()
+    ans = []
+    for label, txt in (("answer", a_txt), ("alternative", b_txt)):
+        toks = model.to_tokens(txt)
+        if len(toks) != 1:
+            return (f"{where}: {label} {txt!r} is {len(toks)} tokens ({_show(model, toks)}); answers must be "
+                    f"single tokens. Try a leading space (' Paris') or another word."), ()
+        ans.append(toks[0])
+    return None, (c, k, ans[0], ans[1])
