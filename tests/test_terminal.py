@@ -155,3 +155,32 @@ def test_the_demo_table_shows_uncertain_roles_with_their_intervals_and_the_rule(
     assert "uncertain" in row
     assert "sufficient and necessary" in text and "uncertain' where one straddles" in text.replace("\n", " ")
     assert _whole(text, 120) and _whole(_render([top_heads_table(ap.compare(den, noi))], 80), 80)
+
+
+def test_the_cli_reads_results_saved_from_python(tmp_path, monkeypatch):
+    console = Console(width=100, record=True, force_terminal=True, color_system="truecolor")
+    monkeypatch.setattr(cli, "console", console)
+    m, ps = tiny_model("llama", n_layers=2), random_pairs(n=3, T=5, diff=(1, 3))
+    single = tmp_path / "saved" / "one_z"
+    ap.sweep(m, ps, "z", progress=False).save(single)
+    folder = tmp_path / "saved" / "both"
+    for direction in ("denoise", "noise"):
+        ap.sweep(m, ps, "resid_pre", direction=direction, progress=False).save(folder / f"resid_pre_{direction}")
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["runs", str(tmp_path / "saved")])
+    assert r.exit_code == 0, r.stdout
+    text = console.export_text()
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    # the folder itself holds one saved result (one_z) and a folder of two
+    assert "saved" in rows["."] and "1/1" in rows["."] and "one_z" in rows["."]
+    assert "saved" in rows["both"] and "2/2" in rows["both"]
+    assert m.name in rows["both"]
+    for target in (single, folder):
+        r = runner.invoke(cli.app, ["show", str(target)])
+        assert r.exit_code == 0, r.stdout
+        assert "top cells" in console.export_text()
+        r = runner.invoke(cli.app, ["report", str(target)])
+        assert r.exit_code == 0, r.stdout
+        assert (target / "report.html").is_file()
+    assert "Both directions compared" in (folder / "report.html").read_text()
+    assert ap.PatchResult.load(single).shape == (2, 4)  # the report beside it leaves the result readable

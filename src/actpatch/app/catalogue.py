@@ -41,7 +41,8 @@ class Entry:
     targets: list[str]
     date: str
     status: str
-    """``complete``, ``partial`` (stopped or still running) or ``failed``."""
+    """``complete``, ``partial`` (stopped or still running), ``failed``, or ``saved`` (results
+    saved from Python with ``res.save``, no run around them)."""
     done: int
     expected: int
     error: str = ""
@@ -62,12 +63,39 @@ def _expected(cfg: dict[str, Any]) -> list[str]:
     return names
 
 
+def saved_results(p: Path) -> list[Path]:
+    """The result folders at ``p``: ``p`` itself when it is one (``res.save(p)``), else its
+    subfolders that are."""
+    if (p / "meta.json").is_file():
+        return [p]
+    return sorted(c for c in p.iterdir() if (c / "meta.json").is_file()) if p.is_dir() else []
+
+
+def _describe_saved(p: Path, found: list[Path]) -> Entry:
+    """An entry for results saved from Python: what their own meta.json files say."""
+    metas = [read_json(f / "meta.json", "a saved result") for f in found]
+    infos = [m.get("info", {}) if isinstance(m, dict) else {} for m in metas]
+    models = sorted({str(i.get("provenance", {}).get("model", "?")) for i in infos})
+    sets = sorted({f"{i.get('provenance', {}).get('prompts', {}).get('name', '?')} "
+                   f"n={i.get('provenance', {}).get('prompts', {}).get('n_prompts', '?')}" for i in infos})
+    when = max((f / "meta.json").stat().st_mtime for f in found)
+    names = [f.name for f in found] if found != [p] else [p.name]
+    return Entry(path=p, model=", ".join(models), prompts=", ".join(sets), targets=names,
+                 date=dt.datetime.fromtimestamp(when).isoformat(timespec="seconds").replace("T", " "),
+                 status="saved", done=len(found), expected=len(found))
+
+
 def describe(path: str | Path) -> Entry:
-    """The catalogue entry of one experiment directory."""
+    """The catalogue entry of one experiment directory, or of results saved with ``res.save``
+    (one result folder, or a folder of them)."""
     p = Path(path)
     state = p / "run.json"
     if not state.is_file():
-        raise OutputDirError(f"{p} is not an experiment directory (no run.json); `actpatch runs DIR` lists them.")
+        found = saved_results(p)
+        if found:
+            return _describe_saved(p, found)
+        raise OutputDirError(f"{p} is neither an experiment directory (no run.json) nor a saved result (no "
+                             f"meta.json); `actpatch runs DIR` lists them.")
     saved = read_json(state, "an experiment directory")
     cfg = saved.get("config", {}) if isinstance(saved, dict) else {}
     expected = _expected(cfg)
@@ -89,20 +117,24 @@ def describe(path: str | Path) -> Entry:
 
 
 def find_experiments(root: str | Path, depth: int = 3) -> list[Entry]:
-    """Every experiment directory (one holding ``run.json``) at most ``depth`` levels below
-    ``root``, newest first."""
+    """Every experiment directory (one holding ``run.json``) and every folder of results saved
+    from Python at most ``depth`` levels below ``root``, newest first."""
     root = Path(root)
     if not root.is_dir():
         raise OutputDirError(f"{root}: no such directory; give the folder your experiments write to (default: out).")
     found: list[Path] = []
 
     def walk(d: Path, level: int) -> None:
-        if (d / "run.json").is_file():
+        if (d / "run.json").is_file() or (d / "meta.json").is_file():  # a run, or one saved result
             found.append(d)
             return
+        children = sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith("."))
+        if any((c / "meta.json").is_file() for c in children):  # a folder of saved results
+            found.append(d)
         if level < depth:
-            for child in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
-                walk(child, level + 1)
+            for child in children:
+                if not (child / "meta.json").is_file():
+                    walk(child, level + 1)
 
     walk(root, 0)
     return sorted((describe(d) for d in found), key=lambda e: e.date, reverse=True)

@@ -130,7 +130,7 @@ def run(
 
 @app.command()
 @_friendly
-def report(directory: Path = typer.Argument(..., help="A run directory with saved results.")) -> None:
+def report(directory: Path = typer.Argument(..., help="A run directory, a result saved with res.save, or a folder of them.")) -> None:
     """Rebuild report.html and figures from saved results."""
     from ..report import write_report
     from .runner import load_experiment
@@ -188,12 +188,13 @@ def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search fo
 
     entries = find_experiments(directory)
     if not entries:
-        console.print(f"No experiments under {directory} (directories with run.json).", markup=False)
+        console.print(f"No experiments under {directory} (directories with run.json, or results saved with "
+                      f"res.save).", markup=False)
         return
     table = Table(title=f"Experiments under {directory}", title_justify="left")
     for col in ("run", "model", "prompts", "targets", "date", "status", "done"):  # names and dates never split
         table.add_column(col, overflow="fold", no_wrap=col in ("model", "date", "status", "done"))
-    colours = {"complete": "green", "partial": "yellow", "failed": "red"}
+    colours = {"complete": "green", "partial": "yellow", "failed": "red", "saved": "cyan"}
     for e in entries:
         name = str(e.path.relative_to(directory)) if e.path != directory else "."
         table.add_row(name, e.model, e.prompts, ", ".join(e.targets), e.date, f"[{colours[e.status]}]{e.status}[/]",
@@ -203,7 +204,7 @@ def runs(directory: Path = typer.Argument(Path("out"), help="Folder to search fo
 
 @app.command()
 @_friendly
-def show(run_dir: Path = typer.Argument(..., metavar="RUN", help="An experiment directory.")) -> None:
+def show(run_dir: Path = typer.Argument(..., metavar="RUN", help="An experiment directory, a result saved with res.save, or a folder of them.")) -> None:
     """Summarise one experiment from its saved files: status, then each result's top cells and findings."""
     from ..report.summary import result_renderables
     from ..techniques.circuit import load_curves

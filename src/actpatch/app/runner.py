@@ -288,14 +288,18 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
 
 
 def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
-    """The config (as saved) and the finished results of an experiment directory."""
+    """The config (as saved; empty for results saved from Python) and the finished results of an
+    experiment directory, of one result folder (``res.save``) or of a folder of them."""
     out = Path(out)
     if not out.is_dir():
         raise OutputDirError(f"{out}: no such directory; pass the --out directory of `actpatch run` or `actpatch demo`.")
+    from .catalogue import saved_results
+
     state = out / "run.json"
-    results = {p.name: PatchResult.load(p) for p in sorted(out.iterdir()) if (p / "meta.json").is_file()}
+    results = {p.name: PatchResult.load(p) for p in saved_results(out)}
     if not results:
-        raise OutputDirError(f"{out} holds no finished results (expected subdirectories with meta.json).")
+        raise OutputDirError(f"{out} holds no finished results (expected subdirectories with meta.json, or a "
+                             f"folder written by res.save).")
     saved = read_json(state, "an experiment directory") if state.is_file() else {}
     cfg = saved.get("config", {}) if isinstance(saved, dict) else {}
     return cfg, results
