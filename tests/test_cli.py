@@ -287,6 +287,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.shape == (2, 32, 14)
 
 
+def test_every_position_a_config_names_is_checked_before_anything_runs(tmp_path):
+    body = TINY.replace("  - {target: z}\n", "  - {target: z}\n  - {target: resid_pre, positions: [end, S7]}\n"
+                        ) + "das: [{site: resid_pre.L1, position: IO9, k: 1, steps: 2}, {site: resid_pre.L1, position: 40}]\n"
+    cfg = write_config(tmp_path, body)
+    t0 = time.time()
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1 and time.time() - t0 < 60
+    for fragment in ("targets[2].positions: 'S7' is not a named position of prompt(s) 0, 1, 2",
+                     "das[0].position: 'IO9' is not a named position", "das[1].position: position 40 is outside",
+                     "nothing was run"):
+        assert fragment in r.stderr, r.stderr
+    assert not list((tmp_path / "out").glob("*_denoise"))  # the targets before the bad names did not run
+
+
+def test_das_file_names_are_sanitised():
+    from actpatch.app.config import DASConfig
+
+    name = DASConfig(site="resid_pre.L1", position="../../etc/passwd").name
+    assert "/" not in name and ".." not in name and name.startswith("das_resid_pre.L1") and name.endswith("_k1")
+    assert DASConfig(site="resid_pre.L1", position="end").name == "das_resid_pre.L1.end_k1"
+
+
 def test_a_second_run_on_a_busy_folder_is_refused_in_one_line(tmp_path):
     """Two real processes on one --out: the second is refused at once, naming the first's pid;
     the first ends with its results intact. (A killed run's lock is taken over: see the SIGKILL

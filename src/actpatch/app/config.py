@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,7 +133,9 @@ class DASConfig(_Strict):
 
     @property
     def name(self) -> str:
-        return "das_" + self.site + (f".{self.position}" if self.position is not None else "") + f"_k{self.k}"
+        """The job's file stem: only letters, digits and ``_ . + -`` (a position name can hold anything)."""
+        where = f".{self.position}" if self.position is not None else ""
+        return "das_" + self.site + re.sub(r"[^A-Za-z0-9_.+-]", "_", where).replace("..", "_") + f"_k{self.k}"
 
 
 class TargetConfig(_Strict):

@@ -87,10 +87,48 @@ def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float
             ps = builder(model, n=pc.n, seed=pc.seed, **kwargs)
         except TypeError as e:
             raise ConfigError(f"prompts.args: {e}") from None
+    check_names(cfg, ps)  # before any forward pass, keep_correct's included
     share = None
     if pc.keep_correct:
         ps, share = keep_correct(model, ps)
     return ps, share
+
+
+def check_names(cfg: ExperimentConfig, prompts: PromptSet) -> None:
+    """Every position a config names or indexes, checked against every prompt before the first
+    forward pass; one :class:`ConfigError` names each bad entry by its config key."""
+    from ..techniques.positions import named_positions
+
+    wanted: list[tuple[str, int | str, bool]] = []  # (config key, name or index, must be one index everywhere)
+    for i, t in enumerate(cfg.targets):
+        wanted += [(f"targets[{i}].positions", p, False) for p in t.positions or []]
+        if t.subspace is not None and t.subspace.file is None:
+            wanted.append((f"targets[{i}].subspace.position", t.subspace.position, False))
+    wanted += [(f"das[{i}].position", d.position, True) for i, d in enumerate(cfg.das) if d.position is not None]
+    if not wanted:
+        return
+    have = [named_positions(prompts, j) for j in range(len(prompts))]
+    shortest = int(prompts.lengths.min())
+    common = sorted(set.intersection(*(set(h) for h in have)))
+    problems = []
+    for key, name, single in wanted:
+        if isinstance(name, int):
+            if not -shortest <= name < shortest:
+                problems.append(f"{key}: position {name} is outside the shortest prompt ({shortest} tokens: "
+                                f"0 to {shortest - 1}, or a name: {', '.join(common)}).")
+            continue
+        lacking = [j for j, h in enumerate(have) if name not in h]
+        if lacking:
+            which = ", ".join(map(str, lacking[:5])) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+            problems.append(f"{key}: {name!r} is not a named position of prompt(s) {which}; every prompt has "
+                            f"{', '.join(common)}.")
+        elif single and len({h[name] for h in have}) > 1:
+            problems.append(f"{key}: {name!r} falls at different token indices across the prompts "
+                            f"({sorted({h[name] for h in have})}); this job needs one index: use prompts of one "
+                            f"template, or an index.")
+    if problems:
+        raise ConfigError("The config names positions these prompts do not have (nothing was run):\n"
+                          + "\n".join(problems))
 
 
 def build_corruption(cfg: ExperimentConfig) -> Corruption:
