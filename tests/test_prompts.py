@@ -156,3 +156,14 @@ def test_greater_than_answers(bundled):
     for a, (clean, corrupted, ans, alt) in zip(ps.attributes, ps.texts):
         assert clean.endswith("to the year 17") and f"17{a['yy']:02d}" in clean and "1701" in corrupted
         assert int(ans) == a["yy"] // 10 + 1 and int(alt) == a["yy"] // 10 - 1
+
+
+def test_builders_refuse_more_prompts_than_they_can_make(m):
+    from actpatch.prompts.greater_than import greater_than_capacity
+    from actpatch.prompts.ioi import ioi_capacity
+
+    assert ioi_capacity([0], order="ABBA") * 2 == ioi_capacity([0])
+    with pytest.raises(ap.errors.PromptError, match=r"makes at most \d+ distinct prompts"):
+        ap.prompts.ioi(m, n=ioi_capacity([0]) + 1, templates=[0])
+    with pytest.raises(ap.errors.PromptError, match="distinct prompts"):
+        ap.prompts.greater_than(m, n=greater_than_capacity() + 1)

@@ -60,6 +60,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_PROMPTS = 100_000
+"""The most prompts a config may ask for (a bound on what a run costs, checked before loading)."""
+
+
 class PromptsConfig(_Strict):
     """Either a builder with its arguments, or a file of prompt pairs (JSONL or CSV with
     columns clean, corrupted, answer, alternative)."""
@@ -80,6 +84,26 @@ class PromptsConfig(_Strict):
         if v is not None and info.data.get("builder") is not None:
             raise ValueError("give either 'builder' or 'file', not both")
         return v
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "PromptsConfig":
+        """Refuse, before the model loads, more prompts than the builder can make or than a run
+        should hold."""
+        from ..prompts.greater_than import greater_than_capacity
+        from ..prompts.ioi import ioi_capacity
+
+        templates = self.templates if self.templates is not None else self.args.get("templates")
+        cap = (ioi_capacity(templates, str(self.args.get("order", "mixed"))) if self.builder == "ioi"
+               else greater_than_capacity() if self.builder == "greater_than" else None)
+        if cap is not None and self.n > cap:
+            raise ValueError(f"n={self.n}: the {self.builder} builder makes at most {cap} distinct prompts"
+                             + (f" with templates {list(templates)}" if templates is not None else "")
+                             + f"; ask for at most {cap}")
+        if self.n > MAX_PROMPTS:
+            raise ValueError(f"n={self.n}: more than {MAX_PROMPTS} prompts; every patch runs on every prompt, so a "
+                             f"sweep of this size would take days. Ask for fewer (a few hundred pin effects down to "
+                             f"~0.05), or build larger sets in Python (ap.prompts.{self.builder or 'ioi'}(model, n=...))")
+        return self
 
 
 class CorruptionConfig(_Strict):

@@ -21,6 +21,11 @@ GT_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def greater_than_capacity() -> int:
+    """How many distinct prompt pairs :func:`greater_than` makes: one per start year 20..89 and template."""
+    return 70 * len(GT_TEMPLATES)
+
+
 def greater_than(model: "Model", n: int = 32, *, seed: int = 0, century: int = 17) -> PromptSet:
     """Greater-than pairs. The clean start year ends in ``YY`` (20..89); the corrupted one in
     ``01``. The continuation is the tens digit of the end year (digits are single tokens in
@@ -35,6 +40,9 @@ def greater_than(model: "Model", n: int = 32, *, seed: int = 0, century: int = 1
     comparison. Where years tokenise differently between prompts the builder refuses, since
     clean and corrupted prompts would not align.
     """
+    if not 1 <= n <= greater_than_capacity():
+        raise PromptError(f"n={n}: greater_than makes 1 to {greater_than_capacity()} distinct prompts (start years "
+                          f"20-89 x {len(GT_TEMPLATES)} templates); ask for that many at most.")
     rng = random.Random(seed)
     pairs, attrs = [], []
     for i in range(n):

@@ -55,6 +55,13 @@ def _fill(t: str, a: str, b: str, s2: str, p: str, o: str) -> str:
     return t.format(A=a, B=b, S2=s2, P=p, O=o)
 
 
+def ioi_capacity(templates: Sequence[int] | None = None, order: str = "mixed") -> int:
+    """How many distinct prompt pairs :func:`ioi` can make at most (every tokenizer keeps at most
+    all the names, places and objects): templates x ordered name pairs x places x objects x orders."""
+    t = len(IOI_TEMPLATES) if templates is None else len(set(templates))
+    return t * len(NAMES) * (len(NAMES) - 1) * len(PLACES) * len(OBJECTS) * (2 if order == "mixed" else 1)
+
+
 def ioi(
     model: "Model",
     n: int = 32,
@@ -95,6 +102,10 @@ def ioi(
     names = single_tokens(model, NAMES, min_count=3, what="IOI names")
     places = single_tokens(model, PLACES, min_count=1, what="IOI places")
     objects = single_tokens(model, OBJECTS, min_count=1, what="IOI objects")
+    most = len(tids) * len(names) * (len(names) - 1) * len(places) * len(objects) * (2 if order == "mixed" else 1)
+    if n > most:
+        raise PromptError(f"n={n}: this tokenizer leaves {len(names)} names, {len(places)} places and {len(objects)} "
+                          f"objects, so ioi makes at most {most} distinct prompts with these templates; ask for fewer.")
     rng = random.Random(seed)
     pairs, attrs = [], []
     for i in range(n):
