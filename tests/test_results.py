@@ -282,3 +282,27 @@ def test_memory_budget_reads_the_device_it_will_use(monkeypatch):
         assert free_memory("cuda") == pytest.approx(free, rel=0.05)
     monkeypatch.setenv("ACTPATCH_MEMORY_BUDGET", "12345")
     assert memory_budget("cpu") == 12345
+
+
+def test_reprs_summarise_and_never_print_tensors():
+    m, ps = tiny_model("gpt2"), random_pairs(n=3)
+    named = ap.PromptSet.from_pairs(m, [("When Mary and John went", "When Mary and Bob went", " Mary", " John")])
+    den = ap.sweep(m, ps, "z", direction="denoise", progress=False)
+    noi = ap.sweep(m, ps, "z", progress=False)
+    edges = ap.edge_attribution(m, ps)
+    sub = ap.subspaces.diff_of_means(m, ps, ap.Site("resid_pre", 1), position="end")
+    shown = {
+        "prompts": (repr(ps), ["3 pairs", "length 6"]),
+        "named": (repr(named), ["'When Mary and John went' -> ' Mary' vs ' John'"]),
+        "edges": (repr(edges), ["eap, noise, logit_diff", "reachable edges of 297", "3 prompts", "strongest: "]),
+        "subspace": (repr(sub), ["k=1, d=64, shared, diff_of_means"]),
+        "comparison": (repr(ap.compare(den, noi)), ["layer 2 x head 4", "decided on 95% intervals"]),
+    }
+    for what, (text, fragments) in shown.items():
+        assert "tensor(" not in text and len(text) < 400, (what, text)
+        for fragment in fragments:
+            assert fragment in text, (what, text)
+    top = noi.top(3)
+    assert len(top) == 3 and all(c.low is not None and c.low <= c.high for c in top)
+    dev = [abs(c.value - 1) for c in top]
+    assert dev == sorted(dev, reverse=True) and top[0].label.startswith("layer=")

@@ -102,6 +102,13 @@ class Comparison:
         return rule + (f"; decided on {self.level:.0%} bootstrap intervals, 'uncertain' where one straddles"
                        if self.intervals else "; decided on point values (one prompt: no interval)")
 
+    def __repr__(self) -> str:
+        """A summary: metric, grid, role counts and how roles were decided; never the tensors."""
+        grid = " x ".join(f"{d} {len(self.coords[d])}" for d in self.dims) or "one cell"
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
+        how = f"{self.level:.0%} intervals" if self.intervals else "point values"
+        return f"Comparison({self.metric}, {grid}: {counts}; decided on {how})"
+
     def role_at(self, *index: int) -> Role:
         """The role of one cell, by grid index."""
         flat = 0

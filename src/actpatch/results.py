@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import plotly.graph_objects as go
 
+    from .report.summary import Cell
     from .stats import Interval
 
 __all__ = ["PatchResult", "ResultInfo", "ExactInfo", "AtpInfo", "PathInfo", "TechniqueInfo", "FORMAT_VERSION"]
@@ -354,6 +355,22 @@ class PatchResult:
         warnings.warn("PatchResult.per_prompt is per_prompt_normalised; use that name (or per_prompt_raw).",
                       DeprecationWarning, stacklevel=2)
         return self.per_prompt_normalised
+
+    def top(self, k: int = 10, metric: str | None = None, *, ci: bool = True) -> list["Cell"]:
+        """The ``k`` cells that move ``metric`` most (|value - no effect|), labelled by their
+        coordinates, with 95% bootstrap intervals when there are several prompts.
+
+        Example:
+            >>> import actpatch as ap
+            >>> from actpatch.testing import tiny_model, random_pairs
+            >>> res = ap.sweep(tiny_model("gpt2"), random_pairs(n=3), "z", progress=False)
+            >>> cell = res.top(1)[0]
+            >>> sorted(cell.where), cell.low is not None
+            (['head', 'layer'], True)
+        """
+        from .report.summary import top_cells
+
+        return top_cells(self, k, self._check_metric(metric), ci=ci)
 
     def ci(self, metric: str | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> "Interval":
         """Bootstrap confidence interval of the normalised effect (see :func:`actpatch.stats.bootstrap_ci`)."""

@@ -93,6 +93,13 @@ class Subspace:
     provenance: dict[str, Any] = field(default_factory=dict)
     findings: tuple[Finding, ...] = ()
 
+    def __repr__(self) -> str:
+        """A summary: k, d, shared or which layers, where it came from; never the bases."""
+        where = "shared" if self.shared is not None else f"layers {sorted(self.per_layer)}"
+        found = self.provenance.get("method")
+        return (f"Subspace(k={self.k}, d={self.d}, {where}" + (f", {found}" if found else "")
+                + (f", {len(self.findings)} findings" if self.findings else "") + ")")
+
     @classmethod
     def of(cls, basis: "torch.Tensor | Mapping[int, torch.Tensor]", **provenance: Any) -> "Subspace":
         """A subspace from a (k, d) tensor (or a (d,) direction), or a ``{layer: tensor}`` dict."""

@@ -197,6 +197,18 @@ class PromptSet:
             raise PromptError(f"{path}: named positions outside their prompts:\n" + "\n".join(beyond[:20]))
         return ps
 
+    def __repr__(self) -> str:
+        """A summary: name, size, token lengths and the first pair, never the tensors."""
+        lengths = sorted(set(self.lengths.tolist()))
+        shown = ", ".join(map(str, lengths[:5])) + (", ..." if len(lengths) > 5 else "")
+        first = ""
+        if self.texts:
+            c, k, a, b = (list(self.texts[0]) + ["", "", "", ""])[:4]
+            first = f"; first: {c[-40:]!r} -> {a!r} vs {b!r} (corrupted {k[-40:]!r})"
+        else:
+            first = f"; first answer id {int(self.answers[0])} vs {int(self.alternatives[0])}"
+        return f"PromptSet({self.name!r}, {len(self)} pairs, {'length' if len(lengths) == 1 else 'lengths'} {shown}{first})"
+
     # -- views -----------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.clean)

@@ -100,6 +100,13 @@ class EdgeScores:
     def downstream(self) -> list[str]:
         return [str(p) for p in self.graph.ports]
 
+    def __repr__(self) -> str:
+        """A summary: method, direction, counts and the strongest edges, never the tensors."""
+        reachable = int((~self.scores.isnan()).sum())
+        top = ", ".join(f"{u} -> {v} {s:+.3g}" for u, v, s in self.top(3))
+        return (f"EdgeScores({self.method}, {self.direction.value}, {self.metric}, {reachable} reachable edges of "
+                f"{self.scores.numel()}, {self.per_prompt.shape[0]} prompts; strongest: {top})")
+
     def top(self, n: int) -> list[tuple[str, str, float]]:
         """The ``n`` edges with the largest |score|: (upstream, downstream, score)."""
         return [(str(e.upstream), str(e.downstream), s) for e, s in self.strongest(n)]
