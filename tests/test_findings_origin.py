@@ -27,7 +27,9 @@ def _codes(res: ap.PatchResult) -> set[str]:
 def test_technique_findings_are_marked_as_such(illusion):
     by_code = {f.code: f.origin for f in illusion.findings}
     assert by_code["subspace_illusion"] is Origin.TECHNIQUE
-    assert by_code["single_direction"] is Origin.CHECK
+    m, ps, _, _ = illusion_model()  # a check's finding (single_direction fires on sweeps, not single patches)
+    swept = ap.sweep(m, ps, "mlp_post", direction="denoise", progress=False)
+    assert {f.code: f.origin for f in swept.findings}["single_direction"] is Origin.CHECK
 
 
 def test_illusion_finding_survives_concat_subset_and_split_by(illusion):

@@ -27,8 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import plotly.graph_objects as go
 
-    from .report.summary import Cell
-    from .stats import Interval
+    from .stats import Cell, Interval
 
 __all__ = ["PatchResult", "ResultInfo", "ExactInfo", "AtpInfo", "PathInfo", "TechniqueInfo", "FORMAT_VERSION"]
 
@@ -368,7 +367,7 @@ class PatchResult:
             >>> sorted(cell.where), cell.low is not None
             (['head', 'layer'], True)
         """
-        from .report.summary import top_cells
+        from .stats import top_cells
 
         return top_cells(self, k, self._check_metric(metric), ci=ci)
 

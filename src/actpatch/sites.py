@@ -244,7 +244,7 @@ class Site:
         return ".".join(parts)
 
 
-def as_sites(value: Any, what: str = "sites") -> list[Site]:
+def as_sites(value: Any, what: str = "sites", *, allow_empty: bool = False) -> list[Site]:
     """A list of sites from one :class:`Site` or a sequence of them; anything else (text
     included: sites are typed, ``Site.parse`` reads their text) is refused, naming the parameter."""
     from .errors import SiteError
@@ -262,6 +262,6 @@ def as_sites(value: Any, what: str = "sites") -> list[Site]:
     if bad:
         raise SiteError(f"{what}= takes Site objects, got {bad[0]!r}; e.g. ap.Site('z', 3, head=1) or "
                         f"ap.Site.parse('z.L3.H1').")
-    if not items:
+    if not items and not allow_empty:
         raise SiteError(f"{what}= needs at least one Site, e.g. [ap.Site('resid_pre', 0)].")
     return items

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .errors import ResultError
@@ -14,7 +15,7 @@ from .metrics import normalise
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["Interval", "bootstrap_ci", "split_by", "spearman"]
+__all__ = ["Interval", "Cell", "top_cells", "bootstrap_ci", "split_by", "spearman"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,41 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = _ranks(a.double()), _ranks(b.double())
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a result: its coordinates by dim, normalised value and 95% interval."""
+
+    where: dict[str, Any]
+    value: float
+    low: float | None
+    high: float | None
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{d}={v}" for d, v in self.where.items()) or "the patch"
+
+
+def _reference(res: "PatchResult") -> float:
+    """The value of a cell that does nothing: 1 for noising (no damage), 0 for denoising."""
+    return res.info.direction.no_effect
+
+
+def top_cells(res: "PatchResult", k: int = 10, metric: str | None = None, ci: bool = True) -> list[Cell]:
+    """The ``k`` cells that move the metric most (|value - reference|), with bootstrap intervals
+    when there are several prompts."""
+    v = res.normalised(metric)
+    flat = v.flatten()
+    order = (flat - _reference(res)).abs().nan_to_num(-1.0).argsort(descending=True)[:k].tolist()
+    lo = hi = None
+    if ci and res.n_prompts > 1:
+        interval = res.ci(metric, n_boot=500)
+        lo, hi = interval.low.flatten(), interval.high.flatten()
+    out = []
+    for i in order:
+        cell = np.unravel_index(i, res.shape) if res.dims else ()
+        where = {d: res.coords[d][int(c)] for d, c in zip(res.dims, cell)}
+        out.append(Cell(where, float(flat[i]), float(lo[i]) if lo is not None else None,
+                        float(hi[i]) if hi is not None else None))
+    return out

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
+from ..stats import Cell, top_cells
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,44 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Cell", "top_cells", "result_html", "comparison_html", "findings_html", "result_renderables",
            "block_heatmap"]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell of a result: its coordinates by dim, normalised value and 95% interval."""
-
-    where: dict[str, Any]
-    value: float
-    low: float | None
-    high: float | None
-
-    @property
-    def label(self) -> str:
-        return " ".join(f"{d}={v}" for d, v in self.where.items()) or "the patch"
-
-
-def _reference(res: "PatchResult") -> float:
-    """The value of a cell that does nothing: 1 for noising (no damage), 0 for denoising."""
-    return res.info.direction.no_effect
-
-
-def top_cells(res: "PatchResult", k: int = 10, metric: str | None = None, ci: bool = True) -> list[Cell]:
-    """The ``k`` cells that move the metric most (|value - reference|), with bootstrap intervals
-    when there are several prompts."""
-    v = res.normalised(metric)
-    flat = v.flatten()
-    order = (flat - _reference(res)).abs().nan_to_num(-1.0).argsort(descending=True)[:k].tolist()
-    lo = hi = None
-    if ci and res.n_prompts > 1:
-        interval = res.ci(metric, n_boot=500)
-        lo, hi = interval.low.flatten(), interval.high.flatten()
-    out = []
-    for i in order:
-        cell = np.unravel_index(i, res.shape) if res.dims else ()
-        where = {d: res.coords[d][int(c)] for d, c in zip(res.dims, cell)}
-        out.append(Cell(where, float(flat[i]), float(lo[i]) if lo is not None else None,
-                        float(hi[i]) if hi is not None else None))
-    return out
 
 
 def _fmt(x: float | None) -> str:

@@ -161,7 +161,7 @@ def path_patch(
         >>> res.values.shape
         torch.Size([])
     """
-    senders, receivers = as_sites(senders, "senders"), as_sites(receivers, "receivers")
+    senders, receivers = as_sites(senders, "senders", allow_empty=True), as_sites(receivers, "receivers", allow_empty=True)
     return _run(model, prompts, [senders], receivers, direction=direction, corruption=corruption,
                 metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders))
 
@@ -191,7 +191,7 @@ def path_sweep(
     units are saved and reused."""
     from ..experiment.plan import Grid, pick_axis
 
-    receivers = as_sites(receivers, "receivers")
+    receivers = as_sites(receivers, "receivers", allow_empty=True)  # an empty set: its own error below
     try:
         kind = SiteKind(sender)
     except ValueError:
