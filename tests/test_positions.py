@@ -150,3 +150,32 @@ def test_role_corruptions_do_not_depend_on_the_grouping():
     by_role = ap.sweep(m, ps, "resid_pre", positions=["end"], progress=False)
     assert by_role.info.diagnostics.clean_correct == plain.info.diagnostics.clean_correct
     assert by_role.info.diagnostics.null_patch_max_abs <= 1e-4
+
+
+def test_a_site_may_name_its_position_and_patch_resolves_it_per_prompt():
+    """Site(pos="end" / -1 / a builder's name) on prompts of different lengths equals patching
+    each prompt alone at its own index; entry points that need an index say so."""
+    m = tiny_model("llama", n_layers=2)
+    ps = ap.PromptSet.from_ids([[2, 3, 4, 5], [3, 4, 5, 6, 7, 8], [4, 5, 6, 7]], [[2, 9, 4, 5], [3, 4, 9, 6, 7, 8],
+                               [4, 9, 6, 7]], [7, 7, 7], [8, 8, 8],
+                               attributes=[{"positions": {"X": 1}}, {"positions": {"X": 4}}, {"positions": {"X": 2}}])
+    for direction in ("denoise", "noise"):
+        for pos, index in (("end", lambda i: ps.clean[i].numel() - 1), (-1, lambda i: ps.clean[i].numel() - 1),
+                           (-2, lambda i: ps.clean[i].numel() - 2), ("X", lambda i: ps.attributes[i]["positions"]["X"]),
+                           ("first_diff", lambda i: int(ps.first_diff[i]))):
+            got = ap.patch(m, ps, ap.Site("resid_pre", 1, pos=pos), direction=direction)
+            for i in range(len(ps)):
+                alone = ap.patch(m, ps.subset([i]), ap.Site("resid_pre", 1, pos=index(i)), direction=direction)
+                assert got.raw["logit_diff"][i] == pytest.approx(float(alone.raw["logit_diff"][0]), abs=1e-6), (pos, i)
+            assert got.n_prompts == 3 and got.info.provenance.prompts["n_prompts"] == 3
+    assert ap.Site.parse("z.L1.H0.posS2") == ap.Site("z", 1, head=0, pos="S2")
+    assert ap.Site.parse(str(ap.Site("resid_pre", 1, pos=-1))).pos == -1
+    with pytest.raises(ap.errors.PromptError, match="prompt 0 has no position named 'S9'"):
+        ap.patch(m, ps, ap.Site("resid_pre", 1, pos="S9"))
+    with pytest.raises(ap.errors.SiteError, match="before the start of prompt 0"):
+        ap.patch(m, ps, ap.Site("resid_pre", 1, pos=-9))
+    with pytest.raises(ap.errors.SiteError, match="relative to each prompt; ap.patch resolves it"):
+        with ap.capture(m, [ap.Site("resid_pre", 1, pos="end")]):
+            m.logits(ps.clean[0][None])
+    with pytest.raises(ap.errors.SiteError, match="not a position name"):
+        ap.Site("resid_pre", 1, pos="a.b")

@@ -15,18 +15,27 @@ top5_accuracy  1 if r is among the top 5 else 0          discrete
 =============  ========================================  ==========================
 
 Normalised: ``(M_patched - M_corrupted) / (M_clean - M_corrupted)``: 1 = clean, 0 = corrupted.
+
+**Your own metric.** Wherever a metric name goes (``metric=`` of every entry point), a function
+``fn(logits, answers, alternatives) -> (B,)`` on the last-position logits (float32, (B, vocab))
+and the prompts' answer and alternative ids may go instead, named by its ``__name__``, or a
+:class:`CustomMetric` (``custom_metric(fn, name=..., differentiable=False)`` for discrete
+ones, which attribution refuses). Results record its name; within the process the name
+resolves back to the function (resuming a run, validating an estimate).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 
 from .errors import MetricError
 
-__all__ = ["Metric", "DIFFERENTIABLE", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
+__all__ = ["Metric", "CustomMetric", "MetricLike", "custom_metric", "is_differentiable", "metric_named",
+           "DIFFERENTIABLE", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
 
 
 class Metric(str, enum.Enum):
@@ -49,24 +58,102 @@ class Metric(str, enum.Enum):
 
 
 
-DIFFERENTIABLE = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
+DIFFERENTIABLE: tuple[Metric, ...] = (Metric.LOGIT_DIFF, Metric.LOGPROB, Metric.PROB, Metric.KL)
 """Metrics with a gradient (attribution patching needs one); rank, accuracy and top5 are discrete."""
 
 
 _NAMES = ", ".join(m.value for m in Metric)
 
 
-def parse_metrics(metric: str | Metric | Sequence[str | Metric]) -> list[Metric]:
-    """One metric or several, validated; duplicates removed, order kept."""
-    items = [metric] if isinstance(metric, (str, Metric)) else list(metric)
+@dataclass(frozen=True, eq=False)
+class CustomMetric:
+    """A metric you write: ``fn(logits (B, vocab) float32, answers (B,), alternatives (B,))``
+    returning one value per prompt, ``(B,)``. ``differentiable``: whether gradients flow
+    through it (attribution patching needs them)."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    differentiable: bool = True
+
+    @property
+    def value(self) -> str:
+        """Its name, as a built-in :class:`Metric`'s ``value``."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"CustomMetric({self.name!r})"
+
+
+MetricLike = Union[Metric, CustomMetric]
+_CUSTOM: dict[str, CustomMetric] = {}
+"""Custom metrics by name: a result's metric name resolves back to its function in this process."""
+
+
+def custom_metric(fn: Callable[..., torch.Tensor], name: str | None = None, *, differentiable: bool = True) -> CustomMetric:
+    """A named custom metric (see the module docstring); refused when the name is a built-in's or
+    another function's already, or when ``fn`` is not callable."""
+    if not callable(fn):
+        raise MetricError(f"custom_metric() takes a function, not {type(fn).__name__}.")
+    name = name or getattr(fn, "__name__", "")
+    if not name or not name.isidentifier():
+        raise MetricError(f"A custom metric needs a name results can record ({name!r} is not one); pass "
+                          f"custom_metric(fn, name='my_metric').")
+    if name in {m.value for m in Metric}:
+        raise MetricError(f"{name!r} is a built-in metric; give your function another name.")
+    known = _CUSTOM.get(name)
+    if known is not None and known.fn is not fn:
+        raise MetricError(f"Another function is already the metric {name!r} in this process; name this one "
+                          f"differently (custom_metric(fn, name=...)).")
+    made = known if known is not None and known.differentiable == differentiable else CustomMetric(name, fn, differentiable)
+    _CUSTOM[name] = made
+    return made
+
+
+def metric_named(name: str) -> MetricLike:
+    """The built-in or custom metric a result records by ``name``."""
+    try:
+        return Metric(name)
+    except ValueError:
+        pass
+    if name in _CUSTOM:
+        return _CUSTOM[name]
+    raise MetricError(f"Unknown metric {name!r}; use one of: {_NAMES}, or a function of "
+                      f"(logits, answers, alternatives) (a custom metric is known only in the process that defined it).")
+
+
+def is_differentiable(m: MetricLike) -> bool:
+    """Whether gradients flow through ``m`` (attribution patching needs them)."""
+    return m in DIFFERENTIABLE if isinstance(m, Metric) else m.differentiable
+
+
+def _one(m: Any) -> MetricLike:
+    if isinstance(m, (Metric, CustomMetric)):
+        return m
+    if isinstance(m, str):
+        return metric_named(m)
+    if callable(m):
+        return custom_metric(m)
+    raise MetricError(f"metric={m!r} is neither a metric name ({_NAMES}) nor a function of (logits, answers, "
+                      f"alternatives).")
+
+
+def parse_metrics(metric: Any) -> list[MetricLike]:
+    """One metric or several (names, :class:`Metric` s, functions or :class:`CustomMetric` s),
+    validated; duplicates removed, order kept."""
+    single = isinstance(metric, (str, Metric, CustomMetric)) or (callable(metric) and not isinstance(metric, type))
+    if single:
+        items = [metric]
+    else:
+        try:
+            items = list(metric)
+        except TypeError:
+            raise MetricError(f"metric={metric!r} is neither a metric name ({_NAMES}), a function, nor a list of "
+                              f"them.") from None
     if not items:
         raise MetricError(f"No metric given; use one or more of: {_NAMES}.")
-    out: list[Metric] = []
+    out: list[MetricLike] = []
     for m in items:
-        try:
-            mm = Metric(m)
-        except ValueError:
-            raise MetricError(f"Unknown metric {m!r}; use one of: {_NAMES}.") from None
+        mm = _one(m)
         if mm not in out:
             out.append(mm)
     return out
@@ -88,12 +175,12 @@ _FNS: dict[Metric, Callable[..., torch.Tensor]] = {
 
 
 def compute_metrics(
-    metrics: Sequence[Metric],
+    metrics: Sequence[MetricLike],
     logits: torch.Tensor,  # (B, vocab), last position
     answers: torch.Tensor,  # (B,)
     alternatives: torch.Tensor,  # (B,)
     clean_logprobs: torch.Tensor | None = None,  # (B, vocab), for KL
-) -> dict[Metric, torch.Tensor]:
+) -> dict[MetricLike, torch.Tensor]:
     """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32)."""
     logits = logits.float()
     answers, alternatives = answers.to(logits.device), alternatives.to(logits.device)
@@ -107,9 +194,24 @@ def compute_metrics(
             if clean_logprobs is None:
                 raise MetricError("The kl metric needs the clean run's distribution (internal call without it).")
             out[m] = -(clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+        elif isinstance(m, CustomMetric):
+            out[m] = _custom(m, logits, answers, alternatives)
         else:
             out[m] = _FNS[m](logits, logprobs, answers, alternatives)
     return out
+
+
+def _custom(m: CustomMetric, logits: torch.Tensor, answers: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:
+    """A custom metric's values, checked: a float tensor of one value per prompt."""
+    try:
+        v = m.fn(logits, answers, alternatives)
+    except Exception as e:  # the user's code: say whose it is
+        raise MetricError(f"Your metric {m.name!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(v, torch.Tensor) or v.shape != (logits.shape[0],):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise MetricError(f"Your metric {m.name!r} must return a tensor of one value per prompt, shape "
+                          f"({logits.shape[0]},); it returned {got}.")
+    return v.float()
 
 
 class Measure(Protocol):

@@ -107,6 +107,18 @@ _LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
 _KINDS_LIST = ", ".join(k.value for k in SiteKind)
 
 
+def _check_pos(value: Any) -> None:
+    """A position: an index, a negative index counted from each prompt's end (-1 = the last
+    token), or a name (``"end"``, ``"first_diff"``, a builder's ``"S2"``)."""
+    if isinstance(value, str):
+        if not value or "." in value or value.isspace():
+            raise SiteError(f"Site pos={value!r} is not a position name; use an index, -1 (the last token) or a "
+                            f"name such as 'end', 'first_diff', 'S2'.")
+        return
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise SiteError(f"Site pos={value!r} must be an int, a position name ('end', 'S2') or None.")
+
+
 def _check_index(name: str, value: Any) -> None:
     if value is None:
         return
@@ -134,7 +146,10 @@ class Site:
     kind: SiteKind
     layer: int | None = None
     head: int | None = None
-    pos: int | None = None
+    pos: int | str | None = None
+    """A token index; or, resolved per prompt by :func:`actpatch.patch`, a negative index from
+    the end (-1 = last) or a name (``"end"``, ``"first_diff"``, ``"last_diff"``, a builder's or a
+    prompt file's names such as ``"S2"``)."""
     index: int | None = None
 
     def __post_init__(self) -> None:
@@ -154,8 +169,18 @@ class Site:
                 f"Site kind {kind.value!r} has no heads; head={self.head!r} is only valid for "
                 f"{', '.join(sorted(k.value for k in HEAD_KINDS))}."
             )
-        for name in ("layer", "head", "pos", "index"):
+        for name in ("layer", "head", "index"):
             _check_index(name, getattr(self, name))
+        _check_pos(self.pos)
+
+    @property
+    def relative(self) -> bool:
+        """Whether the position depends on the prompt (a name or a negative index)."""
+        return isinstance(self.pos, str) or (isinstance(self.pos, int) and self.pos < 0)
+
+    def at(self, pos: int) -> "Site":
+        """This site at token index ``pos`` (a relative site resolved for one prompt)."""
+        return Site(self.kind, self.layer, head=self.head, pos=pos, index=self.index)
 
     def full(self) -> "Site":
         """The whole activation this site slices (same kind and layer, no head/pos/index)."""
@@ -168,6 +193,9 @@ class Site:
 
     def selector(self) -> tuple[Any, ...]:
         """Index tuple that picks this site's slice out of the full activation tensor."""
+        if self.relative:
+            raise SiteError(f"{self}: position {self.pos!r} is relative to each prompt; ap.patch resolves it per "
+                            f"prompt, other entry points need a token index (pos=<int>).")
         sel: list[Any] = [slice(None)] * len(self.kind.layout)
         layout = self.kind.layout
         if self.head is not None:
@@ -191,7 +219,7 @@ class Site:
             what = "KV heads" if self.kind in KV_KINDS else "heads"
             if self.head >= n:
                 raise SiteError(f"{self}: head {self.head} is out of range; this model has {n} {what} (0..{n - 1}).")
-        if self.pos is not None and seq_len is not None and self.pos >= seq_len:
+        if self.pos is not None and not self.relative and seq_len is not None and self.pos >= seq_len:
             raise SiteError(
                 f"{self}: position {self.pos} is out of range for prompts of {seq_len} tokens "
                 f"(valid: 0..{seq_len - 1})."
@@ -218,12 +246,15 @@ class Site:
             True
         """
         kind, *rest = str(text).strip().split(".")
-        fields: dict[str, int] = {}
+        fields: dict[str, int | str] = {}
         names = {"L": "layer", "H": "head", "pos": "pos"}
         for part in rest:
             key = next((k for k in ("pos", "L", "H") if part.startswith(k) and part[len(k):].isdigit()), None)
             if key is not None and names[key] not in fields:
                 fields[names[key]] = int(part[len(key):])
+            elif part.startswith("pos") and len(part) > 3 and "pos" not in fields:  # pos-1, posend, posS2
+                tail = part[3:]
+                fields["pos"] = int(tail) if tail.lstrip("-").isdigit() else tail
             elif part.startswith("[") and part.endswith("]") and part[1:-1].isdigit() and "index" not in fields:
                 fields["index"] = int(part[1:-1])
             else:

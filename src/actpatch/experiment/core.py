@@ -26,7 +26,7 @@ from ..corruption import Corruption, Run, parse_corruption
 from ..errors import ContextLengthError, CorruptionError, MetricError
 from ..findings import Finding, from_technique
 from ..hooks import capture
-from ..metrics import DIFFERENTIABLE, Measurer, Metric, parse_metrics
+from ..metrics import DIFFERENTIABLE, Measurer, Metric, is_differentiable, parse_metrics
 from ..prompts.promptset import LengthGroup, PromptSet
 from ..results import PatchResult, ResultInfo, TechniqueInfo
 from ..sites import Site
@@ -137,7 +137,7 @@ class Experiment:
         corr = parse_corruption(corruption)
         metrics = tuple(parse_metrics(metric))
         if differentiable:
-            bad = [m.value for m in metrics if m not in DIFFERENTIABLE]
+            bad = [m.value for m in metrics if not is_differentiable(m)]
             if bad:
                 raise MetricError(f"{technique} needs differentiable metrics; {bad} are discrete. "
                                   f"Use {', '.join(m.value for m in DIFFERENTIABLE)}.")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
 
-from ..metrics import Metric
+from ..metrics import MetricLike, metric_named
 from .checkpoint import UnitStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +48,7 @@ def units(group: int, n_cells: int, unit_size: int) -> list[Unit]:
     return [Unit(group, u, i, min(i + size, n_cells)) for u, i in enumerate(range(0, n_cells, size))]
 
 
-UnitValues = dict[Metric, torch.Tensor]
+UnitValues = dict[MetricLike, torch.Tensor]
 """A unit's values: ``{metric: (cells in the unit, rows)}``."""
 
 
@@ -93,7 +93,7 @@ class Executor(Protocol):
 def saved_unit(store: UnitStore | None, unit: Unit) -> UnitValues | None:
     """A unit's values from ``store`` when it was finished before."""
     saved = store.get(unit.key) if store is not None else None
-    return None if saved is None else {Metric(k): v for k, v in saved.items()}
+    return None if saved is None else {metric_named(k): v for k, v in saved.items()}
 
 
 def keep_unit(store: UnitStore | None, unit: Unit, values: UnitValues) -> None:

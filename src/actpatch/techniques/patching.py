@@ -160,7 +160,9 @@ def patch(
     subspace: SubspaceLike | None = None,
     check_subspace: bool = True,
 ) -> PatchResult:
-    """One patch: write all ``sites`` (one Site or a list) together (with ``subspace``, only their coordinates along
+    """One patch: write all ``sites`` (one Site or a list) together; a site's position may be a
+    name (``"end"``, ``"S2"``) or a negative index (-1: the last token), resolved per prompt (the
+    prompts are run in groups that share the resolved indices) (with ``subspace``, only their coordinates along
     it, and the interpretability-illusion check's findings added unless ``check_subspace`` is
     False; see :func:`sweep`). The result has no dims (``res.values`` is a 0-d tensor).
 
@@ -173,6 +175,17 @@ def patch(
         1.0
     """
     sites = as_sites(sites)
+    if any(s.relative for s in sites):  # names and negative indices: resolved per prompt, run per layout
+        from .positions import by_resolved_sites, resolved_site_groups
+
+        res = by_resolved_sites(lambda ps, resolved, corr: patch(
+            model, ps, resolved, direction=direction, corruption=corr, metric=metric, seed=seed, engine=engine,
+            subspace=subspace, check_subspace=False), model, prompts, sites, corruption)
+        if subspace is not None and check_subspace:  # the check on the largest group, at its indices
+            idx, resolved = max(resolved_site_groups(prompts, sites), key=lambda g: len(g[0]))
+            res = _with_check(model, prompts.subset(idx), res, resolved[0], as_subspace(subspace), direction=direction,
+                              corruption=corruption, metric=metric, seed=seed)
+        return res
     plan = patch_plan(sites, as_subspace(subspace))
     res = execute(model, prompts, plan, direction=direction, corruption=corruption, metric=metric, seed=seed,
                   engine=engine, progress=False, sites=sites)

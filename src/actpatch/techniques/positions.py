@@ -32,14 +32,15 @@ from ..errors import CorruptionError, PromptError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.plan import Grid
 from ..prompts.promptset import PromptSet
-from ..results import PatchResult
+from ..results import PatchResult, ResultInfo
+from ..sites import Site
 from ..types import Diagnostics
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
 __all__ = ["BUILTIN_POSITIONS", "is_named", "named_positions", "position_groups", "for_named_positions",
-           "by_named_positions"]
+           "by_named_positions", "resolved_site_groups", "by_resolved_sites"]
 
 BUILTIN_POSITIONS = ("end", "first_diff", "last_diff")
 
@@ -128,29 +129,83 @@ def by_named_positions(run: GroupRun, model: "Model", prompts: PromptSet, grid: 
            for m, r in first.raw.items()}
     clean = {m: torch.empty(n) for m in first.raw}
     corrupted = {m: torch.empty(n) for m in first.raw}
-    correct: list[bool] | None = [False] * n
     for idx, cols, res in parts:
         ix = torch.tensor(idx)
         for m in res.raw:
             raw[m][ix] = res.raw[m].index_select(axis, torch.tensor(cols))
             clean[m][ix], corrupted[m][ix] = res.clean[m], res.corrupted[m]
+    info = _merged_info(first.info.replace(grid={**first.info.grid, "positions": names}),
+                        [(idx, r) for idx, _, r in parts], prompts)
+    merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": names}, raw=raw, clean=clean,
+                         corrupted=corrupted, info=info)
+    # check() findings are recomputed on the whole set; the technique's own ones are kept once
+    merged.findings = check(merged) + technique_findings([f for _, _, r in parts for f in r.findings])
+    return merged
+
+
+def _merged_info(info: ResultInfo, parts: list[tuple[list[int], PatchResult]], prompts: PromptSet) -> ResultInfo:
+    """``info`` of the first group's result, made the whole set's: provenance, attributes,
+    number of groups, and the groups' diagnostics put back in prompt order."""
+    n = len(prompts)
+    correct: list[bool] | None = [False] * n
+    for idx, res in parts:
         cc = res.info.diagnostics.clean_correct
         if cc is None or correct is None:
             correct = None
         else:
             for i, c in zip(idx, cc):
                 correct[i] = c
-    nulls = [r.info.diagnostics.null_patch_max_abs for _, _, r in parts if r.info.diagnostics.null_patch_max_abs is not None]
-    info = first.info.replace(
-        grid={**first.info.grid, "positions": names},
-        provenance=dataclasses.replace(first.info.provenance, prompts=prompts.describe()),
+    nulls = [r.info.diagnostics.null_patch_max_abs for _, r in parts if r.info.diagnostics.null_patch_max_abs is not None]
+    return info.replace(
+        provenance=dataclasses.replace(info.provenance, prompts=prompts.describe()),
         prompt_attributes=tuple(dict(a) for a in prompts.attributes),
         role_groups=len(parts),
         diagnostics=Diagnostics(clean_correct=tuple(correct) if correct is not None else None,
                                 null_patch_max_abs=max(nulls) if nulls else None),
     )
-    merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": names}, raw=raw, clean=clean,
-                         corrupted=corrupted, info=info)
-    # check() findings are recomputed on the whole set; the technique's own ones are kept once
-    merged.findings = check(merged) + technique_findings([f for _, _, r in parts for f in r.findings])
+
+
+def resolved_site_groups(prompts: PromptSet, sites: Sequence[Site]) -> list[tuple[list[int], list[Site]]]:
+    """(prompt indices, the sites at token indices) for each group of prompts where the sites'
+    relative positions (names, negative indices) fall at the same indices."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(prompts)):
+        T = prompts.clean[i].numel()
+        have = named_positions(prompts, i)
+        resolved = []
+        for s in sites:
+            if not s.relative:
+                resolved.append(s)
+                continue
+            if isinstance(s.pos, int):
+                if T + s.pos < 0:
+                    raise SiteError(f"{s}: position {s.pos} is before the start of prompt {i} ({T} tokens).")
+                resolved.append(s.at(T + s.pos))
+            elif s.pos in have:
+                resolved.append(s.at(have[s.pos]))
+            else:
+                raise PromptError(f"{s}: prompt {i} has no position named {s.pos!r}; it has {sorted(have)}. Builders "
+                                  f"and prompt files name positions (ioi: IO, S1, S1+1, S2), or use an index.")
+        groups.setdefault(tuple(resolved), []).append(i)
+    return [(idx, list(key)) for key, idx in groups.items()]
+
+
+def by_resolved_sites(run: Callable[[PromptSet, list[Site], Corruption], PatchResult], model: "Model",
+                      prompts: PromptSet, sites: Sequence[Site], corruption: "str | Corruption") -> PatchResult:
+    """Run a single patch (``run(prompts of one group, its resolved sites, corruption)``) on each
+    group of :func:`resolved_site_groups` and merge the per-prompt values in prompt order."""
+    corr = for_named_positions(corruption, model, prompts)
+    parts = [(idx, run(prompts.subset(idx), resolved, corr)) for idx, resolved in resolved_site_groups(prompts, sites)]
+    first = parts[0][1]
+    n = len(prompts)
+    raw = {m: torch.empty(n, *r.shape[1:], dtype=r.dtype) for m, r in first.raw.items()}
+    clean = {m: torch.empty(n) for m in first.raw}
+    corrupted = {m: torch.empty(n) for m in first.raw}
+    for idx, res in parts:
+        ix = torch.tensor(idx)
+        for m in res.raw:
+            raw[m][ix], clean[m][ix], corrupted[m][ix] = res.raw[m], res.clean[m], res.corrupted[m]
+    info = _merged_info(first.info, parts, prompts)
+    merged = PatchResult(dims=first.dims, coords=first.coords, raw=raw, clean=clean, corrupted=corrupted, info=info)
+    merged.findings = check(merged) + technique_findings([f for _, r in parts for f in r.findings])
     return merged
