@@ -54,14 +54,19 @@ __all__ = [
 ]
 
 
+from ._arguments import checked, checked_namespace  # noqa: E402
+
+checked_namespace(globals(), __all__)  # wrong kinds of arguments: one clear error, before any work
+
+
 def __getattr__(name: str) -> Any:
     """``ap.plot_attention`` and ``ap.write_report`` without importing plotly with the package."""
     if name == "plot_attention":
         from .report.figures import plot_attention
 
-        return plot_attention
+        return checked(plot_attention)
     if name == "write_report":
         from .report.html import write_report
 
-        return write_report
+        return checked(write_report)
     raise AttributeError(f"module 'actpatch' has no attribute {name!r}")

@@ -35,3 +35,7 @@ __all__ = [
     "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",
     "from_mib_json", "save_edge_scores", "load_edge_scores",
 ]
+
+from ._arguments import checked_namespace  # noqa: E402
+
+checked_namespace(globals(), __all__)  # wrong kinds of arguments: one clear error, before any work

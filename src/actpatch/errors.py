@@ -26,6 +26,7 @@ __all__ = [
     "OutputDirError",
     "ExecutorError",
     "DeviceError",
+    "ArgumentError",
 ]
 
 
@@ -103,3 +104,8 @@ class ExecutorError(ActpatchError):
 
 class DeviceError(ActpatchError):
     """A device or dtype this machine cannot run, or a device map that leaves a layer nowhere."""
+
+
+class ArgumentError(ActpatchError, TypeError):
+    """An entry point got an argument of the wrong kind (checked against its annotation before
+    any work); also a ``TypeError``, as Python's own would be."""

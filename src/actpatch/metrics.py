@@ -34,7 +34,7 @@ import torch
 
 from .errors import MetricError
 
-__all__ = ["Metric", "CustomMetric", "MetricLike", "custom_metric", "is_differentiable", "metric_named",
+__all__ = ["Metric", "CustomMetric", "MetricLike", "MetricSpec", "custom_metric", "is_differentiable", "metric_named",
            "DIFFERENTIABLE", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
 
 
@@ -85,6 +85,9 @@ class CustomMetric:
 
 
 MetricLike = Union[Metric, CustomMetric]
+MetricSpec = Union[str, Metric, CustomMetric, Callable[..., torch.Tensor],
+                   Sequence[Union[str, Metric, CustomMetric, Callable[..., torch.Tensor]]]]
+"""What ``metric=`` takes everywhere: a name, a :class:`Metric`, a function, or a list of them."""
 _CUSTOM: dict[str, CustomMetric] = {}
 """Custom metrics by name: a result's metric name resolves back to its function in this process."""
 

@@ -19,3 +19,7 @@ from .techniques.directions import SubspaceCheck, diff_of_means, pca_directions,
 __all__ = ["Subspace", "diff_of_means", "probe_direction", "pca_directions", "subspace_check", "SubspaceCheck",
            "SubspaceVerdict", "das",
            "DASResult", "DASRecord"]
+
+from ._arguments import checked_namespace  # noqa: E402
+
+checked_namespace(globals(), __all__)  # wrong kinds of arguments: one clear error, before any work

@@ -26,7 +26,7 @@ from ..corruption import Corruption, Run, parse_corruption
 from ..errors import ContextLengthError, CorruptionError, MetricError
 from ..findings import Finding, from_technique
 from ..hooks import capture
-from ..metrics import DIFFERENTIABLE, Measurer, Metric, is_differentiable, parse_metrics
+from ..metrics import DIFFERENTIABLE, Measurer, Metric, is_differentiable, parse_metrics, MetricSpec
 from ..prompts.promptset import LengthGroup, PromptSet
 from ..results import PatchResult, ResultInfo, TechniqueInfo
 from ..sites import Site
@@ -114,7 +114,7 @@ class Experiment:
         *,
         direction: str | Direction,
         corruption: str | Corruption,
-        metric: str | Metric | Sequence[str | Metric],
+        metric: MetricSpec,
         seed: int,
         technique: str,
         needs_corrupted_run: bool = False,

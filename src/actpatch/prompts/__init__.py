@@ -45,3 +45,7 @@ def keep_correct(model: "Model", prompts: PromptSet) -> tuple[PromptSet, float]:
 
         raise PromptError("The model gets none of these prompts right; nothing left to patch.")
     return prompts.subset(ok.nonzero().flatten()), share
+
+from .._arguments import checked_namespace  # noqa: E402
+
+checked_namespace(globals(), __all__)  # wrong kinds of arguments: one clear error, before any work

@@ -138,8 +138,14 @@ class PromptSet:
         both tokenisations side by side when clean and corrupted differ in token length, and the
         tokens of any answer that is not one token.
         """
+        if not hasattr(model, "tokenizer") or not hasattr(model, "to_tokens"):
+            raise PromptError(f"from_pairs() takes a model first (ap.load_model(...)), not {type(model).__name__}.")
         if model.tokenizer is None:
             raise PromptError("This model has no tokenizer; use PromptSet.from_ids with token ids.")
+        for what, value, kind in (("attributes", attributes, Sequence), ("meta", meta, dict), ("labels", labels, Sequence)):
+            if value is not None and (not isinstance(value, kind) or isinstance(value, str)):
+                raise PromptError(f"from_pairs({what}=...) takes a {'list' if kind is Sequence else 'dict'}, not "
+                                  f"{type(value).__name__}.")
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
             raise PromptError(f"Prompt pairs must be a list of (clean, corrupted, answer, alternative) tuples, got "
                               f"{type(pairs).__name__}.")

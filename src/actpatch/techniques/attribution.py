@@ -36,7 +36,7 @@ from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
 from ..hooks import capture, gradient_taps, intervene
-from ..metrics import DIFFERENTIABLE, normalise
+from ..metrics import DIFFERENTIABLE, normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import AtpInfo, PatchResult
 from ..sites import Site, SiteKind
@@ -61,7 +61,7 @@ def attribute(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Sequence[str] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     per_position: bool | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int | str] | None = None,
@@ -111,7 +111,7 @@ def attribute(
 
 
 def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid: Grid, corruption: str | Corruption, *,
-               direction: str | Direction, metric: str | Sequence[str], seed: int, qk_fix: bool,
+               direction: str | Direction, metric: MetricSpec, seed: int, qk_fix: bool,
                grad_drop: bool) -> PatchResult:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Attribution patching", differentiable=True)

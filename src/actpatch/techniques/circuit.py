@@ -27,7 +27,7 @@ from ..errors import MethodError
 from ..experiment.core import Experiment
 from ..findings import Finding
 from ..hooks import capture, intervene, stop_after
-from ..metrics import normalise
+from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import Direction
@@ -265,7 +265,7 @@ class _Circuits:
 
 def run_circuit(
     model: "Model", prompts: PromptSet, keep: torch.Tensor, *, corruption: str | Corruption = "str",
-    metric: str = "logit_diff", seed: int = 0,
+    metric: MetricSpec = "logit_diff", seed: int = 0,
 ) -> torch.Tensor:
     """Per-prompt metric of the clean run with every edge outside ``keep`` (a (U, V) mask over
     :func:`actpatch.edge_attribution`'s nodes) taken from the corrupted run."""
@@ -313,7 +313,7 @@ def load_curves(path: str | Path) -> dict[str, Faithfulness]:
 
 def faithfulness(
     model: "Model", prompts: PromptSet, edges: EdgeScores, sizes: Sequence[int], *, corruption: str | Corruption = "str",
-    metric: str = "logit_diff", seed: int = 0,
+    metric: MetricSpec = "logit_diff", seed: int = 0,
 ) -> Faithfulness:
     """The faithfulness curve: for each size n, run the circuit of the top-n edges by |score|
     with everything else from the corrupted run, normalised (1 = clean, 0 = corrupted).

@@ -30,7 +30,7 @@ from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
 from ..hooks import capture, gradient_taps, intervene
-from ..metrics import Measurer
+from ..metrics import Measurer, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import DEFAULT_DIRECTION, Direction, Provenance
@@ -171,7 +171,7 @@ def edge_attribution(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     ig_steps: int = 0,
     seed: int = 0,
     ig_target: str = "inputs",
@@ -205,7 +205,7 @@ def edge_scores_per_position(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     ig_steps: int = 0,
     seed: int = 0,
     positions: "Callable[[int], list[int]] | None" = None,

@@ -27,7 +27,7 @@ from ..experiment.executor import Executor
 from ..experiment.plan import Grid, Plan
 from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture
-from ..metrics import Measurer, Metric
+from ..metrics import Measurer, Metric, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import ExactInfo, PatchResult
 from ..sites import Site
@@ -134,7 +134,7 @@ def execute(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
     engine: str | Engine = Engine.AUTO,
     chunk_size: int | None = None,

@@ -36,7 +36,7 @@ import torch
 from ..corruption import Corruption
 from .._io import read_named, write_named
 from ..errors import MethodError
-from ..metrics import normalise
+from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..types import Direction
 from .circuit import _Circuits, greedy_edges, top_edges
@@ -198,7 +198,7 @@ def compare_methods(
     oracle_k: int = 50,
     fractions: Sequence[float] = MIB_FRACTIONS,
     corruption: str | Corruption = "str",
-    metric: str = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'

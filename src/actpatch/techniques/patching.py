@@ -15,7 +15,7 @@ from ..experiment.checkpoint import UnitStore
 from ..experiment.executor import Executor, executor_for
 from ..experiment.plan import Grid, parse_target, plan_for
 from ..findings import from_technique
-from ..metrics import Metric
+from ..metrics import MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import PatchResult
 from ..sites import Site, SiteKind, as_sites
@@ -38,7 +38,7 @@ def sweep(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     per_position: bool | None = None,
     layers: Sequence[int] | None = None,
     positions: Sequence[int | str] | None = None,
@@ -154,7 +154,7 @@ def patch(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Metric | Sequence[str | Metric] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
     engine: str | Engine = Engine.AUTO,
     subspace: SubspaceLike | None = None,

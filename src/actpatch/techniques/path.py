@@ -28,7 +28,7 @@ from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Executor
 from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture, intervene
-from ..metrics import Measurer
+from ..metrics import Measurer, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import PathInfo, PatchResult
 from ..sites import Site, SiteKind, as_sites
@@ -108,7 +108,7 @@ class PathJob:
 
 
 def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site]], receivers: Sequence[Site], *,
-         direction: str | Direction, corruption: str | Corruption, metric: str | Sequence[str], seed: int,
+         direction: str | Direction, corruption: str | Corruption, metric: MetricSpec, seed: int,
          target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
          unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
          grid: dict | None = None) -> PatchResult:
@@ -147,7 +147,7 @@ def path_patch(
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Sequence[str] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
 ) -> PatchResult:
     """The effect of one sender set on the output through ``receivers`` only (no dims).
@@ -176,7 +176,7 @@ def path_sweep(
     heads: Sequence[int] | None = None,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str | Sequence[str] = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
     executor: "str | Executor | None" = None,
     unit_size: int = 16,

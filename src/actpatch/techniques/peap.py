@@ -31,7 +31,7 @@ import torch
 
 from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError, PromptError
-from ..metrics import normalise
+from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..types import DEFAULT_DIRECTION, Direction
 from .circuit import Faithfulness, _Circuits
@@ -99,7 +99,7 @@ def positional_edge_attribution(
     positions: Sequence[str] | None = None,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
-    metric: str = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     ig_steps: int = 0,
     seed: int = 0,
 ) -> PositionalEdgeScores:

@@ -39,7 +39,7 @@ from ..errors import MethodError, ResultError
 from ..experiment.core import Experiment
 from ..findings import Finding, Level
 from ..hooks import capture, intervene
-from ..metrics import normalise
+from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import Direction
@@ -106,7 +106,7 @@ def direct_vs_total(
     prompts: PromptSet,
     *,
     corruption: str | Corruption = "str",
-    metric: str = "logit_diff",
+    metric: MetricSpec = "logit_diff",
     seed: int = 0,
     ratio: float = 2.0,
     min_effect: float = 0.1,
