@@ -37,7 +37,7 @@ from .stats import spearman
 if TYPE_CHECKING:  # pragma: no cover
     from .results import PatchResult
 
-__all__ = ["Agreement", "Misranked", "compare_estimate", "estimate_mismatch", "choose_cells", "cell_label", "exact_is_affordable",
+__all__ = ["Agreement", "AgreementReading", "Misranked", "compare_estimate", "estimate_mismatch", "choose_cells", "cell_label", "exact_is_affordable",
            "far_below"]
 
 
@@ -220,6 +220,32 @@ class Agreement:
         from .report.figures import agreement_figure
 
         return agreement_figure(self, title)
+
+class AgreementReading:
+    """What a validation reads through its :class:`Agreement` (``self.agreement``): the checked
+    cells' effects, their rank correlation and the misranked components."""
+
+    agreement: Agreement
+
+    @property
+    def estimate(self) -> torch.Tensor:
+        """The checked cells' estimated effects (0 = no effect)."""
+        return self.agreement.estimate
+
+    @property
+    def exact(self) -> torch.Tensor:
+        """Their exact effects (0 = no effect)."""
+        return self.agreement.exact
+
+    @property
+    def rank_correlation(self) -> float:
+        return self.agreement.rank_correlation
+
+    @property
+    def misranked(self) -> tuple[Misranked, ...]:
+        """Components the estimate misses (or overrates), named."""
+        return self.agreement.misranked
+
 
 def estimate_mismatch(estimate: Any, exact: Any) -> str | None:
     """Why :func:`compare_estimate` cannot read ``estimate`` beside ``exact`` (None when it can):

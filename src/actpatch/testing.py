@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import ConfigError, UnsupportedArchitectureError
@@ -245,6 +247,21 @@ def _centring_gpt2(vocab: int, d: int, n_layers: int, d_mlp: int):  # noqa: ANN2
     return hf
 
 
+def _cancelling_pair(hf: Any) -> None:
+    """Neuron 0 of each MLP of a 2-layer centring GPT-2 set to :func:`cancel_model`'s A and N,
+    with the readout logit(2) - logit(3) = 2 x_2."""
+    with torch.no_grad():
+        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
+        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
+        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
+        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 2.0
+        m1.c_fc.weight[1, 0], m1.c_fc.weight[3, 0] = 2.0, -2.0  # N = relu(2 A - 1)
+        m1.c_fc.bias[0] = -1.0
+        m1.c_proj.weight[0, 2] = -1.0
+        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
+        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
+
+
 def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     """A 2-layer GPT-2 with hand-set weights in which a neuron's direct and indirect effects cancel
     to first order (Kramár et al. 2024's cancellation failure of AtP), and its prompt pair.
@@ -265,16 +282,7 @@ def cancel_model():  # noqa: ANN201 - returns (Model, PromptSet)
     from .prompts.promptset import PromptSet
 
     hf = _centring_gpt2(vocab=4, d=4, n_layers=2, d_mlp=2)
-    with torch.no_grad():
-        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
-        m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
-        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
-        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 2.0
-        m1.c_fc.weight[1, 0], m1.c_fc.weight[3, 0] = 2.0, -2.0  # N = relu(2 A - 1)
-        m1.c_fc.bias[0] = -1.0
-        m1.c_proj.weight[0, 2] = -1.0
-        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
-        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
+    _cancelling_pair(hf)
     model = Model(hf, None, name="micro-cancel")
     prompts = PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-cancel")
     return model, prompts
@@ -299,20 +307,13 @@ def false_negative_model(n_small: int = 20):  # noqa: ANN201 - returns (Model, P
     from .prompts.promptset import PromptSet
 
     hf = _centring_gpt2(vocab=4, d=4, n_layers=2, d_mlp=n_small + 1)
+    _cancelling_pair(hf)
     with torch.no_grad():
-        hf.transformer.wte.weight[1, 0] = 1.0  # token 1: a = 1
         m0, m1 = hf.transformer.h[0].mlp, hf.transformer.h[1].mlp  # Conv1D weights are (in, out)
-        m0.c_fc.weight[0, 0], m0.c_fc.weight[3, 0] = 1.0, -1.0  # A = relu(a)
-        m0.c_proj.weight[0, 1], m0.c_proj.weight[0, 2] = 1.0, 2.0
-        m1.c_fc.weight[1, 0], m1.c_fc.weight[3, 0] = 2.0, -2.0  # N = relu(2 A - 1)
-        m1.c_fc.bias[0] = -1.0
-        m1.c_proj.weight[0, 2] = -1.0
         for mlp in (m0, m1):
             for j in range(1, n_small + 1):  # decoys: relu(a) -> 0.01 j to the output
                 mlp.c_fc.weight[0, j], mlp.c_fc.weight[3, j] = 1.0, -1.0
                 mlp.c_proj.weight[j, 2] = 0.01 * j
-        hf.lm_head.weight[2, 2], hf.lm_head.weight[2, 3] = 1.0, -1.0
-        hf.lm_head.weight[3, 2], hf.lm_head.weight[3, 3] = -1.0, 1.0
     model = Model(hf, None, name="micro-false-negative")
     return model, PromptSet.from_ids([[1]], [[0]], [2], [3], name="micro-false-negative")
 

@@ -31,7 +31,7 @@ import torch
 
 from ..corruption import Corruption, from_description
 from ..errors import MethodError, ResultError
-from ..agreement import Agreement, Misranked, cell_label, choose_cells, exact_is_affordable
+from ..agreement import Agreement, AgreementReading, cell_label, choose_cells, exact_is_affordable
 from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
@@ -281,32 +281,13 @@ def _atp_findings(plan: Plan, grad_drop: bool = False) -> list[Finding]:
 
 
 @dataclass(frozen=True)
-class Validation:
+class Validation(AgreementReading):
     """Exact patching of an attribution result's cells (all of them, or a sample chosen to find
     what the estimate misses), read as an :class:`~actpatch.agreement.Agreement`."""
 
     cells: list[tuple[int, ...]]
     agreement: Agreement
     findings: list[Finding]
-
-    @property
-    def estimate(self) -> torch.Tensor:
-        """The checked cells' estimated effects (0 = no effect), normalised units."""
-        return self.agreement.estimate
-
-    @property
-    def exact(self) -> torch.Tensor:
-        """Their exact effects (0 = no effect), normalised units."""
-        return self.agreement.exact
-
-    @property
-    def rank_correlation(self) -> float:
-        return self.agreement.rank_correlation
-
-    @property
-    def misranked(self) -> tuple[Misranked, ...]:
-        """Components the estimate misses (or overrates), named."""
-        return self.agreement.misranked
 
     def disagreements(self, k: int = 5) -> list[tuple[tuple[int, ...], float, float]]:
         """The ``k`` cells where estimate and exact value differ most: (cell, estimate, exact)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .._io import read_named, write_named
-from ..agreement import Agreement, Misranked, choose_cells, exact_is_affordable
+from ..agreement import Agreement, AgreementReading, choose_cells, exact_is_affordable
 from ..corruption import Corruption, from_description
 from ..errors import MethodError
 from ..experiment.core import Experiment
@@ -336,29 +336,13 @@ def faithfulness(
 
 
 @dataclass(frozen=True)
-class EdgeValidation:
+class EdgeValidation(AgreementReading):
     """Edge scores next to the exact effect of cutting each edge alone (raw metric units, mean
     over prompts: the clean run with that one edge taken from the corrupted run, minus the clean
     run), read as an :class:`~actpatch.agreement.Agreement`."""
 
     edges: list[tuple[str, str]]
     agreement: Agreement
-
-    @property
-    def estimate(self) -> torch.Tensor:
-        return self.agreement.estimate
-
-    @property
-    def exact(self) -> torch.Tensor:
-        return self.agreement.exact
-
-    @property
-    def rank_correlation(self) -> float:
-        return self.agreement.rank_correlation
-
-    @property
-    def misranked(self) -> tuple[Misranked, ...]:
-        return self.agreement.misranked
 
     @property
     def findings(self) -> list[Finding]:
