@@ -62,6 +62,9 @@ def test_run_writes_results_and_report(tmp_path):
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
     assert names == ["resid_pre_denoise", "resid_pre_noise", "z_denoise", "z_noise"]
+    runs = sum(ap.PatchResult.load(out / n).values.numel() * 3 for n in names)  # cells x 3 prompts, each direction
+    assert f"cost estimate: about {runs:,} prompt runs (resid_pre " in r.stdout  # said before the first sweep
+    assert r.stdout.index("cost estimate") < r.stdout.index("resid_pre_denoise: done")
     res = ap.PatchResult.load(out / "z_noise")
     assert res.dims == ("layer", "head") and res.metrics == ["logit_diff", "prob"]
     assert "single_direction" not in [f.code for f in res.findings]  # compared with its pair

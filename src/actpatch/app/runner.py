@@ -71,8 +71,10 @@ def resolve_model(name: str) -> Model:
     return load_model(name)
 
 
-def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float | None]:
-    """The prompt set of a config (kept to the prompts the model solves when asked)."""
+def build_prompts(model: Model, cfg: ExperimentConfig,
+                  log: Callable[[str], None] = lambda _: None) -> tuple[PromptSet, float | None]:
+    """The prompt set of a config (kept to the prompts the model solves when asked); ``log``
+    gets the run's cost estimate before any forward pass."""
     from .. import prompts as P
 
     pc = cfg.prompts
@@ -88,10 +90,45 @@ def build_prompts(model: Model, cfg: ExperimentConfig) -> tuple[PromptSet, float
         except TypeError as e:
             raise ConfigError(f"prompts.args: {e}") from None
     check_names(cfg, ps)  # before any forward pass, keep_correct's included
+    log(cost_estimate(model, ps, cfg))
     share = None
     if pc.keep_correct:
         ps, share = keep_correct(model, ps)
     return ps, share
+
+
+def cost_estimate(model: Model, prompts: PromptSet, cfg: ExperimentConfig) -> str:
+    """What the config's targets and paths will cost, in prompt runs (one forward pass of one
+    prompt; a patched run counts as one, an attribution estimate as three: two forwards and a
+    backward), counted from the same plans the sweeps use, before any of them runs. Circuits and
+    DAS jobs are named, not counted."""
+    from ..experiment.plan import Grid, plan_for
+
+    n, d = len(prompts), len(cfg.directions)
+    lengths = sorted(set(prompts.lengths.tolist()))
+    parts, total = [], 0
+    for t in cfg.targets:
+        named = bool(t.positions) and isinstance(t.positions[0], str)
+        grid = Grid(per_position=t.per_position, layers=t.layers, positions=None if named else t.positions,
+                    heads=t.heads, neurons=t.neurons, window=t.window)
+        try:
+            plan = plan_for(model, prompts if len(lengths) == 1 else prompts.subset([0]), t.target, grid)
+            cells = len(plan.patches)
+            if named and "pos" in plan.dims:
+                cells = cells // len(plan.coords["pos"]) * len(t.positions or [])
+        except Exception:  # an axis the sweep itself will refuse with its own message
+            continue
+        runs = (3 * n if t.method is Method.ATP else cells * n) * d
+        total += runs
+        parts.append(f"{t.name} {cells} cells")
+    for pc in cfg.paths:
+        senders = (len(pc.layers) if pc.layers is not None else model.n_layers) * (
+            (len(pc.heads) if pc.heads is not None else model.n_heads) if pc.sender == "z" else 1)
+        total += senders * n * d
+        parts.append(f"{pc.name} {senders} senders")
+    extra = [w for w, on in (("circuits", cfg.circuits is not None), ("DAS", bool(cfg.das))) if on]
+    return (f"cost estimate: about {total:,} prompt runs ({', '.join(parts) or 'no sweeps'}; {n} prompts x {d} "
+            f"direction(s))" + (f", plus {' and '.join(extra)}" if extra else ""))
 
 
 def check_names(cfg: ExperimentConfig, prompts: PromptSet) -> None:
@@ -194,7 +231,7 @@ def run_experiment(
 def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str], None],
          model: Model | None, executor: Executor) -> dict[str, PatchResult]:
     model = model or resolve_model(cfg.model)
-    prompts, share = build_prompts(model, cfg)
+    prompts, share = build_prompts(model, cfg, log)
     if share is not None:
         log(f"{prompts.name}: {len(prompts)} prompts kept (model right on {share:.0%} of them)")
     corruption = build_corruption(cfg)
