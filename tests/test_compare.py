@@ -146,3 +146,12 @@ def test_negative_needs_both_intervals_below_minus_the_threshold():
     assert ap.compare(den, noi).roles == [Role.NEGATIVE, Role.UNCERTAIN]
     with pytest.raises(ap.errors.ResultError, match="confidence level"):
         ap.compare(den, noi, level=95)
+
+
+def test_undefined_cells_are_uncertain_not_neither_and_strongest_orders_by_either_reading():
+    den = _per_prompt("denoise", [[0.9, float("nan"), 0.02, -0.6]] * 4)
+    noi = _per_prompt("noise", [[0.1, 0.1, 0.99, 0.95]] * 4)
+    cmp = ap.compare(den, noi)
+    assert cmp.roles[1] is Role.UNCERTAIN  # an undefined effect is not evidence of no role
+    assert cmp.roles[2] is Role.NEITHER
+    assert list(cmp.strongest(3).index) == [0, 1, 3]  # max(|sufficiency|, |necessity|): 0.9, 0.9 (necessity), 0.6

@@ -135,6 +135,13 @@ class Comparison:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def strongest(self, k: int = 10) -> "pd.DataFrame":
+        """The ``k`` rows of :meth:`to_pandas` with the largest |sufficiency| or |necessity|,
+        strongest first; the index is the cell's flat position in the grid."""
+        df = self.to_pandas()
+        score = df[["sufficiency", "necessity"]].abs().max(axis=1)
+        return df.loc[score.sort_values(ascending=False, kind="stable").index[:k]]
+
     def scatter_data(self) -> dict[str, list]:
         """Data for a scatter plot: x = sufficiency (denoising), y = necessity (noising damage)."""
         df = self.to_pandas()
@@ -252,9 +259,9 @@ def compare(
 def _side(low: float, high: float, threshold: float, at_or_below: bool = False) -> bool | None:
     """Whether an interval [low, high] is at or above ``threshold`` (or, ``at_or_below``, at or
     below it): True / False when the whole interval is on one side, None when it straddles.
-    NaN (a cell without a value) reads as False."""
+    NaN (a cell whose effect is undefined, e.g. equal baselines) straddles: nothing is known."""
     if low != low or high != high:
-        return False
+        return None
     if at_or_below:
         return True if high <= threshold else False if low > threshold else None
     return True if low >= threshold else False if high < threshold else None

@@ -36,8 +36,6 @@ def top_heads_table(cmp: Comparison, k: int = 10) -> Table:
     narrow enough for 80 columns."""
     from ..agreement import cell_label
 
-    df = cmp.to_pandas()
-    df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
     shape = tuple(len(cmp.coords[d]) for d in cmp.dims)
     ci = f" [{cmp.level:.0%} CI]" if cmp.intervals else ""
     table = Table(title=f"Top {k} heads: sufficiency (denoising) vs necessity (noising)", title_justify="left",
@@ -52,7 +50,7 @@ def top_heads_table(cmp: Comparison, k: int = 10) -> Table:
             return f"{r[name]:+.2f}"
         return f"{r[name]:+.2f} [{r[name + '_low']:+.2f}, {r[name + '_high']:+.2f}]"
 
-    for i, r in df.sort_values("score", ascending=False).head(k).iterrows():
+    for i, r in cmp.strongest(k).iterrows():
         table.add_row(cell_label(cmp.dims, cmp.coords, int(i), shape), reading(r, "sufficiency"),
                       reading(r, "necessity"), r.role.replace("_", " "))
     return table

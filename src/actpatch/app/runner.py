@@ -116,7 +116,8 @@ def cost_estimate(model: Model, prompts: PromptSet, cfg: ExperimentConfig) -> st
             cells = len(plan.patches)
             if named and "pos" in plan.dims:
                 cells = cells // len(plan.coords["pos"]) * len(t.positions or [])
-        except Exception:  # an axis the sweep itself will refuse with its own message
+        except Exception:  # an axis the sweep itself will refuse with its own message: not counted, said so
+            parts.append(f"{t.name} not estimated")
             continue
         runs = (3 * n if t.method is Method.ATP else cells * n) * d
         total += runs

@@ -262,7 +262,7 @@ def _subspace_sections(results: dict[str, "PatchResult"], das: "dict[str, DASRec
                      "comes from a direction the model does not vary), <i>unsplit</i> (no single reader: the illusion "
                      "cannot be ruled out), <i>dormant pathway risk</i> (half or more of what the patch moves is in "
                      "the reader's null space), <i>no effect</i>, <i>partial</i> (the subspace carries under half of "
-                     "the component's effect), <i>faithful</i>. Effect share: the subspace's effect over the whole "
+                     "the component's effect), <i>exceeds component</i> (over 1.25x of it), <i>faithful</i>. Effect share: the subspace's effect over the whole "
                      "component's; null share: the part of what the patch moves that the reader ignores. Values on "
                      "the result's scale (1 = clean, 0 = corrupted).</p>" + _table(
                          ["result", "basis", "site checked", "verdict", "effect share", "null share", "reader",

@@ -51,12 +51,10 @@ def result_html(res: "PatchResult", k: int = 8) -> str:
 
 
 def comparison_html(cmp: "Comparison", k: int = 8) -> str:
-    df = cmp.to_pandas()
-    df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
     rows = "".join(
         f"<tr><td>{html.escape(' '.join(f'{d}={r[d]}' for d in cmp.dims))}</td><td>{r.sufficiency:+.3f}</td>"
         f"<td>{r.necessity:+.3f}</td><td>{html.escape(r.role)}</td></tr>"
-        for _, r in df.sort_values("score", ascending=False).head(k).iterrows())
+        for _, r in cmp.strongest(k).iterrows())
     counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cmp.counts().items())
     return (f"<div class='actpatch-comparison'><p><b>Comparison</b> ({html.escape(cmp.metric)}): {counts}</p>"
             f"<p><small>{html.escape(cmp.thresholds)}</small></p>"
