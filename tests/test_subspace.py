@@ -174,6 +174,17 @@ def test_verdicts_name_what_the_check_measured(tmp_path):
     assert c.values["subspace"] == pytest.approx(0.75, abs=1e-5) and c.values["component"] == pytest.approx(0.0, abs=1e-5)
     assert "carries 25% of the component's effect" in {f.code: f for f in c.findings}["subspace_partial"].message
     assert "partial" in c.summary() and "25%" in c.summary()
+    # neuron 1 = relu(a) too, writing +0.5 to dim 2 (LD -1) against neuron 0's +1 to dim 1 (LD +2): the
+    # MLP does half of what neuron 0 does, and the reader sees both (no null space)
+    m2, ps2, site2, U2 = illusion_model(control=True)
+    mlp2 = m2.hf.transformer.h[0].mlp
+    with torch.no_grad():
+        mlp2.c_fc.weight[0, 1], mlp2.c_fc.weight[3, 1] = 1.0, -1.0
+        mlp2.c_proj.weight[1, 2] = 0.5
+    c2 = subspace_check(m2, ps2, site2, U2, direction="denoise")
+    assert c2.effect_share == pytest.approx(2.0, abs=1e-4) and c2.null_share == pytest.approx(0.0, abs=1e-6)
+    assert c2.verdict is SubspaceVerdict.EXCEEDS_COMPONENT
+    assert "subspace_larger_than_component" in {f.code for f in c2.findings}  # never called faithful
     # the verdict travels with the result, typed
     res = ap.patch(m, ps, [site], subspace=U, direction="noise")
     assert res.info.subspace_check.verdict is SubspaceVerdict.PARTIAL and float(res.values) == pytest.approx(0.75, abs=1e-5)

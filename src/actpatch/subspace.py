@@ -205,6 +205,10 @@ class SubspaceVerdict(str, enum.Enum):
     """Most of what the patch moves lies in the null space of the reading weights (the illusion's
     precondition), no illusion shows here, and the read part alone does not reproduce the effect
     (or there is none): a basis fitted to these activations can turn it into an illusion."""
+    EXCEEDS_COMPONENT = "exceeds_component"
+    """The subspace moves the metric clearly more than its whole component (over 1.25x, short of
+    the illusion's 4x): the rest of the component pushes the other way, or the patch writes a
+    signal the model does not carry. Not evidence that the subspace is the mechanism."""
     PARTIAL = "partial"
     """The subspace carries less than half of the whole component's effect: the component does
     more than this subspace explains."""
@@ -214,8 +218,8 @@ class SubspaceVerdict(str, enum.Enum):
     """No single set of weights reads the site (residual stream, q / k / v): the read and unread
     parts cannot be separated, so the illusion cannot be ruled out; the effect share is reported."""
     FAITHFUL = "faithful"
-    """The subspace carries at least half of the component's effect, and most of what it moves is
-    read by the weights downstream."""
+    """The subspace carries between half and 1.25x of the component's effect, and most of what
+    it moves is read by the weights downstream (or its read part alone reproduces the effect)."""
 
 
 @dataclass(frozen=True)

@@ -281,10 +281,8 @@ def _top_table(cmp: Comparison, k: int = 15) -> str:
     """The components with the largest readings, the intervals their roles were decided on and the rule."""
     if not cmp.intervals:
         return f"<p>(one prompt: no intervals; {html.escape(cmp.thresholds)})</p>"
-    df = cmp.to_pandas()
-    df["score"] = df[["sufficiency", "necessity"]].abs().max(axis=1)
     rows = []
-    for _, r in df.sort_values("score", ascending=False).head(k).iterrows():
+    for _, r in cmp.strongest(k).iterrows():
         zero_d = r.sufficiency_low <= 0 <= r.sufficiency_high
         rows.append([*(r[d] for d in cmp.dims), f"{r.sufficiency:+.3f}",
                      f"[{r.sufficiency_low:+.2f}, {r.sufficiency_high:+.2f}]" + (" (contains 0)" if zero_d else ""),

@@ -30,7 +30,7 @@ Every check ends in a :class:`~actpatch.subspace.SubspaceVerdict`, worst first: 
 of the two warnings above), ``unsplit`` (no single reader), ``dormant_pathway_risk`` (half or more
 of what the patch moves lies in the reader's null space: the illusion's precondition, flagged
 even when the effect is small, unless the read part patched alone reproduces the effect), ``no_effect``, ``partial`` (the subspace carries less than half of
-the component's effect) and ``faithful``. "Not an illusion" alone is never reported as a pass.
+the component's effect), ``exceeds_component`` (more than 1.25x of it) and ``faithful``. "Not an illusion" alone is never reported as a pass.
 """
 
 from __future__ import annotations
@@ -212,6 +212,8 @@ def _verdict(reader: str | None, flagged: bool, effect_share: float | None, null
         return SubspaceVerdict.NO_EFFECT
     if effect_share is None or effect_share < 0.5:
         return SubspaceVerdict.PARTIAL
+    if effect_share > 1.25:
+        return SubspaceVerdict.EXCEEDS_COMPONENT
     return SubspaceVerdict.FAITHFUL
 
 
