@@ -36,14 +36,18 @@ def test_mismatched_lengths_show_both_tokenisations(m):
     assert "clean:     'When' | 'Mary' | 'went'" in msg and "corrupted: 'When' | 'Mary' | 'and' | 'John'" in msg
 
 
-def test_multi_token_answer_shows_tokens(m):
-    with pytest.raises(ap.errors.PromptError, match=r"answer ' Mary John' is 2 tokens \('Mary' \| 'John'\)"):
-        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John")])
+def test_multi_token_answers_keep_every_token(m):
+    ps = ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John"), ("When Mary", "When John", " Mary", " John")])
+    assert ps.multi_token and ps.answer_ids(0).tolist() == m.to_tokens(" Mary John") and ps.answer_ids(1).numel() == 1
+    assert ps.continuation_lengths.tolist() == [2, 1] and ps.describe()["answer_tokens"] == [1, 2]
+    assert ps.subset([0]).answer_ids(0).tolist() == ps.answer_ids(0).tolist()
 
 
 def test_equal_answers_and_empty_sets(m):
-    with pytest.raises(ap.errors.PromptError, match="answer and alternative are the same token"):
+    with pytest.raises(ap.errors.PromptError, match="answer ' Mary' and alternative ' Mary' are the same tokens"):
         ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary", " Mary")])
+    with pytest.raises(ap.errors.PromptError, match="answer and alternative are the same token 7"):
+        ap.PromptSet.from_ids([[1, 2]], [[1, 3]], [7], [7])
     with pytest.raises(ap.errors.PromptError, match="No prompt pairs given"):
         ap.PromptSet.from_pairs(m, [])
     with pytest.raises(ap.errors.PromptError, match="empty"):
@@ -55,7 +59,7 @@ def test_equal_answers_and_empty_sets(m):
 def test_every_bad_pair_is_reported_at_once(m):
     good = ("When Mary and John went", "When Mary and Bob went", " Mary", " John")
     with pytest.raises(ap.errors.PromptError) as e:
-        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " John"), good,
+        ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " Mary John"), good,
                                     ("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
     msg = str(e.value)
     assert msg.startswith("2 of 3 prompt pairs cannot be used") and "Pair 0: answer" in msg and "Pair 2: clean and" in msg
@@ -95,9 +99,11 @@ def test_prompt_files_carry_positions_and_attributes_and_report_every_bad_line(m
     c.write_text("clean,corrupted,answer,alternative,note\nWhen Mary,When John, Mary, John,x\n")
     with pytest.raises(ap.errors.PromptError, match=r"unknown column\(s\) \['note'\]"):
         ap.PromptSet.from_file(m, c)
-    c.write_text("clean,corrupted,answer,alternative\nWhen Mary,When John, Mary, John\nWhen Mary,When John, Mary John, John\n")
-    with pytest.raises(ap.errors.PromptError, match="pairs.csv line 3: answer ' Mary John' is 2 tokens"):
+    c.write_text("clean,corrupted,answer,alternative\nWhen Mary,When John, Mary, John\nWhen Mary,When John, Mary John, Mary John\n")
+    with pytest.raises(ap.errors.PromptError, match="pairs.csv line 3: answer ' Mary John' and alternative ' Mary John' are the same"):
         ap.PromptSet.from_file(m, c)
+    c.write_text("clean,corrupted,answer,alternative\nWhen Mary,When John, Mary, John\nWhen Mary,When John, Mary John, John\n")
+    assert ap.PromptSet.from_file(m, c).answer_ids(1).numel() == 2  # multi-token answers from a file
 
 
 def test_groups_and_subset():

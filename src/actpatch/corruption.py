@@ -32,6 +32,7 @@ from .sites import Site
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
+    from .prompts.continuation import Continuation
     from .prompts.promptset import LengthGroup, PromptSet
 
 __all__ = [
@@ -57,11 +58,22 @@ class CorruptionKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Run:
-    """One batched forward pass: token ids ``(B, T)`` and optional noise ``(B, T, d_model)``
-    added to the token embeddings."""
+    """One batched forward pass: token ids ``(B, T)``, optional noise ``(B, T, d_model)``
+    added to the token embeddings, and the answers' :class:`Continuation` (teacher-forced
+    after the prompt; ``None``: the last position alone is read)."""
 
     ids: torch.Tensor
     embed_noise: torch.Tensor | None = None
+    continuation: "Continuation | None" = None
+
+    def readout(self, model: "Model", *, grad: bool = False) -> torch.Tensor:
+        """The logits the metrics read, ``(B, readouts, vocab)`` (:meth:`Model.readout`); run
+        inside :meth:`context` when the run has embedding noise."""
+        return model.readout(self.ids, self.continuation, grad=grad)
+
+    def with_continuation(self, continuation: "Continuation | None") -> "Run":
+        """This run with the answers' continuation attached (the rows must match)."""
+        return dataclasses.replace(self, continuation=continuation)
 
     def context(self, model: "Model") -> ContextManager[None]:
         """Hooks this run needs (the embedding noise), as a context manager."""

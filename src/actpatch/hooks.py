@@ -6,6 +6,10 @@ remove what they added, also when the forward pass raises.
 
 Writes run before reads at the same point, so a capture sees what the model actually used.
 
+In a teacher-forced run (answers of several tokens, see :mod:`actpatch.prompts.continuation`)
+the continuation tokens after the prompt are invisible here: captures return, and writes
+change, the prompt positions only (``whole=True`` on the engine's own captures sees them).
+
 Example:
     >>> import torch, actpatch as ap
     >>> from actpatch.testing import tiny_model
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .models.attention import HookFn
+from .models.attention import HookFn, hidden_tail
 from .errors import SiteError
 from .sites import ATTENTION_FN_KINDS, Site, SiteKind
 
@@ -79,9 +83,35 @@ class _Point:
         return (new, *output[1:]) if isinstance(output, tuple) else new  # type: ignore[index]
 
 
-def _add(model: "Model", module: nn.Module, where: str, fn: HookFn, priority: int) -> Callable[[], None]:
+def _prompt_only(fn: HookFn, kind: SiteKind) -> HookFn:
+    """``fn`` on the prompt positions of ``x`` only, when the running forward pass has
+    continuation tokens at its end (:func:`~actpatch.models.attention.continuation_tail`);
+    ``fn`` itself otherwise. The pattern hides its last query and key positions."""
+    pattern = kind == SiteKind.PATTERN
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor | None:
+        tail = hidden_tail()
+        if not tail:
+            return fn(x)
+        idx = (slice(None), slice(None), slice(0, x.shape[2] - tail), slice(0, x.shape[3] - tail)) if pattern \
+            else (slice(None), slice(0, x.shape[1] - tail))
+        new = fn(x[idx])
+        if new is None:
+            return None
+        out = x.clone()
+        out[idx] = new
+        return out
+
+    return wrapped
+
+
+def _add(model: "Model", module: nn.Module, where: str, fn: HookFn, priority: int, kind: SiteKind,
+         whole: bool = False) -> Callable[[], None]:
     """Attach ``fn`` at one module side of ``model``; returns its remover. The points live in
-    the model handle's registry (``model.hook_points``), one torch hook per module side."""
+    the model handle's registry (``model.hook_points``), one torch hook per module side. Unless
+    ``whole``, ``fn`` sees the prompt positions only (:func:`_prompt_only`)."""
+    if not whole:
+        fn = _prompt_only(fn, kind)
     points = model.hook_points
     key = (id(module), where)
     point = points.get(key)
@@ -110,8 +140,9 @@ def _heads_view(fn: HookFn, n_heads: int) -> HookFn:
 
 
 @contextmanager
-def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[None]:
-    """Attach ``(full site, fn, priority)`` entries for the duration of the context."""
+def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]], whole: bool = False) -> Iterator[None]:
+    """Attach ``(full site, fn, priority)`` entries for the duration of the context; ``whole``:
+    they see continuation positions too."""
     adapter = model.adapter
     removers: list[Callable[[], None]] = []
     attn_entries = []
@@ -119,14 +150,15 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[
         try:
             for site, fn, prio in entries:
                 if site.kind in ATTENTION_FN_KINDS:
-                    attn_entries.append((adapter.attention(site.layer), site.kind, prio, fn))  # type: ignore[arg-type]
+                    attn_fn = fn if whole else _prompt_only(fn, site.kind)
+                    attn_entries.append((adapter.attention(site.layer), site.kind, prio, attn_fn))  # type: ignore[arg-type]
                 elif site.kind == SiteKind.RESID_MID and prio == WRITE:
-                    removers.extend(_resid_mid_write(model, site, fn))
+                    removers.extend(_resid_mid_write(model, site, fn, whole))
                 else:
                     module, where = adapter.hook_point(site)
                     if site.kind == SiteKind.Z:
                         fn = _heads_view(fn, model.n_heads)
-                    removers.append(_add(model, module, where, fn, prio))
+                    removers.append(_add(model, module, where, fn, prio, site.kind, whole))
             stack.enter_context(model.attention_state.hooked(attn_entries))
             yield
         finally:
@@ -134,7 +166,7 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]]) -> Iterator[
                 remove()
 
 
-def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list[Callable[[], None]]:
+def _resid_mid_write(model: "Model", site: Site, fn: HookFn, whole: bool = False) -> list[Callable[[], None]]:
     """resid_mid is read at the MLP's input norm, but the block also adds it to the MLP output
     through a separate variable: write the norm's input and add the same change to the block's
     output (before any resid_post write on that block)."""
@@ -152,16 +184,19 @@ def _resid_mid_write(model: "Model", site: Site, fn: HookFn) -> list[Callable[[]
 
     norm, where = model.adapter.hook_point(site)
     block, side = model.adapter.hook_point(Site(SiteKind.RESID_POST, site.layer))
-    return [_add(model, norm, where, at_norm, WRITE), _add(model, block, side, at_block, FIX)]
+    return [_add(model, norm, where, at_norm, WRITE, site.kind, whole),
+            _add(model, block, side, at_block, FIX, SiteKind.RESID_POST, whole)]
 
 
 @contextmanager
-def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
+def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: bool = True,
+            whole: bool = False) -> Iterator[dict[Site, torch.Tensor]]:
     """Record the activations at ``sites`` during forward passes run inside the context.
 
     Returns a dict filled as the model runs: ``acts[site]`` is the site's slice (e.g.
     ``Site("z", 3, head=1)`` gives ``(batch, pos, d_head)``). A later forward overwrites it.
-    Set ``detach=False`` to keep the autograd graph.
+    Set ``detach=False`` to keep the autograd graph; ``whole=True`` includes the continuation
+    tokens of a teacher-forced run (by default only the prompt positions are recorded).
     """
     for s in sites:
         s.check(model)
@@ -179,7 +214,7 @@ def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: boo
 
         return fn
 
-    with _hooks(model, [(full, reader(w), READ) for full, w in by_full.items()]):
+    with _hooks(model, [(full, reader(w), READ) for full, w in by_full.items()], whole=whole):
         yield acts
 
 

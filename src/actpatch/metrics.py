@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 
 import torch
 
 from .errors import MetricError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .prompts.continuation import Continuation
 
 __all__ = ["Metric", "CustomMetric", "MetricLike", "MetricSpec", "custom_metric", "is_differentiable", "metric_named",
            "DIFFERENTIABLE", "parse_metrics", "compute_metrics", "normalise", "UNDEFINED_GAP", "Measurer"]
@@ -163,44 +166,109 @@ def parse_metrics(metric: Any) -> list[MetricLike]:
 
 
 def _rank(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    own = logits.gather(1, answers[:, None])
-    return (logits > own).sum(1).to(logits.dtype)
+    """Rank of ``answers`` (...) in ``logits`` (..., vocab): how many tokens score higher."""
+    own = logits.gather(-1, answers[..., None])
+    return (logits > own).sum(-1).to(logits.dtype)
 
 
-_FNS: dict[Metric, Callable[..., torch.Tensor]] = {
-    Metric.LOGIT_DIFF: lambda lg, lp, a, b: lg.gather(1, a[:, None])[:, 0] - lg.gather(1, b[:, None])[:, 0],
-    Metric.LOGPROB: lambda lg, lp, a, b: lp.gather(1, a[:, None])[:, 0],
-    Metric.PROB: lambda lg, lp, a, b: lp.gather(1, a[:, None])[:, 0].exp(),
-    Metric.RANK: lambda lg, lp, a, b: _rank(lg, a),
-    Metric.ACCURACY: lambda lg, lp, a, b: (_rank(lg, a) < 1).to(lg.dtype),
-    Metric.TOP5_ACCURACY: lambda lg, lp, a, b: (_rank(lg, a) < 5).to(lg.dtype),
-}
+def _steps(values: torch.Tensor, readouts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``values[b, readouts[j], tokens[b, j]]`` for every row b and step j: (B, steps)."""
+    picked = values[:, readouts.to(values.device)]  # (B, steps, vocab)
+    return picked.gather(-1, tokens[..., None].to(values.device))[..., 0]
 
 
 def compute_metrics(
     metrics: Sequence[MetricLike],
-    logits: torch.Tensor,  # (B, vocab), last position
-    answers: torch.Tensor,  # (B,)
+    logits: torch.Tensor,  # (B, vocab) last position, or (B, readouts, vocab) teacher-forced
+    answers: torch.Tensor,  # (B,) first answer tokens
     alternatives: torch.Tensor,  # (B,)
-    clean_logprobs: torch.Tensor | None = None,  # (B, vocab), for KL
+    clean_logprobs: torch.Tensor | None = None,  # the clean run's log-probabilities, same shape as logits (KL)
+    continuation: "Continuation | None" = None,  # the answers' tokens when they are several
 ) -> dict[MetricLike, torch.Tensor]:
-    """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32)."""
-    logits = logits.float()
-    answers, alternatives = answers.to(logits.device), alternatives.to(logits.device)
+    """Raw metric values per prompt, ``{metric: (B,)}``, all from the same logits (float32, or
+    float64 for a float64 model).
+
+    Teacher-forced over the answers' tokens (``continuation``, laid out as in
+    :mod:`actpatch.prompts.continuation`; single tokens when ``None``), with a_j the answer's
+    tokens, b_j the alternative's, and lp the log-probabilities at each token's readout:
+
+    * ``logprob`` = sum_j lp(a_j | prompt, a_<j); ``prob`` = exp(logprob);
+    * ``logit_diff`` = logprob(answer) - logprob(alternative), computed as
+      logit(a_0) - logit(b_0) + sum_{j>=1} lp(a_j) - sum_{j>=1} lp(b_j) (the first step's
+      normaliser cancels: for single tokens it is exactly the logit difference);
+    * ``kl`` = -mean_j KL(P_clean || P) over the answer's readouts;
+    * ``rank`` = the largest rank of a_j along the answer (0 when greedy decoding produces the
+      answer); ``accuracy`` / ``top5_accuracy``: every a_j at rank 0 / below 5.
+    """
+    from .prompts.continuation import Continuation
+
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if logits.ndim == 2:
+        logits = logits[:, None]
+    cont = continuation if continuation is not None else Continuation.single(answers, alternatives)
+    cont = cont.to(logits.device)
     if clean_logprobs is not None:
         clean_logprobs = clean_logprobs.to(logits.device)
-    needs_lp = any(m in (Metric.LOGPROB, Metric.PROB, Metric.KL) for m in metrics)
+        if clean_logprobs.ndim == 2:
+            clean_logprobs = clean_logprobs[:, None]
+    if logits.shape[1] != cont.n_readouts:
+        raise MetricError(f"{logits.shape[1]} readouts of logits for answers needing {cont.n_readouts} "
+                          f"(internal mismatch).")
+    multi = not cont.is_single
+    needs_lp = multi or any(m in (Metric.LOGPROB, Metric.PROB, Metric.KL) for m in metrics)
     logprobs = torch.log_softmax(logits, dim=-1) if needs_lp else logits  # unused when not needed
-    out: dict[Metric, torch.Tensor] = {}
+    ra, rb = cont.answer_readouts(), cont.alternative_readouts()
+    mask_a = cont.answer_mask().to(logits.dtype)
+    mask_b = cont.alternative_mask().to(logits.dtype)
+    out: dict[MetricLike, torch.Tensor] = {}
+    cache: dict[str, torch.Tensor] = {}
+
+    def lp_sum(which: str) -> torch.Tensor:
+        if which not in cache:
+            if which == "a":
+                cache[which] = (_steps(logprobs, ra, cont.answer) * mask_a).sum(1)
+            else:
+                cache[which] = (_steps(logprobs, rb, cont.alternative) * mask_b).sum(1)
+        return cache[which]
+
+    def ranks() -> torch.Tensor:  # (B,) the largest rank along the answer
+        if "rank" not in cache:
+            r = _rank(logits[:, ra], cont.answer) * mask_a
+            cache["rank"] = r.max(1).values
+        return cache["rank"]
+
     for m in metrics:
         if m is Metric.KL:
             if clean_logprobs is None:
                 raise MetricError("The kl metric needs the clean run's distribution (internal call without it).")
-            out[m] = -(clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)[:, ra]  # (B, A)
+            out[m] = -(kl * mask_a).sum(1) / mask_a.sum(1)
         elif isinstance(m, CustomMetric):
-            out[m] = _custom(m, logits, answers, alternatives)
-        else:
-            out[m] = _FNS[m](logits, logprobs, answers, alternatives)
+            if multi:
+                pad_a = cont.answer.masked_fill(~cont.answer_mask(), -1)
+                pad_b = cont.alternative.masked_fill(~cont.alternative_mask(), -1)
+                out[m] = _custom(m, logits, pad_a, pad_b)
+            else:
+                out[m] = _custom(m, logits[:, 0], cont.answer[:, 0], cont.alternative[:, 0])
+        elif m is Metric.LOGIT_DIFF:
+            first = logits[:, 0].gather(1, cont.answer[:, :1])[:, 0] - logits[:, 0].gather(1, cont.alternative[:, :1])[:, 0]
+            if multi:
+                rest_a = (_steps(logprobs, ra[1:], cont.answer[:, 1:]) * mask_a[:, 1:]).sum(1)
+                rest_b = (_steps(logprobs, rb[1:], cont.alternative[:, 1:]) * mask_b[:, 1:]).sum(1)
+                first = first + rest_a - rest_b
+            out[m] = first
+        elif m is Metric.LOGPROB:
+            out[m] = lp_sum("a")
+        elif m is Metric.PROB:
+            out[m] = lp_sum("a").exp()
+        elif m is Metric.RANK:
+            out[m] = ranks()
+        elif m is Metric.ACCURACY:
+            out[m] = (ranks() < 1).to(logits.dtype)
+        elif m is Metric.TOP5_ACCURACY:
+            out[m] = (ranks() < 5).to(logits.dtype)
+        else:  # pragma: no cover - every Metric is handled above
+            raise MetricError(f"No computation for metric {m!r}.")
     return out
 
 
@@ -218,9 +286,10 @@ def _custom(m: CustomMetric, logits: torch.Tensor, answers: torch.Tensor, altern
 
 
 class Measure(Protocol):
-    """What the engines call to score patched runs: (last-position logits (N, vocab), base-row
-    index of each row (N,)) -> {metric: (N,)}; with ``compact=True`` the logits are only those
-    of the measurer's ``tokens``. :class:`Measurer` is the implementation."""
+    """What the engines call to score patched runs: (readout logits (N, readouts, vocab) or
+    last-position logits (N, vocab), base-row index of each row (N,)) -> {metric: (N,)}; with
+    ``compact=True`` the logits are only those of the measurer's ``tokens``. :class:`Measurer`
+    is the implementation."""
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, compact: bool = False) -> dict[Metric, torch.Tensor]: ...
 
@@ -228,17 +297,24 @@ class Measure(Protocol):
 class Measurer:
     """Metrics of a batch of runs whose row ``i`` belongs to base-run row ``rows[i]``.
 
-    When only the logit difference is asked for, ``tokens`` lists the answer and alternative
-    ids: an engine may then compute just those logits (``compact=True``), skipping the full
-    unembedding.
+    ``continuation`` holds the answers' tokens when they are several (teacher-forced; see
+    :func:`compute_metrics`). When only the logit difference of single tokens is asked for,
+    ``tokens`` lists the answer and alternative ids: an engine may then compute just those
+    logits (``compact=True``), skipping the full unembedding.
     """
 
     def __init__(self, metrics: Sequence[Metric], answers: torch.Tensor, alternatives: torch.Tensor,
-                 clean_logprobs: torch.Tensor | None) -> None:
+                 clean_logprobs: torch.Tensor | None, continuation: "Continuation | None" = None) -> None:
         self.metrics = list(metrics)
         self.answers, self.alternatives, self.clean_logprobs = answers, alternatives, clean_logprobs
-        only_ld = set(self.metrics) <= {Metric.LOGIT_DIFF}
+        self.continuation = None if continuation is None or continuation.is_single else continuation
+        only_ld = set(self.metrics) <= {Metric.LOGIT_DIFF} and self.continuation is None
         self.tokens = torch.unique(torch.cat([answers, alternatives])) if only_ld else None
+
+    @property
+    def n_readouts(self) -> int:
+        """Readout positions per row (1 for single-token answers)."""
+        return 1 if self.continuation is None else self.continuation.n_readouts
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, compact: bool = False) -> dict[Metric, torch.Tensor]:
         rows = rows.to(self.answers.device)
@@ -248,7 +324,8 @@ class Measurer:
                 raise MetricError("compact logits need Measurer.tokens (only logit_diff allows them).")
             a, b = torch.searchsorted(self.tokens, a), torch.searchsorted(self.tokens, b)
         lp = self.clean_logprobs[rows] if self.clean_logprobs is not None else None
-        return compute_metrics(self.metrics, logits, a, b, lp)
+        cont = self.continuation.select(rows) if self.continuation is not None else None
+        return compute_metrics(self.metrics, logits, a, b, lp, cont)
 
 
 UNDEFINED_GAP = 1e-6

@@ -22,19 +22,22 @@ and a key/value prefix), in inference mode, in chunks sized from the memory avai
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
 from ..errors import EngineError
 from ..hooks import WRITE, HookFn, _hooks, capture
 from ..metrics import Measure, Metric
+from ..models.attention import continuation_tail
 from ..subspace import along
 from ..sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
     from ..models.handle import Model
+    from ..prompts.continuation import Continuation
     from ..experiment.plan import Patch
     from ..subspace import Subspace
 
@@ -79,11 +82,12 @@ def memory_budget(device: torch.device | str = "cpu") -> int:
     return min(free_memory(device) // 4, cap)
 
 
-def _row_bytes(model: "Model", q: int, T: int) -> int:
-    """Rough peak bytes of one (patch, prompt) row computing positions q..T-1 in one block."""
-    ts = T - q
-    per_token = 12 * model.d_model + 4 * model.d_mlp + 3 * model.n_heads * T
-    return ts * per_token * torch.finfo(model.dtype).bits // 8
+def _row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> int:
+    """Rough peak bytes of one (patch, prompt) row computing positions q..T-1 and ``C``
+    continuation tokens in one block, plus its ``readouts`` full-vocabulary logits."""
+    ts = T - q + C
+    per_token = 12 * model.d_model + 4 * model.d_mlp + 3 * model.n_heads * (T + C)
+    return (ts * per_token + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
 
 
 def _views(site: Site, q: int) -> tuple[tuple, tuple]:
@@ -150,10 +154,12 @@ def run_batched(
     B, T = base.ids.shape
     L = model.n_layers
     attn = [model.adapter.attention(l) for l in range(L)]
+    cont = base.continuation if base.continuation is not None and not base.continuation.is_single else None
+    C = 0 if cont is None else cont.n_tokens
     with torch.inference_mode(), model.attention_fn():
         if base_acts is None or base_metrics is None:
-            with base.context(model), capture(model, base_sites(model)) as base_acts:
-                base_metrics = measure(model.logits(base.ids, last_only=True), torch.arange(B))
+            with base.context(model), capture(model, base_sites(model), whole=True) as base_acts:
+                base_metrics = measure(base.readout(model), torch.arange(B))
         acts = base_acts
         out = {m: v.new_empty(len(patches), B) for m, v in base_metrics.items()}
 
@@ -172,12 +178,13 @@ def run_batched(
         budget = memory_budget(model.device) if chunk_size is None else 0
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
-            per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T) * B))
+            readouts = 0 if getattr(measure, "tokens", None) is not None else C + 1
+            per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T, C, readouts) * B))
             c = 0
             while c < len(items):
                 chunk = items[c : c + per_chunk]
                 try:
-                    metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure, subspace)
+                    metrics = _run_chunk(model, acts, source, chunk, q, B, T, attn, measure, subspace, cont)
                 except torch.OutOfMemoryError:
                     if per_chunk == 1:
                         raise EngineError(f"Out of memory patching one patch of {B} prompts x {T} tokens on "
@@ -212,8 +219,11 @@ def _run_chunk(
     attn: list[torch.nn.Module],
     measure: Measure,
     subspace: "Subspace | None" = None,
+    cont: "Continuation | None" = None,
 ) -> dict[Metric, torch.Tensor]:
-    """One staggered forward pass over ``len(chunk) * B`` rows computing positions q..T-1."""
+    """One staggered forward pass over ``len(chunk) * B`` rows computing positions q..T-1 and,
+    teacher-forced, the continuation tokens after them (``cont``: the continuation tree of
+    :mod:`actpatch.prompts.continuation`; the writes see the prompt positions only)."""
     adapter = model.adapter
     K = len(chunk)
     starts = torch.tensor([t[0] for t in chunk]).repeat_interleave(B)  # (K*B,) sorted
@@ -223,13 +233,21 @@ def _run_chunk(
         for s in sites:
             dest, src = _views(s, q)
             writes.setdefault(s.full(), []).append((slice(k * B, (k + 1) * B), dest, source[s.full()][(slice(None), *src)]))
-    position_ids = torch.arange(q, T, device=model.device)[None]
+    C = 0 if cont is None else cont.n_tokens
+    positions = torch.arange(q, T)
+    tree: ContextManager[None] = nullcontext()
+    if C:
+        positions = torch.cat([positions, cont.positions(T)])  # type: ignore[union-attr]
+        full = torch.cat([torch.arange(T), cont.positions(T)])  # type: ignore[union-attr]
+        branches = torch.cat([torch.zeros(T, dtype=torch.long), cont.branches()])  # type: ignore[union-attr]
+        tree = _teacher_forced(model, full, branches, C)
+    position_ids = positions.to(model.device)[None]
     hidden = None
     pos_emb = None
     ref = acts[Site("resid_pre", 0)]
     hooks = [(site, _rows_writer(w, None if subspace is None else subspace.projector(site.layer, ref)), WRITE)
              for site, w in writes.items()]
-    with _hooks(model, hooks):
+    with _hooks(model, hooks), tree:
         for layer in range(model.n_layers):
             n = int((starts <= layer).sum())
             if n == 0:
@@ -250,5 +268,13 @@ def _run_chunk(
             with model.attention_state.key_value_prefix(prefix):
                 hidden = adapter.run_block(layer, hidden, position_ids, pos_emb)
     tokens = getattr(measure, "tokens", None)
-    logits = adapter.unembed(hidden[:, -1], tokens)  # type: ignore[index]
-    return measure(logits, base_row, compact=True) if tokens is not None else measure(logits, base_row)
+    if tokens is not None:
+        return measure(adapter.unembed(hidden[:, -1], tokens), base_row, compact=True)  # type: ignore[index]
+    return measure(adapter.unembed(hidden[:, -(C + 1):]), base_row)  # type: ignore[index]
+
+
+@contextmanager
+def _teacher_forced(model: "Model", positions: torch.Tensor, branches: torch.Tensor, C: int) -> Iterator[None]:
+    """The continuation tree for attention and the last ``C`` positions hidden from the writes."""
+    with model.attention_state.branched(positions, branches), continuation_tail(C):
+        yield

@@ -39,7 +39,7 @@ def run_reference(
         if subspace is not None:
             values = {site: (lambda x, v=v, l=site.layer: subspace.apply(x, v, l)) for site, v in values.items()}
         with base.context(model), intervene(model, values):
-            logits = model.logits(base.ids, last_only=True)
+            logits = base.readout(model)
         rows.append(measure(logits, all_rows))
         if advance is not None:
             advance(1)

@@ -26,7 +26,7 @@ from ..corruption import Corruption, Run, parse_corruption
 from ..errors import ContextLengthError, CorruptionError, MetricError
 from ..findings import Finding, from_technique
 from ..hooks import capture
-from ..metrics import DIFFERENTIABLE, Measurer, Metric, is_differentiable, parse_metrics, MetricSpec
+from ..metrics import DIFFERENTIABLE, Measurer, Metric, compute_metrics, is_differentiable, parse_metrics, MetricSpec
 from ..prompts.promptset import LengthGroup, PromptSet
 from ..results import PatchResult, ResultInfo, TechniqueInfo
 from ..sites import Site
@@ -37,6 +37,7 @@ from .units import UnitJob, units
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
+    from ..prompts.continuation import Continuation
 
 __all__ = ["Experiment", "GroupRuns", "Outcome", "mean_draws"]
 
@@ -63,9 +64,11 @@ class GroupRuns:
     corrupted: Run
     base: Run
     source: Run
-    answers: torch.Tensor  # (G * draws,)
+    answers: torch.Tensor  # (G * draws,) first answer tokens
     alternatives: torch.Tensor  # (G * draws,)
     draws: int
+    continuation: "Continuation | None" = None
+    """Per row, the answers' tokens when some have several (teacher-forced)."""
 
     @property
     def base_is_clean(self) -> bool:
@@ -84,14 +87,14 @@ class GroupRuns:
         """Metrics of this group's rows; ``clean_logits`` (last position) give KL its reference."""
         needs_lp = Metric.KL in metrics and clean_logits is not None
         clean_lp = torch.log_softmax(clean_logits.detach().float(), -1) if needs_lp else None  # type: ignore[union-attr]
-        return Measurer(list(metrics), self.answers, self.alternatives, clean_lp)
+        return Measurer(list(metrics), self.answers, self.alternatives, clean_lp, self.continuation)
 
     def correct(self, clean_logits: torch.Tensor) -> torch.Tensor:
-        """(G,) whether the model prefers the answer on each clean prompt (every draw)."""
-        idx = torch.arange(self.rows, device=clean_logits.device)
-        a, b = self.answers.to(clean_logits.device), self.alternatives.to(clean_logits.device)
-        right = clean_logits[idx, a] > clean_logits[idx, b]
-        return right.reshape(-1, self.draws).all(1)
+        """(G,) whether the model prefers the answer on each clean prompt (every draw): its
+        teacher-forced log-probability above the alternative's (for single tokens, its logit)."""
+        ld = compute_metrics([Metric.LOGIT_DIFF], clean_logits, self.answers, self.alternatives, None,
+                             self.continuation)[Metric.LOGIT_DIFF]
+        return (ld > 0).reshape(-1, self.draws).all(1).to(clean_logits.device)
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,14 @@ class Experiment:
                 f"Use direction='noise', or corruption='str' / 'resample' / 'gaussian' for denoising."
             )
         limit = model.context_length
-        longest = int(prompts.lengths.max())
+        total = prompts.lengths + prompts.continuation_lengths - 1  # the last answer token is never read in
+        longest = int(total.max())
         if limit is not None and longest > limit:
-            which = int(prompts.lengths.argmax())
-            raise ContextLengthError(f"Prompt {which} has {longest} tokens; {model.name} reads at most {limit}. "
-                                     f"Shorten the prompts or drop the long ones.")
+            which = int(total.argmax())
+            extra = (f" with its answer ({int(prompts.continuation_lengths[which])} tokens, "
+                     f"{int(prompts.lengths[which])} in the prompt)") if prompts.multi_token else ""
+            raise ContextLengthError(f"Prompt {which} has {longest} tokens{extra}; {model.name} reads at most {limit}. "
+                                     f"Shorten the prompts or answers, or drop the long ones.")
         return cls(model=model, prompts=prompts, direction=d, corruption=corr.prepared(model, prompts),
                    metrics=metrics, seed=int(seed))
 
@@ -174,22 +180,24 @@ class Experiment:
 
     def _runs(self, i: int, g: LengthGroup) -> GroupRuns:
         corr, R = self.corruption, self.corruption.draws
-        clean, corrupted = corr.clean_run(g), corr.corrupted_run(self.model, g, self.prompts, self.seed)
+        cont = g.continuation.repeat_interleave(R) if g.continuation is not None else None
+        clean = corr.clean_run(g).with_continuation(cont)
+        corrupted = corr.corrupted_run(self.model, g, self.prompts, self.seed).with_continuation(cont)
         base, source = (corrupted, clean) if self.direction is Direction.DENOISE else (clean, corrupted)
         return GroupRuns(index=i, group=g, clean=clean, corrupted=corrupted, base=base, source=source,
                          answers=g.answers.repeat_interleave(R), alternatives=g.alternatives.repeat_interleave(R),
-                         draws=R)
+                         draws=R, continuation=cont)
 
     def source_activations(self, runs: GroupRuns, sites: Sequence[Site]) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
-        """The whole activations to write at ``sites`` and the source run's last-position logits:
+        """The whole activations to write at ``sites`` and the source run's readout logits:
         captured on the source run, or (mean / zero ablation) the corruption's transform of the
         clean run's activations."""
         model, corr = self.model, self.corruption
         with runs.source.context(model), capture(model, [] if corr.activation_level else list(sites)) as source:
-            logits = model.logits(runs.source.ids, last_only=True)
+            logits = runs.source.readout(model)
         if corr.activation_level:
             with capture(model, list(sites)) as clean:
-                model.logits(runs.clean.ids, last_only=True)
+                runs.clean.readout(model)
             source = {s: corr.source(a) for s, a in clean.items()}
         return source, logits
 
@@ -203,7 +211,7 @@ class Experiment:
                 got = []
                 for run in (runs.clean, runs.corrupted):
                     with run.context(self.model), capture(self.model, [full]) as acts:
-                        self.model.logits(run.ids, last_only=True)
+                        run.readout(self.model)
                     got.append(acts[full])
                 yield runs, got[0], got[1]
 

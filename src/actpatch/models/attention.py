@@ -29,7 +29,7 @@ from torch import nn
 
 from ..sites import SiteKind
 
-__all__ = ["ATTN_IMPL", "AttentionState", "recompute_pattern", "HookFn"]
+__all__ = ["ATTN_IMPL", "AttentionState", "recompute_pattern", "HookFn", "continuation_tail", "hidden_tail"]
 
 ATTN_IMPL = "actpatch"
 
@@ -45,9 +45,33 @@ class AttentionState:
         self.hooks: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
         # id(attention module) -> (keys, values) of earlier positions, (B, KVH, prefix, D)
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # teacher forcing (see actpatch.prompts.continuation): position id and branch of every
+        # token of the sequence, prompt then continuation; queries see their own branch only
+        self.tree: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._own: set[int] | None = None
         self._seq = itertools.count()
         self._depth = 0
         self._saved: str | None = None
+
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` belongs to this state's model."""
+        if self._own is None:
+            self._own = {id(m) for m in self.hf_model.modules()}
+        return id(module) in self._own
+
+    @contextmanager
+    def branched(self, positions: torch.Tensor, branches: torch.Tensor) -> Iterator[None]:
+        """While open, attention follows the continuation tree: token ``i`` of the sequence
+        (``positions`` and ``branches``, (S,)) attends to earlier prompt tokens and to earlier
+        tokens of its own branch, with sliding windows measured in position ids. Keys are the
+        sequence's first ``Tk`` tokens and queries its last ``Tq`` of them, as in suffix runs."""
+        saved = self.tree
+        self.tree = (positions, branches)
+        try:
+            with self.enabled():
+                yield
+        finally:
+            self.tree = saved
 
     @property
     def active(self) -> bool:
@@ -123,9 +147,44 @@ _ACTIVE: ContextVar[tuple[AttentionState, ...]] = ContextVar("actpatch_attention
 
 def _state_of(module: nn.Module) -> AttentionState | None:
     for state in reversed(_ACTIVE.get()):
-        if id(module) in state.hooks or id(module) in state.prefix:
+        if id(module) in state.hooks or id(module) in state.prefix or (state.tree is not None and state.owns(module)):
             return state
     return None
+
+
+_TAIL: ContextVar[int] = ContextVar("actpatch_continuation_tail", default=0)
+"""How many trailing positions of the running sequence are continuation tokens, hidden from site hooks."""
+
+
+def hidden_tail() -> int:
+    """Trailing positions (continuation tokens) that site hooks must not see now (0 outside
+    teacher-forced runs)."""
+    return _TAIL.get()
+
+
+@contextmanager
+def continuation_tail(n: int) -> Iterator[None]:
+    """While open, the last ``n`` positions of every forward pass are continuation tokens:
+    captures and writes at sites see the prompt positions only (see :mod:`actpatch.hooks`)."""
+    token = _TAIL.set(int(n))
+    try:
+        yield
+    finally:
+        _TAIL.reset(token)
+
+
+def _tree_allowed(tree: tuple[torch.Tensor, torch.Tensor], tq: int, tk: int, window: int | None,
+                  device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) allowed keys under the continuation tree: earlier tokens of the prompt or of the
+    query's own branch (within the sliding window, in position ids)."""
+    positions, branches = (t.to(device) for t in tree)
+    qi = torch.arange(tk - tq, tk, device=device)
+    ki = torch.arange(tk, device=device)
+    bq, bk = branches[qi][:, None], branches[ki][None, :]
+    allowed = (ki[None, :] <= qi[:, None]) & ((bk == 0) | (bk == bq))
+    if window:
+        allowed = allowed & (positions[qi][:, None] - positions[ki][None, :] < window)
+    return allowed
 
 
 def _actpatch_attention(
@@ -158,12 +217,16 @@ def _actpatch_attention(
     scores = torch.matmul(q.reshape(B, kvh, g, Tq, D), k.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
+    tree = state.tree if state is not None else None
+    if tree is not None:  # teacher forcing: the continuation tree replaces the causal mask
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        scores = scores.masked_fill(~_tree_allowed(tree, Tq, Tk, window, scores.device), float("-inf"))
+    elif attention_mask is not None:
         scores = scores + attention_mask[:, :, :, :Tk]
     else:  # suffix runs pass no mask: causal, queries are the last Tq of Tk positions
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         scores = scores.masked_fill(~_causal(Tq, Tk, window, scores.device), float("-inf"))
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    pattern = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(q.dtype)).to(q.dtype)
     if state is not None:
         pattern = state.run(module, SiteKind.PATTERN, pattern)
     out = torch.matmul(pattern.reshape(B, kvh, g, Tq, Tk), v.unsqueeze(2)).reshape(B, H, Tq, -1)
@@ -184,7 +247,7 @@ def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> to
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~_causal(Tq, Tk, getattr(module, "sliding_window", None), scores.device), float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.softmax(scores, dim=-1, dtype=_softmax_dtype(q.dtype)).to(q.dtype)
 
 
 def _causal(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -205,3 +268,9 @@ def _ensure_registered() -> None:
     if AttentionInterface._global_mapping.get(ATTN_IMPL) is not _actpatch_attention:
         AttentionInterface.register(ATTN_IMPL, _actpatch_attention)
         AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax runs in float32 (as every family's eager path), or in float64 for float64
+    models (whose reason to exist is precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

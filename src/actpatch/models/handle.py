@@ -6,15 +6,18 @@ import hashlib
 import itertools
 from contextlib import AbstractContextManager
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import PromptError
 from .adapters import Adapter, adapter_for, live_param
-from .attention import AttentionState
+from .attention import AttentionState, continuation_tail
 from .recipe import Recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..prompts.continuation import Continuation
 
 __all__ = ["Model"]
 
@@ -151,6 +154,29 @@ class Model:
                 kwargs["logits_to_keep"] = 1
             out = self.hf(input_ids=ids.to(self.device), **kwargs).logits
         return out[:, -1] if last_only else out
+
+    def readout(self, ids: torch.Tensor, continuation: "Continuation | None" = None, *, grad: bool = False) -> torch.Tensor:
+        """The logits the metrics read, ``(batch, readouts, vocab)``: the prompt's last position
+        and, teacher-forced, each continuation token's (the layout of
+        :mod:`actpatch.prompts.continuation`). Without a continuation (or single-token answers)
+        one readout: the last position. ``grad``: with autograd on (gradient-based techniques).
+        The continuation is invisible to site hooks: patches and captures see the prompt."""
+        if continuation is None or continuation.is_single:
+            logits = self.last_logits_with_grad(ids) if grad else self.logits(ids, last_only=True)
+            return logits[:, None]
+        B, T = ids.shape
+        cont = continuation.to(ids.device)
+        if cont.rows != B:
+            raise PromptError(f"A continuation of {cont.rows} rows for a batch of {B} (internal mismatch).")
+        full = torch.cat([ids, cont.tokens], 1).to(self.device)
+        positions = torch.cat([torch.arange(T), continuation.positions(T)])
+        branches = torch.cat([torch.zeros(T, dtype=torch.long), continuation.branches()])
+        C = continuation.n_tokens
+        with torch.set_grad_enabled(grad), torch.inference_mode(not grad), \
+                self.attention_state.branched(positions, branches), continuation_tail(C):
+            out = self.hf(input_ids=full, position_ids=positions[None].to(self.device), use_cache=False,
+                          logits_to_keep=C + 1).logits
+        return out[:, -(C + 1):]
 
     def last_logits_with_grad(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-position logits ``(batch, vocab)`` with autograd on (gradient-based techniques)."""

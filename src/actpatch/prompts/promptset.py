@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from ..errors import PromptError
+from .continuation import Continuation
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -23,8 +24,10 @@ class LengthGroup:
     indices: torch.Tensor  # (G,) positions in the PromptSet
     clean: torch.Tensor  # (G, T)
     corrupted: torch.Tensor  # (G, T)
-    answers: torch.Tensor  # (G,)
+    answers: torch.Tensor  # (G,) first answer tokens
     alternatives: torch.Tensor  # (G,)
+    continuation: Continuation | None = None
+    """The answers' tokens when some have several (teacher-forced after the prompt)."""
 
     @property
     def seq_len(self) -> int:
@@ -39,10 +42,12 @@ def _show(model: "Model | None", ids: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Clean and corrupted prompts (token ids) plus the correct and alternative answer token.
+    """Clean and corrupted prompts (token ids) plus the correct and the alternative answer.
 
     Clean and corrupted prompts of a pair have the same length (symmetric token replacement);
-    different pairs may differ in length. Build with :meth:`from_pairs` (text) or
+    different pairs may differ in length. An answer is one token or several (``answer_tokens``,
+    scored teacher-forced: :mod:`actpatch.prompts.continuation`); ``answers`` /
+    ``alternatives`` hold the first tokens. Build with :meth:`from_pairs` (text) or
     :meth:`from_ids`, or with a builder such as :func:`actpatch.prompts.ioi`.
 
     Example:
@@ -66,6 +71,10 @@ class PromptSet:
     texts: tuple[tuple[str, ...], ...] = ()
     """Per prompt, the (clean, corrupted, answer, alternative) texts it was built from (empty
     for sets built from token ids); results record them (``res.info.prompt_texts``)."""
+    answer_tokens: tuple[torch.Tensor, ...] = ()
+    """Per prompt, every token of the answer (1-D); empty when every answer is one token."""
+    alternative_tokens: tuple[torch.Tensor, ...] = ()
+    """Per prompt, every token of the alternative; empty when every alternative is one token."""
 
     def __post_init__(self) -> None:
         n = len(self.clean)
@@ -84,7 +93,8 @@ class PromptSet:
                     f"Prompt {i}: clean has {c.numel()} tokens but corrupted has {k.numel()}; patching needs "
                     f"equal lengths (symmetric token replacement)."
                 )
-        same = (self.answers == self.alternatives).nonzero().flatten().tolist()
+        self._check_continuations(n)
+        same = [] if self.answer_tokens else (self.answers == self.alternatives).nonzero().flatten().tolist()
         if same:
             raise PromptError(
                 f"Prompt(s) {same}: answer and alternative are the same token {int(self.answers[same[0]])}; "
@@ -93,31 +103,84 @@ class PromptSet:
         if not self.attributes:
             object.__setattr__(self, "attributes", tuple({} for _ in range(n)))
 
+    def _check_continuations(self, n: int) -> None:
+        """Multi-token answers: one non-empty sequence each, first tokens equal to ``answers``,
+        answer and alternative different; all single tokens are stored as ``answers`` alone."""
+        if not self.answer_tokens and not self.alternative_tokens:
+            return
+        if len(self.answer_tokens) != n or len(self.alternative_tokens) != n:
+            raise PromptError(f"answer_tokens has {len(self.answer_tokens)} and alternative_tokens "
+                              f"{len(self.alternative_tokens)} entries for {n} prompts; give one per prompt.")
+        problems = []
+        for i, (a, b) in enumerate(zip(self.answer_tokens, self.alternative_tokens)):
+            if a.ndim != 1 or b.ndim != 1 or a.numel() == 0 or b.numel() == 0:
+                problems.append(f"Prompt {i}: an empty answer or alternative ({a.tolist()} vs {b.tolist()}); "
+                                f"give at least one token each.")
+            elif int(a[0]) != int(self.answers[i]) or int(b[0]) != int(self.alternatives[i]):
+                problems.append(f"Prompt {i}: answers / alternatives must hold the first tokens of answer_tokens / "
+                                f"alternative_tokens (internal mismatch).")
+            elif a.numel() == b.numel() and bool((a == b).all()):
+                problems.append(f"Prompt {i}: answer and alternative are the same tokens {a.tolist()}; the logit "
+                                f"difference would be 0. Pick an alternative that differs.")
+        if problems:
+            raise PromptError("\n".join(problems[:10]))
+        if all(a.numel() == 1 and b.numel() == 1 for a, b in zip(self.answer_tokens, self.alternative_tokens)):
+            object.__setattr__(self, "answer_tokens", ())
+            object.__setattr__(self, "alternative_tokens", ())
+
+    @property
+    def multi_token(self) -> bool:
+        """Whether some answer or alternative has more than one token."""
+        return bool(self.answer_tokens)
+
+    def answer_ids(self, index: int) -> torch.Tensor:
+        """Every token of prompt ``index``'s answer."""
+        return self.answer_tokens[index] if self.answer_tokens else self.answers[index : index + 1]
+
+    def alternative_ids(self, index: int) -> torch.Tensor:
+        """Every token of prompt ``index``'s alternative."""
+        return self.alternative_tokens[index] if self.alternative_tokens else self.alternatives[index : index + 1]
+
+    @property
+    def continuation_lengths(self) -> torch.Tensor:
+        """Per prompt, the longest of its answer and alternative (tokens read after the prompt)."""
+        if not self.answer_tokens:
+            return torch.ones(len(self), dtype=torch.long)
+        return torch.tensor([max(a.numel(), b.numel()) for a, b in zip(self.answer_tokens, self.alternative_tokens)])
+
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_ids(
         cls,
         clean: Iterable[Sequence[int] | torch.Tensor],
         corrupted: Iterable[Sequence[int] | torch.Tensor],
-        answers: Sequence[int] | torch.Tensor,
-        alternatives: Sequence[int] | torch.Tensor,
+        answers: Sequence[int | Sequence[int]] | torch.Tensor,
+        alternatives: Sequence[int | Sequence[int]] | torch.Tensor,
         *,
         name: str = "custom",
         attributes: Sequence[dict[str, Any]] | None = None,
         meta: dict[str, Any] | None = None,
         texts: Sequence[Sequence[str]] = (),
     ) -> "PromptSet":
-        """Build from token ids (a tensor of shape (N, T), or lists of per-prompt ids)."""
+        """Build from token ids (a tensor of shape (N, T), or lists of per-prompt ids). Each
+        answer and alternative is one id or a sequence of ids (teacher-forced after the prompt)."""
         as_t = lambda x: torch.as_tensor(x, dtype=torch.long).flatten()  # noqa: E731
+        a_seqs = [as_t(a) for a in answers] if not isinstance(answers, torch.Tensor) or answers.ndim > 1 else None
+        b_seqs = [as_t(b) for b in alternatives] if not isinstance(alternatives, torch.Tensor) or alternatives.ndim > 1 else None
+        multi = a_seqs is not None and b_seqs is not None and any(x.numel() != 1 for x in a_seqs + b_seqs)
+        first = lambda seqs, given: (torch.stack([x[0] if x.numel() else torch.tensor(-1) for x in seqs])  # noqa: E731
+                                     if seqs is not None and seqs else torch.as_tensor(given, dtype=torch.long).flatten())
         return cls(
             clean=tuple(as_t(c) for c in clean),
             corrupted=tuple(as_t(c) for c in corrupted),
-            answers=torch.as_tensor(answers, dtype=torch.long).flatten(),
-            alternatives=torch.as_tensor(alternatives, dtype=torch.long).flatten(),
+            answers=first(a_seqs, answers) if multi else torch.as_tensor(answers, dtype=torch.long).flatten(),
+            alternatives=first(b_seqs, alternatives) if multi else torch.as_tensor(alternatives, dtype=torch.long).flatten(),
             name=name,
             attributes=tuple(dict(a) for a in attributes) if attributes else (),
             meta=dict(meta or {}),
             texts=tuple(tuple(str(x) for x in t) for t in texts),
+            answer_tokens=tuple(a_seqs) if multi else (),  # type: ignore[arg-type]
+            alternative_tokens=tuple(b_seqs) if multi else (),  # type: ignore[arg-type]
         )
 
     @classmethod
@@ -133,10 +196,12 @@ class PromptSet:
     ) -> "PromptSet":
         """Tokenise ``(clean, corrupted, answer, alternative)`` texts with the model's tokenizer.
 
-        Every pair is checked before anything is refused: one :class:`PromptError` lists each
-        bad pair (``labels`` name them, e.g. a file's line numbers; default ``Pair i``), showing
-        both tokenisations side by side when clean and corrupted differ in token length, and the
-        tokens of any answer that is not one token.
+        Answers may be several tokens (``" Buenos Aires"``): the metrics then score them
+        teacher-forced (see :func:`actpatch.metrics.compute_metrics`). Every pair is checked
+        before anything is refused: one :class:`PromptError` lists each bad pair (``labels``
+        name them, e.g. a file's line numbers; default ``Pair i``), showing both tokenisations
+        side by side when clean and corrupted differ in token length, and naming empty or
+        identical answers.
         """
         if not hasattr(model, "tokenizer") or not hasattr(model, "to_tokens"):
             raise PromptError(f"from_pairs() takes a model first (ap.load_model(...)), not {type(model).__name__}.")
@@ -263,6 +328,8 @@ class PromptSet:
                     corrupted=torch.stack([self.corrupted[i] for i in idx]),
                     answers=self.answers[ix],
                     alternatives=self.alternatives[ix],
+                    continuation=Continuation.of([self.answer_tokens[i] for i in idx],
+                                                 [self.alternative_tokens[i] for i in idx]) if self.multi_token else None,
                 )
             )
         return out
@@ -279,6 +346,8 @@ class PromptSet:
             attributes=tuple(self.attributes[i] for i in idx),
             meta=dict(self.meta),
             texts=tuple(self.texts[i] for i in idx) if self.texts else (),
+            answer_tokens=tuple(self.answer_tokens[i] for i in idx) if self.answer_tokens else (),
+            alternative_tokens=tuple(self.alternative_tokens[i] for i in idx) if self.alternative_tokens else (),
         )
 
     def split_by_length(self) -> list["PromptSet"]:
@@ -299,6 +368,7 @@ class PromptSet:
             "name": self.name,
             "n_prompts": len(self),
             "lengths": sorted(set(self.lengths.tolist())),
+            **({"answer_tokens": sorted(set(self.continuation_lengths.tolist()))} if self.multi_token else {}),
             **self.meta,
         }
 
@@ -328,8 +398,10 @@ def _tokenise_pair(model: "Model", pair: Any, where: str) -> tuple[str | None, t
     ans = []
     for label, txt in (("answer", a_txt), ("alternative", b_txt)):
         toks = model.to_tokens(txt)
-        if len(toks) != 1:
-            return (f"{where}: {label} {txt!r} is {len(toks)} tokens ({_show(model, toks)}); answers must be "
-                    f"single tokens. Try a leading space (' Paris') or another word."), ()
-        ans.append(toks[0])
+        if not toks:
+            return f"{where}: the {label} {txt!r} has no tokens; give the text the model should continue with.", ()
+        ans.append(toks)
+    if ans[0] == ans[1]:
+        return (f"{where}: answer {a_txt!r} and alternative {b_txt!r} are the same tokens ({_show(model, ans[0])}); "
+                f"the logit difference would be 0. Pick an alternative that differs."), ()
     return None, (c, k, ans[0], ans[1])

@@ -11,7 +11,7 @@ executor seam of :mod:`actpatch.experiment.executor`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ContextManager
 
@@ -72,6 +72,8 @@ class GroupState:
     base_values: dict[Metric, torch.Tensor]
     measure: Measurer
     diff_start: int
+    engine_acts: dict[Site, torch.Tensor]
+    """What the batched engine reads from the base run (:func:`base_sites`, every position)."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,16 @@ class SweepJob:
         activation_level = exp.corruption.activation_level
         wanted = plan.full_sites()
         with runs.source.context(model), capture(model, [] if activation_level else wanted) as source:
-            src_logits = model.logits(runs.source.ids, last_only=True)
+            src_logits = runs.source.readout(model)
         own = [s.full() for s in plan.patches[0]] + (wanted if activation_level else [])
-        own += base_sites(model) if self.engine is Engine.BATCHED else []
-        with runs.base.context(model), capture(model, list(dict.fromkeys(own))) as base_acts:
-            base_logits = model.logits(runs.base.ids, last_only=True)
+        with ExitStack() as stack:
+            stack.enter_context(runs.base.context(model))
+            base_acts = stack.enter_context(capture(model, list(dict.fromkeys(own))))
+            # the batched engine's suffix runs start from the base run at every position,
+            # continuation tokens included
+            engine_acts = stack.enter_context(capture(model, base_sites(model) if self.engine is Engine.BATCHED
+                                                      else [], whole=True))
+            base_logits = runs.base.readout(model)
         if activation_level:  # noising only: base is the clean run
             source = {s: exp.corruption.source(base_acts[s]) for s in wanted}
         clean_logits = runs.clean_logits(base_logits, src_logits)
@@ -114,14 +121,14 @@ class SweepJob:
             null = run_reference(model, runs.base, base_acts, plan.patches[:1], measure)
             outcome.null_patch(max(float((null[m][0] - base_values[m]).abs().max()) for m in exp.metrics))
         start = 0 if activation_level else first_difference(runs.base, runs.source)
-        return GroupState(runs, source, base_acts, base_values, measure, start)
+        return GroupState(runs, source, base_acts, base_values, measure, start, engine_acts)
 
     def run_unit(self, state: GroupState, unit: Unit, advance: Advance | None = None) -> UnitValues:
         patches = self.plan.patches[unit.start:unit.stop]
         model = self.experiment.model
         if self.engine is Engine.BATCHED:
             return run_batched(model, state.runs.base, state.source, patches, state.measure, advance,
-                               diff_start=state.diff_start, chunk_size=self.chunk_size, base_acts=state.base_acts,
+                               diff_start=state.diff_start, chunk_size=self.chunk_size, base_acts=state.engine_acts,
                                base_metrics=state.base_values, subspace=self.plan.subspace)
         return run_reference(model, state.runs.base, state.source, patches, state.measure, advance,
                              subspace=self.plan.subspace)
