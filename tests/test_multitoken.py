@@ -141,7 +141,6 @@ def test_single_token_answers_are_the_one_token_case():
     assert torch.allclose(got[Metric.LOGPROB], lps[idx, a])
     assert torch.allclose(got[Metric.LOGIT_DIFF], lps[idx, a] - lps[idx, b], atol=1e-5)
     # a set given as one-token sequences is stored as single tokens: the classic experiment
-    model = tiny_model("llama")
     ps = ap.PromptSet.from_ids([[1, 2, 3]], [[1, 5, 3]], [[7]], [[9]])
     assert not ps.multi_token and ps.groups()[0].continuation is None
 
@@ -204,3 +203,82 @@ def test_bundled_multi_token_sweep_equals_the_oracle(bundled):
     assert ps.continuation_lengths.tolist() == [2, 3]
     _check_against_oracle(model, ps, kinds=("resid_pre", "mlp_out"), engines=("batched",), positions=[3, 8],
                           layers=[0, 9, 19, 29])
+
+
+def _atp_oracle(model: ap.Model, ps: ap.PromptSet, layer: int, direction: str) -> torch.Tensor:
+    """(N, T) AtP of resid_pre ``layer`` at each prompt position, by hand: one zero added at the
+    prompt positions of both teacher-forced sequences, the gradient of logprob(answer) -
+    logprob(alternative) at it, dotted with (source - base)."""
+    module, side = model.adapter.hook_point(ap.Site("resid_pre", layer))
+    assert side == "input"
+    out = []
+    for i in range(len(ps)):
+        base, src = (ps.corrupted[i], ps.clean[i]) if direction == "denoise" else (ps.clean[i], ps.corrupted[i])
+        T = base.numel()
+        with torch.no_grad():
+            xs = _grab(module, side, lambda: model.hf(input_ids=src[None]))
+            xb = _grab(module, side, lambda: model.hf(input_ids=base[None]))
+        zero = torch.zeros(1, T, model.d_model, requires_grad=True)
+
+        def add(x: torch.Tensor) -> torch.Tensor:
+            pad = torch.zeros(1, x.shape[1] - T, x.shape[2])
+            return x + torch.cat([zero, pad], 1)
+
+        total = 0.0
+        for sign, target in ((1.0, ps.answer_ids(i)), (-1.0, ps.alternative_ids(i))):
+            seq = torch.cat([base, target[:-1]])[None]
+            logits = _with_write(module, side, add, lambda: model.hf(input_ids=seq).logits[0])
+            lps = torch.log_softmax(logits.double(), -1)
+            total = total + sign * sum(lps[T - 1 + j, target[j]] for j in range(target.numel()))
+        (grad,) = torch.autograd.grad(total, [zero])
+        out.append(((xs - xb) * grad).sum(-1)[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_attribution_through_the_continuation_equals_autograd_by_hand(direction):
+    model = tiny_model("llama")
+    ps = ap.PromptSet.from_pairs(model, PAIRS)
+    atp = ap.attribute(model, ps, "resid_pre", direction=direction)
+    base = (atp.corrupted if direction == "denoise" else atp.clean)["logit_diff"]
+    for layer in range(model.n_layers):
+        got = atp.raw["logit_diff"][:, layer] - base[:, None].double()
+        want = _atp_oracle(model, ps, layer, direction)
+        assert float((got - want).abs().max()) < TOL, (layer, got, want)
+        assert float(want.abs().max()) > 0.1  # something to estimate
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_eap_ig_is_complete_through_the_continuation(direction):
+    """Integrated gradients' completeness with teacher-forced answers: the edges out of the
+    embeddings add up to m(other run) - m(base run), so no path through the continuation is
+    lost (its tokens read the prompt through the key / value ports at prompt positions)."""
+    model = tiny_model("llama")
+    ps = ap.PromptSet.from_pairs(model, PAIRS)
+    res = ap.sweep(model, ps, "resid_pre", layers=[0], positions=[0], progress=False)  # baselines only
+    base, other = ("clean", "corrupted") if direction == "noise" else ("corrupted", "clean")
+    total = (getattr(res, other)["logit_diff"] - getattr(res, base)["logit_diff"]).double()
+    e = ap.edge_attribution(model, ps, direction=direction, ig_steps=32)
+    miss = float((e.per_prompt[:, e.upstream.index("embed"), :].nansum(-1) - total).abs().max())
+    assert float(total.abs().max()) > 1.0 and miss < 0.02  # raw logit-diff units
+
+
+def test_techniques_without_continuations_refuse_multi_token_answers_by_name():
+    model = tiny_model("llama")
+    ps = ap.PromptSet.from_pairs(model, PAIRS)
+    with pytest.raises(PromptError, match=r"Path patching scores single-token answers only; .* up to 3 tokens"):
+        ap.path_patch(model, ps, senders=[ap.Site("z", 0, head=0)], receivers=[ap.Site("resid_final")])
+    with pytest.raises(PromptError, match=r"Attribution patching with qk_fix \(AtP\*\) scores single-token"):
+        ap.attribute(model, ps, "k", qk_fix=True)
+    assert ap.prompts.correct_mask(model, ps).shape == (3,)
+
+
+def test_answers_sharing_their_first_token_are_named_in_a_finding():
+    model = tiny_model("llama")
+    ps = ap.PromptSet.from_pairs(model, [PAIRS[0], ("When Tom and Anna went to the park", "When Tom and Bob went to the park",
+                                                    " Anna had fun", " Anna had a")])
+    res = ap.sweep(model, ps, "resid_pre", progress=False)
+    found = [f for f in res.findings if f.code == "answers_share_first_token"]
+    assert len(found) == 1 and "1 of 2 prompts (1)" in found[0].message
+    assert not [f for f in ap.sweep(model, ap.PromptSet.from_pairs(model, PAIRS), "resid_pre", progress=False).findings
+                if f.code == "answers_share_first_token"]

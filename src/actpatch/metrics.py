@@ -172,9 +172,10 @@ def _rank(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 
 def _steps(values: torch.Tensor, readouts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``values[b, readouts[j], tokens[b, j]]`` for every row b and step j: (B, steps)."""
-    picked = values[:, readouts.to(values.device)]  # (B, steps, vocab)
-    return picked.gather(-1, tokens[..., None].to(values.device))[..., 0]
+    """``values[b, readouts[j], tokens[b, j]]`` for every row b and step j: (B, steps), without
+    copying the vocabulary axis."""
+    rows = torch.arange(values.shape[0], device=values.device)[:, None]
+    return values[rows, readouts.to(values.device)[None, :], tokens.to(values.device)]
 
 
 def compute_metrics(
@@ -215,9 +216,16 @@ def compute_metrics(
         raise MetricError(f"{logits.shape[1]} readouts of logits for answers needing {cont.n_readouts} "
                           f"(internal mismatch).")
     multi = not cont.is_single
-    needs_lp = multi or any(m in (Metric.LOGPROB, Metric.PROB, Metric.KL) for m in metrics)
-    logprobs = torch.log_softmax(logits, dim=-1) if needs_lp else logits  # unused when not needed
     ra, rb = cont.answer_readouts(), cont.alternative_readouts()
+    # log P(token) = logit - logsumexp, read where needed (the full log-softmax only for KL)
+    needs_lse = multi or any(m in (Metric.LOGPROB, Metric.PROB) for m in metrics)
+    lse = torch.logsumexp(logits, dim=-1) if needs_lse else None  # (B, readouts)
+
+    def logprob_steps(readouts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # (B, steps)
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        r = readouts.to(logits.device)[None, :]
+        return _steps(logits, readouts, tokens) - lse[rows, r]  # type: ignore[index]
+
     mask_a = cont.answer_mask().to(logits.dtype)
     mask_b = cont.alternative_mask().to(logits.dtype)
     out: dict[MetricLike, torch.Tensor] = {}
@@ -226,35 +234,30 @@ def compute_metrics(
     def lp_sum(which: str) -> torch.Tensor:
         if which not in cache:
             if which == "a":
-                cache[which] = (_steps(logprobs, ra, cont.answer) * mask_a).sum(1)
+                cache[which] = (logprob_steps(ra, cont.answer) * mask_a).sum(1)
             else:
-                cache[which] = (_steps(logprobs, rb, cont.alternative) * mask_b).sum(1)
+                cache[which] = (logprob_steps(rb, cont.alternative) * mask_b).sum(1)
         return cache[which]
 
     def ranks() -> torch.Tensor:  # (B,) the largest rank along the answer
         if "rank" not in cache:
-            r = _rank(logits[:, ra], cont.answer) * mask_a
-            cache["rank"] = r.max(1).values
+            cache["rank"] = (_rank(logits[:, ra], cont.answer) * mask_a).max(1).values
         return cache["rank"]
 
     for m in metrics:
         if m is Metric.KL:
             if clean_logprobs is None:
                 raise MetricError("The kl metric needs the clean run's distribution (internal call without it).")
-            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)[:, ra]  # (B, A)
+            logprobs = torch.log_softmax(logits[:, ra.to(logits.device)], dim=-1)  # (B, A, vocab)
+            kl = (clean_logprobs[:, ra].exp() * (clean_logprobs[:, ra] - logprobs)).sum(-1)  # (B, A)
             out[m] = -(kl * mask_a).sum(1) / mask_a.sum(1)
         elif isinstance(m, CustomMetric):
-            if multi:
-                pad_a = cont.answer.masked_fill(~cont.answer_mask(), -1)
-                pad_b = cont.alternative.masked_fill(~cont.alternative_mask(), -1)
-                out[m] = _custom(m, logits, pad_a, pad_b)
-            else:
-                out[m] = _custom(m, logits[:, 0], cont.answer[:, 0], cont.alternative[:, 0])
+            out[m] = _custom_on(m, logits, cont)
         elif m is Metric.LOGIT_DIFF:
             first = logits[:, 0].gather(1, cont.answer[:, :1])[:, 0] - logits[:, 0].gather(1, cont.alternative[:, :1])[:, 0]
             if multi:
-                rest_a = (_steps(logprobs, ra[1:], cont.answer[:, 1:]) * mask_a[:, 1:]).sum(1)
-                rest_b = (_steps(logprobs, rb[1:], cont.alternative[:, 1:]) * mask_b[:, 1:]).sum(1)
+                rest_a = (logprob_steps(ra[1:], cont.answer[:, 1:]) * mask_a[:, 1:]).sum(1)
+                rest_b = (logprob_steps(rb[1:], cont.alternative[:, 1:]) * mask_b[:, 1:]).sum(1)
                 first = first + rest_a - rest_b
             out[m] = first
         elif m is Metric.LOGPROB:
@@ -265,11 +268,21 @@ def compute_metrics(
             out[m] = ranks()
         elif m is Metric.ACCURACY:
             out[m] = (ranks() < 1).to(logits.dtype)
-        elif m is Metric.TOP5_ACCURACY:
+        else:  # TOP5_ACCURACY, the last Metric
             out[m] = (ranks() < 5).to(logits.dtype)
-        else:  # pragma: no cover - every Metric is handled above
-            raise MetricError(f"No computation for metric {m!r}.")
     return out
+
+
+def _custom_on(m: CustomMetric, logits: torch.Tensor, cont: "Continuation") -> torch.Tensor:
+    """A custom metric on single tokens: ``fn(logits (B, vocab), answers (B,), alternatives
+    (B,))``; on answers of several tokens: ``fn(readout logits (B, readouts, vocab), answers
+    (B, A), alternatives (B, B'))``, the tokens padded with -1 (the readout layout of
+    :mod:`actpatch.prompts.continuation`)."""
+    if cont.is_single:
+        return _custom(m, logits[:, 0], cont.answer[:, 0], cont.alternative[:, 0])
+    pad_a = cont.answer.masked_fill(~cont.answer_mask(), -1)
+    pad_b = cont.alternative.masked_fill(~cont.alternative_mask(), -1)
+    return _custom(m, logits, pad_a, pad_b)
 
 
 def _custom(m: CustomMetric, logits: torch.Tensor, answers: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,7 @@ def run_batched(
         budget = memory_budget(model.device) if chunk_size is None else 0
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
-            readouts = 0 if getattr(measure, "tokens", None) is not None else C + 1
+            readouts = 0 if getattr(measure, "tokens", None) is not None else 1  # unembedded a few rows at a time
             per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T, C, readouts) * B))
             c = 0
             while c < len(items):
@@ -270,7 +270,16 @@ def _run_chunk(
     tokens = getattr(measure, "tokens", None)
     if tokens is not None:
         return measure(adapter.unembed(hidden[:, -1], tokens), base_row, compact=True)  # type: ignore[index]
-    return measure(adapter.unembed(hidden[:, -(C + 1):]), base_row)  # type: ignore[index]
+    # full-vocabulary logits at every readout: a few rows at a time (cache-sized, not one
+    # (rows, readouts, vocab) tensor of gigabytes)
+    step = max(1, READOUT_ROWS // (C + 1))
+    parts = [measure(adapter.unembed(hidden[r : r + step, -(C + 1):]), base_row[r : r + step])  # type: ignore[index]
+             for r in range(0, hidden.shape[0], step)]  # type: ignore[union-attr]
+    return {m: torch.cat([part[m] for part in parts]) for m in parts[0]}
+
+
+READOUT_ROWS = 256
+"""Readout positions unembedded at once by the batched engine (full vocabulary)."""
 
 
 @contextmanager

@@ -122,6 +122,7 @@ class Experiment:
         technique: str,
         needs_corrupted_run: bool = False,
         differentiable: bool = False,
+        continuations: bool = False,
     ) -> "Experiment":
         """Validate the shared inputs, refusing with one specific error each:
 
@@ -129,13 +130,22 @@ class Experiment:
         * a prompt longer than the model's context window (before any computation);
         * ``differentiable``: a discrete metric for a gradient-based technique;
         * an activation-level corruption (mean, zero) with denoising, or with a technique that
-          ``needs_corrupted_run``.
+          ``needs_corrupted_run``;
+        * answers of several tokens for a technique that does not score ``continuations``
+          (teacher-forced) yet.
         """
         if not isinstance(prompts, PromptSet):
             from ..errors import PromptError
 
             raise PromptError(f"{technique} takes a PromptSet, got {type(prompts).__name__}; build one with "
                               f"ap.PromptSet.from_pairs(model, pairs) or a builder such as ap.prompts.ioi(model).")
+        if prompts.multi_token and not continuations:
+            from ..errors import PromptError
+
+            longest = int(prompts.continuation_lengths.max())
+            raise PromptError(f"{technique} scores single-token answers only; these prompts have answers of up to "
+                              f"{longest} tokens. Use ap.sweep / ap.patch, ap.attribute or ap.edge_attribution for "
+                              f"multi-token answers, or give single-token answers (e.g. the first token of each).")
         d = parse_direction(direction)
         corr = parse_corruption(corruption)
         metrics = tuple(parse_metrics(metric))
@@ -263,8 +273,28 @@ class Experiment:
                             prompt_texts=self.prompts.texts,
                             prompt_attributes=tuple(dict(a) for a in self.prompts.attributes)),
         )
-        res.findings = check(res) + from_technique(findings)
+        res.findings = check(res) + from_technique(list(findings) + answer_findings(self.prompts))
         return res
+
+
+def answer_findings(prompts: PromptSet) -> list[Finding]:
+    """What the prompts' answers tell before any patching: answers of several tokens whose first
+    token is the alternative's first token too (the first readout then cannot tell them apart:
+    the logit difference lives in later tokens, read after the continuation's own computation)."""
+    if not prompts.multi_token:
+        return []
+    shared = [i for i in range(len(prompts)) if int(prompts.answers[i]) == int(prompts.alternatives[i])]
+    if not shared:
+        return []
+    from ..findings import Level
+
+    shown = ", ".join(map(str, shared[:10])) + (", ..." if len(shared) > 10 else "")
+    return [Finding(Level.INFO, "answers_share_first_token",
+                    f"{len(shared)} of {len(prompts)} prompts ({shown}) have an answer and an alternative that begin "
+                    f"with the same token; their logit difference is decided by the later answer tokens, so effects "
+                    f"measure how patches at prompt positions change the continuation, not the first guess.",
+                    "Read these prompts' effects as effects on the continuation; to study the first token, pick "
+                    "alternatives that differ from the answer at their first token.")]
 
 
 @dataclass

@@ -19,12 +19,15 @@ __all__ = ["PromptSet", "LengthGroup", "ioi", "factual", "greater_than", "induct
 
 
 def correct_mask(model: "Model", prompts: PromptSet) -> torch.Tensor:
-    """Per prompt, whether the model prefers the answer over the alternative on the clean prompt."""
+    """Per prompt, whether the model prefers the answer over the alternative on the clean prompt
+    (for answers of several tokens: a higher teacher-forced log-probability)."""
+    from ..metrics import Metric, compute_metrics
+
     ok = torch.zeros(len(prompts), dtype=torch.bool)
     for g in prompts.groups():
-        logits = model.logits(g.clean, last_only=True)
-        idx = torch.arange(len(g.indices))
-        ok[g.indices] = logits[idx, g.answers] > logits[idx, g.alternatives]
+        logits = model.readout(g.clean, g.continuation)
+        ld = compute_metrics([Metric.LOGIT_DIFF], logits, g.answers, g.alternatives, None, g.continuation)
+        ok[g.indices] = (ld[Metric.LOGIT_DIFF] > 0).cpu()
     return ok
 
 

@@ -113,8 +113,12 @@ def attribute(
 def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid: Grid, corruption: str | Corruption, *,
                direction: str | Direction, metric: MetricSpec, seed: int, qk_fix: bool,
                grad_drop: bool) -> PatchResult:
+    # AtP*'s softmax recomputation and GradDrop's block boundaries see the prompt's queries only
+    exact_qk = qk_fix and SiteKind(target) in (SiteKind.Q, SiteKind.K)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Attribution patching", differentiable=True)
+                           technique="Attribution patching" + (" with qk_fix (AtP*)" if exact_qk else "")
+                           + (" with grad_drop" if grad_drop else ""), differentiable=True,
+                           continuations=not (exact_qk or grad_drop))
     plan = plan_for(model, prompts, target, grid)
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:
@@ -143,7 +147,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                 run.enter_context(runs.base.context(model))
                 boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
                 run.enter_context(intervene(model, taps))
-                logits = model.last_logits_with_grad(runs.base.ids)
+                logits = runs.base.readout(model, grad=True)
                 measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
                 values = measure(logits, torch.arange(runs.rows))
             # one backward pass per metric (GradDrop: and a partial one per dropped layer)

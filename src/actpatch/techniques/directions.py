@@ -85,7 +85,7 @@ def _experiment(model: "Model", prompts: PromptSet, what: str) -> Experiment:
     """The paired runs directions are read from (clean and corrupted prompts), with the
     core's input checks (a PromptSet, prompts within the context window)."""
     return Experiment.setup(model, prompts, direction=Direction.DENOISE, corruption="str", metric="logit_diff",
-                            seed=0, technique=what)
+                            seed=0, technique=what, continuations=True)
 
 
 def _found_on(model: "Model", prompts: PromptSet) -> dict[str, Any]:

@@ -221,7 +221,8 @@ def edge_scores_per_position(
     if ig_target not in ("inputs", "activations"):
         raise MethodError(f"ig_target={ig_target!r}: use 'inputs' (embeddings) or 'activations' (every node's output).")
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Edge attribution", needs_corrupted_run=True, differentiable=True)
+                           technique="Edge attribution", needs_corrupted_run=True, differentiable=True,
+                           continuations=True)
     if len(exp.metrics) != 1:
         raise MethodError(f"Edge attribution scores one metric; got {[m.value for m in exp.metrics]}.")
     graph = Graph.of(model)
@@ -234,7 +235,7 @@ def edge_scores_per_position(
         for runs in exp.groups():
             s_acts, src_logits = exp.source_activations(runs, keep)
             with runs.base.context(model), capture(model, keep) as b_acts:
-                base_logits = model.logits(runs.base.ids, last_only=True)
+                base_logits = runs.base.readout(model)
             measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
             with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
                 W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
@@ -269,7 +270,7 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
                 patches[site] = lambda x, point=point: x - x.detach() + point.to(x.dtype)
     with torch.enable_grad(), runs.base.context(model), intervene(model, patches), \
             capture(model, [Site("resid_pre", l) for l in range(L)]) as resid:
-        logits = model.last_logits_with_grad(runs.base.ids)
+        logits = runs.base.readout(model, grad=True)
         value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
         gs = dict(zip(taps, torch.autograd.grad(value, [taken[k][0] for k in taps], allow_unused=True)))
     gs = {k: (v if v is not None else torch.zeros_like(taken[k][0])) for k, v in gs.items()}

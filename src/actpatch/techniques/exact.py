@@ -158,7 +158,7 @@ def execute(
             for s in p:
                 plan.subspace.check(model, s)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Activation patching")
+                           technique="Activation patching", continuations=True)
     job = SweepJob(exp, plan, choose_engine(plan, parse_engine(engine)), chunk_size)
     lengths = sorted({g.seq_len for g in prompts.groups()})
     for p in plan.patches:  # every site fits every length, checked before any computation

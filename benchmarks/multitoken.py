@@ -1,0 +1,59 @@
+"""What answers of several tokens cost: the same IOI prompts swept with single-token answers and
+with the answers extended to 2 and 3 tokens (" Mary" -> " Mary and" -> " Mary and then", the
+alternative likewise), side by side in one process, best of ``--repeats``.
+
+``python benchmarks/multitoken.py [--n 8] [--repeats 3]``. Goal (issue 25): a multi-token sweep
+costs at most 1.5x the single-token sweep of the same prompts. Also prints the metric's
+baselines, so that the numbers are of a real experiment (the model still prefers the answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import actpatch as ap
+
+SUFFIXES = {1: "", 2: " and", 3: " and then"}
+
+
+def extended(model: ap.Model, prompts: ap.PromptSet, k: int) -> ap.PromptSet:
+    """``prompts`` with each answer and alternative followed by the words of ``SUFFIXES[k]``."""
+    pairs = [(c, x, a + SUFFIXES[k], b + SUFFIXES[k]) for c, x, a, b in prompts.texts]
+    return ap.PromptSet.from_pairs(model, pairs, name=f"{prompts.name}-{k}tok")
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = ap.load_model()
+    base = ap.prompts.ioi(model, n=args.n, templates=[0])
+    sets = {k: extended(model, base, k) for k in SUFFIXES}
+    for k, ps in sets.items():
+        tokens = sorted(set(ps.continuation_lengths.tolist()))
+        print(f"{k}-token answers: answer tokens {tokens}, prompt length {ps.seq_len}")
+    print(f"\n{'target':<10} {'answers':>8} {'seconds':>9} {'vs 1 token':>11}  logit_diff clean / corrupted")
+    for target in ("resid_pre", "z"):
+        single = None
+        for k, ps in sets.items():
+            ap.sweep(model, ps, target, progress=False)  # warm-up
+            seconds = best(lambda: ap.sweep(model, ps, target, progress=False), args.repeats)
+            res = ap.sweep(model, ps, target, progress=False, layers=[0], positions=None if target == "z" else [0])
+            b = res.baselines["logit_diff"]
+            single = single or seconds
+            print(f"{target:<10} {k:>8} {seconds:>9.2f} {seconds / single:>10.2f}x  {b['clean']:.2f} / {b['corrupted']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
