@@ -270,7 +270,8 @@ def test_techniques_without_continuations_refuse_multi_token_answers_by_name():
         ap.path_patch(model, ps, senders=[ap.Site("z", 0, head=0)], receivers=[ap.Site("resid_final")])
     with pytest.raises(PromptError, match=r"Attribution patching with qk_fix \(AtP\*\) scores single-token"):
         ap.attribute(model, ps, "k", qk_fix=True)
-    assert ap.prompts.correct_mask(model, ps).shape == (3,)
+    clean = ap.sweep(model, ps, "resid_pre", layers=[0], positions=[0], progress=False).clean["logit_diff"]
+    assert ap.prompts.correct_mask(model, ps).tolist() == (clean > 0).tolist()  # teacher-forced, as the sweeps
 
 
 def test_answers_sharing_their_first_token_are_named_in_a_finding():
