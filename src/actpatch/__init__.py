@@ -36,6 +36,7 @@ from .sites import Site, SiteKind
 from .techniques.attribution import attribute, validate_attribution
 from .techniques.eap import edge_attribution
 from .techniques.generation import Generation, generate
+from .techniques.interchange import Interchange, InterchangeResult, interchange
 from .techniques.patchscope import PatchscopeResult, patchscope
 from .techniques.path import path_patch, path_sweep
 from .techniques.patching import patch, sweep
@@ -47,7 +48,7 @@ __all__ = [
     # experiments
     "PromptSet", "Direction", "DEFAULT_DIRECTION", "Metric", "Engine",
     "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
-    "generate", "Generation", "patchscope", "PatchscopeResult",
+    "generate", "Generation", "patchscope", "PatchscopeResult", "interchange", "Interchange", "InterchangeResult",
     # reading results
     "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "compare_estimate", "doctor", "plot_attention",
     "write_report", "ActpatchError",
