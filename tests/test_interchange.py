@@ -7,6 +7,7 @@ import actpatch as ap
 from actpatch.errors import PromptError, SiteError
 from actpatch.metrics import compute_metrics
 from actpatch.prompts.continuation import Continuation
+from actpatch.techniques.interchange import Interchange
 from actpatch.testing import tiny_model
 
 L = ap.Metric.LOGIT_DIFF
@@ -50,11 +51,11 @@ def oracle(model, base, patch, values):
 
 def patches(model):
     return [
-        ap.Interchange(ap.Site("resid_pre", 1, pos=-1), ap.Site("resid_pre", 1, pos="end")),
-        (ap.Interchange(ap.Site("z", 0, head=1, pos=0), ap.Site("z", 1, head=2, pos=1)),
-         ap.Interchange(ap.Site("mlp_out", 0, pos="first_diff"), ap.Site("mlp_out", 0, pos=2))),
-        ap.Interchange(ap.Site("resid_post", 0, pos=0), ap.Site("resid_post", 0, pos=-2)),
-        ap.Interchange.value(torch.linspace(-1, 1, model.d_model), ap.Site("attn_out", 0, pos=-2)),
+        (ap.Site("resid_pre", 1, pos=-1), ap.Site("resid_pre", 1, pos="end")),
+        [(ap.Site("z", 0, head=1, pos=0), ap.Site("z", 1, head=2, pos=1)),  # two writes together
+         (ap.Site("mlp_out", 0, pos="first_diff"), ap.Site("mlp_out", 0, pos=2))],
+        Interchange(ap.Site("resid_post", 0, pos=0), ap.Site("resid_post", 0, pos=-2)),
+        (torch.linspace(-1, 1, model.d_model), ap.Site("attn_out", 0, pos=-2)),
     ]
 
 
@@ -77,7 +78,7 @@ def test_interchange_equals_one_forward_per_patch_and_prompt(family):
 def test_mean_source_and_one_source_broadcast():
     model = tiny_model("llama")
     base, source = sets()
-    write = ap.Interchange(ap.Site("resid_pre", 1, pos="end"), ap.Site("resid_pre", 1, pos=1))
+    write = Interchange(ap.Site("resid_pre", 1, pos="end"), ap.Site("resid_pre", 1, pos=1))
     res = ap.interchange(model, base, source, [write], reduce="mean")
     mean = torch.stack([source_value(model, source, write.source, i) for i in range(3)]).mean(0)
     assert res.reduce == "mean" and res.source is None
@@ -91,18 +92,18 @@ def test_mean_source_and_one_source_broadcast():
 def test_a_patch_after_everything_that_reads_it_is_reported_as_no_effect():
     model = tiny_model("llama")  # two layers: layer 1's output at the second-to-last position reaches nothing
     base, source = sets()
-    res = ap.interchange(model, base, None, [ap.Interchange.value(torch.ones(model.d_model), ap.Site("attn_out", 1, pos=-2))])
+    res = ap.interchange(model, base, None, [(torch.ones(model.d_model), ap.Site("attn_out", 1, pos=-2))])
     assert res.reduce == "value" and res.effect(L).abs().max() <= 1e-6
     assert "interchange_no_effect" in {f.code for f in res.findings}
 
 
 @pytest.mark.parametrize("write, source_n, error, text", [
-    (ap.Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("mlp_out", 1, pos=0)), 3, SiteError, "same kind"),
-    (ap.Interchange(ap.Site("z", 1, pos=0), ap.Site("z", 1, head=0, pos=0)), 3, SiteError, "widths"),
-    (ap.Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1, pos=4)), 3, SiteError, "beyond base prompt 2"),
-    (ap.Interchange(ap.Site("resid_pre", 1, pos="S2"), ap.Site("resid_pre", 1, pos=0)), 3, PromptError, "named 'S2'"),
-    (ap.Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1)), 3, SiteError, "base position"),
-    (ap.Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1, pos=0)), 2, PromptError, "as many"),
+    (Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("mlp_out", 1, pos=0)), 3, SiteError, "same kind"),
+    (Interchange(ap.Site("z", 1, pos=0), ap.Site("z", 1, head=0, pos=0)), 3, SiteError, "widths"),
+    (Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1, pos=4)), 3, SiteError, "beyond base prompt 2"),
+    (Interchange(ap.Site("resid_pre", 1, pos="S2"), ap.Site("resid_pre", 1, pos=0)), 3, PromptError, "named 'S2'"),
+    (Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1)), 3, SiteError, "base position"),
+    (Interchange(ap.Site("resid_pre", 1, pos=0), ap.Site("resid_pre", 1, pos=0)), 2, PromptError, "as many"),
 ])
 def test_interchange_refuses_bad_input(write, source_n, error, text):
     model = tiny_model("llama")

@@ -28,12 +28,16 @@ def test_from_pairs_records_first_diff(m):
     assert ap.PromptSet.from_pairs(m, [("Mary went", "John went", " to", " the")], name="walks").name == "walks"
 
 
-def test_mismatched_lengths_show_both_tokenisations(m):
-    with pytest.raises(ap.errors.PromptError) as e:
-        ap.PromptSet.from_pairs(m, [("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
-    msg = str(e.value)
-    assert "different lengths (6 vs 8)" in msg
-    assert "clean:     'When' | 'Mary' | 'went'" in msg and "corrupted: 'When' | 'Mary' | 'and' | 'John'" in msg
+def test_pairs_of_different_lengths_are_unaligned_and_patched_by_name(m):
+    ps = ap.PromptSet.from_pairs(m, [("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
+    assert not ps.aligned and ps.unaligned_pairs() == [0] and ps.describe()["unaligned_pairs"] == 1
+    from actpatch.techniques.positions import named_positions
+    # the differing span: 'went' against 'and John went' (common prefix 'When Mary', suffix 'went to the store')
+    clean, corrupted = named_positions(ps, 0, "clean"), named_positions(ps, 0, "corrupted")
+    assert corrupted["first_diff"] == 2 and corrupted["last_diff"] == 3 and corrupted["end"] == 7
+    assert "first_diff" not in clean and clean["end"] == 5  # the clean prompt's span is empty: nothing inserted there
+    with pytest.raises(ap.errors.PromptError, match=r"pair 0: 6 vs 8"):
+        ap.sweep(m, ps, "resid_pre", progress=False)
 
 
 def test_multi_token_answers_keep_every_token(m):
@@ -52,17 +56,18 @@ def test_equal_answers_and_empty_sets(m):
         ap.PromptSet.from_pairs(m, [])
     with pytest.raises(ap.errors.PromptError, match="empty"):
         ap.PromptSet.from_ids([], [], [], [])
-    with pytest.raises(ap.errors.PromptError, match="clean has 3 tokens but corrupted has 2"):
-        ap.PromptSet.from_ids([[1, 2, 3]], [[1, 2]], [4], [5])
+    assert not ap.PromptSet.from_ids([[1, 2, 3]], [[1, 2]], [4], [5]).aligned  # unaligned: patched by name
+    with pytest.raises(ap.errors.PromptError, match="corrupted ids must be a non-empty 1-D tensor"):
+        ap.PromptSet.from_ids([[1, 2, 3]], [[]], [4], [5])
 
 
 def test_every_bad_pair_is_reported_at_once(m):
     good = ("When Mary and John went", "When Mary and Bob went", " Mary", " John")
     with pytest.raises(ap.errors.PromptError) as e:
         ap.PromptSet.from_pairs(m, [("When Mary", "When John", " Mary John", " Mary John"), good,
-                                    ("When Mary went to the store", "When Mary and John went to the store", " Mary", " John")])
+                                    ("When Mary went to the store", "When Mary went to the store", " ", " John")])
     msg = str(e.value)
-    assert msg.startswith("2 of 3 prompt pairs cannot be used") and "Pair 0: answer" in msg and "Pair 2: clean and" in msg
+    assert msg.startswith("2 of 3 prompt pairs cannot be used") and "Pair 0: answer" in msg and "Pair 2: the answer" in msg
     assert "Pair 1" not in msg
 
 
@@ -89,7 +94,15 @@ def test_prompt_files_carry_positions_and_attributes_and_report_every_bad_line(m
     assert "line 4: missing ['answer']" in msg and "line 5: not valid JSON" in msg
     assert "line 6: position 'S' is 'three', not a token index" in msg and "line 1" not in msg
     f.write_text(json.dumps({**rec, "positions": {"S": 40}}) + "\n")
-    with pytest.raises(ap.errors.PromptError, match=r"line 1: position 'S' = 40 is past the prompt's 5 tokens"):
+    with pytest.raises(ap.errors.PromptError, match=r"line 1: position 'S' = 40 is past the clean prompt's 5 tokens"):
+        ap.PromptSet.from_file(m, f)
+    # pairs of different lengths align by name through corrupted_positions
+    f.write_text(json.dumps({**rec, "corrupted": "When Mary and John Smith went", "positions": {"S": 3},
+                             "corrupted_positions": {"S": 4}}) + "\n")
+    un = ap.PromptSet.from_file(m, f)
+    assert not un.aligned and named_positions(un, 0, "corrupted")["S"] == 4 and named_positions(un, 0)["S"] == 3
+    f.write_text(json.dumps({**rec, "corrupted_positions": {"S": 9}}) + "\n")
+    with pytest.raises(ap.errors.PromptError, match=r"corrupted position 'S' = 9 is past the corrupted prompt's"):
         ap.PromptSet.from_file(m, f)
     # CSV: a positions column (name=index;...), lines counted with the header; unknown columns refused by name
     c = tmp_path / "pairs.csv"

@@ -234,7 +234,7 @@ def test_the_public_surface_is_small_and_pinned():
     assert sorted(ap.__all__) == sorted([
         "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "PromptSet", "Direction",
         "DEFAULT_DIRECTION", "Metric", "Engine", "sweep", "patch", "attribute", "validate_attribution", "path_patch",
-        "path_sweep", "edge_attribution", "PatchResult", "Finding", "Level", "check", "compare", "Comparison",
+        "path_sweep", "edge_attribution", "generate", "patchscope", "interchange", "PatchResult", "Finding", "Level", "check", "compare", "Comparison",
         "compare_estimate", "doctor",
         "plot_attention", "write_report", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
         "__version__"])

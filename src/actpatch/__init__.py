@@ -35,9 +35,9 @@ from .results import PatchResult
 from .sites import Site, SiteKind
 from .techniques.attribution import attribute, validate_attribution
 from .techniques.eap import edge_attribution
-from .techniques.generation import Generation, generate
-from .techniques.interchange import Interchange, InterchangeResult, interchange
-from .techniques.patchscope import PatchscopeResult, patchscope
+from .techniques.generation import generate
+from .techniques.interchange import interchange
+from .techniques.patchscope import patchscope
 from .techniques.path import path_patch, path_sweep
 from .techniques.patching import patch, sweep
 from .types import DEFAULT_DIRECTION, Direction, Engine
@@ -48,7 +48,7 @@ __all__ = [
     # experiments
     "PromptSet", "Direction", "DEFAULT_DIRECTION", "Metric", "Engine",
     "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
-    "generate", "Generation", "patchscope", "PatchscopeResult", "interchange", "Interchange", "InterchangeResult",
+    "generate", "patchscope", "interchange",
     # reading results
     "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "compare_estimate", "doctor", "plot_attention",
     "write_report", "ActpatchError",

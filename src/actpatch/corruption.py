@@ -85,6 +85,8 @@ class Run:
 def first_difference(a: Run, b: Run) -> int:
     """First position where two runs' inputs (ids or embedding noise) differ in any row; the
     sequence length if they never do. Before it, causal models compute identical activations."""
+    if a.ids.shape != b.ids.shape:  # pairs of different lengths: no shared prefix is assumed
+        return 0
     diff = (a.ids != b.ids).any(0)
     for noise in (a.embed_noise, b.embed_noise):
         if noise is not None:

@@ -123,6 +123,7 @@ class Experiment:
         needs_corrupted_run: bool = False,
         differentiable: bool = False,
         continuations: bool = False,
+        unaligned: bool = False,
     ) -> "Experiment":
         """Validate the shared inputs, refusing with one specific error each:
 
@@ -132,7 +133,10 @@ class Experiment:
         * an activation-level corruption (mean, zero) with denoising, or with a technique that
           ``needs_corrupted_run``;
         * answers of several tokens for a technique that does not score ``continuations``
-          (teacher-forced) yet.
+          (teacher-forced) yet;
+        * pairs of different token lengths, unless the technique patches ``unaligned`` pairs
+          (exact patching) and the prompts carry their alignment by named positions, with the
+          pairs' own corruption ``str``.
         """
         if not isinstance(prompts, PromptSet):
             from ..errors import PromptError
@@ -148,6 +152,7 @@ class Experiment:
                               f"multi-token answers, or give single-token answers (e.g. the first token of each).")
         d = parse_direction(direction)
         corr = parse_corruption(corruption)
+        _check_alignment(prompts, corr, technique, unaligned)
         metrics = tuple(parse_metrics(metric))
         if differentiable:
             bad = [m.value for m in metrics if not is_differentiable(m)]
@@ -163,7 +168,8 @@ class Experiment:
                 f"Use direction='noise', or corruption='str' / 'resample' / 'gaussian' for denoising."
             )
         limit = model.context_length
-        total = prompts.lengths + prompts.continuation_lengths - 1  # the last answer token is never read in
+        # the last answer token is never read in
+        total = torch.maximum(prompts.lengths, prompts.corrupted_lengths) + prompts.continuation_lengths - 1
         longest = int(total.max())
         if limit is not None and longest > limit:
             which = int(total.argmax())
@@ -275,6 +281,33 @@ class Experiment:
         )
         res.findings = check(res) + from_technique(list(findings) + answer_findings(self.prompts))
         return res
+
+
+def _check_alignment(prompts: PromptSet, corr: Corruption, technique: str, unaligned: bool) -> None:
+    """Pairs of different lengths (or carrying an alignment by name) only where the technique
+    patches them, with their own corrupted prompts, at named positions."""
+    from ..corruption import CorruptionKind
+    from ..errors import PromptError
+
+    bad = prompts.unaligned_pairs()
+    if not bad and "alignment" not in prompts.meta:
+        return
+    i = bad[0] if bad else 0
+    what = (f"pairs {bad[:8]}{' ...' if len(bad) > 8 else ''} have clean and corrupted prompts of different token "
+            f"lengths (pair {i}: {prompts.clean[i].numel()} vs {prompts.corrupted[i].numel()})") if bad else \
+        "these pairs are aligned by name"
+    if not unaligned:
+        raise PromptError(f"{technique} needs pairs of one token length; {what}. Patch them with ap.sweep(..., "
+                          f"positions=['first_diff', 'last_diff', 'end']) or ap.patch with Site(pos=<name>), or "
+                          f"give pairs of equal token length.")
+    if corr.kind is not CorruptionKind.STR:
+        raise CorruptionError(f"Corruption {corr.name!r} on unaligned pairs: {what}; only the pairs' own corrupted "
+                              f"prompts (corruption='str') match them position by position.")
+    if "alignment" not in prompts.meta:
+        raise PromptError(f"Integer positions on unaligned pairs: {what}, so an index means different tokens in the "
+                          f"two prompts. Use named positions: positions=['first_diff', 'last_diff', 'end'] (or a "
+                          f"builder's names, or prompts.with_positions(name, pairs)) in ap.sweep, Site(pos=<name>) "
+                          f"in ap.patch.")
 
 
 def answer_findings(prompts: PromptSet) -> list[Finding]:

@@ -211,6 +211,9 @@ def plan_for(model: "Model", prompts: "PromptSet", target: str | SiteKind, grid:
     length and its token labels."""
     kind = parse_target(target)
     wants_pos = grid.per_position if grid.per_position is not None else default_per_position(kind)
+    if wants_pos and not prompts.aligned:  # unaligned pairs (named positions): indices of either prompt
+        longest = max(int(prompts.lengths.max()), int(prompts.corrupted_lengths.max()))
+        return make_plan(model, kind, grid.replace(per_position=True), seq_len=longest, whole_vectors=whole_vectors)
     return make_plan(model, kind, grid.replace(per_position=wants_pos),
                      seq_len=prompts.seq_len if wants_pos else None,
                      pos_labels=prompts.position_labels(model) if wants_pos else None, whole_vectors=whole_vectors)

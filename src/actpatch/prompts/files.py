@@ -3,8 +3,10 @@ positions and attributes, with every bad record reported at once by its line num
 
 Each record has ``clean``, ``corrupted``, ``answer`` and ``alternative`` (text; answers with
 their leading space), and optionally ``positions`` (named token positions, ``{"S2": 10}`` in
-JSONL, the same JSON or ``S2=10;IO=4`` in a CSV cell) and ``attributes`` (an object of
-anything to group prompts by, JSONL only). Any other key is refused by name: a misspelt
+JSONL, the same JSON or ``S2=10;IO=4`` in a CSV cell; indices of the clean prompt),
+``corrupted_positions`` (the same names' indices in the corrupted prompt, for pairs of different
+lengths: an alignment by name) and ``attributes`` (an object of anything to group prompts by,
+JSONL only). Any other key is refused by name: a misspelt
 ``postions`` would otherwise be dropped silently.
 
 Example:
@@ -31,7 +33,7 @@ from ..errors import PromptError
 __all__ = ["PromptRecord", "read_prompt_file", "FIELDS", "OPTIONAL"]
 
 FIELDS = ("clean", "corrupted", "answer", "alternative")
-OPTIONAL = ("positions", "attributes")
+OPTIONAL = ("positions", "corrupted_positions", "attributes")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class PromptRecord:
     attributes: dict[str, Any] = field(default_factory=dict)
     where: str = ""
     """How errors name it: ``pairs.jsonl line 3`` (CSV lines count the header)."""
+    corrupted_positions: dict[str, int] = field(default_factory=dict)
 
 
 def read_prompt_file(path: str | Path) -> list[PromptRecord]:
@@ -67,7 +70,7 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
         if unknown or "attributes" in header:
             bad = unknown + (["attributes"] if "attributes" in header else [])
             raise PromptError(f"{p}: unknown column(s) {bad}; a CSV prompt file has {', '.join(FIELDS)} and "
-                              f"optionally positions (attributes need JSONL).")
+                              f"optionally positions and corrupted_positions (attributes need JSONL).")
         raw = [(f"{p.name} line {i + 2}", r) for i, r in enumerate(rows)]
     else:
         for i, line in enumerate(text.splitlines()):
@@ -108,10 +111,14 @@ def _record(where: str, r: Any) -> tuple[str | None, PromptRecord | None]:
     positions, problem = _positions(where, r.get("positions"))
     if problem:
         return problem, None
+    corrupted_positions, problem = _positions(where, r.get("corrupted_positions"))
+    if problem:
+        return problem.replace("positions", "corrupted_positions", 1), None
     attributes = r.get("attributes") or {}
     if not isinstance(attributes, dict):
         return f"{where}: attributes must be an object ({{\"template\": 3}}), got {type(attributes).__name__}.", None
-    return None, PromptRecord(tuple(r[k] for k in FIELDS), positions, dict(attributes), where)  # type: ignore[arg-type]
+    return None, PromptRecord(tuple(r[k] for k in FIELDS), positions, dict(attributes), where,  # type: ignore[arg-type]
+                              corrupted_positions)
 
 
 def _positions(where: str, value: Any) -> tuple[dict[str, int], str | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -44,8 +45,10 @@ def _show(model: "Model | None", ids: Sequence[int]) -> str:
 class PromptSet:
     """Clean and corrupted prompts (token ids) plus the correct and the alternative answer.
 
-    Clean and corrupted prompts of a pair have the same length (symmetric token replacement);
-    different pairs may differ in length. An answer is one token or several (``answer_tokens``,
+    Clean and corrupted prompts of a pair usually have the same length (symmetric token
+    replacement); pairs of different lengths (an entity of two tokens against one of three) are
+    *unaligned*: they are patched at named positions, matched by name in each prompt
+    (:mod:`actpatch.techniques.positions`). Different pairs may differ in length. An answer is one token or several (``answer_tokens``,
     scored teacher-forced: :mod:`actpatch.prompts.continuation`); ``answers`` /
     ``alternatives`` hold the first tokens. Build with :meth:`from_pairs` (text) or
     :meth:`from_ids`, or with a builder such as :func:`actpatch.prompts.ioi`.
@@ -88,11 +91,9 @@ class PromptSet:
         for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
             if c.ndim != 1 or c.numel() == 0:
                 raise PromptError(f"Prompt {i}: clean ids must be a non-empty 1-D tensor, got shape {tuple(c.shape)}.")
-            if c.shape != k.shape:
-                raise PromptError(
-                    f"Prompt {i}: clean has {c.numel()} tokens but corrupted has {k.numel()}; patching needs "
-                    f"equal lengths (symmetric token replacement)."
-                )
+            if k.ndim != 1 or k.numel() == 0:
+                raise PromptError(f"Prompt {i}: corrupted ids must be a non-empty 1-D tensor, got shape "
+                                  f"{tuple(k.shape)}.")
         self._check_continuations(n)
         same = [] if self.answer_tokens else (self.answers == self.alternatives).nonzero().flatten().tolist()
         if same:
@@ -259,11 +260,15 @@ class PromptSet:
         from .files import read_prompt_file
 
         records = read_prompt_file(path)
-        attrs = [{**r.attributes, **({"positions": r.positions} if r.positions else {})} for r in records]
+        attrs = [{**r.attributes, **({"positions": r.positions} if r.positions else {}),
+                  **({"corrupted_positions": r.corrupted_positions} if r.corrupted_positions else {})} for r in records]
         ps = cls.from_pairs(model, [r.pair for r in records], name=name or Path(path).stem, attributes=attrs,
                             labels=[r.where for r in records])
-        beyond = [f"{r.where}: position {k!r} = {v} is past the prompt's {c.numel()} tokens (0 to {c.numel() - 1})."
-                  for r, c in zip(records, ps.clean) for k, v in r.positions.items() if v >= c.numel()]
+        beyond = [f"{r.where}: {side}position {k!r} = {v} is past the {side or 'clean '}prompt's {c.numel()} tokens "
+                  f"(0 to {c.numel() - 1})."
+                  for r, clean, corrupted in zip(records, ps.clean, ps.corrupted)
+                  for side, named, c in (("", r.positions, clean), ("corrupted ", r.corrupted_positions, corrupted))
+                  for k, v in named.items() if v >= c.numel()]
         if beyond:
             raise PromptError(f"{path}: named positions outside their prompts:\n" + "\n".join(beyond[:20]))
         return ps
@@ -289,16 +294,52 @@ class PromptSet:
         return torch.tensor([c.numel() for c in self.clean])
 
     @property
+    def corrupted_lengths(self) -> torch.Tensor:
+        return torch.tensor([k.numel() for k in self.corrupted])
+
+    @property
+    def aligned(self) -> bool:
+        """Whether every pair's clean and corrupted prompts have the same token length (so that
+        positions mean the same index in both)."""
+        return all(c.numel() == k.numel() for c, k in zip(self.clean, self.corrupted))
+
+    def unaligned_pairs(self) -> list[int]:
+        """The pairs whose clean and corrupted prompts differ in length."""
+        return [i for i, (c, k) in enumerate(zip(self.clean, self.corrupted)) if c.numel() != k.numel()]
+
+    def with_positions(self, name: str, pairs: Sequence[tuple[int, int] | int]) -> "PromptSet":
+        """A copy with the position ``name`` added to every pair: ``pairs[i]`` is (clean index,
+        corrupted index) of pair ``i`` (one int: the same index in both). Explicit alignments of
+        unaligned pairs, or a name for any position of aligned ones."""
+        if not isinstance(name, str) or not name:
+            raise PromptError(f"with_positions: give a position name (a non-empty string), got {name!r}.")
+        if len(pairs) != len(self):
+            raise PromptError(f"with_positions({name!r}): {len(pairs)} positions for {len(self)} pairs; give one "
+                              f"(clean index, corrupted index) per pair.")
+        attrs = []
+        for i, (a, p) in enumerate(zip(self.attributes, pairs)):
+            c, k = (p, p) if isinstance(p, int) else tuple(p)
+            Tc, Tk = self.clean[i].numel(), self.corrupted[i].numel()
+            if not (isinstance(c, int) and isinstance(k, int) and 0 <= c < Tc and 0 <= k < Tk):
+                raise PromptError(f"with_positions({name!r}): pair {i} gets {p!r}; its prompts have {Tc} (clean) and "
+                                  f"{Tk} (corrupted) tokens.")
+            a = dict(a)
+            a["positions"] = {**(a.get("positions") or {}), name: c}
+            a["corrupted_positions"] = {**(a.get("corrupted_positions") or a.get("positions") or {}), name: k}
+            attrs.append(a)
+        return dataclasses.replace(self, attributes=tuple(attrs))
+
+    @property
     def first_diff(self) -> torch.Tensor:
         """Per prompt, the first position where clean and corrupted differ (the length if none)."""
-        out = []
-        for c, k in zip(self.clean, self.corrupted):
-            d = (c != k).nonzero()
-            out.append(int(d[0]) if len(d) else c.numel())
-        return torch.tensor(out)
+        return torch.tensor([common_prefix(c, k) for c, k in zip(self.clean, self.corrupted)])
 
     def diff_mask(self, index: int) -> torch.Tensor:
         """Boolean (T,) mask of positions where prompt ``index``'s clean and corrupted differ."""
+        if self.clean[index].numel() != self.corrupted[index].numel():
+            raise PromptError(f"Pair {index} has prompts of different lengths ({self.clean[index].numel()} and "
+                              f"{self.corrupted[index].numel()} tokens): positions do not match one to one. Patch "
+                              f"at named positions with corruption='str'.")
         return self.clean[index] != self.corrupted[index]
 
     @property
@@ -315,9 +356,9 @@ class PromptSet:
 
     def groups(self) -> list[LengthGroup]:
         """Prompts grouped by token length, in order of first appearance."""
-        by_len: dict[int, list[int]] = {}
-        for i, c in enumerate(self.clean):
-            by_len.setdefault(c.numel(), []).append(i)
+        by_len: dict[tuple[int, int], list[int]] = {}
+        for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
+            by_len.setdefault((c.numel(), k.numel()), []).append(i)
         out = []
         for idx in by_len.values():
             ix = torch.tensor(idx)
@@ -368,12 +409,27 @@ class PromptSet:
             "name": self.name,
             "n_prompts": len(self),
             "lengths": sorted(set(self.lengths.tolist())),
+            **({"unaligned_pairs": len(self.unaligned_pairs())} if not self.aligned else {}),
             **({"answer_tokens": sorted(set(self.continuation_lengths.tolist()))} if self.multi_token else {}),
             **self.meta,
         }
 
 
 _FIELDS = ("clean", "corrupted", "answer", "alternative")
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens two prompts share (the shorter length if one starts the other)."""
+    n = min(a.numel(), b.numel())
+    d = (a[:n] != b[:n]).nonzero()
+    return int(d[0]) if len(d) else n
+
+
+def common_suffix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many trailing tokens two prompts share, not overlapping their common prefix."""
+    n = min(a.numel(), b.numel()) - common_prefix(a, b)
+    d = (a.flip(0)[:n] != b.flip(0)[:n]).nonzero()
+    return int(d[0]) if len(d) else n
 
 
 def _tokenise_pair(model: "Model", pair: Any, where: str) -> tuple[str | None, tuple]:
@@ -391,10 +447,6 @@ def _tokenise_pair(model: "Model", pair: Any, where: str) -> tuple[str | None, t
         return f"{where}: empty prompt text.", ()
     c = model.tokenizer(c_txt)["input_ids"]
     k = model.tokenizer(k_txt)["input_ids"]
-    if len(c) != len(k):
-        return (f"{where}: clean and corrupted tokenise to different lengths ({len(c)} vs {len(k)}):\n"
-                f"  clean:     {_show(model, c)}\n  corrupted: {_show(model, k)}\n"
-                f"Use replacements of equal token length (e.g. names that are one token each)."), ()
     ans = []
     for label, txt in (("answer", a_txt), ("alternative", b_txt)):
         toks = model.to_tokens(txt)

@@ -380,7 +380,7 @@ def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen
     run["corruption"] = for_named_positions(run["corruption"], model, prompts)
     axis = result.dims.index("pos")
     raw, clean, corrupted = torch.empty(len(prompts), len(chosen)), torch.empty(len(prompts)), torch.empty(len(prompts))
-    for idx, where in position_groups(prompts, [str(p) for p in grid.positions or ()]):
+    for idx, where, _ in position_groups(prompts, [str(p) for p in grid.positions or ()]):
         uniq = sorted(set(where))
         sub = prompts.subset(idx)
         plan = plan_for(model, sub, target, grid.replace(positions=tuple(uniq), per_position=True))

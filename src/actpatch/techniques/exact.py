@@ -99,7 +99,8 @@ class SweepJob:
         wanted = plan.full_sites()
         with runs.source.context(model), capture(model, [] if activation_level else wanted) as source:
             src_logits = runs.source.readout(model)
-        own = [s.full() for s in plan.patches[0]] + (wanted if activation_level else [])
+        alignment = exp.prompts.meta.get("alignment")
+        own = [s.full() for s in plan.patches[0]] + (wanted if activation_level or alignment else [])
         with ExitStack() as stack:
             stack.enter_context(runs.base.context(model))
             base_acts = stack.enter_context(capture(model, list(dict.fromkeys(own))))
@@ -110,6 +111,8 @@ class SweepJob:
             base_logits = runs.base.readout(model)
         if activation_level:  # noising only: base is the clean run
             source = {s: exp.corruption.source(base_acts[s]) for s in wanted}
+        if alignment:  # unaligned pairs: the source's activations moved to the base run's indices
+            source = {s: realigned(source[s], base_acts[s], alignment, runs.base_is_clean) for s in wanted}
         clean_logits = runs.clean_logits(base_logits, src_logits)
         measure = runs.measurer(exp.metrics, clean_logits)
         idx = torch.arange(runs.rows)
@@ -120,7 +123,7 @@ class SweepJob:
             # Null patch: the base run's own activations written back must change nothing.
             null = run_reference(model, runs.base, base_acts, plan.patches[:1], measure)
             outcome.null_patch(max(float((null[m][0] - base_values[m]).abs().max()) for m in exp.metrics))
-        start = 0 if activation_level else first_difference(runs.base, runs.source)
+        start = 0 if activation_level or alignment else first_difference(runs.base, runs.source)
         return GroupState(runs, source, base_acts, base_values, measure, start, engine_acts)
 
     def run_unit(self, state: GroupState, unit: Unit, advance: Advance | None = None) -> UnitValues:
@@ -132,6 +135,37 @@ class SweepJob:
                                base_metrics=state.base_values, subspace=self.plan.subspace)
         return run_reference(model, state.runs.base, state.source, patches, state.measure, advance,
                              subspace=self.plan.subspace)
+
+
+def realigned(source: torch.Tensor, base: torch.Tensor, alignment: Sequence[tuple[int, int]],
+              base_is_clean: bool) -> torch.Tensor:
+    """The source run's activations ``(B, Ts, ...)`` in the base run's indices ``(B, Tb, ...)``:
+    at each aligned (clean index, corrupted index) the source's own index, elsewhere the base's
+    value (so a write there changes nothing)."""
+    out = base.clone()
+    seen: dict[int, int] = {}
+    for c, k in alignment:
+        b, src = (c, k) if base_is_clean else (k, c)
+        if seen.setdefault(b, src) != src:
+            raise SiteError(f"One patch writes base index {b} from two source indices ({seen[b]} and {src}): two "
+                            f"named positions of one patch meet in one prompt but not in the other; patch them "
+                            f"separately.")
+        out[:, b] = source[:, src].to(out.dtype)
+    return out
+
+
+def _check_aligned_sites(prompts: PromptSet, plan: Plan, direction: Direction) -> None:
+    """On unaligned pairs every write must sit at an aligned (named) position of the base prompts."""
+    alignment = prompts.meta.get("alignment")
+    if alignment is None:
+        return
+    at = {c if direction is Direction.NOISE else k for c, k in alignment}
+    for p in plan.patches:
+        for s in p:
+            if s.kind.layout[1] != "pos" or s.pos not in at:
+                raise SiteError(f"{s}: on pairs of different lengths a patch writes at named positions only (here "
+                                f"base indices {sorted(at)}); name every position (Site(pos='end'), positions=[...]) "
+                                f"and patch kinds with a position axis (not 'pattern').")
 
 
 def execute(
@@ -158,9 +192,11 @@ def execute(
             for s in p:
                 plan.subspace.check(model, s)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Activation patching", continuations=True)
+                           technique="Activation patching", continuations=True, unaligned=True)
+    _check_aligned_sites(prompts, plan, exp.direction)
     job = SweepJob(exp, plan, choose_engine(plan, parse_engine(engine)), chunk_size)
-    lengths = sorted({g.seq_len for g in prompts.groups()})
+    base_is_clean = exp.direction is Direction.NOISE
+    lengths = sorted({g.seq_len if base_is_clean else int(g.corrupted.shape[1]) for g in prompts.groups()})
     for p in plan.patches:  # every site fits every length, checked before any computation
         for s in p:
             for T in lengths:

@@ -1,7 +1,7 @@
 """``interchange``: take an activation from one prompt at one position and write it into another
 prompt at another position (and layer), then score the base prompt's answer.
 
-Each patch is one or more :class:`Interchange` writes, ``source site -> base site``: same kind
+Each patch is one or more writes ``(source site, base site)`` (:class:`Interchange`): same kind
 and width (a head's output into a head's output, a residual vector into a residual vector),
 positions given as token indices (negative from each prompt's end) or names (``end``,
 ``first_diff``, ``last_diff``, a builder's ``S2`` / ``subject_last``, a prompt file's). The
@@ -11,7 +11,7 @@ source is
   its clean prompts) or of one prompt (into every base prompt);
 * the mean over a prompt set (``reduce="mean"``: e.g. a function vector, Todd et al. 2024, the
   mean head output at the last token of in-context prompts, written into zero-shot prompts);
-* a tensor (``Interchange.value(tensor, base_site)``): a fixed vector.
+* a tensor (``(tensor, base_site)``): a fixed vector.
 
 The base prompts (their clean prompts, their answers and alternatives, teacher-forced when
 several tokens) are scored unpatched and under each patch; rows of (patch, prompt) share
@@ -23,7 +23,7 @@ Example:
     >>> from actpatch.testing import tiny_model
     >>> model = tiny_model("gpt2")
     >>> ps = ap.PromptSet.from_ids([[1, 2, 3, 4]], [[1, 5, 3, 4]], [6], [7])
-    >>> res = ap.interchange(model, ps, ps, [ap.Interchange(ap.Site("resid_pre", 1, pos=1), ap.Site("resid_pre", 1, pos=3))])
+    >>> res = ap.interchange(model, ps, ps, [(ap.Site("resid_pre", 1, pos=1), ap.Site("resid_pre", 1, pos=3))])
     >>> tuple(res.values[ap.Metric.LOGIT_DIFF].shape)  # (patch, prompt)
     (1, 1)
 """
@@ -114,18 +114,32 @@ class InterchangeResult:
         return "\n".join(lines)
 
 
+def _write(w: Any) -> Interchange | None:
+    """A write: an :class:`Interchange`, or a pair (source Site or a tensor, base Site)."""
+    if isinstance(w, Interchange):
+        return w
+    if isinstance(w, tuple) and len(w) == 2 and isinstance(w[1], Site):
+        if isinstance(w[0], Site):
+            return Interchange(w[0], w[1])
+        if isinstance(w[0], torch.Tensor):
+            return Interchange.value(w[0], w[1])
+    return None
+
+
 def _as_patches(patches: Any) -> tuple[tuple[Interchange, ...], ...]:
-    if isinstance(patches, Interchange):
+    if _write(patches) is not None:
         patches = [patches]
     if not isinstance(patches, Sequence) or isinstance(patches, str) or not patches:
-        raise SiteError("patches: give a list of ap.Interchange(source_site, base_site) (or tuples of them, "
-                        "written together).")
+        raise SiteError("patches: give a list of (source_site, base_site) pairs (or lists of them, written "
+                        "together), e.g. [(Site('resid_pre', 3, pos='end'), Site('resid_pre', 5, pos=-1))].")
     out = []
     for p in patches:
-        group = (p,) if isinstance(p, Interchange) else tuple(p) if isinstance(p, (tuple, list)) else None
-        if not group or not all(isinstance(w, Interchange) for w in group):
-            raise SiteError(f"Each patch is an ap.Interchange or a tuple of them; got {p!r:.80}.")
-        out.append(group)
+        one = _write(p)
+        group = (one,) if one is not None else tuple(_write(w) for w in p) if isinstance(p, (tuple, list)) else ()
+        if not group or not all(w is not None for w in group):
+            raise SiteError(f"Each patch is a (source Site or tensor, base Site) pair, or a list of them written "
+                            f"together; got {p!r:.80}.")
+        out.append(group)  # type: ignore[arg-type]
     return tuple(out)
 
 
@@ -184,8 +198,9 @@ def interchange(
     Args:
         base: the prompts patched and scored (their clean prompts and answers).
         source: the prompts read (their clean prompts): as many as the base, or one; None when
-            every write is a fixed tensor (:meth:`Interchange.value`).
-        patches: ``ap.Interchange(source_site, base_site)`` each, or tuples written together.
+            every write is a fixed tensor.
+        patches: ``(source_site, base_site)`` pairs (``(tensor, base_site)`` for a fixed value), or
+            lists of them written together.
         reduce: ``"pair"`` (prompt i into prompt i, or one source into all), or ``"mean"``
             (the mean over the source prompts, into every base prompt).
 
@@ -201,7 +216,7 @@ def interchange(
         _check_write(model, w)
     needs_source = any(w.source is not None for w in writes)
     if needs_source and source is None:
-        raise PromptError("These patches read source sites; pass source=<PromptSet> (or use Interchange.value).")
+        raise PromptError("These patches read source sites; pass source=<PromptSet> (or write tensors: (tensor, base_site)).")
     n = len(base)
     mode = "value" if not needs_source else "mean" if reduce == "mean" else "pair" if len(source) == n else \
         "broadcast" if len(source) == 1 else None  # type: ignore[arg-type]

@@ -111,7 +111,7 @@ def sweep(
         if grid.named:
             res = by_named_positions(
                 lambda sub, g, corr, sub_store: _sweep(model, sub, g, corruption=corr, store=sub_store, **options),
-                model, prompts, grid, corruption, store)
+                model, prompts, grid, corruption, store, base_side=_base_side(direction))
         else:
             res = _sweep(model, prompts, grid, corruption=corruption, store=store, **options)
     sub = options["subspace"]
@@ -121,6 +121,11 @@ def sweep(
             res = _with_check(model, prompts, res, site, sub, direction=direction, corruption=corruption,
                               metric=metric, seed=seed)
     return res
+
+
+def _base_side(direction: str | Direction) -> str:
+    """Which prompts of a pair the patched (base) run reads: the corrupted ones when denoising."""
+    return "corrupted" if parse_direction(direction) is Direction.DENOISE else "clean"
 
 
 def _strongest_site(model: "Model", prompts: PromptSet, res: PatchResult, target: str | SiteKind, grid: Grid,
@@ -180,9 +185,9 @@ def patch(
 
         res = by_resolved_sites(lambda ps, resolved, corr: patch(
             model, ps, resolved, direction=direction, corruption=corr, metric=metric, seed=seed, engine=engine,
-            subspace=subspace, check_subspace=False), model, prompts, sites, corruption)
+            subspace=subspace, check_subspace=False), model, prompts, sites, corruption, _base_side(direction))
         if subspace is not None and check_subspace:  # the check on the largest group, at its indices
-            idx, resolved = max(resolved_site_groups(prompts, sites), key=lambda g: len(g[0]))
+            idx, resolved, _ = max(resolved_site_groups(prompts, sites, _base_side(direction)), key=lambda g: len(g[0]))
             res = _with_check(model, prompts.subset(idx), res, resolved[0], as_subspace(subspace), direction=direction,
                               corruption=corruption, metric=metric, seed=seed)
         return res

@@ -31,7 +31,7 @@ from ..corruption import Corruption, CorruptionKind, GaussianNoise, parse_corrup
 from ..errors import CorruptionError, PromptError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.plan import Grid
-from ..prompts.promptset import PromptSet
+from ..prompts.promptset import PromptSet, common_prefix, common_suffix
 from ..results import PatchResult, ResultInfo
 from ..sites import Site
 from ..types import Diagnostics
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
 __all__ = ["BUILTIN_POSITIONS", "is_named", "named_positions", "position_groups", "for_named_positions",
-           "by_named_positions", "resolved_site_groups", "by_resolved_sites"]
+           "by_named_positions", "resolved_site_groups", "by_resolved_sites", "aligned_subset"]
 
 BUILTIN_POSITIONS = ("end", "first_diff", "last_diff")
 
@@ -52,39 +52,86 @@ def is_named(positions: Sequence[object] | None) -> bool:
     return Grid(positions=tuple(positions)).named  # type: ignore[arg-type]
 
 
-def named_positions(prompts: PromptSet, i: int) -> dict[str, int]:
-    """Every named position of prompt ``i`` and its token index."""
+def named_positions(prompts: PromptSet, i: int, side: str = "clean") -> dict[str, int]:
+    """Every named position of prompt ``i`` and its token index in the ``side`` prompt
+    (``"clean"`` or ``"corrupted"``; the same when the pair is aligned by construction).
+
+    ``first_diff`` / ``last_diff`` are the first / last token of the span where the two prompts
+    differ, in each prompt's own indices (the span between their common prefix and their common
+    suffix); absent on a side whose span is empty. Builder and prompt-file names come from
+    ``attributes[i]["positions"]``, on the corrupted side ``attributes[i]["corrupted_positions"]``
+    (for pairs of one length, ``positions`` serves both when that is absent)."""
     clean, corrupted = prompts.clean[i], prompts.corrupted[i]
-    diff = (clean != corrupted).nonzero().flatten().tolist()
-    out = {"end": clean.numel() - 1}
-    if diff:
-        out["first_diff"], out["last_diff"] = diff[0], diff[-1]
-    out.update({str(k): int(v) for k, v in (prompts.attributes[i].get("positions") or {}).items()})
+    own = clean if side == "clean" else corrupted
+    T = own.numel()
+    out = {"end": T - 1}
+    prefix = common_prefix(clean, corrupted)
+    if clean.numel() != corrupted.numel() or prefix < T:
+        last = T - 1 - common_suffix(clean, corrupted)
+        if prefix <= last:
+            out["first_diff"], out["last_diff"] = prefix, last
+    attrs = prompts.attributes[i]
+    named = attrs.get("positions") or {}
+    if side == "corrupted":
+        same_length = clean.numel() == corrupted.numel()
+        named = attrs.get("corrupted_positions") or (named if same_length else {})
+    out.update({str(k): int(v) for k, v in named.items()})
     return out
 
 
 def _groups(prompts: PromptSet, names: Sequence[str]) -> dict[tuple[int, ...], list[int]]:
-    """Prompt indices by (length, index of each named position)."""
+    """Prompt indices by (lengths, index of each named position on each side)."""
     if len(set(names)) != len(names):
         raise SiteError(f"positions={list(names)} names a position twice.")
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in range(len(prompts)):
-        have = named_positions(prompts, i)
-        missing = [r for r in names if r not in have]
-        if missing:
-            raise PromptError(
-                f"Prompt {i} has no position named {missing[0]!r}; it has {sorted(have)}. Built-in names: "
-                f"{', '.join(BUILTIN_POSITIONS)}; builders add others (ioi: IO, S1, S1+1, S2; factual: subject_first, "
-                f"subject_last), or set attributes[i]['positions'] = {{name: index}}."
-            )
-        groups.setdefault((prompts.clean[i].numel(), *(have[r] for r in names)), []).append(i)
+        key: list[int] = [prompts.clean[i].numel(), prompts.corrupted[i].numel()]
+        for side in ("clean", "corrupted"):
+            have = named_positions(prompts, i, side)
+            missing = [r for r in names if r not in have]
+            if missing:
+                raise PromptError(
+                    f"Prompt {i} has no position named {missing[0]!r} in its {side} prompt; it has {sorted(have)}. "
+                    f"Built-in names: {', '.join(BUILTIN_POSITIONS)}; builders add others (ioi: IO, S1, S1+1, S2; "
+                    f"factual: subject_first, subject_last), or name one with prompts.with_positions(name, "
+                    f"[(clean index, corrupted index), ...])."
+                )
+            key += [have[r] for r in names]
+        groups.setdefault(tuple(key), []).append(i)
     return groups
 
 
-def position_groups(prompts: PromptSet, names: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt indices, token index of each named position) for each group of prompts that share
-    their length and named positions."""
-    return [(idx, list(key[1:])) for key, idx in _groups(prompts, [str(r) for r in names]).items()]
+def position_groups(prompts: PromptSet, names: Sequence[str]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt indices, token index of each named position in the clean prompts, in the
+    corrupted prompts) for each group of prompts that share their lengths and named positions."""
+    k = len(names)
+    return [(idx, list(key[2 : 2 + k]), list(key[2 + k :]))
+            for key, idx in _groups(prompts, [str(r) for r in names]).items()]
+
+
+def aligned_subset(prompts: PromptSet, idx: list[int], clean_at: Sequence[int], corrupted_at: Sequence[int]) -> PromptSet:
+    """``prompts.subset(idx)``, carrying in ``meta["alignment"]`` the (clean index, corrupted
+    index) of each named position when the two sides' indices differ (unaligned pairs): the exact
+    engines then write the source run's activation at its own index into the base run's."""
+    sub = prompts.subset(idx)
+    if list(clean_at) == list(corrupted_at) and sub.aligned:
+        return sub
+    return dataclasses.replace(sub, meta={**sub.meta, "alignment": tuple(sorted(set(zip(clean_at, corrupted_at))))})
+
+
+def _passes(where: Sequence[int], other: Sequence[int]) -> list[list[int]]:
+    """The named positions split into runs in which each base index reads one source index
+    (on unaligned pairs two names may share a base index but not the source's: e.g. a one-token
+    subject's ``first_diff`` and ``last_diff`` against a two-token one). One pass when aligned."""
+    passes: list[list[int]] = []
+    for j in range(len(where)):
+        for group in passes:
+            if all(where[o] != where[j] or other[o] == other[j] for o in group):
+                group.append(j)
+                break
+        else:
+            passes.append([j])
+    return passes
 
 
 def for_named_positions(corruption: "str | Corruption", model: "Model", prompts: PromptSet) -> Corruption:
@@ -108,38 +155,47 @@ group's unit store) -> a position-resolved result``."""
 
 
 def by_named_positions(run: GroupRun, model: "Model", prompts: PromptSet, grid: Grid,
-                       corruption: "str | Corruption", store: UnitStore | None = None) -> PatchResult:
+                       corruption: "str | Corruption", store: UnitStore | None = None,
+                       base_side: str = "clean") -> PatchResult:
     """Run ``run`` (a sweep or an attribution) on each group of prompts whose named positions
     share token indices, and merge the results in prompt order, the position axis labelled by
-    the names; a ``store`` gets one sub-store per group, so each resumes on its own."""
+    the names; a ``store`` gets one sub-store per group, so each resumes on its own. Positions
+    are indices of the ``base_side`` prompts (the patched run's); on unaligned pairs the group
+    carries its alignment (:func:`aligned_subset`)."""
     if grid.per_position is False:
         raise SiteError("Named positions need the position axis; drop per_position=False.")
     corr = for_named_positions(corruption, model, prompts)
     names = [str(r) for r in grid.positions or ()]
-    parts = []
-    for number, (idx, where) in enumerate(position_groups(prompts, names)):
-        uniq = sorted(set(where))
-        sub_store = None if store is None else UnitStore(store.root / f"group{number}")
-        res = run(prompts.subset(idx), grid.replace(positions=tuple(uniq), per_position=True), corr, sub_store)
-        parts.append((idx, [uniq.index(p) for p in where], res))
-    first = parts[0][2]
+    parts = []  # (prompt indices, name columns, their columns in the part's result, the result)
+    for number, (idx, clean_at, corrupted_at) in enumerate(position_groups(prompts, names)):
+        where, other = (corrupted_at, clean_at) if base_side == "corrupted" else (clean_at, corrupted_at)
+        passes = _passes(where, other)
+        for pnum, js in enumerate(passes):
+            uniq = sorted({where[j] for j in js})
+            sub_store = None if store is None else UnitStore(
+                store.root / (f"group{number}" if len(passes) == 1 else f"group{number}.{pnum}"))
+            sub = aligned_subset(prompts, idx, [clean_at[j] for j in js], [corrupted_at[j] for j in js])
+            res = run(sub, grid.replace(positions=tuple(uniq), per_position=True), corr, sub_store)
+            parts.append((idx, js, [uniq.index(where[j]) for j in js], res))
+    first = parts[0][3]
     axis = 1 + first.dims.index("pos")  # raw tensors lead with the prompt dim
     n = len(prompts)
     raw = {m: torch.empty(n, *first.shape[: axis - 1], len(names), *first.shape[axis:], dtype=r.dtype)
            for m, r in first.raw.items()}
     clean = {m: torch.empty(n) for m in first.raw}
     corrupted = {m: torch.empty(n) for m in first.raw}
-    for idx, cols, res in parts:
+    for idx, js, cols, res in parts:
         ix = torch.tensor(idx)
         for m in res.raw:
-            raw[m][ix] = res.raw[m].index_select(axis, torch.tensor(cols))
+            for j, col in zip(js, cols):
+                raw[m].select(axis, j)[ix] = res.raw[m].select(axis, col)
             clean[m][ix], corrupted[m][ix] = res.clean[m], res.corrupted[m]
     info = _merged_info(first.info.replace(grid={**first.info.grid, "positions": names}),
-                        [(idx, r) for idx, _, r in parts], prompts)
+                        [(idx, r) for idx, _, _, r in parts], prompts)
     merged = PatchResult(dims=first.dims, coords={**first.coords, "pos": names}, raw=raw, clean=clean,
                          corrupted=corrupted, info=info)
     # check() findings are recomputed on the whole set; the technique's own ones are kept once
-    merged.findings = check(merged) + technique_findings([f for _, _, r in parts for f in r.findings])
+    merged.findings = check(merged) + technique_findings([f for *_, r in parts for f in r.findings])
     return merged
 
 
@@ -165,37 +221,53 @@ def _merged_info(info: ResultInfo, parts: list[tuple[list[int], PatchResult]], p
     )
 
 
-def resolved_site_groups(prompts: PromptSet, sites: Sequence[Site]) -> list[tuple[list[int], list[Site]]]:
-    """(prompt indices, the sites at token indices) for each group of prompts where the sites'
-    relative positions (names, negative indices) fall at the same indices."""
+def _resolve_site(prompts: PromptSet, s: Site, i: int, side: str) -> int:
+    ids = prompts.clean[i] if side == "clean" else prompts.corrupted[i]
+    T = ids.numel()
+    if isinstance(s.pos, int):
+        if s.pos >= 0:
+            return s.pos
+        if T + s.pos < 0:
+            raise SiteError(f"{s}: position {s.pos} is before the start of prompt {i} ({T} tokens).")
+        return T + s.pos
+    have = named_positions(prompts, i, side)
+    if s.pos not in have:
+        raise PromptError(f"{s}: prompt {i} has no position named {s.pos!r} in its {side} prompt; it has "
+                          f"{sorted(have)}. Builders and prompt files name positions (ioi: IO, S1, S1+1, S2), "
+                          f"prompts.with_positions(name, pairs) adds one, or use an index.")
+    return have[s.pos]
+
+
+def resolved_site_groups(prompts: PromptSet, sites: Sequence[Site],
+                         base_side: str = "clean") -> list[tuple[list[int], list[Site], tuple]]:
+    """(prompt indices, the sites at the ``base_side`` prompts' token indices, the (clean,
+    corrupted) index pairs of relative sites) for each group of prompts where the sites'
+    relative positions (names, negative indices) fall at the same indices on both sides."""
     groups: dict[tuple, list[int]] = {}
     for i in range(len(prompts)):
-        T = prompts.clean[i].numel()
-        have = named_positions(prompts, i)
-        resolved = []
+        resolved, pairs = [], []
         for s in sites:
             if not s.relative:
                 resolved.append(s)
                 continue
-            if isinstance(s.pos, int):
-                if T + s.pos < 0:
-                    raise SiteError(f"{s}: position {s.pos} is before the start of prompt {i} ({T} tokens).")
-                resolved.append(s.at(T + s.pos))
-            elif s.pos in have:
-                resolved.append(s.at(have[s.pos]))
-            else:
-                raise PromptError(f"{s}: prompt {i} has no position named {s.pos!r}; it has {sorted(have)}. Builders "
-                                  f"and prompt files name positions (ioi: IO, S1, S1+1, S2), or use an index.")
-        groups.setdefault(tuple(resolved), []).append(i)
-    return [(idx, list(key)) for key, idx in groups.items()]
+            c, k = _resolve_site(prompts, s, i, "clean"), _resolve_site(prompts, s, i, "corrupted")
+            resolved.append(s.at(k if base_side == "corrupted" else c))
+            pairs.append((c, k))
+        key = (tuple(resolved), tuple(pairs), prompts.clean[i].numel(), prompts.corrupted[i].numel())
+        groups.setdefault(key, []).append(i)
+    return [(idx, list(key[0]), key[1]) for key, idx in groups.items()]
 
 
 def by_resolved_sites(run: Callable[[PromptSet, list[Site], Corruption], PatchResult], model: "Model",
-                      prompts: PromptSet, sites: Sequence[Site], corruption: "str | Corruption") -> PatchResult:
+                      prompts: PromptSet, sites: Sequence[Site], corruption: "str | Corruption",
+                      base_side: str = "clean") -> PatchResult:
     """Run a single patch (``run(prompts of one group, its resolved sites, corruption)``) on each
     group of :func:`resolved_site_groups` and merge the per-prompt values in prompt order."""
     corr = for_named_positions(corruption, model, prompts)
-    parts = [(idx, run(prompts.subset(idx), resolved, corr)) for idx, resolved in resolved_site_groups(prompts, sites)]
+    parts = []
+    for idx, resolved, pairs in resolved_site_groups(prompts, sites, base_side):
+        sub = aligned_subset(prompts, idx, [c for c, _ in pairs], [k for _, k in pairs])
+        parts.append((idx, run(sub, resolved, corr)))
     first = parts[0][1]
     n = len(prompts)
     raw = {m: torch.empty(n, *r.shape[1:], dtype=r.dtype) for m, r in first.raw.items()}
