@@ -119,3 +119,31 @@ def test_unaligned_pairs_refuse_what_cannot_match_them():
     with pytest.raises(PromptError, match="no position named 'x' in its corrupted prompt"):
         ap.sweep(model, bad, "resid_pre", positions=["x"], progress=False)
     assert ap.sweep(model, custom, "resid_pre", positions=["x"], progress=False).values.shape == (2, 1)
+
+
+def test_factual_builder_pairs_subjects_of_any_length_with_answers_of_any_length():
+    model = tiny_model("gpt2")
+    default = ap.prompts.factual(model, n=500)
+    assert default.aligned and not default.multi_token  # unchanged unless asked
+    both = ap.prompts.factual(model, n=500, multi_token=True, unaligned=True)
+    assert not both.aligned and len(both) > len(default)
+    for i in both.unaligned_pairs()[:5]:
+        from actpatch.techniques.positions import named_positions
+        assert {"subject_first", "subject_last"} <= set(named_positions(both, i, "corrupted"))
+
+
+@pytest.mark.slow
+def test_multi_token_factual_tracing_on_the_bundled_model(bundled):
+    """ROME's picture with real entities of different lengths and answers of several tokens: the
+    subject's last token carries the fact through the middle layers, the last position late."""
+    from actpatch.app.runner import keep_correct
+
+    ps, _ = keep_correct(bundled, ap.prompts.factual(bundled, n=200, multi_token=True, unaligned=True, seed=0))
+    pick = [i for i in range(len(ps)) if ps.continuation_lengths[i] > 1 or ps.clean[i].numel() != ps.corrupted[i].numel()]
+    ps = ps.subset(pick[:12])
+    assert ps.multi_token and not ps.aligned
+    res = ap.sweep(bundled, ps, "resid_pre", positions=["subject_last", "end"], layers=[6, 15, 27], direction="denoise",
+                   progress=False)
+    v = res.values  # (layer, pos)
+    assert v[0, 0] > 0.4 and v[1, 0] > 0.4 and v[0, 1] < 0.1 and v[1, 1] < 0.1  # subject_last, not yet the end
+    assert v[2, 1] > 0.6 and v[2, 0] < 0.1  # moved to the last position

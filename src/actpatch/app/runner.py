@@ -145,7 +145,9 @@ def check_names(cfg: ExperimentConfig, prompts: PromptSet) -> None:
     wanted += [(f"das[{i}].position", d.position, True) for i, d in enumerate(cfg.das) if d.position is not None]
     if not wanted:
         return
-    have = [named_positions(prompts, j) for j in range(len(prompts))]
+    # a name must exist in both prompts of a pair (unaligned pairs name their corrupted side apart)
+    have = [{k: v for k, v in named_positions(prompts, j).items() if k in named_positions(prompts, j, "corrupted")}
+            for j in range(len(prompts))]
     shortest = int(prompts.lengths.min())
     common = sorted(set.intersection(*(set(h) for h in have)))
     problems = []

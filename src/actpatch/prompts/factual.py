@@ -1,4 +1,6 @@
-"""Factual recall prompts (ROME-style), paired by subject swaps of equal token length."""
+"""Factual recall prompts (ROME-style), paired by subject swaps: of equal token length by
+default; with ``unaligned=True`` of any lengths (named positions on both sides), and with
+``multi_token=True`` answers of several tokens (" New York", " Buenos Aires")."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ RELATIONS: dict[str, str] = {
 }
 
 # (relation, subject, answer). Answers carry their leading space; the builder keeps facts whose
-# answer is one token for the model's tokenizer.
+# answer is one token for the model's tokenizer unless multi_token=True.
 FACTS: tuple[tuple[str, str, str], ...] = (
     ("located_in", "Eiffel Tower", " Paris"),
     ("located_in", "Colosseum", " Rome"),
@@ -83,19 +85,48 @@ FACTS: tuple[tuple[str, str, str], ...] = (
     ("language_of", "the Netherlands", " Dutch"),
     ("language_of", "Brazil", " Portuguese"),
     ("language_of", "Mexico", " Spanish"),
+    # answers of several tokens for most tokenizers
+    ("located_in", "Statue of Liberty", " New York"),
+    ("located_in", "Empire State Building", " New York"),
+    ("located_in", "Golden Gate Bridge", " San Francisco"),
+    ("located_in", "Christ the Redeemer statue", " Rio de Janeiro"),
+    ("located_in", "Casa Rosada", " Buenos Aires"),
+    ("located_in", "Hollywood Sign", " Los Angeles"),
+    ("located_in", "Petronas Towers", " Kuala Lumpur"),
+    ("located_in", "Table Mountain", " Cape Town"),
+    ("located_in", "Alcatraz prison", " San Francisco"),
+    ("located_in", "Times Square", " New York"),
+    ("capital_of", "Wellington", " New Zealand"),
+    ("capital_of", "Seoul", " South Korea"),
+    ("capital_of", "Pretoria", " South Africa"),
+    ("capital_of", "Riyadh", " Saudi Arabia"),
+    ("capital_of", "Abu Dhabi", " the United Arab Emirates"),
+    ("capital_of", "Washington, D.C.", " the United States"),
 )
 
 
 def factual(
-    model: "Model", n: int = 32, *, seed: int = 0, relations: Sequence[str] | None = None, same_length: bool = False
+    model: "Model", n: int = 32, *, seed: int = 0, relations: Sequence[str] | None = None, same_length: bool = False,
+    multi_token: bool = False, unaligned: bool = False,
 ) -> PromptSet:
     """Factual-recall pairs: clean "The Eiffel Tower is located in the city of" -> " Paris",
-    corrupted by a subject of the same relation and token length ("The Colosseum ...") whose
-    answer (" Rome") is the alternative.
+    corrupted by another subject of the same relation ("The Colosseum ...") whose answer
+    (" Rome") is the alternative.
 
     Pairs are drawn (seeded) from all valid (fact, other fact) combinations; if fewer exist than
-    ``n``, all are returned. ``same_length=True`` keeps only pairs of the most common token
-    length, so that position-resolved sweeps can run on the whole set.
+    ``n``, all are returned. By default the two prompts have one token length and the answers
+    are one token each. ``same_length=True`` keeps only pairs of the most common token length,
+    so that position-resolved sweeps can run on the whole set. ``multi_token=True`` keeps
+    answers of any token count (scored teacher-forced); ``unaligned=True`` pairs subjects of
+    different token lengths (patched at the named positions ``subject_first`` /
+    ``subject_last`` / ``end``, recorded for both prompts).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> ps = ap.prompts.factual(tiny_model("gpt2"), n=4, unaligned=True, multi_token=True)
+        >>> len(ps) > 0
+        True
     """
     rels = list(RELATIONS) if relations is None else list(relations)
     unknown = [r for r in rels if r not in RELATIONS]
@@ -103,30 +134,37 @@ def factual(
         raise PromptError(f"Unknown relation(s) {unknown}; choose from {list(RELATIONS)}.")
     usable = []
     for rel, subj, ans in FACTS:
-        if rel in rels and len(model.to_tokens(ans)) == 1:
+        toks = model.to_tokens(ans)
+        if rel in rels and (len(toks) == 1 or multi_token) and toks:
             prompt = RELATIONS[rel].format(subj)
-            usable.append((rel, subj, ans, prompt, len(model.tokenizer(prompt)["input_ids"])))
+            usable.append((rel, subj, ans, prompt, len(model.tokenizer(prompt)["input_ids"]), tuple(toks)))
     candidates = [
         (f, g)
         for f in usable
         for g in usable
-        if f[0] == g[0] and f[4] == g[4] and f[2] != g[2]
+        if f[0] == g[0] and (unaligned or f[4] == g[4]) and f[5] != g[5]
     ]
     if same_length and candidates:
         from collections import Counter
 
         common = Counter(f[4] for f, _ in candidates).most_common(1)[0][0]
-        candidates = [(f, g) for f, g in candidates if f[4] == common]
+        candidates = [(f, g) for f, g in candidates if f[4] == common and g[4] == common]
     if not candidates:
-        raise PromptError("No factual pairs of equal token length with distinct one-token answers for this tokenizer.")
+        raise PromptError("No factual pairs of equal token length with distinct one-token answers for this tokenizer; "
+                          "multi_token=True / unaligned=True allow more.")
     rng = random.Random(seed)
     rng.shuffle(candidates)
     chosen = candidates[:n]
     pairs = [(f[3], g[3], f[2], g[2]) for f, g in chosen]
     attrs = [{"relation": f[0], "subject": f[1], "corrupt_subject": g[1]} for f, g in chosen]
-    for a, (f, _) in zip(attrs, chosen):  # named positions (actpatch.roles)
+    for a, (f, g) in zip(attrs, chosen):  # named positions (actpatch.techniques.positions)
         span = token_span(model, f[3], f[1])
         if span is not None:
             a["positions"] = {"subject_first": span[0], "subject_last": span[1]}
+        other = token_span(model, g[3], g[1])
+        if f[4] != g[4] and other is not None:
+            a["corrupted_positions"] = {"subject_first": other[0], "subject_last": other[1]}
     return PromptSet.from_pairs(model, pairs, name="factual", attributes=attrs,
-                                meta={"builder": "factual", "seed": seed, "relations": rels, "same_length": same_length})
+                                meta={"builder": "factual", "seed": seed, "relations": rels, "same_length": same_length,
+                                      **({"multi_token": True} if multi_token else {}),
+                                      **({"unaligned": True} if unaligned else {})})
