@@ -107,7 +107,7 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
     ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: unknown methods 'acdc'; use one of 'eap', 'eap-ig' or 'eap-ig-act'"),
     ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
-    ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits or das"),
+    ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits, das, patchscopes"),
     ("model: tiny:llama\ntargets: [{target: z, subspace: {}}]\n", "has one vector per head; give a basis file"),
     ("model: tiny:llama\ntargets: [{target: z, method: atp, subspace: {method: file, file: b.safetensors}}]\n",
      "subspace: applies to exact patching"),
@@ -391,3 +391,52 @@ def test_run_with_subspace_targets_and_das(tmp_path):
     assert res.info.subspace_check.verdict is ap.subspaces.SubspaceVerdict.UNSPLIT
     r = invoke("run", str(cfg), "--out", str(out))
     assert r.exit_code == 0 and "das_resid_pre.L1.end_k1: already done, loaded" in r.stdout
+
+
+JOBS = """model: tiny:llama
+prompts: {file: pairs.jsonl, keep_correct: false}
+targets: []
+patchscopes:
+  - {name: ident, sources: ["When Mary and John", "the store"], layers: [0, 1], target_prompt: "Mary John Mary John the"}
+  - {name: lens, sources: ["When Mary and John"], target_prompt: null}
+interchanges:
+  - {name: end_into_s2, patches: ["resid_pre.L1.posend -> resid_pre.L1.pos9", "resid_pre.L0.pos0 -> resid_pre.L0.pos1 + mlp_out.L0.pos1 -> mlp_out.L0.pos2"]}
+generations:
+  - {name: ablate, prompt: "When Mary and John went", patches: {"resid_pre.L1": 0.0}, max_new_tokens: 3}
+"""
+
+
+def test_patchscopes_interchanges_and_generations_run_resume_and_report(tmp_path):
+    cfg = write_config(tmp_path, JOBS)
+    out = tmp_path / "out"
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    saved = {p.name for p in out.glob("*.json")}
+    assert {"patchscope_ident.json", "patchscope_lens.json", "interchange_end_into_s2.json", "generation_ablate.json"} <= saved
+    from actpatch.app.extras import load_extras
+    from actpatch.techniques.patchscope import patchscope
+
+    extras = load_extras(out)
+    model = ap.testing.tiny_model("llama")
+    again = patchscope(model, ["When Mary and John", "the store"], "resid_post", layers=[0, 1],
+                       target_prompt="Mary John Mary John the")
+    assert torch.equal(extras["patchscope"]["ident"].tokens, again.tokens)
+    inter = extras["interchange"]["end_into_s2"]
+    assert len(inter["labels"]) == 2 and len(inter["values"]["logit_diff"][0]) == len(PAIRS)
+    page = (out / "report.html").read_text()
+    assert "<h2>Patchscopes</h2>" in page and "<h2>Interchanges</h2>" in page and "<h2>Patched generation</h2>" in page
+    r = invoke("run", str(cfg), "--out", str(out))  # resumed: every job loaded, none rerun
+    assert r.exit_code == 0 and r.stdout.count("already done, loaded") == 4, r.stdout
+    assert invoke("report", str(out)).exit_code == 0
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("interchanges: [{name: a, patches: ['resid_pre.L1.pos0 resid_pre.L1.pos2']}]\n", "write 'source site -> base site'"),
+    ("generations: [{name: g, prompt: hi, max_new_tokens: 0}]\n", "max_new_tokens"),
+    ("patchscopes: [{name: p}, {name: p}]\n", "every job needs its own name"),
+    ("patchscopes: [{name: p, site: z}]\n", "patchscopes.0.site"),
+])
+def test_bad_job_sections_are_one_line_errors(tmp_path, body, fragment):
+    cfg = write_config(tmp_path, "model: tiny:llama\ntargets: []\n" + body)
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1 and fragment in r.stderr, r.stderr

@@ -70,8 +70,11 @@ def _finish(results: dict, out: Path, title: str, t0: float) -> None:
 
     from ..techniques.self_repair import load_direct_total
 
+    from .extras import load_extras
+
     path = write_report(results, out, title=title, curves=load_curves(out / "circuits.json"), das=load_das(out),
-                        mib=load_mib(out / "mib.json"), direct_total=load_direct_total(out / "direct_total.json"))
+                        mib=load_mib(out / "mib.json"), direct_total=load_direct_total(out / "direct_total.json"),
+                        extras=load_extras(out))
     n_find = sum(len(r.findings) for r in results.values())
     console.print(f"{len(results)} results and {n_find} findings in {time.perf_counter() - t0:.1f} s")
     console.print(f"Report: [bold]{path.resolve()}[/bold]  (figures as SVG in {(out / 'figures').resolve()})")
@@ -142,11 +145,13 @@ def report(directory: Path = typer.Argument(..., help="A run directory, a result
     from .subspaces import load_das
 
     from ..techniques.self_repair import load_direct_total
+    from .extras import load_extras
 
     path = write_report(results, directory, title=f"actpatch: {directory.name}",
                         curves=load_curves(directory / "circuits.json"), das=load_das(directory),
                         mib=load_mib(directory / "mib.json"),
-                        direct_total=load_direct_total(directory / "direct_total.json"))
+                        direct_total=load_direct_total(directory / "direct_total.json"),
+                        extras=load_extras(directory))
     console.print(f"Report: [bold]{path.resolve()}[/bold]")
 
 

@@ -35,7 +35,7 @@ from ..techniques.eap import EdgeMethod
 from ..types import Direction, Engine, Method
 
 __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "SubspaceMethod", "DASConfig",
-           "ConfigError", "load_config"]
+           "PatchscopeConfig", "InterchangeConfig", "GenerationConfig", "ConfigError", "load_config"]
 
 
 class SubspaceMethod(str, enum.Enum):
@@ -264,6 +264,72 @@ class CircuitsConfig(_Strict):
         return v
 
 
+_NAME = r"^[A-Za-z0-9_.+-]+$"
+
+
+class PatchscopeConfig(_Strict):
+    """A Patchscope (ap.patchscope): what each layer's activation at the source positions says,
+    decoded through a target prompt (the identity prompt by default; ``target_prompt: null``:
+    the logit lens). Writes ``patchscope_<name>.json``."""
+
+    name: str = Field(pattern=_NAME)
+    sources: list[str] | None = Field(None, min_length=1)
+    """Source texts (default: the run's first four clean prompts)."""
+    site: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_post"
+    layers: list[int] | None = None
+    positions: list[int] = Field(default_factory=lambda: [-1], min_length=1)
+    """Source token indices (negative from each prompt's end)."""
+    target_prompt: str | None = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+    target_position: int = -1
+    target_layer: int | None = Field(None, ge=0)
+    max_new_tokens: int = Field(4, ge=1)
+
+
+def _check_write(text: str) -> None:
+    if "->" not in text:
+        raise ValueError(f"{text!r}: write 'source site -> base site', e.g. 'resid_pre.L10.posend -> resid_pre.L10.pos-1'")
+    _check_sites([part.strip() for part in text.split("->", 1)])
+
+
+class InterchangeConfig(_Strict):
+    """A cross-prompt interchange (ap.interchange): activations of ``source`` prompts written into
+    the run's prompts. Each patch is ``"source site -> base site"`` (several joined by ``" + "``
+    are written together). Writes ``interchange_<name>.json``."""
+
+    name: str = Field(pattern=_NAME)
+    source: PromptsConfig | None = None
+    """The prompts read (their clean prompts; default: the run's prompts, e.g. one position into another)."""
+    patches: list[str] = Field(min_length=1)
+    reduce: Literal["pair", "mean"] = "pair"
+    """pair: source prompt i into prompt i (or one source into all); mean: the source set's mean (function vectors)."""
+
+    @field_validator("patches")
+    @classmethod
+    def _writes(cls, v: list[str]) -> list[str]:
+        for patch in v:
+            for write in patch.split(" + "):
+                _check_write(write)
+        return v
+
+
+class GenerationConfig(_Strict):
+    """Patched generation (ap.generate) next to the unpatched one: ``patches`` at the prompt's
+    positions and ``every_step`` at each new one, site -> value (0.0: zero ablation). Writes
+    ``generation_<name>.json``."""
+
+    name: str = Field(pattern=_NAME)
+    prompt: str
+    patches: dict[str, float] = Field(default_factory=dict)
+    every_step: dict[str, float] = Field(default_factory=dict)
+    max_new_tokens: int = Field(20, ge=1)
+
+    @field_validator("patches", "every_step")
+    @classmethod
+    def _sites(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_sites(list(v))
+        return v
+
+
 class ExperimentConfig(_Strict):
     """One experiment: a model, prompts, a corruption, targets x directions, metrics."""
 
@@ -279,6 +345,9 @@ class ExperimentConfig(_Strict):
     """Also find circuits: edge scores (EAP / EAP-IG) and faithfulness curves."""
     das: list[DASConfig] = Field(default_factory=list)
     """DAS jobs: subspaces learned at sites (see docs/subspace.md)."""
+    patchscopes: list[PatchscopeConfig] = Field(default_factory=list)
+    interchanges: list[InterchangeConfig] = Field(default_factory=list)
+    generations: list[GenerationConfig] = Field(default_factory=list)
     seed: int = 0
     engine: Engine = Engine.AUTO
     unit_size: int = Field(64, ge=1)
@@ -288,8 +357,14 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":
-        if not (self.targets or self.paths or self.circuits or self.das):
-            raise ValueError("nothing to run: give targets, paths, circuits or das")
+        if not (self.targets or self.paths or self.circuits or self.das or self.patchscopes or self.interchanges
+                or self.generations):
+            raise ValueError("nothing to run: give targets, paths, circuits, das, patchscopes, interchanges or "
+                             "generations")
+        for what in ("patchscopes", "interchanges", "generations"):
+            names = [job.name for job in getattr(self, what)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what}: every job needs its own name; {sorted(names)} repeats one")
         discrete = [m.value for m in self.metrics if m not in DIFFERENTIABLE]
         atp = [t.name for t in self.targets if t.method is Method.ATP]
         if atp and discrete:
@@ -324,6 +399,19 @@ def _format_validation(e: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+def _located(pc: PromptsConfig, config: Path, key: str) -> PromptsConfig:
+    """``pc`` with its prompt file's path made absolute (relative paths are read from the
+    config's folder); a missing file is refused by its key."""
+    if pc.file is None:
+        return pc
+    f = Path(pc.file)
+    if not f.is_absolute():
+        f = config.parent / f
+    if not f.is_file():
+        raise ConfigError(f"{config}: {key} {pc.file!r} does not exist (looked at {f}).")
+    return pc.model_copy(update={"file": str(f)})
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a YAML experiment config.
 
@@ -348,11 +436,8 @@ def load_config(path: str | Path) -> ExperimentConfig:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, str(p))) from None
-    if cfg.prompts.file is not None:
-        f = Path(cfg.prompts.file)
-        if not f.is_absolute():
-            f = p.parent / f
-        if not f.is_file():
-            raise ConfigError(f"{p}: prompts.file {cfg.prompts.file!r} does not exist (looked at {f}).")
-        cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"file": str(f)})})
+    cfg = cfg.model_copy(update={"prompts": _located(cfg.prompts, p, "prompts.file")})
+    jobs = [j.model_copy(update={"source": _located(j.source, p, f"interchanges[{i}].source.file")})
+            if j.source is not None else j for i, j in enumerate(cfg.interchanges)]
+    cfg = cfg.model_copy(update={"interchanges": jobs})
     return cfg

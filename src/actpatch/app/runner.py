@@ -44,7 +44,7 @@ from ..subspace import Subspace
 from ..techniques.path import path_sweep
 from ..types import Direction, Method
 from .catalogue import write_status
-from .config import ExperimentConfig, PathConfig, TargetConfig
+from .config import ExperimentConfig, PathConfig, PromptsConfig, TargetConfig
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
 from ..techniques.self_repair import direct_vs_total
@@ -75,26 +75,29 @@ def build_prompts(model: Model, cfg: ExperimentConfig,
                   log: Callable[[str], None] = lambda _: None) -> tuple[PromptSet, float | None]:
     """The prompt set of a config (kept to the prompts the model solves when asked); ``log``
     gets the run's cost estimate before any forward pass."""
-    from .. import prompts as P
-
-    pc = cfg.prompts
-    if pc.file is not None:
-        ps = PromptSet.from_file(model, pc.file)
-    else:
-        builder = getattr(P, pc.builder or "ioi")
-        kwargs: dict[str, Any] = dict(pc.args)
-        if pc.templates is not None:
-            kwargs["templates"] = pc.templates
-        try:
-            ps = builder(model, n=pc.n, seed=pc.seed, **kwargs)
-        except TypeError as e:
-            raise ConfigError(f"prompts.args: {e}") from None
+    ps = prompt_set(model, cfg.prompts)
     check_names(cfg, ps)  # before any forward pass, keep_correct's included
     log(cost_estimate(model, ps, cfg))
     share = None
-    if pc.keep_correct:
+    if cfg.prompts.keep_correct:
         ps, share = keep_correct(model, ps)
     return ps, share
+
+
+def prompt_set(model: Model, pc: PromptsConfig, key: str = "prompts") -> PromptSet:
+    """The prompts a prompts section describes: its file, or its builder with its arguments."""
+    from .. import prompts as P
+
+    if pc.file is not None:
+        return PromptSet.from_file(model, pc.file)
+    builder = getattr(P, pc.builder or "ioi")
+    kwargs: dict[str, Any] = dict(pc.args)
+    if pc.templates is not None:
+        kwargs["templates"] = pc.templates
+    try:
+        return builder(model, n=pc.n, seed=pc.seed, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}.args: {e}") from None
 
 
 def cost_estimate(model: Model, prompts: PromptSet, cfg: ExperimentConfig) -> str:
@@ -262,6 +265,11 @@ def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str
         find_circuits(model, prompts, cfg, out, log)
     if cfg.das:
         run_das_jobs(model, prompts, cfg, out, progress=progress, log=log)
+    if cfg.patchscopes or cfg.interchanges or cfg.generations:
+        from .extras import run_extras
+
+        run_extras(model, prompts, cfg, out, lambda job: prompt_set(model, job.source, f"interchanges.{job.name}.source"),
+                   log)
     for base, _ in jobs:
         d, n = results.get(f"{base}_denoise"), results.get(f"{base}_noise")
         if d is not None and n is not None and comparable(d, n) and not (d.info.compared and n.info.compared):
@@ -375,7 +383,8 @@ def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchRes
 
     state = out / "run.json"
     results = {p.name: PatchResult.load(p) for p in saved_results(out)}
-    if not results:
+    jobs = any(out.glob(f"{kind}_*.json") for kind in ("patchscope", "interchange", "generation"))
+    if not results and not jobs:
         raise OutputDirError(f"{out} holds no finished results (expected subdirectories with meta.json, or a "
                              f"folder written by res.save).")
     saved = read_json(state, "an experiment directory") if state.is_file() else {}

@@ -18,12 +18,14 @@ from ..agreement import compare_estimate, estimate_mismatch
 from ..compare import Comparison, comparable, compare
 from ..findings import LEVEL_COLOURS, Level
 from ..types import Direction, Method
+from .extras import extras_sections
 from .figures import agreement_figure, comparison_figure, faithfulness_figure, mib_figure, result_figure
 from .svg import agreement_svg, heatmap_svg, scatter_svg
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
+    from ..app.extras import Extras
     from ..techniques.das import DASRecord
     from ..techniques.circuit import Faithfulness
     from ..techniques.mib import CircuitScores
@@ -78,24 +80,27 @@ def write_report(
     das: "dict[str, DASRecord] | None" = None,
     mib: "dict[str, CircuitScores] | None" = None,
     direct_total: "DirectTotal | None" = None,
+    extras: "Extras | None" = None,
 ) -> Path:
     """Write ``out/report.html`` and ``out/figures/*.svg`` for named results (``<target>_<direction>``),
-    plus circuit faithfulness ``curves`` (by method name) and DAS records (by job name) when given."""
+    plus circuit faithfulness ``curves`` (by method name), DAS records (by job name) and a run's
+    Patchscopes, interchanges and generations (``extras``, :func:`actpatch.app.extras.load_extras`) when given."""
     import plotly.offline
 
     out = Path(out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(results.values()))
+    first = next(iter(results.values()), None)
     fig = itertools.count(1)  # figure ids, in page order
-    parts: list[str] = [f"<h1>{html.escape(title)}</h1>", *_baselines(results)]
+    parts: list[str] = [f"<h1>{html.escape(title)}</h1>", *(_baselines(results) if results else [])]
     pairs, comparisons = _heatmaps(results, figdir, fig)
     parts += pairs + _comparisons(comparisons, figdir, fig) + _estimates(results, figdir, fig)
     parts += _circuits(curves, mib, fig)
     parts += _subspace_sections(results, das or {})
     if direct_total is not None:
         parts += _direct_total(direct_total, fig)
-    parts += _findings(results) + _provenance(first)
+    parts += extras_sections(extras)
+    parts += (_findings(results) + _provenance(first)) if first is not None else []
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
             + "\n".join(parts) + "</body></html>")

@@ -67,6 +67,13 @@ class Generation:
             raise PromptError("This generation has no baseline; call ap.generate(..., baseline=True).")
         return (self.tokens != self.baseline_tokens).any(1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ids and text of the prompts and both continuations (not the logits)."""
+        return {"prompt": self.prompt.tolist(), "prompt_text": list(self.prompt_text), "tokens": self.tokens.tolist(),
+                "text": list(self.text),
+                "baseline_tokens": None if self.baseline_tokens is None else self.baseline_tokens.tolist(),
+                "baseline_text": None if self.baseline_text is None else list(self.baseline_text)}
+
     def __repr__(self) -> str:
         lines = [f"Generation({self.tokens.shape[0]} prompt(s), {self.tokens.shape[1]} new tokens)"]
         for i, text in enumerate(self.text):

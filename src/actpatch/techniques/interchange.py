@@ -102,6 +102,22 @@ class InterchangeResult:
         """``(n_patches, n_prompts)``: patched minus unpatched, in raw metric units (0 = no effect)."""
         return self.values[metric] - self.base[metric][None]
 
+    def summary(self, metric: MetricLike = Metric.LOGIT_DIFF) -> list[tuple[str, float, float]]:
+        """Per patch: (label, mean effect over prompts, its standard error), raw metric units."""
+        eff = self.effect(metric)
+        n = eff.shape[1]
+        sem = eff.std(1) / n**0.5 if n > 1 else torch.full((eff.shape[0],), float("nan"))
+        return [(label, float(e), float(s)) for label, e, s in zip(self.labels, eff.mean(1).tolist(), sem.tolist())]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: labels, values and findings (the patches' tensors are not kept)."""
+        name = lambda m: getattr(m, "value", str(m))  # noqa: E731
+        return {"labels": self.labels, "reduce": self.reduce,
+                "values": {name(m): v.tolist() for m, v in self.values.items()},
+                "base": {name(m): v.tolist() for m, v in self.base.items()},
+                "source": None if self.source is None else {name(m): v.tolist() for m, v in self.source.items()},
+                "findings": [f.to_dict() for f in self.findings]}
+
     def __repr__(self) -> str:
         m = next(iter(self.values))
         name = getattr(m, "value", str(m))

@@ -91,6 +91,22 @@ class PatchscopeResult:
         """Rows per layer, one decoded text per source position, for source prompt ``source``."""
         return [[self.text[li][source][p] for p in range(self.positions.shape[1])] for li in range(len(self.layers))]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (:meth:`from_dict` reads it back)."""
+        return {"kind": self.kind.value, "layers": list(self.layers), "target_layers": list(self.target_layers),
+                "sources": list(self.sources), "positions": self.positions.tolist(),
+                "source_tokens": self.source_tokens.tolist(), "tokens": self.tokens.tolist(),
+                "text": [[list(row) for row in layer] for layer in self.text], "target_prompt": self.target_prompt,
+                "token_text": [list(row) for row in self.token_text]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PatchscopeResult":
+        return cls(kind=SiteKind(d["kind"]), layers=tuple(d["layers"]), target_layers=tuple(d["target_layers"]),
+                   sources=tuple(d["sources"]), positions=torch.tensor(d["positions"]),
+                   source_tokens=torch.tensor(d["source_tokens"]), tokens=torch.tensor(d["tokens"]),
+                   text=tuple(tuple(tuple(row) for row in layer) for layer in d["text"]),
+                   target_prompt=d["target_prompt"], token_text=tuple(tuple(row) for row in d["token_text"]))
+
     def __repr__(self) -> str:
         what = "logit lens" if self.target_prompt is None else f"target {self.target_prompt!r}"
         lines = [f"PatchscopeResult({self.kind.value}, {len(self.layers)} layers x {len(self.sources)} sources, {what})"]
