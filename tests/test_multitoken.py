@@ -266,8 +266,8 @@ def test_eap_ig_is_complete_through_the_continuation(direction):
 def test_techniques_without_continuations_refuse_multi_token_answers_by_name():
     model = tiny_model("llama")
     ps = ap.PromptSet.from_pairs(model, PAIRS)
-    with pytest.raises(PromptError, match=r"Path patching scores single-token answers only; .* up to 3 tokens"):
-        ap.path_patch(model, ps, senders=[ap.Site("z", 0, head=0)], receivers=[ap.Site("resid_final")])
+    with pytest.raises(PromptError, match=r"DAS scores single-token answers only; .* up to 3 tokens"):
+        ap.subspaces.das(model, ps, ap.Site("resid_pre", 1, pos=2), k=1, steps=1)
     with pytest.raises(PromptError, match=r"Attribution patching with qk_fix \(AtP\*\) scores single-token"):
         ap.attribute(model, ps, "k", qk_fix=True)
     clean = ap.sweep(model, ps, "resid_pre", layers=[0], positions=[0], progress=False).clean["logit_diff"]
@@ -283,3 +283,52 @@ def test_answers_sharing_their_first_token_are_named_in_a_finding():
     assert len(found) == 1 and "1 of 2 prompts (1)" in found[0].message
     assert not [f for f in ap.sweep(model, ap.PromptSet.from_pairs(model, PAIRS), "resid_pre", progress=False).findings
                 if f.code == "answers_share_first_token"]
+
+
+def _branch_logprob(model, ids, answer, writes_at_prompt):
+    """log P(answer | ids) summed by hand over one branch (ids + answer[:-1]), with
+    ``writes_at_prompt`` ({full site: value at the prompt's positions}) written there only."""
+    T = ids.numel()
+    seq = torch.cat([ids, answer[:-1]])[None]
+
+    def at_prompt(value):
+        def fn(x):
+            out = x.clone()
+            out[:, :T] = value
+            return out
+        return fn
+
+    with model.attention_fn(), ap.intervene(model, {s: at_prompt(v) for s, v in writes_at_prompt.items()}):
+        lp = torch.log_softmax(model.logits(seq)[0, T - 1:].double(), -1)
+    return float(lp[torch.arange(answer.numel()), answer].sum())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("receiver", ["resid_final", "q"])
+def test_path_patching_with_multi_token_answers_equals_two_steps_by_hand(family, receiver):
+    model = tiny_model(family)
+    ps = ap.PromptSet.from_pairs(model, PAIRS)
+    senders = [ap.Site("z", 0, head=1)]
+    receivers = [ap.Site("resid_final")] if receiver == "resid_final" else [ap.Site("q", 1, head=2)]
+    res = ap.path_patch(model, ps, senders=senders, receivers=receivers, direction="noise")
+    for i in range(len(ps)):
+        clean, corrupted = ps.clean[i][None], ps.corrupted[i][None]
+        z_all = [ap.Site("z", l) for l in range(model.n_layers)]
+        with model.attention_fn(), ap.capture(model, z_all) as frozen:
+            model.logits(clean)
+        with model.attention_fn(), ap.capture(model, [ap.Site("z", 0)]) as src:
+            model.logits(corrupted)
+        writes = {z: frozen[z].clone() for z in z_all}
+        writes[ap.Site("z", 0)][:, :, 1] = src[ap.Site("z", 0)][:, :, 1]
+        with model.attention_fn(), ap.intervene(model, writes), ap.capture(model, [r.full() for r in receivers]) as rec:
+            model.logits(clean)
+        recorded = {r.full(): rec[r.full()] for r in receivers}
+        if receiver == "q":  # only head 2's query changes
+            with model.attention_fn(), ap.capture(model, [ap.Site("q", 1)]) as base_q:
+                model.logits(clean)
+            q = base_q[ap.Site("q", 1)].clone()
+            q[:, :, 2] = recorded[ap.Site("q", 1)][:, :, 2]
+            recorded = {ap.Site("q", 1): q}
+        want = (_branch_logprob(model, ps.clean[i], ps.answer_ids(i), recorded)
+                - _branch_logprob(model, ps.clean[i], ps.alternative_ids(i), recorded))
+        assert abs(float(res.raw["logit_diff"][i]) - want) < TOL, (family, receiver, i)

@@ -88,7 +88,7 @@ class PathJob:
         senders_full = sorted({s.full() for g in self.sender_sets for s in g}, key=str)
         rows = torch.arange(runs.rows)
         with runs.base.context(model), capture(model, z_all) as frozen:
-            base_logits = model.logits(runs.base.ids, last_only=True)
+            base_logits = runs.base.readout(model)
         source, src_logits = exp.source_activations(runs, senders_full)
         # the clean run is the base or the source run: no third forward pass for KL's reference
         measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
@@ -113,7 +113,7 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
          unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
          grid: dict | None = None) -> PatchResult:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Path patching", needs_corrupted_run=True)
+                           technique="Path patching", needs_corrupted_run=True, continuations=True)
     _check(sender_sets, receivers, model)
     job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
     outcome = exp.run(job, len(sender_sets), executor=executor, store=store, unit_size=unit_size, progress=progress,
@@ -124,7 +124,8 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
 
 def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers: Sequence[Site],
               frozen: dict[Site, torch.Tensor], source: dict[Site, torch.Tensor]) -> torch.Tensor:
-    """Last-position logits of the base run with only the receivers' inputs changed by ``group``."""
+    """Readout logits of the base run (last position and, teacher-forced, each continuation
+    token's) with only the receivers' inputs changed by ``group``."""
     # step 1: senders from the source run, every other head frozen to the base run
     writes: dict[Site, torch.Tensor] = {z: x.clone() for z, x in frozen.items()}
     for s in group:
@@ -132,11 +133,12 @@ def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers:
             writes[Site("z", s.layer)][s.selector()] = source[s.full()][s.selector()]
         else:
             writes[s] = source[s.full()][s.selector()]
+    # (the receivers sit at prompt positions, which never read the continuation of several-token answers)
     with runs.base.context(model), intervene(model, writes), capture(model, list(receivers)) as recorded:
         model.logits(runs.base.ids, last_only=True)
-    # step 2: only the receivers' inputs change
+    # step 2: only the receivers' inputs change; the answers' continuation runs after them
     with runs.base.context(model), intervene(model, {r: recorded[r] for r in receivers}):
-        return model.logits(runs.base.ids, last_only=True)
+        return runs.base.readout(model)
 
 
 def path_patch(
