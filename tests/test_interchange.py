@@ -73,6 +73,8 @@ def test_interchange_equals_one_forward_per_patch_and_prompt(family):
     assert torch.allclose(res.base[L], oracle(model, base, (), []), atol=1e-5)
     assert res.effect(L).abs().max() > 1e-3  # the patches matter on these random models
     assert res.base[ap.Metric.KL].abs().max() < 1e-6  # KL against the unpatched base run
+    assert res.provenance.weight_hash == model.weight_hash and res.source_prompts["n_prompts"] == 3
+    assert res.to_dict()["labels"] == res.labels
 
 
 def test_mean_source_and_one_source_broadcast():

@@ -42,6 +42,7 @@ from ..hooks import WRITE, _hooks, capture
 from ..metrics import Metric, MetricLike, MetricSpec, compute_metrics, parse_metrics
 from ..prompts.promptset import PromptSet
 from ..sites import Site, SiteKind
+from ..types import Provenance
 from .positions import named_positions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,6 +86,7 @@ class InterchangeResult:
             (pairwise sources only; None otherwise).
         reduce: ``"pair"``, ``"broadcast"``, ``"mean"`` or ``"value"``: how sources map to base prompts.
         findings: what to look at before reading the numbers.
+        provenance / source_prompts: where the numbers come from.
     """
 
     patches: tuple[tuple[Interchange, ...], ...]
@@ -93,6 +95,9 @@ class InterchangeResult:
     source: dict[MetricLike, torch.Tensor] | None
     reduce: str
     findings: list[Finding] = dataclasses.field(default_factory=list)
+    provenance: Provenance | None = None
+    """Model, weights and the base prompts (``source_prompts``: the source set's description)."""
+    source_prompts: dict[str, Any] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -116,7 +121,9 @@ class InterchangeResult:
                 "values": {name(m): v.tolist() for m, v in self.values.items()},
                 "base": {name(m): v.tolist() for m, v in self.base.items()},
                 "source": None if self.source is None else {name(m): v.tolist() for m, v in self.source.items()},
-                "findings": [f.to_dict() for f in self.findings]}
+                "findings": [f.to_dict() for f in self.findings],
+                "provenance": None if self.provenance is None else dataclasses.asdict(self.provenance),
+                "source_prompts": self.source_prompts}
 
     def __repr__(self) -> str:
         m = next(iter(self.values))
@@ -244,7 +251,9 @@ def interchange(
     values = _source_values(model, source, plist, n, mode)  # (k, j) -> (n, *slice)
     out_base, out_vals = _score(model, base, plist, base_pos, values, metrics)
     src_scores = _score_sources(model, base, source, metrics) if mode == "pair" else None
-    res = InterchangeResult(patches=plist, values=out_vals, base=out_base, source=src_scores, reduce=mode)
+    res = InterchangeResult(patches=plist, values=out_vals, base=out_base, source=src_scores, reduce=mode,
+                            provenance=Provenance.of(model, base),
+                            source_prompts=None if source is None else source.describe())
     res.findings = _findings(res, base)
     return res
 
