@@ -110,6 +110,8 @@ def test_unaligned_pairs_refuse_what_cannot_match_them():
         ap.sweep(model, prompts, "resid_pre", positions=["end"], corruption="zero", progress=False)
     with pytest.raises(PromptError, match="one token length"):
         ap.attribute(model, prompts, "resid_pre")
+    with pytest.raises(PromptError, match="illusion check"):  # before the sweep, not after it
+        ap.sweep(model, prompts, "resid_pre", positions=["end"], subspace=torch.eye(model.d_model)[:1], progress=False)
     with pytest.raises(PromptError, match="pair 1 gets"):
         prompts.with_positions("x", [(0, 0), (0, 9), (0, 0), (0, 0)])
     custom = prompts.subset([1]).with_positions("x", [(1, 1)])

@@ -104,6 +104,12 @@ def sweep(
     """
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
                 window=window)
+    if subspace is not None and check_subspace and isinstance(prompts, PromptSet) and not prompts.aligned:
+        from ..errors import PromptError
+
+        raise PromptError("The interpretability-illusion check patches one site at one index in every prompt, which "
+                          "pairs of different token lengths do not share; pass check_subspace=False, or give pairs "
+                          "of one length.")
     with executor_for(executor) as run_units:  # one executor (and one set of workers) for the whole call
         options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
                        chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace),
