@@ -26,6 +26,7 @@ __all__ = [
     "OutputDirError",
     "ExecutorError",
     "DeviceError",
+    "DictionaryError",
     "ArgumentError",
 ]
 
@@ -104,6 +105,12 @@ class ExecutorError(ActpatchError):
 
 class DeviceError(ActpatchError):
     """A device or dtype this machine cannot run, or a device map that leaves a layer nowhere."""
+
+
+class DictionaryError(ActpatchError):
+    """A feature dictionary (SAE, transcoder) cannot be read or used: missing files, a pickled
+    checkpoint, an unknown architecture or hook name, NaN weights, a width that does not match
+    its site, a feature index out of range, a feature site without its dictionary attached."""
 
 
 class ArgumentError(ActpatchError, TypeError):

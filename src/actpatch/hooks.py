@@ -31,7 +31,7 @@ from torch import nn
 
 from .models.attention import HookFn, hidden_tail
 from .errors import SiteError
-from .sites import ATTENTION_FN_KINDS, Site, SiteKind
+from .sites import ATTENTION_FN_KINDS, FEATURE_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
@@ -43,8 +43,9 @@ Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
 current slice returning its replacement."""
 
 # Order at one hook point: resid_mid's block-output correction, then writes (outer context
-# first), then reads. One torch hook per (module, side) dispatches to all entries in that order.
-FIX, WRITE, READ = -1, 0, 1
+# first), then an attached dictionary's features (their own writes, then reads), then reads.
+# One torch hook per (module, side) dispatches to all entries in that order.
+FIX, WRITE, FEATURES, READ = -1, 0, 0.5, 1
 
 
 def _first(x: object) -> torch.Tensor:
@@ -55,7 +56,7 @@ class _Point:
     """All entries on one module's first input or (first) output, behind a single torch hook."""
 
     def __init__(self, module: nn.Module, where: str) -> None:
-        self.entries: list[tuple[int, int, HookFn]] = []
+        self.entries: list[tuple[float, int, HookFn]] = []
         if where == "input":
             self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
         else:
@@ -105,7 +106,7 @@ def _prompt_only(fn: HookFn, kind: SiteKind) -> HookFn:
     return wrapped
 
 
-def _add(model: "Model", module: nn.Module, where: str, fn: HookFn, priority: int, kind: SiteKind,
+def _add(model: "Model", module: nn.Module, where: str, fn: HookFn, priority: float, kind: SiteKind,
          whole: bool = False) -> Callable[[], None]:
     """Attach ``fn`` at one module side of ``model``; returns its remover. The points live in
     the model handle's registry (``model.hook_points``), one torch hook per module side. Unless
@@ -140,7 +141,7 @@ def _heads_view(fn: HookFn, n_heads: int) -> HookFn:
 
 
 @contextmanager
-def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]], whole: bool = False) -> Iterator[None]:
+def _hooks(model: "Model", entries: list[tuple[Site, HookFn, float]], whole: bool = False) -> Iterator[None]:
     """Attach ``(full site, fn, priority)`` entries for the duration of the context; ``whole``:
     they see continuation positions too."""
     adapter = model.adapter
@@ -149,7 +150,9 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]], whole: bool 
     with ExitStack() as stack:
         try:
             for site, fn, prio in entries:
-                if site.kind in ATTENTION_FN_KINDS:
+                if site.kind in FEATURE_KINDS:
+                    removers.append(_feature_entry(model, site, fn, prio))
+                elif site.kind in ATTENTION_FN_KINDS:
                     attn_fn = fn if whole else _prompt_only(fn, site.kind)
                     attn_entries.append((adapter.attention(site.layer), site.kind, prio, attn_fn))  # type: ignore[arg-type]
                 elif site.kind == SiteKind.RESID_MID and prio == WRITE:
@@ -166,7 +169,8 @@ def _hooks(model: "Model", entries: list[tuple[Site, HookFn, int]], whole: bool 
                 remove()
 
 
-def _resid_mid_write(model: "Model", site: Site, fn: HookFn, whole: bool = False) -> list[Callable[[], None]]:
+def _resid_mid_write(model: "Model", site: Site, fn: HookFn, whole: bool = False,
+                     priority: float = WRITE) -> list[Callable[[], None]]:
     """resid_mid is read at the MLP's input norm, but the block also adds it to the MLP output
     through a separate variable: write the norm's input and add the same change to the block's
     output (before any resid_post write on that block)."""
@@ -184,8 +188,77 @@ def _resid_mid_write(model: "Model", site: Site, fn: HookFn, whole: bool = False
 
     norm, where = model.adapter.hook_point(site)
     block, side = model.adapter.hook_point(Site(SiteKind.RESID_POST, site.layer))
-    return [_add(model, norm, where, at_norm, WRITE, site.kind, whole),
+    return [_add(model, norm, where, at_norm, priority, site.kind, whole),
             _add(model, block, side, at_block, FIX, SiteKind.RESID_POST, whole)]
+
+
+class _FeaturePoint:
+    """An attached dictionary's feature and error entries, behind one entry at its site.
+
+    While it has entries, the activation ``y`` at the dictionary's site is computed as
+    ``decode(f) + error`` with ``f = encode(x)`` (``x``: the input, ``y`` itself for an SAE,
+    the read site's activation for a transcoder) and ``error = y - decode(f)``; the entries
+    (writes first, then reads) see and replace ``f`` and ``error``. With no write, ``y`` is
+    returned untouched (attaching is exactly the identity)."""
+
+    def __init__(self, model: "Model", dictionary: object) -> None:
+        self.d = dictionary
+        self.entries: list[tuple[float, int, SiteKind, HookFn]] = []
+        self.input: list[torch.Tensor] = []
+        site, reads = dictionary.site, dictionary.reads  # type: ignore[attr-defined]
+        if site.kind == SiteKind.RESID_MID:
+            self.removers = _resid_mid_write(model, site, self._run, priority=FEATURES)
+        else:
+            module, where = model.adapter.hook_point(site)
+            self.removers = [_add(model, module, where, self._run, FEATURES, site.kind)]
+        if reads is not None:  # a transcoder: its input, read earlier in the same block
+            module, where = model.adapter.hook_point(reads)
+            self.removers.append(_add(model, module, where, self._read_input, READ, reads.kind))
+
+    def _read_input(self, x: torch.Tensor) -> None:
+        self.input[:] = [x]
+
+    def _run(self, y: torch.Tensor) -> torch.Tensor | None:
+        d = self.d
+        x = self.input[0] if d.reads is not None else y  # type: ignore[attr-defined]
+        f, ctx = d.encode_with_context(x)  # type: ignore[attr-defined]
+        err = y.to(f.dtype) - d.decode(f, x, ctx)  # type: ignore[attr-defined]
+        changed = False
+        for _, _, kind, fn in sorted(self.entries, key=lambda e: (e[0], e[1])):
+            out = fn(f if kind == SiteKind.FEATURE else err)
+            if out is not None:
+                changed = True
+                if kind == SiteKind.FEATURE:
+                    f = out
+                else:
+                    err = out
+        if not changed:
+            return None
+        return (d.decode(f, x, ctx) + err).to(y.dtype)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for remove in reversed(self.removers):
+            remove()
+
+
+def _feature_entry(model: "Model", site: Site, fn: HookFn, priority: float) -> Callable[[], None]:
+    """Attach ``fn`` to the feature or error term of the dictionary attached at ``site``; the
+    dictionary's :class:`_FeaturePoint` lives while it has entries."""
+    d = model.attached(site)
+    key = (id(d), "features")
+    point = model.hook_points.get(key)
+    if point is None:
+        point = model.hook_points[key] = _FeaturePoint(model, d)
+    entry = (priority, model.next_hook_seq(), site.kind, fn)
+    point.entries.append(entry)
+
+    def remove() -> None:
+        point.entries.remove(entry)
+        if not point.entries:
+            point.close()
+            del model.hook_points[key]
+
+    return remove
 
 
 @contextmanager

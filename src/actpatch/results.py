@@ -49,6 +49,8 @@ class ExactInfo:
     """Subspace patching: :meth:`actpatch.subspace.Subspace.describe` of the basis patched along."""
     subspace_check: SubspaceCheck | None = None
     """Subspace patching: the interpretability-illusion check's numbers (:func:`actpatch.patch`)."""
+    dictionary: dict[str, Any] | None = None
+    """A feature sweep: the dictionary's description (label, site, features, architecture)."""
 
 
 @dataclass(frozen=True)

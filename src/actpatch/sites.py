@@ -12,6 +12,12 @@ Layouts of the full (unsliced) activation, batch first::
     k, v                                    (batch, pos, n_kv_heads, d_head)
     pattern                                 (batch, n_heads, query_pos, key_pos)
     mlp_post                                (batch, pos, d_mlp)
+    feature, feature_error                  (batch, pos, feature) / (batch, pos, d_site)
+
+``feature`` and ``feature_error`` are the sites of a feature dictionary (an SAE or a transcoder,
+:mod:`actpatch.features`) attached at the site ``on`` (its kind) of ``layer``: the dictionary's
+feature activations, and the error term ``x - decode(encode(x))`` that makes attaching it the
+identity.
 
 ``head`` selects a head (a KV head for k / v), ``pos`` a position (the query position for
 ``pattern``), ``index`` a neuron (``mlp_post``), a model dimension (residual kinds), a head
@@ -65,6 +71,11 @@ class SiteKind(str, enum.Enum):
     """What the MLP reads from the residual stream, before its norm: resid_mid in serial blocks,
     resid_pre in parallel ones. Writing it changes the MLP's input only (not the skip path);
     edge attribution and circuits use it."""
+    FEATURE = "feature"
+    """A feature dictionary's activations at the site it is attached to (``on``, ``layer``):
+    ``index`` is the feature (see :mod:`actpatch.features`)."""
+    FEATURE_ERROR = "feature_error"
+    """A feature dictionary's error term ``x - decode(encode(x))`` at its site (``on``, ``layer``)."""
 
     @property
     def per_layer(self) -> bool:
@@ -82,6 +93,10 @@ class SiteKind(str, enum.Enum):
         return _LAYOUTS[self]
 
 
+FEATURE_KINDS = frozenset({SiteKind.FEATURE, SiteKind.FEATURE_ERROR})
+DICTIONARY_SITES = frozenset({SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
+                              SiteKind.MLP_OUT, SiteKind.MLP_IN, SiteKind.MLP_POST, SiteKind.Z})
+"""Where a feature dictionary may be attached (the site its reconstruction replaces)."""
 HEAD_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
 KV_KINDS = frozenset({SiteKind.K, SiteKind.V})
 ATTENTION_FN_KINDS = frozenset({SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
@@ -102,6 +117,8 @@ _LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
     SiteKind.V: ("batch", "pos", "kv_head", "d_head"),
     SiteKind.PATTERN: ("batch", "head", "query_pos", "key_pos"),
     SiteKind.MLP_POST: ("batch", "pos", "d_mlp"),
+    SiteKind.FEATURE: ("batch", "pos", "feature"),
+    SiteKind.FEATURE_ERROR: ("batch", "pos", "d_site"),
 }
 
 _KINDS_LIST = ", ".join(k.value for k in SiteKind)
@@ -131,7 +148,7 @@ def _check_index(name: str, value: Any) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Site:
     """One activation (or a slice of it) in a model.
 
@@ -151,6 +168,9 @@ class Site:
     the end (-1 = last) or a name (``"end"``, ``"first_diff"``, ``"last_diff"``, a builder's or a
     prompt file's names such as ``"S2"``)."""
     index: int | None = None
+    on: SiteKind | None = None
+    """For ``feature`` / ``feature_error`` sites only: the kind of site the dictionary is
+    attached to (``"resid_post"``, ``"mlp_out"``, ...); None for every other kind."""
 
     def __post_init__(self) -> None:
         try:
@@ -160,6 +180,19 @@ class Site:
                 f"Unknown site kind {self.kind!r}. Use one of: {_KINDS_LIST}."
             ) from None
         object.__setattr__(self, "kind", kind)
+        if kind in FEATURE_KINDS:
+            allowed = ", ".join(sorted(k.value for k in DICTIONARY_SITES))
+            try:
+                on = SiteKind(self.on) if self.on is not None else None
+            except ValueError:
+                on = None
+            if on not in DICTIONARY_SITES:
+                raise SiteError(f"Site kind {kind.value!r} needs on=<the site its dictionary is attached to> (one "
+                                f"of {allowed}), got on={self.on!r}; e.g. dictionary.feature(3) builds it.")
+            object.__setattr__(self, "on", on)
+        elif self.on is not None:
+            raise SiteError(f"on={self.on!r} applies to feature sites only ('feature', 'feature_error'), not "
+                            f"{kind.value!r}.")
         if kind.per_layer and self.layer is None:
             raise SiteError(f"Site kind {kind.value!r} needs a layer, e.g. Site({kind.value!r}, 0).")
         if not kind.per_layer and self.layer is not None:
@@ -180,11 +213,11 @@ class Site:
 
     def at(self, pos: int) -> "Site":
         """This site at token index ``pos`` (a relative site resolved for one prompt)."""
-        return Site(self.kind, self.layer, head=self.head, pos=pos, index=self.index)
+        return Site(self.kind, self.layer, head=self.head, pos=pos, index=self.index, on=self.on)
 
     def full(self) -> "Site":
         """The whole activation this site slices (same kind and layer, no head/pos/index)."""
-        return Site(self.kind, self.layer)
+        return Site(self.kind, self.layer, on=self.on)
 
     @property
     def is_full(self) -> bool:
@@ -208,7 +241,10 @@ class Site:
 
     def check(self, model: "Model", seq_len: int | None = None) -> None:
         """Raise :class:`SiteError` if the site is out of range for ``model`` (and ``seq_len``)."""
-        model.adapter.check_site(self)
+        if self.kind in FEATURE_KINDS:
+            model.adapter.check_site(Site(self.on, self.layer))  # type: ignore[arg-type]
+        else:
+            model.adapter.check_site(self)
         if self.layer is not None and not 0 <= self.layer < model.n_layers:
             raise SiteError(
                 f"{self}: layer {self.layer} is out of range; this model has layers "
@@ -226,12 +262,11 @@ class Site:
             )
         if self.index is not None:
             last = self.kind.layout[-1]
-            size = {
-                "d_model": model.d_model,
-                "d_head": model.d_head,
-                "d_mlp": model.d_mlp,
-                "key_pos": seq_len,
-            }[last]
+            sizes = {"d_model": model.d_model, "d_head": model.d_head, "d_mlp": model.d_mlp, "key_pos": seq_len}
+            if self.kind in FEATURE_KINDS:
+                d = model.attached(self)
+                sizes = {"feature": d.n_features, "d_site": d.d_out}
+            size = sizes[last]
             if size is not None and self.index >= size:
                 raise SiteError(f"{self}: index {self.index} is out of range for {last} of size {size}.")
 
@@ -247,6 +282,8 @@ class Site:
         """
         kind, *rest = str(text).strip().split(".")
         fields: dict[str, int | str] = {}
+        if "@" in kind:  # feature@resid_post.L3.[17]
+            kind, fields["on"] = kind.split("@", 1)
         names = {"L": "layer", "H": "head", "pos": "pos"}
         for part in rest:
             key = next((k for k in ("pos", "L", "H") if part.startswith(k) and part[len(k):].isdigit()), None)
@@ -262,8 +299,13 @@ class Site:
                                 f"[<index>]. Examples: 'resid_final', 'q.L23.H3', 'z.L9.H1.pos4'.")
         return cls(kind, **fields)  # type: ignore[arg-type]
 
+    def __repr__(self) -> str:
+        on = "" if self.on is None else f", on={self.on!r}"
+        return (f"Site(kind={self.kind!r}, layer={self.layer!r}, head={self.head!r}, pos={self.pos!r}, "
+                f"index={self.index!r}{on})")
+
     def __str__(self) -> str:
-        parts = [self.kind.value]
+        parts = [self.kind.value if self.on is None else f"{self.kind.value}@{self.on.value}"]
         if self.layer is not None:
             parts.append(f"L{self.layer}")
         if self.head is not None:

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import SiteError
-from ..sites import ATTENTION_FN_KINDS, HEAD_KINDS, KV_KINDS, Site, SiteKind
+from ..sites import ATTENTION_FN_KINDS, FEATURE_KINDS, HEAD_KINDS, KV_KINDS, Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
     from ..subspace import Subspace
     from ..prompts.promptset import PromptSet
+    from ..features.dictionary import Dictionary
 
-__all__ = ["Grid", "Patch", "Plan", "make_plan", "plan_for", "parse_target", "default_per_position", "TARGETS"]
+__all__ = ["Grid", "Patch", "Plan", "make_plan", "feature_plan", "plan_for", "parse_target", "default_per_position", "TARGETS"]
 
 Patch = tuple[Site, ...]
 """Sites written together in one patched forward pass."""
@@ -73,9 +74,11 @@ class Grid:
     heads: tuple[int, ...] | None = None
     neurons: tuple[int, ...] | None = None
     window: int = 1
+    features: tuple[int | str, ...] | None = None
+    """For a feature dictionary's sweep: feature indices, and ``"error"`` for its error term."""
 
     def __post_init__(self) -> None:
-        for name in ("layers", "positions", "heads", "neurons"):
+        for name in ("layers", "positions", "heads", "neurons", "features"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -86,10 +89,11 @@ class Grid:
             except TypeError:
                 raise SiteError(f"{name}={v!r}: give a list of indices.") from None
             for x in items:
-                ok = isinstance(x, int) and not isinstance(x, bool) or (name == "positions" and isinstance(x, str))
+                ok = isinstance(x, int) and not isinstance(x, bool) or (name == "positions" and isinstance(x, str)) \
+                    or (name == "features" and x == "error")
                 if not ok:
                     raise SiteError(f"{name}={list(items)}: {x!r} is not an index"
-                                    + (" or a role name." if name == "positions" else "."))
+                                    + {"positions": " or a role name.", "features": " or 'error'."}.get(name, "."))
             object.__setattr__(self, name, items)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise SiteError(f"window={self.window!r}: use 1 (single layers) or more.")
@@ -154,6 +158,10 @@ def make_plan(
     patching) drops the neuron axis: each patch moves whole mlp_post vectors.
     """
     kind = parse_target(target)
+    if kind == SiteKind.FEATURE or kind in FEATURE_KINDS:
+        raise SiteError("Feature sweeps take the dictionary as their target (sweep(model, prompts, dictionary)).")
+    if grid.features is not None:
+        raise SiteError(f"features=... applies to a feature dictionary's sweep, not {kind.value!r}.")
     window = grid.window
     if window > 1 and not kind.per_layer:
         raise SiteError(f"window={window} needs a per-layer target, not {kind.value!r}.")
@@ -205,10 +213,51 @@ def make_plan(
     return Plan(target=kind, dims=tuple(dims), coords=coords, patches=tuple(patches))
 
 
-def plan_for(model: "Model", prompts: "PromptSet", target: str | SiteKind, grid: Grid = Grid(),
+def feature_plan(dictionary: "Dictionary", grid: Grid, *, seq_len: int | None,
+                 pos_labels: Sequence[str] | None = None) -> Plan:
+    """One patch per (feature, position) of an attached dictionary (per feature at every
+    position with ``per_position=False``): ``grid.features`` lists the features, ``"error"``
+    the error term (default: every feature, then the error term)."""
+    for name in ("layers", "heads", "neurons"):
+        if getattr(grid, name) is not None:
+            raise SiteError(f"{name}=... does not apply to a feature sweep (its dictionary sits at one site); "
+                            f"choose features=[...] and positions=[...].")
+    if grid.window != 1:
+        raise SiteError(f"window={grid.window}: a feature sweep patches one dictionary's site.")
+    features = list(grid.features) if grid.features is not None else [*range(dictionary.n_features), "error"]
+    bad = [f for f in features if f != "error" and not 0 <= int(f) < dictionary.n_features]
+    if bad or not features:
+        raise SiteError(f"features={features}: valid values are 0..{dictionary.n_features - 1} and 'error' (and "
+                        f"at least one).")
+    per_position = True if grid.per_position is None else grid.per_position
+    if per_position and seq_len is None:
+        raise SiteError("A position axis needs prompts of one token length (see PromptSet.seq_len).")
+    if grid.named:
+        raise SiteError("feature_plan() takes position indices; named positions go through "
+                        "actpatch.techniques.positions.")
+    positions: list[int | None] = pick_axis("positions", grid.positions, int(seq_len)) if per_position else [None]  # type: ignore[arg-type]
+    patches = tuple((dictionary.error_site(p) if f == "error" else dictionary.feature(int(f), p),)
+                    for f in features for p in positions)
+    dims, coords = ("feature",), {"feature": features}
+    if per_position:
+        dims, coords = ("feature", "pos"), {**coords, "pos": [pos_labels[p] for p in positions] if pos_labels
+                                             else positions}  # type: ignore[index]
+    elif grid.positions is not None:
+        raise SiteError("positions=... needs per_position=True.")
+    return Plan(target=SiteKind.FEATURE, dims=dims, coords=coords, patches=patches)
+
+
+def plan_for(model: "Model", prompts: "PromptSet", target: "str | SiteKind | Dictionary", grid: Grid = Grid(),
              whole_vectors: bool = False) -> Plan:
     """:func:`make_plan` for a prompt set: a position axis takes the set's (single) token
-    length and its token labels."""
+    length and its token labels (a feature dictionary as ``target``: :func:`feature_plan`)."""
+    if not isinstance(target, (str, SiteKind)):  # a feature dictionary
+        wants = True if grid.per_position is None else grid.per_position
+        if wants and not prompts.aligned:
+            longest = max(int(prompts.lengths.max()), int(prompts.corrupted_lengths.max()))
+            return feature_plan(target, grid.replace(per_position=True), seq_len=longest)
+        return feature_plan(target, grid, seq_len=prompts.seq_len if wants else None,
+                            pos_labels=prompts.position_labels(model) if wants else None)
     kind = parse_target(target)
     wants_pos = grid.per_position if grid.per_position is not None else default_per_position(kind)
     if wants_pos and not prompts.aligned:  # unaligned pairs (named positions): indices of either prompt

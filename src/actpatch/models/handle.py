@@ -22,6 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Model"]
 
 
+def _dictionary_error(message: str) -> Exception:
+    from ..errors import DictionaryError
+
+    return DictionaryError(message)
+
+
 class Model:
     """A loaded model ready for patching.
 
@@ -50,6 +56,44 @@ class Model:
         self.hook_points: dict[tuple[int, str], Any] = {}
         self._hook_seq = itertools.count()
         self.attention_state = AttentionState(self.hf)
+        self.dictionaries: dict[Any, Any] = {}
+        """Attached feature dictionaries by the (full) site they replace: see :meth:`attach`."""
+
+    # -- feature dictionaries ----------------------------------------------------------------
+    def attach(self, *dictionaries: Any) -> None:
+        """Attach feature dictionaries (SAEs, transcoders): their feature and error sites become
+        patchable; the model's outputs do not change (see :mod:`actpatch.features`). Widths are
+        checked against the model first; :meth:`detach` removes them, ``ap.features.attach`` is
+        the context-manager form."""
+        from ..features.attach import check_fits
+
+        for d in dictionaries:
+            check_fits(self, d)
+        taken = [d for d in dictionaries if self.dictionaries.get(d.site, d) is not d]
+        if taken:
+            raise _dictionary_error(f"{taken[0].site} already has a dictionary attached "
+                                    f"({self.dictionaries[taken[0].site].label}); detach it first.")
+        for d in dictionaries:
+            self.dictionaries[d.site] = d
+
+    def detach(self, *dictionaries: Any) -> None:
+        """Remove attached dictionaries (all of them when none are named)."""
+        for d in dictionaries or list(self.dictionaries.values()):
+            if self.dictionaries.get(d.site) is d:
+                del self.dictionaries[d.site]
+
+    def attached(self, site: Any) -> Any:
+        """The dictionary attached where a feature site ``site`` points (``site.on`` at
+        ``site.layer``); a clear error when there is none."""
+        from ..sites import Site
+
+        key = Site(site.on, site.layer)
+        d = self.dictionaries.get(key)
+        if d is None:
+            have = ", ".join(str(k) for k in self.dictionaries) or "none"
+            raise _dictionary_error(f"{site}: no dictionary is attached at {key} (attached: {have}); attach one "
+                                    f"first: model.attach(dictionary) or `with ap.features.attach(model, d):`.")
+        return d
 
     def next_hook_seq(self) -> int:
         """Order of attachment, so entries of equal priority run in the order they were added."""

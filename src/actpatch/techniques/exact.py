@@ -30,7 +30,7 @@ from ..hooks import capture
 from ..metrics import Measurer, Metric, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import ExactInfo, PatchResult
-from ..sites import Site
+from ..sites import Site, SiteKind
 from ..subspace import Subspace
 from ..types import DEFAULT_DIRECTION, Direction, Engine, parse_engine
 
@@ -168,6 +168,15 @@ def _check_aligned_sites(prompts: PromptSet, plan: Plan, direction: Direction) -
                                 f"and patch kinds with a position axis (not 'pattern').")
 
 
+def _dictionary_info(model: "Model", plan: Plan) -> dict | None:
+    """A feature sweep's dictionary, described (None for other plans)."""
+    if plan.target is not SiteKind.FEATURE or plan.dims[:1] != ("feature",):
+        return None
+    d = model.attached(plan.patches[0][0])
+    return {"label": d.label, "site": str(d.site), "reads": None if d.reads is None else str(d.reads),
+            "n_features": d.n_features, "activation": d.activation.value}
+
+
 def execute(
     model: "Model",
     prompts: PromptSet,
@@ -208,6 +217,7 @@ def execute(
                       description=f"patching {plan.target.value}")
     sub = plan.subspace
     technique = ExactInfo(engine=job.engine, sites=tuple(str(s) for s in sites),
-                          subspace=sub.describe() if sub is not None else None)
+                          subspace=sub.describe() if sub is not None else None,
+                          dictionary=_dictionary_info(model, plan))
     return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
                       grid=(grid or Grid()).to_dict(), findings=list(sub.findings) if sub is not None else [])

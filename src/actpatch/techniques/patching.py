@@ -18,6 +18,7 @@ from ..findings import from_technique
 from ..metrics import MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import PatchResult
+from ..errors import SiteError
 from ..sites import Site, SiteKind, as_sites
 from ..subspace import Subspace, SubspaceLike, as_subspace
 from ..types import DEFAULT_DIRECTION, Direction, Engine, parse_direction
@@ -26,6 +27,7 @@ from .positions import by_named_positions, named_positions
 from .directions import subspace_check
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..features.dictionary import Dictionary
     from ..models.handle import Model
 
 __all__ = ["sweep", "patch"]
@@ -34,7 +36,7 @@ __all__ = ["sweep", "patch"]
 def sweep(
     model: "Model",
     prompts: PromptSet,
-    target: str | SiteKind = "resid_pre",
+    target: "str | SiteKind | Dictionary" = "resid_pre",
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
@@ -54,6 +56,7 @@ def sweep(
     subspace: SubspaceLike | None = None,
     check_subspace: bool = True,
     executor: str | Executor | None = None,
+    features: Sequence[int | str] | int | None = None,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
 
@@ -102,8 +105,12 @@ def sweep(
         >>> round(float(res.values[0, 1]), 5)  # the corrupted position restores everything at layer 0
         1.0
     """
+    if not isinstance(target, (str, SiteKind)):  # a feature dictionary
+        features = _feature_axis(model, prompts, target, features, subspace)
+    elif features is not None:
+        raise SiteError(f"features=... applies to a feature dictionary's sweep, not target={target!r}.")
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
-                window=window)
+                window=window, features=features)  # type: ignore[arg-type]
     if subspace is not None and check_subspace and isinstance(prompts, PromptSet) and not prompts.aligned:
         from ..errors import PromptError
 
@@ -127,6 +134,27 @@ def sweep(
             res = _with_check(model, prompts, res, site, sub, direction=direction, corruption=corruption,
                               metric=metric, seed=seed)
     return res
+
+
+def _feature_axis(model: "Model", prompts: PromptSet, dictionary: "Dictionary",
+                  features: Sequence[int | str] | int | None, subspace: object) -> tuple[int | str, ...]:
+    """The feature axis of a dictionary's sweep (checked attached; an int: the most active)."""
+    from ..features.activity import top_features
+    from ..features.dictionary import Dictionary
+
+    if not isinstance(dictionary, Dictionary):
+        raise SiteError(f"target={dictionary!r}: give a target name ('resid_pre', 'z', ...) or an attached feature "
+                        f"Dictionary.")
+    model.attached(dictionary.feature_site)
+    if model.attached(dictionary.feature_site) is not dictionary:
+        raise SiteError(f"Another dictionary is attached at {dictionary.site}; attach this one to sweep it.")
+    if subspace is not None:
+        raise SiteError("subspace= does not apply to a feature sweep (a feature is already one direction).")
+    if features is None:
+        return (*range(dictionary.n_features), "error")
+    if isinstance(features, int) and not isinstance(features, bool):
+        return (*top_features(model, dictionary, prompts, features), "error")
+    return tuple(features)
 
 
 def _base_side(direction: str | Direction) -> str:
