@@ -210,7 +210,7 @@ def _public_functions():
     """Every public function of the top level and of its namespaces, found, not listed by hand."""
     import inspect
 
-    for space in (ap, ap.circuits, ap.subspaces, ap.prompts, ap.experiment):
+    for space in (ap, ap.circuits, ap.subspaces, ap.prompts, ap.experiment, ap.features):
         for name in space.__all__:
             fn = getattr(space, name)
             if inspect.isfunction(fn):
@@ -230,15 +230,15 @@ def test_one_default_direction_everywhere():
 
 
 def test_the_public_surface_is_small_and_pinned():
-    assert len(ap.__all__) <= 40
+    assert len(ap.__all__) <= 42  # 40 until the feature dictionaries (ap.load_dictionary, ap.features)
     assert sorted(ap.__all__) == sorted([
-        "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "PromptSet", "Direction",
+        "load_dictionary", "features", "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "PromptSet", "Direction",
         "DEFAULT_DIRECTION", "Metric", "Engine", "sweep", "patch", "attribute", "validate_attribution", "path_patch",
         "path_sweep", "edge_attribution", "generate", "patchscope", "interchange", "PatchResult", "Finding", "Level", "check", "compare", "Comparison",
         "compare_estimate", "doctor",
         "plot_attention", "write_report", "ActpatchError", "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
         "__version__"])
-    for space in (ap, ap.circuits, ap.subspaces, ap.experiment, ap.errors, ap.corruption):
+    for space in (ap, ap.circuits, ap.subspaces, ap.experiment, ap.errors, ap.corruption, ap.features):
         for name in space.__all__:
             assert getattr(space, name) is not None, f"{space.__name__}.{name}"
     # what left the top level stays importable from its namespace

@@ -4,7 +4,7 @@ The top level holds what an experiment needs; the rest sits in namespaces: ``ap.
 error class), ``ap.prompts`` (builders), ``ap.corruption`` (corruptions as values),
 ``ap.circuits`` (graph, edges, circuits, MIB), ``ap.subspaces`` (directions, the illusion
 check, DAS), ``ap.experiment`` (grids, executors), ``ap.types`` (enums and records),
-``ap.results`` (result metadata).
+``ap.results`` (result metadata), ``ap.features`` (feature dictionaries: SAEs, transcoders).
 
 Example:
     >>> import actpatch as ap
@@ -19,13 +19,14 @@ Example:
 
 from typing import Any
 
-from . import circuits, corruption, errors, experiment, prompts, results, subspaces, types
+from . import circuits, corruption, errors, experiment, features, prompts, results, subspaces, types
 from ._version import __version__
 from .checks import check
 from .agreement import compare_estimate
 from .compare import Comparison, compare
 from .doctor import doctor
 from .errors import ActpatchError
+from .features import load_dictionary
 from .findings import Finding, Level
 from .hooks import capture, intervene
 from .metrics import Metric
@@ -44,7 +45,7 @@ from .types import DEFAULT_DIRECTION, Direction, Engine
 
 __all__ = [
     # models and sites
-    "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene",
+    "load_model", "Model", "DEFAULT_MODEL", "Site", "SiteKind", "capture", "intervene", "load_dictionary",
     # experiments
     "PromptSet", "Direction", "DEFAULT_DIRECTION", "Metric", "Engine",
     "sweep", "patch", "attribute", "validate_attribution", "path_patch", "path_sweep", "edge_attribution",
@@ -53,7 +54,7 @@ __all__ = [
     "PatchResult", "Finding", "Level", "check", "compare", "Comparison", "compare_estimate", "doctor", "plot_attention",
     "write_report", "ActpatchError",
     # namespaces
-    "prompts", "errors", "corruption", "circuits", "subspaces", "experiment",
+    "prompts", "errors", "corruption", "circuits", "subspaces", "experiment", "features",
     "__version__",
 ]
 

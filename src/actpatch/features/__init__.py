@@ -8,6 +8,7 @@
 from .activity import FeatureExample, top_activations, top_features
 from .attach import attach
 from .dictionary import Activation, Dictionary, Normalization
+from .io import load_dictionary, save_dictionary, site_of_hook
 
 __all__ = ["Dictionary", "Activation", "Normalization", "attach", "top_features", "top_activations",
-           "FeatureExample"]
+           "FeatureExample", "load_dictionary", "save_dictionary", "site_of_hook"]
