@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError, UnsupportedSiteError
-from ..sites import Site, SiteKind
+from ..sites import FEATURE_KINDS, Site, SiteKind
 from .attention import recompute_pattern
 
 __all__ = ["FamilySpec", "Capabilities", "Adapter", "FAMILIES", "adapter_for", "supported_families"]
@@ -380,7 +380,8 @@ class Adapter:
             logit_scale=spec.logit_scale(cfg) if spec.logit_scale else 1.0,
             mixture_of_experts=spec.moe,
         )
-        kinds = set(SiteKind)
+        # the model's own sites; feature / feature_error exist only where a dictionary is attached
+        kinds = set(SiteKind) - FEATURE_KINDS
         # the MLP's own input module: absent when attention and MLP share one norm (GPT-J, Phi,
         # Cohere, parallel StableLM); in parallel blocks it reads resid_pre, so no resid_mid
         self._mlp_in = spec.mlp_in_norm is not None and getattr(self.blocks[0], spec.mlp_in_norm.split(".")[0], None) is not None
