@@ -62,6 +62,8 @@ class AtpInfo:
     """Signed estimates, or GradDrop's magnitudes."""
     qk_fix: bool = False
     grad_drop: bool = False
+    dictionary: dict[str, Any] | None = None
+    """Attribution over a dictionary's features: its description (as :class:`ExactInfo`'s)."""
 
 
 @dataclass(frozen=True)

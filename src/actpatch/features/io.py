@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -141,15 +141,30 @@ def _pickle_message(path: Path) -> str:
             f"safetensors.torch.save_file(sd, '{WEIGHTS_FILE}'), next to a {CFG_FILE}.")
 
 
+SCHEMES: dict[str, Callable[[str, "Model"], Dictionary]] = {}
+"""Sources named ``"<scheme>:<what>"`` that :func:`load_dictionary` resolves for a model;
+:mod:`actpatch.features.builtin` registers ``"bundled"``."""
+
+
 def load_dictionary(source: Any, *, model: "Model | None" = None, site: Site | None = None,
                     reads: Site | None = None, name: str | None = None) -> Dictionary:
     """Read a dictionary: a folder in SAELens's layout, or an object with the same weights (an
     ``sae_lens`` SAE: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and a ``cfg``). ``site`` /
     ``reads`` override the hook names; ``model`` resolves Hugging Face module names.
 
+    ``"bundled:<site>"`` (e.g. ``"bundled:resid_post.L6"``, with ``model=``) gives the
+    dictionary actpatch trains for the model at that residual-stream site on first use
+    (:mod:`actpatch.features.builtin`).
+
     Example: ``d = ap.load_dictionary("saes/layer8")``; ``print(d.summary())``."""
     if isinstance(source, Dictionary):
         return source
+    scheme = source.split(":", 1)[0] if isinstance(source, str) and ":" in source else None
+    if scheme in SCHEMES:
+        if model is None:
+            raise DictionaryError(f"{source!r} is trained for a model: pass model=, e.g. "
+                                  f"ap.load_dictionary({source!r}, model=ap.load_model()).")
+        return SCHEMES[scheme](source.split(":", 1)[1].strip(), model)  # type: ignore[union-attr]
     if isinstance(source, (str, Path)):
         folder = _folder(source)
         try:

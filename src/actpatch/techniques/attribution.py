@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..corruption import Corruption, from_description
-from ..errors import MethodError, ResultError
+from ..errors import MethodError, ResultError, SiteError
 from ..agreement import Agreement, AgreementReading, cell_label, choose_cells, exact_is_affordable
 from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
@@ -43,12 +43,14 @@ from ..sites import Site, SiteKind
 from ..types import DEFAULT_DIRECTION, Direction, Estimate, Method
 from . import graddrop
 from .graddrop import dropped_gradients, trace_blocks
-from .exact import execute
+from .exact import dictionary_info, execute
+from .patching import feature_axis
 from .positions import by_named_positions, for_named_positions, position_groups
 
 RESIDUAL_KINDS = (SiteKind.EMBED, SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.RESID_FINAL)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..features.dictionary import Dictionary
     from ..models.handle import Model
 
 __all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
@@ -57,7 +59,7 @@ __all__ = ["attribute", "validate_attribution", "Validation", "DIFFERENTIABLE"]
 def attribute(
     model: "Model",
     prompts: PromptSet,
-    target: str | SiteKind = "z",
+    target: "str | SiteKind | Dictionary" = "z",
     *,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
@@ -67,6 +69,7 @@ def attribute(
     positions: Sequence[int | str] | None = None,
     heads: Sequence[int] | None = None,
     neurons: Sequence[int] | None = None,
+    features: Sequence[int | str] | int | None = None,
     window: int = 1,
     seed: int = 0,
     qk_fix: bool = False,
@@ -91,6 +94,11 @@ def attribute(
     ``1 + (L - 1) / 2`` backward passes and applies to components (heads, attention / MLP
     outputs, neurons), not to the residual stream.
 
+    An attached feature dictionary as ``target`` estimates every feature and the error term at
+    every position (``features=`` as in :func:`actpatch.sweep`: a list, or an int for the top-k
+    active ones): ``(f_src - f_base) * dm/df``, the node attribution of sparse feature circuits
+    (Marks et al. 2024), from the same 2 forward passes and 1 backward pass.
+
     Example:
         >>> import actpatch as ap
         >>> from actpatch.testing import tiny_model
@@ -101,8 +109,12 @@ def attribute(
         (('layer', 'head'), 'atp')
         >>> exact = ap.sweep(m, ps, "z", direction="noise", progress=False)  # what it estimates
     """
+    if not isinstance(target, (str, SiteKind)):  # a feature dictionary
+        features = feature_axis(model, prompts, target, features, None)
+    elif features is not None:
+        raise SiteError(f"features=... applies to a feature dictionary's attribution, not target={target!r}.")
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
-                window=window)
+                window=window, features=features)  # type: ignore[arg-type]
     options: dict[str, Any] = dict(direction=direction, metric=metric, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
     if grid.named:
         return by_named_positions(lambda sub, g, corr, _: _attribute(model, sub, target, g, corr, **options),
@@ -114,7 +126,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                direction: str | Direction, metric: MetricSpec, seed: int, qk_fix: bool,
                grad_drop: bool) -> PatchResult:
     # AtP*'s softmax recomputation and GradDrop's block boundaries see the prompt's queries only
-    exact_qk = qk_fix and SiteKind(target) in (SiteKind.Q, SiteKind.K)
+    exact_qk = qk_fix and isinstance(target, (str, SiteKind)) and SiteKind(target) in (SiteKind.Q, SiteKind.K)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Attribution patching" + (" with qk_fix (AtP*)" if exact_qk else "")
                            + (" with grad_drop" if grad_drop else ""), differentiable=True,
@@ -174,12 +186,16 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             if exp.direction is Direction.NOISE:
                 towards = -towards
             outcome.raw[m] = base_b[m][:, None] + towards * outcome.raw[m]
-    technique = AtpInfo(estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop)
+    technique = AtpInfo(estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop,
+                        dictionary=dictionary_info(model, plan))
     return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
                       grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop))
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
+    if plan.target is SiteKind.FEATURE:
+        raise MethodError("grad_drop scores components (heads, attn_out, mlp_out, neurons), not a dictionary's "
+                          "features. Use plain AtP (grad_drop=False) and check it with ap.validate_attribution.")
     if plan.target in RESIDUAL_KINDS:
         raise MethodError(f"grad_drop scores components (heads, attn_out, mlp_out, neurons, q / k / v, pattern), "
                             f"not {plan.target.value!r}: every gradient path of the residual stream passes its own "
@@ -368,7 +384,13 @@ def _exact_cells(model: "Model", prompts: PromptSet, result: PatchResult, chosen
     positions share token indices (:mod:`actpatch.techniques.positions`)."""
     info, m = result.info, result.metric
     grid = Grid(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in info.grid.items()})
-    target = info.target
+    target: Any = info.target
+    if getattr(info.technique, "dictionary", None):  # features: the dictionary attached where it was
+        site = Site.parse(info.technique.dictionary["site"])
+        target = model.dictionaries.get(site)
+        if target is None or target.label != info.technique.dictionary["label"]:
+            raise ResultError(f"This attribution is over the dictionary {info.technique.dictionary['label']} at "
+                              f"{site}; attach it again (model.attach(d)) to validate it.")
     run: dict[str, Any] = dict(direction=info.direction, corruption=from_description(info.corruption), metric=m,
                                seed=info.seed, progress=False)
 

@@ -168,7 +168,7 @@ def _check_aligned_sites(prompts: PromptSet, plan: Plan, direction: Direction) -
                                 f"and patch kinds with a position axis (not 'pattern').")
 
 
-def _dictionary_info(model: "Model", plan: Plan) -> dict | None:
+def dictionary_info(model: "Model", plan: Plan) -> dict | None:
     """A feature sweep's dictionary, described (None for other plans)."""
     if plan.target is not SiteKind.FEATURE or plan.dims[:1] != ("feature",):
         return None
@@ -218,6 +218,6 @@ def execute(
     sub = plan.subspace
     technique = ExactInfo(engine=job.engine, sites=tuple(str(s) for s in sites),
                           subspace=sub.describe() if sub is not None else None,
-                          dictionary=_dictionary_info(model, plan))
+                          dictionary=dictionary_info(model, plan))
     return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
                       grid=(grid or Grid()).to_dict(), findings=list(sub.findings) if sub is not None else [])

@@ -106,7 +106,7 @@ def sweep(
         1.0
     """
     if not isinstance(target, (str, SiteKind)):  # a feature dictionary
-        features = _feature_axis(model, prompts, target, features, subspace)
+        features = feature_axis(model, prompts, target, features, subspace)
     elif features is not None:
         raise SiteError(f"features=... applies to a feature dictionary's sweep, not target={target!r}.")
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
@@ -136,7 +136,7 @@ def sweep(
     return res
 
 
-def _feature_axis(model: "Model", prompts: PromptSet, dictionary: "Dictionary",
+def feature_axis(model: "Model", prompts: PromptSet, dictionary: "Dictionary",
                   features: Sequence[int | str] | int | None, subspace: object) -> tuple[int | str, ...]:
     """The feature axis of a dictionary's sweep (checked attached; an int: the most active)."""
     from ..features.activity import top_features
