@@ -440,3 +440,34 @@ def test_bad_job_sections_are_one_line_errors(tmp_path, body, fragment):
     cfg = write_config(tmp_path, "model: tiny:llama\ntargets: []\n" + body)
     r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
     assert r.exit_code == 1 and fragment in r.stderr, r.stderr
+
+
+def test_a_feature_circuit_job_runs_resumes_and_reports(tmp_path):
+    from actpatch.features import Dictionary, save_dictionary
+
+    m = ap.testing.tiny_model("llama")
+    for layer in (0, 1):
+        save_dictionary(Dictionary.random(ap.Site("resid_post", layer), d_in=m.d_model, n_features=16, seed=layer),
+                        tmp_path / f"sae{layer}")
+    cfg = write_config(tmp_path, "model: tiny:llama\nprompts: {file: pairs.jsonl, keep_correct: false}\ntargets: []\n"
+                                 "dictionaries: {sources: [sae0, sae1], sizes: [1, 10, 100], validate_k: 3}\n")
+    out = tmp_path / "out"
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert "feature circuit:" in r.stdout and "rank correlation resid_post.L0" in r.stdout, r.stdout
+    from actpatch.app.extras import load_extras
+
+    data = load_extras(out)["features"]["circuit"]
+    assert data["sizes"][:2] == [1, 10] and len(data["faithfulness"]) == 3  # 100 clipped to the scored nodes
+    assert data["sizes"][2] == len(data["nodes"]) <= 100
+    assert set(data["validation"]) == {"resid_post.L0", "resid_post.L1"}
+    page = (out / "report.html").read_text()
+    assert "<h2>Feature circuit</h2>" in page and "Top edges" in page
+    r = invoke("run", str(cfg), "--out", str(out))
+    assert r.exit_code == 0 and "feature circuit: already done, loaded" in r.stdout
+
+
+def test_a_feature_circuit_job_needs_a_differentiable_first_metric(tmp_path):
+    cfg = write_config(tmp_path, "model: tiny:llama\ntargets: []\nmetrics: [accuracy]\ndictionaries: {}\n")
+    r = invoke("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.exit_code == 1 and "feature circuit scores nodes" in r.stderr, r.stderr

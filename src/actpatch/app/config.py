@@ -13,6 +13,7 @@ Example (``examples/ioi.yaml``)::
     metrics: [logit_diff, prob]
     paths: [{receivers: [resid_final]}]                          # optional: path patching
     circuits: {methods: [eap, eap-ig], sizes: [10, 100, 1000]}   # optional: edges, faithfulness
+    dictionaries: {sources: [bundled]}                           # optional: a sparse feature circuit
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from ..techniques.eap import EdgeMethod
 from ..types import Direction, Engine, Method
 
 __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "SubspaceMethod", "DASConfig",
-           "PatchscopeConfig", "InterchangeConfig", "GenerationConfig", "ConfigError", "load_config"]
+           "PatchscopeConfig", "InterchangeConfig", "GenerationConfig", "DictionariesConfig", "ConfigError",
+           "load_config"]
 
 
 class SubspaceMethod(str, enum.Enum):
@@ -330,6 +332,30 @@ class GenerationConfig(_Strict):
         return v
 
 
+class DictionariesConfig(_Strict):
+    """Feature dictionaries (SAEs) attached for a feature-circuit job (ap.features.feature_circuit):
+    node scores by AtP over every feature and error term, checked against exact feature
+    patching, faithfulness / completeness curves, edges, and where the top features are most
+    active. Writes ``features_circuit.json``."""
+
+    sources: list[str] = Field(default_factory=lambda: ["bundled"], min_length=1)
+    """Folders in SAELens's layout, ``bundled:<site>`` (trained for the model on first use) or
+    ``bundled`` (the default sites)."""
+    sizes: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], min_length=1)
+    """Node counts of the curves."""
+    validate_k: int = Field(10, ge=0)
+    """Exact feature patches checking the node scores: the k largest, their neighbours, k more."""
+    examples: int = Field(3, ge=1)
+    """Most-active prompts and tokens listed per top feature."""
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"feature circuit sizes are node counts >= 1, got {v}")
+        return v
+
+
 class ExperimentConfig(_Strict):
     """One experiment: a model, prompts, a corruption, targets x directions, metrics."""
 
@@ -348,6 +374,8 @@ class ExperimentConfig(_Strict):
     patchscopes: list[PatchscopeConfig] = Field(default_factory=list)
     interchanges: list[InterchangeConfig] = Field(default_factory=list)
     generations: list[GenerationConfig] = Field(default_factory=list)
+    dictionaries: DictionariesConfig | None = None
+    """Attach feature dictionaries and find a sparse feature circuit (features_circuit.json)."""
     seed: int = 0
     engine: Engine = Engine.AUTO
     unit_size: int = Field(64, ge=1)
@@ -358,9 +386,9 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":
         if not (self.targets or self.paths or self.circuits or self.das or self.patchscopes or self.interchanges
-                or self.generations):
-            raise ValueError("nothing to run: give targets, paths, circuits, das, patchscopes, interchanges or "
-                             "generations")
+                or self.generations or self.dictionaries):
+            raise ValueError("nothing to run: give targets, paths, circuits, das, patchscopes, interchanges, "
+                             "generations or dictionaries")
         for what in ("patchscopes", "interchanges", "generations"):
             names = [job.name for job in getattr(self, what)]
             if len(set(names)) != len(names):
@@ -373,6 +401,9 @@ class ExperimentConfig(_Strict):
         if self.circuits is not None and self.metrics[0] not in DIFFERENTIABLE:
             raise ValueError(f"circuits score edges with the first metric, {self.metrics[0].value!r}, which is discrete; "
                              f"put a differentiable one (logit_diff) first")
+        if self.dictionaries is not None and self.metrics[0] not in DIFFERENTIABLE:
+            raise ValueError(f"a feature circuit scores nodes with the first metric, {self.metrics[0].value!r}, which "
+                             f"is discrete; put a differentiable one (logit_diff) first")
         if self.circuits is not None and self.corruption.name not in (CorruptionKind.STR, CorruptionKind.RESAMPLE):
             raise ValueError(f"circuits need a corrupted run per prompt (corruption str or resample), "
                              f"not {self.corruption.name.value!r}")
@@ -440,4 +471,23 @@ def load_config(path: str | Path) -> ExperimentConfig:
     jobs = [j.model_copy(update={"source": _located(j.source, p, f"interchanges[{i}].source.file")})
             if j.source is not None else j for i, j in enumerate(cfg.interchanges)]
     cfg = cfg.model_copy(update={"interchanges": jobs})
+    if cfg.dictionaries is not None:
+        cfg = cfg.model_copy(update={"dictionaries": _located_dictionaries(cfg.dictionaries, p)})
     return cfg
+
+
+def _located_dictionaries(dc: DictionariesConfig, config: Path) -> DictionariesConfig:
+    """Dictionary folders relative to the config file; a missing one is an error here."""
+    found = []
+    for i, src in enumerate(dc.sources):
+        if src == "bundled" or src.startswith("bundled:"):
+            found.append(src)
+            continue
+        f = Path(src).expanduser()
+        if not f.is_absolute():
+            f = config.parent / f
+        if not f.is_dir():
+            raise ConfigError(f"{config}: dictionaries.sources[{i}] {src!r} is not a folder (looked at {f}); give "
+                              f"a folder in SAELens's layout (cfg.json + sae_weights.safetensors) or 'bundled'.")
+        found.append(str(f))
+    return dc.model_copy(update={"sources": found})

@@ -1,6 +1,6 @@
-"""A run's Patchscopes, interchanges and patched generations: each job of the config runs once,
-its result saved as ``<kind>_<name>.json`` in the run directory (a resumed run loads the jobs
-already there), and :func:`load_extras` reads them back for the report."""
+"""A run's Patchscopes, interchanges, patched generations and feature circuit: each job of the
+config runs once, its result saved as ``<kind>_<name>.json`` in the run directory (a resumed
+run loads the jobs already there), and :func:`load_extras` reads them back for the report."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["run_extras", "load_extras", "Extras"]
 
 Extras = dict[str, dict[str, Any]]
-"""``{"patchscope": {name: PatchscopeResult}, "interchange": {name: dict}, "generation": {name: dict}}``."""
+"""``{"patchscope": {name: PatchscopeResult}, "interchange": {name: dict}, "generation": {name: dict},
+"features": {"circuit": dict}}``."""
+
+KINDS = ("patchscope", "interchange", "generation", "features")
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
@@ -33,9 +36,10 @@ def _save(path: Path, data: dict[str, Any]) -> None:
 
 def run_extras(model: "Model", prompts: PromptSet, cfg: "ExperimentConfig", out: Path,
                source_prompts: Callable[["InterchangeConfig"], PromptSet],
-               log: Callable[[str], None] = print) -> None:
-    """Run the config's patchscopes, interchanges and generations not yet saved in ``out``;
-    ``source_prompts`` builds an interchange's source set."""
+               log: Callable[[str], None] = print, corruption: Any = "str") -> None:
+    """Run the config's patchscopes, interchanges, generations and feature circuit not yet saved
+    in ``out``; ``source_prompts`` builds an interchange's source set; ``corruption`` is the
+    run's (the feature circuit's)."""
     for job in cfg.patchscopes:
         path = out / f"patchscope_{job.name}.json"
         if path.is_file():
@@ -73,12 +77,55 @@ def run_extras(model: "Model", prompts: PromptSet, cfg: "ExperimentConfig", out:
                        max_new_tokens=job.max_new_tokens)
         _save(path, gen.to_dict())
         log(f"generation {job.name}: {gen.text[0]!r} (unpatched {gen.baseline_text[0]!r})")  # type: ignore[index]
+    if cfg.dictionaries is not None:
+        _feature_job(model, prompts, cfg, out, log, corruption)
+
+
+def _feature_job(model: "Model", prompts: PromptSet, cfg: "ExperimentConfig", out: Path,
+                 log: Callable[[str], None], corruption: Any) -> None:
+    """The config's dictionaries attached, a feature circuit on the prompts' largest length group."""
+    from ..features import bundled, feature_circuit, load_dictionary, top_activations
+
+    path = out / "features_circuit.json"
+    if path.is_file():
+        log("feature circuit: already done, loaded")
+        return
+    job = cfg.dictionaries
+    assert job is not None
+    ds = [d for src in job.sources
+          for d in (bundled(model) if src == "bundled" else [load_dictionary(src, model=model)])]
+    group = max(prompts.groups(), key=lambda g: len(g.indices))
+    sub = prompts.subset(group.indices) if len(group.indices) < len(prompts) else prompts
+    if sub is not prompts:
+        log(f"feature circuit: on the {len(sub)} prompts of length {group.seq_len} (nodes sit at positions)")
+    model.attach(*ds)
+    try:
+        fc = feature_circuit(model, sub, ds, sizes=job.sizes, corruption=corruption,
+                             metric=cfg.metrics[0].value, seed=cfg.seed, validate=job.validate_k)
+        examples = {}
+        for node in [n for n in fc.circuit() if n.feature != "error"][:8]:
+            d = next(x for x in ds if str(x.site) == node.site)
+            key = f"{node.site} f{node.feature}"
+            if key not in examples:
+                examples[key] = [vars(e) for e in top_activations(model, d, sub, int(node.feature), n=job.examples)]
+    finally:
+        model.detach(*ds)
+    data = {**fc.to_dict(), "dictionaries": [d.summary() for d in ds], "examples": examples,
+            "top_edges": fc.top_edges(15)}
+    _save(path, data)
+    best = next((n for n, f in zip(fc.sizes, fc.faithfulness) if f >= 0.8), None)
+    log(f"feature circuit: {len(fc.nodes)} nodes scored over {len(ds)} dictionaries; faithfulness "
+        f"{fc.faithfulness[-1]:.2f} at {fc.sizes[-1]} nodes" + (f", >= 0.8 from {best}" if best else "")
+        + "; AtP vs exact rank correlation " + ", ".join(f"{k} {v['rank_correlation']:.2f}"
+                                                          for k, v in fc.validation.items()))
+
+
 
 
 def load_extras(out: str | Path) -> Extras:
     """The saved jobs of a run directory, by kind and name (empty when there are none)."""
     out = Path(out)
-    found: Extras = {"patchscope": {}, "interchange": {}, "generation": {}}
+    found: Extras = {kind: {} for kind in KINDS}
     for kind in found:
         for p in sorted(out.glob(f"{kind}_*.json")):
             data = json.loads(p.read_text())

@@ -265,11 +265,11 @@ def _run(cfg: ExperimentConfig, out: Path, *, progress: bool, log: Callable[[str
         find_circuits(model, prompts, cfg, out, log)
     if cfg.das:
         run_das_jobs(model, prompts, cfg, out, progress=progress, log=log)
-    if cfg.patchscopes or cfg.interchanges or cfg.generations:
+    if cfg.patchscopes or cfg.interchanges or cfg.generations or cfg.dictionaries:
         from .extras import run_extras
 
         run_extras(model, prompts, cfg, out, lambda job: prompt_set(model, job.source, f"interchanges.{job.name}.source"),
-                   log)
+                   log, corruption=corruption)
     for base, _ in jobs:
         d, n = results.get(f"{base}_denoise"), results.get(f"{base}_noise")
         if d is not None and n is not None and comparable(d, n) and not (d.info.compared and n.info.compared):
@@ -383,7 +383,7 @@ def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchRes
 
     state = out / "run.json"
     results = {p.name: PatchResult.load(p) for p in saved_results(out)}
-    jobs = any(out.glob(f"{kind}_*.json") for kind in ("patchscope", "interchange", "generation"))
+    jobs = any(out.glob(f"{kind}_*.json") for kind in ("patchscope", "interchange", "generation", "features"))
     if not results and not jobs:
         raise OutputDirError(f"{out} holds no finished results (expected subdirectories with meta.json, or a "
                              f"folder written by res.save).")
