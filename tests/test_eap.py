@@ -258,7 +258,7 @@ def test_circuits_batched_together_equal_each_run_alone(family):
 
 
 def test_positional_circuits_batched_together():
-    from actpatch.techniques.circuit import _Circuits, greedy_edges
+    from actpatch.techniques.circuit import _Circuits
 
     m = tiny_model("llama", n_layers=2, seed=5)
     ps = _pairs(n=3, T=6)

@@ -4,7 +4,6 @@ hand-built model with a backup neuron."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import actpatch as ap
 from actpatch.testing import backup_head_model, backup_model, random_pairs, tiny_model

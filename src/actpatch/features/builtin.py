@@ -18,7 +18,7 @@ The cache (``<cache_dir>/dictionaries/<model>-<fingerprint>/<recipe>/<site>/``) 
 layout (:func:`~actpatch.features.io.save_dictionary`); the recipe's hash covers the
 settings and the training tokens, so a change to either trains afresh. Nothing is committed.
 
-Example (the bundled model; ~2 minutes on two CPU cores the first time, then instant)::
+Example (the bundled model; about 3 minutes on two CPU cores the first time, 163 s measured, then instant)::
 
     m = ap.load_model()
     early, middle = ap.features.bundled(m)
@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +57,7 @@ class Recipe:
 
     n_features: int = 2048
     k: int = 32
-    steps: int = 600
+    steps: int = 400
     batch: int = 512
     lr: float = 2e-3
     seed: int = 0
@@ -167,17 +165,10 @@ def _train(model: "Model", sites: list[Site], seqs: list[list[int]], recipe: Rec
 
 
 def _write_atomically(d: Dictionary, target: Path) -> None:
-    """Save into a temporary folder beside ``target`` and rename it: an interrupted build
-    never leaves a half-written dictionary."""
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    from ..models.loading import building
+
+    with building(target) as tmp:
         save_dictionary(d, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _slug(site: Site) -> str:

@@ -9,9 +9,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -83,6 +84,23 @@ def cache_dir() -> Path:
     return Path(base) / "actpatch"
 
 
+@contextmanager
+def building(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write a cache entry into; renamed to ``target``
+    (replacing it) when the block succeeds, removed either way: an interrupted build never
+    leaves a half-written entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _package_dir(b: Bundled, package: str) -> Path:
     """The installed folder of ``package`` (located, never imported)."""
     spec = importlib.util.find_spec(package)
@@ -142,9 +160,7 @@ def _build_cache(b: Bundled, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parts = _source_files(b)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    with building(target) as tmp:
         gguf = parts[0] if len(parts) == 1 and b.sha256_file is None else _assemble(b, parts, tmp)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -161,12 +177,6 @@ def _build_cache(b: Bundled, target: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         (tmp / "actpatch.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": [str(p) for p in parts]}))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_bundled(b: Bundled, dtype: torch.dtype, device: str | torch.device, **hf_kwargs: Any) -> Model:
