@@ -266,8 +266,8 @@ def test_eap_ig_is_complete_through_the_continuation(direction):
 def test_techniques_without_continuations_refuse_multi_token_answers_by_name():
     model = tiny_model("llama")
     ps = ap.PromptSet.from_pairs(model, PAIRS)
-    with pytest.raises(PromptError, match=r"DAS scores single-token answers only; .* up to 3 tokens"):
-        ap.subspaces.das(model, ps, ap.Site("resid_pre", 1, pos=2), k=1, steps=1)
+    with pytest.raises(PromptError, match=r"Direct effects scores single-token answers only; .* up to 3 tokens"):
+        ap.circuits.direct_vs_total(model, ps)
     with pytest.raises(PromptError, match=r"Attribution patching with qk_fix \(AtP\*\) scores single-token"):
         ap.attribute(model, ps, "k", qk_fix=True)
     clean = ap.sweep(model, ps, "resid_pre", layers=[0], positions=[0], progress=False).clean["logit_diff"]

@@ -22,15 +22,14 @@ and a key/value prefix), in inference mode, in chunks sized from the memory avai
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
 
 from ..errors import EngineError
 from ..hooks import WRITE, HookFn, _hooks, capture
 from ..metrics import Measure, Metric
-from ..models.attention import continuation_tail
 from ..subspace import along
 from ..sites import Site, SiteKind
 
@@ -240,7 +239,7 @@ def _run_chunk(
         positions = torch.cat([positions, cont.positions(T)])  # type: ignore[union-attr]
         full = torch.cat([torch.arange(T), cont.positions(T)])  # type: ignore[union-attr]
         branches = torch.cat([torch.zeros(T, dtype=torch.long), cont.branches()])  # type: ignore[union-attr]
-        tree = _teacher_forced(model, full, branches, C)
+        tree = model.teacher_forced(full, branches, C)
     position_ids = positions.to(model.device)[None]
     hidden = None
     pos_emb = None
@@ -280,10 +279,3 @@ def _run_chunk(
 
 READOUT_ROWS = 256
 """Readout positions unembedded at once by the batched engine (full vocabulary)."""
-
-
-@contextmanager
-def _teacher_forced(model: "Model", positions: torch.Tensor, branches: torch.Tensor, C: int) -> Iterator[None]:
-    """The continuation tree for attention and the last ``C`` positions hidden from the writes."""
-    with model.attention_state.branched(positions, branches), continuation_tail(C):
-        yield

@@ -148,7 +148,8 @@ class Experiment:
 
             longest = int(prompts.continuation_lengths.max())
             raise PromptError(f"{technique} scores single-token answers only; these prompts have answers of up to "
-                              f"{longest} tokens. Use ap.sweep / ap.patch, ap.attribute or ap.edge_attribution for "
+                              f"{longest} tokens. Use ap.sweep / ap.patch, ap.attribute, ap.edge_attribution, circuits "
+                              f"(ap.circuits: runs, faithfulness, MIB scores) or DAS for "
                               f"multi-token answers, or give single-token answers (e.g. the first token of each).")
         d = parse_direction(direction)
         corr = parse_corruption(corruption)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -216,11 +216,18 @@ class Model:
         positions = torch.cat([torch.arange(T), continuation.positions(T)])
         branches = torch.cat([torch.zeros(T, dtype=torch.long), continuation.branches()])
         C = continuation.n_tokens
-        with torch.set_grad_enabled(grad), torch.inference_mode(not grad), \
-                self.attention_state.branched(positions, branches), continuation_tail(C):
+        with torch.set_grad_enabled(grad), torch.inference_mode(not grad), self.teacher_forced(positions, branches, C):
             out = self.hf(input_ids=full, position_ids=positions[None].to(self.device), use_cache=False,
                           logits_to_keep=C + 1).logits
         return out[:, -(C + 1):]
+
+    @contextmanager
+    def teacher_forced(self, positions: torch.Tensor, branches: torch.Tensor, n_tokens: int) -> Iterator[None]:
+        """While open, forward passes follow the continuation tree (``positions`` and
+        ``branches`` (S,) of prompt then continuation, :mod:`actpatch.prompts.continuation`)
+        and site hooks see the prompt: the last ``n_tokens`` positions are hidden from them."""
+        with self.attention_state.branched(positions, branches), continuation_tail(n_tokens):
+            yield
 
     def last_logits_with_grad(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-position logits ``(batch, vocab)`` with autograd on (gradient-based techniques)."""

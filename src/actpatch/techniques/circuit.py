@@ -14,9 +14,10 @@ Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 import torch
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
     from ..models.handle import Model
+    from ..prompts.continuation import Continuation
 
 __all__ = ["top_edges", "greedy_edges", "run_circuit", "faithfulness", "Faithfulness", "save_curves", "load_curves", "validate_edges",
            "EdgeValidation"]
@@ -111,26 +113,41 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
 
 
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
-                     keep: torch.Tensor) -> torch.Tensor:
-    """Last-position logits ((C * B, vocab), circuit-major) of the clean run under each of ``C``
-    circuits at once: ``keep`` is (C, U, V), or (C, U, V, T) deciding per position
-    (position-aware circuits); in circuit ``c`` every edge outside ``keep[c]`` carries the
-    corrupted writes ``corr_w`` (per upstream node, (B, T, d)). Row ``c * B + b`` is prompt
-    ``b`` under circuit ``c``."""
+                     keep: torch.Tensor, cont: "Continuation | None" = None) -> torch.Tensor:
+    """Readout logits of the clean run under each of ``C`` circuits at once: ``keep`` is
+    (C, U, V), or (C, U, V, T) deciding per position (position-aware circuits); in circuit ``c``
+    every edge outside ``keep[c]`` carries the corrupted writes ``corr_w`` (per upstream node,
+    (B, T, d)). Row ``c * B + b`` is prompt ``b`` under circuit ``c``: (C * B, vocab) at the
+    last position, or (C * B, readouts, vocab) teacher-forced when ``cont`` holds answers of
+    several tokens.
+
+    Edges live at prompt positions: the continuation tokens (after the prompt) are computed by
+    the whole model from the circuit's prompt-position keys and values, as every technique
+    computes them after its patches. So the empty circuit reproduces the corrupted run's
+    continuation and the full graph the clean run's."""
     adapter = model.adapter
     L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
     node_at, port_at = graph.node_index, graph.port_index
     C, (B, T) = keep.shape[0], clean.shape
-    pos = torch.arange(T, device=clean.device)[None]
     ids = clean.repeat(C, 1)
-    with capture(model, [Site("resid_pre", 0)]) as emb:
-        model.logits(ids, last_only=True)
+    rows = cont.select(torch.arange(B).repeat(C)) if cont is not None and not cont.is_single else None
+    n_cont = 0 if rows is None else rows.n_tokens
+    with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
+        model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
     h = emb[Site("resid_pre", 0)]
-    # diff[i]: node i's write now minus its corrupted write, per circuit (zero until computed)
+    positions = torch.arange(T) if rows is None else torch.cat([torch.arange(T), rows.positions(T)])
+    pos = positions.to(h.device)[None]
+    tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(
+        positions, torch.cat([torch.zeros(T, dtype=torch.long), rows.branches()]), n_cont)
+    # diff[i]: node i's write now minus its corrupted write at prompt positions, per circuit
     diff = h.new_zeros(len(graph.nodes), C, B, T, h.shape[-1])
 
     def wrote(i: int, w: torch.Tensor) -> None:
-        diff[i] = w.view(C, B, T, -1) - corr_w[i][None]
+        diff[i] = w[:, :T].reshape(C, B, T, -1) - corr_w[i][None]
+
+    def whole(fix: torch.Tensor) -> torch.Tensor:
+        """A prompt-position correction (rows, T, d) over the whole sequence (zero after it)."""
+        return fix if not n_cont else torch.cat([fix, fix.new_zeros(fix.shape[0], n_cont, fix.shape[2])], 1)
 
     wrote(0, h)
 
@@ -148,36 +165,41 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         it = iter(total)
         return [next(it) if u else None for u in used]
 
-    for l in range(L):
-        n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
-        pe = adapter.position_embeddings(h, pos)
-        # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
-        ports = [Port(kind, l, i) for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV)) for i in range(n)]
-        fixed = [(p.kind, p.head, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
-        writes: dict[Site, torch.Tensor] = {}
-        if fixed:
-            qkv = [Site(k, l) for k in ("q", "k", "v")]
-            with capture(model, qkv) as a, stop_after(model, Site("v", l)):
-                adapter.run_block(l, torch.cat([h - fix.to(h.device) for _, _, fix in fixed]), pos, pe)
-            for j, (kind, i, _) in enumerate(fixed):
-                writes[Site(kind.value, l, head=i)] = a[Site(kind.value, l)][j * C * B:(j + 1) * C * B, :, i]
-        mlp_node = node_at[Node(NodeKind.MLP, l)]
+    with tree:
+        for l in range(L):
+            n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
+            pe = adapter.position_embeddings(h, pos)
+            # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
+            ports = [Port(kind, l, i) for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV))
+                     for i in range(n)]
+            fixed = [(p.kind, p.head, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
+            writes: dict[Site, torch.Tensor] = {}
+            if fixed:
+                qkv = [Site(k, l) for k in ("q", "k", "v")]
+                with capture(model, qkv) as a, stop_after(model, Site("v", l)):
+                    adapter.run_block(l, torch.cat([h - whole(fix.to(h.device)) for _, _, fix in fixed]), pos, pe)
+                for j, (kind, i, _) in enumerate(fixed):
+                    writes[Site(kind.value, l, head=i)] = a[Site(kind.value, l)][j * C * B:(j + 1) * C * B, :, i]
+            mlp_node = node_at[Node(NodeKind.MLP, l)]
 
-        def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
-            if not graph.parallel:  # this layer's heads feed its MLP: their writes exist by now
-                for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-                    wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
-            fix = corrections([Port(PortKind.MLP, l)], mlp_node)[0]
-            return x if fix is None else x - fix.to(x.device)  # (the corrections live on the embedding's device)
+            def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
+                if not graph.parallel:  # this layer's heads feed its MLP: their writes exist by now
+                    for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
+                        wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
+                fix = corrections([Port(PortKind.MLP, l)], mlp_node)[0]
+                return x if fix is None else x - fix.to(x.device)  # (the corrections live on the embedding's device)
 
-        with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
-                intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
-            h = adapter.run_block(l, h, pos, pe)
-        for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-            wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
-        wrote(mlp_node, adapter.residual_write(layer[Site("mlp_out", l)]))
+            with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
+                    intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
+                h = adapter.run_block(l, h, pos, pe)
+            for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
+                wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
+            wrote(mlp_node, adapter.residual_write(layer[Site("mlp_out", l)]))
     fix = corrections([Port(PortKind.LOGITS)], len(graph.nodes))[0]
-    return adapter.unembed((h if fix is None else h - fix.to(h.device))[:, -1])
+    last = h[:, T - 1] if fix is None else h[:, T - 1] - fix[:, T - 1].to(h.device)
+    if not n_cont:
+        return adapter.unembed(last)
+    return adapter.unembed(torch.cat([last[:, None], h[:, T:]], 1))  # readout 0, then each continuation token
 
 
 CIRCUIT_ROWS = 256
@@ -195,7 +217,7 @@ class _Circuits:
     def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int,
                  rows: int | None = None) -> None:
         exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
-                               seed=seed, technique="Circuit runs", needs_corrupted_run=True)
+                               seed=seed, technique="Circuit runs", needs_corrupted_run=True, continuations=True)
         if exp.corruption.draws != 1:
             raise MethodError("Circuit runs need one corrupted run per prompt: corruption 'str' or 'resample'.")
         if rows is None:
@@ -211,9 +233,9 @@ class _Circuits:
         with torch.inference_mode():
             for runs in exp.groups():
                 with runs.corrupted.context(model), capture(model, sites) as a:
-                    model.logits(runs.corrupted.ids, last_only=True)
+                    runs.corrupted.readout(model)  # (the writes at prompt positions: the edges)
                 corr_w = node_writes(model, self.graph, a)
-                measure = runs.measurer(exp.metrics, model.logits(runs.clean.ids, last_only=True))
+                measure = runs.measurer(exp.metrics, runs.clean.readout(model))
                 self.groups.append((runs, corr_w, measure))
 
     def _checked(self, keep: torch.Tensor) -> torch.Tensor:
@@ -245,7 +267,7 @@ class _Circuits:
                 per = max(1, self.rows // runs.rows)
                 for c0 in range(0, len(checked), per):
                     keep = torch.stack(checked[c0:c0 + per])
-                    logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep)
+                    logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep, runs.continuation)
                     rows = torch.arange(runs.rows).repeat(len(keep))
                     values = measure(logits, rows)[self.metric].cpu().view(len(keep), runs.rows)
                     out[c0:c0 + len(keep), runs.group.indices] = values

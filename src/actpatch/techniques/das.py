@@ -3,11 +3,12 @@ k-dimensional subspace at a site through which the clean run's information flows
 
 Interchange-intervention training: for each training pair, run the corrupted prompt with the
 site's coordinates along ``U`` taken from the clean run (a subspace patch, denoising) and push
-the output towards the clean answer (cross-entropy of the answer token). ``U`` (k x d) stays
+the output towards the clean answer (cross-entropy of the answer: minus its log-probability,
+teacher-forced over all its tokens when it has several). ``U`` (k x d) stays
 orthonormal: it is the transposed Q of a QR decomposition of the trained matrix. Pairs are split
 into train and test sets (seeded); training stops early when the test loss has not improved for
 ``patience`` evaluations. The learned subspace is then scored on the test pairs: interchange
-accuracy (the answer is the top token after the intervention) and the normalised effect of its
+accuracy (greedy decoding gives the answer after the intervention) and the normalised effect of its
 subspace patch, with the interpretability-illusion check's findings.
 
 Example:
@@ -35,6 +36,7 @@ from ..experiment.executor import progress_bar
 from ..findings import Finding
 from ..experiment.core import Experiment
 from ..hooks import intervene
+from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..subspace import Subspace, SubspaceLike, along, as_subspace, width
@@ -42,6 +44,7 @@ from ..types import Direction, Provenance
 from .patching import patch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..corruption import Run
     from ..models.handle import Model
 
 __all__ = ["DASResult", "DASRecord", "das"]
@@ -132,17 +135,18 @@ def _initial_basis(init: SubspaceLike | None, site: Site, d: int, k: int, seed: 
     return W0
 
 
-def _sources(model: "Model", prompts: PromptSet, site: Site) -> list[tuple[torch.Tensor, ...]]:
-    """Per length group: corrupted ids, the clean run's activations at the site (the source of
-    every intervention, captured once), answers and alternatives."""
-    return [(runs.corrupted.ids, clean[site.selector()], runs.answers, runs.alternatives)
+def _sources(model: "Model", prompts: PromptSet, site: Site) -> list[tuple[Run, torch.Tensor, Measurer]]:
+    """Per length group: the corrupted run (the base of every intervention, with the answers'
+    continuation), the clean run's activations at the site (the source, captured once), and
+    what scores the answers (teacher-forced log-probability and greedy accuracy)."""
+    return [(runs.corrupted, clean[site.selector()], runs.measurer([Metric.LOGPROB, Metric.ACCURACY], None))
             for runs, clean, _ in _paired(model, prompts).paired_activations(site)]
 
 
 def _paired(model: "Model", prompts: PromptSet) -> Experiment:
     """DAS's runs: each pair's clean prompt is the source, its corrupted prompt the base."""
     return Experiment.setup(model, prompts, direction=Direction.DENOISE, corruption="str", metric="logit_diff",
-                            seed=0, technique="DAS")
+                            seed=0, technique="DAS", continuations=True)
 
 
 def das(
@@ -184,18 +188,19 @@ def das(
     batches = {"train": _sources(model, prompts.subset(train), site), "test": _sources(model, prompts.subset(test), site)}
 
     def run(name: str, U: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the split's pairs, and how many put the answer on top."""
+        """Summed cross-entropy of the answers (teacher-forced over all their tokens) over the
+        split's pairs, and how many put the whole answer on top (greedy)."""
         total, hits = torch.zeros((), device=model.device), 0
         P = U.T @ U
-        for ids, src, answers, _ in batches[name]:
+        for base, src, measure in batches[name]:
             def write(x: torch.Tensor, src: torch.Tensor = src) -> torch.Tensor:
                 return along(x, src, P)
 
-            with intervene(model, {site: write}):
-                logits = (model.last_logits_with_grad(ids) if torch.is_grad_enabled()
-                          else model.logits(ids, last_only=True)).float()
-            total = total + torch.nn.functional.cross_entropy(logits, answers.to(logits.device), reduction="sum")
-            hits += int((logits.argmax(-1).cpu() == answers).sum())
+            with base.context(model), intervene(model, {site: write}):
+                logits = base.readout(model, grad=torch.is_grad_enabled())
+            scored = measure(logits, torch.arange(logits.shape[0]))
+            total = total - scored[Metric.LOGPROB].sum()
+            hits += int(scored[Metric.ACCURACY].sum())
         return total, hits
 
     curve: list[tuple[int, float, float]] = []
