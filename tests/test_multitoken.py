@@ -332,3 +332,19 @@ def test_path_patching_with_multi_token_answers_equals_two_steps_by_hand(family,
         want = (_branch_logprob(model, ps.clean[i], ps.answer_ids(i), recorded)
                 - _branch_logprob(model, ps.clean[i], ps.alternative_ids(i), recorded))
         assert abs(float(res.raw["logit_diff"][i]) - want) < TOL, (family, receiver, i)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_logit_difference_alone_reads_two_logits_at_the_first_readout(family):
+    """With the logit difference alone the batched engine unembeds readout 0 at the first answer
+    tokens only (Measurer.first_tokens); the values equal the teacher-forced oracle (gemma2:
+    final soft-capping on the compact rows too)."""
+    model = tiny_model(family)
+    ps = ap.PromptSet.from_pairs(model, PAIRS)
+    res = ap.sweep(model, ps, target="resid_pre", direction="noise", metric="logit_diff", engine="batched",
+                   progress=False, layers=[0, 1], positions=[2, ps.seq_len - 1])
+    for li, layer in enumerate([0, 1]):
+        for ci, pos in enumerate([2, ps.seq_len - 1]):
+            want = oracle(model, ps, "resid_pre", layer, pos=pos, direction="noise")["logit_diff"]
+            assert float((res.raw["logit_diff"][:, li, ci].double() - want).abs().max()) < TOL, (layer, pos)
+    assert float(res.raw["logit_diff"].std()) > 1e-2  # the cells differ

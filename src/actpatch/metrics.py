@@ -321,8 +321,13 @@ class Measurer:
         self.metrics = list(metrics)
         self.answers, self.alternatives, self.clean_logprobs = answers, alternatives, clean_logprobs
         self.continuation = None if continuation is None or continuation.is_single else continuation
-        only_ld = set(self.metrics) <= {Metric.LOGIT_DIFF} and self.continuation is None
-        self.tokens = torch.unique(torch.cat([answers, alternatives])) if only_ld else None
+        only_ld = set(self.metrics) <= {Metric.LOGIT_DIFF}
+        firsts = torch.unique(torch.cat([answers, alternatives])) if only_ld else None
+        self.tokens = firsts if self.continuation is None else None
+        self.first_tokens = firsts if self.continuation is not None else None
+        """Answers of several tokens, logit difference alone: readout 0 is read at these ids only
+        (the first step's normaliser cancels), so an engine may unembed just them there and fill
+        the rest of readout 0 with -inf (never read)."""
 
     @property
     def n_readouts(self) -> int:

@@ -35,6 +35,7 @@ from ..sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..corruption import Run
+    from ..models.adapters import Adapter
     from ..models.handle import Model
     from ..prompts.continuation import Continuation
     from ..experiment.plan import Patch
@@ -272,9 +273,22 @@ def _run_chunk(
     # full-vocabulary logits at every readout: a few rows at a time (cache-sized, not one
     # (rows, readouts, vocab) tensor of gigabytes)
     step = max(1, READOUT_ROWS // (C + 1))
-    parts = [measure(adapter.unembed(hidden[r : r + step, -(C + 1):]), base_row[r : r + step])  # type: ignore[index]
+    first = getattr(measure, "first_tokens", None)
+    parts = [measure(_readouts(adapter, hidden[r : r + step, -(C + 1):], first), base_row[r : r + step])  # type: ignore[index]
              for r in range(0, hidden.shape[0], step)]  # type: ignore[union-attr]
     return {m: torch.cat([part[m] for part in parts]) for m in parts[0]}
+
+
+def _readouts(adapter: "Adapter", hidden: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """(rows, readouts, vocab) logits of (rows, readouts, d) final states; with ``first`` (the
+    measurer's :attr:`~actpatch.metrics.Measurer.first_tokens`) readout 0 is unembedded at
+    those ids only, the rest of it -inf (the logit difference reads nothing else there)."""
+    if first is None:
+        return adapter.unembed(hidden)
+    rest = adapter.unembed(hidden[:, 1:])  # (rows, C, vocab)
+    head = rest.new_full((hidden.shape[0], rest.shape[-1]), float("-inf"))
+    head[:, first.to(head.device)] = adapter.unembed(hidden[:, 0], first.to(hidden.device)).to(head.dtype)
+    return torch.cat([head[:, None], rest], 1)
 
 
 READOUT_ROWS = 256
