@@ -17,7 +17,7 @@ import actpatch as ap
 from actpatch.errors import ContextLengthError, PromptError
 from actpatch.metrics import Metric, compute_metrics
 from actpatch.prompts.continuation import Continuation
-from actpatch.testing import tiny_model
+from actpatch.testing import branch_logprob, tiny_model
 
 PAIRS = [
     ("When Mary and John went to the store", "When Alice and John went to the store", " Mary gave", " John"),
@@ -285,24 +285,6 @@ def test_answers_sharing_their_first_token_are_named_in_a_finding():
                 if f.code == "answers_share_first_token"]
 
 
-def _branch_logprob(model, ids, answer, writes_at_prompt):
-    """log P(answer | ids) summed by hand over one branch (ids + answer[:-1]), with
-    ``writes_at_prompt`` ({full site: value at the prompt's positions}) written there only."""
-    T = ids.numel()
-    seq = torch.cat([ids, answer[:-1]])[None]
-
-    def at_prompt(value):
-        def fn(x):
-            out = x.clone()
-            out[:, :T] = value
-            return out
-        return fn
-
-    with model.attention_fn(), ap.intervene(model, {s: at_prompt(v) for s, v in writes_at_prompt.items()}):
-        lp = torch.log_softmax(model.logits(seq)[0, T - 1:].double(), -1)
-    return float(lp[torch.arange(answer.numel()), answer].sum())
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
 @pytest.mark.parametrize("receiver", ["resid_final", "q"])
 def test_path_patching_with_multi_token_answers_equals_two_steps_by_hand(family, receiver):
@@ -329,8 +311,8 @@ def test_path_patching_with_multi_token_answers_equals_two_steps_by_hand(family,
             q = base_q[ap.Site("q", 1)].clone()
             q[:, :, 2] = recorded[ap.Site("q", 1)][:, :, 2]
             recorded = {ap.Site("q", 1): q}
-        want = (_branch_logprob(model, ps.clean[i], ps.answer_ids(i), recorded)
-                - _branch_logprob(model, ps.clean[i], ps.alternative_ids(i), recorded))
+        want = (branch_logprob(model, ps.clean[i], ps.answer_ids(i), recorded)
+                - branch_logprob(model, ps.clean[i], ps.alternative_ids(i), recorded))
         assert abs(float(res.raw["logit_diff"][i]) - want) < TOL, (family, receiver, i)
 
 

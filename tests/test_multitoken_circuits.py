@@ -16,7 +16,7 @@ import torch
 
 import actpatch as ap
 from actpatch.techniques.circuit import _Circuits
-from actpatch.testing import tiny_model
+from actpatch.testing import branch_logprob, tiny_model
 
 PAIRS = [
     ("When Mary and John went to the store", "When Alice and John went to the store", " Mary gave", " John"),
@@ -29,24 +29,6 @@ TOL = 1e-5  # raw logit-difference units (float32 tiny models)
 def _single(ps: ap.PromptSet) -> ap.PromptSet:
     """The same prompts with the first answer / alternative tokens only."""
     return ap.PromptSet.from_ids(ps.clean, ps.corrupted, ps.answers.tolist(), ps.alternatives.tolist())
-
-
-def _branch_logprob(model: ap.Model, ids: torch.Tensor, answer: torch.Tensor, writes: dict) -> float:
-    """log P(answer | ids) summed by hand over the plain sequence ids + answer[:-1], with
-    ``writes`` ({full site: (1, T, ...) value}) written at the prompt's T positions only."""
-    T = ids.numel()
-
-    def at_prompt(value):
-        def fn(x):
-            out = x.clone()
-            out[:, :T] = value
-            return out
-        return fn
-
-    with model.attention_fn(), ap.intervene(model, {s: at_prompt(v) for s, v in writes.items()}):
-        logits = model.logits(torch.cat([ids, answer[:-1]])[None])[0, T - 1:].double()
-    lp = torch.log_softmax(logits, -1)
-    return float(lp[torch.arange(answer.numel()), answer].sum())
 
 
 def _oracle(model: ap.Model, ps: ap.PromptSet, keep: torch.Tensor) -> torch.Tensor:
@@ -71,8 +53,8 @@ def _oracle(model: ap.Model, ps: ap.PromptSet, keep: torch.Tensor) -> torch.Tens
         with model.attention_fn(), ap.capture(model, [ap.Site("resid_final")]) as plain:
             model.logits(ps.clean[i][None])
         writes[ap.Site("resid_final")] = last(plain[ap.Site("resid_final")])
-        out.append(_branch_logprob(model, ps.clean[i], ps.answer_ids(i), writes)
-                   - _branch_logprob(model, ps.clean[i], ps.alternative_ids(i), writes))
+        out.append(branch_logprob(model, ps.clean[i], ps.answer_ids(i), writes)
+                   - branch_logprob(model, ps.clean[i], ps.alternative_ids(i), writes))
     return torch.tensor(out)
 
 

@@ -477,3 +477,24 @@ def random_pairs(n: int = 3, T: int = 6, diff: tuple[int, ...] = (2, 4), seed: i
     for p in diff:
         corr[:, p] = 2 + (clean[:, p] - 2 + 1 + torch.randint(0, 30, (n,), generator=g)) % (vocab - 2)
     return PromptSet.from_ids(clean, corr, torch.randint(2, vocab, (n,), generator=g), torch.full((n,), vocab + 1))
+
+
+def branch_logprob(model: Model, ids: torch.Tensor, answer: torch.Tensor, writes_at_prompt: dict) -> float:
+    """A teacher-forced oracle by hand: log P(answer | ids) summed over one plain sequence
+    ``ids + answer[:-1]`` (no continuation tree), float64, with ``writes_at_prompt`` ({full site:
+    value over the prompt's positions}) written at the prompt's positions only."""
+    from .hooks import intervene
+
+    T = ids.numel()
+    seq = torch.cat([ids, answer[:-1]])[None]
+
+    def at_prompt(value: torch.Tensor):  # noqa: ANN202 - a hook function
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            out = x.clone()
+            out[:, :T] = value
+            return out
+        return fn
+
+    with model.attention_fn(), intervene(model, {s: at_prompt(v) for s, v in writes_at_prompt.items()}):
+        lp = torch.log_softmax(model.logits(seq)[0, T - 1:].double(), -1)
+    return float(lp[torch.arange(answer.numel()), answer].sum())
