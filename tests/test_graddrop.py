@@ -65,6 +65,24 @@ def test_graddrop_equals_the_per_layer_reference(family, direction):
         assert err < 1e-4 * (1 + ref.abs().max().item()), (target, err)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_graddrop_with_multi_token_answers_equals_the_per_layer_reference(family):
+    """Teacher-forced answers: dropping a layer drops its contribution at the continuation's
+    positions too, as the reference's detached block does at every position."""
+    m = tiny_model(family, n_layers=3, seed=1)
+    ps = ap.PromptSet.from_pairs(m, [
+        ("When Mary and John went to the store", "When Alice and John went to the store", " Mary gave", " John"),
+        ("When Paul and Sara went to the school", "When Paul and Lucy went to the school", " Sara is", " Rome city of"),
+    ])
+    assert ps.multi_token
+    for target, kw in (("z", {}), ("mlp_out", {"per_position": True})):
+        gd = ap.attribute(m, ps, target, direction="noise", grad_drop=True, **kw)
+        ref = _reference(m, ps, target, direction="noise", **kw)
+        assert ref.abs().max() > 1e-3
+        err = (_effects(gd).abs() - ref).abs().max().item()
+        assert err < 1e-4 * (1 + ref.abs().max().item()), (target, err)
+
+
 def test_graddrop_of_the_last_layer_is_plain_atp_and_earlier_layers_differ():
     m = tiny_model("llama", n_layers=3, seed=2)
     ps = random_pairs(n=2, seed=2)

@@ -130,7 +130,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Attribution patching" + (" with qk_fix (AtP*)" if exact_qk else "")
                            + (" with grad_drop" if grad_drop else ""), differentiable=True,
-                           continuations=not (exact_qk or grad_drop))
+                           continuations=not exact_qk)
     plan = plan_for(model, prompts, target, grid)
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:

@@ -69,7 +69,10 @@ def trace_blocks(model: "Model") -> Iterator[Boundary]:
     autograd graph. Read at the ``resid_pre`` / ``resid_post`` sites after every write, so they
     are the tensors the blocks actually receive."""
     L = model.n_layers
-    with capture(model, [Site("resid_pre", l) for l in range(L)] + [Site("resid_post", L - 1)], detach=False) as acts:
+    # whole: with answers of several tokens the continuation's positions are part of each block's
+    # contribution too (dropping a layer drops it at every position of the sequence)
+    with capture(model, [Site("resid_pre", l) for l in range(L)] + [Site("resid_post", L - 1)], detach=False,
+                 whole=True) as acts:
         yield Boundary(acts, L)
 
 
