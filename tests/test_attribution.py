@@ -187,6 +187,32 @@ def test_qk_fix_equals_exact_for_a_single_query_or_key_patch(kind, pos):
         assert (plain.raw["logit_diff"] - exact.raw["logit_diff"]).abs().max().item() > 10 * max(err, 1e-6)
 
 
+def _summed_readouts(logits, answers, alternatives):
+    """A metric linear in every readout's logits (teacher-forced answers: (B, readouts, vocab))."""
+    return logits[:, :, 5].sum(1) - logits[:, :, 7].sum(1)
+
+
+@pytest.mark.parametrize("kind, pos", [("q", 5), ("k", 2), ("k", 4)])
+def test_qk_fix_with_multi_token_answers_equals_exact(kind, pos):
+    """Answers of several tokens: the continuation's queries read a patched key too, so AtP*
+    recomputes the whole teacher-forced pattern (prompt and continuation rows, under the
+    continuation tree). With a metric linear in the readouts and the linear head above, the
+    recomputed pattern change gives exact patching at every readout."""
+    m = _linear_head("gpt_neox")
+    base = _pairs(diff=(1, 2, 4))
+    ps = ap.PromptSet.from_ids(base.clean, base.corrupted, [[11, 12], [13, 14, 15], [16]], [[21], [22, 23], [24, 25]])
+    assert ps.multi_token
+    last = m.n_layers - 1
+    for direction in ("noise", "denoise"):
+        kw = dict(layers=[last], positions=[pos], per_position=True, metric=_summed_readouts)
+        star = ap.attribute(m, ps, kind, direction=direction, qk_fix=True, **kw)
+        plain = ap.attribute(m, ps, kind, direction=direction, **kw)
+        exact = ap.sweep(m, ps, kind, direction=direction, progress=False, **kw)
+        err = (star.raw["_summed_readouts"] - exact.raw["_summed_readouts"]).abs().max().item()
+        assert err < 1e-4, err
+        assert (plain.raw["_summed_readouts"] - exact.raw["_summed_readouts"]).abs().max().item() > 10 * max(err, 1e-6)
+
+
 def test_qk_fix_only_for_queries_and_keys():
     with pytest.raises(ap.ActpatchError, match="qk_fix applies to q and k"):
         ap.attribute(tiny_model("gpt2"), _pairs(), "z", qk_fix=True)

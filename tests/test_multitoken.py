@@ -268,8 +268,6 @@ def test_techniques_without_continuations_refuse_multi_token_answers_by_name():
     ps = ap.PromptSet.from_pairs(model, PAIRS)
     with pytest.raises(PromptError, match=r"Direct effects scores single-token answers only; .* up to 3 tokens"):
         ap.circuits.direct_vs_total(model, ps)
-    with pytest.raises(PromptError, match=r"Attribution patching with qk_fix \(AtP\*\) scores single-token"):
-        ap.attribute(model, ps, "k", qk_fix=True)
     clean = ap.sweep(model, ps, "resid_pre", layers=[0], positions=[0], progress=False).clean["logit_diff"]
     assert ap.prompts.correct_mask(model, ps).tolist() == (clean > 0).tolist()  # teacher-forced, as the sweeps
 

@@ -320,16 +320,17 @@ def _writer(site: Site, value: Value) -> HookFn:
 
 
 @contextmanager
-def intervene(model: "Model", patches: Mapping[Site, Value]) -> Iterator[None]:
+def intervene(model: "Model", patches: Mapping[Site, Value], *, whole: bool = False) -> Iterator[None]:
     """Replace activations at sites during forward passes run inside the context.
 
     ``patches`` maps a site to a tensor broadcast onto its slice, a number, or a function of the
     current slice. Example: ``intervene(model, {Site("z", 2, head=0): 0.0})`` zero-ablates head
-    2.0 at every position.
+    2.0 at every position. ``whole=True`` also reaches the continuation tokens of a
+    teacher-forced run (gradient taps that must see every position).
     """
     for site in patches:
         site.check(model)
-    with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in patches.items()]):
+    with _hooks(model, [(site.full(), _writer(site, value), WRITE) for site, value in patches.items()], whole=whole):
         yield
 
 

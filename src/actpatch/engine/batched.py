@@ -238,9 +238,7 @@ def _run_chunk(
     tree: ContextManager[None] = nullcontext()
     if C:
         positions = torch.cat([positions, cont.positions(T)])  # type: ignore[union-attr]
-        full = torch.cat([torch.arange(T), cont.positions(T)])  # type: ignore[union-attr]
-        branches = torch.cat([torch.zeros(T, dtype=torch.long), cont.branches()])  # type: ignore[union-attr]
-        tree = model.teacher_forced(full, branches, C)
+        tree = model.teacher_forced(*cont.tree(T), C)  # type: ignore[union-attr]
     position_ids = positions.to(model.device)[None]
     hidden = None
     pos_emb = None

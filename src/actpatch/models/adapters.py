@@ -493,11 +493,12 @@ class Adapter:
         scale = self.capabilities.residual_scale
         return out if scale == 1.0 else out * scale
 
-    def recompute_pattern(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def recompute_pattern(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                          tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The attention pattern ``(B, H, Tq, Tk)`` layer ``layer`` computes from queries
-        ``(B, Tq, H, D)`` and keys ``(B, Tk, KVH, D)`` (scaling, soft-capping, causal mask,
-        sliding window as in the attention function)."""
-        return recompute_pattern(self.attention(layer), q, k)
+        ``(B, Tq, H, D)`` and keys ``(B, Tk, KVH, D)`` (scaling, soft-capping, causal mask or the
+        continuation ``tree``'s, sliding window as in the attention function)."""
+        return recompute_pattern(self.attention(layer), q, k, tree)
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """What the blocks need for positions ``position_ids`` (1, T): rotary (cos, sin), one

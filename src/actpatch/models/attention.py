@@ -234,10 +234,12 @@ def _actpatch_attention(
     return out, pattern
 
 
-def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor,
+                      tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The attention pattern ``(B, H, Tq, Tk)`` this module computes from queries ``(B, Tq, H, D)``
-    and keys ``(B, Tk, KVH, D)`` (the sites' layout): scaling, soft-capping, causal mask and
-    sliding window as in :func:`_actpatch_attention`. Used by AtP*'s exact softmax recomputation."""
+    and keys ``(B, Tk, KVH, D)`` (the sites' layout): scaling, soft-capping, causal mask (or the
+    continuation ``tree``'s, (positions, branches) of a teacher-forced sequence) and sliding
+    window as in :func:`_actpatch_attention`. Used by AtP*'s exact softmax recomputation."""
     qh, kh = q.transpose(1, 2), k.transpose(1, 2)
     B, H, Tq, D = qh.shape
     kvh, Tk = kh.shape[1], kh.shape[2]
@@ -246,7 +248,10 @@ def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> to
     softcap = getattr(module, "attn_logit_softcapping", None)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~_causal(Tq, Tk, getattr(module, "sliding_window", None), scores.device), float("-inf"))
+    window = getattr(module, "sliding_window", None)
+    allowed = _causal(Tq, Tk, window, scores.device) if tree is None else _tree_allowed(tree, Tq, Tk, window,
+                                                                                        scores.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1, dtype=_softmax_dtype(q.dtype)).to(q.dtype)
 
 

@@ -213,8 +213,7 @@ class Model:
         if cont.rows != B:
             raise PromptError(f"A continuation of {cont.rows} rows for a batch of {B} (internal mismatch).")
         full = torch.cat([ids, cont.tokens], 1).to(self.device)
-        positions = torch.cat([torch.arange(T), continuation.positions(T)])
-        branches = torch.cat([torch.zeros(T, dtype=torch.long), continuation.branches()])
+        positions, branches = continuation.tree(T)
         C = continuation.n_tokens
         with torch.set_grad_enabled(grad), torch.inference_mode(not grad), self.teacher_forced(positions, branches, C):
             out = self.hf(input_ids=full, position_ids=positions[None].to(self.device), use_cache=False,

@@ -105,6 +105,13 @@ class Continuation:
         T = int(prompt_len)
         return torch.cat([torch.arange(T, T + self.a_width - 1), torch.arange(T, T + self.b_width - 1)])
 
+    def tree(self, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) position ids and branches of the whole sequence, prompt then continuation: what
+        :meth:`~actpatch.models.handle.Model.teacher_forced` takes."""
+        T = int(prompt_len)
+        return (torch.cat([torch.arange(T), self.positions(T)]),
+                torch.cat([torch.full((T,), PROMPT), self.branches()]))
+
     def branches(self) -> torch.Tensor:
         """(C,) the branch of each continuation token (:data:`ANSWER` or :data:`ALTERNATIVE`)."""
         return torch.cat([torch.full((self.a_width - 1,), ANSWER), torch.full((self.b_width - 1,), ALTERNATIVE)])

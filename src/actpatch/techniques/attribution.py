@@ -130,7 +130,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Attribution patching" + (" with qk_fix (AtP*)" if exact_qk else "")
                            + (" with grad_drop" if grad_drop else ""), differentiable=True,
-                           continuations=not exact_qk)
+                           continuations=True)
     plan = plan_for(model, prompts, target, grid)
     qk = qk_fix and plan.target in (SiteKind.Q, SiteKind.K)
     if qk_fix and not qk:
@@ -153,12 +153,16 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             source, src_logits = exp.source_activations(runs, full)
             # one forward and one backward pass of the base run with a zero at every site
             taps, zeros = gradient_taps(full)
+            T = runs.base.ids.shape[1]
+            cont = runs.base.continuation
+            # qk_fix recomputes whole patterns: the continuation's queries read the patched keys too
+            tree = cont.tree(T) if qk and cont is not None and not cont.is_single else None
 
             with ExitStack() as run:
                 run.enter_context(torch.enable_grad())
                 run.enter_context(runs.base.context(model))
                 boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
-                run.enter_context(intervene(model, taps))
+                run.enter_context(intervene(model, taps, whole=qk))
                 logits = runs.base.readout(model, grad=True)
                 measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
                 values = measure(logits, torch.arange(runs.rows))
@@ -166,12 +170,12 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             est: dict = {}
             for i, m in enumerate(metrics):
                 if grad_drop:
-                    est[m] = _grad_drop_sum(model, plan.patches, values[m].sum(), zeros, source, boundary, qk)
+                    est[m] = _grad_drop_sum(model, plan.patches, values[m].sum(), zeros, source, boundary, qk, tree)
                     continue
                 gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
                                          retain_graph=i < len(metrics) - 1, allow_unused=True)
                 with torch.no_grad():
-                    est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk)  # (P, G*R)
+                    est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk, tree)  # (P, G*R)
             base_vals = {m: v.detach() for m, v in values.items()}
             outcome.baselines(runs, base_vals, measure(src_logits, torch.arange(runs.rows)))
             if grad_drop:
@@ -206,10 +210,11 @@ def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
         raise MethodError("grad_drop needs a model with at least two layers (it averages over L - 1 dropped layers).")
 
 
-def _estimate(model: "Model", patches: Sequence[tuple], zeros: dict, source: dict, grads: dict, qk: bool) -> torch.Tensor:
+def _estimate(model: "Model", patches: Sequence[tuple], zeros: dict, source: dict, grads: dict, qk: bool,
+              tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """First-order effect of each patch, (P, batch), from one set of gradients at the taps."""
     if qk:
-        return torch.stack([_qk_effect(model, patch, zeros, source, grads) for patch in patches])
+        return torch.stack([_qk_effect(model, patch, zeros, source, grads, tree) for patch in patches])
     full = dict.fromkeys(s.full() for patch in patches for s in patch)
     prod = {s: (source[s] - zeros[s][1]) * (grads[s] if grads[s] is not None else 0.0) for s in full}
     per_site = _site_sums(prod, [s for patch in patches for s in patch])
@@ -217,7 +222,7 @@ def _estimate(model: "Model", patches: Sequence[tuple], zeros: dict, source: dic
 
 
 def _grad_drop_sum(model: "Model", patches: Sequence[tuple], metric: torch.Tensor, zeros: dict, source: dict,
-                   boundary: list, qk: bool) -> torch.Tensor:
+                   boundary: list, qk: bool, tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum over dropped layers l of |estimate with l dropped|, (P, batch). A patch in layer j
     scores plain AtP for the j layers below it and 0 for its own, so only layers above it need
     the dropped gradients."""
@@ -225,31 +230,36 @@ def _grad_drop_sum(model: "Model", patches: Sequence[tuple], metric: torch.Tenso
     taps = {s: z for s, (z, _) in zeros.items()}
     passes = dropped_gradients(metric, taps, boundary)
     with torch.no_grad():
-        plain = _estimate(model, patches, zeros, source, next(passes), qk)
+        plain = _estimate(model, patches, zeros, source, next(passes), qk, tree)
         total = layer_of[:, None] * plain.abs()
     for layer, grads in enumerate(passes, start=1):
         idx = (layer_of < layer).nonzero().flatten().tolist()  # (patch indices)
         if not idx:
             continue
         with torch.no_grad():
-            total[idx] += _estimate(model, [patches[i] for i in idx], zeros, source, grads, qk).abs()
+            total[idx] += _estimate(model, [patches[i] for i in idx], zeros, source, grads, qk, tree).abs()
     return total
 
 
-def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: dict) -> torch.Tensor:
-    """AtP* QK fix for one patch of q / k sites: exact pattern change, times dm/dA."""
+def _qk_effect(model: "Model", patch: tuple, zeros: dict, source: dict, grads: dict,
+               tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """AtP* QK fix for one patch of q / k sites: exact pattern change, times dm/dA. With answers
+    of several tokens (``tree``) the taps hold the whole teacher-forced sequence: the patch
+    writes prompt positions, and the pattern is recomputed over every query, continuation
+    tokens included."""
     total = 0.0
     g = model.n_heads // model.n_kv_heads
     for site in patch:
         l = site.layer
-        q, k = zeros[Site("q", l)][1], zeros[Site("k", l)][1]  # base values, (B, T, heads, D)
+        q, k = zeros[Site("q", l)][1], zeros[Site("k", l)][1]  # base values, (B, S, heads, D)
         base_pattern = zeros[Site("pattern", l)][1]
         new_q, new_k = q.clone(), k.clone()
-        target = new_q if site.kind == SiteKind.Q else new_k
-        target[site.selector()] = source[site.full()][site.selector()]
+        src = source[site.full()]  # (B, T, heads, D): the prompt's positions
+        target = (new_q if site.kind == SiteKind.Q else new_k)[:, : src.shape[1]]  # a view of them
+        target[site.selector()] = src[site.selector()]
         heads = [site.head] if site.kind == SiteKind.Q and site.head is not None else (
             list(range(site.head * g, (site.head + 1) * g)) if site.head is not None else list(range(model.n_heads)))
-        new_pattern = model.adapter.recompute_pattern(l, new_q, new_k)
+        new_pattern = model.adapter.recompute_pattern(l, new_q, new_k, tree)
         grad = grads[Site("pattern", l)]
         if grad is None:  # no path from this layer's pattern to the metric (GradDrop of its own layer)
             total = total + torch.zeros(new_pattern.shape[0], device=new_pattern.device)

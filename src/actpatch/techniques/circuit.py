@@ -135,10 +135,9 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
         model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
     h = emb[Site("resid_pre", 0)]
-    positions = torch.arange(T) if rows is None else torch.cat([torch.arange(T), rows.positions(T)])
+    positions, branches = (torch.arange(T), None) if rows is None else rows.tree(T)
     pos = positions.to(h.device)[None]
-    tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(
-        positions, torch.cat([torch.zeros(T, dtype=torch.long), rows.branches()]), n_cont)
+    tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(positions, branches, n_cont)
     # diff[i]: node i's write now minus its corrupted write at prompt positions, per circuit
     diff = h.new_zeros(len(graph.nodes), C, B, T, h.shape[-1])
 
