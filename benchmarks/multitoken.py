@@ -39,7 +39,7 @@ def necessary(model: ap.Model, ps: ap.PromptSet, target: str) -> float:
     C = 0 if g.continuation is None else g.continuation.n_tokens
     L, d = model.n_layers, model.d_model
     vocab = model.hf.get_output_embeddings().weight.shape[0]
-    per_token_layer = sum(p.numel() for p in model.hf.model.layers[0].parameters())  # (a benchmark may read paths)
+    per_token_layer = sum(p.numel() for p in model.adapter.blocks[0].parameters())  # multiply-adds per token
     diff = int((g.clean != g.corrupted).any(0).nonzero()[0])
     if target == "z":
         cells = [(l, diff) for l in range(L) for _ in range(model.n_heads)]
