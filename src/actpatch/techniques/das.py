@@ -188,8 +188,7 @@ def das(
     batches = {"train": _sources(model, prompts.subset(train), site), "test": _sources(model, prompts.subset(test), site)}
 
     def run(name: str, U: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy of the answers (teacher-forced over all their tokens) over the
-        split's pairs, and how many put the whole answer on top (greedy)."""
+        """The split's summed answer cross-entropy (teacher-forced) and its greedy hits."""
         total, hits = torch.zeros((), device=model.device), 0
         P = U.T @ U
         for base, src, measure in batches[name]:
