@@ -35,22 +35,29 @@ def _no_input_norms(family):
 def test_edges_into_a_node_add_up_to_its_attribution(family, direction):
     m = _no_input_norms(family)
     ps = _pairs()
-    edges = ap.edge_attribution(m, ps, direction=direction)
     base = "clean" if direction == "noise" else "corrupted"
     # logits: the edges into the output add up to AtP of the final residual stream
     atp = ap.attribute(m, ps, "resid_final", direction=direction, per_position=False)
     expected = atp.raw["logit_diff"] - getattr(atp, base)["logit_diff"]
-    got = edges.per_prompt[:, :, edges.downstream.index("logits")].nansum(1)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, check_dtype=False)  # estimates are float64
-    # heads' query / key / value inputs
-    for kind, n, label in (("q", m.n_heads, "H{}.q"), ("k", m.n_kv_heads, "KV{}.k"), ("v", m.n_kv_heads, "KV{}.v")):
-        atp = ap.attribute(m, ps, kind, direction=direction)
-        for l in range(m.n_layers):
-            for h in range(n):
-                node = f"L{l}." + label.format(h)
-                got = edges.per_prompt[:, :, edges.downstream.index(node)].nansum(1)
-                want = atp.raw["logit_diff"][:, l, h] - getattr(atp, base)["logit_diff"]
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=node, check_dtype=False)
+    # heads' query / key / value inputs: per KV head (the KV layout) or per query head (MIB's:
+    # the key / value each query head reads, k_ungrouped / v_ungrouped)
+    layouts = {"kv": (("q", m.n_heads, "H{}.q"), ("k", m.n_kv_heads, "KV{}.k"), ("v", m.n_kv_heads, "KV{}.v")),
+               "mib": (("q", m.n_heads, "H{}.q"), ("k_ungrouped", m.n_heads, "H{}.k"),
+                       ("v_ungrouped", m.n_heads, "H{}.v"))}
+    if m.n_kv_heads == m.n_heads:  # without grouped-query attention the two are one graph (test_graph_layout)
+        del layouts["mib"]
+    for layout, inputs in layouts.items():
+        edges = ap.edge_attribution(m, ps, direction=direction, layout=layout)
+        got = edges.per_prompt[:, :, edges.downstream.index("logits")].nansum(1)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, check_dtype=False)  # estimates are float64
+        for kind, n, label in inputs:
+            atp = ap.attribute(m, ps, kind, direction=direction)
+            for l in range(m.n_layers):
+                for h in range(n):
+                    node = f"L{l}." + label.format(h)
+                    got = edges.per_prompt[:, :, edges.downstream.index(node)].nansum(1)
+                    want = atp.raw["logit_diff"][:, l, h] - getattr(atp, base)["logit_diff"]
+                    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=node, check_dtype=False)
 
 
 def test_reachability_and_naming():
@@ -133,8 +140,14 @@ def test_circuit_runs_match_exact_patching(family):
     # cutting every edge into one head's query = noising that query exactly
     q = ap.patch(m, ps, [ap.Site("q", 1, head=2)], direction="noise")
     torch.testing.assert_close(ap.circuits.run_circuit(m, ps, _keep_all_but(edges, "L1.H2.q")), q.raw["logit_diff"], atol=1e-4, rtol=0)
+    # a KV head's value input (KV layout) = noising v; one query head's (MIB's) = noising v_ungrouped
     kv = ap.patch(m, ps, [ap.Site("v", 2, head=1)], direction="noise")
-    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, _keep_all_but(edges, "L2.KV1.v")), kv.raw["logit_diff"], atol=1e-4, rtol=0)
+    kv_edges = ap.edge_attribution(m, ps, layout="kv")
+    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, _keep_all_but(kv_edges, "L2.KV1.v"), layout="kv"),
+                               kv.raw["logit_diff"], atol=1e-4, rtol=0)
+    per_head = ap.patch(m, ps, [ap.Site("v_ungrouped", 2, head=3)], direction="noise")
+    torch.testing.assert_close(ap.circuits.run_circuit(m, ps, _keep_all_but(edges, "L2.H3.v")),
+                               per_head.raw["logit_diff"], atol=1e-4, rtol=0)
     # cutting every edge into an MLP = noising its output
     mlp = ap.patch(m, ps, [ap.Site("mlp_out", 1)], direction="noise")
     torch.testing.assert_close(ap.circuits.run_circuit(m, ps, _keep_all_but(edges, "L1.MLP")), mlp.raw["logit_diff"], atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ from actpatch import Site
 from actpatch.models import attention as attn_mod
 from actpatch.testing import TINY_FAMILIES, tiny_model
 
-ALL_KINDS = ["embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+ALL_KINDS = ["embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "k_ungrouped", "v_ungrouped",
              "pattern", "mlp_post", "resid_final"]
 
 

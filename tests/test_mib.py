@@ -133,11 +133,13 @@ def test_mib_json_refuses_other_graphs(tmp_path):
         from_mib_json(path, m)
 
 
-def test_greedy_selection_keeps_circuits_connected_to_the_logits():
+@pytest.mark.parametrize("layout", ["mib", "kv"])
+def test_greedy_selection_keeps_circuits_connected_to_the_logits(layout):
     from actpatch.techniques.circuit import greedy_edges
 
     m = tiny_model("llama_gqa", n_layers=3)
-    edges = ap.edge_attribution(m, random_pairs(n=2, T=5, diff=(1, 3)))
+    edges = ap.edge_attribution(m, random_pairs(n=2, T=5, diff=(1, 3)), layout=layout)
+    group = 1 if layout == "mib" else m.n_heads // m.n_kv_heads  # query heads per k / v input
     g = edges.graph
     for n in (1, 7, 40):
         mask = greedy_edges(edges, n)
@@ -152,7 +154,7 @@ def test_greedy_selection_keeps_circuits_connected_to_the_logits():
                 (port.kind is ap.circuits.PortKind.MLP and nd.kind is ap.circuits.NodeKind.MLP)
                 or (port.kind is ap.circuits.PortKind.Q and nd.kind is ap.circuits.NodeKind.HEAD and nd.head == port.head)
                 or (port.kind in (ap.circuits.PortKind.K, ap.circuits.PortKind.V) and nd.kind is ap.circuits.NodeKind.HEAD
-                    and nd.head // (m.n_heads // m.n_kv_heads) == port.head))]
+                    and nd.head // group == port.head))]
             assert owners, f"{port} is read by no node of the circuit"
     # the first pick is the best edge into the logits
     first = greedy_edges(edges, 1)

@@ -36,7 +36,7 @@ def _oracle(model: ap.Model, ps: ap.PromptSet, keep: torch.Tensor) -> torch.Tens
     logits kept), composed as the module docstring says."""
     L = model.n_layers
     kv = [ap.Site(k, l) for l in range(L) for k in ("k", "v")]
-    runner = _Circuits(model, _single(ps), "str", "logit_diff", 0, rows=1)
+    runner = _Circuits(model, _single(ps), "str", "logit_diff", 0, rows=1, layout="kv")  # (k / v per KV head)
     with ap.capture(model, kv + [ap.Site("resid_final")]) as got:  # the last forward of each wins
         runner.run(keep)
     out = []
@@ -63,10 +63,10 @@ def test_multi_token_circuits_equal_the_composed_oracle(family):
     model = tiny_model(family, n_layers=2, seed=3)
     ps = ap.PromptSet.from_pairs(model, PAIRS)
     assert ps.multi_token
-    edges = ap.edge_attribution(model, ps)
+    edges = ap.edge_attribution(model, ps, layout="kv")  # (MIB's layout: tests/test_graph_layout.py)
     logits = edges.downstream.index("logits")
     g = torch.Generator().manual_seed(0)
-    runner = _Circuits(model, ps, "str", "logit_diff", 0)
+    runner = _Circuits(model, ps, "str", "logit_diff", 0, layout="kv")
     spread = []
     for p in (0.2, 0.6):
         keep = torch.rand(edges.scores.shape, generator=g) < p
@@ -93,9 +93,8 @@ def test_multi_token_circuits_match_exact_patching(family):
         keep[:, edges.downstream.index(node)] = False
         return keep
 
-    kvh = 1 % model.n_kv_heads
     cases = [(full, base.clean["logit_diff"]), (~full, base.corrupted["logit_diff"])]
-    for node, site in ((f"L1.H2.q", ap.Site("q", 1, head=2)), (f"L2.KV{kvh}.v", ap.Site("v", 2, head=kvh)),
+    for node, site in ((f"L1.H2.q", ap.Site("q", 1, head=2)), ("L2.H3.v", ap.Site("v_ungrouped", 2, head=3)),
                        ("L1.MLP", ap.Site("mlp_out", 1)), ("logits", ap.Site("resid_final"))):
         cases.append((all_but(node), ap.patch(model, ps, [site], direction="noise").raw["logit_diff"]))
     alone = _Circuits(model, ps, "str", "logit_diff", 0, rows=1)

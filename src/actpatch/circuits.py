@@ -17,7 +17,7 @@ from .techniques.circuit import (EdgeValidation, Faithfulness, faithfulness, gre
                                  validate_edges)
 from .techniques.circuit_io import from_mib_json, load_edge_scores, save_edge_scores, to_mib_json
 from .techniques.eap import EdgeScores, edge_attribution
-from .techniques.graph import Edge, Graph, Node, NodeKind, Port, PortKind
+from .techniques.graph import Edge, Graph, GraphLayout, Node, NodeKind, Port, PortKind
 from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
 from .techniques.peap import (PositionalEdgeScores, positional_edge_attribution, positional_faithfulness,
                               top_positional_edges)
@@ -25,7 +25,7 @@ from .techniques.self_repair import DirectTotal, direct_vs_total
 
 __all__ = [
     # the graph
-    "Graph", "Node", "NodeKind", "Port", "PortKind", "Edge",
+    "Graph", "GraphLayout", "Node", "NodeKind", "Port", "PortKind", "Edge",
     # edge attribution
     "edge_attribution", "EdgeScores", "positional_edge_attribution", "PositionalEdgeScores",
     # circuits

@@ -147,7 +147,7 @@ def doctor(model: "Model", prompts: PromptSet | None = None, *, tol: float = 1e-
         kw: dict = {"layers": layers}
         if kind is SiteKind.MLP_POST:
             kw["neurons"] = [0, model.d_mlp // 2, model.d_mlp - 1]
-        if kind in (SiteKind.Z, SiteKind.Q, SiteKind.PATTERN):
+        if kind in (SiteKind.Z, SiteKind.Q, SiteKind.PATTERN, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED):
             kw["heads"] = sorted({0, model.n_heads - 1})
         if kind in (SiteKind.K, SiteKind.V):
             kw["heads"] = sorted({0, model.n_kv_heads - 1})

@@ -10,6 +10,7 @@ Layouts of the full (unsliced) activation, batch first::
     attn_out, mlp_out, resid_final, mlp_in  (batch, pos, d_model)
     z, q                                    (batch, pos, n_heads, d_head)
     k, v                                    (batch, pos, n_kv_heads, d_head)
+    k_ungrouped, v_ungrouped                (batch, pos, n_heads, d_head)
     pattern                                 (batch, n_heads, query_pos, key_pos)
     mlp_post                                (batch, pos, d_mlp)
     feature, feature_error                  (batch, pos, feature) / (batch, pos, d_site)
@@ -19,7 +20,7 @@ Layouts of the full (unsliced) activation, batch first::
 feature activations, and the error term ``x - decode(encode(x))`` that makes attaching it the
 identity.
 
-``head`` selects a head (a KV head for k / v), ``pos`` a position (the query position for
+``head`` selects a head (a KV head for k / v, a query head for k_ungrouped / v_ungrouped), ``pos`` a position (the query position for
 ``pattern``), ``index`` a neuron (``mlp_post``), a model dimension (residual kinds), a head
 dimension (z / q / k / v) or a key position (``pattern``).
 """
@@ -61,6 +62,13 @@ class SiteKind(str, enum.Enum):
     """Per-KV-head keys as attention sees them (after any rotary embedding)."""
     V = "v"
     """Per-KV-head values."""
+    K_UNGROUPED = "k_ungrouped"
+    """The keys as each *query* head reads them: ``k`` with grouped-query attention's groups
+    expanded to one copy per query head (TransformerLens's ``ungroup_grouped_query_attention``),
+    so that writing head ``h`` changes the keys of query head ``h`` only, not of its whole group.
+    The same tensor as ``k`` without grouped-query attention."""
+    V_UNGROUPED = "v_ungrouped"
+    """The values as each query head reads them (see ``k_ungrouped``)."""
     PATTERN = "pattern"
     """Attention probabilities, per head, query position x key position."""
     MLP_POST = "mlp_post"
@@ -97,9 +105,12 @@ FEATURE_KINDS = frozenset({SiteKind.FEATURE, SiteKind.FEATURE_ERROR})
 DICTIONARY_SITES = frozenset({SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST, SiteKind.ATTN_OUT,
                               SiteKind.MLP_OUT, SiteKind.MLP_IN, SiteKind.MLP_POST, SiteKind.Z})
 """Where a feature dictionary may be attached (the site its reconstruction replaces)."""
-HEAD_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
+HEAD_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED,
+                        SiteKind.PATTERN})
 KV_KINDS = frozenset({SiteKind.K, SiteKind.V})
-ATTENTION_FN_KINDS = frozenset({SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
+ATTENTION_FN_KINDS = frozenset({SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED,
+                                SiteKind.PATTERN})
+UNGROUPED_KINDS = frozenset({SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED})
 
 _RESID = ("batch", "pos", "d_model")
 _LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
@@ -115,6 +126,8 @@ _LAYOUTS: dict[SiteKind, tuple[str, ...]] = {
     SiteKind.Q: ("batch", "pos", "head", "d_head"),
     SiteKind.K: ("batch", "pos", "kv_head", "d_head"),
     SiteKind.V: ("batch", "pos", "kv_head", "d_head"),
+    SiteKind.K_UNGROUPED: ("batch", "pos", "head", "d_head"),
+    SiteKind.V_UNGROUPED: ("batch", "pos", "head", "d_head"),
     SiteKind.PATTERN: ("batch", "head", "query_pos", "key_pos"),
     SiteKind.MLP_POST: ("batch", "pos", "d_mlp"),
     SiteKind.FEATURE: ("batch", "pos", "feature"),

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from .errors import ConfigError, UnsupportedArchitectureError
 from .models.handle import Model
 from .models.recipe import Recipe
 
-__all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS", "assert_effect_close"]
+__all__ = ["tiny_model", "TINY_FAMILIES", "tiny_tokenizer", "WORDS", "assert_effect_close", "ungrouped_copy", "UNGROUPABLE"]
 
 # A word-level vocabulary so that tiny models can run PromptSet builders end to end.
 WORDS = (
@@ -152,6 +153,43 @@ def tiny_model(family: str = "llama", *, n_layers: int = 2, seed: int = 0, attn_
     model.recipe = Recipe("actpatch.testing:tiny_model", (family,),
                           {"n_layers": n_layers, "seed": seed, "attn_implementation": attn_implementation})
     return model
+
+
+UNGROUPABLE = ("llama_gqa", "mistral", "qwen2")
+"""Tiny grouped-query families :func:`ungrouped_copy` can expand (separate k / v projections)."""
+
+
+def ungrouped_copy(model: Model) -> Model:
+    """The same function as the grouped-query ``model`` computed without grouped-query attention:
+    a copy with one KV head per query head, whose key / value projections repeat each KV head's
+    rows for every query head of its group. Its ``k`` / ``v`` sites are ``model``'s
+    ``k_ungrouped`` / ``v_ungrouped``: an independent reference for them (and for MIB's graph,
+    which gives every query head its own key and value inputs).
+
+    Example:
+        >>> m = tiny_model("llama_gqa")
+        >>> wide = ungrouped_copy(m)
+        >>> wide.n_kv_heads, bool((wide.logits(torch.tensor([[2, 3, 4]])) - m.logits(torch.tensor([[2, 3, 4]]))).abs().max() < 1e-5)
+        (4, True)
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf = model.hf
+    H, KV, D = model.n_heads, model.n_kv_heads, model.d_head
+    if not any(n.endswith(".k_proj.weight") for n, _ in hf.named_parameters()):
+        raise UnsupportedArchitectureError(f"ungrouped_copy() needs separate k_proj / v_proj projections; "
+                                           f"{model.adapter.family} fuses them. Use one of {', '.join(UNGROUPABLE)}.")
+    cfg = copy.deepcopy(hf.config)
+    cfg.num_key_value_heads = H
+    wide = AutoModelForCausalLM.from_config(cfg, dtype=next(hf.parameters()).dtype)
+    state = {}
+    for name, p in hf.state_dict().items():
+        if ".k_proj." in name or ".v_proj." in name:  # (KV * D, ...) -> (H * D, ...), head j repeated H // KV times
+            p = p.reshape(KV, D, *p.shape[1:]).repeat_interleave(H // KV, 0).reshape(H * D, *p.shape[1:])
+        state[name] = p
+    wide.load_state_dict(state)
+    wide.eval()
+    return Model(wide, model.tokenizer, name=f"{model.name}-ungrouped")
 
 
 def without_final_norm(model: Model) -> Model:

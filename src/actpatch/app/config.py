@@ -33,6 +33,7 @@ from ..errors import ConfigError, SiteError
 from ..metrics import DIFFERENTIABLE, Metric
 from ..sites import Site, SiteKind
 from ..techniques.eap import EdgeMethod
+from ..techniques.graph import GraphLayout
 from ..types import Direction, Engine, Method
 
 __all__ = ["ExperimentConfig", "PathConfig", "CircuitsConfig", "SubspaceConfig", "SubspaceMethod", "DASConfig",
@@ -257,6 +258,9 @@ class CircuitsConfig(_Strict):
     by cutting each one exactly (one circuit run per edge), evaluated like the methods."""
     direct_vs_total: bool = False
     """Also every head's and MLP's direct vs total effect, with self-repair findings (direct_total.json)."""
+    layout: GraphLayout = GraphLayout.MIB
+    """The graph: key / value inputs per query head as MIB counts them (mib), or per KV head (kv);
+    they differ under grouped-query attention only."""
 
     @field_validator("sizes")
     @classmethod

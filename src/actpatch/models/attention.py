@@ -78,6 +78,11 @@ class AttentionState:
         """Whether the model currently runs the actpatch attention function."""
         return self._depth > 0
 
+    def has(self, module: nn.Module, *kinds: SiteKind) -> bool:
+        """Whether hooks of any of ``kinds`` are attached to ``module``."""
+        hooks = self.hooks.get(id(module), {})
+        return any(hooks.get(kind) for kind in kinds)
+
     def run(self, module: nn.Module, kind: SiteKind, x: torch.Tensor) -> torch.Tensor:
         for _, _, fn in sorted(self.hooks.get(id(module), {}).get(kind, ()), key=lambda t: (t[0], t[1])):
             out = fn(x)
@@ -206,12 +211,19 @@ def _actpatch_attention(
         k = state.run(module, SiteKind.K, key.transpose(1, 2)).transpose(1, 2)
         v = state.run(module, SiteKind.V, value.transpose(1, 2)).transpose(1, 2)
     prefix = state.prefix.get(id(module)) if state is not None else None
+    ungroup = state is not None and state.has(module, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED)
+    if ungroup:  # one copy of each KV head per query head that reads it, hooked per query head
+        g = q.shape[1] // k.shape[1]
+        k = state.run(module, SiteKind.K_UNGROUPED, k.repeat_interleave(g, 1).transpose(1, 2)).transpose(1, 2)
+        v = state.run(module, SiteKind.V_UNGROUPED, v.repeat_interleave(g, 1).transpose(1, 2)).transpose(1, 2)
+        if prefix is not None:
+            prefix = (prefix[0].repeat_interleave(g, 1), prefix[1].repeat_interleave(g, 1))
     if prefix is not None:
         k = torch.cat([prefix[0].to(k.device, k.dtype), k], dim=2)
         v = torch.cat([prefix[1].to(v.device, v.dtype), v], dim=2)
     B, H, Tq, D = q.shape
     kvh, Tk = k.shape[1], k.shape[2]
-    g = H // kvh  # grouped-query attention: query head h reads KV head h // g (no copies)
+    g = H // kvh  # grouped-query attention: query head h reads KV head h // g (no copies unless ungrouped)
     if scaling is None:
         scaling = D**-0.5
     scores = torch.matmul(q.reshape(B, kvh, g, Tq, D), k.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk) * scaling

@@ -33,7 +33,7 @@ from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import Direction
 from .eap import EdgeScores, node_writes
-from .graph import Graph, Node, NodeKind, Port, PortKind
+from .graph import Graph, GraphLayout, Node, NodeKind, Port, PortKind
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -71,18 +71,7 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise MethodError(f"A circuit size must be a number of edges >= 0, got {n!r}.")
     g = edges.graph
-    kv_group = max(1, sum(p.kind is PortKind.Q for p in g.ports if p.layer == 0)
-                   // max(1, sum(p.kind is PortKind.K for p in g.ports if p.layer == 0)))
-    inputs: dict[int, list[int]] = {}
-    for i, node in enumerate(g.nodes):
-        if node.kind is NodeKind.HEAD:
-            j = node.head // kv_group  # type: ignore[operator]
-            ports = [Port(PortKind.Q, node.layer, node.head), Port(PortKind.K, node.layer, j), Port(PortKind.V, node.layer, j)]
-        elif node.kind is NodeKind.MLP:
-            ports = [Port(PortKind.MLP, node.layer)]
-        else:
-            ports = []
-        inputs[i] = [g.port_index[p] for p in ports]
+    inputs = {i: [g.port_index[p] for p in g.inputs(node)] for i, node in enumerate(g.nodes)}
     raw = edges.scores
     key = raw.abs() if absolute else raw
     mask = torch.zeros_like(raw, dtype=torch.bool)
@@ -126,8 +115,12 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     computes them after its patches. So the empty circuit reproduces the corrupted run's
     continuation and the full graph the clean run's."""
     adapter = model.adapter
-    L, H, KV = model.n_layers, model.n_heads, model.n_kv_heads
+    L, group = model.n_layers, model.n_heads // model.n_kv_heads
     node_at, port_at = graph.node_index, graph.port_index
+    head_ports: dict[int, list[Port]] = {l: [] for l in range(L)}
+    for p in graph.ports:
+        if p.kind in (PortKind.Q, PortKind.K, PortKind.V):
+            head_ports[int(p.layer)].append(p)  # type: ignore[arg-type]
     C, (B, T) = keep.shape[0], clean.shape
     ids = clean.repeat(C, 1)
     rows = cont.select(torch.arange(B).repeat(C)) if cont is not None and not cont.is_single else None
@@ -169,16 +162,19 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
             n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
             pe = adapter.position_embeddings(h, pos)
             # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
-            ports = [Port(kind, l, i) for kind, n in ((PortKind.Q, H), (PortKind.K, KV), (PortKind.V, KV))
-                     for i in range(n)]
-            fixed = [(p.kind, p.head, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
+            ports = head_ports[l]
+            fixed = [(p, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
             writes: dict[Site, torch.Tensor] = {}
             if fixed:
                 qkv = [Site(k, l) for k in ("q", "k", "v")]
                 with capture(model, qkv) as a, stop_after(model, Site("v", l)):
-                    adapter.run_block(l, torch.cat([h - whole(fix.to(h.device)) for _, _, fix in fixed]), pos, pe)
-                for j, (kind, i, _) in enumerate(fixed):
-                    writes[Site(kind.value, l, head=i)] = a[Site(kind.value, l)][j * C * B:(j + 1) * C * B, :, i]
+                    adapter.run_block(l, torch.cat([h - whole(fix.to(h.device)) for _, fix in fixed]), pos, pe)
+                for j, (port, _) in enumerate(fixed):
+                    kind, i = port.kind.value, int(port.head)  # type: ignore[arg-type]
+                    # MIB's layout: a query head's own key / value input, computed through its KV head
+                    site, read = (Site(f"{kind}_ungrouped", l, head=i), i // group) if port.per_query_head and group > 1 else \
+                        (Site(kind, l, head=i), i)
+                    writes[site] = a[Site(kind, l)][j * C * B:(j + 1) * C * B, :, read]
             mlp_node = node_at[Node(NodeKind.MLP, l)]
 
             def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
@@ -214,7 +210,7 @@ class _Circuits:
     batch (``rows`` circuits x prompts per forward pass)."""
 
     def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int,
-                 rows: int | None = None) -> None:
+                 rows: int | None = None, layout: str | GraphLayout = GraphLayout.MIB) -> None:
         exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
                                seed=seed, technique="Circuit runs", needs_corrupted_run=True, continuations=True)
         if exp.corruption.draws != 1:
@@ -224,7 +220,7 @@ class _Circuits:
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise MethodError(f"rows={rows!r}: the rows per circuit batch must be a positive integer.")
         self.model, self.n, self.metric, self.rows = model, len(prompts), exp.metrics[0], rows
-        self.graph = Graph.of(model)
+        self.graph = Graph.of(model, layout)
         self.unreachable = ~self.graph.reachable
         self.lengths = sorted({g.seq_len for g in prompts.groups()})
         self.groups = []
@@ -242,9 +238,10 @@ class _Circuits:
         ok = isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape[:2]) == shape
         if not ok or keep.dim() not in (2, 3) or (keep.dim() == 3 and len(self.lengths) != 1):
             got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
-            raise MethodError(f"keep is {got}; expected a boolean tensor of shape {shape} (upstream x downstream), or "
-                              f"{shape + (self.lengths[0] if len(self.lengths) == 1 else 'T',)} per position for prompts "
-                              f"of one length.")
+            raise MethodError(f"keep is {got}; expected a boolean tensor of shape {shape} (upstream x downstream in "
+                              f"the graph's {self.graph.layout.value!r} layout: give the layout the edges were scored in), "
+                              f"or {shape + (self.lengths[0] if len(self.lengths) == 1 else 'T',)} per position for "
+                              f"prompts of one length.")
         if keep.dim() == 3 and keep.shape[2] != self.lengths[0]:
             raise MethodError(f"keep has {keep.shape[2]} positions; the prompts have {self.lengths[0]} tokens.")
         unreachable = self.unreachable if keep.dim() == 2 else self.unreachable[:, :, None]
@@ -286,11 +283,12 @@ class _Circuits:
 
 def run_circuit(
     model: "Model", prompts: PromptSet, keep: torch.Tensor, *, corruption: str | Corruption = "str",
-    metric: MetricSpec = "logit_diff", seed: int = 0,
+    metric: MetricSpec = "logit_diff", seed: int = 0, layout: str | GraphLayout = GraphLayout.MIB,
 ) -> torch.Tensor:
     """Per-prompt metric of the clean run with every edge outside ``keep`` (a (U, V) mask over
-    :func:`actpatch.edge_attribution`'s nodes) taken from the corrupted run."""
-    return _Circuits(model, prompts, corruption, metric, seed).run(keep)
+    the nodes and ports of :func:`actpatch.edge_attribution`'s graph in ``layout``) taken from
+    the corrupted run."""
+    return _Circuits(model, prompts, corruption, metric, seed, layout=layout).run(keep)
 
 
 @dataclass(frozen=True)
@@ -348,7 +346,7 @@ def faithfulness(
         >>> [round(v, 3) + 0.0 for v in curve.values.tolist()][::2]  # no edges: corrupted; all: clean
         [0.0, 1.0]
     """
-    circuits = _Circuits(model, prompts, corruption, metric, seed)
+    circuits = _Circuits(model, prompts, corruption, metric, seed, layout=edges.graph.layout)
     none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
     *raw, empty, full = circuits.run_many([top_edges(edges, n) for n in sizes] + [none, every])
     raws = torch.stack(raw) if raw else torch.empty(0, len(prompts))
@@ -402,7 +400,8 @@ def validate_edges(
     if edges.direction is not Direction.NOISE:
         raise MethodError("validate_edges() checks noising scores (edges cut from the clean run); "
                             "score the edges with direction='noise'.")
-    circuits = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
+    circuits = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed,
+                         layout=edges.graph.layout)
     flat = edges.scores.flatten()
     ok = (~torch.isnan(flat)).nonzero().flatten()
     order = ok[flat[ok].abs().argsort(descending=True, stable=True)]

@@ -5,10 +5,11 @@ safetensors + JSON.
 {"score": float, "in_graph": bool}}}`` with node names ``input``, ``a{L}.h{H}``, ``m{L}``,
 ``logits`` and edge names ``parent->child``, where an edge into a head names the input it
 enters, ``parent->a{L}.h{H}<q|k|v>``. actpatch's nodes map one to one: ``embed`` is ``input``,
-``L{l}.H{h}`` is ``a{l}.h{h}``, ``L{l}.MLP`` is ``m{l}``. Under grouped-query attention actpatch
-scores each *KV head's* key and value inputs (``L{l}.KV{j}.k``); they are written as
-``a{l}.h{j}<k>`` with ``cfg["n_key_value_heads"]`` recording that the k / v indices count KV heads
-(with as many KV heads as heads the format is the usual one).
+``L{l}.H{h}`` is ``a{l}.h{h}``, ``L{l}.MLP`` is ``m{l}``. In MIB's graph layout (the default of
+:func:`~actpatch.edge_attribution`) every query head has its own k / v inputs, as in MIB's files.
+Edges scored in the KV layout (one key and value input per *KV head*, ``L{l}.KV{j}.k``) are
+written as ``a{l}.h{j}<k>`` with ``cfg["n_key_value_heads"]`` recording that the k / v indices
+count KV heads; reading a file picks the layout from that count.
 
 Scores keep actpatch's sign: the estimated change of the metric when the edge is patched in the
 recorded ``cfg["actpatch"]["direction"]`` (for noising, negative when the edge matters; MIB's
@@ -29,7 +30,7 @@ from ..corruption import CorruptionSpec
 from ..errors import ResultError
 from ..types import Direction
 from .eap import EdgeScores
-from .graph import Graph, Node, NodeKind, Port, PortKind
+from .graph import Graph, GraphLayout, Node, NodeKind, Port, PortKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -68,7 +69,7 @@ def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | Non
     real = g.reachable
     kept = keep & real
     n_heads = max((n.head for n in g.nodes if n.kind is NodeKind.HEAD), default=-1) + 1
-    n_kv = max((p.head for p in g.ports if p.kind is PortKind.K), default=-1) + 1
+    n_kv = sum(p.kind is PortKind.K and p.layer == 0 for p in g.ports)
     n_layers = max((n.layer for n in g.nodes if n.layer is not None), default=-1) + 1
     cfg = {"n_layers": n_layers, "n_heads": n_heads, "n_key_value_heads": n_kv, "parallel_attn_mlp": g.parallel,
            "actpatch": {"method": edges.method, "direction": edges.direction.value, "metric": edges.metric,
@@ -97,16 +98,16 @@ def from_mib_json(path: str | Path, model: "Model") -> tuple[EdgeScores, torch.T
     d = read_json(Path(path), "an EAP-IG / MIB circuit JSON")
     if not isinstance(d, dict) or not {"cfg", "nodes", "edges"} <= set(d):
         raise ResultError(f"{path}: expected keys cfg, nodes and edges (the EAP-IG / MIB graph format).")
-    g = Graph.of(model)
     cfg = d["cfg"]
     want = {"n_layers": model.n_layers, "n_heads": model.n_heads}
     bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k) != v}
     if bad:
         raise ResultError(f"{path}: the graph is for {bad}, but this model has {want}.")
     kv = int(cfg.get("n_key_value_heads", cfg["n_heads"]))
-    if kv != model.n_kv_heads:
-        raise ResultError(f"{path}: k / v inputs are indexed over {kv} heads; this model has {model.n_kv_heads} KV "
-                          f"heads. Per-query-head k / v edges cannot be mapped onto shared KV heads one to one.")
+    if kv not in (model.n_heads, model.n_kv_heads):
+        raise ResultError(f"{path}: k / v inputs are indexed over {kv} heads; this model has {model.n_heads} query "
+                          f"heads (MIB's layout) and {model.n_kv_heads} KV heads (the KV layout).")
+    g = Graph.of(model, GraphLayout.MIB if kv == model.n_heads else GraphLayout.KV)
     nodes = {node_name(n): i for i, n in enumerate(g.nodes)}
     ports = {port_name(p): j for j, p in enumerate(g.ports)}
     scores = torch.full((len(g.nodes), len(g.ports)), float("nan"))
@@ -140,7 +141,8 @@ def save_edge_scores(edges: EdgeScores, path: str | Path) -> tuple[Path, Path]:
     tensors = base.with_suffix(".safetensors")
     meta = base.with_suffix(".json")
     save_file({"scores": edges.scores.contiguous(), "per_prompt": edges.per_prompt.contiguous()}, str(tensors))
-    meta.write_text(json.dumps({"upstream": edges.upstream, "downstream": edges.downstream, "method": edges.method,
+    meta.write_text(json.dumps({"layout": edges.graph.layout.value, "upstream": edges.upstream,
+                                "downstream": edges.downstream, "method": edges.method,
                                 "direction": edges.direction.value, "metric": edges.metric,
                                 "corruption": edges.corruption.to_json(), "seed": edges.seed, "ig_steps": edges.ig_steps},
                                indent=1))
@@ -153,7 +155,7 @@ def load_edge_scores(path: str | Path, model: "Model") -> EdgeScores:
 
     base = Path(path)
     meta = read_json(base.with_suffix(".json"), "edge scores metadata (save_edge_scores)")
-    g = Graph.of(model)
+    g = Graph.of(model, meta.get("layout", GraphLayout.KV))  # (files without a layout predate MIB's)
     if meta.get("upstream") != [str(n) for n in g.nodes] or meta.get("downstream") != [str(p) for p in g.ports]:
         raise ResultError(f"{base}: these edge scores are for another graph than this model's.")
     t = load_file(str(base.with_suffix(".safetensors")))

@@ -29,12 +29,12 @@ import torch
 from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
-from ..hooks import capture, gradient_taps, intervene
+from ..hooks import capture, gradient_taps, intervene, stop_after
 from ..metrics import Measurer, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import DEFAULT_DIRECTION, Direction, Provenance
-from .graph import Edge, Graph, PortKind
+from .graph import Edge, Graph, GraphLayout, Port, PortKind
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -77,7 +77,8 @@ class EdgeScores:
     (mean over prompts; NaN where node u cannot reach port v).
 
     ``upstream`` / ``downstream`` name the nodes and ports (``embed``, ``L{l}.H{h}``,
-    ``L{l}.MLP``; ``L{l}.H{h}.q``, ``L{l}.KV{j}.k`` / ``.v``, ``L{l}.MLP``, ``logits``)."""
+    ``L{l}.MLP``; ``L{l}.H{h}.q``, ``L{l}.H{h}.k`` / ``.v`` per query head in MIB's layout or
+    ``L{l}.KV{j}.k`` / ``.v`` per KV head in the KV layout, ``L{l}.MLP``, ``logits``)."""
 
     graph: Graph
     scores: torch.Tensor  # (U, V)
@@ -132,24 +133,39 @@ class EdgeScores:
         return pd.DataFrame(rows, columns=["upstream", "downstream", "score"])
 
 
-def _input_grads(model: "Model", resid: dict[Site, torch.Tensor], grads: dict) -> list[torch.Tensor]:
-    """Per layer, (H + 2 KVH, B, T, d) gradients through each head's q, k, v input: the
-    vector-Jacobian products of the q / k / v gradients with the block's residual -> q / k / v map."""
+def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], grads: dict) -> dict[Port, torch.Tensor]:
+    """(B, T, d) gradient through each head input port (q, k, v) of ``graph``: the
+    vector-Jacobian products of the gradient at that input's q / k / v with the block's residual
+    -> q / k / v map. A per-query-head key / value port (MIB's layout) takes the gradient at its
+    query head's ungrouped copy, through the KV head that the copy repeats (without grouped-query
+    attention the copy is the key / value itself)."""
     adapter = model.adapter
-    out = []
-    for l in range(model.n_layers):
+    group = model.n_heads // model.n_kv_heads
+    by_layer: dict[int, list[Port]] = {}
+    for port in graph.ports:
+        if port.kind in (PortKind.Q, PortKind.K, PortKind.V):
+            by_layer.setdefault(int(port.layer), []).append(port)  # type: ignore[arg-type]
+    out: dict[Port, torch.Tensor] = {}
+    for l, ports in by_layer.items():
+        # one backward pass for all ports, batched over their output gradients (torch's vmap):
+        # entry p of the batch holds port p's gradient alone, so its input gradient is port p's VJP
         x = resid[Site("resid_pre", l)].detach().requires_grad_(True)
-        T = x.shape[1]
+        P, (B, T, _) = len(ports), x.shape
         pos = torch.arange(T, device=x.device)[None]
-        with torch.enable_grad(), capture(model, [Site(k, l) for k in "qkv"], detach=False) as acts:
+        with torch.enable_grad(), capture(model, [Site(k, l) for k in "qkv"], detach=False) as acts, \
+                stop_after(model, Site("v", l)):
             adapter.run_block(l, x, pos, adapter.position_embeddings(x, pos))
-        rows = []
-        for kind, n in (("q", model.n_heads), ("k", model.n_kv_heads), ("v", model.n_kv_heads)):
-            a, g = acts[Site(kind, l)], grads[Site(kind, l)]
-            for h in range(n):
-                (gx,) = torch.autograd.grad(a[:, :, h], x, grad_outputs=g[:, :, h], retain_graph=True)
-                rows.append(gx)
-        out.append(torch.stack(rows))
+        outs = {k: acts[Site(k, l)] for k in "qkv"}
+        gouts = {k: a.new_zeros(P, *a.shape) for k, a in outs.items()}
+        for p, port in enumerate(ports):
+            kind, h = port.kind.value, int(port.head)  # type: ignore[arg-type]
+            if port.per_query_head and group > 1:
+                gouts[kind][p, :, :, h // group] = grads[Site(f"{kind}_ungrouped", l)][:, :, h]
+            else:
+                gouts[kind][p, :, :, h] = grads[Site(kind, l)][:, :, h]
+        (gx,) = torch.autograd.grad([outs[k] for k in "qkv"], x, grad_outputs=[gouts[k] for k in "qkv"],
+                                    is_grads_batched=True)
+        out.update(zip(ports, gx))
     return out
 
 
@@ -175,10 +191,15 @@ def edge_attribution(
     ig_steps: int = 0,
     seed: int = 0,
     ig_target: str = "inputs",
+    layout: str | GraphLayout = GraphLayout.MIB,
 ) -> EdgeScores:
     """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``, the
     gradient averaged along a line from the source to the base run: of the input embeddings
     (``ig_target="inputs"``, Hanna et al. 2024) or of every node's output (``"activations"``)).
+
+    ``layout``: the graph's key / value inputs per query head as MIB counts them (``"mib"``, the
+    default, so that MIB's edge fractions mean the same edges) or per KV head (``"kv"``); the
+    two differ under grouped-query attention only (:class:`~actpatch.techniques.graph.GraphLayout`).
 
     Example:
         >>> import actpatch as ap
@@ -190,7 +211,7 @@ def edge_attribution(
     """
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
                                                       metric=metric, ig_steps=ig_steps, seed=seed, summed=True,
-                                                      ig_target=ig_target)
+                                                      ig_target=ig_target, layout=layout)
     per_prompt = per_prompt[:, 0]
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
@@ -211,6 +232,7 @@ def edge_scores_per_position(
     positions: "Callable[[int], list[int]] | None" = None,
     summed: bool = False,
     ig_target: str = "inputs",
+    layout: str | GraphLayout = GraphLayout.MIB,
 ) -> tuple[Experiment, Graph, torch.Tensor]:
     """The experiment, the graph and per-prompt scores ``(n_prompts, P, U, V)`` of every edge at
     each position: all positions of a one-length set (P = T), or the positions
@@ -225,7 +247,7 @@ def edge_scores_per_position(
                            continuations=True)
     if len(exp.metrics) != 1:
         raise MethodError(f"Edge attribution scores one metric; got {[m.value for m in exp.metrics]}.")
-    graph = Graph.of(model)
+    graph = Graph.of(model, layout)
     L = model.n_layers
     keep = [Site("z", l) for l in range(L)] + [Site("mlp_out", l) for l in range(L)]
     keep += [Site("resid_pre", l) for l in range(L)] + [Site("embed")]
@@ -259,7 +281,10 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
     (EAP-IG) on a run whose embeddings (``inputs``), or every node's output too
     (``activations``), sit ``alpha`` of the way from source to base."""
     L = model.n_layers
-    taps = [Site(k, l) for l in range(L) for k in "qkv"] + [Site("mlp_in", l) for l in range(L)] + [Site("resid_final")]
+    ungroup = graph.layout is GraphLayout.MIB and model.n_heads != model.n_kv_heads  # (else k is k_ungrouped)
+    kv = ("k_ungrouped", "v_ungrouped") if ungroup else ("k", "v")
+    taps = [Site(k, l) for l in range(L) for k in ("q",) + kv] + [Site("mlp_in", l) for l in range(L)]
+    taps.append(Site("resid_final"))
     patches, taken = gradient_taps(taps)
     if alpha != 1.0:
         e_base, e_src = b_acts[Site("embed")], s_acts[Site("embed")]
@@ -274,7 +299,7 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
         value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
         gs = dict(zip(taps, torch.autograd.grad(value, [taken[k][0] for k in taps], allow_unused=True)))
     gs = {k: (v if v is not None else torch.zeros_like(taken[k][0])) for k, v in gs.items()}
-    qkv = _input_grads(model, resid, gs)
+    qkv = _input_grads(model, graph, resid, gs)
     out: list[torch.Tensor] = []
     for port in graph.ports:
         if port.kind is PortKind.LOGITS:
@@ -282,8 +307,6 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
         elif port.kind is PortKind.MLP:
             out.append(gs[Site("mlp_in", port.layer)])
         else:
-            H, KV = model.n_heads, model.n_kv_heads
-            offset = {PortKind.Q: 0, PortKind.K: H, PortKind.V: H + KV}[port.kind]
-            out.append(qkv[port.layer][offset + int(port.head or 0)])  # type: ignore[index]
+            out.append(qkv[port])
     return torch.stack(out)
 

@@ -41,6 +41,7 @@ from ..prompts.promptset import PromptSet
 from ..types import Direction
 from .circuit import _Circuits, greedy_edges, top_edges
 from .eap import EdgeMethod, EdgeScores, edge_attribution
+from .graph import GraphLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -140,7 +141,8 @@ def circuit_scores(
     from ..corruption import from_description
 
     corr = corruption if corruption is not None else from_description(edges.corruption)
-    runner = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows)
+    runner = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows,
+                       layout=edges.graph.layout)
     n_edges = int((~torch.isnan(edges.scores)).sum())
     sizes = tuple(int(f * n_edges) for f in fr)
     none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
@@ -180,7 +182,8 @@ def oracle_edges(model: "Model", prompts: PromptSet, edges: EdgeScores, k: int =
         raise MethodError(f"k={k!r}: exact-score at least one edge.")
     from ..corruption import from_description
 
-    runner = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed)
+    runner = _Circuits(model, prompts, from_description(edges.corruption), edges.metric, edges.seed,
+                       layout=edges.graph.layout)
     ok = (~torch.isnan(edges.scores)).flatten().nonzero().flatten()
     chosen = ok[edges.scores.flatten()[ok].abs().argsort(descending=True)][:k].tolist()
     exact = torch.where(torch.isnan(edges.scores), edges.scores, torch.zeros_like(edges.scores))
@@ -200,13 +203,15 @@ def compare_methods(
     corruption: str | Corruption = "str",
     metric: MetricSpec = "logit_diff",
     seed: int = 0,
+    layout: str | GraphLayout = GraphLayout.MIB,
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
     definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs),
     ``eap-ig-act`` (the same on every node's output),
     ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
     ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
-    ``seconds`` includes scoring."""
+    ``seconds`` includes scoring. ``layout``: the graph, MIB's (the default: MIB's fractions of
+    MIB's edges) or the KV-head one (:class:`~actpatch.techniques.graph.GraphLayout`)."""
     known = (*(m.value for m in EdgeMethod), "random", "exact")
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
@@ -217,12 +222,12 @@ def compare_methods(
         t0 = time.perf_counter()
         if name in ("random", "exact"):
             base = base or edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption,
-                                            metric=metric, seed=seed)
+                                            metric=metric, seed=seed, layout=layout)
             scored = random_edges(base, seed) if name == "random" else oracle_edges(model, prompts, base, oracle_k)
         else:
             how = EdgeMethod(name)
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
-                                      ig_steps=how.steps(ig_steps), seed=seed, ig_target=how.ig_target)
+                                      ig_steps=how.steps(ig_steps), seed=seed, ig_target=how.ig_target, layout=layout)
             base = base or scored
         res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
         out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)

@@ -36,7 +36,7 @@ from ..prompts.promptset import PromptSet
 from ..types import DEFAULT_DIRECTION, Direction
 from .circuit import Faithfulness, _Circuits
 from .eap import EdgeScores, edge_scores_per_position
-from .graph import Graph
+from .graph import Graph, GraphLayout
 from .positions import named_positions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,9 +102,12 @@ def positional_edge_attribution(
     metric: MetricSpec = "logit_diff",
     ig_steps: int = 0,
     seed: int = 0,
+    layout: str | GraphLayout = GraphLayout.MIB,
 ) -> PositionalEdgeScores:
     """Score every edge at every position (see the module docstring): all positions of a
-    one-length prompt set, or the named ``positions`` of each prompt (any layouts)."""
+    one-length prompt set, or the named ``positions`` of each prompt (any layouts). ``layout``:
+    the graph's key / value inputs per query head (MIB's, the default) or per KV head, as in
+    :func:`~actpatch.edge_attribution`."""
     if positions is None:
         lengths = {int(n) for n in prompts.lengths.tolist()}
         if len(lengths) != 1:
@@ -127,7 +130,8 @@ def positional_edge_attribution(
             return [at[p] for p in labels]
 
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
-                                                      metric=metric, ig_steps=ig_steps, seed=seed, positions=pick)
+                                                      metric=metric, ig_steps=ig_steps, seed=seed, positions=pick,
+                                                      layout=layout)
     per_prompt[:, :, ~graph.reachable] = float("nan")
     return PositionalEdgeScores(graph=graph, positions=labels, scores=per_prompt.mean(0), per_prompt=per_prompt,
                                 method="peap-ig" if ig_steps else "peap", direction=exp.direction,
@@ -156,7 +160,7 @@ def positional_faithfulness(model: "Model", prompts: PromptSet, scores: Position
                             seed: int = 0) -> Faithfulness:
     """Faithfulness of the top-n (edge, position) circuits: the clean run with every edge cut
     (taken from the corrupted run) at the positions where it is not kept."""
-    runner = _Circuits(model, prompts, corruption, metric or scores.metric, seed)
+    runner = _Circuits(model, prompts, corruption, metric or scores.metric, seed, layout=scores.graph.layout)
     shape = scores.scores.shape[1:] + scores.scores.shape[:1]
     keeps = [top_positional_edges(scores, n) for n in sizes]
     *raw, empty_row, full_row = runner.run_many(keeps + [torch.zeros(shape, dtype=torch.bool),
