@@ -14,7 +14,9 @@ import torch
 
 from actpatch.testing import TINY_FAMILIES, tiny_model
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs two pytest workers (pytest-xdist): one thread each, so they do not fight
+# over the cores; a plain `pytest` run keeps two threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -208,12 +208,14 @@ def test_validate_edges_refuses_denoising_scores():
 
 @pytest.mark.slow
 def test_bundled_ioi_edge_scores_against_cutting_edges(bundled):
-    ps = ap.prompts.ioi(bundled, n=8, templates=[0, 2, 6])
-    for steps in (0, 5):
-        check = ap.circuits.validate_edges(bundled, ps, ap.edge_attribution(bundled, ps, ig_steps=steps), k=10, n_random=10)
-        print(f"\nIOI edges, {'EAP-IG' if steps else 'EAP'} vs cutting each edge exactly (10 top + 10 random): "
-              f"Spearman {check.rank_correlation:.3f}; worst {check.disagreements(1)}")
-        assert check.rank_correlation >= 0.5
+    # EAP-IG in MIB's layout (123,211 edges); each exact cut is a circuit run, the cost of this test
+    ps = ap.prompts.ioi(bundled, n=4, templates=[0, 2])
+    edges = ap.edge_attribution(bundled, ps, ig_steps=5)
+    check = ap.circuits.validate_edges(bundled, ps, edges, k=5, n_random=6, exhaustive=False)
+    print(f"\nIOI edges, EAP-IG vs cutting each edge exactly ({len(check.edges)} edges: top 5, their neighbours, "
+          f"6 random): Spearman {check.rank_correlation:.3f}; worst {check.disagreements(1)}")
+    assert edges.graph.n_edges == 123_211 and len(check.edges) >= 20
+    assert check.rank_correlation >= 0.5
 
 
 @pytest.mark.parametrize("family, fragment", [
