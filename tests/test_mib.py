@@ -205,3 +205,38 @@ def test_saved_evaluations_round_trip_and_bad_files_are_one_error(tmp_path):
     (tmp_path / "circuits.json").write_text('{"EAP": [1, 2]}')
     with pytest.raises(ap.errors.ResultError, match="not faithfulness curves"):
         load_curves(tmp_path / "circuits.json")
+
+
+def test_submission_files_read_back_and_score_as_stored(tmp_path):
+    """A submission written by us and scored by our own code gives the numbers stored beside it."""
+    import json
+
+    from actpatch.techniques.circuit_io import SUBMISSION_PERCENTS, _edge_name, from_mib_submission, to_mib_submission
+
+    m = tiny_model("llama_gqa", n_layers=2)
+    ps = random_pairs(n=2, T=5, diff=(1, 3))
+    edges = ap.edge_attribution(m, ps)
+    stored = circuit_scores(m, ps, edges, fractions=(0.01, 0.1, 0.5, 1.0))
+    folder = to_mib_submission(edges, tmp_path, model="tinyllama", task="ioi", scores=stored)
+    assert folder == tmp_path / "ioi_tinyllama"
+    raw = json.loads((folder / "importances.json").read_text())
+    assert raw["cfg"]["n_key_value_heads"] == m.n_heads  # MIB's layout: k / v inputs per query head
+    assert raw["cfg"]["actpatch"]["model"] == "tinyllama" and raw["cfg"]["actpatch"]["task"] == "ioi"
+    (edge, score), = edges.strongest(1)
+    assert raw["edges"][_edge_name(edge.upstream, edge.downstream)]["score"] == -score != 0  # MIB's sign
+    back, circuits, again_stored = from_mib_submission(folder, m)
+    assert circuits == {} and again_stored.cpr == stored.cpr and again_stored.cmd == stored.cmd
+    assert torch.equal(back.scores.nan_to_num(9.0), edges.scores.nan_to_num(9.0))
+    again = circuit_scores(m, ps, back, fractions=stored.fractions)
+    assert (again.cpr, again.cmd) == (stored.cpr, stored.cmd) and torch.equal(again.signed, stored.signed)
+    # MIB's other format: one binary circuit per percentage of the edges
+    many = to_mib_submission(edges, tmp_path / "many", model="tinyllama", task="ioi", circuits=True)
+    _, circuits, none = from_mib_submission(many, m)
+    assert list(circuits) == [float(p) for p in SUBMISSION_PERCENTS] and none is None
+    for pct, keep in circuits.items():
+        n = int(pct / 100 * edges.graph.n_edges)
+        assert torch.equal(keep, ap.circuits.top_edges(edges, n)), pct
+    with pytest.raises(ap.errors.ResultError, match="layout"):
+        to_mib_submission(ap.edge_attribution(m, ps, layout="kv"), tmp_path, model="tinyllama", task="ioi")
+    with pytest.raises(ap.errors.ResultError, match="<task>_<model>"):
+        to_mib_submission(edges, tmp_path, model="tiny_llama", task="ioi")

@@ -80,3 +80,21 @@ def test_ungrouped_head_out_of_range_names_query_heads():
     m, _ = _pair("llama_gqa")
     with pytest.raises(SiteError, match="4 heads"):
         Site("k_ungrouped", 0, head=4).check(m)
+
+
+def test_a_kv_site_beyond_the_kv_heads_points_to_the_query_heads_copy():
+    m, _ = _pair("llama_gqa")
+    with pytest.raises(SiteError, match=r"KV head 1's.*Site\('k_ungrouped', 0, head=3\)"):
+        Site("k", 0, head=3).check(m)
+
+
+def test_path_patching_into_one_query_heads_values_equals_the_ungrouped_model():
+    m, wide = _pair("llama_gqa")
+    ps = ap.PromptSet.from_ids(IDS.tolist(), [[2, 5, 10, 11, 4, 7], [3, 8, 10, 12, 4, 6]], [13, 14], [14, 13])
+    senders = [Site("z", 0, head=1), Site("mlp_out", 0)]
+    for kind in ("k", "v"):
+        got = ap.path_patch(m, ps, senders, [Site(f"{kind}_ungrouped", 2, head=3)])
+        want = ap.path_patch(wide, ps, senders, [Site(kind, 2, head=3)])
+        assert abs(float(got.raw[got.metric].mean()) - float(want.raw[want.metric].mean())) < 1e-5
+        grouped = ap.path_patch(m, ps, senders, [Site(kind, 2, head=1)])  # the whole group of heads 2 and 3
+        assert abs(float(got.raw[got.metric].mean()) - float(grouped.raw[grouped.metric].mean())) > 1e-4

@@ -15,7 +15,8 @@ Example:
 
 from .techniques.circuit import (EdgeValidation, Faithfulness, faithfulness, greedy_edges, run_circuit, top_edges,
                                  validate_edges)
-from .techniques.circuit_io import from_mib_json, load_edge_scores, save_edge_scores, to_mib_json
+from .techniques.circuit_io import (SUBMISSION_PERCENTS, from_mib_json, from_mib_submission, load_edge_scores,
+                                    save_edge_scores, to_mib_json, to_mib_submission)
 from .techniques.eap import EdgeScores, edge_attribution
 from .techniques.graph import Edge, Graph, GraphLayout, Node, NodeKind, Port, PortKind
 from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
@@ -33,7 +34,8 @@ __all__ = [
     "Faithfulness", "validate_edges", "EdgeValidation", "direct_vs_total", "DirectTotal",
     # MIB
     "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",
-    "from_mib_json", "save_edge_scores", "load_edge_scores",
+    "from_mib_json", "save_edge_scores", "load_edge_scores", "to_mib_submission", "from_mib_submission",
+    "SUBMISSION_PERCENTS",
 ]
 
 from ._arguments import checked_namespace  # noqa: E402

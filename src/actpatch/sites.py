@@ -267,7 +267,13 @@ class Site:
             n = model.n_kv_heads if self.kind in KV_KINDS else model.n_heads
             what = "KV heads" if self.kind in KV_KINDS else "heads"
             if self.head >= n:
-                raise SiteError(f"{self}: head {self.head} is out of range; this model has {n} {what} (0..{n - 1}).")
+                hint = ""
+                if self.kind in KV_KINDS and self.head < model.n_heads:
+                    hint = (f" Head {self.head} counts KV heads here; the {self.kind.value} that query head {self.head} "
+                            f"reads (KV head {self.head // (model.n_heads // model.n_kv_heads)}'s) is "
+                            f"Site('{self.kind.value}_ungrouped', {self.layer}, head={self.head}).")
+                raise SiteError(f"{self}: head {self.head} is out of range; this model has {n} {what} "
+                                f"(0..{n - 1}).{hint}")
         if self.pos is not None and not self.relative and seq_len is not None and self.pos >= seq_len:
             raise SiteError(
                 f"{self}: position {self.pos} is out of range for prompts of {seq_len} tokens "

@@ -101,6 +101,32 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
     return mask
 
 
+def _recomputed_inputs(model: "Model", l: int, fixed: list[tuple[Port, torch.Tensor]], h: torch.Tensor,
+                       pos: torch.Tensor, pe: Any) -> dict[Site, torch.Tensor]:
+    """The q / k / v writes of layer ``l`` for ports read from corrected inputs ``h - fix``: one
+    batch over the distinct corrections (ports sharing a correction object share a row block),
+    stopped after v. A per-query-head key / value port (MIB's layout) is computed through its KV
+    head and written to that query head's ungrouped copy."""
+    if not fixed:
+        return {}
+    group, rows = model.n_heads // model.n_kv_heads, h.shape[0]
+    block: dict[int, int] = {}
+    distinct = []
+    for _, fix in fixed:
+        if id(fix) not in block:
+            block[id(fix)] = len(distinct)
+            distinct.append(fix)
+    with capture(model, [Site(k, l) for k in ("q", "k", "v")]) as a, stop_after(model, Site("v", l)):
+        model.adapter.run_block(l, torch.cat([h - fix for fix in distinct]), pos, pe)
+    writes: dict[Site, torch.Tensor] = {}
+    for port, fix in fixed:
+        j, kind, i = block[id(fix)], port.kind.value, int(port.head)  # type: ignore[arg-type]
+        site, read = (Site(f"{kind}_ungrouped", l, head=i), i // group) if port.per_query_head and group > 1 else \
+            (Site(kind, l, head=i), i)
+        writes[site] = a[Site(kind, l)][j * rows:(j + 1) * rows, :, read]
+    return writes
+
+
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
                      keep: torch.Tensor, cont: "Continuation | None" = None) -> torch.Tensor:
     """Readout logits of the clean run under each of ``C`` circuits at once: ``keep`` is
@@ -115,7 +141,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     computes them after its patches. So the empty circuit reproduces the corrupted run's
     continuation and the full graph the clean run's."""
     adapter = model.adapter
-    L, group = model.n_layers, model.n_heads // model.n_kv_heads
+    L = model.n_layers
     node_at, port_at = graph.node_index, graph.port_index
     head_ports: dict[int, list[Port]] = {l: [] for l in range(L)}
     for p in graph.ports:
@@ -146,16 +172,22 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     def corrections(ports: list[Port], upto: int) -> list[torch.Tensor | None]:
         """Per port and circuit, the sum over its excluded edges u -> port (u < upto) of (write
         now - write corrupted): one contraction over the upstream nodes for all ``ports``; None
-        for a port no circuit cuts."""
+        for a port no circuit cuts. Ports whose cut edges are the same (in small circuits, most
+        ports have every edge cut) share one tensor object: their inputs are recomputed once."""
         cut = ~keep[:, :upto, [port_at[p] for p in ports]]  # (C, upto, P) or (C, upto, P, T)
-        used = cut.transpose(0, 2).reshape(len(ports), -1).any(1).tolist()
+        columns = cut.transpose(0, 2).reshape(len(ports), -1)  # per port, what its circuits cut
+        used = columns.any(1).tolist()
         if not any(used):
             return [None] * len(ports)
-        m = cut[:, :, [j for j, u in enumerate(used) if u]].to(diff.device, diff.dtype)
+        which = [j for j, u in enumerate(used) if u]
+        distinct, same = torch.unique(columns[which].to(torch.uint8), dim=0, return_inverse=True)
+        first = [which[int((same == k).nonzero()[0])] for k in range(len(distinct))]
+        m = cut[:, :, first].to(diff.device, diff.dtype)
         total = (torch.einsum("cup,ucbtd->pcbtd", m, diff[:upto]) if m.dim() == 3
                  else torch.einsum("cupt,ucbtd->pcbtd", m, diff[:upto])).reshape(m.shape[2], C * B, T, -1)
-        it = iter(total)
-        return [next(it) if u else None for u in used]
+        shared = list(total)
+        it = iter(same.tolist())
+        return [shared[next(it)] if u else None for u in used]
 
     with tree:
         for l in range(L):
@@ -164,17 +196,8 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
             # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
             ports = head_ports[l]
             fixed = [(p, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
-            writes: dict[Site, torch.Tensor] = {}
-            if fixed:
-                qkv = [Site(k, l) for k in ("q", "k", "v")]
-                with capture(model, qkv) as a, stop_after(model, Site("v", l)):
-                    adapter.run_block(l, torch.cat([h - whole(fix.to(h.device)) for _, fix in fixed]), pos, pe)
-                for j, (port, _) in enumerate(fixed):
-                    kind, i = port.kind.value, int(port.head)  # type: ignore[arg-type]
-                    # MIB's layout: a query head's own key / value input, computed through its KV head
-                    site, read = (Site(f"{kind}_ungrouped", l, head=i), i // group) if port.per_query_head and group > 1 else \
-                        (Site(kind, l, head=i), i)
-                    writes[site] = a[Site(kind, l)][j * C * B:(j + 1) * C * B, :, read]
+            full = {id(fix): whole(fix.to(h.device)) for _, fix in fixed}  # (one object per distinct correction)
+            writes = _recomputed_inputs(model, l, [(p, full[id(fix)]) for p, fix in fixed], h, pos, pe)
             mlp_node = node_at[Node(NodeKind.MLP, l)]
 
             def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:

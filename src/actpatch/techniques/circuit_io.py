@@ -35,7 +35,11 @@ from .graph import Graph, GraphLayout, Node, NodeKind, Port, PortKind
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
-__all__ = ["node_name", "port_name", "to_mib_json", "from_mib_json", "save_edge_scores", "load_edge_scores"]
+__all__ = ["node_name", "port_name", "to_mib_json", "from_mib_json", "save_edge_scores", "load_edge_scores",
+           "to_mib_submission", "from_mib_submission", "SUBMISSION_PERCENTS"]
+
+SUBMISSION_PERCENTS: tuple[float, ...] = (0, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)
+"""The edge percentages of MIB's multiple-circuit submissions: one circuit with at most each."""
 
 
 def node_name(node: Node) -> str:
@@ -59,9 +63,13 @@ def _edge_name(node: Node, port: Port) -> str:
     return f"{node_name(node)}->{child}" + (f"<{qkv}>" if qkv else "")
 
 
-def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | None = None) -> Path:
+def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | None = None, mib_sign: bool = False,
+                meta: dict[str, Any] | None = None) -> Path:
     """Write the edges (and the circuit ``keep``, a (U, V) mask; default: every edge) in the
-    EAP-IG / MIB JSON format."""
+    EAP-IG / MIB JSON format. ``mib_sign``: scores in MIB's sign convention (larger = carries
+    more of the clean behaviour: noising scores negated), as MIB's evaluation ranks them;
+    recorded in ``cfg["actpatch"]["sign"]`` so that :func:`from_mib_json` reads them back.
+    ``meta``: more entries for ``cfg["actpatch"]`` (e.g. the model and task)."""
     g = edges.graph
     keep = torch.ones_like(edges.scores, dtype=torch.bool) if keep is None else keep
     if tuple(keep.shape) != tuple(edges.scores.shape):
@@ -73,17 +81,19 @@ def to_mib_json(edges: EdgeScores, path: str | Path, *, keep: torch.Tensor | Non
     n_layers = max((n.layer for n in g.nodes if n.layer is not None), default=-1) + 1
     cfg = {"n_layers": n_layers, "n_heads": n_heads, "n_key_value_heads": n_kv, "parallel_attn_mlp": g.parallel,
            "actpatch": {"method": edges.method, "direction": edges.direction.value, "metric": edges.metric,
-                        "corruption": edges.corruption.to_json(), "seed": edges.seed, "ig_steps": edges.ig_steps}}
+                        "corruption": edges.corruption.to_json(), "seed": edges.seed, "ig_steps": edges.ig_steps,
+                        "layout": g.layout.value, "sign": "mib" if mib_sign else "actpatch", **(meta or {})}}
     nodes: dict[str, dict[str, Any]] = {node_name(n): {"in_graph": bool(kept[i].any())} for i, n in enumerate(g.nodes)}
     for j, p in enumerate(g.ports):
         name, _ = port_name(p)
         entry = nodes.setdefault(name, {"in_graph": False})
         entry["in_graph"] = entry["in_graph"] or bool(kept[:, j].any()) or name == "logits"
+    flip = -1.0 if mib_sign and edges.direction is Direction.NOISE else 1.0
     out = {}
     for i, n in enumerate(g.nodes):
         for j, p in enumerate(g.ports):
             if real[i, j]:
-                out[_edge_name(n, p)] = {"score": float(edges.scores[i, j]), "in_graph": bool(kept[i, j])}
+                out[_edge_name(n, p)] = {"score": flip * float(edges.scores[i, j]), "in_graph": bool(kept[i, j])}
     path = Path(path)
     path.write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": out}))
     return path
@@ -125,6 +135,8 @@ def from_mib_json(path: str | Path, model: "Model") -> tuple[EdgeScores, torch.T
         scores[i, j] = float(info.get("score", float("nan")))
         keep[i, j] = bool(info.get("in_graph", False))
     meta = cfg.get("actpatch", {})
+    if meta.get("sign") == "mib" and meta.get("direction", Direction.NOISE.value) == Direction.NOISE.value:
+        scores = -scores  # back to actpatch's sign (MIB's convention negates noising scores)
     edges = EdgeScores(graph=g, scores=scores, per_prompt=scores[None], method=str(meta.get("method", "imported")),
                        direction=Direction(meta.get("direction", Direction.NOISE.value)),
                        metric=str(meta.get("metric", "logit_diff")), corruption=CorruptionSpec.from_json(meta.get("corruption")),
@@ -162,3 +174,67 @@ def load_edge_scores(path: str | Path, model: "Model") -> EdgeScores:
     return EdgeScores(graph=g, scores=t["scores"], per_prompt=t["per_prompt"], method=meta["method"],
                       direction=Direction(meta["direction"]), metric=meta["metric"], corruption=CorruptionSpec.from_json(meta["corruption"]),
                       seed=int(meta["seed"]), ig_steps=int(meta.get("ig_steps", 0)))
+
+
+def _submission_dir(folder: str | Path, model: str, task: str) -> Path:
+    for what, name in (("model", model), ("task", task)):
+        if not name or "_" in name or "/" in name:
+            raise ResultError(f"{what}={name!r}: MIB names a submission's folder <task>_<model> (e.g. ioi_gpt2); give a "
+                              f"{what} name without '_' or '/'.")
+    return Path(folder) / f"{task}_{model}"
+
+
+def to_mib_submission(edges: EdgeScores, folder: str | Path, *, model: str, task: str, circuits: bool = False,
+                      absolute: bool = True, scores: Any = None) -> Path:
+    """Write ``edges`` as one model / task of a submission to MIB's circuit track, in the folder
+    ``<folder>/<task>_<model>`` that MIB expects: ``importances.json`` (every edge's score, in MIB's
+    sign convention) or, with ``circuits=True``, one binary circuit per percentage of
+    :data:`SUBMISSION_PERCENTS` (``circuit_<pct>.json``: the top edges by |score|, or by signed
+    score with ``absolute=False``, at most that share of the edges). ``scores`` (a
+    :class:`~actpatch.techniques.mib.CircuitScores`, e.g. from ``circuit_scores``) is stored beside
+    them as ``actpatch_scores.json``. The edges must be in MIB's graph layout (the default of
+    :func:`~actpatch.edge_attribution`). Returns the folder."""
+    from .circuit import top_edges
+
+    if edges.graph.layout is not GraphLayout.MIB:
+        raise ResultError("MIB's submissions count a key and value input per query head: score the edges in MIB's "
+                          "layout (edge_attribution(..., layout='mib'), the default).")
+    out = _submission_dir(folder, model, task)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "task": task}
+    if circuits:
+        n_edges = edges.graph.n_edges
+        for pct in SUBMISSION_PERCENTS:
+            keep = top_edges(edges, int(pct / 100 * n_edges), absolute=absolute)
+            to_mib_json(edges, out / f"circuit_{pct:g}.json", keep=keep, mib_sign=True, meta={**meta, "percent": pct})
+    else:
+        to_mib_json(edges, out / "importances.json", mib_sign=True, meta=meta)
+    if scores is not None:
+        (out / "actpatch_scores.json").write_text(json.dumps(scores.to_dict(), indent=1))
+    return out
+
+
+def from_mib_submission(folder: str | Path, model: "Model") -> tuple[EdgeScores, dict[float, torch.Tensor], Any]:
+    """Read one ``<task>_<model>`` folder of an MIB submission for ``model``: the edge scores
+    (from ``importances.json``, or from any circuit file when only circuits are given), the
+    circuits by percentage ({} without circuit files) and the stored
+    :class:`~actpatch.techniques.mib.CircuitScores` (None when absent)."""
+    from .mib import CircuitScores
+
+    folder = Path(folder)
+    found = sorted(folder.glob("circuit_*.json"))
+    first = folder / "importances.json" if (folder / "importances.json").is_file() else (found[0] if found else None)
+    if first is None:
+        raise ResultError(f"{folder}: no importances.json and no circuit_<pct>.json files (an MIB submission folder "
+                          f"written by to_mib_submission).")
+    edges, _ = from_mib_json(first, model)
+    kept = {}
+    for path in found:
+        try:
+            pct = float(path.stem.split("_", 1)[1])
+        except ValueError:
+            raise ResultError(f"{path}: expected circuit_<percent>.json, e.g. circuit_0.1.json.") from None
+        kept[pct] = from_mib_json(path, model)[1]
+    stored = folder / "actpatch_scores.json"
+    scores = CircuitScores.from_dict(read_json(stored, "stored circuit scores")) if stored.is_file() else None
+    return edges, dict(sorted(kept.items())), scores

@@ -5,8 +5,9 @@ For each sender set (noising; denoising swaps the runs):
 
 1. Run the clean prompt with the senders' outputs taken from the corrupted run and every other
    head's output (z) frozen to its clean value; MLPs and norms recompute. Record what the
-   receivers read: heads' q / k / v (k / v per KV head under grouped-query attention) or the
-   final residual stream.
+   receivers read: heads' q / k / v (k / v per KV head under grouped-query attention; the keys
+   and values one query head reads are ``k_ungrouped`` / ``v_ungrouped``) or the final
+   residual stream.
 2. Run the clean prompt again, writing only the recorded receiver inputs. Measure.
 
 Results are normalised like every other result (1 = clean, 0 = corrupted); Wang et al.'s
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["path_patch", "path_sweep", "RECEIVER_KINDS", "SENDER_KINDS"]
 
-RECEIVER_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.RESID_FINAL)
+RECEIVER_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED, SiteKind.RESID_FINAL)
 SENDER_KINDS = (SiteKind.Z, SiteKind.MLP_OUT)
 
 
@@ -54,7 +55,7 @@ def _require(sites: Sequence[Site], kinds: tuple[SiteKind, ...], role: str, use:
 
 
 def _check(senders: Sequence[Sequence[Site]], receivers: Sequence[Site], model: "Model") -> None:
-    _require(receivers, RECEIVER_KINDS, "Receiver", "q, k or v sites of heads, or Site('resid_final')", model)
+    _require(receivers, RECEIVER_KINDS, "Receiver", "q, k, v, k_ungrouped or v_ungrouped sites of heads, or Site('resid_final')", model)
     for group in senders:
         _require(group, SENDER_KINDS, "Sender", "head outputs (z) or MLP outputs (mlp_out)", model)
 
