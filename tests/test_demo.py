@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actpatch.app.cli import app
+from actpatch.app.demo import clear_stale_demo, demo_config
 
 
 @pytest.mark.slow
@@ -27,10 +28,24 @@ def test_demo_end_to_end(tmp_path, bundled):
     page = (out / "report.html").read_text()
     assert "Both directions compared" in page and "Circuits" in page and "Provenance" in page
     assert (out / "edges_eap-ig.csv").is_file()
-    # a later version's demo over this directory starts over instead of refusing it
-    state = json.loads((out / "run.json").read_text())
-    state["digest"] = "0" * 16
-    (out / "run.json").write_text(json.dumps(state))
+    # the directory is this demo's own run: it is kept (and resumed), not started over
+    assert not clear_stale_demo(out, demo_config(4)) and (out / "report.html").is_file()
+
+
+def test_a_stale_demo_directory_starts_over_and_other_runs_are_kept(tmp_path):
+    """An earlier version's demo (same builder and templates, another digest) is deleted before
+    the run; another experiment's directory and a fresh demo's are not."""
+    cfg = demo_config(4)
+    out = tmp_path / "demo"
+    out.mkdir()
     (out / "stale").mkdir()
-    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-prompts", "4"])
-    assert r.exit_code == 0 and "starting over" in r.stdout and not (out / "stale").exists()
+    state = cfg.model_dump(mode="json")
+    (out / "run.json").write_text(json.dumps({"digest": "0" * 16, "config": {"prompts": state["prompts"]}}))
+    assert clear_stale_demo(out, cfg) and not out.exists()
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"digest": cfg.digest(), "config": {"prompts": state["prompts"]}}))
+    assert not clear_stale_demo(out, cfg) and out.exists()
+    other = dict(state["prompts"], templates=[1])
+    (out / "run.json").write_text(json.dumps({"digest": "0" * 16, "config": {"prompts": other}}))
+    assert not clear_stale_demo(out, cfg) and out.exists()
+    assert not clear_stale_demo(tmp_path / "missing", cfg)

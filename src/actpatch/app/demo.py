@@ -56,6 +56,21 @@ def top_heads_table(cmp: Comparison, k: int = 10) -> Table:
     return table
 
 
+def clear_stale_demo(out: Path, cfg: ExperimentConfig) -> bool:
+    """Delete ``out`` when it holds an earlier demo run (another version or prompt count) so the
+    demo starts over; anything else there (another experiment, this demo's own run) is kept and
+    resumed or refused by the runner. Returns whether it was deleted."""
+    state = out / "run.json"
+    if not state.is_file():
+        return False
+    old = read_json(state, "a demo directory")
+    prompts = (old.get("config", {}) if isinstance(old, dict) else {}).get("prompts", {})
+    if old.get("digest") != cfg.digest() and prompts.get("builder") == "ioi" and prompts.get("templates") == DEMO_TEMPLATES:
+        shutil.rmtree(out)
+        return True
+    return False
+
+
 def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo")) -> dict[str, PatchResult]:
     """Run the demo experiment into ``out`` and print the highlights; circuits found by EAP and
     EAP-IG and their faithfulness go to ``out/circuits.json`` (the report plots them) and
@@ -63,13 +78,8 @@ def run_demo(console: Console, n_prompts: int = 8, out: Path = Path("out/demo"))
     from .runner import resolve_model, run_experiment
 
     cfg = demo_config(n_prompts)
-    state = out / "run.json"
-    if state.is_file():  # an earlier demo (another version or prompt count) is redone; anything else is kept
-        old = read_json(state, "a demo directory")
-        prompts = (old.get("config", {}) if isinstance(old, dict) else {}).get("prompts", {})
-        if old.get("digest") != cfg.digest() and prompts.get("builder") == "ioi" and prompts.get("templates") == DEMO_TEMPLATES:
-            console.print(f"{out} holds a demo run of another version or prompt count: starting over.", markup=False)
-            shutil.rmtree(out)
+    if clear_stale_demo(out, cfg):
+        console.print(f"{out} holds a demo run of another version or prompt count: starting over.", markup=False)
     with console.status("Loading the bundled model (first time: ~20 s to dequantise, then cached)"):
         model = resolve_model(cfg.model)
     console.print(repr(model), markup=False)

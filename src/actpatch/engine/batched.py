@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..experiment.plan import Patch
     from ..subspace import Subspace
 
-__all__ = ["run_batched", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
+__all__ = ["run_batched", "run_blocks", "row_bytes", "SUPPORTED", "memory_budget", "free_memory", "base_sites"]
 
 
 def base_sites(model: "Model") -> list[Site]:
@@ -82,7 +82,7 @@ def memory_budget(device: torch.device | str = "cpu") -> int:
     return min(free_memory(device) // 4, cap)
 
 
-def _row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> int:
+def row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> int:
     """Rough peak bytes of one (patch, prompt) row computing positions q..T-1 and ``C``
     continuation tokens in one block, plus its ``readouts`` full-vocabulary logits."""
     ts = T - q + C
@@ -179,7 +179,7 @@ def run_batched(
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
             readouts = 0 if getattr(measure, "tokens", None) is not None else 1  # unembedded a few rows at a time
-            per_chunk = chunk_size or max(1, budget // max(1, _row_bytes(model, q, T, C, readouts) * B))
+            per_chunk = chunk_size or max(1, budget // max(1, row_bytes(model, q, T, C, readouts) * B))
             c = 0
             while c < len(items):
                 chunk = items[c : c + per_chunk]
@@ -200,6 +200,20 @@ def run_batched(
                     advance(len(chunk))
                 c += len(chunk)
     return out
+
+
+def run_blocks(model: "Model", hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Blocks ``start .. stop - 1`` on ``hidden`` (rows, T, d_model), the residual stream entering
+    block ``start`` at positions 0..T-1, through the actpatch attention function (open
+    :meth:`Model.attention_fn` around it): a forward pass that skips the layers below ``start``,
+    whose residual stream the caller already has. Site hooks on the blocks fire as in a full pass;
+    the final norm and unembedding do not run (:meth:`Adapter.unembed`)."""
+    adapter = model.adapter
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    pos_emb = adapter.position_embeddings(hidden, position_ids) if stop > start else None
+    for layer in range(start, stop):
+        hidden = adapter.run_block(layer, hidden, position_ids, pos_emb)
+    return hidden
 
 
 def release_memory(device: torch.device) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ContextManager
 import torch
 
 from ..corruption import Corruption
+from ..engine.batched import memory_budget, row_bytes, run_blocks
 from ..errors import SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
@@ -33,7 +34,7 @@ from ..metrics import Measurer, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import PathInfo, PatchResult
 from ..sites import Site, SiteKind, as_sites
-from ..types import DEFAULT_DIRECTION, Direction
+from ..types import DEFAULT_DIRECTION, Direction, Engine
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
@@ -62,13 +63,19 @@ def _check(senders: Sequence[Sequence[Site]], receivers: Sequence[Site], model: 
 
 @dataclass(frozen=True)
 class PathState:
-    """One length group's runs: the base run's head outputs (frozen in step 1), the senders'
+    """One length group's runs: the base run's head outputs (frozen in step 1) and, for the
+    batched path, its residual stream entering every block and the final one; the senders'
     source activations and the metrics."""
 
     runs: GroupRuns
     frozen: dict[Site, torch.Tensor]
     source: dict[Site, torch.Tensor]
     measure: Measurer
+    resid: dict[Site, torch.Tensor]
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.resid)
 
 
 @dataclass(frozen=True)
@@ -79,32 +86,48 @@ class PathJob:
     experiment: Experiment
     sender_sets: tuple[tuple[Site, ...], ...]
     receivers: tuple[Site, ...]
+    engine: Engine = Engine.AUTO
 
     def context(self) -> ContextManager[object]:
         return self.experiment.model.attention_fn()
 
     def prepare(self, runs: GroupRuns, outcome: Outcome | None = None) -> PathState:
         exp, model = self.experiment, self.experiment.model
-        z_all = [Site("z", l) for l in range(model.n_layers)]
+        L = model.n_layers
+        z_all = [Site("z", l) for l in range(L)]
+        # multi-token answers: the continuation reads the changed keys / values; the reference path
+        batched = self.engine != Engine.REFERENCE and (runs.base.continuation is None or runs.base.continuation.is_single)
+        resid_sites = [Site("resid_pre", l) for l in range(L)] + [Site("resid_final")] if batched else []
         senders_full = sorted({s.full() for g in self.sender_sets for s in g}, key=str)
         rows = torch.arange(runs.rows)
-        with runs.base.context(model), capture(model, z_all) as frozen:
+        with runs.base.context(model), capture(model, z_all) as frozen, capture(model, resid_sites) as resid:
             base_logits = runs.base.readout(model)
         source, src_logits = exp.source_activations(runs, senders_full)
         # the clean run is the base or the source run: no third forward pass for KL's reference
         measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
         if outcome is not None:
             outcome.baselines(runs, measure(base_logits, rows), measure(src_logits, rows))
-        return PathState(runs, frozen, source, measure)
+        return PathState(runs, frozen, source, measure, dict(resid))
 
     def run_unit(self, state: PathState, unit: Unit, advance: Advance | None = None) -> UnitValues:
-        model, rows = self.experiment.model, torch.arange(state.runs.rows)
-        out = []
-        for group in self.sender_sets[unit.start:unit.stop]:
-            logits = _one_path(model, state.runs, group, self.receivers, state.frozen, state.source)
-            out.append(state.measure(logits, rows))
-        if advance is not None:
-            advance(len(unit))
+        model, B = self.experiment.model, state.runs.rows
+        rows = torch.arange(B)
+        groups = self.sender_sets[unit.start:unit.stop]
+        out: list[dict] = []
+        if state.batched:
+            per_chunk = max(1, memory_budget(model.device) // max(1, 2 * row_bytes(model, 0, state.runs.base.ids.shape[1]) * B))
+            for c in range(0, len(groups), per_chunk):
+                chunk = groups[c:c + per_chunk]
+                values = state.measure(_paths_batched(model, state, chunk, self.receivers), rows.repeat(len(chunk)))
+                out.extend({m: v[k * B:(k + 1) * B] for m, v in values.items()} for k in range(len(chunk)))
+                if advance is not None:
+                    advance(len(chunk))
+        else:
+            for group in groups:
+                logits = _one_path(model, state.runs, group, self.receivers, state.frozen, state.source)
+                out.append(state.measure(logits, rows))
+                if advance is not None:
+                    advance(1)
         return {m: torch.stack([o[m] for o in out]) for m in self.experiment.metrics}
 
 
@@ -112,11 +135,12 @@ def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site
          direction: str | Direction, corruption: str | Corruption, metric: MetricSpec, seed: int,
          target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
          unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
-         grid: dict | None = None) -> PatchResult:
+         grid: dict | None = None, engine: str | Engine = Engine.AUTO) -> PatchResult:
+    engine = Engine(engine)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Path patching", needs_corrupted_run=True, continuations=True)
     _check(sender_sets, receivers, model)
-    job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers))
+    job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers), engine)
     outcome = exp.run(job, len(sender_sets), executor=executor, store=store, unit_size=unit_size, progress=progress,
                       description=f"path patching {target}")
     technique = PathInfo(senders=senders, receivers=tuple(str(r) for r in receivers))
@@ -142,6 +166,66 @@ def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers:
         return runs.base.readout(model)
 
 
+def _paths_batched(model: "Model", state: PathState, groups: Sequence[Sequence[Site]],
+                   receivers: Sequence[Site]) -> torch.Tensor:
+    """Readout logits ``(len(groups) * B, 1, vocab)`` of :func:`_one_path` for several sender
+    sets at once, one row block of the batch per set, and without the layers that cannot change:
+    step 1 starts at the earliest sender's block from the base run's residual stream and stops
+    after the last receiver's block; step 2 starts at the earliest receiver's block, and for the
+    final residual stream is the unembedding alone (everything downstream is written)."""
+    B = state.runs.rows
+    K, L = len(groups), model.n_layers
+    base_row = torch.arange(B).repeat(K)
+    heads = [r for r in receivers if r.kind != SiteKind.RESID_FINAL]
+    final = [r for r in receivers if r.kind == SiteKind.RESID_FINAL]
+    start = min(s.layer for g in groups for s in g)  # type: ignore[type-var]
+    stop = L if final else max(r.layer for r in heads) + 1  # type: ignore[type-var]
+    # step 1: the senders' row blocks from the source run, every other head frozen to the base run
+    writes: dict[Site, torch.Tensor] = {}
+    mlp: dict[Site, list[tuple[slice, tuple, torch.Tensor]]] = {}
+    for l in range(start, stop):
+        writes[Site("z", l)] = state.frozen[Site("z", l)][base_row]
+    for k, group in enumerate(groups):
+        block = slice(k * B, (k + 1) * B)
+        for s in group:
+            if s.layer >= stop:  # type: ignore[operator]
+                continue  # after every receiver: it reaches none of them
+            if s.kind == SiteKind.Z:
+                writes[Site("z", s.layer)][block][s.selector()] = state.source[s.full()][s.selector()]
+            else:
+                mlp.setdefault(s.full(), []).append((block, s.selector(), state.source[s.full()][s.selector()]))
+    hooks = {**writes, **{site: _row_blocks(w) for site, w in mlp.items()}}
+    hidden = state.resid[Site("resid_pre", start)][base_row] if start < stop else None
+    with intervene(model, hooks), capture(model, heads) as recorded:
+        if hidden is not None:
+            hidden = run_blocks(model, hidden, start, stop)
+    if final:  # the written final residual stream is all the readout reads
+        out = state.resid[Site("resid_final")][base_row]
+        if hidden is not None:
+            for r in final:
+                out[r.selector()] = hidden[r.selector()]
+        return model.adapter.unembed(out[:, -1])[:, None]
+    # step 2: only the receivers' inputs change, from the earliest receiver's block on
+    first = min(r.layer for r in heads)  # type: ignore[type-var]
+    # (receivers below every sender, or a chunk with no sender before a receiver, read the base run)
+    written = {r: recorded[r] for r in heads if hidden is not None and r.layer >= start}  # type: ignore[operator]
+    with intervene(model, written):
+        hidden = run_blocks(model, state.resid[Site("resid_pre", first)][base_row], first, L)
+    return model.adapter.unembed(hidden[:, -1])[:, None]
+
+
+def _row_blocks(writes: list[tuple[slice, tuple, torch.Tensor]]):  # noqa: ANN202 - a hook function
+    """A hook value writing each (row block, selector, value) and leaving the other rows as computed."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        for block, sel, value in writes:
+            out[block][sel] = value.to(out.dtype)
+        return out
+
+    return fn
+
+
 def path_patch(
     model: "Model",
     prompts: PromptSet,
@@ -152,8 +236,11 @@ def path_patch(
     corruption: str | Corruption = "str",
     metric: MetricSpec = "logit_diff",
     seed: int = 0,
+    engine: str | Engine = Engine.AUTO,
 ) -> PatchResult:
     """The effect of one sender set on the output through ``receivers`` only (no dims).
+    ``engine="reference"``: two full forward passes, as the module docstring says; the default
+    skips the layers that cannot change (see :func:`path_sweep`).
 
     Example:
         >>> import actpatch as ap
@@ -166,7 +253,8 @@ def path_patch(
     """
     senders, receivers = as_sites(senders, "senders", allow_empty=True), as_sites(receivers, "receivers", allow_empty=True)
     return _run(model, prompts, [senders], receivers, direction=direction, corruption=corruption,
-                metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders))
+                metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders),
+                engine=engine)
 
 
 def path_sweep(
@@ -185,13 +273,21 @@ def path_sweep(
     unit_size: int = 16,
     store: UnitStore | None = None,
     progress: bool = True,
+    engine: str | Engine = Engine.AUTO,
 ) -> PatchResult:
     """Path-patch every sender head (``sender="z"``, dims layer x head) or MLP
     (``sender="mlp_out"``, dims layer) into ``receivers``. Senders at or after the last
     receiver layer cannot reach it and are skipped only by the model's causality (they score
     the clean value). Sender sets run in units of ``unit_size`` on ``executor`` (``"local"``,
     ``"ray"`` or an executor object, as in :func:`actpatch.sweep`); with a ``store`` finished
-    units are saved and reused."""
+    units are saved and reused.
+
+    Cost: ``engine="reference"`` runs two full forward passes per sender (one for what the
+    receivers read, one to measure). The default (``"auto"``, or ``"batched"``) runs many senders
+    per forward pass and only the layers that can change: step 1 from the sender's layer to the
+    last receiver's, step 2 from the first receiver's layer to the output, or for the final
+    residual stream the unembedding alone. Multi-token answers take the reference path (their
+    teacher-forced continuation reads the changed keys and values)."""
     from ..experiment.plan import Grid, pick_axis
 
     receivers = as_sites(receivers, "receivers", allow_empty=True)  # an empty set: its own error below
@@ -214,4 +310,4 @@ def path_sweep(
         dims, coords = ("layer",), {"layer": lays}
     return _run(model, prompts, sets, receivers, direction=direction, corruption=corruption, metric=metric,
                 seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, grid=grid.to_dict(),
-                executor=executor, unit_size=unit_size, store=store, progress=progress)
+                executor=executor, unit_size=unit_size, store=store, progress=progress, engine=engine)
