@@ -127,8 +127,26 @@ def _recomputed_inputs(model: "Model", l: int, fixed: list[tuple[Port, torch.Ten
     return writes
 
 
+@dataclass(frozen=True)
+class CleanRun:
+    """The clean run of one length group: the residual stream entering every block and the final
+    one, and every node's write; a circuit run whose cut edges all enter layer ``l`` or later
+    starts there from it (below ``l`` the circuit run *is* the clean run)."""
+
+    resid: dict[Site, torch.Tensor]
+    writes: list[torch.Tensor]
+
+    def start(self, graph: Graph, keep: torch.Tensor, n_layers: int) -> int:
+        """The first layer with a port that reads a cut edge in any of ``keep``'s circuits (the
+        number of layers when only the logits do, or nothing is cut)."""
+        cut = (~keep).any(0).any(0)  # (V,) or (V, T)
+        cut = cut.any(-1) if cut.dim() == 2 else cut
+        layers = [n_layers if p.layer is None else int(p.layer) for p, c in zip(graph.ports, cut.tolist()) if c]
+        return min(layers, default=n_layers)
+
+
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
-                     keep: torch.Tensor, cont: "Continuation | None" = None) -> torch.Tensor:
+                     keep: torch.Tensor, cont: "Continuation | None" = None, skip: CleanRun | None = None) -> torch.Tensor:
     """Readout logits of the clean run under each of ``C`` circuits at once: ``keep`` is
     (C, U, V), or (C, U, V, T) deciding per position (position-aware circuits); in circuit ``c``
     every edge outside ``keep[c]`` carries the corrupted writes ``corr_w`` (per upstream node,
@@ -139,7 +157,8 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     Edges live at prompt positions: the continuation tokens (after the prompt) are computed by
     the whole model from the circuit's prompt-position keys and values, as every technique
     computes them after its patches. So the empty circuit reproduces the corrupted run's
-    continuation and the full graph the clean run's."""
+    continuation and the full graph the clean run's. With ``skip`` (single-token answers) the
+    run starts at the first layer that reads a cut edge, from the clean run."""
     adapter = model.adapter
     L = model.n_layers
     node_at, port_at = graph.node_index, graph.port_index
@@ -151,9 +170,13 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     ids = clean.repeat(C, 1)
     rows = cont.select(torch.arange(B).repeat(C)) if cont is not None and not cont.is_single else None
     n_cont = 0 if rows is None else rows.n_tokens
-    with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
-        model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
-    h = emb[Site("resid_pre", 0)]
+    start = 0 if skip is None or rows is not None else skip.start(graph, keep, L)
+    if start == 0:
+        with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
+            model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
+        h = emb[Site("resid_pre", 0)]
+    else:
+        h = skip.resid[Site("resid_pre", start) if start < L else Site("resid_final")].repeat(C, 1, 1)  # type: ignore[union-attr]
     positions, branches = (torch.arange(T), None) if rows is None else rows.tree(T)
     pos = positions.to(h.device)[None]
     tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(positions, branches, n_cont)
@@ -167,7 +190,12 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         """A prompt-position correction (rows, T, d) over the whole sequence (zero after it)."""
         return fix if not n_cont else torch.cat([fix, fix.new_zeros(fix.shape[0], n_cont, fix.shape[2])], 1)
 
-    wrote(0, h)
+    if start == 0:
+        wrote(0, h)
+    else:  # the nodes below the start wrote what they write in the clean run
+        below = node_at[Node(NodeKind.HEAD, start, 0)] if start < L else len(graph.nodes)
+        for i in range(below):
+            diff[i] = (skip.writes[i] - corr_w[i])[None]  # type: ignore[union-attr]
 
     def corrections(ports: list[Port], upto: int) -> list[torch.Tensor | None]:
         """Per port and circuit, the sum over its excluded edges u -> port (u < upto) of (write
@@ -190,7 +218,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         return [shared[next(it)] if u else None for u in used]
 
     with tree:
-        for l in range(L):
+        for l in range(start, L):
             n_up = node_at[Node(NodeKind.HEAD, l, 0)]  # upstream nodes before this layer's heads
             pe = adapter.position_embeddings(h, pos)
             # every q / k / v port that reads a cut edge, from its own input: one batch, stopped after v
@@ -248,13 +276,17 @@ class _Circuits:
         self.lengths = sorted({g.seq_len for g in prompts.groups()})
         self.groups = []
         sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
+        resid = [Site("resid_pre", l) for l in range(1, model.n_layers)] + [Site("resid_final")]
         with torch.inference_mode():
             for runs in exp.groups():
                 with runs.corrupted.context(model), capture(model, sites) as a:
                     runs.corrupted.readout(model)  # (the writes at prompt positions: the edges)
                 corr_w = node_writes(model, self.graph, a)
-                measure = runs.measurer(exp.metrics, runs.clean.readout(model))
-                self.groups.append((runs, corr_w, measure))
+                with runs.clean.context(model), capture(model, sites + resid) as c:
+                    measure = runs.measurer(exp.metrics, runs.clean.readout(model))
+                single = runs.continuation is None or runs.continuation.is_single
+                skip = CleanRun(dict(c), node_writes(model, self.graph, c)) if single else None
+                self.groups.append((runs, corr_w, measure, skip))
 
     def _checked(self, keep: torch.Tensor) -> torch.Tensor:
         shape = (len(self.graph.nodes), len(self.graph.ports))
@@ -282,11 +314,12 @@ class _Circuits:
             raise MethodError("run_many() takes circuits of one kind: all (U, V) or all (U, V, T) masks.")
         out = torch.empty(len(checked), self.n)
         with torch.inference_mode(), self.model.attention_fn():
-            for runs, corr_w, measure in self.groups:
+            for runs, corr_w, measure, skip in self.groups:
                 per = max(1, self.rows // runs.rows)
                 for c0 in range(0, len(checked), per):
                     keep = torch.stack(checked[c0:c0 + per])
-                    logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep, runs.continuation)
+                    logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep, runs.continuation,
+                                              skip)
                     rows = torch.arange(runs.rows).repeat(len(keep))
                     values = measure(logits, rows)[self.metric].cpu().view(len(keep), runs.rows)
                     out[c0:c0 + len(keep), runs.group.indices] = values

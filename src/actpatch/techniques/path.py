@@ -39,7 +39,7 @@ from ..types import DEFAULT_DIRECTION, Direction, Engine
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
-__all__ = ["path_patch", "path_sweep", "RECEIVER_KINDS", "SENDER_KINDS"]
+__all__ = ["path_patch", "path_sweep", "receiver_sweep", "RECEIVER_KINDS", "SENDER_KINDS"]
 
 RECEIVER_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.K_UNGROUPED, SiteKind.V_UNGROUPED, SiteKind.RESID_FINAL)
 SENDER_KINDS = (SiteKind.Z, SiteKind.MLP_OUT)
@@ -84,8 +84,8 @@ class PathJob:
     :class:`~actpatch.experiment.executor.UnitJob`)."""
 
     experiment: Experiment
-    sender_sets: tuple[tuple[Site, ...], ...]
-    receivers: tuple[Site, ...]
+    paths: tuple[tuple[tuple[Site, ...], tuple[Site, ...]], ...]
+    """(sender set, receiver set) per cell."""
     engine: Engine = Engine.AUTO
 
     def context(self) -> ContextManager[object]:
@@ -98,7 +98,7 @@ class PathJob:
         # multi-token answers: the continuation reads the changed keys / values; the reference path
         batched = self.engine != Engine.REFERENCE and (runs.base.continuation is None or runs.base.continuation.is_single)
         resid_sites = [Site("resid_pre", l) for l in range(L)] + [Site("resid_final")] if batched else []
-        senders_full = sorted({s.full() for g in self.sender_sets for s in g}, key=str)
+        senders_full = sorted({s.full() for g, _ in self.paths for s in g}, key=str)
         rows = torch.arange(runs.rows)
         with runs.base.context(model), capture(model, z_all) as frozen, capture(model, resid_sites) as resid:
             base_logits = runs.base.readout(model)
@@ -112,38 +112,39 @@ class PathJob:
     def run_unit(self, state: PathState, unit: Unit, advance: Advance | None = None) -> UnitValues:
         model, B = self.experiment.model, state.runs.rows
         rows = torch.arange(B)
-        groups = self.sender_sets[unit.start:unit.stop]
+        paths = self.paths[unit.start:unit.stop]
         out: list[dict] = []
         if state.batched:
             per_chunk = max(1, memory_budget(model.device) // max(1, 2 * row_bytes(model, 0, state.runs.base.ids.shape[1]) * B))
-            for c in range(0, len(groups), per_chunk):
-                chunk = groups[c:c + per_chunk]
-                values = state.measure(_paths_batched(model, state, chunk, self.receivers), rows.repeat(len(chunk)))
+            for c in range(0, len(paths), per_chunk):
+                chunk = paths[c:c + per_chunk]
+                values = state.measure(_paths_batched(model, state, chunk), rows.repeat(len(chunk)))
                 out.extend({m: v[k * B:(k + 1) * B] for m, v in values.items()} for k in range(len(chunk)))
                 if advance is not None:
                     advance(len(chunk))
         else:
-            for group in groups:
-                logits = _one_path(model, state.runs, group, self.receivers, state.frozen, state.source)
+            for senders, receivers in paths:
+                logits = _one_path(model, state.runs, senders, receivers, state.frozen, state.source)
                 out.append(state.measure(logits, rows))
                 if advance is not None:
                     advance(1)
         return {m: torch.stack([o[m] for o in out]) for m in self.experiment.metrics}
 
 
-def _run(model: "Model", prompts: PromptSet, sender_sets: Sequence[Sequence[Site]], receivers: Sequence[Site], *,
+def _run(model: "Model", prompts: PromptSet, paths: Sequence[tuple[Sequence[Site], Sequence[Site]]], *,
          direction: str | Direction, corruption: str | Corruption, metric: MetricSpec, seed: int,
          target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
          unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
-         grid: dict | None = None, engine: str | Engine = Engine.AUTO) -> PatchResult:
+         receivers: tuple[str, ...] = (), grid: dict | None = None, engine: str | Engine = Engine.AUTO) -> PatchResult:
     engine = Engine(engine)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Path patching", needs_corrupted_run=True, continuations=True)
-    _check(sender_sets, receivers, model)
-    job = PathJob(exp, tuple(tuple(g) for g in sender_sets), tuple(receivers), engine)
-    outcome = exp.run(job, len(sender_sets), executor=executor, store=store, unit_size=unit_size, progress=progress,
+    for send, recv in dict.fromkeys((tuple(g), tuple(r)) for g, r in paths):
+        _check([send], recv, model)
+    job = PathJob(exp, tuple((tuple(g), tuple(r)) for g, r in paths), engine)
+    outcome = exp.run(job, len(paths), executor=executor, store=store, unit_size=unit_size, progress=progress,
                       description=f"path patching {target}")
-    technique = PathInfo(senders=senders, receivers=tuple(str(r) for r in receivers))
+    technique = PathInfo(senders=senders, receivers=receivers)
     return exp.result(outcome, target=target, technique=technique, dims=dims, coords=coords, grid=grid)
 
 
@@ -166,51 +167,61 @@ def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers:
         return runs.base.readout(model)
 
 
-def _paths_batched(model: "Model", state: PathState, groups: Sequence[Sequence[Site]],
-                   receivers: Sequence[Site]) -> torch.Tensor:
-    """Readout logits ``(len(groups) * B, 1, vocab)`` of :func:`_one_path` for several sender
-    sets at once, one row block of the batch per set, and without the layers that cannot change:
-    step 1 starts at the earliest sender's block from the base run's residual stream and stops
-    after the last receiver's block; step 2 starts at the earliest receiver's block, and for the
-    final residual stream is the unembedding alone (everything downstream is written)."""
-    B = state.runs.rows
-    K, L = len(groups), model.n_layers
+def _paths_batched(model: "Model", state: PathState, paths: Sequence[tuple[Sequence[Site], Sequence[Site]]]) -> torch.Tensor:
+    """Readout logits ``(len(paths) * B, 1, vocab)`` of :func:`_one_path` for several (senders,
+    receivers) cells at once, one row block of the batch per cell, without the layers that cannot
+    change: step 1 starts at the earliest sender's block from the base run's residual stream and
+    stops after the last receiver's block (once for all cells when they share their senders);
+    step 2 starts at the earliest written receiver's block, and where only the final residual
+    stream is written it is the unembedding alone."""
+    B, K, L = state.runs.rows, len(paths), model.n_layers
     base_row = torch.arange(B).repeat(K)
-    heads = [r for r in receivers if r.kind != SiteKind.RESID_FINAL]
-    final = [r for r in receivers if r.kind == SiteKind.RESID_FINAL]
-    start = min(s.layer for g in groups for s in g)  # type: ignore[type-var]
+    blocks = [slice(k * B, (k + 1) * B) for k in range(K)]
+    heads = sorted({r.full() for _, rs in paths for r in rs if r.kind != SiteKind.RESID_FINAL}, key=str)
+    final = any(r.kind == SiteKind.RESID_FINAL for _, rs in paths for r in rs)
+    start = min(s.layer for g, _ in paths for s in g)  # type: ignore[type-var]
     stop = L if final else max(r.layer for r in heads) + 1  # type: ignore[type-var]
-    # step 1: the senders' row blocks from the source run, every other head frozen to the base run
-    writes: dict[Site, torch.Tensor] = {}
+    shared = all(tuple(g) == tuple(paths[0][0]) for g, _ in paths)
+    n1 = 1 if shared else K
+    rows1 = torch.arange(B).repeat(n1)
+    # step 1: each row block's senders from the source run, every other head frozen to the base run
+    writes: dict[Site, torch.Tensor] = {Site("z", l): state.frozen[Site("z", l)][rows1] for l in range(start, stop)}
     mlp: dict[Site, list[tuple[slice, tuple, torch.Tensor]]] = {}
-    for l in range(start, stop):
-        writes[Site("z", l)] = state.frozen[Site("z", l)][base_row]
-    for k, group in enumerate(groups):
-        block = slice(k * B, (k + 1) * B)
-        for s in group:
+    for k in range(n1):
+        for s in paths[k][0]:
             if s.layer >= stop:  # type: ignore[operator]
                 continue  # after every receiver: it reaches none of them
+            value = state.source[s.full()][s.selector()]
             if s.kind == SiteKind.Z:
-                writes[Site("z", s.layer)][block][s.selector()] = state.source[s.full()][s.selector()]
+                writes[Site("z", s.layer)][blocks[k]][s.selector()] = value
             else:
-                mlp.setdefault(s.full(), []).append((block, s.selector(), state.source[s.full()][s.selector()]))
-    hooks = {**writes, **{site: _row_blocks(w) for site, w in mlp.items()}}
-    hidden = state.resid[Site("resid_pre", start)][base_row] if start < stop else None
-    with intervene(model, hooks), capture(model, heads) as recorded:
-        if hidden is not None:
-            hidden = run_blocks(model, hidden, start, stop)
-    if final:  # the written final residual stream is all the readout reads
-        out = state.resid[Site("resid_final")][base_row]
-        if hidden is not None:
-            for r in final:
-                out[r.selector()] = hidden[r.selector()]
-        return model.adapter.unembed(out[:, -1])[:, None]
-    # step 2: only the receivers' inputs change, from the earliest receiver's block on
-    first = min(r.layer for r in heads)  # type: ignore[type-var]
-    # (receivers below every sender, or a chunk with no sender before a receiver, read the base run)
-    written = {r: recorded[r] for r in heads if hidden is not None and r.layer >= start}  # type: ignore[operator]
-    with intervene(model, written):
-        hidden = run_blocks(model, state.resid[Site("resid_pre", first)][base_row], first, L)
+                mlp.setdefault(s.full(), []).append((blocks[k], s.selector(), value))
+    hidden1 = None
+    recorded: dict[Site, torch.Tensor] = {}
+    if start < stop:
+        with intervene(model, {**writes, **{site: _row_blocks(w) for site, w in mlp.items()}}), \
+                capture(model, [r for r in heads if r.layer >= start]) as recorded:  # type: ignore[operator]
+            hidden1 = run_blocks(model, state.resid[Site("resid_pre", start)][rows1], start, stop)
+        if shared and K > 1:
+            rep = torch.arange(B).repeat(K)
+            hidden1, recorded = hidden1[rep], {r: v[rep] for r, v in recorded.items()}
+    # step 2: only the receivers' inputs change (receivers below every sender read the base run)
+    step2: dict[Site, list[tuple[slice, tuple, torch.Tensor]]] = {}
+    for k, (_, rs) in enumerate(paths):
+        for r in rs:
+            if r.kind != SiteKind.RESID_FINAL and r.full() in recorded:
+                step2.setdefault(r.full(), []).append((blocks[k], r.selector(), recorded[r.full()][blocks[k]][r.selector()]))
+    if step2:
+        first = min(r.layer for r in step2)  # type: ignore[type-var]
+        with intervene(model, {site: _row_blocks(w) for site, w in step2.items()}):
+            hidden = run_blocks(model, state.resid[Site("resid_pre", first)][base_row], first, L)
+    else:
+        hidden = state.resid[Site("resid_final")][base_row]
+    if hidden1 is not None:  # a written final residual stream overrides whatever step 2 computed there
+        for k, (_, rs) in enumerate(paths):
+            for r in rs:
+                if r.kind == SiteKind.RESID_FINAL:
+                    hidden[blocks[k]][r.selector()] = hidden1[blocks[k]][r.selector()]
     return model.adapter.unembed(hidden[:, -1])[:, None]
 
 
@@ -252,19 +263,27 @@ def path_patch(
         torch.Size([])
     """
     senders, receivers = as_sites(senders, "senders", allow_empty=True), as_sites(receivers, "receivers", allow_empty=True)
-    return _run(model, prompts, [senders], receivers, direction=direction, corruption=corruption,
+    if any(s.relative for s in senders + receivers):  # names ("S2", "end") and negative indices, per prompt
+        n = len(senders)
+        return _per_layout(lambda ps, resolved, corr: path_patch(
+            model, ps, resolved[:n], resolved[n:], direction=direction, corruption=corr, metric=metric, seed=seed,
+            engine=engine), model, prompts, senders + receivers, corruption, direction)
+    return _run(model, prompts, [(senders, receivers)], direction=direction, corruption=corruption,
                 metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders),
+                receivers=tuple(str(r) for r in receivers),
                 engine=engine)
 
 
 def path_sweep(
     model: "Model",
     prompts: PromptSet,
-    receivers: Site | Sequence[Site],
+    receivers: Site | Sequence[Site] | str,
     *,
+    senders: Site | Sequence[Site] | None = None,
     sender: str | SiteKind = "z",
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
+    pos: int | str | None = None,
     direction: str | Direction = DEFAULT_DIRECTION,
     corruption: str | Corruption = "str",
     metric: MetricSpec = "logit_diff",
@@ -276,11 +295,14 @@ def path_sweep(
     engine: str | Engine = Engine.AUTO,
 ) -> PatchResult:
     """Path-patch every sender head (``sender="z"``, dims layer x head) or MLP
-    (``sender="mlp_out"``, dims layer) into ``receivers``. Senders at or after the last
+    (``sender="mlp_out"``, dims layer) into ``receivers``; or, with ``receivers`` a kind
+    (``"q"``, ``"k"``, ``"v"``, ``"k_ungrouped"``, ``"v_ungrouped"``) and fixed ``senders``, the
+    senders into every receiver head of that kind, one at a time (:func:`receiver_sweep`). Senders at or after the last
     receiver layer cannot reach it and are skipped only by the model's causality (they score
     the clean value). Sender sets run in units of ``unit_size`` on ``executor`` (``"local"``,
     ``"ray"`` or an executor object, as in :func:`actpatch.sweep`); with a ``store`` finished
-    units are saved and reused.
+    units are saved and reused. ``pos``: every sender at this one position only (an index, or
+    a name such as ``"S2"`` resolved per prompt, as receivers' positions are).
 
     Cost: ``engine="reference"`` runs two full forward passes per sender (one for what the
     receivers read, one to measure). The default (``"auto"``, or ``"batched"``) runs many senders
@@ -290,7 +312,28 @@ def path_sweep(
     teacher-forced continuation reads the changed keys and values)."""
     from ..experiment.plan import Grid, pick_axis
 
+    if isinstance(receivers, (str, SiteKind)):
+        if senders is None:
+            raise SiteError(f"receivers={receivers!r} sweeps every {receivers} head as the receiver of fixed senders: "
+                            f"give senders=[...] (e.g. [ap.Site('z', 9, head=6)]).")
+        return receiver_sweep(model, prompts, senders, receiver=receivers, layers=layers, heads=heads, pos=pos,
+                              direction=direction, corruption=corruption, metric=metric, seed=seed, executor=executor,
+                              unit_size=unit_size, progress=progress, engine=engine)
+    if senders is not None:
+        raise SiteError("senders=... goes with receivers given as a kind (e.g. 'q'), a sweep over receivers; "
+                        "with fixed receivers the sweep is over sender='z' or 'mlp_out'.")
     receivers = as_sites(receivers, "receivers", allow_empty=True)  # an empty set: its own error below
+    marker = [Site(SiteKind.Z, 0, pos=pos)] if pos is not None else []  # where the senders sit
+    if any(s.relative for s in receivers + marker):
+        if store is not None:
+            raise SiteError("A path sweep over named or negative positions runs once per prompt layout and cannot "
+                            "share one store= between them; give integer positions, or no store.")
+        n = len(receivers)
+        return _per_layout(lambda ps, resolved, corr: path_sweep(
+            model, ps, resolved[:n], sender=sender, layers=layers, heads=heads,
+            pos=resolved[n].pos if marker else None, direction=direction, corruption=corr, metric=metric,
+            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine),
+            model, prompts, receivers + marker, corruption, direction)
     try:
         kind = SiteKind(sender)
     except ValueError:
@@ -301,13 +344,89 @@ def path_sweep(
     lays = pick_axis("layers", grid.layers, model.n_layers)
     if kind == SiteKind.Z:
         hs = pick_axis("heads", grid.heads, model.n_heads)
-        sets = [[Site("z", l, head=h)] for l in lays for h in hs]
+        sets = [[Site("z", l, head=h, pos=pos)] for l in lays for h in hs]
         dims, coords = ("layer", "head"), {"layer": lays, "head": hs}
     else:
         if grid.heads is not None:
             raise SiteError("heads=... applies to sender='z', not to MLP senders.")
-        sets = [[Site("mlp_out", l)] for l in lays]
+        sets = [[Site("mlp_out", l, pos=pos)] for l in lays]
         dims, coords = ("layer",), {"layer": lays}
-    return _run(model, prompts, sets, receivers, direction=direction, corruption=corruption, metric=metric,
+    return _run(model, prompts, [(g, receivers) for g in sets], direction=direction, corruption=corruption, metric=metric,
                 seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, grid=grid.to_dict(),
-                executor=executor, unit_size=unit_size, store=store, progress=progress, engine=engine)
+                executor=executor, unit_size=unit_size, store=store, progress=progress, engine=engine,
+                receivers=tuple(str(r) for r in receivers))
+
+
+def receiver_sweep(
+    model: "Model",
+    prompts: PromptSet,
+    senders: Site | Sequence[Site],
+    *,
+    receiver: str | SiteKind = "q",
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    pos: int | str | None = None,
+    direction: str | Direction = DEFAULT_DIRECTION,
+    corruption: str | Corruption = "str",
+    metric: MetricSpec = "logit_diff",
+    seed: int = 0,
+    executor: "str | Executor | None" = None,
+    unit_size: int = 16,
+    progress: bool = True,
+    engine: str | Engine = Engine.AUTO,
+) -> PatchResult:
+    """Path-patch one sender set into every receiver of a kind, one at a time (``ap.path_sweep(model,
+    prompts, "q", senders=[...])``): which heads' queries (``receiver="q"``), keys or values read the senders' effect (Wang et al.'s search
+    for the heads an S-inhibition head talks to). Dims layer x head; for ``"k"`` / ``"v"`` the
+    head axis is ``kv_head`` (under grouped-query attention one key / value serves a group of
+    query heads; ``"k_ungrouped"`` / ``"v_ungrouped"`` give each query head's own). ``pos``:
+    the receivers at one position (index or name), else at every position. Layers at or below
+    the earliest sender score the base run (nothing reaches them); the senders' step runs once
+    for all receivers.
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import tiny_model
+        >>> m = tiny_model("llama_gqa", n_layers=3)
+        >>> ps = ap.PromptSet.from_ids([[2, 3, 4, 5]], [[2, 9, 4, 5]], [7], [8])
+        >>> res = ap.path_sweep(m, ps, "k", senders=[ap.Site("z", 0, head=1)], progress=False)
+        >>> res.dims, res.shape
+        (('layer', 'kv_head'), (3, 2))
+    """
+    from ..experiment.plan import Grid, pick_axis
+
+    senders = as_sites(senders, "senders", allow_empty=True)
+    try:
+        kind = SiteKind(receiver)
+    except ValueError:
+        kind = None  # type: ignore[assignment]
+    if kind not in RECEIVER_KINDS or kind == SiteKind.RESID_FINAL:
+        raise SiteError(f"receiver={receiver!r}: use one of q, k, v, k_ungrouped, v_ungrouped (a sweep over heads).")
+    marker = [Site(SiteKind.Q, 0, pos=pos)] if pos is not None else []
+    if any(s.relative for s in senders + marker):
+        n = len(senders)
+        return _per_layout(lambda ps, resolved, corr: receiver_sweep(
+            model, ps, resolved[:n], receiver=receiver, layers=layers, heads=heads,
+            pos=resolved[n].pos if marker else None, direction=direction, corruption=corr, metric=metric,
+            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine),
+            model, prompts, senders + marker, corruption, direction)
+    grid = Grid(layers=layers, heads=heads)
+    lays = pick_axis("layers", grid.layers, model.n_layers)
+    kv = kind in (SiteKind.K, SiteKind.V)
+    hs = pick_axis("heads", grid.heads, model.n_kv_heads if kv else model.n_heads)
+    head_dim = "kv_head" if kv else "head"
+    cells = [(senders, [Site(kind, l, head=h, pos=pos)]) for l in lays for h in hs]
+    return _run(model, prompts, cells, direction=direction, corruption=corruption, metric=metric, seed=seed,
+                target=f"path_into:{kind.value}", dims=("layer", head_dim), coords={"layer": lays, head_dim: hs},
+                grid=grid.to_dict(), executor=executor, unit_size=unit_size, progress=progress, engine=engine,
+                senders=tuple(str(s) for s in senders), receivers=(f"every {kind.value}",))
+
+
+def _per_layout(run, model: "Model", prompts: PromptSet, sites: Sequence[Site],  # noqa: ANN001 - a callable
+                corruption: str | Corruption, direction: str | Direction) -> PatchResult:
+    """Run on each group of prompts whose named / negative positions fall at the same indices,
+    with the sites resolved there, and merge in prompt order (:func:`~actpatch.techniques.positions.by_resolved_sites`)."""
+    from .patching import _base_side
+    from .positions import by_resolved_sites
+
+    return by_resolved_sites(run, model, prompts, sites, corruption, _base_side(direction))
