@@ -3,7 +3,7 @@ equivalents, measured side by side in one run: the numbers behind the cost table
 docs/circuits.md.
 
 One forward-pass equivalent is a plain forward pass of the same prompts (all of them at once,
-best of three), timed in the same process. Each technique runs once on the same prompts.
+best of ten after three warm-ups), timed in the same process. Each technique runs once on the same prompts.
 
 Run:  python benchmarks/method_cost.py [--n-prompts 8] [--device cpu]
 """
@@ -29,9 +29,10 @@ def main() -> None:
     model = ap.load_model(device=args.device)
     ps = ap.prompts.ioi(model, n=args.n_prompts, seed=0, templates=[0, 2, 6])
     ids = ps.groups()[0].clean.to(model.device)
-    model.logits(ids)
-    fwd = float("inf")
     for _ in range(3):
+        model.logits(ids)  # warm-up
+    fwd = float("inf")
+    for _ in range(10):
         t = time.perf_counter()
         model.logits(ids)
         fwd = min(fwd, time.perf_counter() - t)

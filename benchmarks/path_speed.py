@@ -5,7 +5,7 @@ The reference path runs two full forward passes per sender set (what the receive
 measured run). The batched path runs many sender sets per pass and only the layers that can
 change (from the sender's layer to the last receiver's, then from the first receiver's to the
 output; for the final residual stream the unembedding alone). One forward-pass equivalent is a
-plain forward pass of the same prompts, timed here (best of three).
+plain forward pass of the same prompts, timed here (best of ten after three warm-ups).
 
 Run:  python benchmarks/path_speed.py [--n-prompts 8] [--device cpu]
 """
@@ -37,8 +37,9 @@ def main() -> None:
     model = ap.load_model(device=args.device)
     ps = ap.prompts.ioi(model, n=args.n_prompts, seed=0, templates=[0, 2, 6])
     ids = ps.groups()[0].clean.to(model.device)
-    model.logits(ids)
-    fwd = min(timed(lambda: model.logits(ids))[1] for _ in range(3))
+    for _ in range(3):
+        model.logits(ids)  # warm-up
+    fwd = min(timed(lambda: model.logits(ids))[1] for _ in range(10))
     print(f"{model!r}\n{len(ps)} IOI prompts x {ids.shape[1]} tokens; one forward pass {fwd * 1000:.0f} ms")
     cases = [
         ("36 heads (L20, 23, 24, 29) -> resid_final", dict(receivers=[Site("resid_final")], layers=[20, 23, 24, 29])),
