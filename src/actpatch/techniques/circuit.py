@@ -145,6 +145,20 @@ class CleanRun:
         return min(layers, default=n_layers)
 
 
+def _entry(model: "Model", graph: Graph, keep: torch.Tensor, ids: torch.Tensor, rows: "Continuation | None",
+           skip: CleanRun | None) -> tuple[int, torch.Tensor]:
+    """Where a circuit run starts and its residual stream there: layer 0 from the embeddings (of
+    the prompt and, teacher-forced, the continuation tree), or with ``skip`` the first layer that
+    reads a cut edge, from the clean run, repeated per circuit."""
+    L, C = model.n_layers, keep.shape[0]
+    start = 0 if skip is None or rows is not None else skip.start(graph, keep, L)
+    if start > 0:
+        return start, skip.resid[Site("resid_pre", start) if start < L else Site("resid_final")].repeat(C, 1, 1)  # type: ignore[union-attr]
+    with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
+        model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
+    return 0, emb[Site("resid_pre", 0)]
+
+
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
                      keep: torch.Tensor, cont: "Continuation | None" = None, skip: CleanRun | None = None) -> torch.Tensor:
     """Readout logits of the clean run under each of ``C`` circuits at once: ``keep`` is
@@ -170,13 +184,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     ids = clean.repeat(C, 1)
     rows = cont.select(torch.arange(B).repeat(C)) if cont is not None and not cont.is_single else None
     n_cont = 0 if rows is None else rows.n_tokens
-    start = 0 if skip is None or rows is not None else skip.start(graph, keep, L)
-    if start == 0:
-        with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
-            model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
-        h = emb[Site("resid_pre", 0)]
-    else:
-        h = skip.resid[Site("resid_pre", start) if start < L else Site("resid_final")].repeat(C, 1, 1)  # type: ignore[union-attr]
+    start, h = _entry(model, graph, keep, ids, rows, skip)
     positions, branches = (torch.arange(T), None) if rows is None else rows.tree(T)
     pos = positions.to(h.device)[None]
     tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(positions, branches, n_cont)
@@ -190,12 +198,9 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         """A prompt-position correction (rows, T, d) over the whole sequence (zero after it)."""
         return fix if not n_cont else torch.cat([fix, fix.new_zeros(fix.shape[0], n_cont, fix.shape[2])], 1)
 
-    if start == 0:
-        wrote(0, h)
-    else:  # the nodes below the start wrote what they write in the clean run
-        below = node_at[Node(NodeKind.HEAD, start, 0)] if start < L else len(graph.nodes)
-        for i in range(below):
-            diff[i] = (skip.writes[i] - corr_w[i])[None]  # type: ignore[union-attr]
+    wrote(0, h if start == 0 else skip.writes[0][None].expand(C, B, T, -1).reshape(C * B, T, -1))  # type: ignore[union-attr]
+    for i in range(1, 0 if start == 0 else node_at[Node(NodeKind.HEAD, start, 0)] if start < L else len(graph.nodes)):
+        diff[i] = skip.writes[i][None] - corr_w[i][None]  # type: ignore[union-attr]  # below the start: the clean run
 
     def corrections(ports: list[Port], upto: int) -> list[torch.Tensor | None]:
         """Per port and circuit, the sum over its excluded edges u -> port (u < upto) of (write
