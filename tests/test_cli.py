@@ -105,7 +105,7 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ntargets: [{target: z, method: atpstar}]\n", "targets.0.method: Input should be 'exact' or 'atp'"),
     ("model: tiny:llama\ncircuits: {}\nmetrics: [rank]\n", "first metric, 'rank', which is discrete"),
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
-    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: unknown methods 'acdc'; use one of 'eap', 'eap-ig' or 'eap-ig-act'"),
+    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: unknown methods 'acdc'; use one of 'eap', 'eap-ig', 'eap-ig-act' or 'relp'"),
     ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
     ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits, das, patchscopes"),
     ("model: tiny:llama\ntargets: [{target: z, subspace: {}}]\n", "has one vector per head; give a basis file"),

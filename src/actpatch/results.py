@@ -55,13 +55,15 @@ class ExactInfo:
 
 @dataclass(frozen=True)
 class AtpInfo:
-    """Attribution patching (:func:`actpatch.attribute`): AtP and AtP*."""
+    """Attribution patching (:func:`actpatch.attribute`): AtP, AtP* and RelP."""
 
     KIND: ClassVar[str] = "atp"
     estimate: Estimate = Estimate.SIGNED
     """Signed estimates, or GradDrop's magnitudes."""
     qk_fix: bool = False
     grad_drop: bool = False
+    relp: bool = False
+    """LRP propagation coefficients in place of gradients (RelP, :mod:`actpatch.models.relevance`)."""
     dictionary: dict[str, Any] | None = None
     """Attribution over a dictionary's features: its description (as :class:`ExactInfo`'s)."""
 
@@ -141,6 +143,10 @@ class ResultInfo:
         return self._part(AtpInfo, "grad_drop", False)
 
     @property
+    def relp(self) -> bool:
+        return self._part(AtpInfo, "relp", False)
+
+    @property
     def sites(self) -> tuple[str, ...]:
         return self._part(ExactInfo, "sites", ())
 
@@ -168,8 +174,10 @@ class ResultInfo:
     @property
     def label(self) -> str:
         """How the numbers were computed, in one word: ``batched``, ``reference``, ``atp``,
-        ``atp+qk_fix``, ``atp+graddrop``, ``atp*`` or ``path``."""
+        ``atp+qk_fix``, ``atp+graddrop``, ``atp*``, ``relp`` or ``path``."""
         if self.method is Method.ATP:
+            if self.relp:
+                return "relp"
             return ("atp*" if self.qk_fix and self.grad_drop else "atp+qk_fix" if self.qk_fix
                     else "atp+graddrop" if self.grad_drop else "atp")
         if self.method is Method.PATH:

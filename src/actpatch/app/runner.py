@@ -339,9 +339,10 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     for method in c.methods:
         how = EdgeMethod(method)
         steps, on = how.steps(c.ig_steps), how.ig_target
-        name = (f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps else "EAP"
+        name = ((f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps
+                else "RelP" if how is EdgeMethod.RELP else "EAP")
         edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
-                                 seed=cfg.seed, ig_target=on, layout=c.layout)
+                                 seed=cfg.seed, ig_target=on, layout=c.layout, method=how)
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{how.value}.csv", index=False)
         to_mib_json(edges, out / f"graph_{how.value}.json")  # readable by the EAP-IG / MIB code

@@ -84,6 +84,9 @@ class FamilySpec:
     """The factor the model applies to its logits, from its config (Cohere, Granite)."""
     moe: bool = False
     """The MLP is a mixture of experts."""
+    gated_mlp: bool = False
+    """The MLP multiplies an activated gate with an up projection (Llama's SwiGLU, Gemma's
+    GeGLU): its neurons are a product, which RelP's half rule splits between the two factors."""
     handled: frozenset[str] = frozenset()
     """Config attributes this adapter knows of (beyond every config's generic ones)."""
     refuse: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
@@ -134,7 +137,7 @@ def _llama_like(name: str, model_types: tuple[str, ...], examples: str, *, handl
     layout: dict[str, Any] = dict(
         blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm", attn="self_attn",
         attn_out="self_attn", o_proj="self_attn.o_proj", mlp_out="mlp", mlp_down="mlp.down_proj",
-        mlp_in_norm="post_attention_layernorm", rotary="model.rotary_emb",
+        mlp_in_norm="post_attention_layernorm", rotary="model.rotary_emb", gated_mlp=True,
     )
     layout.update(paths)
     return FamilySpec(name=name, model_types=model_types, examples=examples, handled=_DECODER | handled,
@@ -156,6 +159,7 @@ _GEMMA2 = FamilySpec(
     mlp_in_norm="pre_feedforward_layernorm",
     rotary="model.rotary_emb",
     post_norms=True,
+    gated_mlp=True,
     handled=_DECODER | {"hidden_activation", "attn_logit_softcapping", "final_logit_softcapping",
                         "query_pre_attn_scalar", "sliding_window", "layer_types", "use_bidirectional_attention",
                         "cache_implementation"},
@@ -214,7 +218,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     _llama_like(
         "starcoder2", ("starcoder2",), "StarCoder2 (biases, sliding-window attention)",
         handled={"use_bias", "norm_epsilon", "embedding_dropout", "residual_dropout", "sliding_window"},
-        mlp_down="mlp.c_proj", bias_attr="use_bias",
+        mlp_down="mlp.c_proj", bias_attr="use_bias", gated_mlp=False,
     ),
     FamilySpec(
         name="gpt_neox",
@@ -276,7 +280,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "phi", ("phi",), "Phi-1, Phi-1.5, Phi-2 (parallel attention and MLP, partial rotary)",
         handled={"layer_norm_eps", "partial_rotary_factor", "qk_layernorm", "resid_pdrop", "embd_pdrop"},
         final_norm="model.final_layernorm", o_proj="self_attn.dense", mlp_down="mlp.fc2", mlp_in_norm=None,
-        parallel=True, bias_attr=True,
+        parallel=True, bias_attr=True, gated_mlp=False,
     ),
     _llama_like(
         "smollm3", ("smollm3",), "SmolLM3 (layers without rotary embeddings)",

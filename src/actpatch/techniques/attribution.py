@@ -37,6 +37,7 @@ from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
 from ..hooks import capture, gradient_taps, intervene
 from ..metrics import DIFFERENTIABLE, normalise, MetricSpec
+from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
 from ..results import AtpInfo, PatchResult
 from ..sites import Site, SiteKind
@@ -74,9 +75,17 @@ def attribute(
     seed: int = 0,
     qk_fix: bool = False,
     grad_drop: bool = False,
+    method: str = "atp",
 ) -> PatchResult:
     """AtP estimates for every cell of a target, as a :class:`PatchResult` (``info.method ==
     Method.ATP``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
+
+    ``method="relp"``: relevance patching (RelP, Jafari et al. 2025), ``(a_src - a_base) * c``
+    with LRP's propagation coefficients ``c`` in place of the gradient: norms' scales held
+    constant, activations passed as if linear, gated products split in half
+    (:mod:`actpatch.models.relevance`). Same cost as AtP, same layout (``info.label ==
+    "relp"``); reported to track exact patching far better than AtP on MLP outputs and the
+    residual stream. Check it the same way, with :func:`validate_attribution`.
 
     ``qk_fix=True`` (AtP*'s first change, Kramár et al. 2024) estimates query and key patches
     by recomputing the attention softmax exactly with the patched side, then taking the
@@ -115,7 +124,13 @@ def attribute(
         raise SiteError(f"features=... applies to a feature dictionary's attribution, not target={target!r}.")
     grid = Grid(per_position=per_position, layers=layers, positions=positions, heads=heads, neurons=neurons,
                 window=window, features=features)  # type: ignore[arg-type]
-    options: dict[str, Any] = dict(direction=direction, metric=metric, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop)
+    if method not in ("atp", "relp"):
+        raise MethodError(f"method={method!r}: use 'atp' (gradients) or 'relp' (LRP propagation coefficients).")
+    if method == "relp" and (qk_fix or grad_drop):
+        raise MethodError("qk_fix and grad_drop are AtP*'s changes to gradients; RelP replaces the gradients "
+                          "altogether. Use one of method='relp' or AtP* (method='atp', qk_fix / grad_drop).")
+    options: dict[str, Any] = dict(direction=direction, metric=metric, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop,
+                                   relp=method == "relp")
     if grid.named:
         return by_named_positions(lambda sub, g, corr, _: _attribute(model, sub, target, g, corr, **options),
                                   model, prompts, grid, corruption)
@@ -124,11 +139,12 @@ def attribute(
 
 def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid: Grid, corruption: str | Corruption, *,
                direction: str | Direction, metric: MetricSpec, seed: int, qk_fix: bool,
-               grad_drop: bool) -> PatchResult:
+               grad_drop: bool, relp: bool = False) -> PatchResult:
     # AtP*'s softmax recomputation and GradDrop's block boundaries see the prompt's queries only
     exact_qk = qk_fix and isinstance(target, (str, SiteKind)) and SiteKind(target) in (SiteKind.Q, SiteKind.K)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Attribution patching" + (" with qk_fix (AtP*)" if exact_qk else "")
+                           technique=("Relevance patching (RelP)" if relp else "Attribution patching")
+                           + (" with qk_fix (AtP*)" if exact_qk else "")
                            + (" with grad_drop" if grad_drop else ""), differentiable=True,
                            continuations=True)
     plan = plan_for(model, prompts, target, grid)
@@ -137,6 +153,8 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
         raise MethodError(f"qk_fix applies to q and k targets, not {plan.target.value!r}.")
     if grad_drop:
         _check_grad_drop(model, plan, grid.window)
+    if relp:
+        check_rules(model, DEFAULT_RULES)
     full = plan.full_sites()
     if qk:  # base queries and keys, and the gradient at the pattern, of every patched layer
         qk_layers = sorted({s.layer for s in full})  # type: ignore[type-var]
@@ -162,6 +180,8 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                 run.enter_context(torch.enable_grad())
                 run.enter_context(runs.base.context(model))
                 boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
+                if relp:
+                    run.enter_context(relevance_rules(model))
                 run.enter_context(intervene(model, taps, whole=qk))
                 logits = runs.base.readout(model, grad=True)
                 measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
@@ -191,9 +211,9 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                 towards = -towards
             outcome.raw[m] = base_b[m][:, None] + towards * outcome.raw[m]
     technique = AtpInfo(estimate=Estimate.MAGNITUDE if grad_drop else Estimate.SIGNED, qk_fix=qk, grad_drop=grad_drop,
-                        dictionary=dictionary_info(model, plan))
+                        relp=relp, dictionary=dictionary_info(model, plan))
     return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
-                      grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop))
+                      grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop, relp))
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
@@ -288,9 +308,10 @@ def _site_sums(prod: dict, sites: list) -> dict:
     return out
 
 
-def _atp_findings(plan: Plan, grad_drop: bool = False) -> list[Finding]:
+def _atp_findings(plan: Plan, grad_drop: bool = False, relp: bool = False) -> list[Finding]:
+    what = "RelP (first-order, with LRP coefficients)" if relp else "first-order (AtP)"
     out = [Finding(Level.INFO, "attribution_estimate",
-                   "Values are first-order (AtP) estimates of patching, not exact patches.",
+                   f"Values are {what} estimates of patching, not exact patches.",
                    "Check the largest ones with ap.validate_attribution(model, prompts, result).")]
     if grad_drop:
         out.append(Finding(Level.INFO, "attribution_magnitude",
@@ -361,7 +382,7 @@ def validate_attribution(
     rank[order] = torch.arange(len(est))
     cells = [_unravel(i, result.shape) for i in chosen]
     b = result.baselines[result.metric]
-    what = "AtP*" if result.info.qk_fix or result.info.grad_drop else "AtP"
+    what = "RelP" if result.info.relp else "AtP*" if result.info.qk_fix or result.info.grad_drop else "AtP"
     agreement = Agreement.of([cell_label(result.dims, result.coords, i, result.shape) for i in chosen], e, x,
                              est_rank=rank[chosen], n_cells=len(est), k=k, scale=abs(b["clean"] - b["corrupted"]),
                              exhaustive=exhaustive, what=what, reasons=[why[i] for i in chosen])

@@ -20,6 +20,7 @@ to the first-order effect of changing that node's whole input.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 import enum
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,6 +32,7 @@ from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
 from ..hooks import capture, gradient_taps, intervene, stop_after
 from ..metrics import Measurer, MetricSpec
+from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
 from ..sites import Site
 from ..types import DEFAULT_DIRECTION, Direction, Provenance
@@ -53,6 +55,9 @@ class EdgeMethod(str, enum.Enum):
     """Integrated gradients along the input embeddings (Hanna et al. 2024)."""
     EAP_IG_ACT = "eap-ig-act"
     """Integrated gradients along every node's output."""
+    RELP = "relp"
+    """One pass of LRP's propagation coefficients in place of the gradient (RelP, Jafari et al.
+    2025; :mod:`actpatch.models.relevance`)."""
 
     @property
     def ig_target(self) -> str:
@@ -60,8 +65,8 @@ class EdgeMethod(str, enum.Enum):
         return "activations" if self is EdgeMethod.EAP_IG_ACT else "inputs"
 
     def steps(self, ig_steps: int) -> int:
-        """The interpolation steps this method takes out of ``ig_steps`` (EAP takes none)."""
-        return 0 if self is EdgeMethod.EAP else ig_steps
+        """The interpolation steps this method takes out of ``ig_steps`` (EAP and RelP take none)."""
+        return 0 if self in (EdgeMethod.EAP, EdgeMethod.RELP) else ig_steps
 
     @classmethod
     def of(cls, ig_steps: int, ig_target: str) -> "EdgeMethod":
@@ -84,7 +89,7 @@ class EdgeScores:
     scores: torch.Tensor  # (U, V)
     per_prompt: torch.Tensor  # (n_prompts, U, V)
     method: str
-    """``eap`` or ``eap-ig``."""
+    """``eap``, ``eap-ig``, ``eap-ig-act`` or ``relp`` (:class:`EdgeMethod`)."""
     direction: Direction
     metric: str
     corruption: CorruptionSpec
@@ -192,10 +197,15 @@ def edge_attribution(
     seed: int = 0,
     ig_target: str = "inputs",
     layout: str | GraphLayout = GraphLayout.MIB,
+    method: "str | EdgeMethod | None" = None,
 ) -> EdgeScores:
     """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``, the
     gradient averaged along a line from the source to the base run: of the input embeddings
     (``ig_target="inputs"``, Hanna et al. 2024) or of every node's output (``"activations"``)).
+
+    ``method``: ``"eap"``, ``"eap-ig"``, ``"eap-ig-act"`` (the same as the ``ig_steps`` /
+    ``ig_target`` choices above) or ``"relp"``: EAP with LRP's propagation coefficients in
+    place of the gradient (RelP, :mod:`actpatch.models.relevance`), at EAP's cost.
 
     ``layout``: the graph's key / value inputs per query head as MIB counts them (``"mib"``, the
     default, so that MIB's edge fractions mean the same edges) or per KV head (``"kv"``); the
@@ -209,15 +219,36 @@ def edge_attribution(
         >>> len(edges.upstream), len(edges.downstream)
         (11, 27)
     """
+    how = _edge_method(method, ig_steps, ig_target)
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
                                                       metric=metric, ig_steps=ig_steps, seed=seed, summed=True,
-                                                      ig_target=ig_target, layout=layout)
+                                                      ig_target=how.ig_target, layout=layout,
+                                                      relp=how is EdgeMethod.RELP)
     per_prompt = per_prompt[:, 0]
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
-                      method=EdgeMethod.of(ig_steps, ig_target).value,
+                      method=how.value,
                       direction=exp.direction, metric=exp.metrics[0].value, corruption=exp.corruption.describe(),
                       seed=exp.seed, ig_steps=ig_steps, provenance=exp.provenance())
+
+
+def _edge_method(method: "str | EdgeMethod | None", ig_steps: int, ig_target: str) -> EdgeMethod:
+    """The method ``edge_attribution`` runs: ``method`` when given (checked against
+    ``ig_steps``), else the one ``ig_steps`` / ``ig_target`` choose."""
+    if ig_target not in ("inputs", "activations"):
+        raise MethodError(f"ig_target={ig_target!r}: use 'inputs' (embeddings) or 'activations' (every node's output).")
+    if method is None:
+        return EdgeMethod.of(ig_steps, ig_target)
+    try:
+        how = EdgeMethod(method)
+    except ValueError:
+        raise MethodError(f"method={method!r}: choose from {', '.join(m.value for m in EdgeMethod)}.") from None
+    if how in (EdgeMethod.EAP, EdgeMethod.RELP) and ig_steps:
+        raise MethodError(f"method={how.value!r} takes no interpolation steps; got ig_steps={ig_steps}. Use "
+                          f"ig_steps=0, or method='eap-ig'.")
+    if how not in (EdgeMethod.EAP, EdgeMethod.RELP) and not ig_steps:
+        raise MethodError(f"method={how.value!r} needs interpolation steps: give ig_steps (5-30).")
+    return how
 
 
 def edge_scores_per_position(
@@ -233,17 +264,23 @@ def edge_scores_per_position(
     summed: bool = False,
     ig_target: str = "inputs",
     layout: str | GraphLayout = GraphLayout.MIB,
+    relp: bool = False,
 ) -> tuple[Experiment, Graph, torch.Tensor]:
     """The experiment, the graph and per-prompt scores ``(n_prompts, P, U, V)`` of every edge at
     each position: all positions of a one-length set (P = T), or the positions
     ``positions(i)`` of prompt ``i`` (same count for every prompt). ``summed``: one entry
-    (P = 1), the sum over all positions, which is EAP's score (never materialising the rest)."""
+    (P = 1), the sum over all positions, which is EAP's score (never materialising the rest).
+    ``relp``: LRP's propagation coefficients in place of the gradients (no interpolation)."""
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
         raise MethodError(f"ig_steps={ig_steps!r}: use 0 (EAP) or a positive number of steps (EAP-IG, 5-30).")
     if ig_target not in ("inputs", "activations"):
         raise MethodError(f"ig_target={ig_target!r}: use 'inputs' (embeddings) or 'activations' (every node's output).")
+    if relp:
+        check_rules(model, DEFAULT_RULES)
+        if ig_steps:
+            raise MethodError(f"RelP takes no interpolation steps; got ig_steps={ig_steps}.")
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
-                           technique="Edge attribution", needs_corrupted_run=True, differentiable=True,
+                           technique="Edge attribution" + (" (RelP)" if relp else ""), needs_corrupted_run=True, differentiable=True,
                            continuations=True)
     if len(exp.metrics) != 1:
         raise MethodError(f"Edge attribution scores one metric; got {[m.value for m in exp.metrics]}.")
@@ -262,7 +299,9 @@ def edge_scores_per_position(
             with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
                 W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
             steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
-            G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target) for alpha in steps) / len(steps)
+            with relevance_rules(model) if relp else nullcontext():
+                G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target)
+                        for alpha in steps) / len(steps)
             if summed:
                 scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())[:, None]  # (B, 1, U, V)
             else:

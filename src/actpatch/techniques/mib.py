@@ -207,7 +207,7 @@ def compare_methods(
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
     definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs),
-    ``eap-ig-act`` (the same on every node's output),
+    ``eap-ig-act`` (the same on every node's output), ``relp`` (LRP coefficients, EAP's cost),
     ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
     ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
     ``seconds`` includes scoring. ``layout``: the graph, MIB's (the default: MIB's fractions of
@@ -227,7 +227,8 @@ def compare_methods(
         else:
             how = EdgeMethod(name)
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
-                                      ig_steps=how.steps(ig_steps), seed=seed, ig_target=how.ig_target, layout=layout)
+                                      ig_steps=how.steps(ig_steps), seed=seed, ig_target=how.ig_target, layout=layout,
+                                      method=how)
             base = base or scored
         res = circuit_scores(model, prompts, scored, fractions=fractions, corruption=corruption, metric=metric, seed=seed)
         out[name] = dataclasses.replace(res, seconds=time.perf_counter() - t0)
