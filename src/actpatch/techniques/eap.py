@@ -243,10 +243,11 @@ def _edge_method(method: "str | EdgeMethod | None", ig_steps: int, ig_target: st
         how = EdgeMethod(method)
     except ValueError:
         raise MethodError(f"method={method!r}: choose from {', '.join(m.value for m in EdgeMethod)}.") from None
-    if how in (EdgeMethod.EAP, EdgeMethod.RELP) and ig_steps:
+    interpolates = how.steps(1) > 0
+    if not interpolates and ig_steps:
         raise MethodError(f"method={how.value!r} takes no interpolation steps; got ig_steps={ig_steps}. Use "
                           f"ig_steps=0, or method='eap-ig'.")
-    if how not in (EdgeMethod.EAP, EdgeMethod.RELP) and not ig_steps:
+    if interpolates and not ig_steps:
         raise MethodError(f"method={how.value!r} needs interpolation steps: give ig_steps (5-30).")
     return how
 
