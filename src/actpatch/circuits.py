@@ -19,6 +19,7 @@ from .techniques.circuit_io import (SUBMISSION_PERCENTS, from_mib_json, from_mib
                                     save_edge_scores, to_mib_json, to_mib_submission)
 from .techniques.eap import EdgeScores, edge_attribution
 from .techniques.graph import Edge, Graph, GraphLayout, Node, NodeKind, Port, PortKind
+from .techniques.masks import learn_edge_mask
 from .techniques.mib import MIB_FRACTIONS, CircuitScores, circuit_scores, compare_methods, random_edges
 from .techniques.peap import (PositionalEdgeScores, positional_edge_attribution, positional_faithfulness,
                               top_positional_edges)
@@ -30,7 +31,7 @@ __all__ = [
     # edge attribution
     "edge_attribution", "EdgeScores", "positional_edge_attribution", "PositionalEdgeScores",
     # circuits
-    "top_edges", "greedy_edges", "top_positional_edges", "run_circuit", "faithfulness", "positional_faithfulness",
+    "top_edges", "greedy_edges", "learn_edge_mask", "top_positional_edges", "run_circuit", "faithfulness", "positional_faithfulness",
     "Faithfulness", "validate_edges", "EdgeValidation", "direct_vs_total", "DirectTotal",
     # MIB
     "circuit_scores", "CircuitScores", "compare_methods", "random_edges", "MIB_FRACTIONS", "to_mib_json",

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -102,7 +102,7 @@ def greedy_edges(edges: EdgeScores, n: int, *, absolute: bool = True) -> torch.T
 
 
 def _recomputed_inputs(model: "Model", l: int, fixed: list[tuple[Port, torch.Tensor]], h: torch.Tensor,
-                       pos: torch.Tensor, pe: Any) -> dict[Site, torch.Tensor]:
+                       pos: torch.Tensor, pe: Any, detach: bool = True) -> dict[Site, torch.Tensor]:
     """The q / k / v writes of layer ``l`` for ports read from corrected inputs ``h - fix``: one
     batch over the distinct corrections (ports sharing a correction object share a row block),
     stopped after v. A per-query-head key / value port (MIB's layout) is computed through its KV
@@ -116,7 +116,7 @@ def _recomputed_inputs(model: "Model", l: int, fixed: list[tuple[Port, torch.Ten
         if id(fix) not in block:
             block[id(fix)] = len(distinct)
             distinct.append(fix)
-    with capture(model, [Site(k, l) for k in ("q", "k", "v")]) as a, stop_after(model, Site("v", l)):
+    with capture(model, [Site(k, l) for k in ("q", "k", "v")], detach=detach) as a, stop_after(model, Site("v", l)):
         model.adapter.run_block(l, torch.cat([h - fix for fix in distinct]), pos, pe)
     writes: dict[Site, torch.Tensor] = {}
     for port, fix in fixed:
@@ -139,24 +139,87 @@ class CleanRun:
     def start(self, graph: Graph, keep: torch.Tensor, n_layers: int) -> int:
         """The first layer with a port that reads a cut edge in any of ``keep``'s circuits (the
         number of layers when only the logits do, or nothing is cut)."""
-        cut = (~keep).any(0).any(0)  # (V,) or (V, T)
+        cut = (_cut(keep) != 0).any(0).any(0)  # (V,) or (V, T)
         cut = cut.any(-1) if cut.dim() == 2 else cut
         layers = [n_layers if p.layer is None else int(p.layer) for p, c in zip(graph.ports, cut.tolist()) if c]
         return min(layers, default=n_layers)
+
+
+def _cut(keep: torch.Tensor) -> torch.Tensor:
+    """How much of each edge a circuit takes from the corrupted run: ``~keep`` for a boolean
+    circuit, ``1 - keep`` for a soft one (``keep`` in [0, 1], e.g. a learned mask)."""
+    return ~keep if keep.dtype == torch.bool else 1 - keep
+
+
+class _Diffs:
+    """Every node's write now minus its corrupted write ((C, B, T, d) per node) and the sums over
+    them that rebuild a port's input. Boolean circuits fill one buffer in place; a soft circuit
+    that gradients flow through (a mask being learned) keeps each group of nodes as its own
+    tensor, never written after autograd has saved it."""
+
+    def __init__(self, n_nodes: int, like: torch.Tensor, shape: tuple[int, ...], soft: bool) -> None:
+        self.buffer = None if soft else like.new_zeros(n_nodes, *shape)
+        self.blocks: list[tuple[int, torch.Tensor]] = []
+        self.like, self.shape, self.soft = like, shape, soft
+
+    def put(self, first: int, d: torch.Tensor) -> None:
+        """Nodes ``first .. first + len(d) - 1`` wrote ``d`` (n, C, B, T, d) minus their corrupted writes."""
+        if self.buffer is not None:
+            self.buffer[first:first + len(d)] = d
+        else:
+            self.blocks.append((first, d))
+
+    def contract(self, m: torch.Tensor, upto: int) -> torch.Tensor:
+        """(P, C, B, T, d): per port p, sum over upstream nodes u < ``upto`` of m[c, u, p(, t)] * diff[u]."""
+        eq = "cup,ucbtd->pcbtd" if m.dim() == 3 else "cupt,ucbtd->pcbtd"
+        if self.buffer is not None:
+            return torch.einsum(eq, m, self.buffer[:upto])
+        parts = [torch.einsum(eq, m[:, s:s + len(d)], d) for s, d in self.blocks if s < upto]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+    def corrections(self, cut: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per port of ``cut`` ((C, upto, P) or (C, upto, P, T): how much of each edge u -> port
+        comes from the corrupted run, u < upto), the sum over those edges of (write now - write
+        corrupted), (C * B, T, d): one contraction for all the ports; None for a port no circuit
+        cuts. Ports whose cut edges are the same (in small circuits, most ports have every edge
+        cut) share one tensor object: their inputs are recomputed once (not for a soft mask:
+        there each port's mask gets its own gradient, also where it keeps the edge whole)."""
+        C, B, T = self.shape[:3]
+        P = cut.shape[2]
+        columns = cut.transpose(0, 2).reshape(P, -1)  # per port, what its circuits cut
+        used = [True] * P if self.soft else (columns != 0).any(1).tolist()
+        if not any(used):
+            return [None] * P
+        which = [j for j, u in enumerate(used) if u]
+        if self.soft:
+            first, same = which, list(range(len(which)))
+        else:
+            distinct, inverse = torch.unique(columns[which].to(torch.float32), dim=0, return_inverse=True)
+            first = [which[int((inverse == k).nonzero()[0])] for k in range(len(distinct))]
+            same = inverse.tolist()
+        m = cut[:, :, first].to(self.like.device, self.like.dtype)
+        shared = list(self.contract(m, cut.shape[1]).reshape(m.shape[2], C * B, T, -1))
+        it = iter(same)
+        return [shared[next(it)] if u else None for u in used]
 
 
 def _entry(model: "Model", graph: Graph, keep: torch.Tensor, ids: torch.Tensor, rows: "Continuation | None",
            skip: CleanRun | None) -> tuple[int, torch.Tensor]:
     """Where a circuit run starts and its residual stream there: layer 0 from the embeddings (of
     the prompt and, teacher-forced, the continuation tree), or with ``skip`` the first layer that
-    reads a cut edge, from the clean run, repeated per circuit."""
+    reads a cut edge, from the clean run, repeated per circuit (not for a mask being learned:
+    its gradient reaches every edge)."""
     L, C = model.n_layers, keep.shape[0]
-    start = 0 if skip is None or rows is not None else skip.start(graph, keep, L)
+    start = 0 if skip is None or rows is not None or keep.requires_grad else skip.start(graph, keep, L)
     if start > 0:
         return start, skip.resid[Site("resid_pre", start) if start < L else Site("resid_final")].repeat(C, 1, 1)  # type: ignore[union-attr]
     with capture(model, [Site("resid_pre", 0)], whole=True) as emb, stop_after(model, Site("resid_pre", 0)):
         model.readout(ids, rows)  # the embeddings alone (positions restart per branch of the tree)
-    return 0, emb[Site("resid_pre", 0)]
+    h = emb[Site("resid_pre", 0)]
+    return 0, h.clone() if keep.requires_grad else h  # (readout runs in inference mode; autograd needs a normal tensor)
 
 
 def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: list[torch.Tensor],
@@ -181,6 +244,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
         if p.kind in (PortKind.Q, PortKind.K, PortKind.V):
             head_ports[int(p.layer)].append(p)  # type: ignore[arg-type]
     C, (B, T) = keep.shape[0], clean.shape
+    soft, cut_all = keep.requires_grad, _cut(keep)
     ids = clean.repeat(C, 1)
     rows = cont.select(torch.arange(B).repeat(C)) if cont is not None and not cont.is_single else None
     n_cont = 0 if rows is None else rows.n_tokens
@@ -188,39 +252,23 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     positions, branches = (torch.arange(T), None) if rows is None else rows.tree(T)
     pos = positions.to(h.device)[None]
     tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(positions, branches, n_cont)
-    # diff[i]: node i's write now minus its corrupted write at prompt positions, per circuit
-    diff = h.new_zeros(len(graph.nodes), C, B, T, h.shape[-1])
+    diffs = _Diffs(len(graph.nodes), h, (C, B, T, h.shape[-1]), soft)  # node writes now minus corrupted ones
 
-    def wrote(i: int, w: torch.Tensor) -> None:
-        diff[i] = w[:, :T].reshape(C, B, T, -1) - corr_w[i][None]
+    def wrote(i: int, ws: list[torch.Tensor]) -> None:
+        diffs.put(i, torch.stack([w[:, :T].reshape(C, B, T, -1) - corr_w[i + j][None] for j, w in enumerate(ws)]))
 
     def whole(fix: torch.Tensor) -> torch.Tensor:
         """A prompt-position correction (rows, T, d) over the whole sequence (zero after it)."""
         return fix if not n_cont else torch.cat([fix, fix.new_zeros(fix.shape[0], n_cont, fix.shape[2])], 1)
 
-    wrote(0, h if start == 0 else skip.writes[0][None].expand(C, B, T, -1).reshape(C * B, T, -1))  # type: ignore[union-attr]
-    for i in range(1, 0 if start == 0 else node_at[Node(NodeKind.HEAD, start, 0)] if start < L else len(graph.nodes)):
-        diff[i] = skip.writes[i][None] - corr_w[i][None]  # type: ignore[union-attr]  # below the start: the clean run
+    wrote(0, [h if start == 0 else skip.writes[0][None].expand(C, B, T, -1).reshape(C * B, T, -1)])  # type: ignore[union-attr]
+    below = 0 if start == 0 else node_at[Node(NodeKind.HEAD, start, 0)] if start < L else len(graph.nodes)
+    if below > 1:  # below the start: the clean run
+        diffs.put(1, torch.stack([skip.writes[i] - corr_w[i] for i in range(1, below)])[:, None].expand(  # type: ignore[union-attr]
+            -1, C, -1, -1, -1))
 
     def corrections(ports: list[Port], upto: int) -> list[torch.Tensor | None]:
-        """Per port and circuit, the sum over its excluded edges u -> port (u < upto) of (write
-        now - write corrupted): one contraction over the upstream nodes for all ``ports``; None
-        for a port no circuit cuts. Ports whose cut edges are the same (in small circuits, most
-        ports have every edge cut) share one tensor object: their inputs are recomputed once."""
-        cut = ~keep[:, :upto, [port_at[p] for p in ports]]  # (C, upto, P) or (C, upto, P, T)
-        columns = cut.transpose(0, 2).reshape(len(ports), -1)  # per port, what its circuits cut
-        used = columns.any(1).tolist()
-        if not any(used):
-            return [None] * len(ports)
-        which = [j for j, u in enumerate(used) if u]
-        distinct, same = torch.unique(columns[which].to(torch.uint8), dim=0, return_inverse=True)
-        first = [which[int((same == k).nonzero()[0])] for k in range(len(distinct))]
-        m = cut[:, :, first].to(diff.device, diff.dtype)
-        total = (torch.einsum("cup,ucbtd->pcbtd", m, diff[:upto]) if m.dim() == 3
-                 else torch.einsum("cupt,ucbtd->pcbtd", m, diff[:upto])).reshape(m.shape[2], C * B, T, -1)
-        shared = list(total)
-        it = iter(same.tolist())
-        return [shared[next(it)] if u else None for u in used]
+        return diffs.corrections(cut_all[:, :upto, [port_at[p] for p in ports]])
 
     with tree:
         for l in range(start, L):
@@ -230,22 +278,24 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
             ports = head_ports[l]
             fixed = [(p, fix) for p, fix in zip(ports, corrections(ports, n_up)) if fix is not None]
             full = {id(fix): whole(fix.to(h.device)) for _, fix in fixed}  # (one object per distinct correction)
-            writes = _recomputed_inputs(model, l, [(p, full[id(fix)]) for p, fix in fixed], h, pos, pe)
+            writes = _recomputed_inputs(model, l, [(p, full[id(fix)]) for p, fix in fixed], h, pos, pe, detach=not soft)
             mlp_node = node_at[Node(NodeKind.MLP, l)]
+            heads_in: list[bool] = []
 
-            def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node) -> torch.Tensor:
+            def mlp_in(x: torch.Tensor, l: int = l, mlp_node: int = mlp_node, n_up: int = n_up,
+                       heads_in: list[bool] = heads_in) -> torch.Tensor:
                 if not graph.parallel:  # this layer's heads feed its MLP: their writes exist by now
-                    for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-                        wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
+                    wrote(n_up, adapter.head_writes(l, layer[Site("z", l)]))
+                    heads_in.append(True)
                 fix = corrections([Port(PortKind.MLP, l)], mlp_node)[0]
                 return x if fix is None else x - fix.to(x.device)  # (the corrections live on the embedding's device)
 
-            with capture(model, [Site("z", l), Site("mlp_out", l)]) as layer, \
+            with capture(model, [Site("z", l), Site("mlp_out", l)], detach=not soft) as layer, \
                     intervene(model, {**writes, Site("mlp_in", l): mlp_in}):
                 h = adapter.run_block(l, h, pos, pe)
-            for hh, w in enumerate(adapter.head_writes(l, layer[Site("z", l)])):
-                wrote(node_at[Node(NodeKind.HEAD, l, hh)], w)
-            wrote(mlp_node, adapter.residual_write(layer[Site("mlp_out", l)]))
+            if not heads_in:
+                wrote(n_up, adapter.head_writes(l, layer[Site("z", l)]))
+            wrote(mlp_node, [adapter.residual_write(layer[Site("mlp_out", l)])])
     fix = corrections([Port(PortKind.LOGITS)], len(graph.nodes))[0]
     last = h[:, T - 1] if fix is None else h[:, T - 1] - fix[:, T - 1].to(h.device)
     if not n_cont:
@@ -266,7 +316,7 @@ class _Circuits:
     batch (``rows`` circuits x prompts per forward pass)."""
 
     def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int,
-                 rows: int | None = None, layout: str | GraphLayout = GraphLayout.MIB) -> None:
+                 rows: int | None = None, layout: str | GraphLayout = GraphLayout.MIB, differentiable: bool = False) -> None:
         exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
                                seed=seed, technique="Circuit runs", needs_corrupted_run=True, continuations=True)
         if exp.corruption.draws != 1:
@@ -275,14 +325,14 @@ class _Circuits:
             rows = 1 if model.device.type == "cpu" else CIRCUIT_ROWS
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise MethodError(f"rows={rows!r}: the rows per circuit batch must be a positive integer.")
-        self.model, self.n, self.metric, self.rows = model, len(prompts), exp.metrics[0], rows
+        self.model, self.n, self.metric, self.rows, self.exp = model, len(prompts), exp.metrics[0], rows, exp
         self.graph = Graph.of(model, layout)
         self.unreachable = ~self.graph.reachable
         self.lengths = sorted({g.seq_len for g in prompts.groups()})
         self.groups = []
         sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
         resid = [Site("resid_pre", l) for l in range(1, model.n_layers)] + [Site("resid_final")]
-        with torch.inference_mode():
+        with torch.inference_mode(not differentiable), torch.no_grad():  # (no inference tensors when a mask learns)
             for runs in exp.groups():
                 with runs.corrupted.context(model), capture(model, sites) as a:
                     runs.corrupted.readout(model)  # (the writes at prompt positions: the edges)
@@ -329,6 +379,17 @@ class _Circuits:
                     values = measure(logits, rows)[self.metric].cpu().view(len(keep), runs.rows)
                     out[c0:c0 + len(keep), runs.group.indices] = values
         return out
+
+    def soft_run(self, keep: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per length group, (prompt indices, per-prompt metric) of the clean run with each edge
+        (u, v) mixed as ``keep[u, v] * now + (1 - keep[u, v]) * corrupted``: ``keep`` a float
+        (U, V) tensor in [0, 1] that gradients flow back to (a mask being learned; build the
+        runner with ``differentiable=True``). Unreachable pairs are not edges: kept whole."""
+        keep = torch.where(self.unreachable, torch.ones_like(keep), keep)[None]
+        with self.model.attention_fn():
+            for runs, corr_w, measure, skip in self.groups:
+                logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep, runs.continuation, skip)
+                yield runs.group.indices, measure(logits, torch.arange(runs.rows))[self.metric]
 
     def cut_each(self, flat: Sequence[int]) -> torch.Tensor:
         """(len(flat),) the exact effect of cutting each edge alone (flat index into (U, V)):

@@ -204,15 +204,20 @@ def compare_methods(
     metric: MetricSpec = "logit_diff",
     seed: int = 0,
     layout: str | GraphLayout = GraphLayout.MIB,
+    mask_density: float = 0.05,
+    mask_steps: int = 200,
 ) -> dict[str, CircuitScores]:
     """CPR and CMD of several edge-scoring methods side by side on the same circuit runs'
     definitions: ``eap``, ``eap-ig`` (``ig_steps`` interpolation steps on the inputs),
     ``eap-ig-act`` (the same on every node's output), ``relp`` (LRP coefficients, EAP's cost),
     ``random`` (uniform scores over EAP's graph) and ``exact`` (the oracle: EAP's top
-    ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`). Each entry's
+    ``oracle_k`` edges scored by cutting each exactly, :func:`oracle_edges`) and ``mask`` (a
+    learned edge mask, ``mask_steps`` steps towards ``mask_density`` of the edges,
+    :func:`~actpatch.techniques.masks.learn_edge_mask`; its fractions rank the edges by keep
+    probability). Each entry's
     ``seconds`` includes scoring. ``layout``: the graph, MIB's (the default: MIB's fractions of
     MIB's edges) or the KV-head one (:class:`~actpatch.techniques.graph.GraphLayout`)."""
-    known = (*(m.value for m in EdgeMethod), "random", "exact")
+    known = (*(m.value for m in EdgeMethod), "random", "exact", "mask")
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise MethodError(f"Unknown circuit method(s) {unknown or list(methods)}; choose from {', '.join(known)}.")
@@ -224,6 +229,11 @@ def compare_methods(
             base = base or edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption,
                                             metric=metric, seed=seed, layout=layout)
             scored = random_edges(base, seed) if name == "random" else oracle_edges(model, prompts, base, oracle_k)
+        elif name == "mask":
+            from .masks import learn_edge_mask
+
+            scored = learn_edge_mask(model, prompts, density=mask_density, steps=mask_steps, corruption=corruption,
+                                     metric=metric, seed=seed, layout=layout)
         else:
             how = EdgeMethod(name)
             scored = edge_attribution(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
