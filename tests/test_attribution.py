@@ -139,14 +139,21 @@ def test_path_patching_bad_input():
         ap.path_patch(m, _pairs(), [], [Site("resid_final")])
 
 
+@pytest.fixture(scope="module")
+def ioi_heads(bundled):
+    """8 IOI prompts (template 0) on the bundled model, with AtP and exact patching of every
+    head's output (noising): shared by the tests below (the exact sweep is most of their time)."""
+    ps = ap.prompts.ioi(bundled, n=8, templates=[0])
+    return ps, ap.attribute(bundled, ps, "z", direction="noise"), ap.sweep(bundled, ps, "z", direction="noise",
+                                                                        progress=False)
+
+
 @pytest.mark.slow
-def test_bundled_ioi_head_atp_rank_correlation_and_what_it_misranks(bundled):
+def test_bundled_ioi_head_atp_rank_correlation_and_what_it_misranks(bundled, ioi_heads):
     """On IOI (8 prompts, template 0, noising head outputs) AtP's rank correlation with exact
     patching is high, yet it ranks the second most important head L20H0 ninth: both the
     estimate-beside-exact reading and the (sampled, cheap) validation must name it."""
-    ps = ap.prompts.ioi(bundled, n=8, templates=[0])
-    est = ap.attribute(bundled, ps, "z", direction="noise")
-    exact = ap.sweep(bundled, ps, "z", direction="noise", progress=False)
+    ps, est, exact = ioi_heads
     a = ap.compare_estimate(est, exact, k=10)
     rho_top = spearman(est.values.flatten()[a.exact.abs().argsort(descending=True)[:20]],
                        exact.values.flatten()[a.exact.abs().argsort(descending=True)[:20]])
@@ -159,6 +166,25 @@ def test_bundled_ioi_head_atp_rank_correlation_and_what_it_misranks(bundled):
     assert "L20H0" in {m.label for m in v.misranked if m.kind == "missed"}
     warning = {f.code: f for f in v.findings}["attribution_misranked"]
     assert warning.level is ap.Level.WARNING and "L20H0" in warning.message
+
+
+@pytest.mark.slow
+def test_bundled_ioi_head_graddrop_against_exact(bundled, ioi_heads):
+    """GradDrop (AtP*) magnitudes rank IOI heads like exact patching's |effect|; the printed
+    numbers go into the closing note next to plain AtP's."""
+    ps, est, exact_result = ioi_heads
+    exact = (exact_result.values - 1).flatten().abs()
+    plain = (est.values - 1).flatten().abs()
+    gd = (ap.attribute(bundled, ps, "z", grad_drop=True).values - 1).flatten().abs()
+    top = set(exact.argsort(descending=True)[:20].tolist())
+
+    def recall(x):
+        return len(top & set(x.argsort(descending=True)[:20].tolist())) / 20
+
+    rho_gd, rho_plain = spearman(gd, exact), spearman(plain, exact)
+    print(f"\nIOI heads, |effect| ranks vs exact: GradDrop Spearman {rho_gd:.3f}, top-20 recall {recall(gd):.2f}; "
+          f"plain AtP {rho_plain:.3f}, {recall(plain):.2f}")
+    assert rho_gd >= 0.7 and recall(gd) >= 0.7
 
 
 def test_far_below_means_twice_as_far_down_and_three_places():

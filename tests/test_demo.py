@@ -15,7 +15,7 @@ from actpatch.app.demo import clear_stale_demo, demo_config
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, bundled):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-prompts", "4"])
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-prompts", "2"])
     assert r.exit_code == 0, r.stdout
     assert "Report:" in r.stdout and "Faithfulness, EAP" in r.stdout
     assert "…" not in r.stdout and "+..." not in r.stdout  # every value printed whole (80 columns here)
@@ -29,7 +29,7 @@ def test_demo_end_to_end(tmp_path, bundled):
     assert "Both directions compared" in page and "Circuits" in page and "Provenance" in page
     assert (out / "edges_eap-ig.csv").is_file()
     # the directory is this demo's own run: it is kept (and resumed), not started over
-    assert not clear_stale_demo(out, demo_config(4)) and (out / "report.html").is_file()
+    assert not clear_stale_demo(out, demo_config(2)) and (out / "report.html").is_file()
 
 
 def test_a_stale_demo_directory_starts_over_and_other_runs_are_kept(tmp_path):

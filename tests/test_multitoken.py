@@ -189,7 +189,7 @@ def test_an_answer_past_the_context_is_refused_naming_both_lengths():
 @pytest.mark.slow
 def test_bundled_multi_token_sweep_equals_the_oracle(bundled):
     """The bundled model (Llama, GQA), real multi-token answers (2 and 3 tokens): resid_pre and
-    mlp_out at four layers at the subject's last token and the last position, both directions,
+    mlp_out at the first and last layers at the subject's last token and the last position, both directions,
     within 1e-5 of the oracle. In float64: in float32 thirty layers of rounding alone differ by
     up to 3e-5 in log-probabilities of -10 between two attention implementations (the engines
     and plain transformers' sdpa), which would hide what this test checks."""
@@ -202,7 +202,7 @@ def test_bundled_multi_token_sweep_equals_the_oracle(bundled):
     assert ps.multi_token and ps.seq_len == 9
     assert ps.continuation_lengths.tolist() == [2, 3]
     _check_against_oracle(model, ps, kinds=("resid_pre", "mlp_out"), engines=("batched",), positions=[3, 8],
-                          layers=[0, 9, 19, 29])
+                          layers=[0, 29])
 
 
 def _atp_oracle(model: ap.Model, ps: ap.PromptSet, layer: int, direction: str) -> torch.Tensor:

@@ -40,9 +40,9 @@ def cluster():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="class")
 def executor(cluster):
-    """Two actors, stopped after each test (the 2-CPU cluster holds no more)."""
+    """Two actors for the tests of one class, stopped after it (the 2-CPU cluster holds no more)."""
     with ap.experiment.RayExecutor(workers=2) as ex:
         yield ex
 
@@ -53,29 +53,54 @@ def _same(a: ap.PatchResult, b: ap.PatchResult) -> None:
         assert torch.equal(a.clean[m], b.clean[m]) and torch.equal(a.corrupted[m], b.corrupted[m])
 
 
-@pytest.mark.parametrize("target, options", [
-    ("resid_pre", {"per_position": False}),
-    ("z", {"direction": "denoise"}),
-    ("mlp_post", {"corruption": "resample"}),
-    ("attn_out", {"engine": "reference", "metric": ["logit_diff", "kl"], "per_position": False}),
-])
-def test_ray_equals_local_bit_for_bit(executor, target, options):
-    m = tiny_model("llama_gqa", n_layers=3)
-    ps = ap.PromptSet.from_ids([*random_pairs(n=3, T=6).clean, *random_pairs(n=2, T=7, seed=1).clean],
-                               [*random_pairs(n=3, T=6).corrupted, *random_pairs(n=2, T=7, seed=1).corrupted],
-                               [5, 6, 7, 8, 9], [61] * 5)  # two length groups
-    local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **options)
-    remote = ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **options)
-    _same(local, remote)
-    assert local.raw["logit_diff"].std() > 0.05  # real, varied values (not all one number)
+class TestOnOneSetOfWorkers:
+    """Sweeps on two actors started once for the class (starting them, each loading its model,
+    is most of these tests' time); the tests after the class start their own."""
 
+    @pytest.mark.parametrize("target, options", [
+        ("resid_pre", {"per_position": False}),
+        ("z", {"direction": "denoise"}),
+        ("mlp_post", {"corruption": "resample"}),
+        ("attn_out", {"engine": "reference", "metric": ["logit_diff", "kl"], "per_position": False}),
+    ])
+    def test_ray_equals_local_bit_for_bit(self, executor, target, options):
+        m = tiny_model("llama_gqa", n_layers=3)
+        ps = ap.PromptSet.from_ids([*random_pairs(n=3, T=6).clean, *random_pairs(n=2, T=7, seed=1).clean],
+                                   [*random_pairs(n=3, T=6).corrupted, *random_pairs(n=2, T=7, seed=1).corrupted],
+                                   [5, 6, 7, 8, 9], [61] * 5)  # two length groups
+        local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **options)
+        remote = ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **options)
+        _same(local, remote)
+        assert local.raw["logit_diff"].std() > 0.05  # real, varied values (not all one number)
 
-def test_ray_path_sweep_equals_local(executor):
-    m = tiny_model("llama", n_layers=3)
-    ps = random_pairs(n=3, T=6)
-    receivers = [ap.Site("resid_final")]
-    local = ap.path_sweep(m, ps, receivers, executor="local", unit_size=2, progress=False)
-    _same(local, ap.path_sweep(m, ps, receivers, executor=executor, unit_size=2, progress=False))
+    def test_ray_path_sweep_equals_local(self, executor):
+        m = tiny_model("llama", n_layers=3)
+        ps = random_pairs(n=3, T=6)
+        receivers = [ap.Site("resid_final")]
+        local = ap.path_sweep(m, ps, receivers, executor="local", unit_size=2, progress=False)
+        _same(local, ap.path_sweep(m, ps, receivers, executor=executor, unit_size=2, progress=False))
+
+    def test_models_that_cannot_be_shipped_are_refused(self, executor):
+        ps = random_pairs(n=2, T=5)
+        built = tiny_model("llama")
+        in_memory = ap.Model(built.hf, built.tokenizer)
+        with pytest.raises(ap.errors.ExecutorError, match="built in memory"):
+            ap.sweep(in_memory, ps, "resid_pre", executor=executor, progress=False)
+        changed = without_final_norm(tiny_model("llama"))
+        with pytest.raises(ap.errors.ExecutorError, match="changed after loading"):
+            ap.sweep(changed, ps, "resid_pre", executor=executor, progress=False)
+
+    def test_ray_activation_corruptions_and_subspaces_equal_local(self, executor):
+        """Set-level corruption statistics (gaussian's noise scale, mean activations) and a subspace
+        travel with the job."""
+        m = tiny_model("llama", n_layers=3)
+        ps = random_pairs(n=3, T=6)
+        basis = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))[0].T
+        for kw in ({"corruption": "gaussian", "direction": "denoise"}, {"corruption": "mean"},
+                   {"subspace": ap.subspaces.Subspace(basis), "check_subspace": False}):
+            target = "resid_pre" if "subspace" in kw else "z"
+            local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **kw)
+            _same(local, ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **kw))
 
 
 def test_killed_worker_units_are_retried(cluster):
@@ -157,17 +182,6 @@ def test_killed_driver_resumes(cluster, tmp_path):
     assert len(UnitStore(units)) == total
 
 
-def test_models_that_cannot_be_shipped_are_refused(executor):
-    ps = random_pairs(n=2, T=5)
-    built = tiny_model("llama")
-    in_memory = ap.Model(built.hf, built.tokenizer)
-    with pytest.raises(ap.errors.ExecutorError, match="built in memory"):
-        ap.sweep(in_memory, ps, "resid_pre", executor=executor, progress=False)
-    changed = without_final_norm(tiny_model("llama"))
-    with pytest.raises(ap.errors.ExecutorError, match="changed after loading"):
-        ap.sweep(changed, ps, "resid_pre", executor=executor, progress=False)
-
-
 def test_executor_input_errors(monkeypatch):
     with pytest.raises(ap.errors.ExecutorError, match="local.*ray"):
         ap.sweep(tiny_model("llama"), random_pairs(n=2, T=5), "resid_pre", executor="dask", progress=False)
@@ -234,14 +248,3 @@ def test_workers_that_cannot_start_or_load_are_one_clear_error(cluster):
         ap.sweep(m, ps, "resid_pre", executor=ap.experiment.RayExecutor(workers=1), progress=False)
 
 
-def test_ray_activation_corruptions_and_subspaces_equal_local(executor):
-    """Set-level corruption statistics (gaussian's noise scale, mean activations) and a subspace
-    travel with the job."""
-    m = tiny_model("llama", n_layers=3)
-    ps = random_pairs(n=3, T=6)
-    basis = torch.linalg.qr(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))[0].T
-    for kw in ({"corruption": "gaussian", "direction": "denoise"}, {"corruption": "mean"},
-               {"subspace": ap.subspaces.Subspace(basis), "check_subspace": False}):
-        target = "resid_pre" if "subspace" in kw else "z"
-        local = ap.sweep(m, ps, target, executor="local", unit_size=3, progress=False, **kw)
-        _same(local, ap.sweep(m, ps, target, executor=executor, unit_size=3, progress=False, **kw))

@@ -292,7 +292,8 @@ class Site:
     @classmethod
     def parse(cls, text: str) -> "Site":
         """The site :meth:`__str__` writes: ``"q.L23.H3"``, ``"resid_final"``, ``"z.L9.H1.pos4"``,
-        ``"mlp_post.L3.[7]"``.
+        ``"mlp_post.L3.[7]"``, ``"k.L23.KV1"`` (keys and values are numbered by KV head; ``H``
+        is read there too).
 
         Example:
             >>> from actpatch import Site
@@ -303,9 +304,9 @@ class Site:
         fields: dict[str, int | str] = {}
         if "@" in kind:  # feature@resid_post.L3.[17]
             kind, fields["on"] = kind.split("@", 1)
-        names = {"L": "layer", "H": "head", "pos": "pos"}
+        names = {"L": "layer", "H": "head", "KV": "head", "pos": "pos"}
         for part in rest:
-            key = next((k for k in ("pos", "L", "H") if part.startswith(k) and part[len(k):].isdigit()), None)
+            key = next((k for k in ("pos", "L", "H", "KV") if part.startswith(k) and part[len(k):].isdigit()), None)
             if key is not None and names[key] not in fields:
                 fields[names[key]] = int(part[len(key):])
             elif part.startswith("pos") and len(part) > 3 and "pos" not in fields:  # pos-1, posend, posS2
@@ -314,7 +315,7 @@ class Site:
             elif part.startswith("[") and part.endswith("]") and part[1:-1].isdigit() and "index" not in fields:
                 fields["index"] = int(part[1:-1])
             else:
-                raise SiteError(f"Cannot read site {text!r}: {part!r} is not L<layer>, H<head>, pos<position> or "
+                raise SiteError(f"Cannot read site {text!r}: {part!r} is not L<layer>, H<head> (KV<kv head>), pos<position> or "
                                 f"[<index>]. Examples: 'resid_final', 'q.L23.H3', 'z.L9.H1.pos4'.")
         return cls(kind, **fields)  # type: ignore[arg-type]
 
@@ -328,7 +329,7 @@ class Site:
         if self.layer is not None:
             parts.append(f"L{self.layer}")
         if self.head is not None:
-            parts.append(f"H{self.head}")
+            parts.append(f"{'KV' if self.kind in KV_KINDS else 'H'}{self.head}")  # k / v: the KV head's number
         if self.pos is not None:
             parts.append(f"pos{self.pos}")
         if self.index is not None:

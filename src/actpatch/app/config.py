@@ -219,7 +219,7 @@ class TargetConfig(_Strict):
 
 class PathConfig(_Strict):
     """Path patching (Wang et al. 2022): every sender head (or MLP) into a set of receivers,
-    written as sites: ``resid_final`` (the logits), ``q.L23.H3``, ``k.L23.H1``, ``v.L20.H0``."""
+    written as sites: ``resid_final`` (the logits), ``q.L23.H3``, ``k.L23.KV1``, ``v.L20.KV0`` (keys and values by KV head)."""
 
     receivers: list[str] = Field(min_length=1)
     sender: Literal["z", "mlp_out"] = "z"

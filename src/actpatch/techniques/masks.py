@@ -178,7 +178,7 @@ def _step(runner: _Circuits, state: "_State", reachable: torch.Tensor, full: tor
     (g_alpha,) = torch.autograd.grad(penalty, [state.alpha])
     state.alpha.grad = grad_alpha + g_alpha
     state.opt.step()
-    state.lam = (state.lam + _LAMBDA_LR * gap.detach()).clamp(min=0.0)
+    state.lam = (state.lam + _LAMBDA_LR * gap.detach() / target).clamp(min=0.0)  # relative: as quick below as above
     stats = {"loss": faith + float(penalty.detach()), "faithfulness_term": faith, "density": float(dens.detach()),
              "target": target,
              "lambda": float(state.lam)}
