@@ -204,9 +204,9 @@ def test_run_with_path_patching(tmp_path):
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
     assert r.exit_code == 0, r.stdout
     names = sorted(p.name for p in out.iterdir() if (p / "meta.json").is_file())
-    assert names == sorted(f"{b}_{d}" for b in ("path_z_to_resid_final", "path_z_to_q.L1.H2+k.L1.KV1")
+    assert names == sorted(f"{b}_{d}" for b in ("path_z_to_resid_final", "path_z_to_q.L1.H2+k.L1.H1")
                            for d in ("denoise", "noise"))
-    res = ap.PatchResult.load(out / "path_z_to_q.L1.H2+k.L1.KV1_noise")
+    res = ap.PatchResult.load(out / "path_z_to_q.L1.H2+k.L1.H1_noise")
     assert res.dims == ("layer", "head") and res.coords["layer"] == [0]
     from actpatch.app.config import load_config
     from actpatch.app.runner import build_prompts, resolve_model
