@@ -127,3 +127,17 @@ def test_relp_bad_input_is_refused_before_any_computation():
             pass
     with pytest.raises(ap.ActpatchError, match="mixture of experts"):
         ap.attribute(tiny_model("mixtral", n_layers=2), ps, "z", method="relp")
+
+
+def test_a_norm_the_ln_rule_does_not_know_is_refused():
+    """A norm class of an unknown name would keep its plain gradient and break conservation
+    silently: refused up front, naming the class."""
+    m = tiny_model("llama", n_layers=2)
+    norm = m.hf.model.norm
+    norm.__class__ = type("ScaleNorm", (type(norm),), {})
+    ps = random_pairs(n=2)
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="norm class.*ScaleNorm"):
+        ap.attribute(m, ps, "z", method="relp")
+    with pytest.raises(ap.errors.UnsupportedArchitectureError, match="ScaleNorm"):
+        ap.edge_attribution(m, ps, method="relp")
+    assert ap.attribute(m, ps, "z").values.shape[0] == 2  # plain AtP does not need the rule

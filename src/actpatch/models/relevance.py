@@ -66,6 +66,14 @@ def check_rules(model: "Model", rules: Sequence[str]) -> tuple[str, ...]:
         raise UnsupportedArchitectureError(
             f"RelP on {model.adapter.family}: the half rule for a mixture of experts (router weights times "
             f"expert outputs) is not implemented. Use method='atp' (plain gradients) on this model.")
+    if "ln" in rules:  # a norm of a class the LN rule does not know would keep its plain gradient, silently
+        odd = sorted({type(m).__name__ for m in model.hf.modules() if "norm" in type(m).__name__.lower()
+                      and not type(m).__name__.endswith("PerHead") and _norm_kind(m) is None})
+        if odd:
+            raise UnsupportedArchitectureError(
+                f"RelP's LN rule does not know the norm class(es) {', '.join(odd)}: their scale would pass relevance "
+                f"as a plain gradient and it would not be conserved. Use method='atp' on this model, or rules "
+                f"without 'ln'.")
     return tuple(dict.fromkeys(rules))
 
 
