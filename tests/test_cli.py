@@ -105,7 +105,7 @@ def test_run_writes_results_and_report(tmp_path):
     ("model: tiny:llama\ntargets: [{target: z, method: atpstar}]\n", "targets.0.method: Input should be 'exact' or 'atp'"),
     ("model: tiny:llama\ncircuits: {}\nmetrics: [rank]\n", "first metric, 'rank', which is discrete"),
     ("model: tiny:llama\ncircuits: {}\ncorruption: {name: mean}\n", "circuits need a corrupted run per prompt"),
-    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: unknown methods 'acdc'; use one of 'eap', 'eap-ig', 'eap-ig-act' or 'relp'"),
+    ("model: tiny:llama\ncircuits: {methods: [acdc]}\n", "circuits.methods.0: unknown methods 'acdc'; use one of 'eap', 'eap-ig', 'eap-ig-act', 'relp' or 'mask'"),
     ("model: tiny:llama\npaths: [{receivers: [q.L1.X2]}]\n", "Cannot read site 'q.L1.X2'"),
     ("model: tiny:llama\ntargets: []\n", "nothing to run: give targets, paths, circuits, das, patchscopes"),
     ("model: tiny:llama\ntargets: [{target: z, subspace: {}}]\n", "has one vector per head; give a basis file"),
@@ -195,6 +195,18 @@ def test_run_with_circuits(tmp_path):
     assert len(dt["components"]) == len(dt["direct"]) == len(dt["total"])
     r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))  # resumes: nothing to redo
     assert r.exit_code == 0 and "circuits: already done, loaded" in r.stdout
+
+
+def test_run_with_a_learned_mask_checkpoints_it(tmp_path):
+    body = TINY.replace("  - {target: z}\n", "") + ("circuits: {methods: [mask], mask_steps: 3, mask_density: 0.2, "
+                                                    "sizes: [0, 100000], evaluate: mib, fractions: [0.5, 1.0]}\n")
+    out = tmp_path / "out"
+    r = invoke("run", str(write_config(tmp_path, body)), "--out", str(out))
+    assert r.exit_code == 0, r.stdout
+    assert (out / "mask.safetensors").is_file() and '"step": 3' in (out / "mask.json").read_text()
+    mib = json.loads((out / "mib.json").read_text())
+    assert set(mib) == {"mask (3 steps)", "random"} and abs(mib["mask (3 steps)"]["absolute"][-1] - 1) < 1e-4
+    assert (out / "edges_mask.csv").is_file() and (out / "graph_mask.json").is_file()
 
 
 def test_run_with_path_patching(tmp_path):

@@ -237,12 +237,24 @@ class PathConfig(_Strict):
         return f"path_{self.sender}_to_" + "+".join(self.receivers)
 
 
+CircuitMethod = enum.Enum("CircuitMethod", {**{m.name: m.value for m in EdgeMethod}, "MASK": "mask"}, type=str)  # type: ignore[misc]
+"""A config's circuits method: an edge-scoring method (:class:`~actpatch.techniques.eap.EdgeMethod`)
+or a learned edge mask (``mask``)."""
+
+
 class CircuitsConfig(_Strict):
     """Edge attribution and the faithfulness of the top-n-edge circuits (noising, the run's
     corruption and first metric)."""
 
-    methods: list[EdgeMethod] = Field(default_factory=lambda: [EdgeMethod.EAP, EdgeMethod.EAP_IG], min_length=1)
-    """eap-ig interpolates the input embeddings, eap-ig-act every node's output."""
+    methods: list[CircuitMethod] = Field(default_factory=lambda: [CircuitMethod.EAP, CircuitMethod.EAP_IG],
+                                         min_length=1)
+    """eap-ig interpolates the input embeddings, eap-ig-act every node's output; mask learns an
+    edge mask (``mask_steps`` steps towards ``mask_density`` of the edges, checkpointed in the
+    output directory, so a killed run resumes)."""
+    mask_steps: int = Field(200, ge=1)
+    """Training steps of a learned mask."""
+    mask_density: float = Field(0.05, gt=0, le=1)
+    """The share of edges a learned mask keeps."""
     ig_steps: int = Field(5, ge=1)
     """Interpolation steps of EAP-IG."""
     sizes: list[int] = Field(default_factory=lambda: [10, 100, 1000, 10000], min_length=1)

@@ -38,13 +38,14 @@ from ..results import PatchResult
 from ..sites import Site
 from ..techniques.attribution import attribute
 from ..techniques.circuit import Faithfulness, faithfulness, load_curves, save_curves
-from ..techniques.eap import EdgeMethod, edge_attribution
+from ..techniques.eap import EdgeMethod, EdgeScores, edge_attribution
+from ..techniques.masks import learn_edge_mask
 from ..techniques.patching import sweep
 from ..subspace import Subspace
 from ..techniques.path import path_sweep
 from ..types import Direction, Method
 from .catalogue import write_status
-from .config import ExperimentConfig, PathConfig, PromptsConfig, TargetConfig
+from .config import CircuitsConfig, ExperimentConfig, PathConfig, PromptsConfig, TargetConfig
 from .subspaces import build_subspace, run_das_jobs
 from ..techniques.circuit_io import to_mib_json
 from ..techniques.self_repair import direct_vs_total
@@ -337,15 +338,10 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     first: Any = None  # the first method's edge scores, which the oracle re-scores exactly
     fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
-        how = EdgeMethod(method)
-        steps, on = how.steps(c.ig_steps), how.ig_target
-        name = ((f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps
-                else "RelP" if how is EdgeMethod.RELP else "EAP")
-        edges = edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
-                                 seed=cfg.seed, ig_target=on, layout=c.layout, method=how)
+        name, edges = _edges_of(method, c, model, prompts, cfg, corruption, out)
         table = edges.to_pandas()
-        table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{how.value}.csv", index=False)
-        to_mib_json(edges, out / f"graph_{how.value}.json")  # readable by the EAP-IG / MIB code
+        table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{edges.method}.csv", index=False)
+        to_mib_json(edges, out / f"graph_{edges.method}.json")  # readable by the EAP-IG / MIB code
         first = first if first is not None else edges
         if c.evaluate == "mib":
             options = dict(fractions=fractions, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed,
@@ -360,7 +356,7 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
     if mib and c.oracle_k:
         exact = oracle_edges(model, prompts, first, c.oracle_k)
-        name = f"exact ({exact.extra['oracle_k']} edges of {EdgeMethod(c.methods[0]).value.upper()})"
+        name = f"exact ({exact.extra['oracle_k']} edges of {first.method.upper()})"
         mib[name] = circuit_scores(model, prompts, exact, fractions=fractions, corruption=corruption,
                                    metric=cfg.metrics[0].value, seed=cfg.seed, selection=c.selection)
         log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
@@ -372,6 +368,23 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         log("Direct vs total: " + "; ".join(f"{n} {d:+.2f} / {t:+.2f}" for n, d, t in dt.disagreements(5)))
     save_curves(curves, path)
     return curves
+
+
+def _edges_of(method: "EdgeMethod | str", c: CircuitsConfig, model: "Model", prompts: PromptSet,
+              cfg: ExperimentConfig, corruption: Any, out: Path) -> tuple[str, EdgeScores]:
+    """A circuits method's display name and edge scores; a learned mask checkpoints its training
+    in ``out`` (a killed run resumes it)."""
+    if method == "mask":  # (a config's CircuitMethod is a str enum)
+        edges = learn_edge_mask(model, prompts, density=c.mask_density, steps=c.mask_steps, corruption=corruption,
+                                metric=cfg.metrics[0].value, seed=cfg.seed, layout=c.layout,
+                                checkpoint=out / "mask.safetensors")
+        return f"mask ({c.mask_steps} steps)", edges
+    how = EdgeMethod(str(getattr(method, "value", method)))
+    steps, on = how.steps(c.ig_steps), how.ig_target
+    name = ((f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps
+            else "RelP" if how is EdgeMethod.RELP else "EAP")
+    return name, edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
+                                  seed=cfg.seed, ig_target=on, layout=c.layout, method=how)
 
 
 def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:
