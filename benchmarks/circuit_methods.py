@@ -45,6 +45,8 @@ def main() -> None:
             last = mask.extra["history"][-1]
             print(f"  mask: {args.mask_steps} steps in {found:.1f} s ({found / args.mask_steps:.1f} s a step), "
                   f"final expected density {last['density']:.4f}, faithfulness term {last['faithfulness_term']:.4f}")
+            for w in mask.extra["warnings"]:
+                print(f"  mask warning: {w}")
         total = s.seconds + (found or 0.0)
         print(f"  {name:7s} CPR {s.cpr:.3f}  CMD {s.cmd:.4f}  {total:7.1f} s   "
               f"f(signed) = {[round(v, 2) for v in s.signed.tolist()]}", flush=True)

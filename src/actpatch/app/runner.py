@@ -339,6 +339,8 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
     fractions = tuple(c.fractions) if c.fractions else MIB_FRACTIONS
     for method in c.methods:
         name, edges = _edges_of(method, c, model, prompts, cfg, corruption, out)
+        for w in edges.extra.get("warnings", []):
+            log(f"warning, {name}: {w}")
         table = edges.to_pandas()
         table.reindex(table.score.abs().sort_values(ascending=False).index).to_csv(out / f"edges_{edges.method}.csv", index=False)
         to_mib_json(edges, out / f"graph_{edges.method}.json")  # readable by the EAP-IG / MIB code
