@@ -252,7 +252,7 @@ def _circuit_forward(model: "Model", graph: Graph, clean: torch.Tensor, corr_w: 
     tree: ContextManager[None] = nullcontext() if rows is None else model.teacher_forced(positions, branches, n_cont)
     diffs = _Diffs(len(graph.nodes), h, (C, B, T, h.shape[-1]), soft)  # node writes now minus corrupted ones
 
-    def wrote(i: int, ws: list[torch.Tensor]) -> None:
+    def wrote(i: int, ws: "Sequence[torch.Tensor] | torch.Tensor") -> None:
         diffs.put(i, torch.stack([w[:, :T].reshape(C, B, T, -1) - corr_w[i + j][None] for j, w in enumerate(ws)]))
 
     def whole(fix: torch.Tensor) -> torch.Tensor:
