@@ -71,6 +71,13 @@ class Run:
         inside :meth:`context` when the run has embedding noise."""
         return model.readout(self.ids, self.continuation, grad=grad)
 
+    def select(self, rows: torch.Tensor) -> "Run":
+        """The rows ``rows`` of this run (ids, noise and continuation alike): a chunk of a batch
+        that a memory budget splits, computing exactly what those rows compute in the whole."""
+        noise = None if self.embed_noise is None else self.embed_noise[rows.to(self.embed_noise.device)]
+        cont = None if self.continuation is None else self.continuation.select(rows)
+        return Run(self.ids[rows.to(self.ids.device)], noise, cont)
+
     def with_continuation(self, continuation: "Continuation | None") -> "Run":
         """This run with the answers' continuation attached (the rows must match)."""
         return dataclasses.replace(self, continuation=continuation)

@@ -81,6 +81,11 @@ class MethodError(ActpatchError):
     the residual stream, edge attribution on a family whose heads' writes do not add up)."""
 
 
+class MemoryBudgetError(MethodError):
+    """A memory budget that is malformed, or too small for one prompt even with every block
+    recomputed (the message names the smallest budget that fits)."""
+
+
 class ResultError(ActpatchError):
     """A saved result is missing, incomplete, corrupt, foreign or of an incompatible format; or a
     result cannot be used the way it was asked (unknown metric, mismatched grids)."""

@@ -23,7 +23,8 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
@@ -36,11 +37,65 @@ from .sites import ATTENTION_FN_KINDS, FEATURE_KINDS, Site, SiteKind
 if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
 
-__all__ = ["capture", "intervene", "stop_after", "gradient_taps", "Value"]
+__all__ = ["capture", "intervene", "stop_after", "gradient_taps", "recompute_blocks", "recomputing", "Value"]
 
 Value = Union[torch.Tensor, float, Callable[[torch.Tensor], torch.Tensor]]
 """A replacement: a tensor (broadcast to the site's slice), a number, or a function of the
 current slice returning its replacement."""
+
+_RECOMPUTING: ContextVar[bool] = ContextVar("actpatch_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """Whether the forward pass now running is a block's recomputation during a backward pass
+    (:func:`recompute_blocks`): hooks that record (captures, gradient taps) leave their records
+    alone then, since the graph the backward pass follows is the first forward pass's."""
+    return _RECOMPUTING.get()
+
+
+@contextmanager
+def recompute_blocks(model: "Model") -> Iterator[None]:
+    """While open, every block keeps only its input for the backward pass and recomputes the
+    rest when the backward pass reaches it (activation checkpointing, torch's non-reentrant
+    kind): a forward and backward pass then holds one block's activations at a time, for about
+    one more forward pass of compute. Writes (patches, taps) apply again in the recomputation,
+    so it computes the same values, under the attention state of the first pass
+    (:meth:`~actpatch.models.attention.AttentionState.replay`); reads do not record twice
+    (:func:`recomputing`). Keep the context open until the backward pass is done: hooks
+    removed before it would be missing from the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.adapter.blocks)
+
+    def wrapped(block: nn.Module) -> Callable:
+        original = block.forward
+
+        def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the block's own signature
+            calls = [0]
+
+            def run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+                calls[0] += 1
+                token = _RECOMPUTING.set(calls[0] > 1 or _RECOMPUTING.get())
+                try:
+                    return original(*a, **k)
+                finally:
+                    _RECOMPUTING.reset(token)
+
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            again = model.attention_state.replay()  # e.g. a teacher-forced run's tree, gone by the backward pass
+            return checkpoint(run, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), again), **kwargs)
+
+        return forward
+
+    for block in blocks:
+        block.forward = wrapped(block)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's method
+
 
 # Order at one hook point: resid_mid's block-output correction, then writes (outer context
 # first), then an attached dictionary's features (their own writes, then reads), then reads.
@@ -280,6 +335,8 @@ def capture(model: "Model", sites: list[Site] | tuple[Site, ...], *, detach: boo
 
     def reader(wanted: list[Site]) -> HookFn:
         def fn(x: torch.Tensor) -> None:
+            if _RECOMPUTING.get():
+                return None
             for s in wanted:
                 y = x if s.is_full else _slice(s, x)  # the tensor itself when whole (autograd reaches it)
                 acts[s] = y.detach() if detach else y
@@ -366,6 +423,8 @@ def gradient_taps(sites: "Sequence[Site]") -> tuple[dict, dict]:
 
     def tap(site: Site) -> HookFn:
         def fn(x: torch.Tensor) -> torch.Tensor:
+            if _RECOMPUTING.get():  # the same value; the gradient goes to the first pass's zero
+                return x + torch.zeros_like(x)
             z = torch.zeros_like(x, requires_grad=True)
             taken[site] = (z, x.detach())
             return x + z

@@ -14,6 +14,7 @@ prompt-major, row ``g * draws + r``; :func:`mean_draws` averages the draws back 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -78,6 +79,29 @@ class GroupRuns:
     def rows(self) -> int:
         """Rows of the batch: prompts x draws."""
         return int(self.answers.shape[0])
+
+    def split(self, max_rows: int | None) -> Iterator["GroupRuns"]:
+        """This group in chunks of whole prompts (each with all its draws), at most ``max_rows``
+        rows each but never less than one prompt: what a memory budget runs one at a time. Each
+        chunk's runs are rows of this group's (corruption draws and resampled partners included),
+        so the chunks compute what the whole group computes."""
+        per = max(1, (max_rows or self.rows) // self.draws)
+        G = len(self.group.indices)
+        if per >= G:
+            yield self
+            return
+        for start in range(0, G, per):
+            prompts = torch.arange(start, min(start + per, G))
+            rows = (prompts[:, None] * self.draws + torch.arange(self.draws)).flatten()
+            g = self.group
+            sub = dataclasses.replace(g, indices=g.indices[prompts], clean=g.clean[prompts], corrupted=g.corrupted[prompts],
+                                      answers=g.answers[prompts], alternatives=g.alternatives[prompts],
+                                      continuation=None if g.continuation is None else g.continuation.select(prompts))
+            clean, corrupted = self.clean.select(rows), self.corrupted.select(rows)
+            base, source = (clean, corrupted) if self.base_is_clean else (corrupted, clean)
+            yield dataclasses.replace(self, group=sub, clean=clean, corrupted=corrupted, base=base, source=source,
+                                      answers=self.answers[rows], alternatives=self.alternatives[rows],
+                                      continuation=None if self.continuation is None else self.continuation.select(rows))
 
     def clean_logits(self, base_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
         """Of a base and a source run's logits, the clean run's."""
@@ -185,10 +209,11 @@ class Experiment:
     def n(self) -> int:
         return len(self.prompts)
 
-    def groups(self) -> Iterator[GroupRuns]:
-        """Per length group (in order of first appearance), its runs."""
+    def groups(self, max_rows: int | None = None) -> Iterator[GroupRuns]:
+        """Per length group (in order of first appearance), its runs; with ``max_rows``, in
+        chunks of at most that many rows (:meth:`GroupRuns.split`), for memory budgets."""
         for i, g in enumerate(self.prompts.groups()):
-            yield self._runs(i, g)
+            yield from self._runs(i, g).split(max_rows)
 
     def group(self, index: int) -> GroupRuns:
         """The runs of length group ``index`` alone (each group's corruption is seeded by its

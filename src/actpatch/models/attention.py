@@ -73,6 +73,12 @@ class AttentionState:
         finally:
             self.tree = saved
 
+    def replay(self) -> "_Replay":
+        """The state forward passes run under now (continuation tree, hidden tail, attention
+        path) as a context manager to re-enter later, as often as needed: a block recomputed in
+        a backward pass must compute what it computed in the forward pass."""
+        return _Replay(self, self.tree, _TAIL.get(), self.active)
+
     @property
     def active(self) -> bool:
         """Whether the model currently runs the actpatch attention function."""
@@ -155,6 +161,29 @@ def _state_of(module: nn.Module) -> AttentionState | None:
         if id(module) in state.hooks or id(module) in state.prefix or (state.tree is not None and state.owns(module)):
             return state
     return None
+
+
+class _Replay:
+    """A re-enterable context: an :class:`AttentionState`'s tree, hidden tail and attention path
+    as they were when :meth:`AttentionState.replay` was called."""
+
+    def __init__(self, state: AttentionState, tree: tuple[torch.Tensor, torch.Tensor] | None, tail: int, on: bool) -> None:
+        self.state, self.tree, self.tail, self.on = state, tree, tail, on
+        self._stack: list = []
+
+    def __enter__(self) -> None:
+        enabled = self.state.enabled() if self.on else None
+        if enabled is not None:
+            enabled.__enter__()
+        self._stack.append((self.state.tree, _TAIL.set(self.tail), enabled))
+        self.state.tree = self.tree
+
+    def __exit__(self, *exc: object) -> None:
+        tree, token, enabled = self._stack.pop()
+        self.state.tree = tree
+        _TAIL.reset(token)
+        if enabled is not None:
+            enabled.__exit__(*exc)
 
 
 _TAIL: ContextVar[int] = ContextVar("actpatch_continuation_tail", default=0)

@@ -35,7 +35,8 @@ from ..agreement import Agreement, AgreementReading, cell_label, choose_cells, e
 from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
-from ..hooks import capture, gradient_taps, intervene
+from ..hooks import capture, gradient_taps, intervene, recompute_blocks
+from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan
 from ..metrics import DIFFERENTIABLE, normalise, MetricSpec
 from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
@@ -76,6 +77,7 @@ def attribute(
     qk_fix: bool = False,
     grad_drop: bool = False,
     method: str = "atp",
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
     """AtP estimates for every cell of a target, as a :class:`PatchResult` (``info.method ==
     Method.ATP``) laid out exactly like :func:`actpatch.sweep`'s, so the two can be compared.
@@ -102,6 +104,12 @@ def attribute(
     show as positive ones. Both options together are AtP*. GradDrop costs about
     ``1 + (L - 1) / 2`` backward passes and applies to components (heads, attention / MLP
     outputs, neurons), not to the residual stream.
+
+    ``memory_budget``: bytes or a size such as ``"2GiB"`` for the activations and buffers (not
+    the weights): prompts then run a few at a time, or one at a time with every block
+    recomputed in the backward pass, with the same estimates (:mod:`actpatch.memory`; default:
+    a share of the free memory); a budget too small for one prompt is refused before any work,
+    naming the smallest that fits.
 
     An attached feature dictionary as ``target`` estimates every feature and the error term at
     every position (``features=`` as in :func:`actpatch.sweep`: a list, or an int for the top-k
@@ -130,7 +138,7 @@ def attribute(
         raise MethodError("qk_fix and grad_drop are AtP*'s changes to gradients; RelP replaces the gradients "
                           "altogether. Use one of method='relp' or AtP* (method='atp', qk_fix / grad_drop).")
     options: dict[str, Any] = dict(direction=direction, metric=metric, seed=seed, qk_fix=qk_fix, grad_drop=grad_drop,
-                                   relp=method == "relp")
+                                   relp=method == "relp", memory_budget=memory_budget)
     if grid.named:
         return by_named_positions(lambda sub, g, corr, _: _attribute(model, sub, target, g, corr, **options),
                                   model, prompts, grid, corruption)
@@ -139,7 +147,7 @@ def attribute(
 
 def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid: Grid, corruption: str | Corruption, *,
                direction: str | Direction, metric: MetricSpec, seed: int, qk_fix: bool,
-               grad_drop: bool, relp: bool = False) -> PatchResult:
+               grad_drop: bool, relp: bool = False, memory_budget: "int | str | None" = None) -> PatchResult:
     # AtP*'s softmax recomputation and GradDrop's block boundaries see the prompt's queries only
     exact_qk = qk_fix and isinstance(target, (str, SiteKind)) and SiteKind(target) in (SiteKind.Q, SiteKind.K)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
@@ -160,6 +168,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
         qk_layers = sorted({s.layer for s in full})  # type: ignore[type-var]
         full = list(dict.fromkeys(full + [Site(k, l) for l in qk_layers for k in ("q", "k", "pattern")]))
     metrics = exp.metrics
+    budget = attribution_memory_plan(model, prompts, full, memory_budget, grad_drop=grad_drop, draws=exp.corruption.draws)
     # float64: raw = base + estimate must keep the estimate (float32 would round it to the
     # spacing at |base|: 4.8e-7 at a logit difference of 5.5, and smaller estimates to 0)
     outcome = exp.outcome(len(plan.patches), dtype=torch.float64)
@@ -167,7 +176,7 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
     with ExitStack() as stack:
         if plan.uses_attention_fn:
             stack.enter_context(model.attention_fn())
-        for runs in exp.groups():
+        for runs in exp.groups(budget.rows):
             source, src_logits = exp.source_activations(runs, full)
             # one forward and one backward pass of the base run with a zero at every site
             taps, zeros = gradient_taps(full)
@@ -177,25 +186,22 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
             tree = cont.tree(T) if qk and cont is not None and not cont.is_single else None
 
             with ExitStack() as run:
-                run.enter_context(torch.enable_grad())
-                run.enter_context(runs.base.context(model))
-                boundary = run.enter_context(trace_blocks(model)) if grad_drop else []
-                if relp:
-                    run.enter_context(relevance_rules(model))
-                run.enter_context(intervene(model, taps, whole=qk))
+                boundary = _enter_base_run(run, model, runs.base, taps, qk=qk, grad_drop=grad_drop, relp=relp,
+                                           recompute=budget.recompute)
                 logits = runs.base.readout(model, grad=True)
                 measure = runs.measurer(metrics, runs.clean_logits(logits.detach(), src_logits))
                 values = measure(logits, torch.arange(runs.rows))
-            # one backward pass per metric (GradDrop: and a partial one per dropped layer)
-            est: dict = {}
-            for i, m in enumerate(metrics):
-                if grad_drop:
-                    est[m] = _grad_drop_sum(model, plan.patches, values[m].sum(), zeros, source, boundary, qk, tree)
-                    continue
-                gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
-                                         retain_graph=i < len(metrics) - 1, allow_unused=True)
-                with torch.no_grad():
-                    est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk, tree)  # (P, G*R)
+                # one backward pass per metric (GradDrop: and a partial one per dropped layer), inside
+                # the run's context: recomputed blocks see the same hooks
+                est: dict = {}
+                for i, m in enumerate(metrics):
+                    if grad_drop:
+                        est[m] = _grad_drop_sum(model, plan.patches, values[m].sum(), zeros, source, boundary, qk, tree)
+                        continue
+                    gs = torch.autograd.grad(values[m].sum(), [zeros[s][0] for s in full],
+                                             retain_graph=i < len(metrics) - 1, allow_unused=True)
+                    with torch.no_grad():
+                        est[m] = _estimate(model, plan.patches, zeros, source, dict(zip(full, gs)), qk, tree)  # (P, G*R)
             base_vals = {m: v.detach() for m, v in values.items()}
             outcome.baselines(runs, base_vals, measure(src_logits, torch.arange(runs.rows)))
             if grad_drop:
@@ -214,6 +220,38 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                         relp=relp, dictionary=dictionary_info(model, plan))
     return exp.result(outcome, target=plan.target.value, technique=technique, dims=plan.dims, coords=plan.coords,
                       grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop, relp))
+
+
+def _enter_base_run(stack: ExitStack, model: "Model", base: Any, taps: dict, *, qk: bool, grad_drop: bool,
+                    relp: bool, recompute: bool) -> list:
+    """Enter what the base run's forward and backward passes run under (autograd, the run's own
+    hooks, GradDrop's block boundaries, RelP's rules, the taps, recomputed blocks); returns the
+    boundaries (empty without GradDrop)."""
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(base.context(model))
+    boundary = stack.enter_context(trace_blocks(model)) if grad_drop else []
+    if relp:
+        stack.enter_context(relevance_rules(model))
+    stack.enter_context(intervene(model, taps, whole=qk))
+    if recompute:
+        stack.enter_context(recompute_blocks(model))
+    return boundary
+
+
+def attribution_memory_plan(model: "Model", prompts: PromptSet, sites: Sequence[Site],
+                            memory_budget: "int | str | None", *, grad_drop: bool = False, draws: int = 1) -> MemoryPlan:
+    """How :func:`attribute` runs under ``memory_budget`` (:func:`actpatch.memory.plan`), from its
+    bytes per prompt row at the longest prompt: the forward and backward pass plus, at every
+    tapped site (``sites``: whole activations), the source run's activation, the base run's,
+    the gradient and their product (GradDrop: two more, its dropped gradients)."""
+    C = int(prompts.continuation_lengths.max()) - 1
+    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C  # answer + alternative branches
+    taps = sum(activation_bytes(model, s, T) for s in sites) * (6 if grad_drop else 4)
+    readouts = 2 * C + 1
+    passes = 4 + (model.n_layers - 1) if grad_drop else 4  # source run, base run + backward; GradDrop's partial ones
+    return plan("Attribution", model, memory_budget, total_rows=len(prompts) * draws,
+                per_row=backward_bytes(model, T, readouts) + taps,
+                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + taps, passes=passes, draws=draws)
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:

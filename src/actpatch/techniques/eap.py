@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 import enum
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -30,7 +31,8 @@ import torch
 from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
-from ..hooks import capture, gradient_taps, intervene, stop_after
+from ..hooks import capture, gradient_taps, intervene, recompute_blocks, stop_after
+from ..memory import MemoryPlan, backward_bytes, plan
 from ..metrics import Measurer, MetricSpec
 from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
@@ -138,8 +140,10 @@ class EdgeScores:
         return pd.DataFrame(rows, columns=["upstream", "downstream", "score"])
 
 
-def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], grads: dict) -> dict[Port, torch.Tensor]:
-    """(B, T, d) gradient through each head input port (q, k, v) of ``graph``: the
+def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor],
+                 grads: dict) -> Iterator[tuple[list[Port], torch.Tensor]]:
+    """Per layer, its head input ports (q, k, v) of ``graph`` and their gradients
+    ``(ports, B, T, d)``: the
     vector-Jacobian products of the gradient at that input's q / k / v with the block's residual
     -> q / k / v map. A per-query-head key / value port (MIB's layout) takes the gradient at its
     query head's ungrouped copy, through the KV head that the copy repeats (without grouped-query
@@ -150,7 +154,6 @@ def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], 
     for port in graph.ports:
         if port.kind in (PortKind.Q, PortKind.K, PortKind.V):
             by_layer.setdefault(int(port.layer), []).append(port)  # type: ignore[arg-type]
-    out: dict[Port, torch.Tensor] = {}
     for l, ports in by_layer.items():
         # one backward pass for all ports, batched over their output gradients (torch's vmap):
         # entry p of the batch holds port p's gradient alone, so its input gradient is port p's VJP
@@ -170,8 +173,7 @@ def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], 
                 gouts[kind][p, :, :, h] = grads[Site(kind, l)][:, :, h]
         (gx,) = torch.autograd.grad([outs[k] for k in "qkv"], x, grad_outputs=[gouts[k] for k in "qkv"],
                                     is_grads_batched=True)
-        out.update(zip(ports, gx))
-    return out
+        yield ports, gx
 
 
 def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) -> list[torch.Tensor]:
@@ -198,6 +200,7 @@ def edge_attribution(
     ig_target: str = "inputs",
     layout: str | GraphLayout = GraphLayout.MIB,
     method: "str | EdgeMethod | None" = None,
+    memory_budget: "int | str | None" = None,
 ) -> EdgeScores:
     """Score every edge of the head / MLP graph (EAP; EAP-IG with ``ig_steps > 0``, the
     gradient averaged along a line from the source to the base run: of the input embeddings
@@ -211,6 +214,11 @@ def edge_attribution(
     default, so that MIB's edge fractions mean the same edges) or per KV head (``"kv"``); the
     two differ under grouped-query attention only (:class:`~actpatch.techniques.graph.GraphLayout`).
 
+    ``memory_budget``: bytes or a size such as ``"2GiB"`` for the activations and buffers (not
+    the weights); prompts then run a few at a time, or one at a time with every block
+    recomputed, with the same scores (:mod:`actpatch.memory`; default: a share of the free
+    memory). ``edge_memory_plan(...)`` says what a budget will do before the run.
+
     Example:
         >>> import actpatch as ap
         >>> from actpatch.testing import tiny_model
@@ -223,7 +231,7 @@ def edge_attribution(
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
                                                       metric=metric, ig_steps=ig_steps, seed=seed, summed=True,
                                                       ig_target=how.ig_target, layout=layout,
-                                                      relp=how is EdgeMethod.RELP)
+                                                      relp=how is EdgeMethod.RELP, memory_budget=memory_budget)
     per_prompt = per_prompt[:, 0]
     per_prompt[:, ~graph.reachable] = float("nan")
     return EdgeScores(graph=graph, scores=per_prompt.mean(0), per_prompt=per_prompt,
@@ -266,12 +274,14 @@ def edge_scores_per_position(
     ig_target: str = "inputs",
     layout: str | GraphLayout = GraphLayout.MIB,
     relp: bool = False,
+    memory_budget: "int | str | None" = None,
 ) -> tuple[Experiment, Graph, torch.Tensor]:
     """The experiment, the graph and per-prompt scores ``(n_prompts, P, U, V)`` of every edge at
     each position: all positions of a one-length set (P = T), or the positions
     ``positions(i)`` of prompt ``i`` (same count for every prompt). ``summed``: one entry
     (P = 1), the sum over all positions, which is EAP's score (never materialising the rest).
-    ``relp``: LRP's propagation coefficients in place of the gradients (no interpolation)."""
+    ``relp``: LRP's propagation coefficients in place of the gradients (no interpolation).
+    ``memory_budget``: see :func:`edge_attribution`."""
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
         raise MethodError(f"ig_steps={ig_steps!r}: use 0 (EAP) or a positive number of steps (EAP-IG, 5-30).")
     if ig_target not in ("inputs", "activations"):
@@ -290,36 +300,77 @@ def edge_scores_per_position(
     keep = [Site("z", l) for l in range(L)] + [Site("mlp_out", l) for l in range(L)]
     keep += [Site("resid_pre", l) for l in range(L)] + [Site("embed")]
     P = 1 if summed else len(positions(0)) if positions is not None else prompts.seq_len
+    steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
+    budget = edge_memory_plan(model, prompts, graph, memory_budget, n_steps=len(steps), summed=summed,
+                              per_position=P, draws=exp.corruption.draws, ig_target=ig_target)
     per_prompt = torch.zeros(len(prompts), P, len(graph.nodes), len(graph.ports))
+    column = {port: i for i, port in enumerate(graph.ports)}
     with model.attention_fn():
-        for runs in exp.groups():
+        for runs in exp.groups(budget.rows):
             s_acts, src_logits = exp.source_activations(runs, keep)
             with runs.base.context(model), capture(model, keep) as b_acts:
                 base_logits = runs.base.readout(model)
             measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
             with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
                 W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
-            steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
+                W = W.float()
+            B, rows = W.shape[1], torch.arange(W.shape[1])[:, None]
+            # named positions: each row's own positions (B, P) of the writes and of the gradients
+            pick = None if positions is None or summed else torch.tensor(
+                [positions(i) for i in runs.group.indices.repeat_interleave(runs.draws).tolist()])
+            if pick is not None:
+                W = W[:, rows, pick]  # (U, B, P, d)
+            scores = torch.zeros(B, 1 if summed else W.shape[2], len(graph.nodes), len(graph.ports))
+            flat = scores[:, 0] if summed else scores  # (B, U, V) or (B, T, U, V), a view
+            # scores are linear in the gradient: each block of ports is contracted as it comes,
+            # and EAP-IG's mean over steps is the mean of the steps' scores
             with relevance_rules(model) if relp else nullcontext():
-                G = sum(_port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target)
-                        for alpha in steps) / len(steps)
-            if summed:
-                scores = torch.einsum("ubtd,vbtd->buv", W.float(), G.float())[:, None]  # (B, 1, U, V)
-            else:
-                scores = torch.einsum("ubtd,vbtd->btuv", W.float(), G.float())  # (B, T, U, V)
-            scores = scores.reshape(-1, runs.draws, *scores.shape[1:]).mean(1).cpu()  # (G, T, U, V)
-            idx = runs.group.indices.tolist()
-            if positions is not None and not summed:
-                scores = torch.stack([scores[r, positions(i)] for r, i in enumerate(idx)])
-            per_prompt[idx] = scores
+                for alpha in steps:
+                    for ports, G in _port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target,
+                                                            budget.recompute):
+                        idx = torch.tensor([column[p] for p in ports])
+                        with torch.no_grad():
+                            G = G if pick is None else G[:, rows, pick]
+                            flat[..., idx] += torch.einsum("ubtd,vbtd->buv" if summed else "ubtd,vbtd->btuv",
+                                                           W, G.float()).cpu()
+            scores /= len(steps)
+            per_prompt[runs.group.indices.tolist()] = scores.reshape(-1, runs.draws, *scores.shape[1:]).mean(1)
     return exp, graph, per_prompt
 
 
+def edge_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_budget: "int | str | None", *,
+                     n_steps: int = 1, summed: bool = True, per_position: int = 1, draws: int = 1,
+                     ig_target: str = "inputs") -> MemoryPlan:
+    """How edge attribution runs under ``memory_budget`` (:func:`actpatch.memory.plan`), from its
+    bytes per prompt row at the longest prompt: the forward and backward pass, both runs'
+    captures (every z, MLP output and residual stream), the node writes' changes, the gradients
+    at every tap, one layer's port gradients (batched VJPs) and the scores."""
+    L, d, el = model.n_layers, model.d_model, 4
+    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + int(prompts.continuation_lengths.max()) - 1
+    U, V = len(graph.nodes), len(graph.ports)
+    heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
+                for l in range(L))
+    buffers = T * d * el * (2 * (3 * L + 1) * (2 if ig_target == "activations" else 1)  # captures (+ IG points)
+                            + U  # node writes' changes
+                            + 5 * L  # gradients at q, k, v, MLP inputs; the residual stream read for the VJPs
+                            + 3 * heads)  # one layer's port gradients and their output gradients
+    buffers += U * V * el * (1 if summed else 2 * per_position)
+    readouts = int(prompts.continuation_lengths.max()) * 2 - 1
+    return plan("Edge attribution", model, memory_budget, total_rows=len(prompts) * draws,
+                per_row=backward_bytes(model, T, readouts) + buffers,
+                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + buffers,
+                passes=2 + 3 * n_steps, draws=draws)  # source and base runs; a forward + backward per step
+
+
 def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
-                measure: Measurer, ig_target: str = "inputs") -> torch.Tensor:
-    """(V, B, T, d): gradients of the metric through each port's input, on the base run, or
-    (EAP-IG) on a run whose embeddings (``inputs``), or every node's output too
-    (``activations``), sit ``alpha`` of the way from source to base."""
+                measure: Measurer, ig_target: str = "inputs",
+                recompute: bool = False) -> Iterator[tuple[list[Port], torch.Tensor]]:
+    """Blocks ``(ports, (len(ports), B, T, d))`` of gradients of the metric through each port's
+    input, on the base run, or (EAP-IG) on a run whose embeddings (``inputs``), or every node's
+    output too (``activations``), sit ``alpha`` of the way from source to base: the logits and
+    MLP ports, then each layer's head inputs (one block at a time, so the gradients of all
+    ports are never held together). ``recompute``: the blocks are recomputed in the backward
+    pass (:func:`~actpatch.hooks.recompute_blocks`)."""
     L = model.n_layers
     ungroup = graph.layout is GraphLayout.MIB and model.n_heads != model.n_kv_heads  # (else k is k_ungrouped)
     kv = ("k_ungrouped", "v_ungrouped") if ungroup else ("k", "v")
@@ -334,19 +385,15 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
                 point = s_acts[site] + alpha * (b_acts[site] - s_acts[site])
                 patches[site] = lambda x, point=point: x - x.detach() + point.to(x.dtype)
     with torch.enable_grad(), runs.base.context(model), intervene(model, patches), \
-            capture(model, [Site("resid_pre", l) for l in range(L)]) as resid:
+            capture(model, [Site("resid_pre", l) for l in range(L)]) as resid, \
+            recompute_blocks(model) if recompute else nullcontext():
         logits = runs.base.readout(model, grad=True)
         value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
         gs = dict(zip(taps, torch.autograd.grad(value, [taken[k][0] for k in taps], allow_unused=True)))
     gs = {k: (v if v is not None else torch.zeros_like(taken[k][0])) for k, v in gs.items()}
-    qkv = _input_grads(model, graph, resid, gs)
-    out: list[torch.Tensor] = []
-    for port in graph.ports:
-        if port.kind is PortKind.LOGITS:
-            out.append(gs[Site("resid_final")])
-        elif port.kind is PortKind.MLP:
-            out.append(gs[Site("mlp_in", port.layer)])
-        else:
-            out.append(qkv[port])
-    return torch.stack(out)
+    del logits, value, taken, patches
+    simple = [p for p in graph.ports if p.kind in (PortKind.LOGITS, PortKind.MLP)]
+    yield simple, torch.stack([gs[Site("resid_final")] if p.kind is PortKind.LOGITS else gs[Site("mlp_in", p.layer)]
+                               for p in simple])
+    yield from _input_grads(model, graph, resid, gs)
 

@@ -103,11 +103,13 @@ def positional_edge_attribution(
     ig_steps: int = 0,
     seed: int = 0,
     layout: str | GraphLayout = GraphLayout.MIB,
+    memory_budget: "int | str | None" = None,
 ) -> PositionalEdgeScores:
     """Score every edge at every position (see the module docstring): all positions of a
     one-length prompt set, or the named ``positions`` of each prompt (any layouts). ``layout``:
     the graph's key / value inputs per query head (MIB's, the default) or per KV head, as in
-    :func:`~actpatch.edge_attribution`."""
+    :func:`~actpatch.edge_attribution`, as is ``memory_budget`` (only the positions asked for
+    are kept: a few named positions of a long prompt cost little)."""
     if positions is None:
         lengths = {int(n) for n in prompts.lengths.tolist()}
         if len(lengths) != 1:
@@ -131,7 +133,7 @@ def positional_edge_attribution(
 
     exp, graph, per_prompt = edge_scores_per_position(model, prompts, direction=direction, corruption=corruption,
                                                       metric=metric, ig_steps=ig_steps, seed=seed, positions=pick,
-                                                      layout=layout)
+                                                      layout=layout, memory_budget=memory_budget)
     per_prompt[:, :, ~graph.reachable] = float("nan")
     return PositionalEdgeScores(graph=graph, positions=labels, scores=per_prompt.mean(0), per_prompt=per_prompt,
                                 method="peap-ig" if ig_steps else "peap", direction=exp.direction,

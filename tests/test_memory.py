@@ -1,0 +1,224 @@
+"""Memory budgets: gradient techniques run in chunks of prompts, or with every block recomputed,
+and give what the unbudgeted run gives; budgets too small for one prompt are refused first."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import actpatch as ap
+from actpatch.errors import MemoryBudgetError
+from actpatch.experiment.core import Experiment
+from actpatch.hooks import gradient_taps, intervene, recompute_blocks
+from actpatch.memory import backward_bytes, parse_budget, plan
+from actpatch.sites import Site
+from actpatch.techniques.attribution import attribution_memory_plan
+from actpatch.techniques.eap import edge_memory_plan
+from actpatch.techniques.graph import Graph
+from actpatch.testing import random_pairs, tiny_model
+
+RTOL = 1e-9  # of the largest |value|, in float64: chunks compute the same numbers (in float32 they
+# differ by ~1e-6 of the largest value, from the batch sizes BLAS sees)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b| (NaNs, e.g. unreachable edges, where both have them)."""
+    assert bool((a.isnan() == b.isnan()).all())
+    return float((a - b).nan_to_num().abs().max() / b.nan_to_num().abs().max())
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for f in ("llama_gqa", "gpt2"):
+        m = tiny_model(f, n_layers=3)
+        m.hf.double()
+        out[f] = m
+    return out
+
+
+def _multi_token(model):
+    ids = [[2, 3, 4, 5, 6, 7], [2, 8, 4, 9, 6, 7], [2, 3, 10, 5, 11, 7]]
+    corr = [[2, 12, 4, 5, 6, 7], [2, 8, 13, 9, 6, 7], [2, 3, 10, 14, 11, 7]]
+    return ap.PromptSet.from_ids(ids, corr, [[20, 21], [22], [23, 24, 25]], [[26], [27, 28], [29]])
+
+
+def test_budgets_parse_and_bad_ones_are_refused_by_name():
+    assert parse_budget("4GiB") == 4 * 2**30 and parse_budget("1.5 GB") == 1_500_000_000
+    assert parse_budget("512MiB") == 512 * 2**20 and parse_budget("2g") == 2 * 2**30 and parse_budget(1000) == 1000
+    assert parse_budget(None) > 0
+    for bad in ("lots", "4 GiBs", "-1GiB", 0, -5, True, 2.5):
+        with pytest.raises(MemoryBudgetError, match="memory_budget"):
+            parse_budget(bad)  # type: ignore[arg-type]
+
+
+def test_chunks_hold_whole_prompts_and_their_draws(models):
+    m = models["llama_gqa"]
+    ps = random_pairs(n=5)
+    exp = Experiment.setup(m, ps, direction="noise", corruption=ap.corruption.GaussianNoise(n_draws=3),
+                                         metric="logit_diff", seed=0, technique="test")
+    (whole,) = list(exp.groups())
+    chunks = list(exp.groups(max_rows=7))  # 2 prompts (6 rows) a chunk
+    assert [len(c.group.indices) for c in chunks] == [2, 2, 1] and [c.rows for c in chunks] == [6, 6, 3]
+    assert torch.equal(torch.cat([c.group.indices for c in chunks]), whole.group.indices)
+    for name in ("ids", "embed_noise"):  # the noise drawn for the whole group, not again per chunk
+        got = torch.cat([getattr(c.corrupted, name) for c in chunks])
+        assert torch.equal(got, getattr(whole.corrupted, name))
+    assert torch.equal(torch.cat([c.answers for c in chunks]), whole.answers)
+
+
+def test_the_plan_chunks_then_recomputes_then_refuses(models):
+    m = models["gpt2"]
+    p = plan("X", m, 10_000, total_rows=8, per_row=3_000, per_row_recomputed=1_000, passes=4)
+    assert (p.rows, p.chunks, p.recompute) == (3, 3, False)
+    p = plan("X", m, 2_000, total_rows=8, per_row=3_000, per_row_recomputed=1_000, passes=4)
+    assert (p.rows, p.chunks, p.recompute, p.forward_equivalents) == (1, 8, True, pytest.approx(16 / 3))
+    p = plan("X", m, 6_000, total_rows=8, per_row=1_000, per_row_recomputed=500, passes=4, draws=4)
+    assert p.rows == 4  # whole prompts: 4 draws each
+    with pytest.raises(MemoryBudgetError, match=r"memory_budget='1MiB' or more"):
+        plan("X", m, 999, total_rows=8, per_row=3_000, per_row_recomputed=1_000, passes=4)
+
+
+def test_recomputed_blocks_give_the_same_gradients_and_run_twice(models):
+    m = models["llama_gqa"]
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    calls = []
+    handle = m.adapter.blocks[1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        grads = []
+        for recompute in (False, True):
+            calls.clear()
+            taps, zeros = gradient_taps([Site("z", 0), Site("mlp_out", 1)])
+            with torch.enable_grad(), intervene(m, taps), recompute_blocks(m) if recompute else nullcontext():
+                out = m.readout(ids, None, grad=True).sum()
+                grads.append(torch.autograd.grad(out, [zeros[s][0] for s in zeros]))
+            assert len(calls) == (2 if recompute else 1)
+    finally:
+        handle.remove()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert not any("forward" in vars(b) for b in m.adapter.blocks)  # the blocks' own forward is back
+
+
+CASES = [
+    ("llama_gqa", "z", {}),
+    ("gpt2", "mlp_out", {"method": "relp"}),
+    ("llama_gqa", "z", {"grad_drop": True}),
+    ("llama_gqa", "k", {"qk_fix": True}),
+    ("gpt2", "z", {"corruption": ap.corruption.GaussianNoise(n_draws=2)}),
+]
+
+
+@pytest.mark.parametrize("family,target,kw", CASES, ids=[f"{f}-{t}-{'-'.join(k) or 'atp'}" for f, t, k in CASES])
+def test_attribution_under_a_budget_equals_the_unbudgeted_run(models, family, target, kw):
+    m = models[family]
+    ps = random_pairs(n=3)
+    full = ap.attribute(m, ps, target, direction="noise", **kw)
+    sites = [Site(target, l) for l in range(m.n_layers)]
+    if kw.get("qk_fix"):
+        sites += [Site(k, l) for l in range(m.n_layers) for k in ("q", "pattern")]
+    draws = kw.get("corruption").draws if "corruption" in kw else 1
+    need = attribution_memory_plan(m, ps, sites, None, grad_drop=kw.get("grad_drop", False), draws=draws)
+    recomputed = need.per_row - backward_bytes(m, 6) + backward_bytes(m, 6, recompute=True)
+    for budget, chunks, recompute in ((2 * need.per_row * draws, 2, False), (recomputed * draws, 3, True)):
+        p = attribution_memory_plan(m, ps, sites, budget, grad_drop=kw.get("grad_drop", False), draws=draws)
+        assert (p.chunks, p.recompute) == (chunks, recompute)
+        got = ap.attribute(m, ps, target, direction="noise", memory_budget=budget, **kw)
+        for metric in full.raw:
+            assert _close(got.raw[metric], full.raw[metric]) < RTOL
+            assert torch.equal(got.clean[metric], full.clean[metric]) or _close(got.clean[metric], full.clean[metric]) < RTOL
+
+
+def test_multi_token_attribution_under_a_budget(models):
+    m = models["llama_gqa"]
+    ps = _multi_token(m)
+    full = ap.attribute(m, ps, "z", metric=["logit_diff", "logprob"])
+    sites = [Site("z", l) for l in range(3)]
+    need = attribution_memory_plan(m, ps, sites, None)
+    budget = need.per_row - 1  # one prompt at a time, blocks recomputed
+    assert attribution_memory_plan(m, ps, sites, budget).recompute
+    got = ap.attribute(m, ps, "z", metric=["logit_diff", "logprob"], memory_budget=budget)
+    for metric in full.raw:
+        assert _close(got.raw[metric], full.raw[metric]) < RTOL
+
+
+EDGE_CASES = [("llama_gqa", {}), ("llama_gqa", {"ig_steps": 3}), ("gpt2", {"method": "relp"}),
+              ("gpt2", {"ig_steps": 2, "ig_target": "activations"})]
+
+
+@pytest.mark.parametrize("family,kw", EDGE_CASES, ids=[f"{f}-{'-'.join(map(str, k.values())) or 'eap'}" for f, k in EDGE_CASES])
+def test_edge_attribution_under_a_budget_equals_the_unbudgeted_run(models, family, kw):
+    m = models[family]
+    ps = random_pairs(n=3)
+    full = ap.edge_attribution(m, ps, **kw)
+    graph = Graph.of(m, "mib")
+    steps = kw.get("ig_steps", 0) or 1
+    need = edge_memory_plan(m, ps, graph, None, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
+    recomputed = need.per_row - backward_bytes(m, 6) + backward_bytes(m, 6, recompute=True)
+    for budget, chunks, recompute in ((2 * need.per_row, 2, False), (recomputed, 3, True)):
+        p = edge_memory_plan(m, ps, graph, budget, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
+        assert (p.chunks, p.recompute) == (chunks, recompute)
+        got = ap.edge_attribution(m, ps, memory_budget=budget, **kw)
+        assert _close(got.per_prompt, full.per_prompt) < RTOL
+
+
+def test_multi_token_edge_attribution_under_a_budget(models):
+    m = models["gpt2"]
+    ps = _multi_token(m)
+    full = ap.edge_attribution(m, ps)
+    budget = edge_memory_plan(m, ps, Graph.of(m, "mib"), None).per_row - 1
+    assert edge_memory_plan(m, ps, Graph.of(m, "mib"), budget).recompute
+    assert _close(ap.edge_attribution(m, ps, memory_budget=budget).per_prompt, full.per_prompt) < RTOL
+
+
+def test_a_budget_too_small_for_one_prompt_is_refused_before_any_work(models):
+    m = models["llama_gqa"]
+    ps = random_pairs(n=3)
+    calls = []
+    handle = m.adapter.embed_module().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for run in (lambda: ap.attribute(m, ps, "z", memory_budget="10KiB"),
+                    lambda: ap.edge_attribution(m, ps, ig_steps=2, memory_budget=10_000)):
+            with pytest.raises(MemoryBudgetError, match=r"one prompt needs about .* even with every block recomputed.*"
+                                                        r"Give memory_budget='\d+MiB' or more"):
+                run()
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+def test_the_backward_estimate_covers_what_autograd_keeps(models, family):
+    """backward_bytes is an upper bound of the activations autograd saves (weights excluded) and
+    not a wild one: within 3x at 32 and 96 tokens."""
+    m = models[family]
+    weights = {p.untyped_storage().data_ptr() for p in m.hf.parameters()}
+    for T in (32, 96):
+        seen: dict = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        taps, _ = gradient_taps([Site("z", l) for l in range(m.n_layers)])
+        with m.attention_fn(), torch.enable_grad(), intervene(m, taps), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.readout(torch.randint(2, 60, (1, T)), None, grad=True)
+        saved = sum(seen.values())
+        assert saved <= backward_bytes(m, T) <= 3 * saved, (T, saved, backward_bytes(m, T))
+
+
+def test_positional_edge_attribution_under_a_budget(models):
+    """Named positions of prompts of two lengths, two prompts a chunk: the same per-position scores."""
+    m = models["llama_gqa"]
+    a, b = random_pairs(n=2, T=5, diff=(1,), seed=0), random_pairs(n=2, T=7, diff=(3,), seed=1)
+    both = ap.PromptSet.from_ids(list(a.clean) + list(b.clean), list(a.corrupted) + list(b.corrupted),
+                                 torch.cat([a.answers, b.answers]), torch.cat([a.alternatives, b.alternatives]))
+    full = ap.circuits.positional_edge_attribution(m, both, positions=["first_diff", "end"])
+    need = edge_memory_plan(m, both, Graph.of(m, "mib"), None, summed=False, per_position=2).per_row
+    got = ap.circuits.positional_edge_attribution(m, both, positions=["first_diff", "end"], memory_budget=need)
+    assert _close(got.per_prompt, full.per_prompt) < RTOL
