@@ -1,4 +1,5 @@
-"""Prompt sets and builders: ``ioi``, ``factual``, ``greater_than``, ``induction``."""
+"""Prompt sets and builders: ``ioi``, ``factual``, ``greater_than``, ``induction``; long prompts:
+``long_context`` (any set behind filler), ``needle`` (retrieval over filler), ``with_prefix``."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from .factual import factual
 from .greater_than import greater_than
 from .induction import induction
 from .ioi import ioi
+from .long import long_context, needle, with_prefix
 from .promptset import LengthGroup, PromptSet
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
-__all__ = ["PromptSet", "LengthGroup", "ioi", "factual", "greater_than", "induction", "correct_mask", "keep_correct"]
+__all__ = ["PromptSet", "LengthGroup", "ioi", "factual", "greater_than", "induction", "correct_mask", "keep_correct",
+           "with_prefix", "long_context", "needle"]
 
 
 def correct_mask(model: "Model", prompts: PromptSet) -> torch.Tensor:

@@ -188,6 +188,28 @@ def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) ->
     return writes
 
 
+def write_changes(model: "Model", graph: Graph, source: dict[Site, torch.Tensor],
+                  base: dict[Site, torch.Tensor]) -> torch.Tensor:
+    """(B, U, T, d) float32: each node's write on the source run minus its write on the base run
+    (graph order), filled layer by layer from captured ``resid_pre`` of layer 0, every ``z`` and
+    every ``mlp_out``: a head's write is linear in its ``z`` (the output projection without its
+    bias), an MLP's in its output, so only the changes are projected."""
+    first = source[Site("resid_pre", 0)]
+    B, T, d = first.shape
+    out = torch.empty(B, len(graph.nodes), T, d, dtype=torch.float32, device=first.device)
+    out[:, 0] = first.float() - base[Site("resid_pre", 0)].float()
+    i = 1
+    for l in range(model.n_layers):
+        heads = model.adapter.head_writes(l, source[Site("z", l)] - base[Site("z", l)])  # (H, B, T, d)
+        out[:, i:i + heads.shape[0]] = heads.transpose(0, 1).float()
+        i += heads.shape[0]
+        out[:, i] = model.adapter.residual_write(source[Site("mlp_out", l)] - base[Site("mlp_out", l)]).float()
+        i += 1
+    if i != len(graph.nodes):  # pragma: no cover - the graph and this loop list nodes alike
+        raise MethodError("internal: node writes do not match the graph's nodes")
+    return out
+
+
 def edge_attribution(
     model: "Model",
     prompts: PromptSet,
@@ -311,28 +333,35 @@ def edge_scores_per_position(
             with runs.base.context(model), capture(model, keep) as b_acts:
                 base_logits = runs.base.readout(model)
             measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
-            with torch.no_grad():  # upstream writes' changes: (U, B, T, d)
-                W = torch.stack([s - b for s, b in zip(node_writes(model, graph, s_acts), node_writes(model, graph, b_acts))])
-                W = W.float()
-            B, rows = W.shape[1], torch.arange(W.shape[1])[:, None]
+            with torch.no_grad():  # upstream writes' changes
+                W = write_changes(model, graph, s_acts, b_acts)  # (B, U, T, d)
+            for acts in (s_acts, b_acts):  # what the gradient passes still read: embeddings (IG: every output)
+                for site in [k for k in acts if k.kind.value == "resid_pre" or ig_target == "inputs" and k.layer is not None]:
+                    del acts[site]
+            B, rows = W.shape[0], torch.arange(W.shape[0])[:, None]
             # named positions: each row's own positions (B, P) of the writes and of the gradients
             pick = None if positions is None or summed else torch.tensor(
                 [positions(i) for i in runs.group.indices.repeat_interleave(runs.draws).tolist()])
-            if pick is not None:
-                W = W[:, rows, pick]  # (U, B, P, d)
-            scores = torch.zeros(B, 1 if summed else W.shape[2], len(graph.nodes), len(graph.ports))
-            flat = scores[:, 0] if summed else scores  # (B, U, V) or (B, T, U, V), a view
+            if summed:
+                W = W.flatten(2)  # (B, U, T * d)
+            else:  # (B, P, U, d): the positions become a batch axis
+                W = W.transpose(1, 2).contiguous() if pick is None else W[rows, :, pick]
+            scores = torch.zeros(B, 1 if summed else W.shape[1], len(graph.nodes), len(graph.ports))
+            flat = scores[:, 0] if summed else scores  # (B, U, V) or (B, P, U, V), a view
             # scores are linear in the gradient: each block of ports is contracted as it comes,
             # and EAP-IG's mean over steps is the mean of the steps' scores
             with relevance_rules(model) if relp else nullcontext():
                 for alpha in steps:
                     for ports, G in _port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target,
-                                                            budget.recompute):
+                                                budget.recompute):  # G: (n, B, T, d)
                         idx = torch.tensor([column[p] for p in ports])
                         with torch.no_grad():
-                            G = G if pick is None else G[:, rows, pick]
-                            flat[..., idx] += torch.einsum("ubtd,vbtd->buv" if summed else "ubtd,vbtd->btuv",
-                                                           W, G.float()).cpu()
+                            if summed:
+                                part = torch.bmm(W, G.float().permute(1, 0, 2, 3).flatten(2).transpose(1, 2))
+                            else:
+                                G = G if pick is None else G[:, rows, pick]
+                                part = torch.matmul(W, G.float().permute(1, 2, 3, 0))  # (B, P, U, n)
+                            flat[..., idx] += part.cpu()
             scores /= len(steps)
             per_prompt[runs.group.indices.tolist()] = scores.reshape(-1, runs.draws, *scores.shape[1:]).mean(1)
     return exp, graph, per_prompt
@@ -342,23 +371,26 @@ def edge_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_bu
                      n_steps: int = 1, summed: bool = True, per_position: int = 1, draws: int = 1,
                      ig_target: str = "inputs") -> MemoryPlan:
     """How edge attribution runs under ``memory_budget`` (:func:`actpatch.memory.plan`), from its
-    bytes per prompt row at the longest prompt: the forward and backward pass, both runs'
-    captures (every z, MLP output and residual stream), the node writes' changes, the gradients
-    at every tap, one layer's port gradients (batched VJPs) and the scores."""
+    bytes per prompt row at the longest prompt, the larger of two phases: building the node
+    writes' changes (both runs' captures: every z, MLP output and residual stream) and the
+    gradient passes (the writes' changes, the gradients at every tap and their zeros, the
+    residual stream read for the VJPs, one layer's port gradients with their batched VJPs, the
+    scores; EAP-IG along activations: both runs' outputs and the interpolated ones), plus the
+    forward and backward pass."""
     L, d, el = model.n_layers, model.d_model, 4
     T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + int(prompts.continuation_lengths.max()) - 1
     U, V = len(graph.nodes), len(graph.ports)
     heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
                 for l in range(L))
-    buffers = T * d * el * (2 * (3 * L + 1) * (2 if ig_target == "activations" else 1)  # captures (+ IG points)
-                            + U  # node writes' changes
-                            + 5 * L  # gradients at q, k, v, MLP inputs; the residual stream read for the VJPs
-                            + 3 * heads)  # one layer's port gradients and their output gradients
-    buffers += U * V * el * (1 if summed else 2 * per_position)
+    unit = T * d * el  # one (T, d) float32 tensor
+    writes = (U if summed else 2 * U) * unit  # per position: a transposed copy
+    building = (2 * (3 * L + 1) + U + 3 * model.n_heads) * unit
+    grads = writes + unit * (2 + 8 * L + L + 7 * heads + (6 * L if ig_target == "activations" else 0))
+    grads += U * V * el * (1 if summed else 2 * per_position)
     readouts = int(prompts.continuation_lengths.max()) * 2 - 1
     return plan("Edge attribution", model, memory_budget, total_rows=len(prompts) * draws,
-                per_row=backward_bytes(model, T, readouts) + buffers,
-                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + buffers,
+                per_row=max(building, grads + backward_bytes(model, T, readouts)),
+                per_row_recomputed=max(building, grads + backward_bytes(model, T, readouts, recompute=True)),
                 passes=2 + 3 * n_steps, draws=draws)  # source and base runs; a forward + backward per step
 
 
