@@ -74,7 +74,7 @@ def test_the_plan_chunks_then_recomputes_then_refuses(models):
     p = plan("X", m, 10_000, total_rows=8, per_row=3_000, per_row_recomputed=1_000, passes=4)
     assert (p.rows, p.chunks, p.recompute) == (3, 3, False)
     p = plan("X", m, 2_000, total_rows=8, per_row=3_000, per_row_recomputed=1_000, passes=4)
-    assert (p.rows, p.chunks, p.recompute, p.forward_equivalents) == (1, 8, True, pytest.approx(16 / 3))
+    assert (p.rows, p.chunks, p.recompute, p.forward_equivalents) == (2, 4, True, pytest.approx(16 / 3))
     p = plan("X", m, 6_000, total_rows=8, per_row=1_000, per_row_recomputed=500, passes=4, draws=4)
     assert p.rows == 4  # whole prompts: 4 draws each
     with pytest.raises(MemoryBudgetError, match=r"memory_budget='1MiB' or more"):

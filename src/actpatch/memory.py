@@ -11,7 +11,7 @@ technique states its bytes per prompt (:func:`estimate`), and :func:`plan` runs
 1. all prompts of a length group at once when they fit,
 2. else as many prompts at a time as fit (every prompt is computed alone, so the values do not
    change),
-3. else one prompt at a time with every block recomputed in the backward pass
+3. else as many prompts at a time as fit with every block recomputed in the backward pass
    (:func:`~actpatch.hooks.recompute_blocks`: one block's activations at a time, for about one
    more forward pass),
 4. else refuses, before any work, naming the smallest budget that fits one prompt.
@@ -152,7 +152,8 @@ def plan(technique: str, model: "Model", budget: "int | str | None", *, total_ro
         return MemoryPlan(technique, limit, rows, total_rows, False, rows * per_row, per_row, passes)
     if unit_recomputed <= limit:
         # recomputation adds one forward pass to each forward + backward pass (three forwards' worth)
-        return MemoryPlan(technique, limit, draws, total_rows, True, unit_recomputed, per_row_recomputed,
+        rows = draws * max(1, min(total_rows // draws, limit // max(1, unit_recomputed)))
+        return MemoryPlan(technique, limit, rows, total_rows, True, rows * per_row_recomputed, per_row_recomputed,
                           passes * 4 / 3)
     raise MemoryBudgetError(
         f"{technique}: one prompt needs about {format_bytes(unit_recomputed)} even with every block recomputed "
