@@ -10,6 +10,13 @@ actpatch's batched engine):
   through ``TransformerBridge`` over the same HF weights (eager attention, as it requires);
 * nnsight 0.8: a loop of traces, and one trace with one invoke per patch.
 
+``--share`` prints only the engine against the machine (issue 28): for resid_pre and z sweeps at
+1, 8 and 32 prompts, the *necessary* token-layers per second as a share of the decoder stack's own
+throughput in a plain batched forward pass (best of several batch sizes, same process, no
+unembedding). Necessary: a patch at (layer l, position p) changes layers >= l at positions >= p
+(a head patch: layers >= l from the first clean / corrupted difference on), and patches before
+the first difference are no-ops; plus the clean and corrupted baseline runs.
+
 Peers come from the optional ``bench`` extra (``pip install -e '.[bench]'``); missing peers are
 reported as skipped. Run:  python benchmarks/sweep_speed.py [--quick] [--skip-peers]
 """
@@ -201,15 +208,74 @@ def prompts_of_length(model: ap.Model, n: int, length: int) -> ap.PromptSet:
                                  base.answers, base.alternatives)
 
 
+def first_differences(prompts: ap.PromptSet) -> list[int]:
+    return [int((c != k).nonzero()[0]) for c, k in zip(prompts.clean, prompts.corrupted)]
+
+
+def necessary_token_layers(model: ap.Model, prompts: ap.PromptSet, target: str) -> int:
+    """Token-layers a sweep must compute (see the module docstring), summed over prompts."""
+    L, T = model.n_layers, prompts.seq_len
+    total = 0
+    for d in first_differences(prompts):
+        if target == "resid_pre":
+            total += sum((L - l) * (T - p) for l in range(L) for p in range(d, T))
+        else:  # every head of every layer, all positions
+            total += sum(model.n_heads * (L - l) * (T - d) for l in range(L))
+        total += 2 * L * T  # the clean and corrupted runs
+    return total
+
+
+def stack_throughput(model: ap.Model, T: int, batch_sizes: tuple[int, ...] = (1, 8, 32, 64)) -> tuple[float, int]:
+    """Token-layers per second of the model's own decoder stack (embeddings, blocks, final norm;
+    no unembedding) in a plain batched forward pass: the best of ``batch_sizes`` (best of 3 each)."""
+    body = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.model
+    best, best_b = 0.0, 0
+    for B in batch_sizes:
+        ids = torch.randint(100, 10000, (B, T))
+        body(input_ids=ids, use_cache=False)  # warm-up
+        secs = min(_timed_call(lambda: body(input_ids=ids, use_cache=False)) for _ in range(3))
+        rate = B * T * model.n_layers / secs
+        if rate > best:
+            best, best_b = rate, B
+    return best, best_b
+
+
+def _timed_call(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def share_table(model: ap.Model) -> None:
+    ps = ap.prompts.ioi(model, n=32, templates=[0])
+    T = ps.seq_len
+    rate, B = stack_throughput(model, T)
+    print(f"\nThe engine against the machine: plain decoder stack {rate / 1e3:.1f}k token-layers/s "
+          f"(best batch {B} x {T} tokens)")
+    print(f"  {'sweep':<10}{'prompts':>8}{'necessary':>12}{'seconds':>9}{'token-layers/s':>16}{'share':>7}")
+    for target in ("resid_pre", "z"):
+        for n in (1, 8, 32):
+            sub = ps.subset(range(n))
+            ap.sweep(model, sub, target, direction="denoise", progress=False)  # warm-up
+            secs = min(_timed_call(lambda: ap.sweep(model, sub, target, direction="denoise", progress=False))
+                       for _ in range(2 if n < 32 else 1))
+            need = necessary_token_layers(model, sub, target)
+            print(f"  {target:<10}{n:>8}{need:>12,}{secs:>9.2f}{need / secs / 1e3:>15.1f}k{need / secs / rate:>7.2f}")
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap_.add_argument("--quick", action="store_true", help="one prompt count, fewer scaling points")
     ap_.add_argument("--skip-peers", action="store_true", help="actpatch only")
+    ap_.add_argument("--share", action="store_true", help="only the engine's share of the machine's throughput")
     args = ap_.parse_args()
     torch.manual_seed(0)
     model, load_s = ap.models.loading.timed_load()
     model.weight_hash  # computed once, outside the timings
     print(f"{model!r}\nloaded in {load_s:.2f} s; torch threads: {torch.get_num_threads()}")
+    if args.share:
+        share_table(model)
+        return
     bridge = lm = None
     if not args.skip_peers:
         try:
@@ -251,6 +317,7 @@ def main() -> None:
         case = Case(model, ap.prompts.ioi(model, n=n, templates=[0]))
         _, secs, mb = timed(lambda: actpatch_sweep(case, "resid_pre", "batched"))
         print(f"  {n:>4} prompts: {secs:7.2f} s  (peak +{mb:.0f} MB)")
+    share_table(model)
 
 
 if __name__ == "__main__":

@@ -120,10 +120,11 @@ def test_attribution_under_a_budget_equals_the_unbudgeted_run(models, family, ta
     if kw.get("qk_fix"):
         sites += [Site(k, l) for l in range(m.n_layers) for k in ("q", "pattern")]
     draws = kw.get("corruption").draws if "corruption" in kw else 1
-    need = attribution_memory_plan(m, ps, sites, None, grad_drop=kw.get("grad_drop", False), draws=draws)
-    recomputed = need.per_row - backward_bytes(m, 6) + backward_bytes(m, 6, recompute=True)
-    for budget, chunks, recompute in ((2 * need.per_row * draws, 2, False), (recomputed * draws, 3, True)):
-        p = attribution_memory_plan(m, ps, sites, budget, grad_drop=kw.get("grad_drop", False), draws=draws)
+    need = attribution_memory_plan(m, ps, sites, None, grad_drop=kw.get("grad_drop", False), draws=draws,
+                                   pattern=bool(kw.get("qk_fix")))
+    for budget, chunks, recompute in ((2 * need.per_row * draws, 2, False), (need.recomputed_per_row * draws, 3, True)):
+        p = attribution_memory_plan(m, ps, sites, budget, grad_drop=kw.get("grad_drop", False), draws=draws,
+                                    pattern=bool(kw.get("qk_fix")))
         assert (p.chunks, p.recompute) == (chunks, recompute)
         got = ap.attribute(m, ps, target, direction="noise", memory_budget=budget, **kw)
         for metric in full.raw:
@@ -136,9 +137,9 @@ def test_multi_token_attribution_under_a_budget(models):
     ps = _multi_token(m)
     full = ap.attribute(m, ps, "z", metric=["logit_diff", "logprob"])
     sites = [Site("z", l) for l in range(3)]
-    need = attribution_memory_plan(m, ps, sites, None)
-    budget = need.per_row - 1  # one prompt at a time, blocks recomputed
-    assert attribution_memory_plan(m, ps, sites, budget).recompute
+    need = attribution_memory_plan(m, ps, sites, None, pattern=False)
+    budget = need.per_row - 1  # blocks recomputed
+    assert attribution_memory_plan(m, ps, sites, budget, pattern=False).recompute
     got = ap.attribute(m, ps, "z", metric=["logit_diff", "logprob"], memory_budget=budget)
     for metric in full.raw:
         assert _close(got.raw[metric], full.raw[metric]) < RTOL
@@ -156,8 +157,7 @@ def test_edge_attribution_under_a_budget_equals_the_unbudgeted_run(models, famil
     graph = Graph.of(m, "mib")
     steps = kw.get("ig_steps", 0) or 1
     need = edge_memory_plan(m, ps, graph, None, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
-    recomputed = need.per_row - backward_bytes(m, 6) + backward_bytes(m, 6, recompute=True)
-    for budget, chunks, recompute in ((2 * need.per_row, 2, False), (recomputed, 3, True)):
+    for budget, chunks, recompute in ((2 * need.per_row, 2, False), (need.recomputed_per_row, 3, True)):
         p = edge_memory_plan(m, ps, graph, budget, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
         assert (p.chunks, p.recompute) == (chunks, recompute)
         got = ap.edge_attribution(m, ps, memory_budget=budget, **kw)
@@ -192,24 +192,26 @@ def test_a_budget_too_small_for_one_prompt_is_refused_before_any_work(models):
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
 def test_the_backward_estimate_covers_what_autograd_keeps(models, family):
     """backward_bytes is an upper bound of the activations autograd saves (weights excluded) and
-    not a wild one: within 3x at 32 and 96 tokens."""
+    not a wild one: within 3x at 32 and 96 tokens, with actpatch's attention function (patterns
+    kept) and with the model's own (sdpa)."""
     m = models[family]
     weights = {p.untyped_storage().data_ptr() for p in m.hf.parameters()}
-    for T in (32, 96):
-        seen: dict = {}
+    for pattern in (True, False):
+        for T in (32, 96):
+            seen: dict = {}
 
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in weights:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
+            def pack(t):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in weights:
+                    seen[ptr] = t.untyped_storage().nbytes()
+                return t
 
-        taps, _ = gradient_taps([Site("z", l) for l in range(m.n_layers)])
-        with m.attention_fn(), torch.enable_grad(), intervene(m, taps), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m.readout(torch.randint(2, 60, (1, T)), None, grad=True)
-        saved = sum(seen.values())
-        assert saved <= backward_bytes(m, T) <= 3 * saved, (T, saved, backward_bytes(m, T))
+            taps, _ = gradient_taps([Site("z", l) for l in range(m.n_layers)])
+            with m.attention_fn() if pattern else nullcontext(), torch.enable_grad(), intervene(m, taps), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                m.readout(torch.randint(2, 60, (1, T)), None, grad=True)
+            saved, estimate = sum(seen.values()), backward_bytes(m, T, pattern=pattern)
+            assert saved <= estimate <= 3 * saved, (pattern, T, saved, estimate)
 
 
 def test_positional_edge_attribution_under_a_budget(models):
@@ -222,3 +224,60 @@ def test_positional_edge_attribution_under_a_budget(models):
     need = edge_memory_plan(m, both, Graph.of(m, "mib"), None, summed=False, per_position=2).per_row
     got = ap.circuits.positional_edge_attribution(m, both, positions=["first_diff", "end"], memory_budget=need)
     assert _close(got.per_prompt, full.per_prompt) < RTOL
+
+
+def test_estimate_says_what_each_technique_will_do(models):
+    m = models["llama_gqa"]
+    ps = random_pairs(n=4)
+    eap = ap.experiment.estimate(m, ps, "eap")
+    ig = ap.experiment.estimate(m, ps, "eap-ig", ig_steps=5)
+    assert (eap.forward_equivalents, ig.forward_equivalents) == (5, 17) and eap.per_row == ig.per_row
+    per_position = ap.experiment.estimate(m, ps, "peap")
+    assert per_position.per_row > eap.per_row  # a score per position
+    atp = ap.experiment.estimate(m, ps, "atp", target="z")
+    assert ap.experiment.estimate(m, ps, "atp", target="z", memory_budget=4 * atp.per_row).rows == 4
+    assert ap.experiment.estimate(m, ps, "atp", target="z", memory_budget=4 * atp.per_row - 1).rows == 3
+    qk = ap.experiment.estimate(m, ps, "atp", target="k", qk_fix=True)
+    assert qk.per_row > ap.experiment.estimate(m, ps, "atp", target="k").per_row  # queries and patterns too
+    tight = ap.experiment.estimate(m, ps, "eap", memory_budget=eap.per_row * 2)
+    assert (tight.rows, tight.chunks) == (2, 2) and "2 of 4 prompt rows at a time (2 chunks)" in str(tight)
+    with pytest.raises(MemoryBudgetError, match="technique='das'"):
+        ap.experiment.estimate(m, ps, "das")
+
+
+def test_long_prompts_keep_their_named_positions():
+    m = tiny_model("llama")
+    ps = random_pairs(n=2, T=6, diff=(2,)).with_positions("S2", [2, 2])
+    long = ap.prompts.with_prefix(ps, [7, 8, 9, 10], after=1)
+    assert torch.equal(long.clean[0], torch.cat([ps.clean[0][:1], torch.tensor([7, 8, 9, 10]), ps.clean[0][1:]]))
+    assert long.attributes[0]["positions"]["S2"] == 6 and long.meta["prefix_tokens"] == 4
+    from actpatch.techniques.positions import named_positions
+
+    assert named_positions(long, 1)["first_diff"] == 6 and named_positions(long, 1)["end"] == 9
+    padded = ap.prompts.long_context(m, ps, 40)
+    assert padded.lengths.tolist() == [46, 46] and padded.attributes[1]["positions"]["S2"] == 42
+    with pytest.raises(ap.errors.PromptError, match="n_tokens"):
+        ap.prompts.long_context(m, ps, 0)
+    with pytest.raises(ap.errors.PromptError, match="exceed"):
+        ap.prompts.long_context(m, ps, 10**6)
+
+
+@pytest.mark.slow
+def test_bundled_long_ioi_and_needle(bundled):
+    """IOI behind 242 tokens of filler: S2 at layer 0 still carries the whole behaviour and the
+    end carries it before the last layer (a named-position sweep), and AtP under a budget that forces recomputation equals the
+    unbudgeted run; the needle set is solved at 256 tokens."""
+    ps = ap.prompts.long_context(bundled, ap.prompts.ioi(bundled, n=2, seed=0, templates=[0]), 242)
+    assert ps.seq_len == 256
+    res = ap.sweep(bundled, ps, "resid_pre", direction="denoise", layers=[0, 29], positions=["S2", "end"],
+                   progress=False)
+    assert float(res.values[0, 0]) == pytest.approx(1.0, abs=1e-3) and abs(float(res.values[0, 1])) < 1e-3
+    # before the last layer the answer has moved to the end (0.935; 0.925 without the filler)
+    assert float(res.values[1, 1]) > 0.85 and abs(float(res.values[1, 0])) < 0.01
+    layers = [Site("z", l) for l in range(bundled.n_layers)]
+    need = attribution_memory_plan(bundled, ps, layers, None).per_row
+    full = ap.attribute(bundled, ps, "z", direction="noise", layers=[20, 21, 22, 23])
+    got = ap.attribute(bundled, ps, "z", direction="noise", layers=[20, 21, 22, 23], memory_budget=need // 2)
+    assert float((got.raw["logit_diff"] - full.raw["logit_diff"]).abs().max()) < 1e-4  # raw logits, float32
+    needle = ap.prompts.needle(bundled, n=4, n_tokens=256)
+    assert needle.seq_len == 256 and bool(ap.prompts.correct_mask(bundled, needle).all())

@@ -39,9 +39,11 @@ from .errors import MemoryBudgetError
 from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .corruption import Corruption
     from .models.handle import Model
+    from .prompts.promptset import PromptSet
 
-__all__ = ["Budget", "MemoryPlan", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
+__all__ = ["Budget", "MemoryPlan", "estimate", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
            "format_bytes"]
 
 Budget = "int | str | None"
@@ -96,20 +98,22 @@ def activation_bytes(model: "Model", site: Site, T: int) -> int:
     return n * max(4, _element(model))  # gradients and estimates are kept in float32 at least
 
 
-def block_bytes(model: "Model", T: int) -> int:
+def block_bytes(model: "Model", T: int, pattern: bool = True) -> int:
     """Bytes one block keeps for the backward pass for one prompt of ``T`` tokens (see the
-    module docstring for the per-token count, rounded up)."""
-    per_token = 12 * model.d_model + 4 * model.d_mlp + model.n_heads * T
+    module docstring for the per-token count, rounded up). ``pattern``: the attention pattern is
+    kept too (actpatch's eager attention function; the model's fused attention keeps none)."""
+    per_token = 12 * model.d_model + 4 * model.d_mlp + (model.n_heads * T if pattern else 2 * model.n_heads)
     return int(1.25 * T * per_token) * _element(model)
 
 
-def backward_bytes(model: "Model", T: int, readouts: int = 1, recompute: bool = False) -> int:
+def backward_bytes(model: "Model", T: int, readouts: int = 1, recompute: bool = False, pattern: bool = True) -> int:
     """Bytes one prompt's forward and backward pass holds: every block's saved activations, or
-    (``recompute``) every block's input and one block's activations; plus the readout logits."""
+    (``recompute``) every block's input and one block's activations; plus the readout logits.
+    ``pattern``: as in :func:`block_bytes`."""
     logits = 3 * readouts * model.vocab_size * 4
     if recompute:
-        return model.n_layers * T * model.d_model * _element(model) + block_bytes(model, T) + logits
-    return model.n_layers * block_bytes(model, T) + logits
+        return model.n_layers * T * model.d_model * _element(model) + block_bytes(model, T, pattern) + logits
+    return model.n_layers * block_bytes(model, T, pattern) + logits
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ class MemoryPlan:
     bytes: int
     per_row: int
     forward_equivalents: float
+    recomputed_per_row: int = 0
+    """Bytes a row with every block recomputed (what the smallest feasible budget is made of)."""
 
     @property
     def chunks(self) -> int:
@@ -149,13 +155,49 @@ def plan(technique: str, model: "Model", budget: "int | str | None", *, total_ro
     unit, unit_recomputed = per_row * draws, per_row_recomputed * draws
     if unit <= limit:
         rows = draws * max(1, min(total_rows // draws, limit // max(1, unit)))
-        return MemoryPlan(technique, limit, rows, total_rows, False, rows * per_row, per_row, passes)
+        return MemoryPlan(technique, limit, rows, total_rows, False, rows * per_row, per_row, passes, per_row_recomputed)
     if unit_recomputed <= limit:
         # recomputation adds one forward pass to each forward + backward pass (three forwards' worth)
         rows = draws * max(1, min(total_rows // draws, limit // max(1, unit_recomputed)))
         return MemoryPlan(technique, limit, rows, total_rows, True, rows * per_row_recomputed, per_row_recomputed,
-                          passes * 4 / 3)
+                          passes * 4 / 3, per_row_recomputed)
     raise MemoryBudgetError(
         f"{technique}: one prompt needs about {format_bytes(unit_recomputed)} even with every block recomputed "
         f"({format_bytes(unit)} without); memory_budget={format_bytes(limit)} does not fit it. Give "
         f"memory_budget='{math.ceil(unit_recomputed / 2**20)}MiB' or more, or shorten the prompts.")
+
+
+def estimate(model: "Model", prompts: "PromptSet", technique: str = "atp", *, target: str = "z",
+             memory_budget: "int | str | None" = None, ig_steps: int = 5, ig_target: str = "inputs",
+             layout: str = "mib", n_positions: int | None = None, grad_drop: bool = False, qk_fix: bool = False,
+             corruption: "str | Corruption" = "str") -> MemoryPlan:
+    """What a gradient technique will do under ``memory_budget``, before running it: prompts a
+    chunk, recomputation, estimated peak bytes, forward-pass equivalents (``print`` it). Raises
+    :class:`~actpatch.errors.MemoryBudgetError`, naming the smallest budget, where one prompt
+    does not fit. ``technique``: ``"atp"`` / ``"relp"`` (:func:`~actpatch.attribute` of
+    ``target``, with ``grad_drop`` / ``qk_fix``), ``"eap"``, ``"eap-ig"`` (``ig_steps``,
+    ``ig_target``), ``"peap"`` (``n_positions`` named positions; None: every position).
+
+    Example:
+        >>> import actpatch as ap
+        >>> from actpatch.testing import random_pairs, tiny_model
+        >>> print(ap.experiment.estimate(tiny_model("llama"), random_pairs(n=4), "eap-ig", memory_budget="512KiB"))
+        Edge attribution: 2 of 4 prompt rows at a time (2 chunks), about 501.82 KiB of a 512.00 KiB budget; 17 forward-pass equivalents
+    """
+    from .corruption import parse_corruption
+    from .experiment.plan import Grid, plan_for
+    from .techniques.attribution import attribution_memory_plan, tapped_sites
+    from .techniques.eap import edge_memory_plan
+    from .techniques.graph import Graph
+
+    draws = parse_corruption(corruption).draws
+    if technique in ("atp", "relp"):
+        grid = plan_for(model, prompts, target, Grid())
+        return attribution_memory_plan(model, prompts, tapped_sites(grid, qk_fix), memory_budget, grad_drop=grad_drop,
+                                       draws=draws, pattern=grid.uses_attention_fn or qk_fix)
+    if technique not in ("eap", "eap-ig", "peap"):
+        raise MemoryBudgetError(f"estimate: technique={technique!r}; use 'atp', 'relp', 'eap', 'eap-ig' or 'peap'.")
+    positions = n_positions or (prompts.seq_len if technique == "peap" else 1)
+    return edge_memory_plan(model, prompts, Graph.of(model, layout), memory_budget,
+                            n_steps=ig_steps if technique == "eap-ig" else 1, summed=technique != "peap",
+                            per_position=positions, draws=draws, ig_target=ig_target)

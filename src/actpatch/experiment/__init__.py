@@ -1,9 +1,11 @@
 """The experiment core every technique calls (``core``), its grid of cells (``plan``), units of
 work (``units``), executors (``executor``, ``ray_executor``) and saved progress
-(``checkpoint``). As a namespace (``ap.experiment``): the grid and the executors."""
+(``checkpoint``). As a namespace (``ap.experiment``): the grid, the executors, and memory
+budgets' plans before a run (``estimate``, :mod:`actpatch.memory`)."""
 
+from ..memory import MemoryPlan, estimate
 from .executor import LocalExecutor
 from .plan import Grid
 from .ray_executor import RayExecutor
 
-__all__ = ["Grid", "LocalExecutor", "RayExecutor"]
+__all__ = ["Grid", "LocalExecutor", "RayExecutor", "estimate", "MemoryPlan"]

@@ -163,12 +163,10 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
         _check_grad_drop(model, plan, grid.window)
     if relp:
         check_rules(model, DEFAULT_RULES)
-    full = plan.full_sites()
-    if qk:  # base queries and keys, and the gradient at the pattern, of every patched layer
-        qk_layers = sorted({s.layer for s in full})  # type: ignore[type-var]
-        full = list(dict.fromkeys(full + [Site(k, l) for l in qk_layers for k in ("q", "k", "pattern")]))
+    full = tapped_sites(plan, qk)
     metrics = exp.metrics
-    budget = attribution_memory_plan(model, prompts, full, memory_budget, grad_drop=grad_drop, draws=exp.corruption.draws)
+    budget = attribution_memory_plan(model, prompts, full, memory_budget, grad_drop=grad_drop, draws=exp.corruption.draws,
+                                     pattern=plan.uses_attention_fn)
     # float64: raw = base + estimate must keep the estimate (float32 would round it to the
     # spacing at |base|: 4.8e-7 at a logit difference of 5.5, and smaller estimates to 0)
     outcome = exp.outcome(len(plan.patches), dtype=torch.float64)
@@ -222,6 +220,16 @@ def _attribute(model: "Model", prompts: PromptSet, target: str | SiteKind, grid:
                       grid=grid.to_dict(), findings=_atp_findings(plan, grad_drop, relp))
 
 
+def tapped_sites(plan: Plan, qk: bool) -> list[Site]:
+    """The whole activations AtP taps for ``plan``: its sites' full tensors; with ``qk`` (AtP*'s
+    QK fix) every patched layer's queries, keys and pattern too."""
+    full = plan.full_sites()
+    if qk:
+        qk_layers = sorted({s.layer for s in full})  # type: ignore[type-var]
+        full = list(dict.fromkeys(full + [Site(k, l) for l in qk_layers for k in ("q", "k", "pattern")]))
+    return full
+
+
 def _enter_base_run(stack: ExitStack, model: "Model", base: Any, taps: dict, *, qk: bool, grad_drop: bool,
                     relp: bool, recompute: bool) -> list:
     """Enter what the base run's forward and backward passes run under (autograd, the run's own
@@ -239,19 +247,23 @@ def _enter_base_run(stack: ExitStack, model: "Model", base: Any, taps: dict, *, 
 
 
 def attribution_memory_plan(model: "Model", prompts: PromptSet, sites: Sequence[Site],
-                            memory_budget: "int | str | None", *, grad_drop: bool = False, draws: int = 1) -> MemoryPlan:
+                            memory_budget: "int | str | None", *, grad_drop: bool = False, draws: int = 1,
+                            pattern: bool = True) -> MemoryPlan:
     """How :func:`attribute` runs under ``memory_budget`` (:func:`actpatch.memory.plan`), from its
     bytes per prompt row at the longest prompt: the forward and backward pass plus, at every
     tapped site (``sites``: whole activations), the source run's activation, the base run's,
-    the gradient and their product (GradDrop: two more, its dropped gradients)."""
+    the gradient and their product (GradDrop: two more, its dropped gradients). ``pattern``:
+    whether the run keeps attention patterns (actpatch's attention function: q / k / v /
+    pattern targets; the model's fused attention otherwise)."""
     C = int(prompts.continuation_lengths.max()) - 1
     T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C  # answer + alternative branches
     taps = sum(activation_bytes(model, s, T) for s in sites) * (6 if grad_drop else 4)
     readouts = 2 * C + 1
     passes = 4 + (model.n_layers - 1) if grad_drop else 4  # source run, base run + backward; GradDrop's partial ones
     return plan("Attribution", model, memory_budget, total_rows=len(prompts) * draws,
-                per_row=backward_bytes(model, T, readouts) + taps,
-                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + taps, passes=passes, draws=draws)
+                per_row=backward_bytes(model, T, readouts, pattern=pattern) + taps,
+                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True, pattern=pattern) + taps,
+                passes=passes, draws=draws)
 
 
 def _check_grad_drop(model: "Model", plan: Plan, window: int) -> None:
