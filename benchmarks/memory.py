@@ -40,22 +40,16 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     """One run in this process; returns what it measured."""
 
     import actpatch as ap
-    from actpatch.sites import Site
-    from actpatch.techniques.attribution import attribution_memory_plan
-    from actpatch.techniques.eap import edge_memory_plan
-    from actpatch.techniques.graph import Graph
 
     model = ap.load_model()
     short = ap.prompts.ioi(model, n=n, seed=0, templates=[0, 2, 6])
     prompts = ap.prompts.long_context(model, short, tokens - short.seq_len)
-    limit = budget
     if technique == "atp":
-        sites = [Site("z", l) for l in range(model.n_layers)]
-        plan = attribution_memory_plan(model, prompts, sites, limit)
-        run = lambda: ap.attribute(model, prompts, "z", direction="noise", memory_budget=limit)  # noqa: E731
+        plan = ap.experiment.estimate(model, prompts, "atp", target="z", memory_budget=budget)
+        run = lambda: ap.attribute(model, prompts, "z", direction="noise", memory_budget=budget)  # noqa: E731
     else:
-        plan = edge_memory_plan(model, prompts, Graph.of(model, "mib"), limit, n_steps=steps)
-        run = lambda: ap.edge_attribution(model, prompts, ig_steps=steps, memory_budget=limit)  # noqa: E731
+        plan = ap.experiment.estimate(model, prompts, "eap-ig", ig_steps=steps, memory_budget=budget)
+        run = lambda: ap.edge_attribution(model, prompts, ig_steps=steps, memory_budget=budget)  # noqa: E731
     # page the weights in (the bundled model's cache is memory-mapped: its pages join the resident
     # set on first use) and warm autograd up, on a short prompt, before the baseline is read
     ap.attribute(model, short.subset([0]), "z", direction="noise")

@@ -113,6 +113,11 @@ def test_run_writes_results_and_report(tmp_path):
      "subspace: applies to exact patching"),
     ("model: tiny:llama\ntargets: [{target: resid_pre, subspace: {k: 2}}]\n", "only method pca finds several"),
     ("model: tiny:llama\ndas: [{site: resid_pre.X1}]\n", "Cannot read site"),
+    ("model: tiny:llama\ntargets: [{target: z}]\nmemory_budget: lots\n", "memory_budget='lots' is not a size; write e.g. '4GiB'"),
+    ("model: tiny:llama\nprompts: {file: pairs.jsonl, keep_correct: false}\ntargets: [{target: z, method: atp}]\n"
+     "memory_budget: 1KiB\n", "Attribution: one prompt needs about"),
+    ("model: tiny:llama\nprompts: {file: pairs.jsonl, keep_correct: false}\ncircuits: {methods: [eap]}\n"
+     "memory_budget: 1KiB\n", "one prompt needs about"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, body, fragment):
     cfg = write_config(tmp_path, body)

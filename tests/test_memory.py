@@ -281,3 +281,56 @@ def test_bundled_long_ioi_and_needle(bundled):
     assert float((got.raw["logit_diff"] - full.raw["logit_diff"]).abs().max()) < 1e-4  # raw logits, float32
     needle = ap.prompts.needle(bundled, n=4, n_tokens=256)
     assert needle.seq_len == 256 and bool(ap.prompts.correct_mask(bundled, needle).all())
+
+
+def test_circuit_runs_under_a_budget_equal_the_kept_ones(models):
+    """Past the budget the corrupted and clean captures are computed again per chunk of prompts
+    for every batch of circuits: the faithfulness curve and MIB's scores do not change."""
+    from actpatch.techniques.circuit import circuit_memory_plan
+
+    m = models["llama_gqa"]
+    ps = random_pairs(n=5)
+    edges = ap.edge_attribution(m, ps)
+    graph = edges.graph
+    kept = circuit_memory_plan(m, ps, graph, None)
+    assert kept.kept and kept.rows == 5
+    tight = circuit_memory_plan(m, ps, graph, 2 * kept.per_row)
+    assert not tight.kept and tight.rows == 2 and "per chunk of 2 prompts" in str(tight)
+    full = ap.circuits.faithfulness(m, ps, edges, sizes=[0, 10, 60, 10_000])
+    got = ap.circuits.faithfulness(m, ps, edges, sizes=[0, 10, 60, 10_000], memory_budget=2 * kept.per_row)
+    assert _close(got.values, full.values) < RTOL
+    a = ap.circuits.circuit_scores(m, ps, edges, fractions=[0.1, 0.5, 1.0])
+    b = ap.circuits.circuit_scores(m, ps, edges, fractions=[0.1, 0.5, 1.0], memory_budget=2 * kept.per_row)
+    assert abs(a.cpr - b.cpr) < 1e-9 and abs(a.cmd - b.cmd) < 1e-9
+    with pytest.raises(MemoryBudgetError, match="Circuit runs: one prompt needs about"):
+        ap.circuits.faithfulness(m, ps, edges, sizes=[10], memory_budget=kept.per_row // 2)
+
+
+def test_das_and_direction_finding_under_a_budget():
+    """DAS sums each chunk's gradient (and recomputes blocks) to the same steps; the direction
+    finders read the same vectors a few prompts at a time."""
+    from actpatch.techniques.das import das_memory_plan
+    from actpatch.testing import planted_direction_model
+
+    toy, prompts, site, _ = planted_direction_model()
+    toy.hf.double()
+    need = das_memory_plan(toy, prompts, site, None)
+    full = ap.subspaces.das(toy, prompts, site, k=1, steps=12, seed=0, progress=False)
+    for budget in (2 * need.per_row, need.recomputed_per_row):
+        plan_ = das_memory_plan(toy, prompts, site, budget)
+        assert plan_.chunks > 1 and plan_.recompute == (budget == need.recomputed_per_row)
+        got = ap.subspaces.das(toy, prompts, site, k=1, steps=12, seed=0, progress=False, memory_budget=budget)
+        # (the basis is kept in float32: 1e-6 is its rounding, 1e-5 nats of loss its effect)
+        assert float((got.subspace.basis_for(site.layer) - full.subspace.basis_for(site.layer)).abs().max()) < 1e-6
+        assert max(abs(a - b) for x, y in zip(got.curve, full.curve) for a, b in zip(x, y)) < 1e-5
+    m = tiny_model("llama_gqa", n_layers=2)
+    ps = random_pairs(n=5)
+    where = Site("resid_pre", 1, pos=4)
+    whole = ap.subspaces.diff_of_means(m, ps, where)
+    from actpatch.memory import inference_plan
+
+    small = inference_plan("x", m, ps, [where.full()], None).per_row * 2
+    assert inference_plan("x", m, ps, [where.full()], small).chunks == 3
+    assert torch.equal(ap.subspaces.diff_of_means(m, ps, where, memory_budget=small).basis_for(1), whole.basis_for(1))
+    with pytest.raises(MemoryBudgetError, match=r"Finding a direction: one prompt needs about [\d.]+ KiB; memory_budget"):
+        ap.subspaces.diff_of_means(m, ps, where, memory_budget=100)

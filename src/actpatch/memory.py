@@ -39,11 +39,10 @@ from .errors import MemoryBudgetError
 from .sites import Site, SiteKind
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .corruption import Corruption
     from .models.handle import Model
     from .prompts.promptset import PromptSet
 
-__all__ = ["Budget", "MemoryPlan", "estimate", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
+__all__ = ["Budget", "MemoryPlan", "inference_plan", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
            "format_bytes"]
 
 Budget = "int | str | None"
@@ -156,48 +155,26 @@ def plan(technique: str, model: "Model", budget: "int | str | None", *, total_ro
     if unit <= limit:
         rows = draws * max(1, min(total_rows // draws, limit // max(1, unit)))
         return MemoryPlan(technique, limit, rows, total_rows, False, rows * per_row, per_row, passes, per_row_recomputed)
-    if unit_recomputed <= limit:
+    if unit_recomputed <= limit and unit_recomputed < unit:
         # recomputation adds one forward pass to each forward + backward pass (three forwards' worth)
         rows = draws * max(1, min(total_rows // draws, limit // max(1, unit_recomputed)))
         return MemoryPlan(technique, limit, rows, total_rows, True, rows * per_row_recomputed, per_row_recomputed,
                           passes * 4 / 3, per_row_recomputed)
+    how = (f" even with every block recomputed ({format_bytes(unit)} without)" if unit_recomputed < unit else "")
     raise MemoryBudgetError(
-        f"{technique}: one prompt needs about {format_bytes(unit_recomputed)} even with every block recomputed "
-        f"({format_bytes(unit)} without); memory_budget={format_bytes(limit)} does not fit it. Give "
+        f"{technique}: one prompt needs about {format_bytes(unit_recomputed)}{how}; "
+        f"memory_budget={format_bytes(limit)} does not fit it. Give "
         f"memory_budget='{math.ceil(unit_recomputed / 2**20)}MiB' or more, or shorten the prompts.")
 
 
-def estimate(model: "Model", prompts: "PromptSet", technique: str = "atp", *, target: str = "z",
-             memory_budget: "int | str | None" = None, ig_steps: int = 5, ig_target: str = "inputs",
-             layout: str = "mib", n_positions: int | None = None, grad_drop: bool = False, qk_fix: bool = False,
-             corruption: "str | Corruption" = "str") -> MemoryPlan:
-    """What a gradient technique will do under ``memory_budget``, before running it: prompts a
-    chunk, recomputation, estimated peak bytes, forward-pass equivalents (``print`` it). Raises
-    :class:`~actpatch.errors.MemoryBudgetError`, naming the smallest budget, where one prompt
-    does not fit. ``technique``: ``"atp"`` / ``"relp"`` (:func:`~actpatch.attribute` of
-    ``target``, with ``grad_drop`` / ``qk_fix``), ``"eap"``, ``"eap-ig"`` (``ig_steps``,
-    ``ig_target``), ``"peap"`` (``n_positions`` named positions; None: every position).
-
-    Example:
-        >>> import actpatch as ap
-        >>> from actpatch.testing import random_pairs, tiny_model
-        >>> print(ap.experiment.estimate(tiny_model("llama"), random_pairs(n=4), "eap-ig", memory_budget="512KiB"))
-        Edge attribution: 2 of 4 prompt rows at a time (2 chunks), about 501.82 KiB of a 512.00 KiB budget; 17 forward-pass equivalents
-    """
-    from .corruption import parse_corruption
-    from .experiment.plan import Grid, plan_for
-    from .techniques.attribution import attribution_memory_plan, tapped_sites
-    from .techniques.eap import edge_memory_plan
-    from .techniques.graph import Graph
-
-    draws = parse_corruption(corruption).draws
-    if technique in ("atp", "relp"):
-        grid = plan_for(model, prompts, target, Grid())
-        return attribution_memory_plan(model, prompts, tapped_sites(grid, qk_fix), memory_budget, grad_drop=grad_drop,
-                                       draws=draws, pattern=grid.uses_attention_fn or qk_fix)
-    if technique not in ("eap", "eap-ig", "peap"):
-        raise MemoryBudgetError(f"estimate: technique={technique!r}; use 'atp', 'relp', 'eap', 'eap-ig' or 'peap'.")
-    positions = n_positions or (prompts.seq_len if technique == "peap" else 1)
-    return edge_memory_plan(model, prompts, Graph.of(model, layout), memory_budget,
-                            n_steps=ig_steps if technique == "eap-ig" else 1, summed=technique != "peap",
-                            per_position=positions, draws=draws, ig_target=ig_target)
+def inference_plan(technique: str, model: "Model", prompts: "PromptSet", sites: "list[Site]",
+                   memory_budget: "int | str | None") -> MemoryPlan:
+    """:func:`plan` for a technique that only runs forward passes (no gradients) and captures
+    the whole activations at ``sites`` of the clean and the corrupted run: one block's
+    activations at a time, the residual stream, the captures."""
+    C = int(prompts.continuation_lengths.max()) - 1
+    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C
+    per_row = block_bytes(model, T) + 2 * T * model.d_model * _element(model) + 2 * sum(
+        activation_bytes(model, s, T) for s in sites) + 3 * (2 * C + 1) * model.vocab_size * 4
+    return plan(technique, model, memory_budget, total_rows=len(prompts), per_row=per_row, per_row_recomputed=per_row,
+                passes=2)

@@ -398,6 +398,21 @@ class ExperimentConfig(_Strict):
     """Patches per saved unit of progress (a killed run resumes from the last saved unit)."""
     chunk_size: int | None = Field(None, ge=1)
     """Patches per batched forward pass; fixed so that a resumed run repeats the same arithmetic."""
+    memory_budget: int | str | None = None
+    """Bytes (or "4GiB") for the gradient techniques' and circuit runs' activations (AtP targets,
+    edge attribution, MIB scores, faithfulness); default: a share of the free memory."""
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            from ..memory import parse_budget
+
+            try:
+                parse_budget(v)
+            except Exception as e:  # the budget's own message names the fix
+                raise ValueError(str(e)) from None
+        return v
 
     @model_validator(mode="after")
     def _atp_metrics(self) -> "ExperimentConfig":

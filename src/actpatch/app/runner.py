@@ -294,7 +294,8 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
     def job(direction: Direction, target_dir: Path) -> PatchResult:
         if t.method is Method.ATP:  # a few passes: nothing to resume
             return attribute(model, prompts, t.target, direction=direction, corruption=corruption,
-                             metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop, **axes)
+                             metric=cfg.metrics, seed=cfg.seed, qk_fix=t.qk_fix, grad_drop=t.grad_drop,
+                             memory_budget=cfg.memory_budget, **axes)
         store = UnitStore(target_dir / "units")
         if len(store):
             log(f"{target_dir.name}: resuming from {len(store)} saved unit(s)")
@@ -347,20 +348,21 @@ def find_circuits(model: Model, prompts: PromptSet, cfg: ExperimentConfig, out: 
         first = first if first is not None else edges
         if c.evaluate == "mib":
             options = dict(fractions=fractions, corruption=corruption, metric=cfg.metrics[0].value, seed=cfg.seed,
-                           selection=c.selection)
+                           selection=c.selection, memory_budget=cfg.memory_budget)
             mib[name] = circuit_scores(model, prompts, edges, **options)  # type: ignore[arg-type]
             if "random" not in mib:
                 mib["random"] = circuit_scores(model, prompts, random_edges(edges, cfg.seed), **options)  # type: ignore[arg-type]
             log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
         curves[name] = faithfulness(model, prompts, edges, sizes=c.sizes, corruption=corruption, metric=cfg.metrics[0].value,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, memory_budget=cfg.memory_budget)
         log(f"Top edges, {name}: " + "; ".join(f"{u} -> {v} {s:+.2f}" for u, v, s in edges.top(5)))
         log(f"Faithfulness, {name}: " + ", ".join(f"{n} edges {v:+.2f}" for n, v in zip(c.sizes, curves[name].values.tolist())))
     if mib and c.oracle_k:
         exact = oracle_edges(model, prompts, first, c.oracle_k)
         name = f"exact ({exact.extra['oracle_k']} edges of {first.method.upper()})"
         mib[name] = circuit_scores(model, prompts, exact, fractions=fractions, corruption=corruption,
-                                   metric=cfg.metrics[0].value, seed=cfg.seed, selection=c.selection)
+                                   metric=cfg.metrics[0].value, seed=cfg.seed, selection=c.selection,
+                                   memory_budget=cfg.memory_budget)
         log(f"MIB, {name}: CPR {mib[name].cpr:.3f}, CMD {mib[name].cmd:.3f} ({mib[name].seconds:.1f} s)")
     if mib:
         save_mib(mib, out / "mib.json")
@@ -386,7 +388,8 @@ def _edges_of(method: "EdgeMethod | str", c: CircuitsConfig, model: "Model", pro
     name = ((f"EAP-IG ({steps} steps" + (", activations)" if on == "activations" else ")")) if steps
             else "RelP" if how is EdgeMethod.RELP else "EAP")
     return name, edge_attribution(model, prompts, corruption=corruption, metric=cfg.metrics[0].value, ig_steps=steps,
-                                  seed=cfg.seed, ig_target=on, layout=c.layout, method=how)
+                                  seed=cfg.seed, ig_target=on, layout=c.layout, method=how,
+                                  memory_budget=cfg.memory_budget)
 
 
 def load_experiment(out: str | Path) -> tuple[dict[str, Any], dict[str, PatchResult]]:

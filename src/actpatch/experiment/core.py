@@ -243,13 +243,13 @@ class Experiment:
             source = {s: corr.source(a) for s, a in clean.items()}
         return source, logits
 
-    def paired_activations(self, site: Site) -> Iterator[tuple[GroupRuns, torch.Tensor, torch.Tensor]]:
-        """Per length group: its runs and the whole activations at ``site`` on the clean and on
-        the corrupted run (no gradients). The one loop the direction finders and DAS read
-        their vectors from."""
+    def paired_activations(self, site: Site, max_rows: int | None = None) -> Iterator[tuple[GroupRuns, torch.Tensor, torch.Tensor]]:
+        """Per length group (in chunks of ``max_rows`` rows: :meth:`groups`): its runs and the
+        whole activations at ``site`` on the clean and on the corrupted run (no gradients). The
+        one loop the direction finders and DAS read their vectors from."""
         full = site.full()
         with torch.no_grad():
-            for runs in self.groups():
+            for runs in self.groups(max_rows):
                 got = []
                 for run in (runs.clean, runs.corrupted):
                     with run.context(self.model), capture(self.model, [full]) as acts:

@@ -13,6 +13,7 @@ Faithfulness is the normalised metric of that run: (M_circuit - M_corrupted) / (
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ import torch
 from .._io import read_named, write_named
 from ..agreement import Agreement, AgreementReading, choose_cells, exact_is_affordable
 from ..corruption import Corruption, from_description
-from ..errors import MethodError
-from ..experiment.core import Experiment
+from ..errors import MemoryBudgetError, MethodError
+from ..experiment.core import Experiment, GroupRuns
 from ..findings import Finding
 from ..hooks import capture, intervene, stop_after
+from ..memory import format_bytes, parse_budget
 from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -308,13 +310,58 @@ measured batching circuits slower there (0.90x at 64 rows on 2 cores: the work i
 compute-bound), while a GPU needs the rows to fill it."""
 
 
+@dataclass(frozen=True)
+class CircuitBudget:
+    """How circuit runs fit a memory budget: whether every prompt's corrupted writes and clean
+    captures are ``kept`` for all circuits (else they are computed again per chunk of ``rows``
+    prompts in every batch of circuits: two more forward passes per chunk and batch), and
+    ``forward_rows``, the circuit x prompt rows one forward pass may hold."""
+
+    budget: int
+    kept: bool
+    rows: int
+    forward_rows: int
+    per_row: int
+    """Bytes a prompt needs: its kept data and one forward row."""
+
+    def __str__(self) -> str:
+        how = "kept for every circuit" if self.kept else f"computed again per chunk of {self.rows} prompts"
+        return (f"Circuit runs: each prompt's corrupted and clean captures {how}; up to {self.forward_rows} circuit x "
+                f"prompt rows per forward pass ({format_bytes(self.budget)} budget)")
+
+
+def circuit_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_budget: "int | str | None") -> CircuitBudget:
+    """:class:`CircuitBudget` for circuit runs on ``prompts`` under ``memory_budget`` (default:
+    :func:`actpatch.memory.parse_budget`'s): per prompt, the corrupted run's node writes and the
+    clean run's captures and writes; per forward row, the node writes' buffer, one layer's
+    recomputed inputs and the attention pattern."""
+    limit = parse_budget(memory_budget, model.device)
+    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * (int(prompts.continuation_lengths.max()) - 1)
+    U, L = len(graph.nodes), model.n_layers
+    heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
+                for l in range(L))
+    unit = T * model.d_model * 4
+    stored = (2 * U + 4 * L + 2) * unit
+    forward = (U + 4 * heads + 4 * L) * unit + 2 * model.n_heads * T * T * 4
+    n = len(prompts)
+    if n * stored + forward <= limit:
+        return CircuitBudget(limit, True, n, max(1, (limit - n * stored) // forward), stored + forward)
+    rows = limit // (stored + forward)
+    if rows < 1:
+        raise MemoryBudgetError(f"Circuit runs: one prompt needs about {format_bytes(stored + forward)}; "
+                                f"memory_budget={format_bytes(limit)} does not fit it. Give memory_budget="
+                                f"'{math.ceil((stored + forward) / 2**20)}MiB' or more, or shorten the prompts.")
+    return CircuitBudget(limit, False, int(min(rows, n)), int(min(rows, n)), stored + forward)
+
+
 class _Circuits:
     """Runs circuits over one prompt set: the corrupted writes and the clean log-probs of each
     length group are computed once and reused for every circuit; several circuits run as one
     batch (``rows`` circuits x prompts per forward pass)."""
 
     def __init__(self, model: "Model", prompts: PromptSet, corruption: str | Corruption, metric: str, seed: int,
-                 rows: int | None = None, layout: str | GraphLayout = GraphLayout.MIB, differentiable: bool = False) -> None:
+                 rows: int | None = None, layout: str | GraphLayout = GraphLayout.MIB, differentiable: bool = False,
+                 memory_budget: "int | str | None" = None) -> None:
         exp = Experiment.setup(model, prompts, direction=Direction.NOISE, corruption=corruption, metric=metric,
                                seed=seed, technique="Circuit runs", needs_corrupted_run=True, continuations=True)
         if exp.corruption.draws != 1:
@@ -327,19 +374,35 @@ class _Circuits:
         self.graph = Graph.of(model, layout)
         self.unreachable = ~self.graph.reachable
         self.lengths = sorted({g.seq_len for g in prompts.groups()})
-        self.groups = []
+        self.differentiable = differentiable
+        self.budget = circuit_memory_plan(model, prompts, self.graph, memory_budget)
+        # within the budget the corrupted writes and clean captures of every prompt are kept for
+        # every circuit; beyond it they are recomputed per chunk of prompts in each batch of circuits
+        self.chunks = list(exp.groups(None if self.budget.kept else self.budget.rows))
+        self.kept = [self._prepare(runs) for runs in self.chunks] if self.budget.kept else None
+
+    def _prepare(self, runs: "GroupRuns") -> tuple:
+        """The corrupted run's node writes, the metric's measurer and the clean run's captures
+        (the shortcut of single-token answers) of one chunk of prompts."""
+        model = self.model
         sites = [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
         resid = [Site("resid_pre", l) for l in range(1, model.n_layers)] + [Site("resid_final")]
-        with torch.inference_mode(not differentiable), torch.no_grad():  # (no inference tensors when a mask learns)
-            for runs in exp.groups():
-                with runs.corrupted.context(model), capture(model, sites) as a:
-                    runs.corrupted.readout(model)  # (the writes at prompt positions: the edges)
-                corr_w = node_writes(model, self.graph, a)
-                with runs.clean.context(model), capture(model, sites + resid) as c:
-                    measure = runs.measurer(exp.metrics, runs.clean.readout(model))
-                single = runs.continuation is None or runs.continuation.is_single
-                skip = CleanRun(dict(c), node_writes(model, self.graph, c)) if single else None
-                self.groups.append((runs, corr_w, measure, skip))
+        with torch.inference_mode(not self.differentiable), torch.no_grad():  # (no inference tensors when a mask learns)
+            with runs.corrupted.context(model), capture(model, sites) as a:
+                runs.corrupted.readout(model)  # (the writes at prompt positions: the edges)
+            corr_w = node_writes(model, self.graph, a)
+            with runs.clean.context(model), capture(model, sites + resid) as c:
+                measure = runs.measurer(self.exp.metrics, runs.clean.readout(model))
+            single = runs.continuation is None or runs.continuation.is_single
+            skip = CleanRun(dict(c), node_writes(model, self.graph, c)) if single else None
+        return corr_w, measure, skip
+
+    @property
+    def groups(self) -> Iterator[tuple]:
+        """Per chunk of prompts (a length group, or part of one under a memory budget): its runs,
+        corrupted writes, measurer and clean captures (kept, or computed again now)."""
+        for i, runs in enumerate(self.chunks):
+            yield (runs, *(self.kept[i] if self.kept is not None else self._prepare(runs)))
 
     def _checked(self, keep: torch.Tensor) -> torch.Tensor:
         shape = (len(self.graph.nodes), len(self.graph.ports))
@@ -365,10 +428,10 @@ class _Circuits:
         checked = [self._checked(k) for k in keeps]
         if len({k.dim() for k in checked}) > 1:
             raise MethodError("run_many() takes circuits of one kind: all (U, V) or all (U, V, T) masks.")
-        out = torch.empty(len(checked), self.n)
+        out = torch.empty(len(checked), self.n, dtype=torch.promote_types(self.model.dtype, torch.float32))
         with torch.inference_mode(), self.model.attention_fn():
             for runs, corr_w, measure, skip in self.groups:
-                per = max(1, self.rows // runs.rows)
+                per = max(1, min(self.rows, self.budget.forward_rows) // runs.rows)
                 for c0 in range(0, len(checked), per):
                     keep = torch.stack(checked[c0:c0 + per])
                     logits = _circuit_forward(self.model, self.graph, runs.clean.ids, corr_w, keep, runs.continuation,
@@ -404,11 +467,12 @@ class _Circuits:
 def run_circuit(
     model: "Model", prompts: PromptSet, keep: torch.Tensor, *, corruption: str | Corruption = "str",
     metric: MetricSpec = "logit_diff", seed: int = 0, layout: str | GraphLayout = GraphLayout.MIB,
+    memory_budget: "int | str | None" = None,
 ) -> torch.Tensor:
     """Per-prompt metric of the clean run with every edge outside ``keep`` (a (U, V) mask over
     the nodes and ports of :func:`actpatch.edge_attribution`'s graph in ``layout``) taken from
-    the corrupted run."""
-    return _Circuits(model, prompts, corruption, metric, seed, layout=layout).run(keep)
+    the corrupted run. ``memory_budget``: as in :func:`faithfulness`."""
+    return _Circuits(model, prompts, corruption, metric, seed, layout=layout, memory_budget=memory_budget).run(keep)
 
 
 @dataclass(frozen=True)
@@ -452,10 +516,14 @@ def load_curves(path: str | Path) -> dict[str, Faithfulness]:
 
 def faithfulness(
     model: "Model", prompts: PromptSet, edges: EdgeScores, sizes: Sequence[int], *, corruption: str | Corruption = "str",
-    metric: MetricSpec = "logit_diff", seed: int = 0,
+    metric: MetricSpec = "logit_diff", seed: int = 0, memory_budget: "int | str | None" = None,
 ) -> Faithfulness:
     """The faithfulness curve: for each size n, run the circuit of the top-n edges by |score|
     with everything else from the corrupted run, normalised (1 = clean, 0 = corrupted).
+
+    ``memory_budget`` (bytes or ``"2GiB"``; default a share of the free memory): the corrupted
+    and clean runs' captures are kept for every circuit when they fit, else computed again per
+    chunk of prompts (:class:`CircuitBudget`); the values do not change.
 
     Example:
         >>> import actpatch as ap
@@ -466,7 +534,7 @@ def faithfulness(
         >>> [round(v, 3) + 0.0 for v in curve.values.tolist()][::2]  # no edges: corrupted; all: clean
         [0.0, 1.0]
     """
-    circuits = _Circuits(model, prompts, corruption, metric, seed, layout=edges.graph.layout)
+    circuits = _Circuits(model, prompts, corruption, metric, seed, layout=edges.graph.layout, memory_budget=memory_budget)
     none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
     *raw, empty, full = circuits.run_many([top_edges(edges, n) for n in sizes] + [none, every])
     raws = torch.stack(raw) if raw else torch.empty(0, len(prompts))

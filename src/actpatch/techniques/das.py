@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,8 @@ from ..errors import PromptError, SubspaceError
 from ..experiment.executor import progress_bar
 from ..findings import Finding
 from ..experiment.core import Experiment
-from ..hooks import intervene
+from ..hooks import intervene, recompute_blocks
+from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan
 from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -135,18 +137,59 @@ def _initial_basis(init: SubspaceLike | None, site: Site, d: int, k: int, seed: 
     return W0
 
 
-def _sources(model: "Model", prompts: PromptSet, site: Site) -> list[tuple[Run, torch.Tensor, Measurer]]:
-    """Per length group: the corrupted run (the base of every intervention, with the answers'
-    continuation), the clean run's activations at the site (the source, captured once), and
-    what scores the answers (teacher-forced log-probability and greedy accuracy)."""
+def _sources(model: "Model", prompts: PromptSet, site: Site,
+             rows: int | None = None) -> list[tuple[Run, torch.Tensor, Measurer]]:
+    """Per length group (in chunks of ``rows`` prompts): the corrupted run (the base of every
+    intervention, with the answers' continuation), the clean run's activations at the site (the
+    source, captured once), and what scores the answers (teacher-forced log-probability and
+    greedy accuracy)."""
     return [(runs.corrupted, clean[site.selector()], runs.measurer([Metric.LOGPROB, Metric.ACCURACY], None))
-            for runs, clean, _ in _paired(model, prompts).paired_activations(site)]
+            for runs, clean, _ in _paired(model, prompts).paired_activations(site, rows)]
+
+
+def das_memory_plan(model: "Model", prompts: PromptSet, site: Site, memory_budget: "int | str | None") -> MemoryPlan:
+    """How DAS trains under ``memory_budget``: its kept sources (the clean run's activation at
+    the site, per prompt) and, per prompt row, one forward and backward pass through the
+    intervened run (:func:`actpatch.memory.plan`)."""
+    C = int(prompts.continuation_lengths.max()) - 1
+    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C
+    kept = activation_bytes(model, site.full(), T)
+    readouts = 2 * C + 1
+    return plan("DAS", model, memory_budget, total_rows=len(prompts),
+                per_row=backward_bytes(model, T, readouts) + 2 * kept,
+                per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + 2 * kept, passes=3)
 
 
 def _paired(model: "Model", prompts: PromptSet) -> Experiment:
     """DAS's runs: each pair's clean prompt is the source, its corrupted prompt the base."""
     return Experiment.setup(model, prompts, direction=Direction.DENOISE, corruption="str", metric="logit_diff",
                             seed=0, technique="DAS", continuations=True)
+
+
+def _score(model: "Model", site: Site, batches: list, basis: torch.Tensor, grad_of: torch.Tensor | None,
+           recompute: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """A split's summed answer cross-entropy (teacher-forced) with the basis' interchange at
+    ``site``; with ``grad_of`` (the raw basis W, orthonormalised per chunk) its gradient in W,
+    taken one chunk of prompts at a time (else None); and its greedy hits."""
+    total, grad, hits = torch.zeros((), device=model.device), None, 0
+    for base, src, measure in batches:
+        U = _orthonormal_rows(basis) if grad_of is not None else basis
+        P = U.T @ U
+
+        def write(x: torch.Tensor, src: torch.Tensor = src, P: torch.Tensor = P) -> torch.Tensor:
+            return along(x, src, P)
+
+        with base.context(model), intervene(model, {site: write}), \
+                recompute_blocks(model) if recompute and grad_of is not None else nullcontext():
+            logits = base.readout(model, grad=torch.is_grad_enabled())
+            scored = measure(logits, torch.arange(logits.shape[0]))
+            loss = -scored[Metric.LOGPROB].sum()
+            if grad_of is not None:  # inside the context: recomputed blocks see the same hooks
+                (g,) = torch.autograd.grad(loss, [grad_of])
+                grad = g if grad is None else grad + g
+        total = total + loss.detach()
+        hits += int(scored[Metric.ACCURACY].sum())
+    return total, grad, hits
 
 
 def das(
@@ -163,11 +206,14 @@ def das(
     eval_every: int = 5,
     init: SubspaceLike | None = None,
     progress: bool = True,
+    memory_budget: "int | str | None" = None,
 ) -> DASResult:
     """Learn a k-dimensional subspace at ``site`` by interchange-intervention training (see the
     module docstring). ``site`` is a vector site (``resid_pre``, ``mlp_post``, ``z`` of one head...),
     at one position (``pos=``) or all. ``init`` starts from a given basis (e.g. a
-    difference-of-means direction) instead of a random one."""
+    difference-of-means direction) instead of a random one. ``memory_budget`` (bytes or
+    ``"2GiB"``): prompts train a few at a time (gradients summed over the chunks), or with every
+    block recomputed, with the same steps (:mod:`actpatch.memory`)."""
     t0 = time.perf_counter()
     provenance = _paired(model, prompts).provenance()  # checks the prompts before any training
     n = len(prompts)
@@ -185,22 +231,12 @@ def das(
     test, train = sorted(order[:n_test]), sorted(order[n_test:])
     W = _initial_basis(init, site, d, k, seed).to(device=model.device, dtype=torch.float32).requires_grad_(True)
     opt = torch.optim.Adam([W], lr=lr)
-    batches = {"train": _sources(model, prompts.subset(train), site), "test": _sources(model, prompts.subset(test), site)}
+    budget = das_memory_plan(model, prompts, site, memory_budget)
+    batches = {"train": _sources(model, prompts.subset(train), site, budget.rows),
+               "test": _sources(model, prompts.subset(test), site, budget.rows)}
 
-    def run(name: str, U: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The split's summed answer cross-entropy (teacher-forced) and its greedy hits."""
-        total, hits = torch.zeros((), device=model.device), 0
-        P = U.T @ U
-        for base, src, measure in batches[name]:
-            def write(x: torch.Tensor, src: torch.Tensor = src) -> torch.Tensor:
-                return along(x, src, P)
-
-            with base.context(model), intervene(model, {site: write}):
-                logits = base.readout(model, grad=torch.is_grad_enabled())
-            scored = measure(logits, torch.arange(logits.shape[0]))
-            total = total - scored[Metric.LOGPROB].sum()
-            hits += int(scored[Metric.ACCURACY].sum())
-        return total, hits
+    def run(name: str, basis: torch.Tensor, grad_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        return _score(model, site, batches[name], basis, grad_of, budget.recompute)
 
     curve: list[tuple[int, float, float]] = []
     best, best_W, stale, step = math.inf, W.detach().clone(), 0, 0
@@ -208,16 +244,15 @@ def das(
         for step in range(1, steps + 1):
             opt.zero_grad()
             with torch.enable_grad():
-                loss, _ = run("train", _orthonormal_rows(W))
-                (grad,) = torch.autograd.grad(loss / len(train), [W])
-            W.grad = grad
+                loss, grad, _ = run("train", W, grad_of=W)
+            W.grad = grad / len(train)  # type: ignore[operator]
             opt.step()
             if advance is not None:
                 advance(1)
             if step % eval_every == 0 or step == steps:
                 with torch.no_grad():
-                    test_loss, _ = run("test", _orthonormal_rows(W))
-                curve.append((step, float(loss.detach()) / len(train), float(test_loss) / len(test)))
+                    test_loss, _, _ = run("test", _orthonormal_rows(W))
+                curve.append((step, float(loss) / len(train), float(test_loss) / len(test)))
                 if curve[-1][2] < best - 1e-6:
                     best, best_W, stale = curve[-1][2], W.detach().clone(), 0
                 else:
@@ -226,7 +261,7 @@ def das(
                         break
     U = _orthonormal_rows(best_W).detach().float().cpu()
     with torch.no_grad():
-        _, hits = run("test", U.to(model.device))
+        _, _, hits = run("test", U.to(model.device))
     scored = patch(model, prompts.subset(test), [site], direction="denoise", subspace=U)
     learned = Subspace.of(U, method="das", site=str(site), k=k, steps=step, seed=seed, test_accuracy=hits / len(test))
     return DASResult(subspace=learned, site=site, k=k, curve=tuple(curve), test_accuracy=hits / len(test),

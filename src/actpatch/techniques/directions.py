@@ -42,6 +42,7 @@ import torch
 from ..errors import SubspaceError
 from ..findings import Finding, Level
 from ..experiment.core import Experiment
+from ..memory import inference_plan
 from ..prompts.promptset import PromptSet
 from ..sites import Site, SiteKind
 from ..subspace import Subspace, SubspaceCheck, SubspaceLike, SubspaceVerdict, as_subspace, width
@@ -55,10 +56,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["activations", "diff_of_means", "probe_direction", "pca_directions", "SubspaceCheck", "subspace_check"]
 
 
-def activations(model: "Model", prompts: PromptSet, site: Site,
-                position: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def activations(model: "Model", prompts: PromptSet, site: Site, position: int | str | None = None, *,
+                memory_budget: "int | str | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(clean, corrupted)`` vectors (N, d) at ``site``, one per prompt, at ``site.pos`` or at
-    ``position`` (an index, or a named position such as ``"S2"`` or ``"end"``, per prompt)."""
+    ``position`` (an index, or a named position such as ``"S2"`` or ``"end"``, per prompt).
+    ``memory_budget``: the runs' activations (bytes or ``"2GiB"``), prompts a few at a time
+    when they do not fit at once (:mod:`actpatch.memory`); the vectors do not change."""
     if site.index is not None:
         raise SubspaceError(f"{site}: a single index is not a vector; drop index=.")
     if site.kind.layout[2:3] in (("head",), ("kv_head",)) and site.head is None:
@@ -67,11 +70,12 @@ def activations(model: "Model", prompts: PromptSet, site: Site,
         raise SubspaceError(f"{site}: give the position either as Site(..., pos=i) or as position= (an index "
                             f"or a name such as 'S2'), not both or neither.")
     exp = _experiment(model, prompts, "finding a direction")
+    budget = inference_plan("Finding a direction", model, prompts, [site.full()], memory_budget)
     n = len(prompts)
     clean = torch.empty(n, width(model, site.kind))
     corrupted = torch.empty_like(clean)
     sel = Site(site.kind, site.layer, head=site.head).selector()
-    for runs, c_acts, x_acts in exp.paired_activations(site):
+    for runs, c_acts, x_acts in exp.paired_activations(site, budget.rows):
         for acts, out in ((c_acts, clean), (x_acts, corrupted)):
             sliced = acts[sel]  # (B, T, d)
             for row, i in enumerate(runs.group.indices.tolist()):
@@ -97,9 +101,11 @@ def _where(site: Site, position: int | str | None) -> str:
     return str(site) if position is None else f"{site}@{position}"
 
 
-def diff_of_means(model: "Model", prompts: PromptSet, site: Site, *, position: int | str | None = None) -> Subspace:
-    """The unit vector along mean(clean) - mean(corrupted) at the site (k = 1)."""
-    clean, corrupted = activations(model, prompts, site, position)
+def diff_of_means(model: "Model", prompts: PromptSet, site: Site, *, position: int | str | None = None,
+                  memory_budget: "int | str | None" = None) -> Subspace:
+    """The unit vector along mean(clean) - mean(corrupted) at the site (k = 1). ``memory_budget``:
+    as in :func:`activations`."""
+    clean, corrupted = activations(model, prompts, site, position, memory_budget=memory_budget)
     d = clean.mean(0) - corrupted.mean(0)
     if d.norm() < 1e-12:
         raise SubspaceError(f"{_where(site, position)}: clean and corrupted activations have equal means; "
@@ -109,11 +115,11 @@ def diff_of_means(model: "Model", prompts: PromptSet, site: Site, *, position: i
 
 
 def probe_direction(model: "Model", prompts: PromptSet, site: Site, *, position: int | str | None = None,
-                    l2: float = 1e-3, steps: int = 200) -> Subspace:
+                    l2: float = 1e-3, steps: int = 200, memory_budget: "int | str | None" = None) -> Subspace:
     """The weight direction of a logistic-regression probe telling clean (1) from corrupted (0)
     vectors at the site (L2-regularised, features standardised, fitted with L-BFGS); its
-    training accuracy is in the provenance."""
-    clean, corrupted = activations(model, prompts, site, position)
+    training accuracy is in the provenance. ``memory_budget``: as in :func:`activations`."""
+    clean, corrupted = activations(model, prompts, site, position, memory_budget=memory_budget)
     x = torch.cat([clean, corrupted]).double()
     y = torch.cat([torch.ones(len(clean)), torch.zeros(len(corrupted))]).double()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
@@ -139,11 +145,11 @@ def probe_direction(model: "Model", prompts: PromptSet, site: Site, *, position:
 
 
 def pca_directions(model: "Model", prompts: PromptSet, site: Site, k: int = 1, *,
-                   position: int | str | None = None) -> Subspace:
+                   position: int | str | None = None, memory_budget: "int | str | None" = None) -> Subspace:
     """The top ``k`` principal directions of the differences clean - corrupted (uncentred, so
     the first follows their mean when it dominates); the share of the differences' energy they
-    hold is in the provenance."""
-    clean, corrupted = activations(model, prompts, site, position)
+    hold is in the provenance. ``memory_budget``: as in :func:`activations`."""
+    clean, corrupted = activations(model, prompts, site, position, memory_budget=memory_budget)
     diffs = clean - corrupted
     if k < 1 or k > min(diffs.shape):
         raise SubspaceError(f"k={k}: ask for 1..{min(diffs.shape)} directions (prompts x width limits it).")

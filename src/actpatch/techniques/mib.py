@@ -122,6 +122,7 @@ def circuit_scores(
     log_scale: bool = False,
     selection: str = "topn",
     rows: int | None = None,
+    memory_budget: "int | str | None" = None,
 ) -> CircuitScores:
     """CPR and CMD of ``edges`` on ``prompts`` (see the module docstring): one exact circuit run
     per fraction and selection, plus the empty and full graphs for the normalisation. The
@@ -130,7 +131,8 @@ def circuit_scores(
     (grown from the logits, so every edge is connected: :func:`~actpatch.techniques.circuit.greedy_edges`).
     ``rows``: circuit x prompt rows per forward pass (the circuits of the evaluation run in
     batches of that many; default one circuit per pass on a CPU,
-    :data:`~actpatch.techniques.circuit.CIRCUIT_ROWS` on an accelerator)."""
+    :data:`~actpatch.techniques.circuit.CIRCUIT_ROWS` on an accelerator). ``memory_budget``: as
+    in :func:`~actpatch.circuits.faithfulness` (the scores do not change)."""
     if selection not in ("topn", "greedy"):
         raise MethodError(f"selection={selection!r}: use 'topn' or 'greedy'.")
     pick = top_edges if selection == "topn" else greedy_edges
@@ -142,7 +144,7 @@ def circuit_scores(
 
     corr = corruption if corruption is not None else from_description(edges.corruption)
     runner = _Circuits(model, prompts, corr, metric or edges.metric, edges.seed if seed is None else seed, rows,
-                       layout=edges.graph.layout)
+                       layout=edges.graph.layout, memory_budget=memory_budget)
     n_edges = int((~torch.isnan(edges.scores)).sum())
     sizes = tuple(int(f * n_edges) for f in fr)
     none, every = torch.zeros_like(edges.scores, dtype=torch.bool), torch.ones_like(edges.scores, dtype=torch.bool)
