@@ -299,7 +299,7 @@ def test_circuit_runs_that_cut_only_late_edges_start_late_and_equal_the_full_run
     ps = _pairs()
     late = _Circuits(m, ps, "str", "logit_diff", 0)
     whole = _Circuits(m, ps, "str", "logit_diff", 0)
-    whole.groups = [(runs, corr, measure, None) for runs, corr, measure, _ in whole.groups]
+    whole.kept = [(corr, measure, None) for corr, measure, _ in whole.kept]  # no clean-run shortcut
     ports = late.graph.ports
     g = torch.Generator().manual_seed(0)
     keeps = []
@@ -307,7 +307,7 @@ def test_circuit_runs_that_cut_only_late_edges_start_late_and_equal_the_full_run
         keep = torch.rand(len(late.graph.nodes), len(ports), generator=g) > 0.5
         keep[:, [j for j, p in enumerate(ports) if p.layer is not None and p.layer < first]] = True
         keeps.append(keep)
-        skip = late.groups[0][3]
+        skip = late.kept[0][2]
         assert skip.start(late.graph, late._checked(keep)[None], m.n_layers) == first
     got, want = late.run_many(keeps), whole.run_many(keeps)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
