@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
     from .prompts.promptset import PromptSet
 
-__all__ = ["Budget", "MemoryPlan", "inference_plan", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
+__all__ = ["Budget", "MemoryPlan", "inference_plan", "sequence", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
            "format_bytes"]
 
 Budget = "int | str | None"
@@ -167,14 +167,21 @@ def plan(technique: str, model: "Model", budget: "int | str | None", *, total_ro
         f"memory_budget='{math.ceil(unit_recomputed / 2**20)}MiB' or more, or shorten the prompts.")
 
 
+def sequence(prompts: "PromptSet") -> tuple[int, int]:
+    """``(T, readouts)`` a memory estimate counts per prompt row: the longest prompt plus, for
+    answers of several tokens, both teacher-forced branches (answer and alternative: an upper
+    bound), and the positions whose logits the metrics read."""
+    C = int(prompts.continuation_lengths.max()) - 1
+    return int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C, 2 * C + 1
+
+
 def inference_plan(technique: str, model: "Model", prompts: "PromptSet", sites: "list[Site]",
                    memory_budget: "int | str | None") -> MemoryPlan:
     """:func:`plan` for a technique that only runs forward passes (no gradients) and captures
     the whole activations at ``sites`` of the clean and the corrupted run: one block's
     activations at a time, the residual stream, the captures."""
-    C = int(prompts.continuation_lengths.max()) - 1
-    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C
+    T, readouts = sequence(prompts)
     per_row = block_bytes(model, T) + 2 * T * model.d_model * _element(model) + 2 * sum(
-        activation_bytes(model, s, T) for s in sites) + 3 * (2 * C + 1) * model.vocab_size * 4
+        activation_bytes(model, s, T) for s in sites) + 3 * readouts * model.vocab_size * 4
     return plan(technique, model, memory_budget, total_rows=len(prompts), per_row=per_row, per_row_recomputed=per_row,
                 passes=2)

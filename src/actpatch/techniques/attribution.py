@@ -36,7 +36,7 @@ from ..experiment.core import Experiment, mean_draws
 from ..experiment.plan import Grid, Plan, plan_for
 from ..findings import Finding, Level, Origin
 from ..hooks import capture, gradient_taps, intervene, recompute_blocks
-from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan
+from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan, sequence
 from ..metrics import DIFFERENTIABLE, normalise, MetricSpec
 from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
@@ -255,10 +255,8 @@ def attribution_memory_plan(model: "Model", prompts: PromptSet, sites: Sequence[
     the gradient and their product (GradDrop: two more, its dropped gradients). ``pattern``:
     whether the run keeps attention patterns (actpatch's attention function: q / k / v /
     pattern targets; the model's fused attention otherwise)."""
-    C = int(prompts.continuation_lengths.max()) - 1
-    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C  # answer + alternative branches
+    T, readouts = sequence(prompts)
     taps = sum(activation_bytes(model, s, T) for s in sites) * (6 if grad_drop else 4)
-    readouts = 2 * C + 1
     passes = 4 + (model.n_layers - 1) if grad_drop else 4  # source run, base run + backward; GradDrop's partial ones
     return plan("Attribution", model, memory_budget, total_rows=len(prompts) * draws,
                 per_row=backward_bytes(model, T, readouts, pattern=pattern) + taps,

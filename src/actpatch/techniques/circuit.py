@@ -29,7 +29,7 @@ from ..errors import MemoryBudgetError, MethodError
 from ..experiment.core import Experiment, GroupRuns
 from ..findings import Finding
 from ..hooks import capture, intervene, stop_after
-from ..memory import format_bytes, parse_budget
+from ..memory import format_bytes, parse_budget, sequence
 from ..metrics import normalise, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -336,7 +336,7 @@ def circuit_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory
     clean run's captures and writes; per forward row, the node writes' buffer, one layer's
     recomputed inputs and the attention pattern."""
     limit = parse_budget(memory_budget, model.device)
-    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * (int(prompts.continuation_lengths.max()) - 1)
+    T, _ = sequence(prompts)
     U, L = len(graph.nodes), model.n_layers
     heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
                 for l in range(L))

@@ -37,7 +37,7 @@ from ..experiment.executor import progress_bar
 from ..findings import Finding
 from ..experiment.core import Experiment
 from ..hooks import intervene, recompute_blocks
-from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan
+from ..memory import MemoryPlan, activation_bytes, backward_bytes, plan, sequence
 from ..metrics import Measurer, Metric
 from ..prompts.promptset import PromptSet
 from ..sites import Site
@@ -151,10 +151,8 @@ def das_memory_plan(model: "Model", prompts: PromptSet, site: Site, memory_budge
     """How DAS trains under ``memory_budget``: its kept sources (the clean run's activation at
     the site, per prompt) and, per prompt row, one forward and backward pass through the
     intervened run (:func:`actpatch.memory.plan`)."""
-    C = int(prompts.continuation_lengths.max()) - 1
-    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C
+    T, readouts = sequence(prompts)
     kept = activation_bytes(model, site.full(), T)
-    readouts = 2 * C + 1
     return plan("DAS", model, memory_budget, total_rows=len(prompts),
                 per_row=backward_bytes(model, T, readouts) + 2 * kept,
                 per_row_recomputed=backward_bytes(model, T, readouts, recompute=True) + 2 * kept, passes=3)

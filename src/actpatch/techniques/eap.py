@@ -32,7 +32,7 @@ from ..corruption import Corruption, CorruptionSpec
 from ..errors import MethodError
 from ..experiment.core import Experiment, GroupRuns
 from ..hooks import capture, gradient_taps, intervene, recompute_blocks, stop_after
-from ..memory import MemoryPlan, backward_bytes, plan
+from ..memory import MemoryPlan, backward_bytes, plan, sequence
 from ..metrics import Measurer, MetricSpec
 from ..models.relevance import DEFAULT_RULES, check_rules, relevance_rules
 from ..prompts.promptset import PromptSet
@@ -378,7 +378,7 @@ def edge_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_bu
     scores; EAP-IG along activations: both runs' outputs and the interpolated ones), plus the
     forward and backward pass."""
     L, d, el = model.n_layers, model.d_model, 4
-    T = int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + int(prompts.continuation_lengths.max()) - 1
+    T, readouts = sequence(prompts)
     U, V = len(graph.nodes), len(graph.ports)
     heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
                 for l in range(L))
@@ -387,7 +387,6 @@ def edge_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_bu
     building = (2 * (3 * L + 1) + U + 3 * model.n_heads) * unit
     grads = writes + unit * (2 + 8 * L + L + 7 * heads + (6 * L if ig_target == "activations" else 0))
     grads += U * V * el * (1 if summed else 2 * per_position)
-    readouts = int(prompts.continuation_lengths.max()) * 2 - 1
     return plan("Edge attribution", model, memory_budget, total_rows=len(prompts) * draws,
                 per_row=max(building, grads + backward_bytes(model, T, readouts)),
                 per_row_recomputed=max(building, grads + backward_bytes(model, T, readouts, recompute=True)),
