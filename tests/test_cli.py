@@ -294,6 +294,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not units.is_dir() or len(list(units.glob("*.safetensors"))) < 3):
         time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)  # frozen mid-run, so what is counted is what the kill leaves
     n_before = len(list(units.glob("*.safetensors")))
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -338,23 +339,33 @@ def test_das_file_names_are_sanitised():
 def test_a_second_run_on_a_busy_folder_is_refused_in_one_line(tmp_path):
     """Two real processes on one --out: the second is refused at once, naming the first's pid;
     the first ends with its results intact. (A killed run's lock is taken over: see the SIGKILL
-    test, whose resumed run starts on the folder the killed one held.)"""
+    test, whose resumed run starts on the folder the killed one held.) The first run is paused
+    (SIGSTOP) while the second starts, so the first cannot finish during the second's start-up,
+    however loaded the machine is."""
     cfg = write_config(tmp_path, SLOW)
     out = tmp_path / "out"
     first = _run_cli(cfg, out)
-    units = out / "mlp_post_noise" / "units"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (units.is_dir() and list(units.glob("*.safetensors"))):
-        time.sleep(0.02)
-    assert first.poll() is None, "the first run ended before the second could meet it"
-    t0 = time.time()
-    second = _run_cli(cfg, out)
-    log2, _ = second.communicate(timeout=120)
-    assert second.returncode == 1 and time.time() - t0 < 60
-    assert f"is in use by another actpatch run (pid {first.pid}, started" in log2 and "Traceback" not in log2
-    assert len(log2.strip().splitlines()) == 1, log2
-    log1, _ = first.communicate(timeout=300)
-    assert first.returncode == 0, log1
+    try:
+        units = out / "mlp_post_noise" / "units"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (units.is_dir() and list(units.glob("*.safetensors"))):
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first run ended before the second could meet it"
+        t0 = time.time()
+        second = _run_cli(cfg, out)
+        log2, _ = second.communicate(timeout=120)
+        elapsed = time.time() - t0
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1, log2
+        assert f"is in use by another actpatch run (pid {first.pid}, started" in log2 and "Traceback" not in log2, log2
+        assert len(log2.strip().splitlines()) == 1 and elapsed < 60, log2
+        log1, _ = first.communicate(timeout=300)
+        assert first.returncode == 0, log1
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
     assert ap.PatchResult.load(out / "mlp_post_noise").shape == (2, 32, 14)
     rerun = _run_cli(cfg, out)  # the lock went with the first process
     assert rerun.communicate(timeout=300)[0] and rerun.returncode == 0
