@@ -157,11 +157,35 @@ def test_edge_attribution_under_a_budget_equals_the_unbudgeted_run(models, famil
     graph = Graph.of(m, "mib")
     steps = kw.get("ig_steps", 0) or 1
     need = edge_memory_plan(m, ps, graph, None, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
-    for budget, chunks, recompute in ((2 * need.per_row, 2, False), (need.recomputed_per_row, 3, True)):
+    spanned = _spanned_budget(lambda b: edge_memory_plan(m, ps, graph, b, n_steps=steps,
+                                                         ig_target=kw.get("ig_target", "inputs")), need, T=6)
+    for budget, chunks, recompute in ((2 * need.per_row, 2, False), (need.recomputed_per_row, 3, True), (spanned, 3, True)):
         p = edge_memory_plan(m, ps, graph, budget, n_steps=steps, ig_target=kw.get("ig_target", "inputs"))
-        assert (p.chunks, p.recompute) == (chunks, recompute)
+        assert (p.chunks, p.recompute, 0 < p.positions < 6) == (chunks, recompute, budget == spanned)
         got = ap.edge_attribution(m, ps, memory_budget=budget, **kw)
         assert _close(got.per_prompt, full.per_prompt) < RTOL
+
+
+def _spanned_budget(plan_at, need, T: int) -> int:
+    """A budget whose plan holds part of the ``T`` positions at a time (buffers built and
+    contracted in spans): the largest with at most a third of them, found by bisection (smaller
+    budgets take shorter spans, then none fit), or, where the gradient pass outweighs the spans,
+    the smallest that fits."""
+    def short(budget: int) -> bool:
+        try:
+            return 0 < plan_at(budget).positions <= T // 3
+        except MemoryBudgetError:
+            return True
+
+    lo, hi = 1, need.recomputed_per_row  # short(lo), not short(hi): it takes every position at once
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if short(mid) else (lo, mid)
+    try:
+        plan_at(lo)
+        return lo
+    except MemoryBudgetError:
+        return hi
 
 
 def test_multi_token_edge_attribution_under_a_budget(models):

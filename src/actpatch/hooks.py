@@ -415,18 +415,21 @@ def stop_after(model: "Model", site: Site) -> Iterator[None]:
         pass
 
 
-def gradient_taps(sites: "Sequence[Site]") -> tuple[dict, dict]:
-    """Hooks that add a zero tensor (requiring grad) at each site, for :func:`intervene`: one
-    backward pass then gives the gradient at every site (AtP, EAP). Returns the hooks and the
-    dict they fill on each forward pass: ``{site: (zero, the site's value, detached)}``."""
+def gradient_taps(sites: "Sequence[Site]", keep_values: bool = True) -> tuple[dict, dict]:
+    """Hooks that add a zero (requiring grad) at each site, for :func:`intervene`: one backward
+    pass then gives the gradient at every site (AtP, EAP). Returns the hooks and the dict they
+    fill on each forward pass: ``{site: (zero, the site's value, detached)}``. The zero is one
+    scalar broadcast to the site's shape (no memory of its own; its gradient still has the
+    site's shape); ``keep_values=False`` keeps no values (``None``), so a recomputed pass does
+    not hold every site's activation for the whole backward pass."""
     taken: dict = {}
 
     def tap(site: Site) -> HookFn:
         def fn(x: torch.Tensor) -> torch.Tensor:
             if _RECOMPUTING.get():  # the same value; the gradient goes to the first pass's zero
-                return x + torch.zeros_like(x)
-            z = torch.zeros_like(x, requires_grad=True)
-            taken[site] = (z, x.detach())
+                return x + torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+            z = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True).expand(x.shape)
+            taken[site] = (z, x.detach() if keep_values else None)
             return x + z
 
         return fn

@@ -14,7 +14,9 @@ technique states its bytes per prompt (:func:`estimate`), and :func:`plan` runs
 3. else as many prompts at a time as fit with every block recomputed in the backward pass
    (:func:`~actpatch.hooks.recompute_blocks`: one block's activations at a time, for about one
    more forward pass),
-4. else refuses, before any work, naming the smallest budget that fits one prompt.
+4. else (techniques whose buffers are sums over positions: EAP, EAP-IG, RelP edges) one prompt
+   at a time, recomputed, its buffers built and contracted a span of positions at a time,
+5. else refuses, before any work, naming the smallest budget that fits one prompt.
 
 The budget covers the technique's activations and buffers, not the model's weights. ``None``
 takes :func:`actpatch.engine.batched.memory_budget` (a quarter of the free memory, capped;
@@ -31,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -118,9 +120,10 @@ def backward_bytes(model: "Model", T: int, readouts: int = 1, recompute: bool = 
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a technique runs under a budget: ``rows`` prompt rows at a time (a row is a prompt, or
-    one corruption draw of it), ``recompute`` whether blocks are recomputed, and the estimated
-    peak ``bytes`` of one chunk. ``forward_equivalents``: the work in forward passes of the whole
-    prompt set (a backward pass counts two, a recomputed block one more)."""
+    one corruption draw of it), ``recompute`` whether blocks are recomputed, ``positions`` how
+    many positions its buffers hold at a time (0: all), and the estimated peak ``bytes`` of one
+    chunk. ``forward_equivalents``: the work in forward passes of the whole prompt set (a
+    backward pass counts two, a recomputed block one more)."""
 
     technique: str
     budget: int
@@ -132,6 +135,8 @@ class MemoryPlan:
     forward_equivalents: float
     recomputed_per_row: int = 0
     """Bytes a row with every block recomputed (what the smallest feasible budget is made of)."""
+    positions: int = 0
+    """Positions a span (0: every position at once; see :func:`plan`, step 4)."""
 
     @property
     def chunks(self) -> int:
@@ -139,17 +144,20 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         how = "every block recomputed, " if self.recompute else ""
-        return (f"{self.technique}: {self.rows} of {self.total_rows} prompt rows at a time ({how}{self.chunks} chunks), "
-                f"about {format_bytes(self.bytes)} of a {format_bytes(self.budget)} budget; "
+        span = f", {self.positions} positions at a time" if self.positions else ""
+        return (f"{self.technique}: {self.rows} of {self.total_rows} prompt rows at a time ({how}{self.chunks} chunks"
+                f"{span}), about {format_bytes(self.bytes)} of a {format_bytes(self.budget)} budget; "
                 f"{self.forward_equivalents:g} forward-pass equivalents")
 
 
 def plan(technique: str, model: "Model", budget: "int | str | None", *, total_rows: int, per_row: int,
-         per_row_recomputed: int, passes: float, draws: int = 1) -> MemoryPlan:
+         per_row_recomputed: int, passes: float, draws: int = 1,
+         spanned: "Callable[[int], int] | None" = None, positions: int = 0) -> MemoryPlan:
     """Rows per chunk under ``budget`` for a technique needing ``per_row`` bytes a row without
     recomputation (the longest length group's) and ``per_row_recomputed`` with; ``passes``:
     forward-pass equivalents of the whole run; ``draws``: rows per prompt (a chunk holds whole
-    prompts)."""
+    prompts). ``spanned``: bytes of a recomputed row whose buffers hold ``n`` of its
+    ``positions`` at a time, for techniques that can work so (step 4 of the module docstring)."""
     limit = parse_budget(budget, model.device)
     unit, unit_recomputed = per_row * draws, per_row_recomputed * draws
     if unit <= limit:
@@ -160,11 +168,22 @@ def plan(technique: str, model: "Model", budget: "int | str | None", *, total_ro
         rows = draws * max(1, min(total_rows // draws, limit // max(1, unit_recomputed)))
         return MemoryPlan(technique, limit, rows, total_rows, True, rows * per_row_recomputed, per_row_recomputed,
                           passes * 4 / 3, per_row_recomputed)
-    how = (f" even with every block recomputed ({format_bytes(unit)} without)" if unit_recomputed < unit else "")
+    smallest = unit_recomputed
+    if spanned is not None and positions > 1:
+        smallest = min(smallest, spanned(1) * draws)
+        lo, hi = 0, positions - 1  # the longest span that fits (bytes grow with the span)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if spanned(mid) * draws <= limit else (lo, mid - 1)
+        if lo:
+            return MemoryPlan(technique, limit, draws, total_rows, True, spanned(lo) * draws, spanned(lo), passes * 4 / 3,
+                              per_row_recomputed, positions=lo)
+    how = (f" even with every block recomputed{', one position at a time' if smallest < unit_recomputed else ''} "
+           f"({format_bytes(unit)} without)" if unit_recomputed < unit else "")
     raise MemoryBudgetError(
-        f"{technique}: one prompt needs about {format_bytes(unit_recomputed)}{how}; "
+        f"{technique}: one prompt needs about {format_bytes(smallest)}{how}; "
         f"memory_budget={format_bytes(limit)} does not fit it. Give "
-        f"memory_budget='{math.ceil(unit_recomputed / 2**20)}MiB' or more, or shorten the prompts.")
+        f"memory_budget='{math.ceil(smallest / 2**20)}MiB' or more, or shorten the prompts.")
 
 
 def sequence(prompts: "PromptSet") -> tuple[int, int]:

@@ -140,14 +140,15 @@ class EdgeScores:
         return pd.DataFrame(rows, columns=["upstream", "downstream", "score"])
 
 
-def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor],
-                 grads: dict) -> Iterator[tuple[list[Port], torch.Tensor]]:
+def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], grads: dict,
+                 span: slice) -> Iterator[tuple[list[Port], torch.Tensor]]:
     """Per layer, its head input ports (q, k, v) of ``graph`` and their gradients
-    ``(ports, B, T, d)``: the
-    vector-Jacobian products of the gradient at that input's q / k / v with the block's residual
-    -> q / k / v map. A per-query-head key / value port (MIB's layout) takes the gradient at its
-    query head's ungrouped copy, through the KV head that the copy repeats (without grouped-query
-    attention the copy is the key / value itself)."""
+    ``(ports, B, positions, d)`` at the positions of ``span``: the vector-Jacobian products of
+    the gradient at that input's q / k / v with the block's residual -> q / k / v map (a map of
+    each position alone, so a span is computed from that span's residual stream). A
+    per-query-head key / value port (MIB's layout) takes the gradient at its query head's
+    ungrouped copy, through the KV head that the copy repeats (without grouped-query attention
+    the copy is the key / value itself)."""
     adapter = model.adapter
     group = model.n_heads // model.n_kv_heads
     by_layer: dict[int, list[Port]] = {}
@@ -157,9 +158,9 @@ def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor],
     for l, ports in by_layer.items():
         # one backward pass for all ports, batched over their output gradients (torch's vmap):
         # entry p of the batch holds port p's gradient alone, so its input gradient is port p's VJP
-        x = resid[Site("resid_pre", l)].detach().requires_grad_(True)
-        P, (B, T, _) = len(ports), x.shape
-        pos = torch.arange(T, device=x.device)[None]
+        x = resid[Site("resid_pre", l)][:, span].detach().requires_grad_(True)
+        P = len(ports)
+        pos = torch.arange(resid[Site("resid_pre", l)].shape[1], device=x.device)[span][None]
         with torch.enable_grad(), capture(model, [Site(k, l) for k in "qkv"], detach=False) as acts, \
                 stop_after(model, Site("v", l)):
             adapter.run_block(l, x, pos, adapter.position_embeddings(x, pos))
@@ -168,9 +169,9 @@ def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor],
         for p, port in enumerate(ports):
             kind, h = port.kind.value, int(port.head)  # type: ignore[arg-type]
             if port.per_query_head and group > 1:
-                gouts[kind][p, :, :, h // group] = grads[Site(f"{kind}_ungrouped", l)][:, :, h]
+                gouts[kind][p, :, :, h // group] = grads[Site(f"{kind}_ungrouped", l)][:, span, h]
             else:
-                gouts[kind][p, :, :, h] = grads[Site(kind, l)][:, :, h]
+                gouts[kind][p, :, :, h] = grads[Site(kind, l)][:, span, h]
         (gx,) = torch.autograd.grad([outs[k] for k in "qkv"], x, grad_outputs=[gouts[k] for k in "qkv"],
                                     is_grads_batched=True)
         yield ports, gx
@@ -188,22 +189,28 @@ def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) ->
     return writes
 
 
-def write_changes(model: "Model", graph: Graph, source: dict[Site, torch.Tensor],
-                  base: dict[Site, torch.Tensor]) -> torch.Tensor:
-    """(B, U, T, d) float32: each node's write on the source run minus its write on the base run
-    (graph order), filled layer by layer from captured ``resid_pre`` of layer 0, every ``z`` and
-    every ``mlp_out``: a head's write is linear in its ``z`` (the output projection without its
-    bias), an MLP's in its output, so only the changes are projected."""
-    first = source[Site("resid_pre", 0)]
+def write_sites(model: "Model") -> list[Site]:
+    """The captures the node writes are made of: ``resid_pre`` of layer 0 (the embeddings), and
+    every layer's ``z`` and ``mlp_out``."""
+    return [Site("resid_pre", 0)] + [Site(k, l) for l in range(model.n_layers) for k in ("z", "mlp_out")]
+
+
+def write_changes(model: "Model", graph: Graph, changes: dict[Site, torch.Tensor],
+                  span: slice = slice(None)) -> torch.Tensor:
+    """(B, U, positions, d) in float32 (float64 for a float64 model): each node's write on the source run minus its write on the
+    base run (graph order) at the positions of ``span``, filled layer by layer from the changes
+    (source - base) at :func:`write_sites`: a head's write is linear in its ``z`` (the output
+    projection without its bias), an MLP's in its output, so only the changes are projected."""
+    first = changes[Site("resid_pre", 0)][:, span]
     B, T, d = first.shape
-    out = torch.empty(B, len(graph.nodes), T, d, dtype=torch.float32, device=first.device)
-    out[:, 0] = first.float() - base[Site("resid_pre", 0)].float()
+    out = torch.empty(B, len(graph.nodes), T, d, dtype=scores_dtype(model), device=first.device)
+    out[:, 0] = first
     i = 1
     for l in range(model.n_layers):
-        heads = model.adapter.head_writes(l, source[Site("z", l)] - base[Site("z", l)])  # (H, B, T, d)
-        out[:, i:i + heads.shape[0]] = heads.transpose(0, 1).float()
+        heads = model.adapter.head_writes(l, changes[Site("z", l)][:, span])  # (H, B, T, d)
+        out[:, i:i + heads.shape[0]] = heads.transpose(0, 1)
         i += heads.shape[0]
-        out[:, i] = model.adapter.residual_write(source[Site("mlp_out", l)] - base[Site("mlp_out", l)]).float()
+        out[:, i] = model.adapter.residual_write(changes[Site("mlp_out", l)][:, span])
         i += 1
     if i != len(graph.nodes):  # pragma: no cover - the graph and this loop list nodes alike
         raise MethodError("internal: node writes do not match the graph's nodes")
@@ -320,94 +327,138 @@ def edge_scores_per_position(
     graph = Graph.of(model, layout)
     L = model.n_layers
     keep = [Site("z", l) for l in range(L)] + [Site("mlp_out", l) for l in range(L)]
-    keep += [Site("resid_pre", l) for l in range(L)] + [Site("embed")]
+    keep += [Site("resid_pre", 0), Site("embed")]
     P = 1 if summed else len(positions(0)) if positions is not None else prompts.seq_len
     steps = [1.0] if ig_steps == 0 else [(k + 1) / ig_steps for k in range(ig_steps)]
     budget = edge_memory_plan(model, prompts, graph, memory_budget, n_steps=len(steps), summed=summed,
                               per_position=P, draws=exp.corruption.draws, ig_target=ig_target)
-    per_prompt = torch.zeros(len(prompts), P, len(graph.nodes), len(graph.ports))
-    column = {port: i for i, port in enumerate(graph.ports)}
+    per_prompt = torch.zeros(len(prompts), P, len(graph.nodes), len(graph.ports), dtype=scores_dtype(model))
     with model.attention_fn():
         for runs in exp.groups(budget.rows):
             s_acts, src_logits = exp.source_activations(runs, keep)
             with runs.base.context(model), capture(model, keep) as b_acts:
                 base_logits = runs.base.readout(model)
             measure = runs.measurer(exp.metrics, runs.clean_logits(base_logits, src_logits))
-            with torch.no_grad():  # upstream writes' changes
-                W = write_changes(model, graph, s_acts, b_acts)  # (B, U, T, d)
+            T = b_acts[Site("embed")].shape[1]
+            width = budget.positions if summed and budget.positions else T
+            spans = [slice(t, min(t + width, T)) for t in range(0, T, width)]
+            with torch.no_grad():  # upstream writes' changes: built once, or per span and step (spans)
+                changes = _changes(s_acts, b_acts, write_sites(model))
+                W = write_changes(model, graph, changes) if len(spans) == 1 else None
             for acts in (s_acts, b_acts):  # what the gradient passes still read: embeddings (IG: every output)
                 for site in [k for k in acts if k.kind.value == "resid_pre" or ig_target == "inputs" and k.layer is not None]:
                     del acts[site]
-            B, rows = W.shape[0], torch.arange(W.shape[0])[:, None]
+            if W is not None:
+                del changes
             # named positions: each row's own positions (B, P) of the writes and of the gradients
             pick = None if positions is None or summed else torch.tensor(
                 [positions(i) for i in runs.group.indices.repeat_interleave(runs.draws).tolist()])
-            if summed:
-                W = W.flatten(2)  # (B, U, T * d)
-            else:  # (B, P, U, d): the positions become a batch axis
-                W = W.transpose(1, 2).contiguous() if pick is None else W[rows, :, pick]
-            scores = torch.zeros(B, 1 if summed else W.shape[1], len(graph.nodes), len(graph.ports))
-            flat = scores[:, 0] if summed else scores  # (B, U, V) or (B, P, U, V), a view
+            scores = torch.zeros(runs.rows, P, len(graph.nodes), len(graph.ports), dtype=per_prompt.dtype)
             # scores are linear in the gradient: each block of ports is contracted as it comes,
             # and EAP-IG's mean over steps is the mean of the steps' scores
             with relevance_rules(model) if relp else nullcontext():
                 for alpha in steps:
-                    for ports, G in _port_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target,
-                                                budget.recompute):  # G: (n, B, T, d)
-                        idx = torch.tensor([column[p] for p in ports])
+                    gs, resid = _tap_grads(model, graph, runs, b_acts, s_acts, alpha, measure, ig_target,
+                                           budget.recompute)
+                    for span in spans:
                         with torch.no_grad():
-                            if summed:
-                                part = torch.bmm(W, G.float().permute(1, 0, 2, 3).flatten(2).transpose(1, 2))
-                            else:
-                                G = G if pick is None else G[:, rows, pick]
-                                part = torch.matmul(W, G.float().permute(1, 2, 3, 0))  # (B, P, U, n)
-                            flat[..., idx] += part.cpu()
+                            Ws = W if W is not None else write_changes(model, graph, changes, span)
+                        _contract(scores, Ws, _port_blocks(model, graph, gs, resid, span), graph, summed, pick)
+                        del Ws
+                    del gs, resid
             scores /= len(steps)
             per_prompt[runs.group.indices.tolist()] = scores.reshape(-1, runs.draws, *scores.shape[1:]).mean(1)
     return exp, graph, per_prompt
+
+
+def scores_dtype(model: "Model") -> torch.dtype:
+    """What edge scores are summed in: float32, or float64 for a float64 model (so that sums
+    over spans of positions and over prompts agree to its precision)."""
+    return torch.promote_types(torch.float32, model.dtype)
+
+
+def _changes(source: dict[Site, torch.Tensor], base: dict[Site, torch.Tensor], sites: list[Site]) -> dict:
+    """Source minus base at ``sites`` (the embeddings' in the scores' precision, as their writes
+    are kept)."""
+    up = torch.promote_types(torch.float32, source[sites[0]].dtype)
+    return {s: source[s].to(up) - base[s].to(up) if s.layer == 0 and s.kind.value == "resid_pre"
+            else source[s] - base[s] for s in sites}
+
+
+def _contract(scores: torch.Tensor, W: torch.Tensor, blocks: Iterator[tuple[list[Port], torch.Tensor]],
+              graph: Graph, summed: bool, pick: torch.Tensor | None) -> None:
+    """Add ``W . G`` for each block of port gradients ``G`` (n, B, positions, d) into ``scores``
+    (B, P, U, V): summed over the positions of ``W`` (B, U, positions, d) into P = 1, or per
+    position (every position, or each row's positions ``pick``, (B, P))."""
+    column = {port: i for i, port in enumerate(graph.ports)}
+    B, rows = W.shape[0], torch.arange(W.shape[0])[:, None]
+    if summed:
+        W = W.flatten(2)  # (B, U, positions * d)
+    else:  # (B, P, U, d): the positions become a batch axis
+        W = W.transpose(1, 2).contiguous() if pick is None else W[rows, :, pick]
+    flat = scores[:, 0] if summed else scores  # (B, U, V) or (B, P, U, V), a view
+    for ports, G in blocks:
+        idx = torch.tensor([column[p] for p in ports])
+        with torch.no_grad():
+            if summed:
+                part = torch.bmm(W, G.to(W.dtype).permute(1, 0, 2, 3).flatten(2).transpose(1, 2))
+            else:
+                G = G if pick is None else G[:, rows, pick]
+                part = torch.matmul(W, G.to(W.dtype).permute(1, 2, 3, 0))  # (B, P, U, n)
+            flat[..., idx] += part.cpu()
 
 
 def edge_memory_plan(model: "Model", prompts: PromptSet, graph: Graph, memory_budget: "int | str | None", *,
                      n_steps: int = 1, summed: bool = True, per_position: int = 1, draws: int = 1,
                      ig_target: str = "inputs") -> MemoryPlan:
     """How edge attribution runs under ``memory_budget`` (:func:`actpatch.memory.plan`), from its
-    bytes per prompt row at the longest prompt, the larger of two phases: building the node
-    writes' changes (both runs' captures: every z, MLP output and residual stream) and the
-    gradient passes (the writes' changes, the gradients at every tap and their zeros, the
-    residual stream read for the VJPs, one layer's port gradients with their batched VJPs, the
-    scores; EAP-IG along activations: both runs' outputs and the interpolated ones), plus the
-    forward and backward pass."""
+    bytes per prompt row at the longest prompt, the largest of three phases: building the node
+    writes' changes (both runs' captures, the changes, the writes); a gradient pass (what is
+    kept: the writes' changes or the changes they are built from per span, the embeddings, IG
+    along activations both runs' outputs; the gradients at every tap, the residual stream read
+    for the VJPs, the forward and backward pass); contracting (what is kept, the gradients and
+    residual stream, and per span of positions: the writes' changes, one layer's port gradients
+    with their batched VJPs). Summed scores (EAP, EAP-IG, RelP) can take the positions a span at
+    a time when one recomputed prompt does not fit."""
     L, d, el = model.n_layers, model.d_model, 4
     T, readouts = sequence(prompts)
-    U, V = len(graph.nodes), len(graph.ports)
+    U, V, H = len(graph.nodes), len(graph.ports), model.n_heads
     heads = max(sum(1 for p in graph.ports if p.layer == l and p.kind not in (PortKind.MLP, PortKind.LOGITS))
                 for l in range(L))
     unit = T * d * el  # one (T, d) float32 tensor
-    writes = (U if summed else 2 * U) * unit  # per position: a transposed copy
-    building = (2 * (3 * L + 1) + U + 3 * model.n_heads) * unit
-    grads = writes + unit * (2 + 8 * L + L + 7 * heads + (6 * L if ig_target == "activations" else 0))
-    grads += U * V * el * (1 if summed else 2 * per_position)
+    scores = U * V * el * (1 if summed else per_position)
+    outputs = 4 * L * unit if ig_target == "activations" else 0  # both runs' outputs, for the interpolation
+    taps = (4 * L + 1 + L) * unit  # the gradients at every tap; the residual stream for the VJPs
+
+    def need(span: int | None, recompute: bool) -> int:
+        changes = (2 * L + 1) * unit
+        kept = 2 * unit + outputs + scores + (U * unit * (1 if summed else 2) if span is None else changes)
+        building = 2 * (2 * L + 2) * unit + changes + (U + 3 * H) * unit * (span is None)
+        passing = kept + taps + backward_bytes(model, T, readouts, recompute) + (6 * L * unit if outputs else 0)
+        per_span = (U + 3 * H if span else 0) + 7 * heads + L + 1
+        contracting = kept + taps + per_span * unit * (span or T) // T
+        return max(building, passing, contracting)
+
     return plan("Edge attribution", model, memory_budget, total_rows=len(prompts) * draws,
-                per_row=max(building, grads + backward_bytes(model, T, readouts)),
-                per_row_recomputed=max(building, grads + backward_bytes(model, T, readouts, recompute=True)),
-                passes=2 + 3 * n_steps, draws=draws)  # source and base runs; a forward + backward per step
+                per_row=need(None, False), per_row_recomputed=need(None, True),
+                passes=2 + 3 * n_steps, draws=draws,  # source and base runs; a forward + backward per step
+                spanned=(lambda n: need(n, True)) if summed else None, positions=T)
 
 
-def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
-                measure: Measurer, ig_target: str = "inputs",
-                recompute: bool = False) -> Iterator[tuple[list[Port], torch.Tensor]]:
-    """Blocks ``(ports, (len(ports), B, T, d))`` of gradients of the metric through each port's
-    input, on the base run, or (EAP-IG) on a run whose embeddings (``inputs``), or every node's
-    output too (``activations``), sit ``alpha`` of the way from source to base: the logits and
-    MLP ports, then each layer's head inputs (one block at a time, so the gradients of all
-    ports are never held together). ``recompute``: the blocks are recomputed in the backward
-    pass (:func:`~actpatch.hooks.recompute_blocks`)."""
+def _tap_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_acts: dict, alpha: float,
+               measure: Measurer, ig_target: str = "inputs", recompute: bool = False) -> tuple[dict, dict]:
+    """One forward and backward pass: the gradients of the metric at every tap the ports read
+    (each layer's q, k, v and MLP input, the final residual stream) and the residual stream
+    before every block, on the base run, or (EAP-IG) on a run whose embeddings (``inputs``), or
+    every node's output too (``activations``), sit ``alpha`` of the way from source to base.
+    ``recompute``: the blocks are recomputed in the backward pass
+    (:func:`~actpatch.hooks.recompute_blocks`)."""
     L = model.n_layers
     ungroup = graph.layout is GraphLayout.MIB and model.n_heads != model.n_kv_heads  # (else k is k_ungrouped)
     kv = ("k_ungrouped", "v_ungrouped") if ungroup else ("k", "v")
     taps = [Site(k, l) for l in range(L) for k in ("q",) + kv] + [Site("mlp_in", l) for l in range(L)]
     taps.append(Site("resid_final"))
-    patches, taken = gradient_taps(taps)
+    patches, taken = gradient_taps(taps, keep_values=False)
     if alpha != 1.0:
         e_base, e_src = b_acts[Site("embed")], s_acts[Site("embed")]
         patches[Site("embed")] = e_src + alpha * (e_base - e_src)
@@ -421,10 +472,18 @@ def _port_grads(model: "Model", graph: Graph, runs: GroupRuns, b_acts: dict, s_a
         logits = runs.base.readout(model, grad=True)
         value = measure(logits, torch.arange(runs.rows))[measure.metrics[0]].sum()
         gs = dict(zip(taps, torch.autograd.grad(value, [taken[k][0] for k in taps], allow_unused=True)))
-    gs = {k: (v if v is not None else torch.zeros_like(taken[k][0])) for k, v in gs.items()}
-    del logits, value, taken, patches
-    simple = [p for p in graph.ports if p.kind in (PortKind.LOGITS, PortKind.MLP)]
-    yield simple, torch.stack([gs[Site("resid_final")] if p.kind is PortKind.LOGITS else gs[Site("mlp_in", p.layer)]
-                               for p in simple])
-    yield from _input_grads(model, graph, resid, gs)
+    gs = {k: (v if v is not None else torch.zeros(taken[k][0].shape, dtype=taken[k][0].dtype,
+                                                  device=taken[k][0].device)) for k, v in gs.items()}
+    return gs, dict(resid)
 
+
+def _port_blocks(model: "Model", graph: Graph, gs: dict, resid: dict,
+                 span: slice) -> Iterator[tuple[list[Port], torch.Tensor]]:
+    """Blocks ``(ports, (len(ports), B, positions, d))`` of gradients of the metric through each
+    port's input at the positions of ``span`` (from :func:`_tap_grads`): the logits and MLP
+    ports, then each layer's head inputs (one block at a time, so the gradients of all ports
+    are never held together)."""
+    simple = [p for p in graph.ports if p.kind in (PortKind.LOGITS, PortKind.MLP)]
+    yield simple, torch.stack([(gs[Site("resid_final")] if p.kind is PortKind.LOGITS else gs[Site("mlp_in", p.layer)])[:, span]
+                               for p in simple])
+    yield from _input_grads(model, graph, resid, gs, span)
