@@ -35,7 +35,7 @@ def estimate(model: "Model", prompts: PromptSet, technique: str = "atp", *, targ
         >>> import actpatch as ap
         >>> from actpatch.testing import random_pairs, tiny_model
         >>> print(ap.experiment.estimate(tiny_model("llama"), random_pairs(n=4), "eap-ig", memory_budget="512KiB"))
-        Edge attribution: 2 of 4 prompt rows at a time (2 chunks), about 501.82 KiB of a 512.00 KiB budget; 17 forward-pass equivalents
+        Edge attribution: 3 of 4 prompt rows at a time (2 chunks), about 502.98 KiB of a 512.00 KiB budget; 17 forward-pass equivalents
     """
     draws = parse_corruption(corruption).draws
     if technique in ("atp", "relp"):
