@@ -120,9 +120,14 @@ class SweepJob:
         if outcome is not None:
             outcome.baselines(runs, base_values, src_values)
             outcome.correct(runs, clean_logits)
-            # Null patch: the base run's own activations written back must change nothing.
-            null = run_reference(model, runs.base, base_acts, plan.patches[:1], measure)
-            outcome.null_patch(max(float((null[m][0] - base_values[m]).abs().max()) for m in exp.metrics))
+            # Null patch: the base run's own activations written back must change nothing. On the
+            # first row alone (a check of the hooks, not another run of the whole group), against
+            # that row run alone (batch sizes change low-precision sums)
+            one = runs.base.select(torch.arange(1))
+            with one.context(model):
+                alone = measure(one.readout(model), torch.arange(1))
+            null = run_reference(model, one, {s: a[:1] for s, a in base_acts.items()}, plan.patches[:1], measure)
+            outcome.null_patch(max(float((null[m][0] - alone[m]).abs().max()) for m in exp.metrics))
         start = 0 if activation_level or alignment else first_difference(runs.base, runs.source)
         return GroupState(runs, source, base_acts, base_values, measure, start, engine_acts)
 
