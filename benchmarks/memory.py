@@ -1,5 +1,6 @@
-"""Memory budgets on the bundled model: AtP (every head) and EAP-IG on IOI prompts behind a long
-distractor prefix, at several budgets and unbounded. Each run is its own process: the peak
+"""Memory budgets on the bundled model: AtP (every head), EAP-IG and an exact sweep of the
+residual stream at named positions (S1, IO, S2, end) on IOI prompts behind a long distractor
+prefix, at several budgets and unbounded. Each run is its own process: the peak
 resident memory is read from /proc after the model is loaded (the peak is reset there, so
 loading does not count) and set against the budget; the time against the unbounded run's.
 
@@ -12,7 +13,8 @@ for AtP alone, more than a 24 GiB machine has; at 16 GiB they run a few at a tim
 recomputation, at the same cost per prompt.
 
 Run:  PYTHONPATH=src python benchmarks/memory.py [--prompts 8] [--tokens 1024] [--steps 5]
-      [--budgets 1GiB,2GiB,4GiB] [--techniques atp,eap-ig]
+      [--budgets 1GiB,2GiB,4GiB] [--techniques atp,eap-ig,sweep]
+(with MALLOC_MMAP_THRESHOLD_=131072, so that freed buffers go back to the system at once)
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     model = ap.load_model()
     short = ap.prompts.ioi(model, n=n, seed=0, templates=[0, 2, 6])
     prompts = ap.prompts.long_context(model, short, tokens - short.seq_len)
-    if technique == "atp":
+    if technique == "sweep":  # the batched engine's chunks follow $ACTPATCH_MEMORY_BUDGET
+        from actpatch.memory import parse_budget
+
+        os.environ["ACTPATCH_MEMORY_BUDGET"] = str(parse_budget(budget))
+        plan = None
+        run = lambda: ap.sweep(model, prompts, "resid_pre", positions=["S1", "IO", "S2", "end"],  # noqa: E731
+                               direction="noise", progress=False)
+    elif technique == "atp":
         plan = ap.experiment.estimate(model, prompts, "atp", target="z", memory_budget=budget)
         run = lambda: ap.attribute(model, prompts, "z", direction="noise", memory_budget=budget)  # noqa: E731
     else:
@@ -59,9 +68,11 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     result = run()
     seconds = time.perf_counter() - t
     peak = _status("VmHWM")
-    check = float(result.values.abs().sum()) if technique == "atp" else float(result.scores.nan_to_num().abs().sum())
+    check = float(result.scores.nan_to_num().abs().sum()) if technique == "eap-ig" else float(result.values.abs().sum())
     return {"technique": technique, "budget": budget, "seconds": seconds, "used": peak - before,
-            "estimate": plan.bytes, "rows": plan.rows, "recompute": plan.recompute, "check": check}
+            "estimate": plan.bytes if plan else 0, "rows": plan.rows if plan else 0,
+            "recompute": plan.recompute if plan else False, "positions": plan.positions if plan else 0,
+            "check": check}
 
 
 def main() -> None:
@@ -70,7 +81,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG steps")
     parser.add_argument("--budgets", default="1GiB,2GiB,4GiB")
-    parser.add_argument("--techniques", default="atp,eap-ig")
+    parser.add_argument("--techniques", default="atp,eap-ig,sweep")
     parser.add_argument("--reference", default="16GiB", help="the budget the times are set against")
     parser.add_argument("--one", nargs=2, metavar=("TECHNIQUE", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,7 +92,7 @@ def main() -> None:
 
     print(f"{args.prompts} IOI prompts behind filler, {args.tokens} tokens each; bundled SmolLM2-135M; "
           f"EAP-IG with {args.steps} steps")
-    print(f"{'technique':>9} {'budget':>9} {'rows':>4} {'recomp':>6} {'estimate':>10} {'used':>10} {'used/budget':>11} "
+    print(f"{'technique':>9} {'budget':>9} {'rows':>4} {'recomp':>6} {'span':>5} {'estimate':>10} {'used':>10} {'used/budget':>11} "
           f"{'s':>7} {'x ' + args.reference:>11}")
     for technique in args.techniques.split(","):
         rows = []
@@ -99,7 +110,8 @@ def main() -> None:
             base = rows[0]
             share = f"{r['used'] / parse_budget(budget):.2f}"
             same = abs(r["check"] - base["check"]) <= 1e-4 * abs(base["check"])
-            print(f"{technique:>9} {budget:>9} {r['rows']:>4} {str(r['recompute']):>6} {format_bytes(r['estimate']):>10} "
+            print(f"{technique:>9} {budget:>9} {r['rows']:>4} {str(r['recompute']):>6} {r['positions'] or '-':>5} "
+                  f"{format_bytes(r['estimate']):>10} "
                   f"{format_bytes(r['used']):>10} {share:>11} {r['seconds']:>7.1f} "
                   f"{r['seconds'] / base['seconds']:>11.2f}{'' if same else '  VALUES DIFFER'}")
 
