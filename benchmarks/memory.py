@@ -46,13 +46,15 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     model = ap.load_model()
     short = ap.prompts.ioi(model, n=n, seed=0, templates=[0, 2, 6])
     prompts = ap.prompts.long_context(model, short, tokens - short.seq_len)
-    if technique == "sweep":  # the batched engine's chunks follow $ACTPATCH_MEMORY_BUDGET
-        from actpatch.memory import parse_budget
+    chunks: list[int] = []  # the sweep's chunks: prompt rows each (prompts of one layout share a plan)
+    if technique == "sweep":
+        from actpatch.techniques.exact import SweepJob
 
-        os.environ["ACTPATCH_MEMORY_BUDGET"] = str(parse_budget(budget))
+        prepare = SweepJob.prepare
+        SweepJob.prepare = lambda job, runs, outcome=None: (chunks.append(runs.rows), prepare(job, runs, outcome))[1]
         plan = None
         run = lambda: ap.sweep(model, prompts, "resid_pre", positions=["S1", "IO", "S2", "end"],  # noqa: E731
-                               direction="noise", progress=False)
+                               direction="noise", progress=False, memory_budget=budget)
     elif technique == "atp":
         plan = ap.experiment.estimate(model, prompts, "atp", target="z", memory_budget=budget)
         run = lambda: ap.attribute(model, prompts, "z", direction="noise", memory_budget=budget)  # noqa: E731
@@ -62,6 +64,7 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     # page the weights in (the bundled model's cache is memory-mapped: its pages join the resident
     # set on first use) and warm autograd up, on a short prompt, before the baseline is read
     ap.attribute(model, short.subset([0]), "z", direction="noise")
+    chunks.clear()
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
     t = time.perf_counter()
@@ -70,7 +73,8 @@ def one(technique: str, budget: str, n: int, tokens: int, steps: int) -> dict:
     peak = _status("VmHWM")
     check = float(result.scores.nan_to_num().abs().sum()) if technique == "eap-ig" else float(result.values.abs().sum())
     return {"technique": technique, "budget": budget, "seconds": seconds, "used": peak - before,
-            "estimate": plan.bytes if plan else 0, "rows": plan.rows if plan else 0,
+            "estimate": plan.bytes if plan else 0, "rows": plan.rows if plan else max(chunks),
+            "chunks": plan.chunks if plan else len(chunks),
             "recompute": plan.recompute if plan else False, "positions": plan.positions if plan else 0,
             "check": check}
 
@@ -92,7 +96,7 @@ def main() -> None:
 
     print(f"{args.prompts} IOI prompts behind filler, {args.tokens} tokens each; bundled SmolLM2-135M; "
           f"EAP-IG with {args.steps} steps")
-    print(f"{'technique':>9} {'budget':>9} {'rows':>4} {'recomp':>6} {'span':>5} {'estimate':>10} {'used':>10} {'used/budget':>11} "
+    print(f"{'technique':>9} {'budget':>9} {'rows':>4} {'chunks':>6} {'recomp':>6} {'span':>5} {'estimate':>10} {'used':>10} {'used/budget':>11} "
           f"{'s':>7} {'x ' + args.reference:>11}")
     for technique in args.techniques.split(","):
         rows = []
@@ -110,8 +114,8 @@ def main() -> None:
             base = rows[0]
             share = f"{r['used'] / parse_budget(budget):.2f}"
             same = abs(r["check"] - base["check"]) <= 1e-4 * abs(base["check"])
-            print(f"{technique:>9} {budget:>9} {r['rows']:>4} {str(r['recompute']):>6} {r['positions'] or '-':>5} "
-                  f"{format_bytes(r['estimate']):>10} "
+            print(f"{technique:>9} {budget:>9} {r['rows']:>4} {r['chunks']:>6} {str(r['recompute']):>6} {r['positions'] or '-':>5} "
+                  f"{format_bytes(r['estimate']) if r['estimate'] else '-':>10} "
                   f"{format_bytes(r['used']):>10} {share:>11} {r['seconds']:>7.1f} "
                   f"{r['seconds'] / base['seconds']:>11.2f}{'' if same else '  VALUES DIFFER'}")
 

@@ -108,6 +108,7 @@ CASES = [
     ("llama_gqa", "z", {"grad_drop": True}),
     ("llama_gqa", "k", {"qk_fix": True}),
     ("gpt2", "z", {"corruption": ap.corruption.GaussianNoise(n_draws=2)}),
+    ("llama_gqa", "z", {"corruption": "mean"}),  # the mean over the whole group in every chunk
 ]
 
 
@@ -119,7 +120,7 @@ def test_attribution_under_a_budget_equals_the_unbudgeted_run(models, family, ta
     sites = [Site(target, l) for l in range(m.n_layers)]
     if kw.get("qk_fix"):
         sites += [Site(k, l) for l in range(m.n_layers) for k in ("q", "pattern")]
-    draws = kw.get("corruption").draws if "corruption" in kw else 1
+    draws = getattr(kw.get("corruption"), "draws", 1)
     need = attribution_memory_plan(m, ps, sites, None, grad_drop=kw.get("grad_drop", False), draws=draws,
                                    pattern=bool(kw.get("qk_fix")))
     for budget, chunks, recompute in ((2 * need.per_row * draws, 2, False), (need.recomputed_per_row * draws, 3, True)):
@@ -370,3 +371,92 @@ def _das_under_budgets(toy, prompts, site):
         # (the basis is kept in float32: 1e-6 is its rounding, 1e-5 nats of loss its effect)
         assert float((got.subspace.basis_for(site.layer) - full.subspace.basis_for(site.layer)).abs().max()) < 1e-6
         assert max(abs(a - b) for x, y in zip(got.curve, full.curve) for a, b in zip(x, y)) < 1e-5
+
+
+def _prepared_rows(monkeypatch):
+    """The prompt rows of every chunk an exact sweep prepares, in order."""
+    from actpatch.techniques.exact import SweepJob
+
+    seen: list[int] = []
+    prepare = SweepJob.prepare
+
+    def spy(self, runs, outcome=None):
+        seen.append(runs.rows)
+        return prepare(self, runs, outcome)
+
+    monkeypatch.setattr(SweepJob, "prepare", spy)
+    return seen
+
+
+@pytest.mark.parametrize("target, kw", [
+    ("resid_pre", {"per_position": False}),
+    ("z", {"direction": "denoise"}),
+    ("attn_out", {"engine": "reference", "per_position": False}),
+    ("resid_pre", {"corruption": ap.corruption.GaussianNoise(n_draws=2), "per_position": False}),
+    ("mlp_out", {"corruption": "mean", "per_position": False}),
+])
+def test_sweeps_under_a_budget_run_chunks_of_prompts_with_the_same_values(models, monkeypatch, target, kw):
+    m = models["llama_gqa"]
+    ps = ap.PromptSet.from_ids([*random_pairs(n=3, T=6).clean, *random_pairs(n=2, T=7, seed=1).clean],
+                               [*random_pairs(n=3, T=6).corrupted, *random_pairs(n=2, T=7, seed=1).corrupted],
+                               [5, 6, 7, 8, 9], [61] * 5)  # two length groups: 3 and 2 prompts
+    kw = {"direction": "noise", **kw}
+    whole = ap.sweep(m, ps, target, progress=False, **kw)
+    draws = kw["corruption"].draws if "corruption" in kw and not isinstance(kw["corruption"], str) else 1
+    est = ap.experiment.estimate(m, ps, "sweep", target=target, corruption=kw.get("corruption", "str"))
+    seen = _prepared_rows(monkeypatch)
+    two = 2 * draws * est.per_row  # two prompts (all their draws) a chunk
+    assert ap.experiment.estimate(m, ps, "sweep", target=target, memory_budget=two,
+                                  corruption=kw.get("corruption", "str")).rows == 2 * draws
+    chunked = ap.sweep(m, ps, target, progress=False, memory_budget=two, **kw)
+    assert seen == [2 * draws, draws, 2 * draws]  # group of 3 in 2 + 1, group of 2 whole
+    assert whole.raw["logit_diff"].std() > 0.01  # real, varied values
+    assert _close(chunked.raw["logit_diff"], whole.raw["logit_diff"]) < RTOL
+    for part in ("clean", "corrupted"):
+        assert _close(getattr(chunked, part)["logit_diff"], getattr(whole, part)["logit_diff"]) < RTOL
+    assert chunked.info.diagnostics.clean_correct == whole.info.diagnostics.clean_correct
+    assert chunked.info.diagnostics.null_patch_max_abs < 1e-9
+
+
+def test_a_chunked_sweep_resumes_from_units_named_by_their_prompts(models, monkeypatch, tmp_path):
+    from actpatch.experiment.checkpoint import UnitStore
+    from actpatch.techniques.exact import SweepJob
+
+    m = models["gpt2"]
+    ps = random_pairs(n=5, T=6)
+    est = ap.experiment.estimate(m, ps, "sweep", target="resid_pre")
+    budget = 2 * est.per_row
+    first = ap.sweep(m, ps, "resid_pre", progress=False, memory_budget=budget, store=UnitStore(tmp_path), unit_size=5)
+    names = sorted(p.stem for p in tmp_path.glob("*.safetensors"))
+    assert names == [f"g0_p{a}-{b}_u{u}" for a, b in ((0, 2), (2, 4), (4, 5)) for u in range(4)]  # 18 cells in 4 units
+    monkeypatch.setattr(SweepJob, "run_unit", lambda *a, **k: pytest.fail("a saved unit was computed again"))
+    again = ap.sweep(m, ps, "resid_pre", progress=False, memory_budget=budget, store=UnitStore(tmp_path), unit_size=5)
+    assert torch.equal(again.raw["logit_diff"], first.raw["logit_diff"])
+    # a worker rebuilds a chunk from its unit's part: the same runs as the chunk
+    exp = Experiment.setup(m, ps, direction="noise", corruption="resample", metric="logit_diff", seed=3,
+                           technique="t")
+    for runs in exp.groups(2):
+        rebuilt = exp.group(runs.index, runs.part)
+        assert torch.equal(rebuilt.base.ids, runs.base.ids) and torch.equal(rebuilt.source.ids, runs.source.ids)
+        assert torch.equal(rebuilt.group.indices, runs.group.indices)
+
+
+def test_a_sweep_budget_too_small_for_one_prompt_is_refused_but_the_default_runs(models, monkeypatch):
+    m = models["llama_gqa"]
+    ps = random_pairs(n=3)
+    est = ap.experiment.estimate(m, ps, "sweep", target="z")
+    calls = []
+    handle = m.adapter.embed_module().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(MemoryBudgetError, match=r"Exact patching: one prompt needs about .*Give memory_budget="):
+            ap.sweep(m, ps, "z", progress=False, memory_budget=est.per_row - 1)
+    finally:
+        handle.remove()
+    assert calls == []
+    # a default budget (a share of free memory) too small for one prompt runs one at a time
+    monkeypatch.setenv("ACTPATCH_MEMORY_BUDGET", "1000")
+    seen = _prepared_rows(monkeypatch)
+    small = ap.sweep(m, ps, "z", progress=False)
+    monkeypatch.delenv("ACTPATCH_MEMORY_BUDGET")
+    assert seen == [1, 1, 1]
+    assert _close(small.raw["logit_diff"], ap.sweep(m, ps, "z", progress=False).raw["logit_diff"]) < RTOL

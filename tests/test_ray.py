@@ -80,6 +80,17 @@ class TestOnOneSetOfWorkers:
         local = ap.path_sweep(m, ps, receivers, executor="local", unit_size=2, progress=False)
         _same(local, ap.path_sweep(m, ps, receivers, executor=executor, unit_size=2, progress=False))
 
+    def test_ray_runs_chunks_of_prompts_under_a_budget_as_local_does(self, executor):
+        """Workers rebuild a chunk of a length group from its units' prompts (a memory budget)."""
+        m = tiny_model("llama_gqa", n_layers=3)
+        ps = random_pairs(n=5, T=6)
+        two = 2 * ap.experiment.estimate(m, ps, "sweep", target="z").per_row  # prompts 0-1, 2-3, 4
+        for kw in ({}, {"corruption": "mean"}):
+            local = ap.sweep(m, ps, "z", executor="local", unit_size=5, progress=False, memory_budget=two, **kw)
+            _same(local, ap.sweep(m, ps, "z", executor=executor, unit_size=5, progress=False, memory_budget=two, **kw))
+            whole = ap.sweep(m, ps, "z", progress=False, **kw)
+            assert torch.allclose(local.raw["logit_diff"], whole.raw["logit_diff"], rtol=0, atol=1e-5)
+
     def test_models_that_cannot_be_shipped_are_refused(self, executor):
         ps = random_pairs(n=2, T=5)
         built = tiny_model("llama")

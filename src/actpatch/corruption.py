@@ -182,6 +182,15 @@ class Corruption:
         """Activation-level corruptions: the corrupted activation given clean ones ``(B, ...)``."""
         raise NotImplementedError
 
+    pooled: bool = False
+    """:meth:`source` pools over all prompts of a length group (mean ablation): a chunk of the
+    group gets :meth:`pooled_source` of the whole group's sum instead."""
+
+    def pooled_source(self, total: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """What :meth:`source` gives a chunk ``like`` of a length group from the group's sum of
+        clean activations over its ``rows`` rows (``total``, ``(1, ...)``)."""
+        raise NotImplementedError
+
     def describe(self) -> CorruptionSpec:
         """The frozen value a result records (:class:`CorruptionSpec`)."""
         return CorruptionSpec(self.kind)
@@ -304,14 +313,20 @@ class MeanAblation(Corruption):
     def corrupted_run(self, model: "Model", group: "LengthGroup", prompts: "PromptSet", seed: int) -> Run:
         return Run(group.corrupted)
 
+    pooled = True
+
     def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
         return clean_acts.mean(0, keepdim=True).expand_as(clean_acts)
+
+    def pooled_source(self, total: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+        return (total / rows).to(like.dtype).expand_as(like)
 
 
 class ZeroAblation(MeanAblation):
     """Replace activations by zeros (off-distribution; offered for comparison). Noising only."""
 
     kind = CorruptionKind.ZERO
+    pooled = False
 
     def source(self, clean_acts: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(clean_acts)

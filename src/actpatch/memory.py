@@ -1,5 +1,7 @@
-"""Memory budgets for the gradient techniques: how many prompts run at once, and whether blocks
-are recomputed, so that a technique's activations stay inside ``memory_budget``.
+"""Memory budgets: how many prompts run at once, and whether blocks are recomputed, so that a
+technique's activations stay inside ``memory_budget``. Mostly for the gradient techniques;
+exact sweeps (:func:`actpatch.techniques.exact.sweep_memory_plan`) and forward-only techniques
+(:func:`inference_plan`) use steps 1-2 below for the activations they capture.
 
 A forward and backward pass keeps, for every block, what its backward pass reads: about
 ``12 d_model + 4 d_mlp + n_heads * T`` values per token (measured with autograd's saved-tensor

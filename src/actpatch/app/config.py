@@ -399,8 +399,9 @@ class ExperimentConfig(_Strict):
     chunk_size: int | None = Field(None, ge=1)
     """Patches per batched forward pass; fixed so that a resumed run repeats the same arithmetic."""
     memory_budget: int | str | None = None
-    """Bytes (or "4GiB") for the gradient techniques' and circuit runs' activations (AtP targets,
-    edge attribution, MIB scores, faithfulness); default: a share of the free memory."""
+    """Bytes (or "4GiB") for the activations of every technique (sweeps' captures, AtP targets,
+    edge attribution, MIB scores, faithfulness); default: a share of the free memory. Give it
+    for long prompts: a sweep resumes its saved units only under the same chunks of prompts."""
 
     @field_validator("memory_budget")
     @classmethod

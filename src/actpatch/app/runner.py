@@ -306,7 +306,8 @@ def _target_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corrupt
             extra = {"subspace": found[0], "check_subspace": t.subspace.check}
         return sweep(model, prompts, t.target, direction=direction, corruption=corruption, metric=cfg.metrics,
                      seed=cfg.seed, engine=cfg.engine, chunk_size=cfg.chunk_size or DEFAULT_CHUNK, progress=progress,
-                     store=store, unit_size=cfg.unit_size, executor=executor, **axes, **extra)
+                     store=store, unit_size=cfg.unit_size, executor=executor, memory_budget=cfg.memory_budget,
+                     **axes, **extra)
 
     return job
 

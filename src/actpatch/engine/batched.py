@@ -84,10 +84,14 @@ def memory_budget(device: torch.device | str = "cpu") -> int:
 
 def row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> int:
     """Rough peak bytes of one (patch, prompt) row computing positions q..T-1 and ``C``
-    continuation tokens in one block, plus its ``readouts`` full-vocabulary logits."""
+    continuation tokens in one block, plus its ``readouts`` full-vocabulary logits. The keys
+    and values the row attends over (all ``T + C`` positions: the base run's prefix copied
+    and joined to the suffix's, and their copies per query head in the attention products)
+    count too: at 1,024 tokens they outweigh a short suffix's own activations."""
     ts = T - q + C
     per_token = 12 * model.d_model + 4 * model.d_mlp + 3 * model.n_heads * (T + C)
-    return (ts * per_token + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
+    keys_values = 2 * (T + C) * (2 * model.n_kv_heads + model.n_heads) * model.d_head
+    return (ts * per_token + keys_values + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
 
 
 def _views(site: Site, q: int) -> tuple[tuple, tuple]:
@@ -144,11 +148,12 @@ def run_batched(
     base_acts: dict[Site, torch.Tensor] | None = None,
     base_metrics: dict[Metric, torch.Tensor] | None = None,
     subspace: "Subspace | None" = None,
+    budget: int | None = None,
 ) -> dict[Metric, torch.Tensor]:
     """Same contract as :func:`~actpatch.engine.reference.run_reference` (``{metric: (n_patches,
     B)}``), plus ``diff_start``: the first position where base and source inputs may differ (0
     when unsure, e.g. for mean / zero ablation). ``chunk_size`` caps patches per forward pass
-    (default: from :func:`memory_budget`). ``base_acts`` (at least :func:`base_sites`) and
+    (default: as many as fit ``budget`` bytes, by default :func:`memory_budget`). ``base_acts`` (at least :func:`base_sites`) and
     ``base_metrics`` spare a forward pass when the caller already ran the base run. ``subspace``
     writes only the coordinates along it, as the reference engine does."""
     B, T = base.ids.shape
@@ -175,11 +180,12 @@ def run_batched(
         if advance is not None and len(patches) > sum(map(len, by_start.values())):
             advance(len(patches) - sum(map(len, by_start.values())))
 
-        budget = memory_budget(model.device) if chunk_size is None else 0
+        if chunk_size is None and budget is None:
+            budget = memory_budget(model.device)
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
             readouts = 0 if getattr(measure, "tokens", None) is not None else 1  # unembedded a few rows at a time
-            per_chunk = chunk_size or max(1, budget // max(1, row_bytes(model, q, T, C, readouts) * B))
+            per_chunk = chunk_size or max(1, (budget or 0) // max(1, row_bytes(model, q, T, C, readouts) * B))
             c = 0
             while c < len(items):
                 chunk = items[c : c + per_chunk]

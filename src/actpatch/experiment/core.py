@@ -70,6 +70,8 @@ class GroupRuns:
     draws: int
     continuation: "Continuation | None" = None
     """Per row, the answers' tokens when some have several (teacher-forced)."""
+    part: tuple[int, int] | None = None
+    """The prompts ``start:stop`` of the length group these runs hold (:meth:`split`); None: all."""
 
     @property
     def base_is_clean(self) -> bool:
@@ -91,17 +93,22 @@ class GroupRuns:
             yield self
             return
         for start in range(0, G, per):
-            prompts = torch.arange(start, min(start + per, G))
-            rows = (prompts[:, None] * self.draws + torch.arange(self.draws)).flatten()
-            g = self.group
-            sub = dataclasses.replace(g, indices=g.indices[prompts], clean=g.clean[prompts], corrupted=g.corrupted[prompts],
-                                      answers=g.answers[prompts], alternatives=g.alternatives[prompts],
-                                      continuation=None if g.continuation is None else g.continuation.select(prompts))
-            clean, corrupted = self.clean.select(rows), self.corrupted.select(rows)
-            base, source = (clean, corrupted) if self.base_is_clean else (corrupted, clean)
-            yield dataclasses.replace(self, group=sub, clean=clean, corrupted=corrupted, base=base, source=source,
-                                      answers=self.answers[rows], alternatives=self.alternatives[rows],
-                                      continuation=None if self.continuation is None else self.continuation.select(rows))
+            yield self.part_of(start, min(start + per, G))
+
+    def part_of(self, start: int, stop: int) -> "GroupRuns":
+        """The runs of this group's prompts ``start:stop`` (with all their draws)."""
+        prompts = torch.arange(start, stop)
+        rows = (prompts[:, None] * self.draws + torch.arange(self.draws)).flatten()
+        g = self.group
+        sub = dataclasses.replace(g, indices=g.indices[prompts], clean=g.clean[prompts], corrupted=g.corrupted[prompts],
+                                  answers=g.answers[prompts], alternatives=g.alternatives[prompts],
+                                  continuation=None if g.continuation is None else g.continuation.select(prompts))
+        clean, corrupted = self.clean.select(rows), self.corrupted.select(rows)
+        base, source = (clean, corrupted) if self.base_is_clean else (corrupted, clean)
+        return dataclasses.replace(self, group=sub, clean=clean, corrupted=corrupted, base=base, source=source,
+                                   answers=self.answers[rows], alternatives=self.alternatives[rows],
+                                   continuation=None if self.continuation is None else self.continuation.select(rows),
+                                   part=(start, stop))
 
     def clean_logits(self, base_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
         """Of a base and a source run's logits, the clean run's."""
@@ -132,6 +139,9 @@ class Experiment:
     """A prepared copy (set-level statistics measured); the caller's object is never changed."""
     metrics: tuple[Metric, ...]
     seed: int
+    _pooled: dict = field(default_factory=dict, compare=False, repr=False)
+    """Per (length group, site): the group's sum of clean activations, for pooled corruptions
+    (mean ablation) run a chunk of prompts at a time (:meth:`ablated`)."""
 
     @classmethod
     def setup(
@@ -215,10 +225,13 @@ class Experiment:
         for i, g in enumerate(self.prompts.groups()):
             yield from self._runs(i, g).split(max_rows)
 
-    def group(self, index: int) -> GroupRuns:
+    def group(self, index: int, part: tuple[int, int] | None = None) -> GroupRuns:
         """The runs of length group ``index`` alone (each group's corruption is seeded by its
-        length, so this equals the ``index``-th of :meth:`groups`): what a worker rebuilds."""
-        return self._runs(index, self.prompts.groups()[index])
+        length, so this equals the ``index``-th of :meth:`groups`), or of its prompts
+        ``part`` = (start, stop) (a chunk of :meth:`groups` with ``max_rows``): what a worker
+        rebuilds."""
+        runs = self._runs(index, self.prompts.groups()[index])
+        return runs if part is None else runs.part_of(*part)
 
     def _runs(self, i: int, g: LengthGroup) -> GroupRuns:
         corr, R = self.corruption, self.corruption.draws
@@ -240,8 +253,34 @@ class Experiment:
         if corr.activation_level:
             with capture(model, list(sites)) as clean:
                 runs.clean.readout(model)
-            source = {s: corr.source(a) for s, a in clean.items()}
+            source = self.ablated(runs, clean)
         return source, logits
+
+    def ablated(self, runs: GroupRuns, clean: dict[Site, torch.Tensor]) -> dict[Site, torch.Tensor]:
+        """An activation-level corruption's activations for ``runs`` given their clean ones. A
+        corruption pooled over the length group (mean ablation) on a chunk of it
+        (:meth:`GroupRuns.split`) pools over the whole group, summed a chunk at a time (once per
+        group and site), so chunks write what the whole group would."""
+        corr = self.corruption
+        if runs.part is None or not corr.pooled:
+            return {s: corr.source(a) for s, a in clean.items()}
+        missing = [s for s in clean if (runs.index, s) not in self._pooled]
+        if missing:
+            whole = self.group(runs.index)
+            width, G = runs.part[1] - runs.part[0], len(whole.group.indices)
+            sums: dict[Site, torch.Tensor] = {}
+            with torch.no_grad():
+                for start in range(0, G, width):
+                    chunk = whole.part_of(start, min(start + width, G))
+                    with chunk.clean.context(self.model), capture(self.model, missing) as acts:
+                        chunk.clean.readout(self.model)
+                    for s in missing:
+                        part = acts[s].sum(0, keepdim=True, dtype=torch.float64)
+                        sums[s] = part if s not in sums else sums[s] + part
+            for s in missing:
+                self._pooled[(runs.index, s)] = sums[s]
+        return {s: corr.pooled_source(self._pooled[(runs.index, s)], self.group(runs.index).rows, a)
+                for s, a in clean.items()}
 
     def paired_activations(self, site: Site, max_rows: int | None = None) -> Iterator[tuple[GroupRuns, torch.Tensor, torch.Tensor]]:
         """Per length group (in chunks of ``max_rows`` rows: :meth:`groups`): its runs and the
@@ -265,20 +304,24 @@ class Experiment:
 
     def run(self, job: "UnitJob", n_cells: int, *, executor: "str | Executor | None" = None,
             store: UnitStore | None = None, unit_size: int = 64, progress: bool = False,
-            description: str = "patching") -> "Outcome":
+            description: str = "patching", max_rows: int | None = None) -> "Outcome":
         """Every cell of ``job`` over every length group: each group prepared once (its
         baselines recorded), its cells cut into units of ``unit_size`` and handed to
-        ``executor`` (saved to and resumed from ``store``), with one progress bar over all."""
+        ``executor`` (saved to and resumed from ``store``), with one progress bar over all.
+        ``max_rows``: groups run in chunks of at most that many prompt rows (a memory budget),
+        each chunk prepared and run on its own; its units are named by its prompts."""
         outcome = self.outcome(n_cells)
-        total = n_cells * len(self.prompts.groups())
+        per = max(1, (max_rows or self.n * self.corruption.draws) // self.corruption.draws)  # prompts a chunk
+        total = n_cells * sum(-(-len(g.indices) // per) for g in self.prompts.groups())
         with ExitStack() as stack:
             run_units = stack.enter_context(executor_for(executor))
             stack.enter_context(job.context())
             advance = stack.enter_context(progress_bar(progress and total > 1, total, description))
-            for runs in self.groups():
+            for runs in self.groups(max_rows):
                 state = job.prepare(runs, outcome)  # type: ignore[call-arg]
-                todo = units(runs.index, n_cells, unit_size)
+                todo = units(runs.index, n_cells, unit_size, runs.part)
                 outcome.patched(runs, run_units.map(job, runs, state, todo, store=store, advance=advance))
+                del state  # this chunk's captures freed before the next chunk's are taken
         return outcome
 
     def provenance(self) -> Provenance:

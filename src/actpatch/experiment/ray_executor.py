@@ -72,7 +72,7 @@ class _Worker:
         self.recipe = recipe if device is None else recipe.on_device(device)
         self.weight_hash = weight_hash
         self.model: Model | None = None
-        self.key: tuple[str, int] | None = None
+        self.key: tuple[str, int, tuple[int, int] | None] | None = None
         self.job: UnitJob | None = None
         self.state: Any = None
 
@@ -90,11 +90,11 @@ class _Worker:
 
     def run(self, key: str, job: UnitJob, group: int, unit: Unit) -> UnitValues:
         self.setup()
-        if self.key != (key, group) or self.job is None:
+        if self.key != (key, group, unit.part) or self.job is None:
             self.job, self.state = with_model(job, self.model), None  # the previous group's state freed first
             with self.job.context():
-                self.state = self.job.prepare(self.job.experiment.group(group))
-            self.key = (key, group)
+                self.state = self.job.prepare(self.job.experiment.group(group, unit.part))
+            self.key = (key, group, unit.part)
         bound = self.job
         with bound.context():
             values = bound.run_unit(self.state, unit)

@@ -26,26 +26,32 @@ Advance = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Unit:
-    """Cells ``start:stop`` of length group ``group``; the ``index``-th unit of that group."""
+    """Cells ``start:stop`` of length group ``group``; the ``index``-th unit of that group, or
+    of its prompts ``part`` = (first, stop) when a memory budget runs the group in chunks."""
 
     group: int
     index: int
     start: int
     stop: int
+    part: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
-        """The unit's name in a :class:`UnitStore` (stable across runs of the same config)."""
-        return f"g{self.group}_u{self.index}"
+        """The unit's name in a :class:`UnitStore` (stable across runs of the same config; a
+        chunk's units name its prompts, so a resume under another budget never mixes rows)."""
+        if self.part is None:
+            return f"g{self.group}_u{self.index}"
+        return f"g{self.group}_p{self.part[0]}-{self.part[1]}_u{self.index}"
 
     def __len__(self) -> int:
         return self.stop - self.start
 
 
-def units(group: int, n_cells: int, unit_size: int) -> list[Unit]:
-    """Cells ``0..n_cells-1`` of a group, in units of ``unit_size`` (the last may be shorter)."""
+def units(group: int, n_cells: int, unit_size: int, part: tuple[int, int] | None = None) -> list[Unit]:
+    """Cells ``0..n_cells-1`` of a group (or of its prompts ``part``), in units of
+    ``unit_size`` (the last may be shorter)."""
     size = max(1, int(unit_size))
-    return [Unit(group, u, i, min(i + size, n_cells)) for u, i in enumerate(range(0, n_cells, size))]
+    return [Unit(group, u, i, min(i + size, n_cells), part) for u, i in enumerate(range(0, n_cells, size))]
 
 
 UnitValues = dict[MetricLike, torch.Tensor]

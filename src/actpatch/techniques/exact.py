@@ -19,14 +19,16 @@ import torch
 
 from ..corruption import Corruption, first_difference
 from ..engine import BATCHED_KINDS, run_batched, run_reference
-from ..engine.batched import base_sites
-from ..errors import EngineError, SiteError
+from ..engine.batched import base_sites, row_bytes
+from ..errors import EngineError, MemoryBudgetError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Executor
 from ..experiment.plan import Grid, Plan
 from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture
+from ..memory import MemoryPlan, activation_bytes, block_bytes, parse_budget, sequence
+from ..memory import plan as memory_plan
 from ..metrics import Measurer, Metric, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import ExactInfo, PatchResult
@@ -37,7 +39,7 @@ from ..types import DEFAULT_DIRECTION, Direction, Engine, parse_engine
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.handle import Model
 
-__all__ = ["execute", "patch_plan", "SweepJob", "choose_engine"]
+__all__ = ["execute", "patch_plan", "SweepJob", "choose_engine", "sweep_memory_plan"]
 
 
 def patch_plan(sites: Sequence[Site], subspace: Subspace | None = None) -> Plan:
@@ -60,6 +62,49 @@ def choose_engine(plan: Plan, engine: Engine) -> Engine:
     if engine is Engine.AUTO:
         return Engine.BATCHED if batchable else Engine.REFERENCE
     return engine
+
+
+def _sweep_bytes(model: "Model", prompts: PromptSet, plan: Plan, engine: Engine, whole_own: bool) -> tuple[int, int]:
+    """``(held, work)``: bytes per prompt row that an exact sweep holds while a chunk of prompts
+    runs (the source run's captures, the base run's own, the batched engine's base state, both
+    baselines' logits) and that one patch of it needs while it runs (one block's activations).
+    ``whole_own``: the base run is captured at every site of the plan too (mean / zero
+    ablation, unaligned pairs)."""
+    T, readouts = sequence(prompts)
+    e = torch.finfo(model.dtype).bits // 8
+
+    def size(s: Site) -> int:  # captures keep the model's dtype
+        return activation_bytes(model, s, T) // max(4, e) * e
+
+    wanted = plan.full_sites()
+    own = list(dict.fromkeys([s.full() for s in plan.patches[0]] + (wanted if whole_own else [])))
+    held = sum(map(size, wanted)) + sum(map(size, own)) + 2 * readouts * model.vocab_size * 4
+    work = block_bytes(model, T) + 2 * T * model.d_model * e
+    if engine is Engine.BATCHED:  # the engine recomputes positions from the first one a patch writes
+        held += sum(map(size, base_sites(model)))
+        q = min(min((s.pos if isinstance(s.pos, int) and s.pos >= 0 else 0) for s in p) for p in plan.patches)
+        work = max(work, row_bytes(model, min(q, T - 1), T, 0, readouts))
+    return held, work
+
+
+def sweep_memory_plan(model: "Model", prompts: PromptSet, plan: Plan, engine: Engine,
+                      memory_budget: "int | str | None", *, draws: int = 1, whole_own: bool = False) -> MemoryPlan:
+    """Prompt rows an exact sweep runs at once under ``memory_budget`` (steps 1-2 of
+    :func:`actpatch.memory.plan`): each row holds its captures while its chunk runs and needs
+    room for at least one patch; the batched engine fills what is left with patches. Its
+    forward-pass equivalents are an upper bound (the batched engine reruns only what a patch
+    changes). A prompt that alone exceeds a given budget is refused, naming the smallest; under
+    the default budget it runs alone."""
+    held, work = _sweep_bytes(model, prompts, plan, engine, whole_own)
+    rows, passes = len(prompts) * draws, 2 + len(plan.patches)
+    try:
+        return memory_plan("Exact patching", model, memory_budget, total_rows=rows, per_row=held + work,
+                           per_row_recomputed=held + work, passes=passes, draws=draws)
+    except MemoryBudgetError:
+        if memory_budget is not None:
+            raise
+        return MemoryPlan("Exact patching", parse_budget(None, model.device), draws, rows, False, (held + work) * draws,
+                          held + work, passes, held + work)
 
 
 @dataclass
@@ -85,6 +130,11 @@ class SweepJob:
     plan: Plan
     engine: Engine
     chunk_size: int | None = None
+    budget: int | None = None
+    """Bytes a chunk of prompts may use (None: the engine's default)."""
+    held: int = 0
+    """Bytes a prompt row holds while its chunk runs (:func:`sweep_memory_plan`): the rest of
+    ``budget`` is the engine's, for patches."""
 
     def context(self) -> ContextManager[object]:
         """One attention path for all runs of the job (equal inputs, equal bits) when it patches
@@ -110,7 +160,7 @@ class SweepJob:
                                                       else [], whole=True))
             base_logits = runs.base.readout(model)
         if activation_level:  # noising only: base is the clean run
-            source = {s: exp.corruption.source(base_acts[s]) for s in wanted}
+            source = exp.ablated(runs, {s: base_acts[s] for s in wanted})
         if alignment:  # unaligned pairs: the source's activations moved to the base run's indices
             source = {s: realigned(source[s], base_acts[s], alignment, runs.base_is_clean) for s in wanted}
         clean_logits = runs.clean_logits(base_logits, src_logits)
@@ -137,7 +187,8 @@ class SweepJob:
         if self.engine is Engine.BATCHED:
             return run_batched(model, state.runs.base, state.source, patches, state.measure, advance,
                                diff_start=state.diff_start, chunk_size=self.chunk_size, base_acts=state.engine_acts,
-                               base_metrics=state.base_values, subspace=self.plan.subspace)
+                               base_metrics=state.base_values, subspace=self.plan.subspace,
+                               budget=None if self.budget is None else max(0, self.budget - self.held * state.runs.rows))
         return run_reference(model, state.runs.base, state.source, patches, state.measure, advance,
                              subspace=self.plan.subspace)
 
@@ -199,8 +250,10 @@ def execute(
     executor: str | Executor | None = None,
     grid: Grid | None = None,
     sites: Sequence[Site] = (),
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
-    """Run every patch of ``plan`` over ``prompts`` and label the outcome (see :func:`sweep`)."""
+    """Run every patch of ``plan`` over ``prompts`` and label the outcome (see :func:`sweep`):
+    per length group, or per chunk of its prompts that fits ``memory_budget``."""
     if plan.subspace is not None:
         for p in plan.patches:
             for s in p:
@@ -208,18 +261,23 @@ def execute(
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Activation patching", continuations=True, unaligned=True)
     _check_aligned_sites(prompts, plan, exp.direction)
-    job = SweepJob(exp, plan, choose_engine(plan, parse_engine(engine)), chunk_size)
+    chosen = choose_engine(plan, parse_engine(engine))
     base_is_clean = exp.direction is Direction.NOISE
     lengths = sorted({g.seq_len if base_is_clean else int(g.corrupted.shape[1]) for g in prompts.groups()})
     for p in plan.patches:  # every site fits every length, checked before any computation
         for s in p:
             for T in lengths:
                 s.check(model, seq_len=T)
+    whole_own = exp.corruption.activation_level or "alignment" in prompts.meta
+    budget = sweep_memory_plan(model, prompts, plan, chosen, memory_budget, draws=exp.corruption.draws,
+                               whole_own=whole_own)
+    job = SweepJob(exp, plan, chosen, chunk_size, budget.budget, _sweep_bytes(model, prompts, plan, chosen, whole_own)[0])
     # Without saved progress or a chosen executor, a group's patches are one unit: the engine
     # then batches across all of them.
     size = unit_size if store is not None or executor is not None else len(plan.patches)
     outcome = exp.run(job, len(plan.patches), executor=executor, store=store, unit_size=size, progress=progress,
-                      description=f"patching {plan.target.value}")
+                      description=f"patching {plan.target.value}",
+                      max_rows=budget.rows if budget.rows < budget.total_rows else None)
     sub = plan.subspace
     technique = ExactInfo(engine=job.engine, sites=tuple(str(s) for s in sites),
                           subspace=sub.describe() if sub is not None else None,

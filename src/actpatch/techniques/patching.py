@@ -57,6 +57,7 @@ def sweep(
     check_subspace: bool = True,
     executor: str | Executor | None = None,
     features: Sequence[int | str] | int | None = None,
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
     """Patch every cell of a target and measure the effect.
 
@@ -76,7 +77,12 @@ def sweep(
             consecutive layers together (joint effect).
         engine: ``"auto"`` (batched where supported), ``"batched"`` or ``"reference"`` (one
             forward pass per patch: the slow, obviously right oracle). chunk_size: patches per
-            batched forward pass (default: from the memory available).
+            batched forward pass (default: as many as fit the memory budget).
+        memory_budget: bytes (or ``"4GiB"``) the sweep's activations may take (default: a share
+            of free memory, :func:`actpatch.engine.batched.memory_budget`). Each prompt row
+            holds its captured activations (every layer, every position) while it runs, so long
+            prompts run a chunk of prompts at a time, with identical values;
+            ``ap.experiment.estimate(model, prompts, "sweep", target=...)`` says how, before.
         store, unit_size: save finished units of ``unit_size`` patches in a
             :class:`~actpatch.experiment.checkpoint.UnitStore` and reuse those already there
             (resumable runs).
@@ -120,6 +126,7 @@ def sweep(
     with executor_for(executor) as run_units:  # one executor (and one set of workers) for the whole call
         options = dict(target=target, direction=direction, metric=metric, seed=seed, engine=engine,
                        chunk_size=chunk_size, progress=progress, unit_size=unit_size, subspace=as_subspace(subspace),
+                       memory_budget=memory_budget,
                        executor=None if executor is None else run_units)
         if grid.named:
             res = by_named_positions(
