@@ -279,8 +279,8 @@ class Experiment:
                         sums[s] = part if s not in sums else sums[s] + part
             for s in missing:
                 self._pooled[(runs.index, s)] = sums[s]
-        return {s: corr.pooled_source(self._pooled[(runs.index, s)], self.group(runs.index).rows, a)
-                for s, a in clean.items()}
+        rows = runs.draws * len(self.prompts.groups()[runs.index].indices)  # the whole group's
+        return {s: corr.pooled_source(self._pooled[(runs.index, s)], rows, a) for s, a in clean.items()}
 
     def paired_activations(self, site: Site, max_rows: int | None = None) -> Iterator[tuple[GroupRuns, torch.Tensor, torch.Tensor]]:
         """Per length group (in chunks of ``max_rows`` rows: :meth:`groups`): its runs and the
