@@ -460,3 +460,35 @@ def test_a_sweep_budget_too_small_for_one_prompt_is_refused_but_the_default_runs
     monkeypatch.delenv("ACTPATCH_MEMORY_BUDGET")
     assert seen == [1, 1, 1]
     assert _close(small.raw["logit_diff"], ap.sweep(m, ps, "z", progress=False).raw["logit_diff"]) < RTOL
+
+
+@pytest.mark.parametrize("engine, kw", [
+    ("auto", {}),
+    ("reference", {}),
+    ("auto", {"receiver": "k"}),  # receivers swept, senders fixed
+])
+def test_path_sweeps_under_a_budget_run_chunks_of_prompts_with_the_same_values(models, monkeypatch, engine, kw):
+    from actpatch.techniques.path import PathJob, path_memory_plan
+    from actpatch.types import Engine
+
+    m = models["llama_gqa"]
+    ps = random_pairs(n=5, T=6)
+    if kw:
+        run = lambda **b: ap.path_sweep(m, ps, kw["receiver"], senders=[Site("z", 0, head=1)], progress=False,  # noqa: E731
+                                        engine=engine, **b)
+        cells = [((Site("z", 0, head=1),), (Site("k", l, head=h),)) for l in range(3) for h in range(2)]
+    else:
+        run = lambda **b: ap.path_sweep(m, ps, [Site("resid_final")], progress=False, engine=engine, **b)  # noqa: E731
+        cells = [((Site("z", l, head=h),), (Site("resid_final"),)) for l in range(3) for h in range(4)]
+    whole = run()
+    per_row = path_memory_plan(m, ps, cells, Engine(engine), None).per_row
+    seen: list[int] = []
+    prepare = PathJob.prepare
+    monkeypatch.setattr(PathJob, "prepare", lambda self, runs, outcome=None: (seen.append(runs.rows),
+                                                                                prepare(self, runs, outcome))[1])
+    chunked = run(memory_budget=2 * per_row)
+    assert seen == [2, 2, 1]
+    assert whole.raw["logit_diff"].std() > 0.01
+    assert _close(chunked.raw["logit_diff"], whole.raw["logit_diff"]) < RTOL
+    with pytest.raises(MemoryBudgetError, match=r"Path patching: one prompt needs about .*Give memory_budget="):
+        run(memory_budget=per_row - 1)

@@ -71,15 +71,24 @@ def test_batched_sender_sets_of_mlps_and_positioned_heads_equal_the_reference(fa
 
 def test_batched_path_with_noise_corruption_and_chunking(monkeypatch):
     """Gaussian-noise corruption (an embedding hook the skipped layers never see) and a memory
-    budget of one sender set per pass."""
-    import actpatch.techniques.path as path
+    budget of one prompt and one sender set per pass."""
+    from actpatch.techniques.path import path_memory_plan
+    from actpatch.types import Engine
 
     m = tiny_model("llama", n_layers=3)
     ps = _pairs()
     corr = ap.corruption.GaussianNoise(scale=0.5, n_draws=1)
     ref = ap.path_sweep(m, ps, [Site("q", 2)], corruption=corr, progress=False, engine="reference")
-    monkeypatch.setattr(path, "memory_budget", lambda device: 1)
-    fast = ap.path_sweep(m, ps, [Site("q", 2)], corruption=corr, progress=False)
+    cells = [((Site("z", l, head=h),), (Site("q", 2),)) for l in range(m.n_layers) for h in range(m.n_heads)]
+    one = path_memory_plan(m, ps, cells, Engine.AUTO, None).per_row
+    import actpatch.techniques.path as path
+
+    sizes: list[int] = []
+    batched = path._paths_batched
+    monkeypatch.setattr(path, "_paths_batched", lambda model, state, chunk: (sizes.append((state.runs.rows, len(chunk))),
+                                                                            batched(model, state, chunk))[1])
+    fast = ap.path_sweep(m, ps, [Site("q", 2)], corruption=corr, progress=False, memory_budget=one)
+    assert set(sizes) == {(1, 1)} and len(sizes) == len(ps) * len(cells)  # one prompt, one sender set a pass
     torch.testing.assert_close(fast.raw["logit_diff"], ref.raw["logit_diff"], atol=1e-5, rtol=0)
     assert (ref.raw["logit_diff"][:, :2] - ref.clean["logit_diff"][:, None, None]).abs().max() > 1e-4
 

@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.handle import Model
     from .prompts.promptset import PromptSet
 
-__all__ = ["Budget", "MemoryPlan", "inference_plan", "sequence", "parse_budget", "plan", "activation_bytes", "block_bytes", "backward_bytes",
-           "format_bytes"]
+__all__ = ["Budget", "MemoryPlan", "inference_plan", "forward_plan", "sequence", "parse_budget", "plan", "activation_bytes",
+           "capture_bytes", "block_bytes", "backward_bytes", "format_bytes"]
 
 Budget = "int | str | None"
 """A memory budget: bytes, a size such as ``"4GiB"`` / ``"512 MB"``, or None for the default."""
@@ -99,6 +99,13 @@ def activation_bytes(model: "Model", site: Site, T: int) -> int:
         # a dictionary's features: its width is unknown here; count 16 x d_model (typical SAEs)
         n *= sizes.get(axis, 16 * model.d_model)
     return n * max(4, _element(model))  # gradients and estimates are kept in float32 at least
+
+
+def capture_bytes(model: "Model", site: Site, T: int) -> int:
+    """Bytes of one prompt's whole activation at ``site``'s kind as a forward pass captures it
+    (in the model's dtype; :func:`activation_bytes` counts gradients' float32)."""
+    e = _element(model)
+    return activation_bytes(model, site, T) // max(4, e) * e
 
 
 def block_bytes(model: "Model", T: int, pattern: bool = True) -> int:
@@ -194,6 +201,21 @@ def sequence(prompts: "PromptSet") -> tuple[int, int]:
     bound), and the positions whose logits the metrics read."""
     C = int(prompts.continuation_lengths.max()) - 1
     return int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C, 2 * C + 1
+
+
+def forward_plan(technique: str, model: "Model", budget: "int | str | None", *, total_rows: int, per_row: int,
+                 passes: float, draws: int = 1) -> MemoryPlan:
+    """:func:`plan` for a technique that runs no backward pass (nothing to recompute): a given
+    ``budget`` too small for one prompt is refused, naming the smallest; the default budget (a
+    share of free memory, not the user's word) then runs one prompt at a time instead."""
+    try:
+        return plan(technique, model, budget, total_rows=total_rows, per_row=per_row, per_row_recomputed=per_row,
+                    passes=passes, draws=draws)
+    except MemoryBudgetError:
+        if budget is not None:
+            raise
+        return MemoryPlan(technique, parse_budget(None, model.device), draws, total_rows, False, per_row * draws, per_row,
+                          passes, per_row)
 
 
 def inference_plan(technique: str, model: "Model", prompts: "PromptSet", sites: "list[Site]",

@@ -317,7 +317,8 @@ def _path_job(model: Model, prompts: PromptSet, cfg: ExperimentConfig, corruptio
     def job(direction: Direction, target_dir: Path) -> PatchResult:
         return path_sweep(model, prompts, [Site.parse(r) for r in p.receivers], sender=p.sender, layers=p.layers,
                           heads=p.heads, direction=direction, corruption=corruption, metric=cfg.metrics, seed=cfg.seed,
-                          executor=executor, store=UnitStore(target_dir / "units"), progress=progress)
+                          executor=executor, store=UnitStore(target_dir / "units"), progress=progress,
+                          memory_budget=cfg.memory_budget)
 
     return job
 

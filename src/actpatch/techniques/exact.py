@@ -20,15 +20,14 @@ import torch
 from ..corruption import Corruption, first_difference
 from ..engine import BATCHED_KINDS, run_batched, run_reference
 from ..engine.batched import base_sites, row_bytes
-from ..errors import EngineError, MemoryBudgetError, SiteError
+from ..errors import EngineError, SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Executor
 from ..experiment.plan import Grid, Plan
 from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture
-from ..memory import MemoryPlan, activation_bytes, block_bytes, parse_budget, sequence
-from ..memory import plan as memory_plan
+from ..memory import MemoryPlan, block_bytes, capture_bytes, forward_plan, sequence
 from ..metrics import Measurer, Metric, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import ExactInfo, PatchResult
@@ -73,8 +72,8 @@ def _sweep_bytes(model: "Model", prompts: PromptSet, plan: Plan, engine: Engine,
     T, readouts = sequence(prompts)
     e = torch.finfo(model.dtype).bits // 8
 
-    def size(s: Site) -> int:  # captures keep the model's dtype
-        return activation_bytes(model, s, T) // max(4, e) * e
+    def size(s: Site) -> int:
+        return capture_bytes(model, s, T)
 
     wanted = plan.full_sites()
     own = list(dict.fromkeys([s.full() for s in plan.patches[0]] + (wanted if whole_own else [])))
@@ -96,15 +95,8 @@ def sweep_memory_plan(model: "Model", prompts: PromptSet, plan: Plan, engine: En
     changes). A prompt that alone exceeds a given budget is refused, naming the smallest; under
     the default budget it runs alone."""
     held, work = _sweep_bytes(model, prompts, plan, engine, whole_own)
-    rows, passes = len(prompts) * draws, 2 + len(plan.patches)
-    try:
-        return memory_plan("Exact patching", model, memory_budget, total_rows=rows, per_row=held + work,
-                           per_row_recomputed=held + work, passes=passes, draws=draws)
-    except MemoryBudgetError:
-        if memory_budget is not None:
-            raise
-        return MemoryPlan("Exact patching", parse_budget(None, model.device), draws, rows, False, (held + work) * draws,
-                          held + work, passes, held + work)
+    return forward_plan("Exact patching", model, memory_budget, total_rows=len(prompts) * draws, per_row=held + work,
+                        passes=2 + len(plan.patches), draws=draws)
 
 
 @dataclass

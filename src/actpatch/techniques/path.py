@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, ContextManager
 import torch
 
 from ..corruption import Corruption
-from ..engine.batched import memory_budget, row_bytes, run_blocks
+from ..engine.batched import row_bytes, run_blocks
 from ..errors import SiteError
 from ..experiment.checkpoint import UnitStore
 from ..experiment.core import Experiment, GroupRuns, Outcome
 from ..experiment.executor import Executor
 from ..experiment.units import Advance, Unit, UnitValues
 from ..hooks import capture, intervene
+from ..memory import MemoryPlan, block_bytes, capture_bytes, forward_plan, parse_budget, sequence
 from ..metrics import Measurer, MetricSpec
 from ..prompts.promptset import PromptSet
 from ..results import PathInfo, PatchResult
@@ -87,6 +88,10 @@ class PathJob:
     paths: tuple[tuple[tuple[Site, ...], tuple[Site, ...]], ...]
     """(sender set, receiver set) per cell."""
     engine: Engine = Engine.AUTO
+    budget: int | None = None
+    """Bytes a chunk of prompts may use (:func:`path_memory_plan`); None: the default budget."""
+    held: int = 0
+    """Bytes a prompt row holds while its chunk runs: the rest of ``budget`` is for sender sets."""
 
     def context(self) -> ContextManager[object]:
         return self.experiment.model.attention_fn()
@@ -115,7 +120,8 @@ class PathJob:
         paths = self.paths[unit.start:unit.stop]
         out: list[dict] = []
         if state.batched:
-            per_chunk = max(1, memory_budget(model.device) // max(1, 2 * row_bytes(model, 0, state.runs.base.ids.shape[1]) * B))
+            budget = parse_budget(self.budget, model.device) - self.held * B
+            per_chunk = max(1, budget // max(1, 2 * row_bytes(model, 0, state.runs.base.ids.shape[1]) * B))
             for c in range(0, len(paths), per_chunk):
                 chunk = paths[c:c + per_chunk]
                 values = state.measure(_paths_batched(model, state, chunk), rows.repeat(len(chunk)))
@@ -135,17 +141,59 @@ def _run(model: "Model", prompts: PromptSet, paths: Sequence[tuple[Sequence[Site
          direction: str | Direction, corruption: str | Corruption, metric: MetricSpec, seed: int,
          target: str, dims: tuple[str, ...], coords: dict[str, list], executor: "str | Executor | None" = None,
          unit_size: int = 16, store: UnitStore | None = None, progress: bool = False, senders: tuple[str, ...] = (),
-         receivers: tuple[str, ...] = (), grid: dict | None = None, engine: str | Engine = Engine.AUTO) -> PatchResult:
+         receivers: tuple[str, ...] = (), grid: dict | None = None, engine: str | Engine = Engine.AUTO,
+         memory_budget: "int | str | None" = None) -> PatchResult:
     engine = Engine(engine)
     exp = Experiment.setup(model, prompts, direction=direction, corruption=corruption, metric=metric, seed=seed,
                            technique="Path patching", needs_corrupted_run=True, continuations=True)
     for send, recv in dict.fromkeys((tuple(g), tuple(r)) for g, r in paths):
         _check([send], recv, model)
-    job = PathJob(exp, tuple((tuple(g), tuple(r)) for g, r in paths), engine)
+    cells = tuple((tuple(g), tuple(r)) for g, r in paths)
+    plan = path_memory_plan(model, prompts, cells, engine, memory_budget, draws=exp.corruption.draws)
+    job = PathJob(exp, cells, engine, plan.budget, _path_bytes(model, prompts, cells, engine)[0])
     outcome = exp.run(job, len(paths), executor=executor, store=store, unit_size=unit_size, progress=progress,
-                      description=f"path patching {target}")
+                      description=f"path patching {target}", max_rows=plan.rows if plan.rows < plan.total_rows else None)
     technique = PathInfo(senders=senders, receivers=receivers)
     return exp.result(outcome, target=target, technique=technique, dims=dims, coords=coords, grid=grid)
+
+
+def _batched(engine: Engine, prompts: PromptSet) -> bool:
+    """Whether paths run batched (:meth:`PathJob.prepare`): multi-token answers take the
+    reference path."""
+    return engine is not Engine.REFERENCE and not prompts.multi_token
+
+
+def _path_bytes(model: "Model", prompts: PromptSet, paths: Sequence[tuple[Sequence[Site], Sequence[Site]]],
+                engine: Engine) -> tuple[int, int]:
+    """``(held, work)``: bytes per prompt row a path job holds while a chunk of prompts runs
+    (every head output of the base run, the senders' source activations, for the batched path
+    the residual stream entering every block, both baselines' logits) and needs for one sender
+    set (the batched path's two steps, or the reference path's copy of the head outputs and a
+    forward pass)."""
+    T, readouts = sequence(prompts)
+    e = torch.finfo(model.dtype).bits // 8
+
+    def size(s: Site) -> int:
+        return capture_bytes(model, s, T)
+
+    frozen = model.n_layers * size(Site("z", 0))
+    senders = {s.full() for g, _ in paths for s in g}
+    held = frozen + sum(map(size, senders)) + 2 * readouts * model.vocab_size * 4
+    if _batched(engine, prompts):
+        held += (model.n_layers + 1) * size(Site("resid_pre", 0))
+        return held, 2 * row_bytes(model, 0, T)
+    return held, frozen + block_bytes(model, T) + 2 * T * model.d_model * e
+
+
+def path_memory_plan(model: "Model", prompts: PromptSet, paths: Sequence[tuple[Sequence[Site], Sequence[Site]]],
+                     engine: Engine, memory_budget: "int | str | None", *, draws: int = 1) -> MemoryPlan:
+    """Prompt rows a path patching job runs at once under ``memory_budget`` (steps 1-2 of
+    :func:`actpatch.memory.plan`), as :func:`~actpatch.techniques.exact.sweep_memory_plan` does
+    for sweeps: a given budget too small for one prompt is refused, naming the smallest; the
+    default budget runs one prompt at a time."""
+    held, work = _path_bytes(model, prompts, paths, engine)
+    return forward_plan("Path patching", model, memory_budget, total_rows=len(prompts) * draws, per_row=held + work,
+                        passes=2 + 2 * len(paths), draws=draws)
 
 
 def _one_path(model: "Model", runs: GroupRuns, group: Sequence[Site], receivers: Sequence[Site],
@@ -248,10 +296,12 @@ def path_patch(
     metric: MetricSpec = "logit_diff",
     seed: int = 0,
     engine: str | Engine = Engine.AUTO,
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
     """The effect of one sender set on the output through ``receivers`` only (no dims).
     ``engine="reference"``: two full forward passes, as the module docstring says; the default
-    skips the layers that cannot change (see :func:`path_sweep`).
+    skips the layers that cannot change (see :func:`path_sweep`). ``memory_budget``: as in
+    :func:`path_sweep`.
 
     Example:
         >>> import actpatch as ap
@@ -267,11 +317,10 @@ def path_patch(
         n = len(senders)
         return _per_layout(lambda ps, resolved, corr: path_patch(
             model, ps, resolved[:n], resolved[n:], direction=direction, corruption=corr, metric=metric, seed=seed,
-            engine=engine), model, prompts, senders + receivers, corruption, direction)
+            engine=engine, memory_budget=memory_budget), model, prompts, senders + receivers, corruption, direction)
     return _run(model, prompts, [(senders, receivers)], direction=direction, corruption=corruption,
                 metric=metric, seed=seed, target="path", dims=(), coords={}, senders=tuple(str(s) for s in senders),
-                receivers=tuple(str(r) for r in receivers),
-                engine=engine)
+                receivers=tuple(str(r) for r in receivers), engine=engine, memory_budget=memory_budget)
 
 
 def path_sweep(
@@ -293,6 +342,7 @@ def path_sweep(
     store: UnitStore | None = None,
     progress: bool = True,
     engine: str | Engine = Engine.AUTO,
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
     """Path-patch every sender head (``sender="z"``, dims layer x head) or MLP
     (``sender="mlp_out"``, dims layer) into ``receivers``; or, with ``receivers`` a kind
@@ -309,7 +359,12 @@ def path_sweep(
     per forward pass and only the layers that can change: step 1 from the sender's layer to the
     last receiver's, step 2 from the first receiver's layer to the output, or for the final
     residual stream the unembedding alone. Multi-token answers take the reference path (their
-    teacher-forced continuation reads the changed keys and values)."""
+    teacher-forced continuation reads the changed keys and values).
+
+    Memory: every prompt holds the base run's head outputs (and, batched, its residual stream)
+    at every layer and position while it runs; ``memory_budget`` (bytes or ``"4GiB"``; default
+    a share of free memory) runs a chunk of prompts at a time when they do not all fit, with
+    the same values, and refuses a budget too small for one prompt, naming the smallest."""
     from ..experiment.plan import Grid, pick_axis
 
     if isinstance(receivers, (str, SiteKind)):
@@ -318,7 +373,7 @@ def path_sweep(
                             f"give senders=[...] (e.g. [ap.Site('z', 9, head=6)]).")
         return receiver_sweep(model, prompts, senders, receiver=receivers, layers=layers, heads=heads, pos=pos,
                               direction=direction, corruption=corruption, metric=metric, seed=seed, executor=executor,
-                              unit_size=unit_size, progress=progress, engine=engine)
+                              unit_size=unit_size, progress=progress, engine=engine, memory_budget=memory_budget)
     if senders is not None:
         raise SiteError("senders=... goes with receivers given as a kind (e.g. 'q'), a sweep over receivers; "
                         "with fixed receivers the sweep is over sender='z' or 'mlp_out'.")
@@ -332,7 +387,8 @@ def path_sweep(
         return _per_layout(lambda ps, resolved, corr: path_sweep(
             model, ps, resolved[:n], sender=sender, layers=layers, heads=heads,
             pos=resolved[n].pos if marker else None, direction=direction, corruption=corr, metric=metric,
-            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine),
+            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine,
+            memory_budget=memory_budget),
             model, prompts, receivers + marker, corruption, direction)
     try:
         kind = SiteKind(sender)
@@ -354,7 +410,7 @@ def path_sweep(
     return _run(model, prompts, [(g, receivers) for g in sets], direction=direction, corruption=corruption, metric=metric,
                 seed=seed, target=f"path:{kind.value}", dims=dims, coords=coords, grid=grid.to_dict(),
                 executor=executor, unit_size=unit_size, store=store, progress=progress, engine=engine,
-                receivers=tuple(str(r) for r in receivers))
+                receivers=tuple(str(r) for r in receivers), memory_budget=memory_budget)
 
 
 def receiver_sweep(
@@ -374,6 +430,7 @@ def receiver_sweep(
     unit_size: int = 16,
     progress: bool = True,
     engine: str | Engine = Engine.AUTO,
+    memory_budget: "int | str | None" = None,
 ) -> PatchResult:
     """Path-patch one sender set into every receiver of a kind, one at a time (``ap.path_sweep(model,
     prompts, "q", senders=[...])``): which heads' queries (``receiver="q"``), keys or values read the senders' effect (Wang et al.'s search
@@ -408,7 +465,8 @@ def receiver_sweep(
         return _per_layout(lambda ps, resolved, corr: receiver_sweep(
             model, ps, resolved[:n], receiver=receiver, layers=layers, heads=heads,
             pos=resolved[n].pos if marker else None, direction=direction, corruption=corr, metric=metric,
-            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine),
+            seed=seed, executor=executor, unit_size=unit_size, progress=progress, engine=engine,
+            memory_budget=memory_budget),
             model, prompts, senders + marker, corruption, direction)
     grid = Grid(layers=layers, heads=heads)
     lays = pick_axis("layers", grid.layers, model.n_layers)
@@ -419,7 +477,7 @@ def receiver_sweep(
     return _run(model, prompts, cells, direction=direction, corruption=corruption, metric=metric, seed=seed,
                 target=f"path_into:{kind.value}", dims=("layer", head_dim), coords={"layer": lays, head_dim: hs},
                 grid=grid.to_dict(), executor=executor, unit_size=unit_size, progress=progress, engine=engine,
-                senders=tuple(str(s) for s in senders), receivers=(f"every {kind.value}",))
+                senders=tuple(str(s) for s in senders), receivers=(f"every {kind.value}",), memory_budget=memory_budget)
 
 
 def _per_layout(run, model: "Model", prompts: PromptSet, sites: Sequence[Site],  # noqa: ANN001 - a callable
