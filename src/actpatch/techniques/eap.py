@@ -156,25 +156,28 @@ def _input_grads(model: "Model", graph: Graph, resid: dict[Site, torch.Tensor], 
         if port.kind in (PortKind.Q, PortKind.K, PortKind.V):
             by_layer.setdefault(int(port.layer), []).append(port)  # type: ignore[arg-type]
     for l, ports in by_layer.items():
-        # one backward pass for all ports, batched over their output gradients (torch's vmap):
-        # entry p of the batch holds port p's gradient alone, so its input gradient is port p's VJP
         x = resid[Site("resid_pre", l)][:, span].detach().requires_grad_(True)
-        P = len(ports)
         pos = torch.arange(resid[Site("resid_pre", l)].shape[1], device=x.device)[span][None]
         with torch.enable_grad(), capture(model, [Site(k, l) for k in "qkv"], detach=False) as acts, \
                 stop_after(model, Site("v", l)):
             adapter.run_block(l, x, pos, adapter.position_embeddings(x, pos))
-        outs = {k: acts[Site(k, l)] for k in "qkv"}
-        gouts = {k: a.new_zeros(P, *a.shape) for k, a in outs.items()}
-        for p, port in enumerate(ports):
-            kind, h = port.kind.value, int(port.head)  # type: ignore[arg-type]
-            if port.per_query_head and group > 1:
-                gouts[kind][p, :, :, h // group] = grads[Site(f"{kind}_ungrouped", l)][:, span, h]
-            else:
-                gouts[kind][p, :, :, h] = grads[Site(kind, l)][:, span, h]
-        (gx,) = torch.autograd.grad([outs[k] for k in "qkv"], x, grad_outputs=[gouts[k] for k in "qkv"],
-                                    is_grads_batched=True)
-        yield ports, gx
+        kinds = [k for k in "qkv" if any(p.kind.value == k for p in ports)]
+        for i, kind in enumerate(kinds):
+            # per kind, one backward pass for its ports, batched over their output gradients
+            # (torch's vmap): entry p holds port p's gradient alone, so its input gradient is port
+            # p's VJP; only this kind's projection is differentiated (the others' are zero here)
+            mine = [p for p in ports if p.kind.value == kind]
+            out = acts[Site(kind, l)]
+            gout = out.new_zeros(len(mine), *out.shape)
+            for p, port in enumerate(mine):
+                h = int(port.head)  # type: ignore[arg-type]
+                if port.per_query_head and group > 1:
+                    gout[p, :, :, h // group] = grads[Site(f"{kind}_ungrouped", l)][:, span, h]
+                else:
+                    gout[p, :, :, h] = grads[Site(kind, l)][:, span, h]
+            (gx,) = torch.autograd.grad(out, x, grad_outputs=gout, is_grads_batched=True,
+                                        retain_graph=i < len(kinds) - 1)
+            yield mine, gx
 
 
 def node_writes(model: "Model", graph: Graph, acts: dict[Site, torch.Tensor]) -> list[torch.Tensor]:
