@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ class MemoryPlan:
     """Bytes a row with every block recomputed (what the smallest feasible budget is made of)."""
     positions: int = 0
     """Positions a span (0: every position at once; see :func:`plan`, step 4)."""
+    held: int = 0
+    """Of ``per_row``, the bytes a row holds while its whole chunk runs (a forward-only
+    technique's captures, :func:`forward_plan`); the rest of the budget is working memory."""
 
     @property
     def chunks(self) -> int:
@@ -203,19 +207,23 @@ def sequence(prompts: "PromptSet") -> tuple[int, int]:
     return int(torch.maximum(prompts.lengths, prompts.corrupted_lengths).max()) + 2 * C, 2 * C + 1
 
 
-def forward_plan(technique: str, model: "Model", budget: "int | str | None", *, total_rows: int, per_row: int,
+def forward_plan(technique: str, model: "Model", budget: "int | str | None", *, total_rows: int, held: int, work: int,
                  passes: float, draws: int = 1) -> MemoryPlan:
-    """:func:`plan` for a technique that runs no backward pass (nothing to recompute): a given
-    ``budget`` too small for one prompt is refused, naming the smallest; the default budget (a
-    share of free memory, not the user's word) then runs one prompt at a time instead."""
+    """:func:`plan` for a technique that runs no backward pass (nothing to recompute), whose
+    rows each hold ``held`` bytes while their chunk runs and need ``work`` bytes more for one
+    step of work: a given ``budget`` too small for one prompt is refused, naming the smallest;
+    the default budget (a share of free memory, not the user's word) then runs one prompt at a
+    time instead."""
+    per_row = held + work
     try:
-        return plan(technique, model, budget, total_rows=total_rows, per_row=per_row, per_row_recomputed=per_row,
-                    passes=passes, draws=draws)
+        p = plan(technique, model, budget, total_rows=total_rows, per_row=per_row, per_row_recomputed=per_row,
+                 passes=passes, draws=draws)
     except MemoryBudgetError:
         if budget is not None:
             raise
-        return MemoryPlan(technique, parse_budget(None, model.device), draws, total_rows, False, per_row * draws, per_row,
-                          passes, per_row)
+        p = MemoryPlan(technique, parse_budget(None, model.device), draws, total_rows, False, per_row * draws, per_row,
+                       passes, per_row)
+    return dataclasses.replace(p, held=held)
 
 
 def inference_plan(technique: str, model: "Model", prompts: "PromptSet", sites: "list[Site]",

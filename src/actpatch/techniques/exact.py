@@ -95,7 +95,7 @@ def sweep_memory_plan(model: "Model", prompts: PromptSet, plan: Plan, engine: En
     changes). A prompt that alone exceeds a given budget is refused, naming the smallest; under
     the default budget it runs alone."""
     held, work = _sweep_bytes(model, prompts, plan, engine, whole_own)
-    return forward_plan("Exact patching", model, memory_budget, total_rows=len(prompts) * draws, per_row=held + work,
+    return forward_plan("Exact patching", model, memory_budget, total_rows=len(prompts) * draws, held=held, work=work,
                         passes=2 + len(plan.patches), draws=draws)
 
 
@@ -263,7 +263,7 @@ def execute(
     whole_own = exp.corruption.activation_level or "alignment" in prompts.meta
     budget = sweep_memory_plan(model, prompts, plan, chosen, memory_budget, draws=exp.corruption.draws,
                                whole_own=whole_own)
-    job = SweepJob(exp, plan, chosen, chunk_size, budget.budget, _sweep_bytes(model, prompts, plan, chosen, whole_own)[0])
+    job = SweepJob(exp, plan, chosen, chunk_size, budget.budget, budget.held)
     # Without saved progress or a chosen executor, a group's patches are one unit: the engine
     # then batches across all of them.
     size = unit_size if store is not None or executor is not None else len(plan.patches)

@@ -150,7 +150,7 @@ def _run(model: "Model", prompts: PromptSet, paths: Sequence[tuple[Sequence[Site
         _check([send], recv, model)
     cells = tuple((tuple(g), tuple(r)) for g, r in paths)
     plan = path_memory_plan(model, prompts, cells, engine, memory_budget, draws=exp.corruption.draws)
-    job = PathJob(exp, cells, engine, plan.budget, _path_bytes(model, prompts, cells, engine)[0])
+    job = PathJob(exp, cells, engine, plan.budget, plan.held)
     outcome = exp.run(job, len(paths), executor=executor, store=store, unit_size=unit_size, progress=progress,
                       description=f"path patching {target}", max_rows=plan.rows if plan.rows < plan.total_rows else None)
     technique = PathInfo(senders=senders, receivers=receivers)
@@ -192,7 +192,7 @@ def path_memory_plan(model: "Model", prompts: PromptSet, paths: Sequence[tuple[S
     for sweeps: a given budget too small for one prompt is refused, naming the smallest; the
     default budget runs one prompt at a time."""
     held, work = _path_bytes(model, prompts, paths, engine)
-    return forward_plan("Path patching", model, memory_budget, total_rows=len(prompts) * draws, per_row=held + work,
+    return forward_plan("Path patching", model, memory_budget, total_rows=len(prompts) * draws, held=held, work=work,
                         passes=2 + 2 * len(paths), draws=draws)
 
 
