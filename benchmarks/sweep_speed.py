@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import threading
 import time
 from typing import Callable
@@ -225,15 +226,18 @@ def necessary_token_layers(model: ap.Model, prompts: ap.PromptSet, target: str) 
     return total
 
 
-def stack_throughput(model: ap.Model, T: int, batch_sizes: tuple[int, ...] = (1, 8, 32, 64)) -> tuple[float, int]:
+def stack_throughput(model: ap.Model, T: int, batch_sizes: tuple[int, ...] = (1, 8, 32, 64), repeats: int = 3,
+                     warm: bool = True) -> tuple[float, int]:
     """Token-layers per second of the model's own decoder stack (embeddings, blocks, final norm;
-    no unembedding) in a plain batched forward pass: the best of ``batch_sizes`` (best of 3 each)."""
+    no unembedding) in a plain batched forward pass: the best of ``batch_sizes`` (best of
+    ``repeats`` each)."""
     body = model.hf.get_decoder() if hasattr(model.hf, "get_decoder") else model.hf.model
     best, best_b = 0.0, 0
     for B in batch_sizes:
         ids = torch.randint(100, 10000, (B, T))
-        body(input_ids=ids, use_cache=False)  # warm-up
-        secs = min(_timed_call(lambda: body(input_ids=ids, use_cache=False)) for _ in range(3))
+        if warm:
+            body(input_ids=ids, use_cache=False)
+        secs = min(_timed_call(lambda: body(input_ids=ids, use_cache=False)) for _ in range(repeats))
         rate = B * T * model.n_layers / secs
         if rate > best:
             best, best_b = rate, B
@@ -247,26 +251,34 @@ def _timed_call(fn: Callable[[], object]) -> float:
 
 
 def share_table(model: ap.Model) -> None:
-    """The necessary token-layers per second of each sweep as a share of the plain decoder stack's,
-    the stack timed again beside each sweep (best batch size, best of 3), so that a machine whose
-    speed drifts during the run moves both alike."""
+    """The necessary token-layers per second of each sweep as a share of the plain decoder stack's.
+    This machine's speed drifts by +-15 % within minutes, so each timed sweep is paired with the
+    stack timed right before and right after it (best batch size, best of 2 each, averaged): a
+    round's share is its sweep's rate over its own stack's; the table gives the medians over the
+    rounds (3, or 2 at 32 prompts) and the range of the rounds' shares."""
     ps = ap.prompts.ioi(model, n=32, templates=[0])
     T = ps.seq_len
     rate, B = stack_throughput(model, T)
     print(f"\nThe engine against the machine: plain decoder stack {rate / 1e3:.1f}k token-layers/s "
-          f"(best batch {B} x {T} tokens; timed again beside each sweep)")
-    print(f"  {'sweep':<10}{'prompts':>8}{'necessary':>12}{'seconds':>9}{'token-layers/s':>16}{'stack':>8}{'share':>7}")
+          f"(best batch {B} x {T} tokens; timed again before and after each sweep)")
+    print(f"  {'sweep':<10}{'prompts':>8}{'necessary':>12}{'seconds':>9}{'token-layers/s':>16}{'stack':>8}"
+          f"{'share':>7}{'rounds':>13}")
+    stack = lambda: stack_throughput(model, T, (B,), repeats=2, warm=False)[0]  # noqa: E731
     for target in ("resid_pre", "z"):
         for n in (1, 8, 32):
             sub = ps.subset(range(n))
             ap.sweep(model, sub, target, direction="denoise", progress=False)  # warm-up
-            secs, stack = float("inf"), 0.0
-            for _ in range(3 if n < 32 else 1):
-                secs = min(secs, _timed_call(lambda: ap.sweep(model, sub, target, direction="denoise", progress=False)))
-                stack = max(stack, stack_throughput(model, T, (B,))[0])
             need = necessary_token_layers(model, sub, target)
-            print(f"  {target:<10}{n:>8}{need:>12,}{secs:>9.2f}{need / secs / 1e3:>15.1f}k{stack / 1e3:>7.1f}k"
-                  f"{need / secs / stack:>7.2f}")
+            rounds = []  # (share, seconds, stack rate)
+            for _ in range(3 if n < 32 else 2):
+                before = stack()
+                secs = _timed_call(lambda: ap.sweep(model, sub, target, direction="denoise", progress=False))
+                around = (before + stack()) / 2
+                rounds.append((need / secs / around, secs, around))
+            share, secs, around = (statistics.median(column) for column in zip(*rounds))
+            spread = f"{min(rounds)[0]:.2f}-{max(rounds)[0]:.2f}"
+            print(f"  {target:<10}{n:>8}{need:>12,}{secs:>9.2f}{need / secs / 1e3:>15.1f}k{around / 1e3:>7.1f}k"
+                  f"{share:>7.2f}{spread:>13}")
 
 
 def main() -> None:

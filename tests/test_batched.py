@@ -158,3 +158,35 @@ def test_chunks_shrink_after_out_of_memory(monkeypatch):
     monkeypatch.setattr(eng, "_run_chunk", never)
     with pytest.raises(ap.errors.EngineError, match="Out of memory patching one patch of 2 prompts"):
         ap.sweep(m, ps, "resid_pre", direction="denoise", engine="batched", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("softcap,window", [(None, None), (30.0, 3)])
+def test_a_shared_prefix_equals_each_row_its_own_copy(dtype, softcap, window):
+    """The batched engine's K patches of Bp prompts read their prompts' cached keys / values in
+    place (one product per prompt and KV head): equal to attention over every row's own copy of
+    the prefix joined to its suffix keys (GQA 6 query heads over 2 KV heads; soft-capping and a
+    sliding window of 3 positions). Float64 to 1e-12; bfloat16 within one rounding of its outputs
+    (the partial products are summed in float32)."""
+    from actpatch.models.attention import _actpatch_attention
+
+    g = torch.Generator().manual_seed(0)
+    K, Bp, H, kvh, D, P, Tq = 3, 2, 6, 2, 8, 5, 4
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q, k, v = rand(K * Bp, H, Tq, D), rand(K * Bp, kvh, Tq, D), rand(K * Bp, kvh, Tq, D)
+    kp, vp = rand(Bp, kvh, P, D), rand(Bp, kvh, P, D)
+    module = torch.nn.Module()
+    module.sliding_window = window
+    m = tiny_model("llama", n_layers=1)
+    with m.attention_fn(), m.attention_state.key_value_prefix({module: (kp, vp)}), \
+            m.attention_state.hooked([(module, ap.SiteKind.PATTERN, 0, lambda x: None)]):
+        shared, pattern = _actpatch_attention(module, q, k, v, None, softcap=softcap)
+    rows = torch.arange(K * Bp) % Bp  # row r continues prompt r % Bp
+    full_k, full_v = torch.cat([kp[rows], k], 2), torch.cat([vp[rows], v], 2)
+    own, own_pattern = _actpatch_attention(module, q, full_k, full_v, None, softcap=softcap)
+    assert pattern.shape == own_pattern.shape == (K * Bp, H, Tq, P + Tq)
+    if window:  # queries at positions 5..8 see 3 positions back: prefix keys 0..2 never, 3 and 4 sometimes
+        assert bool((own_pattern[..., :3] == 0).all()) and bool((own_pattern[..., 3:P] > 0).any())
+    tol = 1e-12 if dtype == torch.float64 else 2 ** -7
+    assert torch.allclose(shared.double(), own.double(), rtol=tol, atol=tol)
+    assert torch.allclose(pattern.double(), own_pattern.double(), rtol=tol, atol=tol)

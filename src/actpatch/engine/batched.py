@@ -9,7 +9,8 @@ Three savings, each exact:
 2. **Prefix and layer reuse.** A patch whose earliest write is at (layer ``l``, position ``q``)
    cannot change anything at layers < ``l`` or positions < ``q``. Its row starts at block
    ``l`` from the base run's residual stream, computes positions ``q..T-1`` only, and attends to
-   the base run's cached keys / values for positions < ``q``.
+   the base run's cached keys / values for positions < ``q`` (read in place: every patch of a
+   prompt shares them, one attention product per prompt with all its patches' queries stacked).
 3. **Batching.** Patches with the same ``q`` share a forward pass, one row per (patch, prompt).
    Rows are sorted by start layer and join the batch at their layer ("staggered start"), so
    every block runs once per chunk on exactly the rows that need it. Only the last position's
@@ -84,14 +85,14 @@ def memory_budget(device: torch.device | str = "cpu") -> int:
 
 def row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> int:
     """Rough peak bytes of one (patch, prompt) row computing positions q..T-1 and ``C``
-    continuation tokens in one block, plus its ``readouts`` full-vocabulary logits. The keys
-    and values the row attends over (all ``T + C`` positions: the base run's prefix copied
-    and joined to the suffix's, and their copies per query head in the attention products)
-    count too: at 1,024 tokens they outweigh a short suffix's own activations."""
+    continuation tokens in one block, plus its ``readouts`` full-vocabulary logits. Its
+    attention scores over all ``T + C`` keys count (and their copies: scaled, masked,
+    normalised, split at the prefix); the base run's keys and values before ``q`` do not: the
+    rows of one prompt read them where the base run left them (see the ``actpatch`` attention
+    function), so they are the caller's (:func:`base_sites`), held once per prompt."""
     ts = T - q + C
-    per_token = 12 * model.d_model + 4 * model.d_mlp + 3 * model.n_heads * (T + C)
-    keys_values = 2 * (T + C) * (2 * model.n_kv_heads + model.n_heads) * model.d_head
-    return (ts * per_token + keys_values + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
+    per_token = 12 * model.d_model + 4 * model.d_mlp + 6 * model.n_heads * (T + C)
+    return (ts * per_token + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
 
 
 def _views(site: Site, q: int) -> tuple[tuple, tuple]:
@@ -277,12 +278,10 @@ def _run_chunk(
                 hidden = fresh if hidden is None else torch.cat([hidden, fresh.to(hidden.device, hidden.dtype)])
             if pos_emb is None:
                 pos_emb = adapter.position_embeddings(hidden, position_ids)
-            rows = base_row[:n]
             prefix = {}
-            if q > 0:
-                k_ = acts[Site("k", layer)][rows, :q].transpose(1, 2)
-                v_ = acts[Site("v", layer)][rows, :q].transpose(1, 2)
-                prefix = {attn[layer]: (k_, v_)}
+            if q > 0:  # the n = K * B rows read the B prompts' cached keys / values, shared
+                prefix = {attn[layer]: (acts[Site("k", layer)][:, :q].transpose(1, 2),
+                                        acts[Site("v", layer)][:, :q].transpose(1, 2))}
             with model.attention_state.key_value_prefix(prefix):
                 hidden = adapter.run_block(layer, hidden, position_ids, pos_emb)
     tokens = getattr(measure, "tokens", None)

@@ -43,7 +43,8 @@ class AttentionState:
         self.hf_model = hf_model
         # id(attention module) -> kind -> [(priority, seq, fn)], run in that order
         self.hooks: dict[int, dict[SiteKind, list[tuple[int, int, HookFn]]]] = defaultdict(lambda: defaultdict(list))
-        # id(attention module) -> (keys, values) of earlier positions, (B, KVH, prefix, D)
+        # id(attention module) -> (keys, values) of earlier positions, (Bp, KVH, prefix, D); a
+        # forward pass of K * Bp rows: row r continues prefix row r % Bp
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # teacher forcing (see actpatch.prompts.continuation): position id and branch of every
         # token of the sequence, prompt then continuation; queries see their own branch only
@@ -142,7 +143,9 @@ class AttentionState:
 
     @contextmanager
     def key_value_prefix(self, prefixes: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-        """Prepend cached keys / values (B, KVH, prefix, D) per attention module while open."""
+        """Prepend cached keys / values (Bp, KVH, prefix, D) per attention module while open. The
+        forward pass may run ``K * Bp`` rows, row ``r`` continuing prefix row ``r % Bp`` (the
+        batched engine's patches of the same prompts): the prefix is read, never copied per row."""
         for module, kv in prefixes.items():
             self.prefix[id(module)] = kv
         try:
@@ -247,15 +250,16 @@ def _actpatch_attention(
         v = state.run(module, SiteKind.V_UNGROUPED, v.repeat_interleave(g, 1).transpose(1, 2)).transpose(1, 2)
         if prefix is not None:
             prefix = (prefix[0].repeat_interleave(g, 1), prefix[1].repeat_interleave(g, 1))
-    if prefix is not None:
-        k = torch.cat([prefix[0].to(k.device, k.dtype), k], dim=2)
-        v = torch.cat([prefix[1].to(v.device, v.dtype), v], dim=2)
     B, H, Tq, D = q.shape
-    kvh, Tk = k.shape[1], k.shape[2]
-    g = H // kvh  # grouped-query attention: query head h reads KV head h // g (no copies unless ungrouped)
+    P = 0 if prefix is None else prefix[0].shape[2]
     if scaling is None:
         scaling = D**-0.5
-    scores = torch.matmul(q.reshape(B, kvh, g, Tq, D), k.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk) * scaling
+    scores = _grouped_scores(q, k)
+    if prefix is not None:  # the shared prefix's scores first: keys in position order
+        kp = prefix[0].to(k.device, k.dtype)
+        scores = torch.cat([_shared(q, kp.transpose(-1, -2)), scores], dim=-1)
+    scores = scores * scaling
+    Tk = scores.shape[-1]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     tree = state.tree if state is not None else None
@@ -270,9 +274,46 @@ def _actpatch_attention(
     pattern = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(q.dtype)).to(q.dtype)
     if state is not None:
         pattern = state.run(module, SiteKind.PATTERN, pattern)
-    out = torch.matmul(pattern.reshape(B, kvh, g, Tq, Tk), v.unsqueeze(2)).reshape(B, H, Tq, -1)
+    if prefix is None:
+        out = _grouped_mix(pattern, v)
+    else:  # two partial products summed: in float32 for half-precision models, rounded once as one product would be
+        acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        out = (_shared(pattern[..., :P].to(acc), prefix[1].to(v.device, acc))
+               + _grouped_mix(pattern[..., P:].to(acc), v.to(acc))).to(v.dtype)
     out = out.transpose(1, 2).contiguous()  # (B, Tq, H, D)
     return out, pattern
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Unscaled ``q k^T`` (B, H, Tq, Tk) of queries (B, H, Tq, D) and keys (B, KVH, Tk, D) under
+    grouped-query attention (query head h reads KV head h // (H / KVH)): each KV head's query
+    heads are stacked along the query axis, so no key is copied per query head."""
+    B, H, Tq, D = q.shape
+    kvh = k.shape[1]
+    return torch.matmul(q.reshape(B, kvh, H // kvh * Tq, D), k.transpose(-1, -2)).view(B, H, Tq, k.shape[2])
+
+
+def _grouped_mix(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``pattern v`` (B, H, Tq, D) of a pattern (B, H, Tq, Tk) and values (B, KVH, Tk, D), grouped
+    as in :func:`_grouped_scores`."""
+    B, H, Tq, Tk = pattern.shape
+    kvh = v.shape[1]
+    return torch.matmul(pattern.reshape(B, kvh, H // kvh * Tq, Tk), v).view(B, H, Tq, v.shape[-1])
+
+
+def _shared(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x m`` per row for rows (K * Bp, H, Tq, X) of which row r reads ``m[r % Bp]`` ((Bp, KVH,
+    X, Y), grouped-query as in :func:`_grouped_scores`): the batched engine's K patches of Bp
+    prompts against their prompts' cached prefix, one product per prompt and KV head with every
+    patch's queries stacked, never a copy of the prefix per patch. Returns (K * Bp, H, Tq, Y)."""
+    rows, H, Tq, X = x.shape
+    Bp, kvh, _, Y = m.shape
+    if rows % Bp:
+        raise ValueError(f"{rows} query rows do not repeat a prefix of {Bp} rows")
+    K, g = rows // Bp, H // kvh
+    stacked = x.reshape(K, Bp, kvh, g, Tq, X).permute(1, 2, 0, 3, 4, 5).reshape(Bp, kvh, K * g * Tq, X)
+    out = torch.matmul(stacked, m).view(Bp, kvh, K, g, Tq, Y)
+    return out.permute(2, 0, 1, 3, 4, 5).reshape(rows, H, Tq, Y)
 
 
 def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor,
@@ -282,10 +323,8 @@ def recompute_pattern(module: nn.Module, q: torch.Tensor, k: torch.Tensor,
     continuation ``tree``'s, (positions, branches) of a teacher-forced sequence) and sliding
     window as in :func:`_actpatch_attention`. Used by AtP*'s exact softmax recomputation."""
     qh, kh = q.transpose(1, 2), k.transpose(1, 2)
-    B, H, Tq, D = qh.shape
-    kvh, Tk = kh.shape[1], kh.shape[2]
-    scores = torch.matmul(qh.reshape(B, kvh, H // kvh, Tq, D), kh.unsqueeze(2).transpose(-1, -2)).reshape(B, H, Tq, Tk)
-    scores = scores * getattr(module, "scaling", D**-0.5)
+    D, Tq, Tk = qh.shape[-1], qh.shape[2], kh.shape[2]
+    scores = _grouped_scores(qh, kh) * getattr(module, "scaling", D**-0.5)
     softcap = getattr(module, "attn_logit_softcapping", None)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
