@@ -258,19 +258,20 @@ def _actpatch_attention(
     if prefix is not None:  # the shared prefix's scores first: keys in position order
         kp = prefix[0].to(k.device, k.dtype)
         scores = torch.cat([_shared(q, kp.transpose(-1, -2)), scores], dim=-1)
-    scores = scores * scaling
+    scores = scores.mul_(scaling)  # in place here and below: at long prompts the (Tq, Tk) passes dominate
     Tk = scores.shape[-1]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     tree = state.tree if state is not None else None
     if tree is not None:  # teacher forcing: the continuation tree replaces the causal mask
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        scores = scores.masked_fill(~_tree_allowed(tree, Tq, Tk, window, scores.device), float("-inf"))
+        scores = scores.masked_fill_(~_tree_allowed(tree, Tq, Tk, window, scores.device), float("-inf"))
     elif attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :Tk]
+        mask = attention_mask[:, :, :, :Tk]
+        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
     else:  # suffix runs pass no mask: causal, queries are the last Tq of Tk positions
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        scores = scores.masked_fill(~_causal(Tq, Tk, window, scores.device), float("-inf"))
+        scores = scores.masked_fill_(~_causal(Tq, Tk, window, scores.device), float("-inf"))
     pattern = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(q.dtype)).to(q.dtype)
     if state is not None:
         pattern = state.run(module, SiteKind.PATTERN, pattern)
