@@ -255,30 +255,46 @@ def share_table(model: ap.Model) -> None:
     This machine's speed drifts by +-15 % within minutes, so each timed sweep is paired with the
     stack timed right before and right after it (best batch size, best of 2 each, averaged): a
     round's share is its sweep's rate over its own stack's; the table gives the medians over the
-    rounds (3, or 2 at 32 prompts) and the range of the rounds' shares."""
+    rounds (3, or 2 at 32 prompts) and the range of the rounds' shares. The null-patch check (a
+    one-row run and a one-row patched run, per group) is timed apart: it is not necessary work,
+    and the last column is the share without its seconds."""
     ps = ap.prompts.ioi(model, n=32, templates=[0])
     T = ps.seq_len
     rate, B = stack_throughput(model, T)
     print(f"\nThe engine against the machine: plain decoder stack {rate / 1e3:.1f}k token-layers/s "
           f"(best batch {B} x {T} tokens; timed again before and after each sweep)")
     print(f"  {'sweep':<10}{'prompts':>8}{'necessary':>12}{'seconds':>9}{'token-layers/s':>16}{'stack':>8}"
-          f"{'share':>7}{'rounds':>13}")
+          f"{'share':>7}{'rounds':>13}{'check s':>8}{'w/o check':>9}")
     stack = lambda: stack_throughput(model, T, (B,), repeats=2, warm=False)[0]  # noqa: E731
+    from actpatch.techniques.exact import SweepJob
+
+    check = [0.0]  # seconds in the null-patch check (two one-row forward passes), not necessary work
+    null_patch = SweepJob.null_patch
+
+    def timed_check(job, *args):  # noqa: ANN001, ANN002, ANN202
+        t = time.perf_counter()
+        try:
+            return null_patch(job, *args)
+        finally:
+            check[0] += time.perf_counter() - t
+
+    SweepJob.null_patch = timed_check  # type: ignore[method-assign]
     for target in ("resid_pre", "z"):
         for n in (1, 8, 32):
             sub = ps.subset(range(n))
             ap.sweep(model, sub, target, direction="denoise", progress=False)  # warm-up
             need = necessary_token_layers(model, sub, target)
-            rounds = []  # (share, seconds, stack rate)
+            rounds = []  # (share, seconds, stack rate, share without the check, check seconds)
             for _ in range(3 if n < 32 else 2):
                 before = stack()
+                check[0] = 0.0
                 secs = _timed_call(lambda: ap.sweep(model, sub, target, direction="denoise", progress=False))
                 around = (before + stack()) / 2
-                rounds.append((need / secs / around, secs, around))
-            share, secs, around = (statistics.median(column) for column in zip(*rounds))
+                rounds.append((need / secs / around, secs, around, need / (secs - check[0]) / around, check[0]))
+            share, secs, around, unchecked, checked = (statistics.median(column) for column in zip(*rounds))
             spread = f"{min(rounds)[0]:.2f}-{max(rounds)[0]:.2f}"
             print(f"  {target:<10}{n:>8}{need:>12,}{secs:>9.2f}{need / secs / 1e3:>15.1f}k{around / 1e3:>7.1f}k"
-                  f"{share:>7.2f}{spread:>13}")
+                  f"{share:>7.2f}{spread:>13}{checked:>8.2f}{unchecked:>9.2f}")
 
 
 def main() -> None:
