@@ -264,7 +264,7 @@ def share_table(model: ap.Model) -> None:
     print(f"\nThe engine against the machine: plain decoder stack {rate / 1e3:.1f}k token-layers/s "
           f"(best batch {B} x {T} tokens; timed again before and after each sweep)")
     print(f"  {'sweep':<10}{'prompts':>8}{'necessary':>12}{'seconds':>9}{'token-layers/s':>16}{'stack':>8}"
-          f"{'share':>7}{'rounds':>13}{'check s':>8}{'w/o check':>9}")
+          f"{'share':>7}{'rounds':>13}{'check s':>8}{'w/o check':>10}")
     stack = lambda: stack_throughput(model, T, (B,), repeats=2, warm=False)[0]  # noqa: E731
     from actpatch.techniques.exact import SweepJob
 
@@ -294,7 +294,7 @@ def share_table(model: ap.Model) -> None:
             share, secs, around, unchecked, checked = (statistics.median(column) for column in zip(*rounds))
             spread = f"{min(rounds)[0]:.2f}-{max(rounds)[0]:.2f}"
             print(f"  {target:<10}{n:>8}{need:>12,}{secs:>9.2f}{need / secs / 1e3:>15.1f}k{around / 1e3:>7.1f}k"
-                  f"{share:>7.2f}{spread:>13}{checked:>8.2f}{unchecked:>9.2f}")
+                  f"{share:>7.2f}{spread:>13}{checked:>8.2f}{unchecked:>10.2f}")
 
 
 def main() -> None:

@@ -190,3 +190,29 @@ def test_a_shared_prefix_equals_each_row_its_own_copy(dtype, softcap, window):
     tol = 1e-12 if dtype == torch.float64 else 2 ** -7
     assert torch.allclose(shared.double(), own.double(), rtol=tol, atol=tol)
     assert torch.allclose(pattern.double(), own_pattern.double(), rtol=tol, atol=tol)
+
+
+def test_host_chunks_stay_within_the_cache_budget(monkeypatch):
+    """On the host a chunk holds as many patches as keep its MLP activations within
+    CACHE_BYTES (the budget alone would run every head in one chunk), with the same values."""
+    from actpatch.engine import batched
+
+    m = tiny_model("llama", n_layers=3)
+    m.hf.double()
+    ps = _set(lengths=(7,), n_per=2, diffs=((3,),))
+    whole = ap.sweep(m, ps, "z", direction="denoise", progress=False)
+    sizes = []
+    real = batched._run_chunk
+
+    def spy(model, acts, source, chunk, *args):
+        sizes.append(len(chunk))
+        return real(model, acts, source, chunk, *args)
+
+    monkeypatch.setattr(batched, "_run_chunk", spy)
+    per_patch = 2 * (7 - 3) * m.d_mlp * 8  # 2 prompts x 4 suffix positions, float64
+    monkeypatch.setattr(batched, "CACHE_BYTES", 5 * per_patch)
+    assert batched.cache_patches(m, 2 * 4) == 5
+    small = ap.sweep(m, ps, "z", direction="denoise", progress=False)
+    n_heads = 3 * m.n_heads
+    assert sizes == [5] * (n_heads // 5) + ([n_heads % 5] if n_heads % 5 else [])
+    assert torch.allclose(small.raw["logit_diff"], whole.raw["logit_diff"], rtol=1e-9, atol=1e-12)

@@ -95,6 +95,23 @@ def row_bytes(model: "Model", q: int, T: int, C: int = 0, readouts: int = 0) -> 
     return (ts * per_token + 2 * readouts * model.vocab_size) * torch.finfo(model.dtype).bits // 8
 
 
+CACHE_BYTES = 8 << 20
+"""On the host, a chunk's MLP activations are held to about this many bytes (patches a chunk:
+:func:`cache_patches`)."""
+
+
+def cache_patches(model: "Model", tokens: int) -> int:
+    """Patches a chunk on the host when each patch computes ``tokens`` token rows: as many as keep
+    the chunk's MLP hidden activations within :data:`CACHE_BYTES` (at least one), so that the
+    block's elementwise passes run from the processor's cache. On 2 CPU cores the bundled model's
+    all-heads sweep of 32 prompts took 45-47 s in one chunk of 270 heads (each activation about
+    100 MB, every pass a trip to memory) and 29 s in chunks within 8 MiB (33 s within 16 MiB).
+    Unbounded on accelerators."""
+    if model.device.type != "cpu":
+        return 1 << 62
+    return max(1, CACHE_BYTES // max(1, tokens * model.d_mlp * torch.finfo(model.dtype).bits // 8))
+
+
 def _views(site: Site, q: int) -> tuple[tuple, tuple]:
     """Index tuples (without the batch axis) into the destination (suffix positions q..T-1)
     and the source (all T positions) tensors for one site."""
@@ -186,7 +203,8 @@ def run_batched(
         for q, items in sorted(by_start.items()):
             items.sort(key=lambda t: t[0])
             readouts = 0 if getattr(measure, "tokens", None) is not None else 1  # unembedded a few rows at a time
-            per_chunk = chunk_size or max(1, (budget or 0) // max(1, row_bytes(model, q, T, C, readouts) * B))
+            per_chunk = chunk_size or min(max(1, (budget or 0) // max(1, row_bytes(model, q, T, C, readouts) * B)),
+                                          cache_patches(model, B * (T - q + C)))
             c = 0
             while c < len(items):
                 chunk = items[c : c + per_chunk]
