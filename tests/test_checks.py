@@ -97,7 +97,7 @@ def test_errors_come_first():
 
 # -- the checks that need a model run ------------------------------------------------------------
 
-@pytest.mark.parametrize("rows", [[0, 1], [0]])  # one prompt: the base run is the row run alone
+@pytest.mark.parametrize("rows", [[0, 1], [0]])
 def test_null_patch_fails_loudly_on_a_nondeterministic_model(rows):
     m = tiny_model("gpt2")
     ps = ap.PromptSet.from_ids([[2, 3, 4, 5], [3, 4, 5, 6]], [[2, 9, 4, 5], [3, 8, 5, 6]], [7, 7], [8, 8]).subset(rows)

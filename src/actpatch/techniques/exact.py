@@ -162,23 +162,21 @@ class SweepJob:
         if outcome is not None:
             outcome.baselines(runs, base_values, src_values)
             outcome.correct(runs, clean_logits)
-            outcome.null_patch(self.null_patch(runs, base_acts, base_values, measure))
+            outcome.null_patch(self.null_patch(runs, base_acts, measure))
         start = 0 if activation_level or alignment else first_difference(runs.base, runs.source)
         return GroupState(runs, source, base_acts, base_values, measure, start, engine_acts)
 
-    def null_patch(self, runs: GroupRuns, base_acts: dict[Site, torch.Tensor], base_values: dict[Metric, torch.Tensor],
-                   measure: Measurer) -> float:
+    def null_patch(self, runs: GroupRuns, base_acts: dict[Site, torch.Tensor], measure: Measurer) -> float:
         """The largest |metric change| when the base run's own activations are written back by the
         first patch's hooks. On the first row alone (a check of the hooks, not another run of the
-        whole group), against that row run alone (batch sizes change low-precision sums): two
-        one-row forward passes, one when the group is that row."""
+        whole group), against that row run alone without hooks (batch sizes change low-precision
+        sums): two one-row forward passes. Even when the group is that one row the unhooked run is
+        its own pass: the base run carried capture hooks, and a hook that changed what it read
+        would change both sides of the comparison alike."""
         model, metrics = self.experiment.model, self.experiment.metrics
         one = runs.base.select(torch.arange(1))
-        if runs.rows == 1:  # the base run was that row alone
-            alone = {m: v[:1] for m, v in base_values.items()}
-        else:
-            with one.context(model):
-                alone = measure(one.readout(model), torch.arange(1))
+        with one.context(model):
+            alone = measure(one.readout(model), torch.arange(1))
         null = run_reference(model, one, {s: a[:1] for s, a in base_acts.items()}, self.plan.patches[:1], measure)
         return max(float((null[m][0] - alone[m]).abs().max()) for m in metrics)
 
